@@ -1,0 +1,1 @@
+"""The data-juicer cleaning stage (`make data`); implemented in its own issue."""

@@ -1,0 +1,34 @@
+"""``python -m sdtune [overrides]``: compose the Hydra config in ``conf/`` and train a LoRA.
+
+``--cfg job`` prints the composed config without loading anything; ``-m`` sweeps.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from .config import register_resolvers
+from .errors import SdtuneError
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from .train import train  # heavy imports only once Hydra has parsed the command line
+
+    try:
+        metrics = train(cfg, HydraConfig.get().runtime.output_dir)
+    except SdtuneError as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        sys.exit(2)
+    # The value Hydra sweepers (Optuna) minimise.
+    return metrics.get("train/loss_epoch", metrics.get("train/loss"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""sdtune's own Lightning callbacks: write the LoRA file and the sample grid when fit ends.
+
+Both act on global rank 0 only, so multi-process runs write each file once.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+import numpy as np
+import torch
+
+from .export import run_metadata
+from .io import save_image_atomic
+from .lora_files import save_lora
+from .sampling import make_grid, render
+
+log = logging.getLogger(__name__)
+
+
+class TrainingCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, plus a save when training stops between two intervals.
+
+    Lightning writes ``last.ckpt`` only when a periodic save falls on the final step; a run whose
+    ``max_steps`` is not a multiple of ``every_n_train_steps`` would otherwise end without a
+    checkpoint of its final state.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if self._last_global_step_saved == trainer.global_step or trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
+
+class LoRAExport(L.Callback):
+    """Write ``<dirpath>/<filename>`` (diffusers format, with metadata) at the end of ``fit``."""
+
+    def __init__(self, dirpath: str, filename: str = "lora.safetensors"):
+        self.path = Path(dirpath) / filename
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        meta = run_metadata(
+            pl_module.cfg,
+            pl_module.spec,
+            steps=trainer.global_step,
+            num_train_images=pl_module.num_train_images,
+            output_name=self.path.stem,
+        )
+        save_lora(self.path, pl_module.lora_state(), meta)
+        log.info("wrote %s", self.path)
+
+
+class SampleGrid(L.Callback):
+    """Render fixed prompts and seeds with the LoRA at each of ``scales``; save one grid PNG.
+
+    Rows are LoRA scales (0 = the base model), columns are prompt/seed pairs, so the effect of the
+    LoRA is visible at a glance. Also logged to TensorBoard when that logger is active.
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        prompts: Sequence[str] | None = None,
+        seeds: Sequence[int] = (0, 1),
+        scales: Sequence[float] = (0.0, 1.0),
+        steps: int = 20,
+        guidance: float = 5.0,
+        negative_prompt: str | None = None,
+        size: int | None = None,
+        every_n_steps: int | None = None,
+        filename: str = "samples.png",
+    ):
+        self.dirpath = Path(dirpath)
+        self.prompts = list(prompts) if prompts else None
+        self.seeds = list(seeds)
+        self.scales = list(scales)
+        self.steps = steps
+        self.guidance = guidance
+        self.negative_prompt = negative_prompt
+        self.size = size
+        self.every_n_steps = every_n_steps
+        self.filename = filename
+
+    def _prompts(self, trainer) -> list[str]:
+        if self.prompts:
+            return self.prompts
+        records = trainer.datamodule.dataset.records  # default: the first captions of the data
+        return [r.text for r in records[: len(self.seeds)]]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and trainer.is_global_zero:
+            self.write(trainer, pl_module, self.dirpath / "samples" / f"step{step:06d}.png")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self.write(trainer, pl_module, self.dirpath / self.filename)
+
+    def write(self, trainer, pl_module, path: Path) -> Path:
+        prompts = self._prompts(trainer)
+        seeds = [self.seeds[i % len(self.seeds)] for i in range(len(prompts))]
+        size = self.size or int(pl_module.cfg["data"]["resolution"])
+        pipe = pl_module.family.build_pipeline(pl_module.parts)
+        pipe.set_progress_bar_config(disable=True)
+        was_training = pl_module.parts.unet.training
+        pl_module.parts.unet.eval()
+        try:
+            rows = [
+                render(pipe, prompts, seeds, steps=self.steps, guidance=self.guidance, size=size, lora_scale=s, negative_prompt=self.negative_prompt)
+                for s in self.scales
+            ]
+        finally:
+            pl_module.parts.unet.train(was_training)
+        grid = make_grid(rows, [f"LoRA x{s:g}" for s in self.scales], [f"seed {sd}: {p}" for p, sd in zip(prompts, seeds)])
+        save_image_atomic(grid, path)
+        for logger in trainer.loggers:
+            if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
+                arr = torch.from_numpy(np.array(grid)).permute(2, 0, 1)
+                logger.experiment.add_image("samples", arr, global_step=trainer.global_step)
+        log.info("wrote %s", path)
+        return path

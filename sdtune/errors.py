@@ -1,0 +1,28 @@
+"""User-facing errors.
+
+Every problem a user can fix by changing an input (a config value, a data file, a model path)
+is raised as an :class:`SdtuneError`. The command-line entry points print its message without a
+traceback and exit with status 2, so the message itself must name the offending thing and the fix.
+"""
+
+from __future__ import annotations
+
+
+class SdtuneError(Exception):
+    """Base class for errors caused by user input; the message is shown as-is."""
+
+
+class ConfigError(SdtuneError):
+    """A config value is missing, mistyped or out of range."""
+
+
+class DataError(SdtuneError):
+    """The training data folder or its metadata is unusable."""
+
+
+class ModelLoadError(SdtuneError):
+    """A base model could not be loaded from ``model.path``."""
+
+
+class LoraFileError(SdtuneError):
+    """A LoRA file or training checkpoint is unreadable or does not fit the base model."""

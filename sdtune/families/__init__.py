@@ -1,0 +1,21 @@
+"""Model-family registry: ``get_family(cfg.model.family)`` is the only lookup by name."""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .base import ModelFamily, ModelParts
+from .sd15 import SD15
+
+FAMILIES: dict[str, type[ModelFamily]] = {cls.name: cls for cls in (SD15,)}
+
+
+def get_family(name: str) -> ModelFamily:
+    try:
+        return FAMILIES[name]()
+    except KeyError:
+        raise ConfigError(
+            f"model.family={name!r} is not a known model family; choose one of {sorted(FAMILIES)}."
+        ) from None
+
+
+__all__ = ["FAMILIES", "ModelFamily", "ModelParts", "get_family"]

@@ -1,0 +1,80 @@
+"""The one interface every model family implements.
+
+The LightningModule, the exporter and the sampler talk to a family only through this interface,
+so SD1.5, SDXL and Kolors differences (text encoders, extra UNet conditioning, pipeline class)
+stay inside their own module and never become ``if family == ...`` branches elsewhere.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import ModelLoadError
+
+
+@dataclass
+class ModelParts:
+    """The loaded pieces of a base model. Only the UNet gets LoRA layers."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list[Any]
+    noise_scheduler: Any
+    source: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [self.vae, *self.text_encoders]
+
+
+class ModelFamily(ABC):
+    """What the trainer needs to know about one family of Stable Diffusion models."""
+
+    name: ClassVar[str]
+    #: Square training resolution the family was trained at.
+    default_resolution: ClassVar[int]
+    #: UNet module names that get LoRA layers when ``lora.targets`` is left at ``default``.
+    default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    #: Version string written to LoRA headers (``ss_base_model_version`` in kohya's tools).
+    base_model_version: ClassVar[str]
+
+    @abstractmethod
+    def load(
+        self,
+        path: str,
+        *,
+        dtype: torch.dtype = torch.float32,
+        vae_path: str | None = None,
+        revision: str | None = None,
+    ) -> ModelParts:
+        """Load the parts from a diffusers folder or hub id, weights in ``dtype``."""
+
+    @abstractmethod
+    def encode_prompts(self, parts: ModelParts, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Text-encoder outputs for ``captions``, batch-first; each row depends on its caption only.
+
+        Rows are independent, so the trainer may compute them once per caption and cache them.
+        """
+
+    @abstractmethod
+    def unet_conditioning(self, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments for ``unet(noisy, t, **kwargs)`` built from encoded text and the batch."""
+
+    @abstractmethod
+    def build_pipeline(self, parts: ModelParts):
+        """A diffusers inference pipeline over ``parts`` (sharing, not copying, the modules)."""
+
+    # -- shared helpers -------------------------------------------------------------------
+    def _load_error(self, path: str, err: Exception) -> ModelLoadError:
+        return ModelLoadError(
+            f"Could not load the {self.name} base model from model.path={path!r}: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+            "Fix: set model.path to a local diffusers folder (the one holding model_index.json) or a "
+            "hub id you can download, or run `python -m sdtune experiment=quickstart` to try sdtune "
+            "on a tiny built-in model."
+        )

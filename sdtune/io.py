@@ -1,0 +1,51 @@
+"""Crash-safe file writing.
+
+Everything sdtune writes goes to a temporary file in the destination folder and is renamed over
+the target only when complete, so a kill at any moment leaves either the old file or the new one,
+never a truncated mix. ``os.replace`` is atomic on POSIX and Windows within one filesystem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:  # data on disk before the rename makes it visible
+            os.fsync(fh.fileno())
+        # mkstemp (and some writers that replace the file) leave 0600; use the usual umask mode.
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_text_atomic(target: str | os.PathLike, text: str) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def save_image_atomic(image, target: str | os.PathLike) -> None:
+    """Save a PIL image; the format comes from ``target``'s suffix, not the temporary name."""
+    target = Path(target)
+    with atomic_path(target) as tmp:
+        image.save(tmp, format=target.suffix.lstrip(".").upper().replace("JPG", "JPEG"))

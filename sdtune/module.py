@@ -1,0 +1,180 @@
+"""The LightningModule that trains a UNet LoRA.
+
+The base model is loaded in ``setup()`` (not ``__init__``) and never enters hyperparameters or
+checkpoints: ``on_save_checkpoint`` keeps only the LoRA tensors, so a checkpoint is the LoRA plus
+optimizer, scheduler and loop state. Everything family-specific goes through ``self.family``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from .families import ModelParts, get_family
+from .lora import LoraSpec, inject, is_lora_key, lora_tensors, spec_from_config, trainable_lora_parameters
+from .tiny import ensure_tiny_model
+
+#: Lightning precision setting -> dtype of the frozen base weights. LoRA weights stay fp32.
+WEIGHT_DTYPES = {
+    "32": torch.float32,
+    "32-true": torch.float32,
+    "16-mixed": torch.float16,
+    "bf16-mixed": torch.bfloat16,
+}
+
+
+class LoRATrainingModule(L.LightningModule):
+    """Diffusers' text-to-image LoRA recipe as a LightningModule.
+
+    ``cfg`` is the resolved run config as a plain dict; it is saved as the hyperparameters so that
+    export, generate and merge can read back how the LoRA was made.
+    """
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__()
+        self.save_hyperparameters({"cfg": cfg})
+        self.cfg = cfg
+        self.family = get_family(cfg["model"]["family"])
+        self.spec: LoraSpec = spec_from_config(cfg["lora"], self.family.default_lora_targets)
+        self.parts: ModelParts | None = None
+        self.num_train_images: int | None = None  # set by the trainer script; goes into LoRA headers
+        # Checkpoints hold LoRA tensors only, so the frozen base weights are legitimately absent.
+        self.strict_loading = False
+
+    # -- building -----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.parts is not None:
+            return
+        model_cfg = self.cfg["model"]
+        if model_cfg.get("tiny"):
+            ensure_tiny_model(model_cfg["family"], model_cfg["path"])
+        parts = self.family.load(
+            str(model_cfg["path"]),
+            dtype=self.weight_dtype,
+            vae_path=model_cfg.get("vae_path"),
+            revision=model_cfg.get("revision"),
+        )
+        self.attach(parts)
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """dtype of the frozen base weights, from ``trainer.precision``."""
+        return WEIGHT_DTYPES.get(str(self.cfg["trainer"].get("precision", "32")), torch.float32)
+
+    def attach(self, parts: ModelParts) -> None:
+        """Freeze ``parts``, cast them for mixed precision, and add the LoRA layers."""
+        from diffusers.training_utils import cast_training_params
+
+        train_cfg = self.cfg["train"]
+        for module in (parts.unet, *parts.frozen_modules()):
+            module.requires_grad_(False)
+            if module.dtype != self.weight_dtype:  # parts loaded elsewhere (tests, bench)
+                module.to(dtype=self.weight_dtype)
+        for module in parts.frozen_modules():
+            module.eval()
+        parts.unet.train()  # LoRA dropout and diffusers' gradient checkpointing act in train mode only
+        lora_cfg = self.cfg["lora"]
+        inject(parts.unet, self.spec, dropout=float(lora_cfg.get("dropout", 0.0)), init=lora_cfg.get("init", "gaussian"))
+        cast_training_params(parts.unet, dtype=torch.float32)  # LoRA weights train in fp32
+        if train_cfg.get("gradient_checkpointing"):
+            parts.unet.enable_gradient_checkpointing()
+        prediction_type = train_cfg.get("prediction_type")
+        if prediction_type:
+            parts.noise_scheduler.register_to_config(prediction_type=prediction_type)
+        # Registered as submodules so Lightning moves them to the device with the module.
+        self.unet = parts.unet
+        self.vae = parts.vae
+        self.text_encoders = torch.nn.ModuleList(parts.text_encoders)
+        self.parts = parts
+
+    # -- training -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.parts.vae
+        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        return self.family.encode_prompts(self.parts, captions)
+
+    def diffusion_loss(self, latents: torch.Tensor, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
+        """Noise the latents at random timesteps and regress the scheduler's target."""
+        from diffusers.training_utils import compute_snr
+
+        train_cfg = self.cfg["train"]
+        scheduler = self.parts.noise_scheduler
+        noise = torch.randn_like(latents)
+        offset = float(train_cfg.get("noise_offset") or 0.0)
+        if offset:
+            noise = noise + offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
+        bsz = latents.shape[0]
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        prediction_type = scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            target = noise
+        elif prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+        unet_dtype = self.parts.unet.dtype
+        kwargs = self.family.unet_conditioning(text, batch)
+        kwargs = {k: v.to(unet_dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+        pred = self.parts.unet(noisy.to(unet_dtype), timesteps, **kwargs, return_dict=False)[0].float()
+
+        snr_gamma = train_cfg.get("snr_gamma")
+        if not snr_gamma:
+            return F.mse_loss(pred, target.float(), reduction="mean")
+        # Min-SNR-gamma (Hang et al. 2023), as in diffusers' train_text_to_image_lora.py.
+        snr = compute_snr(scheduler, timesteps)
+        weights = torch.clamp(snr, max=float(snr_gamma))
+        weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
+        per_sample = F.mse_loss(pred, target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+        return (per_sample * weights).mean()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        latents = self.encode_images(batch["pixel_values"])
+        text = self.encode_text(batch["text"])
+        loss = self.diffusion_loss(latents, text, batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=latents.shape[0])
+        return loss
+
+    # -- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self):
+        from diffusers.optimization import get_scheduler
+
+        optim_cfg = self.cfg["optim"]
+        params = trainable_lora_parameters(self.parts.unet)
+        optimizer = instantiate(optim_cfg["optimizer"])(params=params)
+        sched_cfg = optim_cfg["scheduler"]
+        scheduler = get_scheduler(
+            sched_cfg["name"],
+            optimizer,
+            num_warmup_steps=int(sched_cfg.get("warmup_steps", 0)),
+            num_training_steps=int(self.trainer.estimated_stepping_batches),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_lora_key(k)}
+        checkpoint["sdtune"] = {
+            "family": self.family.name,
+            "rank": self.spec.rank,
+            "alpha": self.spec.alpha,
+            "targets": list(self.spec.targets),
+            "num_train_images": self.num_train_images,
+        }
+
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        """The trained LoRA as peft-named CPU tensors (the same rule export applies to checkpoints)."""
+        return lora_tensors(self.state_dict())
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in trainable_lora_parameters(self.parts.unet))

@@ -1,0 +1,70 @@
+"""Render fixed prompts and seeds with a pipeline, and lay results out as a labelled grid PNG."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from PIL import Image, ImageDraw
+
+
+@torch.no_grad()
+def render(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    steps: int,
+    guidance: float,
+    size: int,
+    lora_scale: float | None = None,
+    negative_prompt: str | None = None,
+) -> list[Image.Image]:
+    """One image per (prompt, seed) pair; the same seeds give the same starting noise on any device."""
+    images = []
+    extra = {} if lora_scale is None else {"cross_attention_kwargs": {"scale": float(lora_scale)}}
+    for prompt, seed in zip(prompts, seeds):
+        out = pipe(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=size,
+            width=size,
+            generator=torch.Generator("cpu").manual_seed(int(seed)),
+            **extra,
+        )
+        images.append(out.images[0])
+    return images
+
+
+def make_grid(
+    rows: Sequence[Sequence[Image.Image]],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    *,
+    min_tile: int = 160,
+) -> Image.Image:
+    """Images in a table with row and column captions; small tiles are enlarged to ``min_tile``."""
+    tile_w = max(min_tile, max(im.width for row in rows for im in row))
+    tile_h = max(min_tile, max(im.height for row in rows for im in row))
+    label_w, label_h, pad = 120, 34, 4
+    width = label_w + len(col_labels) * (tile_w + pad)
+    height = label_h + len(rows) * (tile_h + pad)
+    grid = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, text in enumerate(col_labels):
+        draw.text((label_w + c * (tile_w + pad) + 2, 4), _clip(text, tile_w), fill="black")
+    for r, row in enumerate(rows):
+        y = label_h + r * (tile_h + pad)
+        draw.text((4, y + tile_h // 2 - 6), _clip(row_labels[r], label_w), fill="black")
+        for c, im in enumerate(row):
+            if im.size != (tile_w, tile_h):
+                im = im.resize((tile_w, tile_h), Image.Resampling.NEAREST)
+            grid.paste(im, (label_w + c * (tile_w + pad), y))
+    return grid
+
+
+def _clip(text: str, width_px: int) -> str:
+    limit = max(4, width_px // 6)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,64 @@
+"""One training run: validate, check the data, build Lightning objects from the config, fit.
+
+The base model is loaded by the LightningModule's ``setup()``, after every cheap check has passed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .config import validate
+from .data import ImageCaptionDataModule, load_records
+from .io import write_text_atomic
+from .module import LoRATrainingModule
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a callbacks/logger group that has a ``_target_``; null disables one."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
+    """Train a LoRA as ``cfg`` says; returns the final metrics (for sweeps and tests)."""
+    validate(cfg)
+    records = load_records(cfg.data.root)  # every data problem surfaces before a model is loaded
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    L.seed_everything(int(cfg.seed), workers=True)
+    resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # plain types for checkpoints
+    write_text_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(resolved))
+
+    datamodule = ImageCaptionDataModule(
+        records,
+        resolution=cfg.data.resolution,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        center_crop=cfg.data.center_crop,
+        random_flip=cfg.data.random_flip,
+        pin_memory=cfg.data.pin_memory,
+    )
+    module = LoRATrainingModule(resolved)
+    module.num_train_images = len(records)
+    trainer = L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        callbacks=_instantiate_all(cfg.get("callbacks")),
+        logger=_instantiate_all(cfg.get("logger")) or False,
+        default_root_dir=str(output_dir),
+    )
+    log.info("training a rank-%d %s LoRA on %d images into %s", module.spec.rank, cfg.model.family, len(records), output_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    log.info("done: %s", {k: round(v, 5) for k, v in metrics.items()})
+    return metrics

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny real-architecture models on disk, config composition, CLI runs.
+
+The tiny model is built once per checkout (``.cache/tiny-sd15``, versioned) and every test loads
+it through the same ``from_pretrained`` path a real model uses.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from sdtune.config import register_resolvers
+from sdtune.tiny import ensure_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "examples" / "quickstart"
+CACHE = Path(os.environ.get("SDTUNE_CACHE", ROOT / ".cache"))
+
+register_resolvers()
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def compose_cfg(*overrides: str, output_dir: str | os.PathLike = "/nonexistent-output") -> DictConfig:
+    """The config ``python -m sdtune OVERRIDES`` would see, with the run folder set explicitly."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+    return cfg
+
+
+def resolved(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def run_cli(*args: str, module: str = "sdtune", timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m MODULE ARGS`` from the repository root; output captured as text."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15() -> Path:
+    return ensure_tiny_model("sd15", CACHE / "tiny-sd15")
+
+
+@pytest.fixture
+def one_image_data(tmp_path: Path) -> Path:
+    """A dataset folder with a single quickstart image and its caption."""
+    root = tmp_path / "one"
+    (root / "images").mkdir(parents=True)
+    shutil.copy(QUICKSTART / "images" / "00_red_circle.png", root / "images" / "a.png")
+    (root / "metadata.csv").write_text("file_name,text\nimages/a.png,a photo of a red circle on a blue background\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory, tiny_sd15) -> Path:
+    """One real `python -m sdtune experiment=quickstart` run (alpha != rank), shared by tests."""
+    run_dir = tmp_path_factory.mktemp("quickstart") / "run"
+    proc = run_cli(
+        "experiment=quickstart",
+        "lora.rank=4",
+        "lora.alpha=8",
+        "trainer.max_steps=30",
+        "callbacks.model_checkpoint.every_n_train_steps=20",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return run_dir

@@ -1,0 +1,141 @@
+"""End to end through `python -m sdtune`: the run folder, diffusers loading, export, resume, sweeps."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors import safe_open
+
+from sdtune.export import export_checkpoint, load_checkpoint
+from sdtune.families import get_family
+from sdtune.lora import inject, is_lora_key
+from sdtune.lora_files import read_lora
+
+from .conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _read_safetensors(path):
+    with safe_open(str(path), "pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata()
+
+
+def test_quickstart_run_folder(quickstart_run):
+    for rel in (".hydra/config.yaml", "config.yaml", "lora.safetensors", "samples.png", "checkpoints/last.ckpt"):
+        assert (quickstart_run / rel).is_file(), rel
+    assert sorted(p.name for p in (quickstart_run / "checkpoints").glob("*.ckpt")) == ["last.ckpt", "step000020.ckpt", "step000030.ckpt"]
+    rows = list(csv.DictReader(open(quickstart_run / "logs" / "csv" / "metrics.csv")))
+    losses = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
+    assert len(losses) >= 5 and all(0 < v < 10 for v in losses)
+    assert list((quickstart_run / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    # the grid: 2 rows (LoRA x0, x1) by 3 prompts, and the LoRA visibly changes the pictures
+    grid = Image.open(quickstart_run / "samples.png").convert("RGB")
+    tile, pad, label_w, label_h = 160, 4, 120, 34
+    assert grid.size == (label_w + 3 * (tile + pad), label_h + 2 * (tile + pad))
+    row0 = torch.tensor(list(grid.crop((label_w, label_h, grid.width, label_h + tile)).getdata()), dtype=torch.float)
+    row1 = torch.tensor(list(grid.crop((label_w, label_h + tile + pad, grid.width, label_h + 2 * tile + pad)).getdata()), dtype=torch.float)
+    assert (row0 - row1).abs().mean() > 1.0
+
+
+def test_lora_file_loads_in_diffusers_and_matches_our_unet(quickstart_run, tiny_sd15):
+    lora_path = quickstart_run / "lora.safetensors"
+    lora = read_lora(lora_path)
+    assert (lora.spec.rank, lora.spec.alpha) == (4, 8.0)  # alpha != rank: a wrong scale would show
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15, safety_checker=None)
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        base = pipe.unet(x, t, ctx).sample
+        pipe.load_lora_weights(str(lora_path))
+        theirs = pipe.unet(x, t, ctx).sample
+
+    from peft.utils import set_peft_model_state_dict
+
+    parts = get_family("sd15").load(str(tiny_sd15))
+    inject(parts.unet, lora.spec)
+    result = set_peft_model_state_dict(parts.unet, lora.tensors, adapter_name="default")
+    assert not result.unexpected_keys
+    with torch.no_grad():
+        ours = parts.unet.eval()(x, t, ctx).sample
+    assert (theirs - base).abs().max() > 1e-3
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_checkpoint_holds_lora_and_training_state_only(quickstart_run):
+    ckpt_path = quickstart_run / "checkpoints" / "last.ckpt"
+    lora_size = (quickstart_run / "lora.safetensors").stat().st_size
+    assert ckpt_path.stat().st_size < 4 * lora_size
+    ckpt = load_checkpoint(ckpt_path)  # weights_only=True
+    assert ckpt["state_dict"] and all(is_lora_key(k) for k in ckpt["state_dict"])
+    assert ckpt["global_step"] == 30 and ckpt["optimizer_states"] and ckpt["lr_schedulers"]
+    assert ckpt["hyper_parameters"]["cfg"]["lora"]["alpha"] == 8
+    assert ckpt["sdtune"] == {"family": "sd15", "rank": 4, "alpha": 8.0, "targets": ["to_q", "to_k", "to_v", "to_out.0"], "num_train_images": 12}
+
+
+def test_export_cli_reproduces_the_run_file(quickstart_run, tmp_path):
+    out = tmp_path / "exported.safetensors"
+    proc = run_cli(str(quickstart_run / "checkpoints" / "last.ckpt"), "--out", str(out), module="sdtune.export")
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out}" in proc.stdout
+    ours, our_meta = _read_safetensors(out)
+    run, run_meta = _read_safetensors(quickstart_run / "lora.safetensors")
+    assert ours.keys() == run.keys()
+    assert all(torch.equal(ours[k], run[k]) for k in run)
+    our_meta.pop("ss_output_name"), run_meta.pop("ss_output_name")
+    assert our_meta == run_meta
+
+
+def test_export_never_loads_the_base_model(quickstart_run, tmp_path, monkeypatch):
+    from sdtune.families.sd15 import SD15
+
+    def refuse(*a, **k):
+        raise AssertionError("export loaded the base model")
+
+    monkeypatch.setattr(SD15, "load", refuse)
+    out = export_checkpoint(quickstart_run / "checkpoints" / "step000020.ckpt", tmp_path / "s20.safetensors")
+    assert read_lora(out).metadata["ss_steps"] == "20"
+
+
+def test_export_cli_rejects_non_checkpoints(tmp_path):
+    bogus = tmp_path / "x.ckpt"
+    bogus.write_bytes(b"not a checkpoint")
+    proc = run_cli(str(bogus), "--out", str(tmp_path / "y.safetensors"), module="sdtune.export")
+    assert proc.returncode == 2 and "is not a readable sdtune checkpoint" in proc.stderr
+    assert not (tmp_path / "y.safetensors").exists()
+
+
+def test_resume_continues_from_the_checkpoint_step(quickstart_run, tmp_path):
+    run_dir = tmp_path / "resumed"
+    proc = run_cli(
+        "experiment=quickstart", "lora.rank=4", "lora.alpha=8", "trainer.max_steps=30",
+        f"ckpt_path={quickstart_run / 'checkpoints' / 'step000020.ckpt'}", f"hydra.run.dir={run_dir}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(run_dir / "logs" / "csv" / "metrics.csv")))
+    steps = sorted({int(r["step"]) for r in rows})
+    assert steps and min(steps) >= 20 and max(steps) <= 30  # continued, not restarted at 0
+    assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 30
+
+
+def test_cfg_job_prints_config_without_loading_anything(tmp_path):
+    proc = run_cli("lora.rank=16", "--cfg", "job", env={"SDTUNE_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    assert "family: sd15" in proc.stdout and "rank: 16" in proc.stdout
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in proc.stdout
+    assert not (tmp_path / "cache").exists()
+
+
+def test_multirun_sweeps_rank_into_separate_folders(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", "lora.rank=2,4", "experiment=quickstart", "trainer.max_steps=3", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, rank in (("0", 2), ("1", 4)):
+        assert (sweep / job / ".hydra" / "config.yaml").is_file()
+        lora = read_lora(sweep / job / "lora.safetensors")
+        assert lora.spec.rank == rank
+        assert all(v.shape[0] == rank for k, v in lora.tensors.items() if k.endswith("lora_A.weight"))

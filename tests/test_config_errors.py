@@ -1,0 +1,72 @@
+"""Bad input gets one clear error naming the thing and the fix, before any model is loaded."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from sdtune.errors import ConfigError, DataError
+from sdtune.train import train
+
+from .conftest import QUICKSTART, compose_cfg, run_cli
+
+
+def _data_with(tmp_path, csv: str):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    shutil.copy(QUICKSTART / "images" / "00_red_circle.png", root / "images" / "a.png")
+    (root / "metadata.csv").write_text(csv)
+    return root
+
+
+CASES = [
+    ("missing-data-folder", lambda t: ["data.root=" + str(t / "absent")], DataError, r"data.root='.*absent' does not exist"),
+    ("no-images", lambda t: (t / "empty").mkdir() or ["data.root=" + str(t / "empty")], DataError, r"holds no images"),
+    (
+        "no-file_name-column",
+        lambda t: ["data.root=" + str(_data_with(t, "path,caption\nimages/a.png,x\n"))],
+        DataError,
+        r"metadata.csv has no 'file_name' or 'text' column",
+    ),
+    (
+        "file_name-missing",
+        lambda t: ["data.root=" + str(_data_with(t, "file_name,text\nimages/zz.png,x\n"))],
+        DataError,
+        r"do not exist .*row 2: 'images/zz.png'",
+    ),
+    ("rank-zero", lambda t: ["lora.rank=0"], ConfigError, r"lora.rank must be >= 1, got 0"),
+    ("rank-negative", lambda t: ["lora.rank=-4"], ConfigError, r"lora.rank must be >= 1, got -4"),
+    ("rank-not-a-number", lambda t: ["lora.rank=abc"], ConfigError, r"lora.rank must be an integer >= 1, got 'abc'"),
+    ("resolution-not-multiple-of-8", lambda t: ["data.resolution=100"], ConfigError, r"data.resolution=100 is not divisible by 8.*use 96 or 104"),
+    ("precision", lambda t: ["trainer.precision=64"], ConfigError, r"trainer.precision='64' is not supported"),
+]
+
+
+@pytest.mark.parametrize(("name", "overrides", "error", "message"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_fails_before_model_load(tmp_path, name, overrides, error, message):
+    model_dir = tmp_path / "model-never-built"
+    cfg = compose_cfg("experiment=quickstart", f"model.path={model_dir}", *overrides(tmp_path), output_dir=tmp_path / "run")
+    with pytest.raises(error, match=message):
+        train(cfg, tmp_path / "run")
+    assert not model_dir.exists()  # the tiny model would be built by the first model load
+
+
+def test_cli_prints_clean_error_and_exit_code(tmp_path):
+    proc = run_cli("experiment=quickstart", f"data.root={tmp_path / 'absent'}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    assert "error: data.root=" in proc.stderr and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_model_lists_choices(tmp_path):
+    proc = run_cli("model=sd99", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode != 0
+    assert "Could not find 'model/sd99'" in proc.stderr
+    assert "Available options in 'model'" in proc.stderr and "sd15" in proc.stderr and "tiny" in proc.stderr
+
+
+def test_unset_data_root_says_how_to_fix(tmp_path):
+    cfg = compose_cfg(output_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"data.root is not set.*experiment=quickstart"):
+        train(cfg, tmp_path)
