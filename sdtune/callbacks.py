@@ -6,13 +6,13 @@ Both act on global rank 0 only, so multi-process runs write each file once.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from .export import run_metadata
 from .io import save_image_atomic

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from .families import ModelParts, get_family
+from .families import ModelParts, get_family, resolve_model_source
 from .lora import LoraSpec, inject, is_lora_key, lora_tensors, spec_from_config, trainable_lora_parameters
 from .tiny import ensure_tiny_model
 
@@ -42,6 +42,7 @@ class LoRATrainingModule(L.LightningModule):
         self.spec: LoraSpec = spec_from_config(cfg["lora"], self.family.default_lora_targets)
         self.parts: ModelParts | None = None
         self.num_train_images: int | None = None  # set by the trainer script; goes into LoRA headers
+        self.model_source: str | None = None  # resolved model.path, when the caller already checked it
         # Checkpoints hold LoRA tensors only, so the frozen base weights are legitimately absent.
         self.strict_loading = False
 
@@ -50,15 +51,21 @@ class LoRATrainingModule(L.LightningModule):
         if self.parts is not None:
             return
         model_cfg = self.cfg["model"]
-        if model_cfg.get("tiny"):
-            ensure_tiny_model(model_cfg["family"], model_cfg["path"])
+        source = self.model_source or self.resolve_source()
         parts = self.family.load(
-            str(model_cfg["path"]),
+            source,
             dtype=self.weight_dtype,
             vae_path=model_cfg.get("vae_path"),
             revision=model_cfg.get("revision"),
         )
         self.attach(parts)
+
+    def resolve_source(self) -> str:
+        """Build the tiny model if asked, then find ``model.path`` (fails fast when unreachable)."""
+        model_cfg = self.cfg["model"]
+        if model_cfg.get("tiny"):
+            ensure_tiny_model(model_cfg["family"], model_cfg["path"])
+        return resolve_model_source(str(model_cfg["path"]), family=self.family.name, revision=model_cfg.get("revision"))
 
     @property
     def weight_dtype(self) -> torch.dtype:

@@ -51,6 +51,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
     )
     module = LoRATrainingModule(resolved)
     module.num_train_images = len(records)
+    module.model_source = module.resolve_source()  # an unreachable model fails here, in seconds
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         callbacks=_instantiate_all(cfg.get("callbacks")),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import ConfigError
 from .base import ModelFamily, ModelParts
 from .sd15 import SD15
+from .source import resolve_model_source
 
 FAMILIES: dict[str, type[ModelFamily]] = {cls.name: cls for cls in (SD15,)}
 
@@ -18,4 +19,4 @@ def get_family(name: str) -> ModelFamily:
         ) from None
 
 
-__all__ = ["FAMILIES", "ModelFamily", "ModelParts", "get_family"]
+__all__ = ["FAMILIES", "ModelFamily", "ModelParts", "get_family", "resolve_model_source"]
