@@ -113,10 +113,11 @@ class SampleGrid(L.Callback):
         was_training = pl_module.parts.unet.training
         pl_module.parts.unet.eval()
         try:
-            rows = [
-                render(pipe, prompts, seeds, steps=self.steps, guidance=self.guidance, size=size, lora_scale=s, negative_prompt=self.negative_prompt)
-                for s in self.scales
-            ]
+            with pl_module.text_encoders_on_device():
+                rows = [
+                    render(pipe, prompts, seeds, steps=self.steps, guidance=self.guidance, size=size, lora_scale=s, negative_prompt=self.negative_prompt)
+                    for s in self.scales
+                ]
         finally:
             pl_module.parts.unet.train(was_training)
         grid = make_grid(rows, [f"LoRA x{s:g}" for s in self.scales], [f"seed {sd}: {p}" for p, sd in zip(prompts, seeds)])

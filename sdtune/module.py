@@ -7,7 +7,8 @@ optimizer, scheduler and loop state. Everything family-specific goes through ``s
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import lightning as L
 import torch
@@ -16,6 +17,7 @@ from hydra.utils import instantiate
 
 from .families import ModelParts, get_family, resolve_model_source
 from .lora import LoraSpec, inject, is_lora_key, lora_tensors, spec_from_config, trainable_lora_parameters
+from .text_cache import TextEmbeddingCache
 from .tiny import ensure_tiny_model
 
 #: Lightning precision setting -> dtype of the frozen base weights. LoRA weights stay fp32.
@@ -43,6 +45,7 @@ class LoRATrainingModule(L.LightningModule):
         self.parts: ModelParts | None = None
         self.num_train_images: int | None = None  # set by the trainer script; goes into LoRA headers
         self.model_source: str | None = None  # resolved model.path, when the caller already checked it
+        self.text_cache: TextEmbeddingCache | None = None
         # Checkpoints hold LoRA tensors only, so the frozen base weights are legitimately absent.
         self.strict_loading = False
 
@@ -92,11 +95,45 @@ class LoRATrainingModule(L.LightningModule):
         prediction_type = train_cfg.get("prediction_type")
         if prediction_type:
             parts.noise_scheduler.register_to_config(prediction_type=prediction_type)
-        # Registered as submodules so Lightning moves them to the device with the module.
+        # UNet and VAE are submodules, so Lightning moves them to the device. The text encoders are
+        # not: on_fit_start places them, and takes them off the device again once outputs are cached.
         self.unet = parts.unet
         self.vae = parts.vae
-        self.text_encoders = torch.nn.ModuleList(parts.text_encoders)
         self.parts = parts
+
+    def on_fit_start(self) -> None:
+        for encoder in self.parts.text_encoders:
+            encoder.to(self.device)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not self.cfg["train"].get("cache_text_embeddings", True) or datamodule is None:
+            return
+        cache_dir = self.cfg["train"].get("text_cache_dir")
+        self.text_cache = TextEmbeddingCache(
+            self.family,
+            self.parts,
+            model_key=f"{self.cfg['model']['path']}@{self.cfg['model'].get('revision')}",
+            dtype=self.weight_dtype,
+            disk_dir=cache_dir,
+        )
+        self.text_cache.fill([*datamodule.captions(), ""])  # "" for caption dropout / negatives
+        self.offload_text_encoders()
+
+    def offload_text_encoders(self) -> None:
+        for encoder in self.parts.text_encoders:
+            encoder.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def text_encoders_on_device(self) -> Iterator[None]:
+        """Bring offloaded encoders back for sampling, then offload them again."""
+        for encoder in self.parts.text_encoders:
+            encoder.to(self.device)
+        try:
+            yield
+        finally:
+            if self.text_cache is not None:
+                self.offload_text_encoders()
 
     # -- training -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -108,6 +145,8 @@ class LoRATrainingModule(L.LightningModule):
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        if self.text_cache is not None:
+            return self.text_cache.lookup(captions, self.device)
         return self.family.encode_prompts(self.parts, captions)
 
     def diffusion_loss(self, latents: torch.Tensor, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
@@ -131,8 +170,7 @@ class LoRATrainingModule(L.LightningModule):
         else:
             raise ValueError(f"unsupported prediction_type {prediction_type!r}")
         unet_dtype = self.parts.unet.dtype
-        kwargs = self.family.unet_conditioning(text, batch)
-        kwargs = {k: v.to(unet_dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+        kwargs = _cast_floats(self.family.unet_conditioning(text, batch), unet_dtype)
         pred = self.parts.unet(noisy.to(unet_dtype), timesteps, **kwargs, return_dict=False)[0].float()
 
         snr_gamma = train_cfg.get("snr_gamma")
@@ -185,3 +223,12 @@ class LoRATrainingModule(L.LightningModule):
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in trainable_lora_parameters(self.parts.unet))
+
+
+def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """Cast floating tensors, also inside nested dicts (SDXL's ``added_cond_kwargs``)."""
+    if torch.is_tensor(value):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    return value

@@ -38,6 +38,14 @@ portrait of a person, high quality, detailed, masterpiece
 """
 
 
+_CORPUS_ZH = [
+    "二次元，一个紫色短发小女孩，穿着粉色的裙子，在花园里微笑",
+    "一只橘色的小猫坐在木桌上",
+    "山川湖泊，晴朗的天空，高质量，细节丰富，杰作",
+    "红色的圆形，蓝色的背景",
+]
+
+
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte to printable-character table."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -122,6 +130,30 @@ def tiny_clip_text_encoder(tokenizer, hidden_size: int = 32, projection: bool = 
     return cls(config)
 
 
+def build_chatglm_tokenizer(folder: Path):
+    """A Kolors ChatGLMTokenizer over a sentencepiece model trained here on mixed Chinese/English lines."""
+    import sentencepiece as spm
+    from diffusers.pipelines.kolors import ChatGLMTokenizer
+
+    corpus = _CORPUS + "\n".join(_CORPUS_ZH) + "\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "corpus.txt").write_text(corpus * 3, encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(folder / "corpus.txt"),
+        model_prefix=str(folder / "sp"),
+        vocab_size=160,
+        character_coverage=1.0,
+        model_type="bpe",
+        hard_vocab_limit=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    return ChatGLMTokenizer(vocab_file=str(folder / "sp.model"))
+
+
 def tiny_vae():
     """A 4-level AutoencoderKL, so latents are 1/8 of the image side as in the real models."""
     from diffusers import AutoencoderKL
@@ -187,7 +219,105 @@ def build_tiny_sd15(folder: Path) -> None:
     pipe.save_pretrained(folder)
 
 
-TINY_BUILDERS: dict[str, Callable[[Path], None]] = {"sd15": build_tiny_sd15}
+def _tiny_sdxl_unet(cross_attention_dim: int, pooled_dim: int, **extra):
+    """SDXL-style UNet: linear projections, ``text_time`` added conditioning (6 size ids)."""
+    from diffusers import UNet2DConditionModel
+
+    time_dim = 8
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=cross_attention_dim,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=pooled_dim + 6 * time_dim,
+        norm_num_groups=32,
+        **extra,
+    )
+
+
+def sdxl_noise_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def build_tiny_sdxl(folder: Path) -> None:
+    """Tiny SDXL: two CLIP encoders (32 + 32 = 64-d context), pooled 32-d, text_time conditioning."""
+    from diffusers import StableDiffusionXLPipeline
+
+    torch.manual_seed(0)
+    tokenizer = build_clip_tokenizer()
+    tokenizer_2 = build_clip_tokenizer()
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(),
+        text_encoder=tiny_clip_text_encoder(tokenizer),
+        text_encoder_2=tiny_clip_text_encoder(tokenizer_2, projection=True),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=_tiny_sdxl_unet(cross_attention_dim=64, pooled_dim=32),
+        scheduler=sdxl_noise_scheduler(),
+    )
+    pipe.save_pretrained(folder)
+
+
+def build_tiny_kolors(folder: Path) -> None:
+    """Tiny Kolors: a 2-layer ChatGLM (original RoPE) and a UNet with a text projection (32 -> 64)."""
+    from diffusers import KolorsPipeline
+    from diffusers.pipelines.kolors import ChatGLMModel
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_chatglm_tokenizer(Path(tmp))
+        hidden = 32
+        text_encoder = ChatGLMModel(
+            ChatGLMConfig(
+                num_layers=2,
+                padded_vocab_size=max(len(tokenizer), tokenizer.vocab_size) + 8,
+                hidden_size=hidden,
+                ffn_hidden_size=2 * hidden,
+                kv_channels=8,
+                num_attention_heads=4,
+                seq_length=256,
+                multi_query_attention=True,
+                multi_query_group_num=2,
+                original_rope=True,  # diffusers' ChatGLM needs it set explicitly
+            )
+        )
+        pipe = KolorsPipeline(
+            vae=tiny_vae(),
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=_tiny_sdxl_unet(
+                cross_attention_dim=64, pooled_dim=hidden, encoder_hid_dim=hidden, encoder_hid_dim_type="text_proj"
+            ),
+            scheduler=sdxl_noise_scheduler(),
+        )
+        pipe.save_pretrained(folder)
+
+
+TINY_BUILDERS: dict[str, Callable[[Path], None]] = {
+    "sd15": build_tiny_sd15,
+    "sdxl": build_tiny_sdxl,
+    "kolors": build_tiny_kolors,
+}
 
 
 def ensure_tiny_model(family: str, folder: str | os.PathLike) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from .io import write_text_atomic
 from .module import LoRATrainingModule
 
 log = logging.getLogger(__name__)
+# The frozen VAE and text encoders are in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:

@@ -71,6 +71,10 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
 
+    def captions(self) -> list[str]:
+        """Every caption a training step can see (for the text-embedding cache)."""
+        return [r.text for r in self.dataset.records]
+
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
             self.dataset,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .base import ModelFamily, ModelParts
+from .kolors import Kolors
 from .sd15 import SD15
+from .sdxl import SDXL
 from .source import resolve_model_source
 
-FAMILIES: dict[str, type[ModelFamily]] = {cls.name: cls for cls in (SD15,)}
+FAMILIES: dict[str, type[ModelFamily]] = {cls.name: cls for cls in (SD15, SDXL, Kolors)}
 
 
 def get_family(name: str) -> ModelFamily:

@@ -54,6 +54,10 @@ class ModelFamily(ABC):
     ) -> ModelParts:
         """Load the parts from a diffusers folder or hub id, weights in ``dtype``."""
 
+    def text_max_length(self, parts: ModelParts) -> int:
+        """Prompt length in tokens; longer captions are truncated (and the cache key includes it)."""
+        return parts.tokenizers[0].model_max_length
+
     @abstractmethod
     def encode_prompts(self, parts: ModelParts, captions: list[str]) -> dict[str, torch.Tensor]:
         """Text-encoder outputs for ``captions``, batch-first; each row depends on its caption only.
