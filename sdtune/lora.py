@@ -51,9 +51,16 @@ def peft_config(spec: LoraSpec, *, dropout: float = 0.0, init: str | bool = "gau
     )
 
 
-def inject(unet: torch.nn.Module, spec: LoraSpec, *, dropout: float = 0.0, init: str | bool = "gaussian") -> None:
+def inject(
+    unet: torch.nn.Module,
+    spec: LoraSpec,
+    *,
+    dropout: float = 0.0,
+    init: str | bool = "gaussian",
+    adapter_name: str = ADAPTER,
+) -> None:
     """Add trainable LoRA layers to ``unet`` in place (diffusers' peft integration)."""
-    unet.add_adapter(peft_config(spec, dropout=dropout, init=init), adapter_name=ADAPTER)
+    unet.add_adapter(peft_config(spec, dropout=dropout, init=init), adapter_name=adapter_name)
 
 
 def is_lora_key(key: str) -> bool:

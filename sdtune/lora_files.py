@@ -178,3 +178,36 @@ def check_family(lora: LoraFile, family: str, path: str | os.PathLike) -> None:
             f"{str(path)!r} is a {lora.family} LoRA but the base model is {family}. "
             f"Fix: load it onto a {lora.family} base model (model={lora.family} or a matching model.path)."
         )
+
+
+def apply_lora(unet: torch.nn.Module, lora: LoraFile, *, family: str, path: str | os.PathLike, adapter_name: str) -> None:
+    """Add ``lora`` to ``unet`` as peft adapter ``adapter_name``, refusing anything that does not fit.
+
+    The family is checked from the header first, so an SD1.5 LoRA on SDXL is named as such rather
+    than surfacing as a tensor shape error. Missing or extra keys are listed, never ignored.
+    """
+    from peft.utils import set_peft_model_state_dict
+
+    from .lora import inject
+
+    check_family(lora, family, path)
+    inject(unet, lora.spec, adapter_name=adapter_name)
+    try:
+        result = set_peft_model_state_dict(unet, lora.tensors, adapter_name=adapter_name)
+    except RuntimeError as err:  # size mismatch
+        unet.delete_adapters(adapter_name)
+        first = str(err).strip().splitlines()
+        raise LoraFileError(
+            f"{str(path)!r} does not fit this {family} UNet: {first[-1] if first else err}. "
+            "Was it trained on a different base model?"
+        ) from None
+    unexpected = sorted(k for k in result.unexpected_keys if ".lora_" in k)
+    missing = sorted(k for k in result.missing_keys if ".lora_" in k and f".{adapter_name}." in k)
+    if unexpected or missing:
+        unet.delete_adapters(adapter_name)
+        parts = []
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensor(s) match no module of this UNet, e.g. {unexpected[:3]}")
+        if missing:
+            parts.append(f"{len(missing)} LoRA layer(s) of its targets are absent from the file, e.g. {missing[:3]}")
+        raise LoraFileError(f"{str(path)!r} does not match this {family} UNet: " + "; ".join(parts) + ".")

@@ -8,7 +8,8 @@ optimizer, scheduler and loop state. Everything family-specific goes through ``s
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -60,6 +61,7 @@ class LoRATrainingModule(L.LightningModule):
             dtype=self.weight_dtype,
             vae_path=model_cfg.get("vae_path"),
             revision=model_cfg.get("revision"),
+            config=model_cfg.get("config"),
         )
         self.attach(parts)
 
@@ -68,7 +70,12 @@ class LoRATrainingModule(L.LightningModule):
         model_cfg = self.cfg["model"]
         if model_cfg.get("tiny"):
             ensure_tiny_model(model_cfg["family"], model_cfg["path"])
-        return resolve_model_source(str(model_cfg["path"]), family=self.family.name, revision=model_cfg.get("revision"))
+        return resolve_model_source(
+            str(model_cfg["path"]),
+            family=self.family.name,
+            revision=model_cfg.get("revision"),
+            allow_pickle=bool(model_cfg.get("allow_pickle", False)),
+        )
 
     @property
     def weight_dtype(self) -> torch.dtype:

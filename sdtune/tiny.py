@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 # Bump when a builder changes shape, so stale cached folders are rebuilt rather than reused.
-TINY_FORMAT_VERSION = "1"
+TINY_FORMAT_VERSION = "3"
 _MARKER = "sdtune_tiny.json"
 
 # Words the tiny tokenizers learn merges from: the quickstart captions plus common caption words.
@@ -259,7 +259,11 @@ def sdxl_noise_scheduler():
 
 
 def build_tiny_sdxl(folder: Path) -> None:
-    """Tiny SDXL: two CLIP encoders (32 + 32 = 64-d context), pooled 32-d, text_time conditioning."""
+    """Tiny SDXL: CLIP encoders of width 32 and 48 (80-d context), pooled 48-d, text_time conditioning.
+
+    The widths differ as in the real model (768 and 1280); diffusers' single-file reader tells
+    the two encoders apart by width.
+    """
     from diffusers import StableDiffusionXLPipeline
 
     torch.manual_seed(0)
@@ -268,13 +272,26 @@ def build_tiny_sdxl(folder: Path) -> None:
     pipe = StableDiffusionXLPipeline(
         vae=tiny_vae(),
         text_encoder=tiny_clip_text_encoder(tokenizer),
-        text_encoder_2=tiny_clip_text_encoder(tokenizer_2, projection=True),
+        text_encoder_2=tiny_clip_text_encoder(tokenizer_2, hidden_size=48, projection=True),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
-        unet=_tiny_sdxl_unet(cross_attention_dim=64, pooled_dim=32),
+        unet=_tiny_sdxl_unet(cross_attention_dim=80, pooled_dim=48),
         scheduler=sdxl_noise_scheduler(),
     )
     pipe.save_pretrained(folder)
+
+
+def _init_chatglm(model: torch.nn.Module) -> None:
+    """diffusers' ChatGLM leaves ``_init_weights`` empty (it only ever loads checkpoints), so a
+    freshly built one holds uninitialised memory; give it GPT-style initial values."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                param.fill_(1.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, 0.02)
 
 
 def build_tiny_kolors(folder: Path) -> None:
@@ -301,6 +318,7 @@ def build_tiny_kolors(folder: Path) -> None:
                 original_rope=True,  # diffusers' ChatGLM needs it set explicitly
             )
         )
+        _init_chatglm(text_encoder)
         pipe = KolorsPipeline(
             vae=tiny_vae(),
             text_encoder=text_encoder,

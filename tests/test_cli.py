@@ -139,3 +139,22 @@ def test_multirun_sweeps_rank_into_separate_folders(tmp_path):
         lora = read_lora(sweep / job / "lora.safetensors")
         assert lora.spec.rank == rank
         assert all(v.shape[0] == rank for k, v in lora.tensors.items() if k.endswith("lora_A.weight"))
+
+
+def test_kolors_rank16_config_resolves_and_fails_fast_without_a_local_model(tmp_path):
+    proc = run_cli("model=kolors", "lora.rank=16", "--cfg", "job", "--resolve")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "family: kolors" in text and "rank: 16" in text
+    assert text.count("resolution: 1024") == 2  # model.resolution and data.resolution
+    # HF_HUB_OFFLINE makes this deterministic even on a machine with network
+    import time
+
+    start = time.monotonic()
+    proc = run_cli("model=kolors", "lora.rank=16", "data.root=examples/quickstart", f"hydra.run.dir={tmp_path}",
+                   env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")})
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2
+    assert "Could not load the kolors base model from model.path='Kwai-Kolors/Kolors-diffusers'" in proc.stderr
+    assert "experiment=quickstart" in proc.stderr and "Traceback" not in proc.stderr
+    assert elapsed < 60  # seconds, not minutes of download retries

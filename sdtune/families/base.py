@@ -51,8 +51,13 @@ class ModelFamily(ABC):
         dtype: torch.dtype = torch.float32,
         vae_path: str | None = None,
         revision: str | None = None,
+        config: str | None = None,
     ) -> ModelParts:
-        """Load the parts from a diffusers folder or hub id, weights in ``dtype``."""
+        """Load the parts from a diffusers folder, a hub id or (SD1.5, SDXL) a single file.
+
+        ``config`` names a diffusers folder or hub id whose configs describe a single-file
+        checkpoint; diffusers guesses one from the hub when it is left out.
+        """
 
     def text_max_length(self, parts: ModelParts) -> int:
         """Prompt length in tokens; longer captions are truncated (and the cache key includes it)."""
@@ -74,6 +79,33 @@ class ModelFamily(ABC):
         """A diffusers inference pipeline over ``parts`` (sharing, not copying, the modules)."""
 
     # -- shared helpers -------------------------------------------------------------------
+    def _load_single_file(self, pipeline_cls, path: str, *, config: str | None, dtype: torch.dtype, vae_path: str | None):
+        """Parts of an A1111/ComfyUI-style single ``.safetensors`` file, via diffusers' reader."""
+        from diffusers import AutoencoderKL, DDPMScheduler
+
+        try:
+            pipe = pipeline_cls.from_single_file(path, config=config, torch_dtype=dtype, local_files_only=bool(config))
+            vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype) if vae_path else pipe.vae
+        except Exception as err:  # diffusers raises several types for unreadable or unknown files
+            hint = "" if config else (
+                " A single file needs its architecture's configs: set model.config to a diffusers folder (or hub id) "
+                "of the same architecture."
+            )
+            raise ModelLoadError(
+                f"Could not load the {self.name} single-file checkpoint model.path={path!r}: "
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}.{hint}"
+            ) from err
+        encoders = [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
+        tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+        return ModelParts(
+            unet=pipe.unet,
+            vae=vae,
+            text_encoders=encoders,
+            tokenizers=tokenizers,
+            noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+            source=path,
+        )
+
     def _load_error(self, path: str, err: Exception) -> ModelLoadError:
         return ModelLoadError(
             f"Could not load the {self.name} base model from model.path={path!r}: "

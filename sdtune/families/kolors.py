@@ -7,10 +7,12 @@ as the pooled embedding. Micro-conditioning is SDXL's.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..errors import ModelLoadError
 from .base import ModelFamily, ModelParts
 from .sdxl import micro_conditioning
 
@@ -29,10 +31,16 @@ class Kolors(ModelFamily):
         dtype: torch.dtype = torch.float32,
         vae_path: str | None = None,
         revision: str | None = None,
+        config: str | None = None,
     ) -> ModelParts:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
 
+        if Path(path).is_file():
+            raise ModelLoadError(
+                f"model.path={path!r} is a single file, but Kolors is only published as a diffusers folder. "
+                "Fix: point model.path at the Kolors-diffusers folder (with model_index.json)."
+            )
         try:
             tokenizer = ChatGLMTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
             text_encoder = ChatGLMModel.from_pretrained(path, subfolder="text_encoder", revision=revision, dtype=dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,10 +22,15 @@ class SD15(ModelFamily):
         dtype: torch.dtype = torch.float32,
         vae_path: str | None = None,
         revision: str | None = None,
+        config: str | None = None,
     ) -> ModelParts:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        if Path(path).is_file():
+            from diffusers import StableDiffusionPipeline
+
+            return self._load_single_file(StableDiffusionPipeline, path, config=config, dtype=dtype, vae_path=vae_path)
         try:
             tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
             text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, dtype=dtype)

@@ -7,6 +7,7 @@ come from each training sample's real geometry, as recorded by the data pipeline
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,10 +37,15 @@ class SDXL(ModelFamily):
         dtype: torch.dtype = torch.float32,
         vae_path: str | None = None,
         revision: str | None = None,
+        config: str | None = None,
     ) -> ModelParts:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+        if Path(path).is_file():
+            from diffusers import StableDiffusionXLPipeline
+
+            return self._load_single_file(StableDiffusionXLPipeline, path, config=config, dtype=dtype, vae_path=vae_path)
         try:
             tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=s, revision=revision) for s in ("tokenizer", "tokenizer_2")]
             text_encoders = [

@@ -27,9 +27,24 @@ def _looks_local(path: str) -> bool:
     )
 
 
-def resolve_model_source(path: str, *, family: str, revision: str | None = None, cache_dir: str | None = None) -> str:
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def resolve_model_source(
+    path: str,
+    *,
+    family: str,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    allow_pickle: bool = False,
+) -> str:
     """A local path for ``path``, or the hub id itself when the hub is reachable."""
     local = Path(path).expanduser()
+    if local.is_file() and local.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise ModelLoadError(
+            f"model.path={path!r} is a pickle-based checkpoint; loading one can run arbitrary code. "
+            "Fix: use a .safetensors file, or set model.allow_pickle=true if you trust where it came from."
+        )
     if local.exists():
         return str(local)
     if _looks_local(path):

@@ -1,0 +1,120 @@
+"""The three model families behind one interface, on their tiny real-architecture models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from sdtune.data import ImageCaptionDataset, collate, load_records
+from sdtune.errors import LoraFileError
+from sdtune.families import FAMILIES, get_family
+from sdtune.lora import LoraSpec, inject, lora_tensors, trainable_lora_parameters
+from sdtune.lora_files import apply_lora, build_metadata, read_lora, save_lora
+
+from .conftest import tiny_model, unet_inputs
+
+FAMILY_NAMES = ["sd15", "sdxl", "kolors"]
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "kolors": "KolorsPipeline"}
+
+
+def test_registry_and_defaults():
+    assert sorted(FAMILIES) == sorted(FAMILY_NAMES)
+    assert {n: get_family(n).default_resolution for n in FAMILY_NAMES} == {"sd15": 512, "sdxl": 1024, "kolors": 1024}
+    for n in FAMILY_NAMES:
+        assert get_family(n).default_lora_targets == ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_each_family_loads_encodes_conditions_and_samples(name):
+    family = get_family(name)
+    parts = family.load(str(tiny_model(name)))
+    for module in (parts.unet, parts.vae, *parts.text_encoders):
+        assert all(torch.isfinite(p).all() for p in module.parameters()), type(module).__name__
+    text = family.encode_prompts(parts, ["a red circle", "二次元，一个紫色短发小女孩"])
+    assert torch.isfinite(text["encoder_hidden_states"]).all()
+    assert not torch.allclose(text["encoder_hidden_states"][0], text["encoder_hidden_states"][1])
+    batch = {k: torch.tensor([[64, 64], [64, 64]]) for k in ("original_size", "crop_top_left", "target_size")}
+    out = parts.unet(torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), **family.unet_conditioning(text, batch)).sample
+    assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+    pipe = family.build_pipeline(parts)
+    assert type(pipe).__name__ == PIPELINES[name]
+    assert pipe.unet is parts.unet  # shares, does not copy
+
+
+def test_sdxl_time_ids_are_each_samples_geometry(tmp_path):
+    Image.new("RGB", (100, 80), (9, 9, 9)).save(tmp_path / "wide.png")
+    Image.new("RGB", (48, 96), (9, 9, 9)).save(tmp_path / "tall.png")
+    (tmp_path / "metadata.csv").write_text("file_name,text\nwide.png,a\ntall.png,b\n")
+    ds = ImageCaptionDataset(load_records(tmp_path), 64)
+    batch = collate([ds[0], ds[1]])
+    family = get_family("sdxl")
+    parts = family.load(str(tiny_model("sdxl")))
+    kwargs = family.unet_conditioning(family.encode_prompts(parts, batch["text"]), batch)
+    time_ids = kwargs["added_cond_kwargs"]["time_ids"]
+    # wide 100x80 -> scaled to 80x64, centre crop left (80-64)//2 = 8; tall 48x96 -> 64x128, top 32
+    assert time_ids.tolist() == [[80, 100, 0, 8, 64, 64], [96, 48, 32, 0, 64, 64]]
+    assert kwargs["added_cond_kwargs"]["text_embeds"].shape == (2, 48)
+    assert kwargs["encoder_hidden_states"].shape == (2, 77, 80)  # 32 + 48 from both encoders
+
+
+def test_kolors_encodes_chinese_captions_to_the_shapes_the_unet_expects():
+    family = get_family("kolors")
+    parts = family.load(str(tiny_model("kolors")))
+    caption = "二次元，一个紫色短发小女孩"
+    ids = parts.tokenizers[0](caption)["input_ids"]
+    unk = parts.tokenizers[0].tokenizer.sp_model.unk_id()
+    assert sum(i == unk for i in ids) == 0  # every character is in the vocabulary
+    text = family.encode_prompts(parts, [caption])
+    hidden = parts.text_encoders[0].config.hidden_size
+    assert text["encoder_hidden_states"].shape == (1, 256, hidden)
+    assert text["text_embeds"].shape == (1, hidden)
+    unet = parts.unet.config
+    assert unet.encoder_hid_dim == hidden and unet.encoder_hid_dim_type == "text_proj"
+    assert unet.projection_class_embeddings_input_dim == hidden + 6 * unet.addition_time_embed_dim
+    # a prompt longer than 256 tokens is truncated to the model's length, not rejected
+    long = family.encode_prompts(parts, [caption * 60])
+    assert long["encoder_hidden_states"].shape == (1, 256, hidden)
+
+
+def _lora_for(name: str, tmp_path, *, with_family: bool = True):
+    parts = get_family(name).load(str(tiny_model(name)))
+    spec = LoraSpec(rank=2, alpha=4.0, targets=("to_q", "to_k", "to_v", "to_out.0"))
+    inject(parts.unet, spec)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in trainable_lora_parameters(parts.unet):
+            p.normal_(std=0.1)
+    wrapper = torch.nn.Module()
+    wrapper.unet = parts.unet
+    meta = build_metadata(spec, family=name, base_model="tiny", base_model_version="x", resolution=64)
+    if not with_family:
+        meta = {k: v for k, v in meta.items() if not k.startswith("sdtune.")}
+    return save_lora(tmp_path / f"{name}.safetensors", lora_tensors(wrapper.state_dict()), meta)
+
+
+def test_lora_into_the_wrong_family_names_both(tmp_path):
+    path = _lora_for("sd15", tmp_path)
+    sdxl = get_family("sdxl").load(str(tiny_model("sdxl")))
+    with pytest.raises(LoraFileError, match=r"is a sd15 LoRA but the base model is sdxl"):
+        apply_lora(sdxl.unet, read_lora(path), family="sdxl", path=path, adapter_name="x")
+    assert not getattr(sdxl.unet, "peft_config", None) or "x" not in sdxl.unet.peft_config
+
+
+def test_headerless_mismatch_is_a_fit_error_not_a_family_error(tmp_path):
+    path = _lora_for("sd15", tmp_path, with_family=False)
+    sdxl = get_family("sdxl").load(str(tiny_model("sdxl")))
+    with pytest.raises(LoraFileError, match=r"does not (fit|match) this sdxl UNet") as err:
+        apply_lora(sdxl.unet, read_lora(path), family="sdxl", path=path, adapter_name="x")
+    assert "sd15 LoRA" not in str(err.value)
+
+
+def test_apply_lora_reproduces_the_trained_unet(tmp_path):
+    path = _lora_for("kolors", tmp_path)
+    parts = get_family("kolors").load(str(tiny_model("kolors")))
+    x, t, kw = unet_inputs("kolors")
+    with torch.no_grad():
+        base = parts.unet(x, t, **kw).sample
+        apply_lora(parts.unet, read_lora(path), family="kolors", path=path, adapter_name="mine")
+        with_lora = parts.unet(x, t, **kw).sample
+    assert (with_lora - base).abs().max() > 1e-4
