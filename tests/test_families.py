@@ -118,3 +118,16 @@ def test_apply_lora_reproduces_the_trained_unet(tmp_path):
         apply_lora(parts.unet, read_lora(path), family="kolors", path=path, adapter_name="mine")
         with_lora = parts.unet(x, t, **kw).sample
     assert (with_lora - base).abs().max() > 1e-4
+
+
+def test_sdxl_separate_vae_path_replaces_the_bundled_vae(tmp_path):
+    from sdtune.tiny import tiny_vae
+
+    torch.manual_seed(123)
+    other = tiny_vae()
+    other.save_pretrained(tmp_path / "fp16-fix-vae")
+    parts = get_family("sdxl").load(str(tiny_model("sdxl")), vae_path=str(tmp_path / "fp16-fix-vae"))
+    for k, v in other.state_dict().items():
+        assert torch.equal(parts.vae.state_dict()[k], v)
+    bundled = get_family("sdxl").load(str(tiny_model("sdxl"))).vae.state_dict()
+    assert any(not torch.equal(bundled[k], v) for k, v in other.state_dict().items())
