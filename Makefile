@@ -4,7 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint clean
+RAW ?= examples/raw
+OUT ?= data/clean
+RECIPE ?= data_pipeline/recipes/default.yaml
+NP ?= 2
+
+.PHONY: install demo data test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +23,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m sdtune experiment=quickstart
+
+# Clean a raw image+caption folder with a data-juicer recipe into a training-ready folder.
+data: $(STAMP)
+	$(PY) -m data_pipeline $(RAW) $(OUT) --recipe $(RECIPE) --np $(NP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
