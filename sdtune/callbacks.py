@@ -113,7 +113,7 @@ class SampleGrid(L.Callback):
         was_training = pl_module.parts.unet.training
         pl_module.parts.unet.eval()
         try:
-            with pl_module.text_encoders_on_device():
+            with pl_module.frozen_modules_on_device():
                 rows = [
                     render(pipe, prompts, seeds, steps=self.steps, guidance=self.guidance, size=size, lora_scale=s, negative_prompt=self.negative_prompt)
                     for s in self.scales

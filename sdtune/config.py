@@ -86,6 +86,22 @@ def validate(cfg: DictConfig) -> None:
         )
     _int(cfg, "data.batch_size", minimum=1)
     _int(cfg, "data.num_workers", minimum=0)
+    dropout = _number(cfg, "data.caption_dropout", minimum=0)
+    if dropout >= 1:
+        raise ConfigError(f"data.caption_dropout must be in [0, 1), got {dropout}.")
+    _int(cfg, "data.keep_tags", minimum=0)
+    step = _int(cfg, "data.bucket_step", minimum=8)
+    if step % 8:
+        raise ConfigError(f"data.bucket_step={step} must be a multiple of 8 (the VAE downsamples by 8).")
+    repeats = _get(cfg, "data.repeats") or {}
+    for folder, n in dict(repeats).items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"data.repeats.{folder} must be an integer >= 1, got {n!r}.")
+    if _get(cfg, "data.cache_latents") and not _get(cfg, "data.center_crop"):
+        raise ConfigError(
+            "data.cache_latents=true needs data.center_crop=true: a cached latent is one fixed crop. "
+            "Fix: set data.center_crop=true, or turn the latent cache off."
+        )
 
     precision = str(_get(cfg, "trainer.precision"))
     if precision not in PRECISIONS:

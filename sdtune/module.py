@@ -8,6 +8,7 @@ optimizer, scheduler and loop state. Everything family-specific goes through ``s
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,10 +17,13 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
+from .data.latents import LatentCache
 from .families import ModelParts, get_family, resolve_model_source
 from .lora import LoraSpec, inject, is_lora_key, lora_tensors, spec_from_config, trainable_lora_parameters
 from .text_cache import TextEmbeddingCache
 from .tiny import ensure_tiny_model
+
+log = logging.getLogger(__name__)
 
 #: Lightning precision setting -> dtype of the frozen base weights. LoRA weights stay fp32.
 WEIGHT_DTYPES = {
@@ -112,7 +116,32 @@ class LoRATrainingModule(L.LightningModule):
         for encoder in self.parts.text_encoders:
             encoder.to(self.device)
         datamodule = getattr(self.trainer, "datamodule", None)
-        if not self.cfg["train"].get("cache_text_embeddings", True) or datamodule is None:
+        if datamodule is None:
+            return
+        if self.cfg["data"].get("cache_latents"):
+            self.fill_latent_cache(datamodule)
+        if self.cfg["train"].get("cache_text_embeddings", True):
+            self.fill_text_cache(datamodule)
+
+    def fill_latent_cache(self, datamodule) -> None:
+        model_cfg = self.cfg["model"]
+        cache = LatentCache(
+            self.cfg["data"]["latent_cache_dir"],
+            model_key=f"{model_cfg['path']}@{model_cfg.get('revision')}|vae={model_cfg.get('vae_path')}|{self.weight_dtype}",
+        )
+        datamodule.prepare_latents(self.encode_latent_params, cache)
+        self.parts.vae.to("cpu")  # not needed again until sampling
+        self._free_device_cache()
+
+    @torch.no_grad()
+    def encode_latent_params(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.parts.vae
+        return vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.parameters.float().cpu()
+
+    def fill_text_cache(self, datamodule) -> None:
+        captions = datamodule.captions()
+        if captions is None:
+            log.warning("captions change every step (tag shuffling): text embeddings are computed per step, not cached")
             return
         cache_dir = self.cfg["train"].get("text_cache_dir")
         self.text_cache = TextEmbeddingCache(
@@ -122,25 +151,28 @@ class LoRATrainingModule(L.LightningModule):
             dtype=self.weight_dtype,
             disk_dir=cache_dir,
         )
-        self.text_cache.fill([*datamodule.captions(), ""])  # "" for caption dropout / negatives
-        self.offload_text_encoders()
-
-    def offload_text_encoders(self) -> None:
+        self.text_cache.fill(captions)
         for encoder in self.parts.text_encoders:
             encoder.to("cpu")
+        self._free_device_cache()
+
+    def _free_device_cache(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     @contextlib.contextmanager
-    def text_encoders_on_device(self) -> Iterator[None]:
-        """Bring offloaded encoders back for sampling, then offload them again."""
-        for encoder in self.parts.text_encoders:
-            encoder.to(self.device)
+    def frozen_modules_on_device(self) -> Iterator[None]:
+        """Bring offloaded text encoders and VAE back for sampling, then restore where they were."""
+        modules = [*self.parts.text_encoders, self.parts.vae]
+        before = [next(m.parameters()).device for m in modules]
+        for module in modules:
+            module.to(self.device)
         try:
             yield
         finally:
-            if self.text_cache is not None:
-                self.offload_text_encoders()
+            for module, device in zip(modules, before):
+                module.to(device)
+            self._free_device_cache()
 
     # -- training -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -190,8 +222,19 @@ class LoRATrainingModule(L.LightningModule):
         per_sample = F.mse_loss(pred, target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
         return (per_sample * weights).mean()
 
+    def batch_latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Scaled latents: sampled from cached distributions, or encoded from pixels."""
+        if "latent_params" not in batch:
+            return self.encode_images(batch["pixel_values"])
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        config = self.parts.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        latents = DiagonalGaussianDistribution(batch["latent_params"].float()).sample()
+        return (latents - shift) * config.scaling_factor
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        latents = self.encode_images(batch["pixel_values"])
+        latents = self.batch_latents(batch)
         text = self.encode_text(batch["text"])
         loss = self.diffusion_loss(latents, text, batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=latents.shape[0])

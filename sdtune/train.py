@@ -43,15 +43,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # plain types for checkpoints
     write_text_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(resolved))
 
-    datamodule = ImageCaptionDataModule(
-        records,
-        resolution=cfg.data.resolution,
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
-        center_crop=cfg.data.center_crop,
-        random_flip=cfg.data.random_flip,
-        pin_memory=cfg.data.pin_memory,
-    )
+    datamodule = ImageCaptionDataModule.from_config(records, resolved["data"], seed=int(cfg.seed))
     module = LoRATrainingModule(resolved)
     module.num_train_images = len(records)
     module.model_source = module.resolve_source()  # an unreachable model fails here, in seconds

@@ -1,55 +1,120 @@
-"""The training dataset and its LightningDataModule."""
+"""The training dataset and its LightningDataModule.
+
+The dataset serves either decoded images (``pixel_values``) or, once ``prepare_latents`` has
+filled the on-disk cache, VAE latent distributions (``latent_params``) without decoding anything.
+Samples carry their SDXL geometry (original size, crop offset, target size) either way.
+"""
 
 from __future__ import annotations
 
+import logging
 import random
-from collections.abc import Sequence
+import re
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from ..errors import DataError
-from .images import load_rgb, resize_and_crop, to_tensor
+from .buckets import BucketBatchSampler, Size, assign_buckets
+from .captions import CaptionOptions, process_caption
+from .images import image_size, load_rgb, plan_crop, resize_and_crop, to_tensor
+from .latents import LatentCache, file_sha256
 from .records import Record
+
+log = logging.getLogger(__name__)
+_KOHYA_REPEATS = re.compile(r"^(\d+)_")
+NO_CAPTION_CHANGES = CaptionOptions()
+
+
+def folder_repeats(records: Sequence[Record], root, explicit: Mapping[str, int] | None = None) -> list[int]:
+    """Repeat count per record: ``explicit[top folder]``, else kohya's ``<N>_name`` prefix, else 1."""
+    explicit = dict(explicit or {})
+    out = []
+    for rec in records:
+        parts = rec.path.relative_to(root).parts
+        top = parts[0] if len(parts) > 1 else ""
+        if top in explicit:
+            out.append(int(explicit[top]))
+        elif m := _KOHYA_REPEATS.match(top):
+            out.append(int(m.group(1)))
+        else:
+            out.append(1)
+    return out
 
 
 class ImageCaptionDataset(Dataset):
-    """Images resized on the shorter side, cropped to a square and normalised to [-1, 1]."""
+    """One item per (record, repeat); images are resized to cover their target size and cropped."""
 
-    def __init__(self, records: Sequence[Record], resolution: int, *, center_crop: bool = True, random_flip: bool = False):
+    def __init__(
+        self,
+        records: Sequence[Record],
+        resolution: int,
+        *,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        targets: Sequence[Size] | None = None,
+        sizes: Sequence[Size] | None = None,
+        repeats: Sequence[int] | None = None,
+        captions: CaptionOptions = NO_CAPTION_CHANGES,
+    ):
         self.records = list(records)
         self.resolution = int(resolution)
         self.center_crop = center_crop
         self.random_flip = random_flip
+        self.targets = list(targets) if targets else [(self.resolution, self.resolution)] * len(self.records)
+        self.sizes = list(sizes) if sizes else None
+        self.caption_options = captions
+        self.index = [r for r, n in enumerate(repeats or [1] * len(self.records)) for _ in range(n)]
+        self.latents: LatentCache | None = None
+        self.latent_keys: dict[tuple[int, bool], str] = {}
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.index)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        record = self.records[index]
+    def bucket_of(self, item: int) -> Size:
+        return self.targets[self.index[item]]
+
+    def pixels(self, r: int, flip: bool) -> tuple[torch.Tensor, Any]:
+        record = self.records[r]
         try:
             image = load_rgb(record.path)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot read training image {record.path}: {err}. Fix or remove it.") from err
-        if self.random_flip and random.random() < 0.5:
+        if flip:
             image = ImageOps.mirror(image)  # before cropping, so the crop offset is in the seen frame
-        image, info = resize_and_crop(image, (self.resolution, self.resolution), center_crop=self.center_crop, rng=random)
-        return {
-            "pixel_values": to_tensor(image),
-            "text": record.text,
-            "original_size": torch.tensor(info.original_size),
-            "crop_top_left": torch.tensor(info.crop_top_left),
-            "target_size": torch.tensor(info.target_size),
-        }
+        image, info = resize_and_crop(image, self.targets[r], center_crop=self.center_crop, rng=random)
+        return to_tensor(image), info
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        r = self.index[item]
+        flip = self.random_flip and random.random() < 0.5
+        text = process_caption(self.records[r].text, self.caption_options)
+        if self.latents is not None:
+            _, info = plan_crop(self.sizes[r], self.targets[r], center_crop=True)
+            sample = {"latent_params": self.latents.load(self.latent_keys[(r, flip)])}
+        else:
+            pixels, info = self.pixels(r, flip)
+            sample = {"pixel_values": pixels}
+        sample.update(
+            text=text,
+            original_size=torch.tensor(info.original_size),
+            crop_top_left=torch.tensor(info.crop_top_left),
+            target_size=torch.tensor(info.target_size),
+        )
+        return sample
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {"text": [s["text"] for s in samples]}
-    for key in ("pixel_values", "original_size", "crop_top_left", "target_size"):
-        batch[key] = torch.stack([s[key] for s in samples])
+    for key in ("pixel_values", "latent_params", "original_size", "crop_top_left", "target_size"):
+        if key in samples[0]:
+            batch[key] = torch.stack([s[key] for s in samples])
     return batch
 
 
@@ -64,24 +129,96 @@ class ImageCaptionDataModule(L.LightningDataModule):
         center_crop: bool = True,
         random_flip: bool = False,
         pin_memory: bool = False,
+        bucketing: bool = False,
+        bucket_step: int = 64,
+        bucket_upscale: bool = False,
+        repeats: Sequence[int] | None = None,
+        captions: CaptionOptions = NO_CAPTION_CHANGES,
+        seed: int = 0,
     ):
         super().__init__()
-        self.dataset = ImageCaptionDataset(records, resolution, center_crop=center_crop, random_flip=random_flip)
+        sizes = targets = None
+        if bucketing:
+            sizes = [image_size(r.path) for r in records]
+            targets = assign_buckets(sizes, resolution, step=bucket_step, upscale=bucket_upscale)
+        self.dataset = ImageCaptionDataset(
+            records, resolution, center_crop=center_crop, random_flip=random_flip,
+            targets=targets, sizes=sizes, repeats=repeats, captions=captions,
+        )
+        self.bucketing = bucketing
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.seed = seed
 
-    def captions(self) -> list[str]:
-        """Every caption a training step can see (for the text-embedding cache)."""
-        return [r.text for r in self.dataset.records]
+    @classmethod
+    def from_config(cls, records: Sequence[Record], data_cfg: Mapping[str, Any], *, seed: int = 0) -> ImageCaptionDataModule:
+        return cls(
+            records,
+            resolution=data_cfg["resolution"],
+            batch_size=data_cfg["batch_size"],
+            num_workers=data_cfg["num_workers"],
+            center_crop=data_cfg["center_crop"],
+            random_flip=data_cfg["random_flip"],
+            pin_memory=data_cfg["pin_memory"],
+            bucketing=data_cfg.get("bucketing", False),
+            bucket_step=data_cfg.get("bucket_step", 64),
+            bucket_upscale=data_cfg.get("bucket_upscale", False),
+            repeats=folder_repeats(records, data_cfg["root"], data_cfg.get("repeats")),
+            captions=CaptionOptions(
+                dropout=float(data_cfg.get("caption_dropout", 0.0)),
+                shuffle_tags=bool(data_cfg.get("shuffle_tags", False)),
+                keep_tags=int(data_cfg.get("keep_tags", 1)),
+            ),
+            seed=seed,
+        )
+
+    def captions(self) -> list[str] | None:
+        """Every caption a training step can see (for the text-embedding cache); None if unbounded."""
+        if self.dataset.caption_options.varies:
+            return None
+        return [r.text for r in self.dataset.records] + [""]
+
+    @torch.no_grad()
+    def prepare_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], cache: LatentCache, *, batch_size: int = 8) -> int:
+        """Encode every (image, flip) the dataset can serve that the cache lacks; serve latents after.
+
+        Returns how many crops were encoded (0 when everything was already cached).
+        """
+        ds = self.dataset
+        if not ds.center_crop:
+            raise DataError("latent caching needs data.center_crop=true: a cached latent is one fixed crop.")
+        if ds.sizes is None:
+            ds.sizes = [image_size(r.path) for r in ds.records]
+        hashes = [file_sha256(r.path) for r in ds.records]
+        flips = (False, True) if ds.random_flip else (False,)
+        keys = {(r, f): cache.key(hashes[r], ds.targets[r], f) for r in sorted(set(ds.index)) for f in flips}
+        todo: dict[Size, list[tuple[int, bool]]] = defaultdict(list)
+        for (r, f), key in keys.items():
+            if not cache.has(key):
+                todo[ds.targets[r]].append((r, f))
+        total = sum(len(v) for v in todo.values())
+        with tqdm(total=total, desc="caching latents", unit="img", disable=total == 0) as bar:
+            for _size, items in sorted(todo.items()):
+                for start in range(0, len(items), batch_size):
+                    chunk = items[start : start + batch_size]
+                    pixels = torch.stack([ds.pixels(r, f)[0] for r, f in chunk])
+                    for (r, f), params in zip(chunk, encode(pixels)):
+                        cache.save(keys[(r, f)], params)
+                    bar.update(len(chunk))
+        ds.latents, ds.latent_keys = cache, keys
+        if total:
+            log.info("encoded %d latent(s) into %s", total, cache.folder)
+        return total
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            collate_fn=collate,
-            persistent_workers=self.num_workers > 0,
-        )
+        common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate,
+                      persistent_workers=self.num_workers > 0)
+        if self.bucketing:
+            buckets = [self.dataset.bucket_of(i) for i in range(len(self.dataset))]
+            world, rank = 1, 0
+            if self.trainer is not None:
+                world, rank = self.trainer.world_size, self.trainer.global_rank
+            sampler = BucketBatchSampler(buckets, self.batch_size, seed=self.seed, num_replicas=world, rank=rank)
+            return DataLoader(self.dataset, batch_sampler=sampler, **common)
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, **common)

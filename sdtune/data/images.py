@@ -47,6 +47,34 @@ class CropInfo:
     target_size: tuple[int, int]
 
 
+def image_size(path) -> tuple[int, int]:
+    """(height, width) as displayed, i.e. after EXIF rotation, read from the header only."""
+    with Image.open(path) as im:
+        w, h = im.size
+        orientation = im.getexif().get(0x0112, 1)
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
+def plan_crop(
+    size: tuple[int, int],
+    target: tuple[int, int],
+    *,
+    center_crop: bool = True,
+    rng: random.Random | None = None,
+) -> tuple[tuple[int, int], CropInfo]:
+    """Where ``resize_and_crop`` will scale and cut an image of ``size`` (h, w); no pixels needed."""
+    target_h, target_w = target
+    h, w = size
+    scale = max(target_h / h, target_w / w)
+    new_h, new_w = max(target_h, round(h * scale)), max(target_w, round(w * scale))
+    if center_crop:
+        top, left = (new_h - target_h) // 2, (new_w - target_w) // 2
+    else:
+        rng = rng or random.Random()
+        top, left = rng.randint(0, new_h - target_h), rng.randint(0, new_w - target_w)
+    return (new_h, new_w), CropInfo(original_size=(h, w), crop_top_left=(top, left), target_size=(target_h, target_w))
+
+
 def resize_and_crop(
     image: Image.Image,
     size: tuple[int, int],
@@ -55,19 +83,12 @@ def resize_and_crop(
     rng: random.Random | None = None,
 ) -> tuple[Image.Image, CropInfo]:
     """Scale so the image covers ``size`` (h, w), then crop to exactly ``size``."""
-    target_h, target_w = size
-    w, h = image.size
-    scale = max(target_h / h, target_w / w)
-    new_w, new_h = max(target_w, round(w * scale)), max(target_h, round(h * scale))
-    if (new_w, new_h) != (w, h):
+    (new_h, new_w), info = plan_crop((image.height, image.width), size, center_crop=center_crop, rng=rng)
+    if (new_w, new_h) != image.size:
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    if center_crop:
-        top, left = (new_h - target_h) // 2, (new_w - target_w) // 2
-    else:
-        rng = rng or random.Random()
-        top, left = rng.randint(0, new_h - target_h), rng.randint(0, new_w - target_w)
-    image = image.crop((left, top, left + target_w, top + target_h))
-    return image, CropInfo(original_size=(h, w), crop_top_left=(top, left), target_size=(target_h, target_w))
+    top, left = info.crop_top_left
+    image = image.crop((left, top, left + size[1], top + size[0]))
+    return image, info
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
