@@ -67,5 +67,5 @@ def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path):
 def test_kolors_single_file_is_refused_with_the_fix(tmp_path):
     path = tmp_path / "kolors.safetensors"
     save_file({"x": torch.zeros(1)}, str(path))
-    with pytest.raises(ModelLoadError, match=r"Kolors is only published as a diffusers folder"):
+    with pytest.raises(ModelLoadError, match=r"single file, but kolors models are only published as diffusers folders"):
         get_family("kolors").load(str(path))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -43,7 +44,9 @@ class ModelFamily(ABC):
     #: Version string written to LoRA headers (``ss_base_model_version`` in kohya's tools).
     base_model_version: ClassVar[str]
 
-    @abstractmethod
+    #: diffusers pipeline class that reads this family's single-file checkpoints (None: folders only).
+    single_file_pipeline: ClassVar[str | None] = None
+
     def load(
         self,
         path: str,
@@ -58,6 +61,28 @@ class ModelFamily(ABC):
         ``config`` names a diffusers folder or hub id whose configs describe a single-file
         checkpoint; diffusers guesses one from the hub when it is left out.
         """
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+        if Path(path).is_file():
+            return self._load_single_file(path, config=config, dtype=dtype, vae_path=vae_path)
+        try:
+            tokenizers, text_encoders = self.load_text_parts(path, dtype=dtype, revision=revision)
+            vae = (
+                AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype)
+                if vae_path
+                else AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, torch_dtype=dtype)
+            )
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, torch_dtype=dtype)
+            scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
+        except (OSError, ValueError) as err:
+            raise self._load_error(path, err) from err
+        return ModelParts(
+            unet=unet, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers, noise_scheduler=scheduler, source=path
+        )
+
+    @abstractmethod
+    def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None) -> tuple[list[Any], list[torch.nn.Module]]:
+        """(tokenizers, text encoders) from a diffusers folder or hub id."""
 
     def text_max_length(self, parts: ModelParts) -> int:
         """Prompt length in tokens; longer captions are truncated (and the cache key includes it)."""
@@ -79,10 +104,17 @@ class ModelFamily(ABC):
         """A diffusers inference pipeline over ``parts`` (sharing, not copying, the modules)."""
 
     # -- shared helpers -------------------------------------------------------------------
-    def _load_single_file(self, pipeline_cls, path: str, *, config: str | None, dtype: torch.dtype, vae_path: str | None):
+    def _load_single_file(self, path: str, *, config: str | None, dtype: torch.dtype, vae_path: str | None) -> ModelParts:
         """Parts of an A1111/ComfyUI-style single ``.safetensors`` file, via diffusers' reader."""
+        import diffusers
         from diffusers import AutoencoderKL, DDPMScheduler
 
+        if self.single_file_pipeline is None:
+            raise ModelLoadError(
+                f"model.path={path!r} is a single file, but {self.name} models are only published as diffusers "
+                "folders. Fix: point model.path at the diffusers folder (the one with model_index.json)."
+            )
+        pipeline_cls = getattr(diffusers, self.single_file_pipeline)
         try:
             pipe = pipeline_cls.from_single_file(path, config=config, torch_dtype=dtype, local_files_only=bool(config))
             vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype) if vae_path else pipe.vae

@@ -7,12 +7,10 @@ as the pooled embedding. Micro-conditioning is SDXL's.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import ModelLoadError
 from .base import ModelFamily, ModelParts
 from .sdxl import micro_conditioning
 
@@ -24,36 +22,12 @@ class Kolors(ModelFamily):
     default_resolution = 1024
     base_model_version = "kolors"
 
-    def load(
-        self,
-        path: str,
-        *,
-        dtype: torch.dtype = torch.float32,
-        vae_path: str | None = None,
-        revision: str | None = None,
-        config: str | None = None,
-    ) -> ModelParts:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None):
         from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
 
-        if Path(path).is_file():
-            raise ModelLoadError(
-                f"model.path={path!r} is a single file, but Kolors is only published as a diffusers folder. "
-                "Fix: point model.path at the Kolors-diffusers folder (with model_index.json)."
-            )
-        try:
-            tokenizer = ChatGLMTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
-            text_encoder = ChatGLMModel.from_pretrained(path, subfolder="text_encoder", revision=revision, dtype=dtype)
-            vae = (
-                AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype)
-                if vae_path
-                else AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, torch_dtype=dtype)
-            )
-            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, torch_dtype=dtype)
-            scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
-        except (OSError, ValueError) as err:
-            raise self._load_error(path, err) from err
-        return ModelParts(unet=unet, vae=vae, text_encoders=[text_encoder], tokenizers=[tokenizer], noise_scheduler=scheduler, source=path)
+        tokenizer = ChatGLMTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
+        text_encoder = ChatGLMModel.from_pretrained(path, subfolder="text_encoder", revision=revision, dtype=dtype)
+        return [tokenizer], [text_encoder]
 
     def text_max_length(self, parts: ModelParts) -> int:
         return MAX_LENGTH

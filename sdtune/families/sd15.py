@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,42 +13,14 @@ class SD15(ModelFamily):
     name = "sd15"
     default_resolution = 512
     base_model_version = "sd_v1"
+    single_file_pipeline = "StableDiffusionPipeline"
 
-    def load(
-        self,
-        path: str,
-        *,
-        dtype: torch.dtype = torch.float32,
-        vae_path: str | None = None,
-        revision: str | None = None,
-        config: str | None = None,
-    ) -> ModelParts:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None):
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        if Path(path).is_file():
-            from diffusers import StableDiffusionPipeline
-
-            return self._load_single_file(StableDiffusionPipeline, path, config=config, dtype=dtype, vae_path=vae_path)
-        try:
-            tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
-            text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, dtype=dtype)
-            if vae_path:
-                vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype)
-            else:
-                vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, torch_dtype=dtype)
-            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, torch_dtype=dtype)
-            scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
-        except (OSError, ValueError) as err:
-            raise self._load_error(path, err) from err
-        return ModelParts(
-            unet=unet,
-            vae=vae,
-            text_encoders=[text_encoder],
-            tokenizers=[tokenizer],
-            noise_scheduler=scheduler,
-            source=path,
-        )
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, dtype=dtype)
+        return [tokenizer], [text_encoder]
 
     def encode_prompts(self, parts: ModelParts, captions: list[str]) -> dict[str, torch.Tensor]:
         tokenizer, encoder = parts.tokenizers[0], parts.text_encoders[0]

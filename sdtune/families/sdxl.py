@@ -7,7 +7,6 @@ come from each training sample's real geometry, as recorded by the data pipeline
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,40 +28,18 @@ class SDXL(ModelFamily):
     name = "sdxl"
     default_resolution = 1024
     base_model_version = "sdxl_base_v1-0"
+    single_file_pipeline = "StableDiffusionXLPipeline"
+    # The stock SDXL VAE overflows in fp16; model.vae_path lets users load the fp16-fix VAE.
 
-    def load(
-        self,
-        path: str,
-        *,
-        dtype: torch.dtype = torch.float32,
-        vae_path: str | None = None,
-        revision: str | None = None,
-        config: str | None = None,
-    ) -> ModelParts:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None):
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        if Path(path).is_file():
-            from diffusers import StableDiffusionXLPipeline
-
-            return self._load_single_file(StableDiffusionXLPipeline, path, config=config, dtype=dtype, vae_path=vae_path)
-        try:
-            tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=s, revision=revision) for s in ("tokenizer", "tokenizer_2")]
-            text_encoders = [
-                CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, dtype=dtype),
-                CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", revision=revision, dtype=dtype),
-            ]
-            # The stock SDXL VAE overflows in fp16; vae_path lets users load the fp16-fix VAE.
-            vae = (
-                AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype)
-                if vae_path
-                else AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, torch_dtype=dtype)
-            )
-            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, torch_dtype=dtype)
-            scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
-        except (OSError, ValueError) as err:
-            raise self._load_error(path, err) from err
-        return ModelParts(unet=unet, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers, noise_scheduler=scheduler, source=path)
+        tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=s, revision=revision) for s in ("tokenizer", "tokenizer_2")]
+        text_encoders = [
+            CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, dtype=dtype),
+            CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", revision=revision, dtype=dtype),
+        ]
+        return tokenizers, text_encoders
 
     def text_max_length(self, parts: ModelParts) -> int:
         return parts.tokenizers[0].model_max_length
