@@ -1,10 +1,13 @@
-"""Turn a training checkpoint into a LoRA ``.safetensors`` file, without loading the base model.
+"""Turn a training checkpoint, or a LoRA file, into a LoRA file in either format.
 
     python -m sdtune.export RUN/checkpoints/last.ckpt --out my_lora.safetensors
+    python -m sdtune.export RUN/lora.safetensors --format kohya --out my_lora_webui.safetensors
 
-The checkpoint holds the LoRA tensors and the run's resolved config, which is all a LoRA file
-needs; the same :func:`run_metadata` and tensor naming are used when a run writes its own
-``lora.safetensors``, so both files are identical.
+No base weights are loaded. A checkpoint holds the LoRA tensors and the run's resolved config,
+which is all a LoRA file needs; the same :func:`run_metadata` and tensor naming are used when a
+run writes its own ``lora.safetensors``, so both files are identical. SDXL/Kolors kohya names need
+the UNet's block layout, read from the base model's ``unet/config.json`` when it is reachable and
+otherwise taken as the standard XL layout.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from .errors import LoraFileError, SdtuneError
 from .families import get_family
 from .lora import LoraSpec, lora_tensors, spec_from_config
-from .lora_files import build_metadata, save_lora
+from .lora_files import FORMATS, build_metadata, read_lora, save_lora
 
 
 def run_metadata(cfg: Mapping[str, Any], spec: LoraSpec, *, steps: int | None, num_train_images: int | None, output_name: str) -> dict[str, str]:
@@ -56,7 +59,28 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
+def unet_config_for(cfg: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The base UNet's config.json (no weights), or None when it cannot be read offline."""
+    if not cfg:
+        return None
+    from diffusers import UNet2DConditionModel
+
+    try:
+        return dict(UNet2DConditionModel.load_config(str(cfg["model"]["path"]), subfolder="unet", local_files_only=True))
+    except Exception:
+        return None
+
+
+def unet_module_names(config: Mapping[str, Any]) -> list[str]:
+    """Module paths of a UNet built from ``config`` on the meta device (no memory, no weights)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    return [n for n, _ in unet.named_modules()]
+
+
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str = "diffusers") -> Path:
     ckpt = load_checkpoint(ckpt_path)
     cfg = ckpt["hyper_parameters"]["cfg"]
     family = get_family(cfg["model"]["family"])
@@ -71,22 +95,64 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
         num_train_images=ckpt["sdtune"].get("num_train_images"),
         output_name=Path(out).stem,
     )
-    return save_lora(out, tensors, meta)
+    config = unet_config_for(cfg) if format == "kohya" else None
+    return save_lora(out, tensors, meta, format=format, unet_config=config)
+
+
+def export_lora(lora_path: str | Path, out: str | Path, *, format: str) -> Path:
+    """Re-write a LoRA file in ``format`` (diffusers <-> kohya), keeping its header."""
+    lora = read_lora(lora_path)
+    config = unet_config_for(lora.config)
+    if lora.format == "diffusers":
+        tensors = lora.tensors
+    elif config is None:
+        raise LoraFileError(
+            f"{str(lora_path)!r} is a kohya file; resolving its names needs the base model's UNet config, "
+            "which is not reachable offline. Export from the training checkpoint instead."
+        )
+    else:
+        tensors = lora.peft_tensors(unet_module_names(config), config)
+    meta = dict(lora.metadata)
+    meta["ss_output_name"] = Path(out).stem
+    meta.setdefault("sdtune.alpha", repr(float(lora.spec.alpha)))
+    meta.setdefault("sdtune.family", lora.family or "sd15")
+    if format == "diffusers" and "lora_adapter_metadata" not in meta:
+        from .lora_files import DIFFUSERS_METADATA_KEY
+
+        meta[DIFFUSERS_METADATA_KEY] = build_metadata(
+            lora.spec if lora.spec.targets else LoraSpec(lora.spec.rank, lora.spec.alpha, _targets_of(tensors)),
+            family=meta["sdtune.family"], base_model="", base_model_version="", resolution=0,
+        )[DIFFUSERS_METADATA_KEY]
+    return save_lora(out, tensors, meta, format=format, unet_config=config)
+
+
+def _targets_of(tensors: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
+    return tuple(sorted({k.rsplit(".lora_", 1)[0] for k in tensors}))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdtune.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a .ckpt written by `python -m sdtune`")
-    parser.add_argument("--out", help="output .safetensors (default: beside the checkpoint)")
+    parser.add_argument("source", help="a .ckpt written by `python -m sdtune`, or a LoRA .safetensors")
+    parser.add_argument("--format", choices=FORMATS, default="diffusers",
+                        help="diffusers (load_lora_weights) or kohya (A1111, ComfyUI, Forge)")
+    parser.add_argument("--out", help="output .safetensors (default: beside the source, suffixed with the format)")
     args = parser.parse_args(argv)
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".safetensors")
+    source = Path(args.source)
+    default = source.with_name(f"{source.stem}{'' if args.format == 'diffusers' and source.suffix == '.ckpt' else '_' + args.format}.safetensors")
+    out = Path(args.out) if args.out else default
+    if out.resolve() == source.resolve():
+        print(f"error: --out {out} would overwrite the source; choose another name", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
-        export_checkpoint(args.checkpoint, out)
+        if source.suffix == ".safetensors":
+            export_lora(source, out, format=args.format)
+        else:
+            export_checkpoint(source, out, format=args.format)
     except SdtuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {out} in {time.perf_counter() - start:.2f}s")
+    print(f"wrote {out} ({args.format}) in {time.perf_counter() - start:.2f}s")
     return 0
 
 

@@ -1,10 +1,9 @@
-"""LoRA ``.safetensors`` files: key naming rules, header metadata, safe reading and writing.
+"""LoRA ``.safetensors`` files: header metadata, safe reading and writing, applying to a UNet.
 
-In memory we always hold peft-named tensors (``<module>.lora_A.weight``). On disk the default
-"diffusers" layout is what diffusers' own training scripts write and ``load_lora_weights`` reads:
-``unet.<module>.lora.down.weight`` / ``.lora.up.weight``. The true alpha travels in the header
-under diffusers' ``lora_adapter_metadata`` key, so a LoRA trained with alpha != rank loads with the
-right scale; our own ``sdtune.*`` keys and the common kohya ``ss_*`` keys sit beside it.
+Name rules for each on-disk format live in :mod:`sdtune.lora_keys`. Files carry the true alpha:
+diffusers files under diffusers' ``lora_adapter_metadata`` header key, kohya files as a scalar
+``.alpha`` per module (diffusers' own kohya converter writes alpha = rank; we do not). Beside it
+sit our ``sdtune.*`` keys and the common kohya ``ss_*`` keys.
 """
 
 from __future__ import annotations
@@ -21,50 +20,45 @@ import torch
 from .errors import LoraFileError
 from .io import atomic_path
 from .lora import LoraSpec
-
-COMPONENT_PREFIX = "unet."
-
-#: peft tensor-name suffix -> diffusers-file suffix. Applied after the component prefix.
-DIFFUSERS_SUFFIXES: tuple[tuple[str, str], ...] = (
-    (".lora_A.weight", ".lora.down.weight"),
-    (".lora_B.weight", ".lora.up.weight"),
+from .lora_keys import (
+    DIFFUSERS_PREFIX,
+    KOHYA_ALPHA,
+    detect_format,
+    diffusers_to_peft,
+    kohya_to_peft,
+    peft_to_diffusers,
+    peft_to_kohya,
 )
 
+COMPONENT_PREFIX = DIFFUSERS_PREFIX
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-
-
-def _swap_suffix(key: str, rules: tuple[tuple[str, str], ...]) -> str:
-    for old, new in rules:
-        if key.endswith(old):
-            return key[: -len(old)] + new
-    raise LoraFileError(f"tensor {key!r} is not a LoRA down/up weight; cannot rename it")
-
-
-def peft_to_diffusers(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {COMPONENT_PREFIX + _swap_suffix(k, DIFFUSERS_SUFFIXES): v for k, v in tensors.items()}
-
-
-def diffusers_to_peft(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    reverse = tuple((new, old) for old, new in DIFFUSERS_SUFFIXES)
-    out = {}
-    for k, v in tensors.items():
-        if not k.startswith(COMPONENT_PREFIX):
-            raise LoraFileError(
-                f"tensor {k!r} is not a UNet LoRA tensor (expected the prefix {COMPONENT_PREFIX!r}); "
-                "sdtune reads LoRA files it wrote itself or diffusers-format UNet LoRAs"
-            )
-        out[_swap_suffix(k[len(COMPONENT_PREFIX):], reverse)] = v
-    return out
+FORMATS = ("diffusers", "kohya")
 
 
 @dataclass
 class LoraFile:
-    """A LoRA read back from disk: peft-named tensors plus what the header says about them."""
+    """A LoRA read back from disk, in the names it was stored with, plus what its header says."""
 
-    tensors: dict[str, torch.Tensor]
+    raw: dict[str, torch.Tensor]
+    format: str
     spec: LoraSpec
     family: str | None
     metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """peft-named tensors; kohya names need the UNet to resolve (see :meth:`peft_tensors`)."""
+        if self.format != "diffusers":
+            raise LoraFileError("kohya tensor names are resolved against a UNet; use peft_tensors(module_names, ...)")
+        return diffusers_to_peft(self.raw)
+
+    def peft_tensors(self, module_names, unet_config=None) -> dict[str, torch.Tensor]:
+        if self.format == "diffusers":
+            return self.tensors
+        tensors, alphas = kohya_to_peft(self.raw, module_names, self.family or "sd15", unet_config)
+        if len(set(alphas.values())) > 1:
+            raise LoraFileError("this kohya LoRA has a different alpha per module, which sdtune does not apply yet")
+        return tensors
 
     @property
     def config(self) -> dict[str, Any] | None:
@@ -119,14 +113,31 @@ def build_metadata(
     return meta
 
 
-def save_lora(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
-    """Write peft-named ``tensors`` as a diffusers-format LoRA file, atomically."""
+def save_lora(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    *,
+    format: str = "diffusers",
+    unet_config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write peft-named ``tensors`` in ``format``, atomically. Alpha and family come from ``metadata``."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    on_disk = {k: v.detach().to("cpu").contiguous() for k, v in peft_to_diffusers(tensors).items()}
+    meta = dict(metadata)
+    if format == "diffusers":
+        on_disk = peft_to_diffusers(tensors)
+    elif format == "kohya":
+        on_disk = peft_to_kohya(tensors, float(meta["sdtune.alpha"]), meta["sdtune.family"], unet_config)
+        # diffusers refuses a kohya file that also carries peft adapter metadata
+        meta.pop(DIFFUSERS_METADATA_KEY, None)
+    else:
+        raise LoraFileError(f"unknown LoRA format {format!r}; choose one of {list(FORMATS)}")
+    meta["sdtune.format"] = format
+    on_disk = {k: v.detach().to("cpu").contiguous() for k, v in on_disk.items()}
     with atomic_path(path) as tmp:
-        save_file(on_disk, str(tmp), metadata=dict(metadata))
+        save_file(on_disk, str(tmp), metadata=meta)
     return path
 
 
@@ -146,29 +157,34 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
             f"{str(path)!r} is not a readable .safetensors file ({err}). It may be truncated or in "
             "another format; re-export it with `python -m sdtune.export CHECKPOINT --out FILE`."
         ) from err
-    tensors = diffusers_to_peft(raw)
-    return LoraFile(tensors=tensors, spec=_spec_from(metadata, tensors, path), family=metadata.get("sdtune.family"), metadata=metadata)
+    try:
+        fmt = detect_format(raw)
+    except LoraFileError as err:
+        raise LoraFileError(f"{str(path)!r}: {err}") from None
+    return LoraFile(raw=raw, format=fmt, spec=_spec_from(metadata, raw, fmt, path), family=metadata.get("sdtune.family"), metadata=metadata)
 
 
-def _spec_from(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor], path: Path) -> LoraSpec:
+def _spec_from(metadata: Mapping[str, str], raw: Mapping[str, torch.Tensor], fmt: str, path: Path) -> LoraSpec:
     if "sdtune.rank" in metadata:
         return LoraSpec(
             rank=int(metadata["sdtune.rank"]),
             alpha=float(metadata["sdtune.alpha"]),
             targets=tuple(json.loads(metadata["sdtune.targets"])),
         )
-    if DIFFUSERS_METADATA_KEY in metadata:
+    if fmt == "diffusers" and DIFFUSERS_METADATA_KEY in metadata:
         m = json.loads(metadata[DIFFUSERS_METADATA_KEY])
         return LoraSpec(
             rank=int(m[f"{COMPONENT_PREFIX}r"]),
             alpha=float(m[f"{COMPONENT_PREFIX}lora_alpha"]),
             targets=tuple(m[f"{COMPONENT_PREFIX}target_modules"]),
         )
-    downs = [v for k, v in tensors.items() if k.endswith(".lora_A.weight")]
+    downs = [v for k, v in raw.items() if k.endswith((".lora.down.weight", ".lora_down.weight")) and not k.startswith("lora_te")]
     if not downs:
-        raise LoraFileError(f"{str(path)!r} holds no LoRA down weights")
-    rank = int(downs[0].shape[0])  # no header: diffusers' own convention is alpha = rank
-    return LoraSpec(rank=rank, alpha=float(rank), targets=())
+        raise LoraFileError(f"{str(path)!r} holds no UNet LoRA down weights")
+    rank = int(downs[0].shape[0])
+    alphas = [float(v) for k, v in raw.items() if k.endswith(KOHYA_ALPHA) and k.startswith("lora_unet_")]
+    # No header: kohya files carry .alpha tensors; diffusers' own convention is alpha = rank.
+    return LoraSpec(rank=rank, alpha=alphas[0] if alphas else float(rank), targets=())
 
 
 def check_family(lora: LoraFile, family: str, path: str | os.PathLike) -> None:
@@ -191,9 +207,16 @@ def apply_lora(unet: torch.nn.Module, lora: LoraFile, *, family: str, path: str 
     from .lora import inject
 
     check_family(lora, family, path)
-    inject(unet, lora.spec, adapter_name=adapter_name)
     try:
-        result = set_peft_model_state_dict(unet, lora.tensors, adapter_name=adapter_name)
+        tensors = lora.peft_tensors([n for n, _ in unet.named_modules()], unet.config)
+    except LoraFileError as err:
+        raise LoraFileError(f"{str(path)!r} does not match this {family} UNet: {err}") from None
+    spec = lora.spec
+    if not spec.targets:  # headerless file: target exactly the modules it has weights for
+        spec = LoraSpec(spec.rank, spec.alpha, tuple(sorted({k.rsplit(".lora_", 1)[0] for k in tensors})))
+    inject(unet, spec, adapter_name=adapter_name)
+    try:
+        result = set_peft_model_state_dict(unet, tensors, adapter_name=adapter_name)
     except RuntimeError as err:  # size mismatch
         unet.delete_adapters(adapter_name)
         first = str(err).strip().splitlines()

@@ -81,7 +81,7 @@ def test_export_cli_reproduces_the_run_file(quickstart_run, tmp_path):
     out = tmp_path / "exported.safetensors"
     proc = run_cli(str(quickstart_run / "checkpoints" / "last.ckpt"), "--out", str(out), module="sdtune.export")
     assert proc.returncode == 0, proc.stderr
-    assert f"wrote {out}" in proc.stdout
+    assert f"wrote {out} (diffusers)" in proc.stdout
     ours, our_meta = _read_safetensors(out)
     run, run_meta = _read_safetensors(quickstart_run / "lora.safetensors")
     assert ours.keys() == run.keys()

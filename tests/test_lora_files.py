@@ -9,14 +9,8 @@ import torch
 
 from sdtune.errors import LoraFileError
 from sdtune.lora import LoraSpec
-from sdtune.lora_files import (
-    build_metadata,
-    check_family,
-    diffusers_to_peft,
-    peft_to_diffusers,
-    read_lora,
-    save_lora,
-)
+from sdtune.lora_files import build_metadata, check_family, read_lora, save_lora
+from sdtune.lora_keys import diffusers_to_peft, peft_to_diffusers
 
 SPEC = LoraSpec(rank=4, alpha=8.0, targets=("to_q", "to_out.0"))
 

@@ -1,0 +1,99 @@
+"""A base model with weighted LoRAs on it: what ``generate`` and ``merge`` share.
+
+The base model defaults to the one recorded in the first LoRA's header (the run config sdtune
+writes into every file), so ``python -m sdtune.generate loras=[run/lora.safetensors]`` needs
+nothing else. Each LoRA becomes its own peft adapter and ``set_adapters`` mixes them with their
+weights, which is exactly what diffusers' ``set_adapters`` and A1111's ``<lora:name:0.7>`` do.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError
+from .families import ModelFamily, ModelParts, get_family, resolve_model_source
+from .lora_files import apply_lora, read_lora
+from .tiny import ensure_tiny_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    path: str
+    weight: float = 1.0
+
+
+def parse_loras(items: Sequence[Any] | None) -> list[LoraRef]:
+    """``loras`` entries: ``{path: ..., weight: ...}`` or the shorthand ``"path"`` / ``"path@weight"``."""
+    refs = []
+    for i, item in enumerate(items or []):
+        if isinstance(item, (dict, DictConfig)):
+            if "path" not in item:
+                raise ConfigError(f"loras[{i}] needs a 'path' (got keys {list(item)}).")
+            path, weight = str(item["path"]), item.get("weight", 1.0)
+        else:
+            path, _, w = str(item).partition("@")
+            weight = w or 1.0
+        try:
+            refs.append(LoraRef(path=path, weight=float(weight)))
+        except (TypeError, ValueError):
+            raise ConfigError(f"loras[{i}] weight must be a number, got {weight!r}.") from None
+    return refs
+
+
+def base_model_config(model_cfg: Mapping[str, Any] | None, refs: Sequence[LoraRef]) -> dict[str, Any]:
+    """``model`` as given, else the model the first LoRA was trained on (from its header)."""
+    if model_cfg:
+        return dict(OmegaConf.to_container(model_cfg, resolve=True)) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
+    for ref in refs:
+        trained = read_lora(ref.path).config
+        if trained and "model" in trained:
+            log.info("base model from %s: %s", ref.path, trained["model"]["path"])
+            return dict(trained["model"])
+    raise ConfigError(
+        "no base model: pass one (e.g. model=sdxl model.path=/models/sdxl), or a LoRA written by sdtune, "
+        "whose header records the model it was trained on."
+    )
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_base(model_cfg: Mapping[str, Any], *, dtype: torch.dtype = torch.float32) -> tuple[ModelFamily, ModelParts]:
+    family = get_family(model_cfg["family"])
+    if model_cfg.get("tiny"):
+        ensure_tiny_model(family.name, model_cfg["path"])
+    source = resolve_model_source(
+        str(model_cfg["path"]),
+        family=family.name,
+        revision=model_cfg.get("revision"),
+        allow_pickle=bool(model_cfg.get("allow_pickle", False)),
+    )
+    parts = family.load(
+        source, dtype=dtype, vae_path=model_cfg.get("vae_path"), revision=model_cfg.get("revision"), config=model_cfg.get("config")
+    )
+    for module in (parts.unet, *parts.frozen_modules()):
+        module.requires_grad_(False).eval()
+    return family, parts
+
+
+def apply_loras(parts: ModelParts, family: ModelFamily, refs: Sequence[LoraRef]) -> list[str]:
+    """Each LoRA as adapter ``lora_<i>``, all active at their weights. Bad files fail loudly."""
+    names = []
+    for i, ref in enumerate(refs):
+        name = f"lora_{i}"
+        apply_lora(parts.unet, read_lora(ref.path), family=family.name, path=ref.path, adapter_name=name)
+        names.append(name)
+    if names:
+        parts.unet.set_adapters(names, weights=[ref.weight for ref in refs])
+    return names

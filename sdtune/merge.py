@@ -1,0 +1,99 @@
+"""``python -m sdtune.merge``: fuse weighted LoRAs into the base model and save it.
+
+    python -m sdtune.merge 'loras=[outputs/runs/<run>/lora.safetensors@0.8]' out=merged/my_model
+
+Writes ``<out>/``, a diffusers folder, and for SD1.5 and SDXL also ``<out>.safetensors``, a single
+file in the original layout that A1111 and ComfyUI load. Both are written to temporary names and
+renamed into place; an existing ``<out>`` is replaced only if an earlier merge wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from .config import register_resolvers
+from .errors import ConfigError, SdtuneError
+from .inference import apply_loras, base_model_config, load_base, parse_loras
+from .io import atomic_path
+from .ldm_format import CLIP_PREFIX, pipeline_to_original
+
+register_resolvers()
+log = logging.getLogger(__name__)
+MARKER = "sdtune_merge.json"
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _check_target(out: Path) -> None:
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise ConfigError(f"out={str(out)!r} exists and was not written by sdtune.merge; choose a new folder.")
+
+
+def merge(cfg: DictConfig) -> tuple[Path, Path | None]:
+    refs = parse_loras(cfg.loras)
+    if not refs:
+        raise ConfigError("loras is empty: name at least one LoRA to merge, e.g. 'loras=[my_lora.safetensors@0.8]'.")
+    if cfg.save_dtype not in SAVE_DTYPES:
+        raise ConfigError(f"save_dtype must be one of {list(SAVE_DTYPES)}, got {cfg.save_dtype!r}.")
+    out = Path(cfg.out).expanduser()
+    _check_target(out)
+    model_cfg = base_model_config(cfg.get("model"), refs)
+    family, parts = load_base(model_cfg, dtype=torch.float32)  # fuse in fp32, cast when saving
+    names = apply_loras(parts, family, refs)
+    parts.unet.fuse_lora(lora_scale=1.0, adapter_names=names)
+    parts.unet.unload_lora()
+    dtype = SAVE_DTYPES[cfg.save_dtype]
+    for module in (parts.unet, *parts.frozen_modules()):
+        module.to(dtype)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        family.build_pipeline(parts).save_pretrained(tmp)
+        source_scheduler = Path(parts.source) / "scheduler"
+        if source_scheduler.is_dir():  # keep the base model's own scheduler, not our sampling one
+            shutil.rmtree(tmp / "scheduler")
+            shutil.copytree(source_scheduler, tmp / "scheduler")
+            index = json.loads((tmp / "model_index.json").read_text())
+            source_index = json.loads((Path(parts.source) / "model_index.json").read_text())
+            index["scheduler"] = source_index.get("scheduler", index["scheduler"])
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        record = {"base_model": model_cfg, "loras": [{"path": r.path, "weight": r.weight} for r in refs], "save_dtype": cfg.save_dtype}
+        (tmp / MARKER).write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    single = None
+    if cfg.single_file and family.name in CLIP_PREFIX:
+        from safetensors.torch import save_file
+
+        single = out.with_suffix(".safetensors")
+        state = pipeline_to_original(family.name, parts.unet, parts.vae, parts.text_encoders)
+        with atomic_path(single) as tmp_file:
+            save_file(state, str(tmp_file), metadata={"sdtune.merge": json.dumps(record, default=str)})
+    log.info("merged %d LoRA(s) into %s%s", len(refs), out, f" and {single}" if single else "")
+    return out, single
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="merge")
+def main(cfg: DictConfig) -> None:
+    try:
+        merge(cfg)
+    except SdtuneError as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""generate and merge: LoRA mixing, fusing, saving, and refusing LoRAs that do not fit."""
+
+from __future__ import annotations
+
+import json
+
+import diffusers
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from sdtune.errors import LoraFileError
+from sdtune.families import get_family
+from sdtune.generate import generate
+from sdtune.inference import LoraRef, apply_loras, load_base, parse_loras
+from sdtune.lora import LoraSpec, inject, lora_tensors, trainable_lora_parameters
+from sdtune.lora_files import build_metadata, save_lora
+from sdtune.merge import merge
+
+from .conftest import ROOT, run_cli, tiny_model, unet_inputs
+
+MODEL = {"sd15": "tiny", "sdxl": "tiny_sdxl", "kolors": "tiny_kolors"}
+PIPELINE = {"sd15": diffusers.StableDiffusionPipeline, "sdxl": diffusers.StableDiffusionXLPipeline}
+
+
+def _compose(name: str, *overrides: str):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+def _lora_file(tmp_path, family: str, seed: int, *, targets=("to_q", "to_k", "to_v", "to_out.0"), alpha=3.0, mutate=None):
+    """A LoRA file with random non-zero weights and a full sdtune header (model config included)."""
+    parts = get_family(family).load(str(tiny_model(family)))
+    spec = LoraSpec(rank=2, alpha=alpha, targets=tuple(targets))
+    inject(parts.unet, spec)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in trainable_lora_parameters(parts.unet):
+            p.normal_(std=0.2)
+    holder = torch.nn.Module()
+    holder.unet = parts.unet
+    tensors = lora_tensors(holder.state_dict())
+    if mutate:
+        tensors = mutate(tensors)
+    cfg = {"model": {"family": family, "path": str(tiny_model(family)), "tiny": True, "resolution": 64}}
+    meta = build_metadata(spec, family=family, base_model="tiny", base_model_version="x", resolution=64, config=cfg)
+    return str(save_lora(tmp_path / f"{family}_{seed}.safetensors", tensors, meta))
+
+
+def test_parse_loras_forms():
+    assert parse_loras(["a.safetensors", "b.safetensors@0.3", {"path": "c", "weight": 0.5}]) == [
+        LoraRef("a.safetensors", 1.0), LoraRef("b.safetensors", 0.3), LoraRef("c", 0.5)]
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_mixing_two_loras_matches_diffusers_set_adapters(tmp_path, family):
+    a, b = _lora_file(tmp_path, family, 1), _lora_file(tmp_path, family, 2)
+    x, t, kw = unet_inputs(family)
+    fam, parts = load_base({"family": family, "path": str(tiny_model(family))})
+    apply_loras(parts, fam, [LoraRef(a, 0.7), LoraRef(b, 0.3)])
+    pipe = PIPELINE[family].from_pretrained(tiny_model(family))
+    pipe.load_lora_weights(a, adapter_name="a")
+    pipe.load_lora_weights(b, adapter_name="b")
+    pipe.set_adapters(["a", "b"], adapter_weights=[0.7, 0.3])
+    with torch.no_grad():
+        ours, theirs = parts.unet(x, t, **kw).sample, pipe.unet(x, t, **kw).sample
+        pipe.set_adapters(["a"], adapter_weights=[1.0])
+        only_a = pipe.unet(x, t, **kw).sample
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert (ours - only_a).abs().max() > 1e-4  # the mix really is a mix
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "kolors"])
+def test_merged_model_reloaded_from_disk_matches_unmerged(tmp_path, family):
+    a, b = _lora_file(tmp_path, family, 1), _lora_file(tmp_path, family, 2)
+    out = tmp_path / "merged"
+    cfg = _compose("merge", f"loras=[{a}@0.6,{b}@0.4]", f"out={out}", "save_dtype=fp32")
+    folder, single = merge(cfg)
+    fam, parts = load_base({"family": family, "path": str(tiny_model(family))})
+    apply_loras(parts, fam, [LoraRef(a, 0.6), LoraRef(b, 0.4)])
+    x, t, kw = unet_inputs(family)
+    with torch.no_grad():
+        expected = parts.unet(x, t, **kw).sample
+        reloaded = get_family(family).load(str(folder)).unet
+        torch.testing.assert_close(reloaded(x, t, **kw).sample, expected, rtol=0, atol=1e-4)
+        assert not any(".lora_" in n for n, _ in reloaded.named_parameters())  # truly fused
+        if family == "kolors":
+            assert single is None  # Kolors has no single-file format
+        else:
+            from_single = get_family(family).load(str(single), config=str(tiny_model(family))).unet
+            torch.testing.assert_close(from_single(x, t, **kw).sample, expected, rtol=0, atol=1e-4)
+    record = json.loads((folder / "sdtune_merge.json").read_text())
+    assert [entry["weight"] for entry in record["loras"]] == [0.6, 0.4]
+
+
+def test_merge_refuses_a_foreign_output_folder(tmp_path):
+    a = _lora_file(tmp_path, "sd15", 1)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(Exception, match="was not written by sdtune.merge"):
+        merge(_compose("merge", f"loras=[{a}]", f"out={out}"))
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def _drop_one_module(tensors):
+    key = sorted(k for k in tensors if "attn2.to_k" in k)[0].rsplit(".lora_", 1)[0]
+    return {k: v for k, v in tensors.items() if not k.startswith(key + ".")}
+
+
+def _add_foreign_module(tensors):
+    return {**tensors, "down_blocks.9.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 32),
+            "down_blocks.9.attentions.0.proj_in.lora_B.weight": torch.zeros(32, 2)}
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (_drop_one_module, r"LoRA layer\(s\) of its targets are absent from the file, e.g. \['down_blocks"),
+    (_add_foreign_module, r"match no module of this UNet, e.g. \['down_blocks.9.attentions.0.proj_in"),
+])
+def test_generate_and_merge_name_keys_that_do_not_fit(tmp_path, mutate, message):
+    bad = _lora_file(tmp_path, "sd15", 3, mutate=mutate)
+    with pytest.raises(LoraFileError, match=message):
+        generate(_compose("generate", f"loras=[{bad}]", "prompt=x", "steps=1", "num_images=1"), tmp_path)
+    with pytest.raises(LoraFileError, match=message):
+        merge(_compose("merge", f"loras=[{bad}]", f"out={tmp_path / 'm'}"))
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
+def test_generate_cli_compare_grid_with_model_from_the_lora_header(tmp_path):
+    a = _lora_file(tmp_path, "sd15", 1)
+    run = tmp_path / "gen"
+    proc = run_cli(f"loras=[{a}@0.8]", "prompt=a red circle", "num_images=3", "steps=3", "compare=true",
+                   f"hydra.run.dir={run}", module="sdtune.generate")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = sorted(p.name for p in run.glob("*.png"))
+    assert names == ["grid.png", "off_seed0.png", "off_seed1.png", "off_seed2.png", "seed0.png", "seed1.png", "seed2.png"]
+    on, off = Image.open(run / "seed1.png"), Image.open(run / "off_seed1.png")
+    assert on.size == (64, 64) and list(on.getdata()) != list(off.getdata())
+    grid = Image.open(run / "grid.png")
+    assert grid.size == (120 + 3 * 164, 34 + 2 * 164)  # 2 rows (off, on) x 3 seeds
+    record = json.loads((run / "generation.json").read_text())
+    assert record["model"]["path"] == str(tiny_model("sd15")) and record["loras"][0]["weight"] == 0.8
+    # a broken LoRA is a clear CLI error
+    bad = tmp_path / "bad.safetensors"
+    bad.write_text("not safetensors")
+    proc = run_cli(f"loras=[{bad}]", "prompt=x", f"hydra.run.dir={tmp_path / 'gen2'}", module="sdtune.generate")
+    assert proc.returncode == 2 and "is not a readable .safetensors file" in proc.stderr
