@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-RAW ?= examples/raw
+RAW ?=
 OUT ?= data/clean
 RECIPE ?= data_pipeline/recipes/default.yaml
 NP ?= 2
@@ -26,6 +26,7 @@ demo: $(STAMP)
 
 # Clean a raw image+caption folder with a data-juicer recipe into a training-ready folder.
 data: $(STAMP)
+	@test -n "$(RAW)" || { echo "usage: make data RAW=<raw image folder> [OUT=data/clean] [RECIPE=$(RECIPE)] [NP=2]"; exit 2; }
 	$(PY) -m data_pipeline $(RAW) $(OUT) --recipe $(RECIPE) --np $(NP)
 
 test: $(STAMP)

@@ -26,8 +26,11 @@ def main(cfg: DictConfig) -> float | None:
     except SdtuneError as err:
         print(f"\nerror: {err}", file=sys.stderr)
         sys.exit(2)
-    # The value Hydra sweepers (Optuna) minimise.
-    return metrics.get("train/loss_epoch", metrics.get("train/loss"))
+    # The value Hydra sweepers (Optuna) minimise: the fixed validation loss when there is one.
+    for key in ("val/loss", "train/loss_epoch", "train/loss"):
+        if key in metrics:
+            return metrics[key]
+    return None
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ Both act on global rank 0 only, so multi-process runs write each file once.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from .export import run_metadata
-from .io import save_image_atomic
+from .io import save_image_atomic, write_text_atomic
 from .lora_files import save_lora
 from .sampling import make_grid, render
 
@@ -122,9 +124,47 @@ class SampleGrid(L.Callback):
             pl_module.parts.unet.train(was_training)
         grid = make_grid(rows, [f"LoRA x{s:g}" for s in self.scales], [f"seed {sd}: {p}" for p, sd in zip(prompts, seeds)])
         save_image_atomic(grid, path)
+        # The last row (the LoRA at full scale) also as single images, for sweep reports.
+        tiles = self.dirpath / "samples" / path.stem
+        for j, image in enumerate(rows[-1]):
+            save_image_atomic(image, tiles / f"{j:02d}.png")
         for logger in trainer.loggers:
             if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
                 arr = torch.from_numpy(np.array(grid)).permute(2, 0, 1)
                 logger.experiment.add_image("samples", arr, global_step=trainer.global_step)
         log.info("wrote %s", path)
         return path
+
+
+class RunSummary(L.Callback):
+    """Write ``summary.json``: what a sweep report needs that the metric logs do not hold."""
+
+    def __init__(self, dirpath: str, lora_filename: str = "lora.safetensors"):
+        self.dirpath = Path(dirpath)
+        self.lora_filename = lora_filename
+        self._start = None
+        self._start_step = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+        self._start_step = trainer.global_step
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._wall = time.perf_counter() - self._start if self._start is not None else None
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or getattr(self, "_wall", None) is None:
+            return
+        wall = self._wall  # training only: sampling and export at fit end are not counted
+        steps = trainer.global_step - self._start_step
+        lora = self.dirpath / self.lora_filename
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        summary = {
+            "global_step": trainer.global_step,
+            "trainable_params": pl_module.trainable_parameter_count(),
+            "wall_seconds": round(wall, 3),
+            "steps_per_second": round(steps / wall, 4) if wall > 0 else None,
+            "lora_bytes": lora.stat().st_size if lora.is_file() else None,
+            "final_metrics": metrics,
+        }
+        write_text_atomic(self.dirpath / "summary.json", json.dumps(summary, indent=2))

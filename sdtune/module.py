@@ -177,10 +177,7 @@ class LoRATrainingModule(L.LightningModule):
     # -- training -----------------------------------------------------------------------------
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.parts.vae
-        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((latents - shift) * vae.config.scaling_factor).float()
+        return self.batch_latents({"pixel_values": pixels})
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -188,18 +185,28 @@ class LoRATrainingModule(L.LightningModule):
             return self.text_cache.lookup(captions, self.device)
         return self.family.encode_prompts(self.parts, captions)
 
-    def diffusion_loss(self, latents: torch.Tensor, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
-        """Noise the latents at random timesteps and regress the scheduler's target."""
+    def diffusion_loss(
+        self,
+        latents: torch.Tensor,
+        text: dict[str, torch.Tensor],
+        batch: dict[str, Any],
+        *,
+        noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Noise the latents at random (or given) timesteps and regress the scheduler's target."""
         from diffusers.training_utils import compute_snr
 
         train_cfg = self.cfg["train"]
         scheduler = self.parts.noise_scheduler
-        noise = torch.randn_like(latents)
-        offset = float(train_cfg.get("noise_offset") or 0.0)
-        if offset:
-            noise = noise + offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
+        if noise is None:
+            noise = torch.randn_like(latents)
+            offset = float(train_cfg.get("noise_offset") or 0.0)
+            if offset:
+                noise = noise + offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
         bsz = latents.shape[0]
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
+        if timesteps is None:
+            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
         noisy = scheduler.add_noise(latents, noise, timesteps)
         prediction_type = scheduler.config.prediction_type
         if prediction_type == "epsilon":
@@ -222,22 +229,36 @@ class LoRATrainingModule(L.LightningModule):
         per_sample = F.mse_loss(pred, target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
         return (per_sample * weights).mean()
 
-    def batch_latents(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Scaled latents: sampled from cached distributions, or encoded from pixels."""
-        if "latent_params" not in batch:
-            return self.encode_images(batch["pixel_values"])
+    @torch.no_grad()
+    def batch_latents(self, batch: dict[str, Any], *, deterministic: bool = False) -> torch.Tensor:
+        """Scaled latents from cached distributions or from pixels; ``deterministic`` takes the mean."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        config = self.parts.vae.config
-        shift = getattr(config, "shift_factor", None) or 0.0
-        latents = DiagonalGaussianDistribution(batch["latent_params"].float()).sample()
-        return (latents - shift) * config.scaling_factor
+        vae = self.parts.vae
+        if "latent_params" in batch:
+            dist = DiagonalGaussianDistribution(batch["latent_params"].float())
+        else:
+            dist = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
+        latents = (dist.mode() if deterministic else dist.sample()).float().to(self.device)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         latents = self.batch_latents(batch)
         text = self.encode_text(batch["text"])
         loss = self.diffusion_loss(latents, text, batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=latents.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Loss on fixed images with fixed noise and timesteps, so runs and steps compare."""
+        latents = self.batch_latents(batch, deterministic=True)
+        g = torch.Generator().manual_seed(int(self.cfg.get("seed", 0)) * 1000 + batch_idx)
+        noise = torch.randn(latents.shape, generator=g).to(latents.device)
+        steps = self.parts.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=g).to(latents.device)
+        loss = self.diffusion_loss(latents, self.encode_text(batch["text"]), batch, noise=noise, timesteps=timesteps)
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=latents.shape[0])
         return loss
 
     # -- optimisation -------------------------------------------------------------------------

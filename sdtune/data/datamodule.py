@@ -94,7 +94,10 @@ class ImageCaptionDataset(Dataset):
     def __getitem__(self, item: int) -> dict[str, Any]:
         r = self.index[item]
         flip = self.random_flip and random.random() < 0.5
-        text = process_caption(self.records[r].text, self.caption_options)
+        return self.sample(r, flip, process_caption(self.records[r].text, self.caption_options))
+
+    def sample(self, r: int, flip: bool, text: str) -> dict[str, Any]:
+        """Record ``r`` as a training sample, mirrored or not, with the given caption."""
         if self.latents is not None:
             _, info = plan_crop(self.sizes[r], self.targets[r], center_crop=True)
             sample = {"latent_params": self.latents.load(self.latent_keys[(r, flip)])}
@@ -108,6 +111,21 @@ class ImageCaptionDataset(Dataset):
             target_size=torch.tensor(info.target_size),
         )
         return sample
+
+
+class ValidationView(Dataset):
+    """A fixed subset of the training images, never flipped or re-captioned: a loss that compares."""
+
+    def __init__(self, train: ImageCaptionDataset, records: Sequence[int]):
+        self.train = train
+        self.records = list(records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        r = self.records[item]
+        return self.train.sample(r, False, self.train.records[r].text)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -135,6 +153,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         repeats: Sequence[int] | None = None,
         captions: CaptionOptions = NO_CAPTION_CHANGES,
         seed: int = 0,
+        val_images: int = 0,
     ):
         super().__init__()
         sizes = targets = None
@@ -145,6 +164,9 @@ class ImageCaptionDataModule(L.LightningDataModule):
             records, resolution, center_crop=center_crop, random_flip=random_flip,
             targets=targets, sizes=sizes, repeats=repeats, captions=captions,
         )
+        # Evenly spread over the (sorted) records, so the validation set is the same every run.
+        step = max(1, len(records) // val_images) if val_images else 0
+        self.val_set = ValidationView(self.dataset, list(range(0, len(records), step))[:val_images]) if val_images else None
         self.bucketing = bucketing
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -171,6 +193,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
                 keep_tags=int(data_cfg.get("keep_tags", 1)),
             ),
             seed=seed,
+            val_images=int(data_cfg.get("val_images", 0)),
         )
 
     def captions(self) -> list[str] | None:
@@ -206,6 +229,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
                     for (r, f), params in zip(chunk, encode(pixels)):
                         cache.save(keys[(r, f)], params)
                     bar.update(len(chunk))
+        # The validation view serves unflipped crops, cached above for every record.
         ds.latents, ds.latent_keys = cache, keys
         if total:
             log.info("encoded %d latent(s) into %s", total, cache.folder)
@@ -222,3 +246,9 @@ class ImageCaptionDataModule(L.LightningDataModule):
             sampler = BucketBatchSampler(buckets, self.batch_size, seed=self.seed, num_replicas=world, rank=rank)
             return DataLoader(self.dataset, batch_sampler=sampler, **common)
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, **common)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []  # Lightning skips validation
+        # Batch size 1: with buckets the validation images may all have different shapes.
+        return DataLoader(self.val_set, batch_size=1, shuffle=False, collate_fn=collate, num_workers=0)

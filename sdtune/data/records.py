@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
+from ..formats import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
 REQUIRED_COLUMNS = ("file_name", "text")
 _MAKE_DATA_HINT = "or build one from raw images with `make data RAW=<raw folder> OUT=<folder>`"

@@ -1,0 +1,52 @@
+"""``python -m data_pipeline RAW OUT --recipe R --np N``: the command behind ``make data``.
+
+A thin argparse layer over :func:`data_pipeline.runner.run`. User errors print one message and
+exit with status 2 (no traceback); a run where nothing survives exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import RUN_EXIT, PipelineError
+from .recipe import DEFAULT_RECIPE
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_pipeline",
+        description="Clean a raw image+caption collection with a data-juicer recipe into a training-ready folder.",
+    )
+    parser.add_argument("raw", help="raw input: a folder (sidecar .txt captions, metadata.csv/jsonl) or a .jsonl file")
+    parser.add_argument("out", help="output dataset folder (created; replaced only if made by an earlier run)")
+    parser.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="data-juicer recipe YAML (default: %(default)s)")
+    parser.add_argument("--np", type=int, default=None, help="worker processes; overrides the recipe's np")
+    parser.add_argument("--link", choices=("copy", "hardlink"), default="copy", help="how kept images reach OUT")
+    parser.add_argument("--keep-work", action="store_true", help="keep data-juicer's work folder (traces, log)")
+    parser.add_argument("--verbose", action="store_true", help="show data-juicer's log on stderr")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from .runner import format_table, run
+
+    try:
+        summary = run(args.raw, args.out, args.recipe, args.np, args.link, args.keep_work, args.verbose)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(format_table(summary, args.link))
+    print(f"\nOUT: {summary.out}  (metadata.csv, dropped.csv, report.json)")
+    if summary.kept == 0:
+        print(f"error: no image survived the cleaning; see {summary.out / 'dropped.csv'}", file=sys.stderr)
+        return RUN_EXIT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Build the clean dataset folder OUT, and decide whether an existing OUT may be replaced.
+
+OUT is assembled in a hidden sibling folder and renamed into place only when complete, so a
+crash never leaves a half-written dataset. An existing OUT is replaced only when it carries
+``MARKER`` (written by an earlier run) or is empty: we never delete a folder we did not make.
+Everything written is a pure function of the inputs (sorted rows, no timestamps; copies keep the
+source's mtime), so two runs on the same RAW give byte-identical files.
+
+Layout: ``images/<path relative to RAW>``, ``metadata.csv`` (``file_name,text``, what
+``sdtune.data.load_records`` reads), ``dropped.csv`` (``file,reason``), ``report.json``, ``MARKER``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .candidates import Drop
+from .errors import PipelineError
+
+MARKER = ".sdtune_dataset.json"
+MARKER_TEXT = json.dumps({"created_by": "sdtune data_pipeline", "format": 1}, indent=2) + "\n"
+
+
+@dataclass(frozen=True)
+class KeptFile:
+    """A file to place at ``OUT/images/<dest>`` with its caption."""
+
+    dest: str
+    source: Path
+    caption: str
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_out(out: Path, raw: Path) -> None:
+    """Refuse, before any work, an OUT that overlaps RAW or holds someone else's files."""
+    real_out, real_raw = Path(os.path.realpath(out)), Path(os.path.realpath(raw))
+    if _inside(real_out, real_raw) or _inside(real_raw, real_out):
+        raise PipelineError(f"OUT {out} and RAW {raw} overlap; RAW is never written to. Choose an OUT outside RAW.")
+    if out.is_symlink():
+        raise PipelineError(f"OUT {out} is a symbolic link; give the real folder path instead.")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise PipelineError(f"OUT {out} exists and is a file; refusing to replace it. Choose another OUT.")
+    if not (out / MARKER).is_file() and any(out.iterdir()):
+        raise PipelineError(
+            f"OUT {out} exists, is not empty and was not made by this stage (no {MARKER} in it); refusing to "
+            "replace it. Choose a new OUT folder, or empty this one yourself."
+        )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _csv(header: tuple[str, ...], rows) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _place(source: Path, target: Path, link: str) -> None:
+    """Hard-link when asked and possible (same device), else copy bytes and mtime."""
+    if link == "hardlink":
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass  # across devices, or a filesystem without hard links
+    shutil.copy2(source, target)
+
+
+def _swap(tmp: Path, out: Path) -> None:
+    """Put the finished ``tmp`` at ``out``, removing the previous run's OUT only afterwards."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    check_out(out, tmp)  # still ours (or empty) right before replacing it
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old)
+
+
+def write_dataset(out: Path, kept: list[KeptFile], drops: list[Drop], report: dict, link: str = "copy") -> None:
+    """Write OUT completely in a sibling folder, then swap it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        for item in tqdm(kept, desc="hard-link" if link == "hardlink" else "copy", unit="img"):
+            target = tmp / "images" / item.dest
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _place(item.source, target, link)
+        rows = sorted((f"images/{k.dest}", k.caption) for k in kept)
+        _write_atomic(tmp / "metadata.csv", _csv(("file_name", "text"), rows))
+        _write_atomic(tmp / "dropped.csv", _csv(("file", "reason"), sorted((d.key, d.reason) for d in drops)))
+        _write_atomic(tmp / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        _write_atomic(tmp / MARKER, MARKER_TEXT)
+        _swap(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,98 @@
+"""Load a recipe (a data-juicer config YAML) and turn it into the config for one run.
+
+A recipe needs ``process:``, a list of ``{op_name: {params}}``. It may set any other data-juicer
+option (``np``, ``executor_type``, ``ray_address``, ...). The keys in ``FORCED`` are always set by
+the stage, because it owns the input file, the output file, the work folder and the tracer that
+attributes every drop; a recipe's values for them are ignored (``np`` comes from ``--np`` first).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from .errors import PipelineError
+
+RECIPES = Path(__file__).resolve().parent / "recipes"
+DEFAULT_RECIPE = RECIPES / "default.yaml"
+FORCED = (
+    "dataset_path", "export_path", "work_dir", "np", "open_tracer", "trace_num", "op_list_to_trace",
+    "text_keys", "image_key", "keep_stats_in_res_ds", "export_shard_size", "ds_cache_dir", "dataset", "job_id",
+)  # fmt: skip
+
+
+def load_recipe(path: str | os.PathLike) -> dict:
+    """The parsed recipe; any problem is a :class:`PipelineError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.name for p in RECIPES.glob("*.yaml")))
+        raise PipelineError(f"recipe file {path} does not exist. Recipes shipped in {RECIPES}: {shipped}.")
+    try:
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise PipelineError(f"recipe {path} is not valid YAML: {err}") from None
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("process"), list):
+        raise PipelineError(
+            f"recipe {path} must be a YAML mapping with a 'process:' list of data-juicer operators, e.g.\n"
+            "process:\n  - image_shape_filter:\n      min_width: 1024"
+        )
+    for n, item in enumerate(recipe["process"], 1):
+        if not (isinstance(item, dict) and len(item) == 1 and isinstance(next(iter(item.values())), dict | None)):
+            raise PipelineError(
+                f"recipe {path}: process entry {n} must be one 'op_name: {{params}}' mapping, got {item!r}."
+            )
+    return recipe
+
+
+def validate_recipe(recipe: dict, path: str | os.PathLike) -> None:
+    """Check op names, parameter names and types with data-juicer's own preflight check."""
+    from .juicer import load_data_juicer
+
+    load_data_juicer()  # registers sdtune's operators before the check
+    from data_juicer.core.preflight import PipelineConfigError, pre_instantiation_check
+
+    try:
+        pre_instantiation_check(recipe["process"])
+    except PipelineConfigError as err:
+        lines = "\n".join(f"  - {e}" for e in err.errors)
+        raise PipelineError(f"recipe {path} is not valid:\n{lines}") from None
+    executor = recipe.get("executor_type", "default")
+    if executor not in ("default", "local", "ray", "ray_partitioned"):
+        raise PipelineError(f"recipe {path}: executor_type {executor!r} is not one of default, ray, ray_partitioned.")
+
+
+def op_list(recipe: dict) -> list[tuple[str, dict]]:
+    """``[(op_name, params)]`` in recipe order (params ``{}`` when none are given)."""
+    return [(name, dict(params or {})) for item in recipe["process"] for name, params in item.items()]
+
+
+def resolve_np(cli_np: int | None, recipe: dict) -> int:
+    """``--np`` wins, then the recipe's ``np``, then 1."""
+    value = cli_np if cli_np is not None else recipe.get("np") or 1
+    if not isinstance(value, int) or value < 1:
+        raise PipelineError(f"np must be a positive integer, got {value!r}.")
+    return value
+
+
+def build_config(recipe: dict, *, work: Path, dataset: Path, export: Path, np_workers: int, n_samples: int) -> dict:
+    """The full data-juicer config for one run: the recipe plus the ``FORCED`` keys."""
+    cfg = {k: v for k, v in recipe.items() if k not in FORCED}
+    cfg.setdefault("project_name", "sdtune-data")
+    cfg.setdefault("open_monitor", False)
+    cfg.update(
+        dataset_path=str(dataset),
+        export_path=str(export),
+        work_dir=str(work / "dj"),
+        ds_cache_dir=str(work / "hf-cache"),
+        np=np_workers,
+        open_tracer=True,
+        trace_num=max(1, n_samples),
+        op_list_to_trace=[],
+        text_keys="text",
+        image_key="images",
+        keep_stats_in_res_ds=False,
+        export_shard_size=0,
+    )
+    return cfg

@@ -1,0 +1,87 @@
+"""Sweeps: a 4-run rank sweep, its report, validation grids in TensorBoard, and an Optuna search."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+from PIL import Image
+
+from .conftest import run_cli
+
+pytestmark = pytest.mark.slow
+RANKS = [2, 4, 8, 16]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sweep") / "multirun"
+    proc = run_cli("-m", f"lora.rank={','.join(map(str, RANKS))}", "experiment=quickstart", "trainer.max_steps=12",
+                   "callbacks.samples.every_n_steps=6", "callbacks.samples.steps=2", f"hydra.sweep.dir={folder}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return folder
+
+
+def _metrics(run):
+    with open(run / "logs" / "csv" / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    train = [float(r["train/loss_step"]) for r in rows if r["train/loss_step"]]
+    val = [float(r["val/loss"]) for r in rows if r["val/loss"]]
+    return train, val
+
+
+def test_report_table_matches_each_runs_logs(sweep):
+    proc = run_cli(str(sweep), module="sdtune.report")
+    assert proc.returncode == 0, proc.stderr
+    assert "| run | lora.rank |" in proc.stdout
+    with open(sweep / "report.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["lora.rank"]) for r in rows] == RANKS
+    params = []
+    for row in rows:
+        run = sweep / row["run"]
+        train, val = _metrics(run)
+        summary = json.loads((run / "summary.json").read_text())
+        assert float(row["final_train_loss"]) == pytest.approx(train[-1])
+        assert float(row["min_train_loss"]) == pytest.approx(min(train))
+        assert float(row["final_val_loss"]) == pytest.approx(val[-1])
+        assert int(row["lora_bytes"]) == (run / "lora.safetensors").stat().st_size
+        assert float(row["steps_per_second"]) == pytest.approx(summary["steps_per_second"]) and summary["global_step"] == 12
+        params.append(int(row["trainable_params"]))
+    assert [p // params[0] for p in params] == [r // RANKS[0] for r in RANKS]  # LoRA size is linear in rank
+    md = (sweep / "report.md").read_text().splitlines()
+    assert len(md) == 2 + len(RANKS) and md[0].startswith("| run | lora.rank | final_train_loss")
+    curves = Image.open(sweep / "loss_curves.png")
+    assert curves.size == (800, 500)
+    grid = Image.open(sweep / "samples_grid.png")
+    assert grid.size == (120 + 3 * 164, 34 + len(RANKS) * 164)  # rows = runs, columns = 3 prompts
+
+
+def test_validation_grids_land_in_the_run_folder_and_tensorboard(sweep):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = sweep / "0"
+    assert (run / "samples" / "step000006.png").is_file() and (run / "samples" / "step000012.png").is_file()
+    events = EventAccumulator(str(run / "logs" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert "samples" in events.Tags()["images"]
+    images = events.Images("samples")
+    assert sorted({i.step for i in images}) == [6, 12]
+    on_disk = Image.open(run / "samples" / "step000006.png")
+    first = next(i for i in images if i.step == 6)
+    assert (first.width, first.height) == on_disk.size
+    assert "val/loss" in events.Tags()["scalars"] and "train/loss_step" in events.Tags()["scalars"]
+
+
+def test_optuna_search_minimises_validation_loss(tmp_path):
+    folder = tmp_path / "search"
+    proc = run_cli("-m", "hparams_search=optuna", "experiment=quickstart", "hydra.sweeper.n_trials=3",
+                   "hydra.sweeper.sampler.n_startup_trials=3", "trainer.max_steps=4", "callbacks.samples=null",
+                   f"hydra.sweep.dir={folder}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = yaml.safe_load((folder / "optimization_results.yaml").read_text())
+    assert set(result["best_params"]) == {"optim.optimizer.lr", "lora.rank"}
+    vals = [json.loads((folder / str(i) / "summary.json").read_text())["final_metrics"]["val/loss"] for i in range(3)]
+    assert result["best_value"] == pytest.approx(min(vals))
