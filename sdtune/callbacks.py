@@ -128,6 +128,7 @@ class SampleGrid(L.Callback):
         tiles = self.dirpath / "samples" / path.stem
         for j, image in enumerate(rows[-1]):
             save_image_atomic(image, tiles / f"{j:02d}.png")
+        write_text_atomic(tiles / "prompts.json", json.dumps(prompts, ensure_ascii=False))
         for logger in trainer.loggers:
             if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
                 arr = torch.from_numpy(np.array(grid)).permute(2, 0, 1)

@@ -131,9 +131,12 @@ def plot_losses(runs: list[Run], swept: list[str], path: Path) -> None:
 
 
 def samples_grid(runs: list[Run], swept: list[str], path: Path) -> bool:
-    rows, labels = [], []
+    rows, labels, prompts = [], [], []
     for run in runs:
-        tiles = sorted((run.folder / "samples" / "samples").glob("*.png"))
+        folder = run.folder / "samples" / "samples"
+        tiles = sorted(folder.glob("*.png"))
+        if (folder / "prompts.json").is_file() and not prompts:
+            prompts = json.loads((folder / "prompts.json").read_text(encoding="utf-8"))
         if tiles:
             rows.append([Image.open(t).convert("RGB") for t in tiles])
             labels.append(", ".join(f"{k}={run.overrides.get(k)}" for k in swept) or run.name)
@@ -142,7 +145,8 @@ def samples_grid(runs: list[Run], swept: list[str], path: Path) -> bool:
     width = max(len(r) for r in rows)
     blank = Image.new("RGB", rows[0][0].size, "white")
     rows = [r + [blank] * (width - len(r)) for r in rows]
-    save_image_atomic(make_grid(rows, labels, [f"prompt {j}" for j in range(width)]), path)
+    columns = [prompts[j] if j < len(prompts) else f"prompt {j}" for j in range(width)]
+    save_image_atomic(make_grid(rows, labels, columns), path)
     return True
 
 
