@@ -158,3 +158,41 @@ def test_kolors_rank16_config_resolves_and_fails_fast_without_a_local_model(tmp_
     assert "Could not load the kolors base model from model.path='Kwai-Kolors/Kolors-diffusers'" in proc.stderr
     assert "experiment=quickstart" in proc.stderr and "Traceback" not in proc.stderr
     assert elapsed < 60  # seconds, not minutes of download retries
+
+
+def test_export_cli_kohya_from_run_file_and_checkpoint(quickstart_run, tmp_path):
+    from sdtune.lora_keys import KOHYA_PREFIX
+
+    for source in (quickstart_run / "lora.safetensors", quickstart_run / "checkpoints" / "last.ckpt"):
+        out = tmp_path / f"{source.stem}_kohya.safetensors"
+        proc = run_cli(str(source), "--format", "kohya", "--out", str(out), module="sdtune.export")
+        assert proc.returncode == 0, proc.stderr
+        tensors, meta = _read_safetensors(out)
+        downs = [k for k in tensors if k.endswith(".lora_down.weight")]
+        assert downs and all(k.startswith(KOHYA_PREFIX) for k in tensors)
+        assert {float(v) for k, v in tensors.items() if k.endswith(".alpha")} == {8.0}  # the true alpha, not rank 4
+        assert meta["sdtune.format"] == "kohya" and meta["ss_network_alpha"] == "8.0"
+        assert "lora_adapter_metadata" not in meta
+    # and back: kohya -> diffusers gives the run's tensors again
+    back = tmp_path / "back.safetensors"
+    proc = run_cli(str(tmp_path / "lora_kohya.safetensors"), "--format", "diffusers", "--out", str(back), module="sdtune.export")
+    assert proc.returncode == 0, proc.stderr
+    ours, _ = _read_safetensors(back)
+    run, _ = _read_safetensors(quickstart_run / "lora.safetensors")
+    assert ours.keys() == run.keys() and all(torch.equal(ours[k], run[k]) for k in run)
+
+
+def test_sweeps_work_for_every_family(tmp_path):
+    sweep = tmp_path / "families"
+    proc = run_cli("-m", "model=tiny,tiny_sdxl,tiny_kolors", "lora.rank=2", "experiment=quickstart", "trainer.max_steps=2",
+                   "callbacks.samples=null", "data.val_images=0", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [read_lora(sweep / str(i) / "lora.safetensors").family for i in range(3)] == ["sd15", "sdxl", "kolors"]
+
+
+def test_tracking_logger_preset_adds_wandb_and_mlflow():
+    from .conftest import compose_cfg
+
+    cfg = compose_cfg("experiment=quickstart", "logger=tracking")
+    targets = sorted(node["_target_"].rsplit(".", 1)[1] for node in cfg.logger.values())
+    assert targets == ["CSVLogger", "MLFlowLogger", "TensorBoardLogger", "WandbLogger"]
