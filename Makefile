@@ -9,7 +9,7 @@ OUT ?= data/clean
 RECIPE ?= data_pipeline/recipes/default.yaml
 NP ?= 2
 
-.PHONY: install demo data test test-fast lint clean
+.PHONY: install demo data bench test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: $(STAMP)
 data: $(STAMP)
 	@test -n "$(RAW)" || { echo "usage: make data RAW=<raw image folder> [OUT=data/clean] [RECIPE=$(RECIPE)] [NP=2]"; exit 2; }
 	$(PY) -m data_pipeline $(RAW) $(OUT) --recipe $(RECIPE) --np $(NP)
+
+# Speed and memory of the real training step against a plain PyTorch loop (tiny models on the CPU).
+bench: $(STAMP)
+	$(PY) -m sdtune.bench
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from .data.latents import LatentCache
 from .families import ModelParts, get_family, resolve_model_source
 from .lora import LoraSpec, inject, is_lora_key, lora_tensors, spec_from_config, trainable_lora_parameters
+from .speed import apply_speed
 from .text_cache import TextEmbeddingCache
 from .tiny import ensure_tiny_model
 
@@ -103,6 +104,7 @@ class LoRATrainingModule(L.LightningModule):
         cast_training_params(parts.unet, dtype=torch.float32)  # LoRA weights train in fp32
         if train_cfg.get("gradient_checkpointing"):
             parts.unet.enable_gradient_checkpointing()
+        apply_speed(parts, self.cfg.get("speed") or {})
         prediction_type = train_cfg.get("prediction_type")
         if prediction_type:
             parts.noise_scheduler.register_to_config(prediction_type=prediction_type)
@@ -267,7 +269,10 @@ class LoRATrainingModule(L.LightningModule):
 
         optim_cfg = self.cfg["optim"]
         params = trainable_lora_parameters(self.parts.unet)
-        optimizer = instantiate(optim_cfg["optimizer"])(params=params)
+        extra = {}
+        if optim_cfg["optimizer"].get("fused", "absent") is None:  # AdamW's fused kernel wants CUDA
+            extra["fused"] = self.device.type == "cuda"
+        optimizer = instantiate(optim_cfg["optimizer"], **extra)(params=params)
         sched_cfg = optim_cfg["scheduler"]
         scheduler = get_scheduler(
             sched_cfg["name"],
