@@ -8,7 +8,8 @@ rounding, so the loss stays within tolerance of the default path.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
