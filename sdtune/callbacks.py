@@ -32,12 +32,33 @@ class TrainingCheckpoint(ModelCheckpoint):
     checkpoint of its final state.
     """
 
+    def __init__(self, *args, keep_last: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_last = keep_last
+
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         if self._last_global_step_saved == trainer.global_step or trainer.fast_dev_run or trainer.sanity_checking:
             return
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if self.keep_last and trainer.is_global_zero:
+            self._prune(Path(filepath))
+
+    def _prune(self, newest: Path) -> None:
+        """Keep the newest ``keep_last`` periodic checkpoints; ``last.ckpt`` and the one just
+        written (complete, since writes are atomic) are never removed."""
+        folder = newest.parent
+        periodic = sorted(
+            (p for p in folder.glob("*.ckpt") if p.name != self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION and not p.name.startswith(".")),
+            key=lambda p: (p.stat().st_mtime_ns, p.name),
+        )
+        for old in periodic[: max(0, len(periodic) - self.keep_last)]:
+            if old != newest:
+                old.unlink(missing_ok=True)
 
 
 class LoRAExport(L.Callback):

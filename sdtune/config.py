@@ -50,6 +50,17 @@ def _number(cfg: DictConfig, key: str, *, minimum: float, exclusive: bool = Fals
     return float(value)
 
 
+def _gpu_requested(cfg: DictConfig) -> bool:
+    accelerator = str(_get(cfg, "trainer.accelerator") or "auto")
+    if accelerator in ("gpu", "cuda"):
+        return True
+    if accelerator != "auto":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first invalid training setting."""
     from .families import FAMILIES
@@ -84,6 +95,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"data.resolution={res} is not divisible by 8 (the VAE downsamples by 8). Fix: use {lower} or {upper}."
         )
+    if _get(cfg, "data.bad_images") not in ("error", "skip"):
+        raise ConfigError(f"data.bad_images must be error or skip, got {_get(cfg, 'data.bad_images')!r}.")
     _int(cfg, "data.batch_size", minimum=1)
     _int(cfg, "data.num_workers", minimum=0)
     dropout = _number(cfg, "data.caption_dropout", minimum=0)
@@ -106,6 +119,11 @@ def validate(cfg: DictConfig) -> None:
     precision = str(_get(cfg, "trainer.precision"))
     if precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={precision!r} is not supported; use one of {list(PRECISIONS)}.")
+    if precision == "16-mixed" and not _gpu_requested(cfg):
+        raise ConfigError(
+            "trainer.precision=16-mixed needs a CUDA GPU and none is in use. Fix: trainer.precision=32 "
+            "(or bf16-mixed) on the CPU, e.g. with trainer=cpu."
+        )
     _int(cfg, "trainer.accumulate_grad_batches", minimum=1)
 
     if _get(cfg, "train.prediction_type") not in PREDICTION_TYPES:

@@ -26,3 +26,7 @@ class ModelLoadError(SdtuneError):
 
 class LoraFileError(SdtuneError):
     """A LoRA file or training checkpoint is unreadable or does not fit the base model."""
+
+
+class NonFiniteLossError(SdtuneError):
+    """The training loss became NaN or infinite."""

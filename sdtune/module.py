@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from .data.latents import LatentCache
+from .errors import NonFiniteLossError
 from .families import ModelParts, get_family, resolve_model_source
 from .lora import LoraSpec, inject, is_lora_key, lora_tensors, spec_from_config, trainable_lora_parameters
 from .speed import apply_speed
@@ -52,6 +53,7 @@ class LoRATrainingModule(L.LightningModule):
         self.num_train_images: int | None = None  # set by the trainer script; goes into LoRA headers
         self.model_source: str | None = None  # resolved model.path, when the caller already checked it
         self.text_cache: TextEmbeddingCache | None = None
+        self.skipped_nonfinite = 0
         # Checkpoints hold LoRA tensors only, so the frozen base weights are legitimately absent.
         self.strict_loading = False
 
@@ -120,10 +122,21 @@ class LoRATrainingModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None:
             return
+        self.warn_overlong([r.text for r in datamodule.dataset.records])
         if self.cfg["data"].get("cache_latents"):
             self.fill_latent_cache(datamodule)
         if self.cfg["train"].get("cache_text_embeddings", True):
             self.fill_text_cache(datamodule)
+
+    def warn_overlong(self, captions: list[str]) -> None:
+        """One warning per run (not per step) for captions the text encoder will truncate."""
+        long = self.family.overlong_captions(self.parts, list(dict.fromkeys(captions)))
+        if long and self.trainer.is_global_zero:
+            limit = self.family.text_max_length(self.parts)
+            log.warning(
+                "%d caption(s) are longer than the %d-token limit of the %s text encoder and will be truncated, e.g. %r",
+                len(long), limit, self.family.name, long[0][:120],
+            )
 
     def fill_latent_cache(self, datamodule) -> None:
         model_cfg = self.cfg["model"]
@@ -232,36 +245,96 @@ class LoRATrainingModule(L.LightningModule):
         return (per_sample * weights).mean()
 
     @torch.no_grad()
-    def batch_latents(self, batch: dict[str, Any], *, deterministic: bool = False) -> torch.Tensor:
-        """Scaled latents from cached distributions or from pixels; ``deterministic`` takes the mean."""
+    def batch_latents(
+        self, batch: dict[str, Any], *, deterministic: bool = False, eps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scaled latents from cached distributions or from pixels.
+
+        ``deterministic`` takes the mean; ``eps`` is the standard-normal draw for the sample
+        (``mean + std * eps``), so the caller controls the randomness.
+        """
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         vae = self.parts.vae
         if "latent_params" in batch:
-            dist = DiagonalGaussianDistribution(batch["latent_params"].float())
+            dist = DiagonalGaussianDistribution(batch["latent_params"].float().to(self.device))
         else:
             dist = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
-        latents = (dist.mode() if deterministic else dist.sample()).float().to(self.device)
+        if deterministic:
+            latents = dist.mode()
+        elif eps is not None:
+            latents = dist.mean + dist.std * eps.to(dist.mean.device, dist.mean.dtype)
+        else:
+            latents = dist.sample()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * vae.config.scaling_factor
+        return ((latents.float() - shift) * vae.config.scaling_factor).to(self.device)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        latents = self.batch_latents(batch)
+    def sample_randomness(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(latent eps, noise, timesteps) drawn from each sample's own seed, in a fixed order.
+
+        Independent of batch composition, process count and interruptions, which is what makes
+        resumed and multi-process runs reproduce single uninterrupted ones.
+        """
+        c, h, w = self._latent_shape(batch)
+        offset = float(self.cfg["train"].get("noise_offset") or 0.0)
+        steps = self.parts.noise_scheduler.config.num_train_timesteps
+        eps, noise, timesteps = [], [], []
+        for seed in batch["seed"].tolist():
+            g = torch.Generator().manual_seed(int(seed))
+            eps.append(torch.randn(c, h, w, generator=g))
+            n = torch.randn(c, h, w, generator=g)
+            if offset:
+                n = n + offset * torch.randn(c, 1, 1, generator=g)
+            noise.append(n)
+            timesteps.append(torch.randint(0, steps, (1,), generator=g))
+        return torch.stack(eps), torch.stack(noise).to(self.device), torch.cat(timesteps).to(self.device)
+
+    def _latent_shape(self, batch: dict[str, Any]) -> tuple[int, int, int]:
+        if "latent_params" in batch:
+            c2, h, w = batch["latent_params"].shape[1:]
+            return c2 // 2, h, w
+        factor = 2 ** (len(self.parts.vae.config.block_out_channels) - 1)
+        _, _, h, w = batch["pixel_values"].shape
+        return self.parts.vae.config.latent_channels, h // factor, w // factor
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        eps, noise, timesteps = self.sample_randomness(batch)
+        latents = self.batch_latents(batch, eps=eps)
         text = self.encode_text(batch["text"])
-        loss = self.diffusion_loss(latents, text, batch)
+        loss = self.diffusion_loss(latents, text, batch, noise=noise, timesteps=timesteps)
+        # Decided together, so DDP ranks never disagree on skipping (which would hang them).
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+            return self._non_finite(loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=latents.shape[0])
         return loss
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """Loss on fixed images with fixed noise and timesteps, so runs and steps compare."""
-        latents = self.batch_latents(batch, deterministic=True)
-        g = torch.Generator().manual_seed(int(self.cfg.get("seed", 0)) * 1000 + batch_idx)
-        noise = torch.randn(latents.shape, generator=g).to(latents.device)
-        steps = self.parts.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=g).to(latents.device)
-        loss = self.diffusion_loss(latents, self.encode_text(batch["text"]), batch, noise=noise, timesteps=timesteps)
-        self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=latents.shape[0])
-        return loss
+    def _non_finite(self, loss: torch.Tensor) -> None:
+        """Skip the step (``trainer.skip_nonfinite``) or stop with the known causes."""
+        step = self.trainer.global_step
+        if self.cfg["trainer"].get("skip_nonfinite"):
+            self.skipped_nonfinite += 1
+            self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), on_step=True)
+            log.warning("non-finite loss (%s) at step %d skipped (%d so far)", loss.item(), step, self.skipped_nonfinite)
+            return None  # Lightning skips the optimizer step
+        raise NonFiniteLossError(
+            f"training stopped: the loss is {loss.item()} at step {step}. Known causes: the stock SDXL VAE in "
+            "fp16 (set model.vae_path to the fp16-fix VAE, or trainer.precision=bf16-mixed); a learning rate "
+            f"too high (optim.optimizer.lr={self.cfg['optim']['optimizer'].get('lr')}); fp16 overflow (try "
+            "trainer.precision=bf16-mixed). The last good checkpoint is kept in the run's checkpoints/ folder; "
+            "resume from it with ckpt_path=..., or set trainer.skip_nonfinite=true to skip and count such steps."
+        )
+
+    def on_train_start(self) -> None:
+        # After a mid-epoch restore Lightning counts the resumed epoch's finished batches (a save at
+        # batch end counts that batch as finished) and runs only the rest; it calls no
+        # on_train_epoch_start for that epoch. The sampler, iterated next, skips as many batches.
+        loop = self.trainer.fit_loop.epoch_loop
+        if not loop.restarting:
+            return
+        done = loop.batch_progress.current.completed + (1 if loop.restarted_on_train_batch_end else 0)
+        sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
+        if done and hasattr(sampler, "skip"):
+            sampler.skip(done)
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -283,6 +356,9 @@ class LoRATrainingModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoints --------------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_nonfinite = int(checkpoint.get("sdtune", {}).get("skipped_nonfinite", 0))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_lora_key(k)}
         checkpoint["sdtune"] = {
@@ -291,6 +367,7 @@ class LoRATrainingModule(L.LightningModule):
             "alpha": self.spec.alpha,
             "targets": list(self.spec.targets),
             "num_train_images": self.num_train_images,
+            "skipped_nonfinite": self.skipped_nonfinite,
         }
 
     def lora_state(self) -> dict[str, torch.Tensor]:

@@ -134,6 +134,8 @@ def test_dataset_items_and_flip(tmp_path):
 
 def test_datamodule_batches(tmp_path):
     dm = ImageCaptionDataModule(load_records(QUICKSTART), resolution=32, batch_size=5)
-    batch = next(iter(dm.train_dataloader()))
-    assert batch["pixel_values"].shape == (5, 3, 32, 32)
-    assert len(batch["text"]) == 5 and batch["original_size"].shape == (5, 2)
+    batches = list(dm.train_dataloader())
+    assert sorted(len(b["text"]) for b in batches) == [2, 5, 5]  # 12 images: every one, once
+    full = next(b for b in batches if len(b["text"]) == 5)
+    assert full["pixel_values"].shape == (5, 3, 32, 32) and full["original_size"].shape == (5, 2)
+    assert full["seed"].dtype == torch.int64 and len(set(full["seed"].tolist())) == 5

@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 
 from sdtune.data import ImageCaptionDataModule, load_records
-from sdtune.data.buckets import BucketBatchSampler, assign_buckets
+from sdtune.data.buckets import assign_buckets
 from sdtune.data.captions import CaptionOptions, process_caption
 from sdtune.data.datamodule import folder_repeats
 from sdtune.data.images import plan_crop
+from sdtune.data.sampler import TrainBatchSampler, sample_seed
 from sdtune.errors import ConfigError
 from sdtune.module import LoRATrainingModule
 from sdtune.train import train
@@ -72,19 +73,26 @@ def test_small_images_are_not_upscaled_unless_asked():
     assert assign_buckets([(64, 128)], 64, step=16) == [(48, 96)]  # big enough: normal bucket
 
 
-def test_bucket_sampler_reshuffles_per_epoch_and_shards_ranks():
+def test_sampler_reshuffles_per_epoch_shards_ranks_and_resumes():
     buckets = [(64, 64)] * 6 + [(48, 96)] * 5
-    sampler = BucketBatchSampler(buckets, 2, seed=3)
+    sampler = TrainBatchSampler(buckets, 2, seed=3)
     first = list(sampler)
-    assert sorted(i for b in first for i in b) == list(range(11))
-    assert all(len({buckets[i] for i in b}) == 1 for b in first)
+    items = [i for b in first for i, _ in b]
+    assert sorted(items) == list(range(11))
+    assert all(len({buckets[i] for i, _ in b}) == 1 for b in first)  # one shape per batch
+    assert len({s for b in first for _, s in b}) == 11  # every sample its own seed
     sampler.set_epoch(1)
     assert list(sampler) != first
     sampler.set_epoch(0)
     assert list(sampler) == first  # reproducible from seed + epoch
-    ranks = [list(BucketBatchSampler(buckets, 2, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
-    assert len(ranks[0]) == len(ranks[1])
-    assert not {i for b in ranks[0] for i in b} & {i for b in ranks[1] for i in b}
+    sampler.skip(3)
+    assert list(sampler) == first[3:]  # a resumed epoch carries on with the next batch...
+    assert list(sampler) == first  # ...and only that once
+    # two ranks of batch 2 see exactly the samples, and seeds, of one process with batch 4
+    whole = list(TrainBatchSampler([(64, 64)] * 12, 4, seed=3))
+    ranks = [list(TrainBatchSampler([(64, 64)] * 12, 2, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert [a + b for a, b in zip(*ranks)] == whole
+    assert sample_seed(1, 0, 0, 0) != sample_seed(1, 0, 0, 1) != sample_seed(2, 0, 0, 1)
 
 
 def test_caption_dropout_and_tag_shuffle():

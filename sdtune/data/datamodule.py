@@ -21,11 +21,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..errors import DataError
-from .buckets import BucketBatchSampler, Size, assign_buckets
+from .buckets import Size, assign_buckets
 from .captions import CaptionOptions, process_caption
 from .images import image_size, load_rgb, plan_crop, resize_and_crop, to_tensor
 from .latents import LatentCache, file_sha256
 from .records import Record
+from .sampler import TrainBatchSampler
 
 log = logging.getLogger(__name__)
 _KOHYA_REPEATS = re.compile(r"^(\d+)_")
@@ -80,7 +81,7 @@ class ImageCaptionDataset(Dataset):
     def bucket_of(self, item: int) -> Size:
         return self.targets[self.index[item]]
 
-    def pixels(self, r: int, flip: bool) -> tuple[torch.Tensor, Any]:
+    def pixels(self, r: int, flip: bool, rng: random.Random | None = None) -> tuple[torch.Tensor, Any]:
         record = self.records[r]
         try:
             image = load_rgb(record.path)
@@ -88,23 +89,27 @@ class ImageCaptionDataset(Dataset):
             raise DataError(f"cannot read training image {record.path}: {err}. Fix or remove it.") from err
         if flip:
             image = ImageOps.mirror(image)  # before cropping, so the crop offset is in the seen frame
-        image, info = resize_and_crop(image, self.targets[r], center_crop=self.center_crop, rng=random)
+        image, info = resize_and_crop(image, self.targets[r], center_crop=self.center_crop, rng=rng or random.Random(0))
         return to_tensor(image), info
 
-    def __getitem__(self, item: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """``dataset[(item, sample_seed)]`` as the training sampler asks; a bare index draws a seed."""
+        item, seed = key if isinstance(key, tuple) else (key, random.getrandbits(63))
+        rng = random.Random(seed)  # all of this sample's randomness: flip, crop, caption
         r = self.index[item]
-        flip = self.random_flip and random.random() < 0.5
-        return self.sample(r, flip, process_caption(self.records[r].text, self.caption_options))
+        flip = self.random_flip and rng.random() < 0.5
+        return self.sample(r, flip, process_caption(self.records[r].text, self.caption_options, rng), seed=seed, rng=rng)
 
-    def sample(self, r: int, flip: bool, text: str) -> dict[str, Any]:
+    def sample(self, r: int, flip: bool, text: str, *, seed: int = 0, rng: random.Random | None = None) -> dict[str, Any]:
         """Record ``r`` as a training sample, mirrored or not, with the given caption."""
         if self.latents is not None:
             _, info = plan_crop(self.sizes[r], self.targets[r], center_crop=True)
             sample = {"latent_params": self.latents.load(self.latent_keys[(r, flip)])}
         else:
-            pixels, info = self.pixels(r, flip)
+            pixels, info = self.pixels(r, flip, rng)
             sample = {"pixel_values": pixels}
         sample.update(
+            seed=torch.tensor(seed, dtype=torch.int64),
             text=text,
             original_size=torch.tensor(info.original_size),
             crop_top_left=torch.tensor(info.crop_top_left),
@@ -125,12 +130,12 @@ class ValidationView(Dataset):
 
     def __getitem__(self, item: int) -> dict[str, Any]:
         r = self.records[item]
-        return self.train.sample(r, False, self.train.records[r].text)
+        return self.train.sample(r, False, self.train.records[r].text, seed=item)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {"text": [s["text"] for s in samples]}
-    for key in ("pixel_values", "latent_params", "original_size", "crop_top_left", "target_size"):
+    for key in ("pixel_values", "latent_params", "seed", "original_size", "crop_top_left", "target_size"):
         if key in samples[0]:
             batch[key] = torch.stack([s[key] for s in samples])
     return batch
@@ -160,6 +165,14 @@ class ImageCaptionDataModule(L.LightningDataModule):
         if bucketing:
             sizes = [image_size(r.path) for r in records]
             targets = assign_buckets(sizes, resolution, step=bucket_step, upscale=bucket_upscale)
+        if not bucketing or bucket_upscale:
+            small = sum(1 for h, w in (sizes or (image_size(r.path) for r in records)) if min(h, w) < resolution)
+            if small:
+                log.warning(
+                    "%d of %d images are smaller than data.resolution=%d and are upscaled; "
+                    "data.bucketing=true keeps small images at their own size",
+                    small, len(records), resolution,
+                )
         self.dataset = ImageCaptionDataset(
             records, resolution, center_crop=center_crop, random_flip=random_flip,
             targets=targets, sizes=sizes, repeats=repeats, captions=captions,
@@ -225,7 +238,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
             for _size, items in sorted(todo.items()):
                 for start in range(0, len(items), batch_size):
                     chunk = items[start : start + batch_size]
-                    pixels = torch.stack([ds.pixels(r, f)[0] for r, f in chunk])
+                    pixels = torch.stack([ds.pixels(r, f)[0] for r, f in chunk])  # center crop: no randomness
                     for (r, f), params in zip(chunk, encode(pixels)):
                         cache.save(keys[(r, f)], params)
                     bar.update(len(chunk))
@@ -236,16 +249,20 @@ class ImageCaptionDataModule(L.LightningDataModule):
         return total
 
     def train_dataloader(self) -> DataLoader:
-        common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate,
-                      persistent_workers=self.num_workers > 0)
-        if self.bucketing:
-            buckets = [self.dataset.bucket_of(i) for i in range(len(self.dataset))]
-            world, rank = 1, 0
-            if self.trainer is not None:
-                world, rank = self.trainer.world_size, self.trainer.global_rank
-            sampler = BucketBatchSampler(buckets, self.batch_size, seed=self.seed, num_replicas=world, rank=rank)
-            return DataLoader(self.dataset, batch_sampler=sampler, **common)
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, **common)
+        world, rank = 1, 0
+        if self.trainer is not None:
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+        # Without bucketing every item has the same target size: one bucket.
+        buckets = [self.dataset.bucket_of(i) for i in range(len(self.dataset))]
+        sampler = TrainBatchSampler(buckets, self.batch_size, seed=self.seed, num_replicas=world, rank=rank)
+        return DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:

@@ -8,6 +8,7 @@ The layout is diffusers' imagefolder: images anywhere under ``root`` plus ``meta
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from ..formats import IMAGE_SUFFIXES
 
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
 REQUIRED_COLUMNS = ("file_name", "text")
+log = logging.getLogger(__name__)
 _MAKE_DATA_HINT = "or build one from raw images with `make data RAW=<raw folder> OUT=<folder>`"
 
 
@@ -81,8 +83,30 @@ def _has_images(root: Path) -> bool:
     return False
 
 
-def load_records(root: str | os.PathLike) -> list[Record]:
-    """Validated records for the dataset at ``root`` (``data.root``)."""
+def _verify_image(path: Path) -> str | None:
+    """Why ``path`` cannot be trained on, or None. Header and checksums only, so it is quick."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's limit is kept
+            with Image.open(path) as im:
+                im.verify()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return f"decompression bomb ({err})"
+    except Exception as err:  # Pillow raises many types for broken files
+        return f"unreadable or truncated image ({type(err).__name__}: {err})"
+    return None
+
+
+def load_records(root: str | os.PathLike, *, verify: bool = True, bad_images: str = "error") -> list[Record]:
+    """Validated records for the dataset at ``root`` (``data.root``).
+
+    ``verify`` checks every image's header and checksums; broken ones stop the run
+    (``bad_images="error"``) or are left out with a warning that counts them (``"skip"``).
+    """
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(
@@ -106,9 +130,13 @@ def load_records(root: str | os.PathLike) -> list[Record]:
     if not rows:
         raise DataError(f"{meta} lists no images. Fix: add one row per image (file_name,text).")
 
-    records, missing, not_images = [], [], []
+    records, missing, not_images, seen, duplicates = [], [], [], {}, []
     for n, row in enumerate(rows, start=2 if meta.suffix == ".csv" else 1):
         name = str(row.get("file_name") or "").strip()
+        if name in seen:
+            duplicates.append(f"{name!r} (rows {seen[name]} and {n})")
+            continue
+        seen[name] = n
         path = root / name
         if not name or not path.is_file():
             missing.append(f"row {n}: {name!r}")
@@ -128,4 +156,33 @@ def load_records(root: str | os.PathLike) -> list[Record]:
             f"{meta} names {len(not_images)} file(s) that are not images: {'; '.join(not_images[:5])}. "
             f"Supported suffixes: {', '.join(sorted(IMAGE_SUFFIXES))}."
         )
+    if duplicates:
+        raise DataError(
+            f"{meta} lists {len(duplicates)} file_name(s) more than once: {'; '.join(duplicates[:5])}. "
+            "Fix: keep one row per image (use data.repeats to train some images more often)."
+        )
+    if verify:
+        records = _check_images(records, meta, bad_images)
+    empty = sum(1 for r in records if not r.text.strip())
+    if empty:
+        log.warning("%d of %d images have an empty caption; they train unconditionally (as caption dropout does)", empty, len(records))
     return records
+
+
+def _check_images(records: list[Record], meta: Path, bad_images: str) -> list[Record]:
+    bad = [(r, why) for r in records if (why := _verify_image(r.path))]
+    if not bad:
+        return records
+    shown = "; ".join(f"{r.path.name}: {why}" for r, why in bad[:5])
+    if bad_images != "skip":
+        raise DataError(
+            f"{len(bad)} image(s) listed in {meta} cannot be read: {shown}. "
+            "Fix: replace or remove them (or run `make data`, which drops them with a report), "
+            "or set data.bad_images=skip to leave them out."
+        )
+    log.warning("data.bad_images=skip: leaving out %d unreadable image(s): %s", len(bad), shown)
+    dropped = {id(r) for r, _ in bad}
+    kept = [r for r in records if id(r) not in dropped]
+    if not kept:
+        raise DataError(f"every image listed in {meta} is unreadable: {shown}.")
+    return kept

@@ -88,6 +88,11 @@ class ModelFamily(ABC):
         """Prompt length in tokens; longer captions are truncated (and the cache key includes it)."""
         return parts.tokenizers[0].model_max_length
 
+    def overlong_captions(self, parts: ModelParts, captions: list[str]) -> list[str]:
+        """Captions longer than the encoder's token limit (they will be truncated)."""
+        tokenizer, limit = parts.tokenizers[0], self.text_max_length(parts)
+        return [c for c in captions if len(tokenizer(c, truncation=False)["input_ids"]) > limit]
+
     @abstractmethod
     def encode_prompts(self, parts: ModelParts, captions: list[str]) -> dict[str, torch.Tensor]:
         """Text-encoder outputs for ``captions``, batch-first; each row depends on its caption only.
