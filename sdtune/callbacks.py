@@ -52,8 +52,10 @@ class TrainingCheckpoint(ModelCheckpoint):
         """Keep the newest ``keep_last`` periodic checkpoints; ``last.ckpt`` and the one just
         written (complete, since writes are atomic) are never removed."""
         folder = newest.parent
+        prefix = (self.filename or "").split("{")[0]  # only files named like ours
         periodic = sorted(
-            (p for p in folder.glob("*.ckpt") if p.name != self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION and not p.name.startswith(".")),
+            (p for p in folder.glob(f"{prefix}*{self.FILE_EXTENSION}")
+             if p.name != self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION and not p.name.startswith(".")),
             key=lambda p: (p.stat().st_mtime_ns, p.name),
         )
         for old in periodic[: max(0, len(periodic) - self.keep_last)]:
@@ -111,6 +113,7 @@ class SampleGrid(L.Callback):
         self.size = size
         self.every_n_steps = every_n_steps
         self.filename = filename
+        self._last_step = -1  # gradient accumulation repeats a global step over micro-batches
 
     def _prompts(self, trainer) -> list[str]:
         if self.prompts:
@@ -120,7 +123,8 @@ class SampleGrid(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and trainer.is_global_zero:
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step and trainer.is_global_zero:
+            self._last_step = step
             self.write(trainer, pl_module, self.dirpath / "samples" / f"step{step:06d}.png")
 
     def on_fit_end(self, trainer, pl_module) -> None:

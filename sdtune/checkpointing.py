@@ -67,8 +67,8 @@ def check_resumable(path: Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
     saved = ckpt["sdtune"]
     family = get_family(cfg["model"]["family"])
     spec = spec_from_config(cfg["lora"], family.default_lora_targets)
-    now = {"family": family.name, "rank": spec.rank, "targets": sorted(spec.targets)}
-    then = {"family": saved["family"], "rank": saved["rank"], "targets": sorted(saved["targets"])}
+    now = {"family": family.name, "rank": spec.rank, "alpha": spec.alpha, "targets": sorted(spec.targets)}
+    then = {"family": saved["family"], "rank": saved["rank"], "alpha": float(saved["alpha"]), "targets": sorted(saved["targets"])}
     diffs = [f"{k}: checkpoint {then[k]!r}, config {now[k]!r}" for k in now if now[k] != then[k]]
     if diffs:
         raise ConfigError(

@@ -14,9 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed")
+PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "bf16-true")
 PREDICTION_TYPES = (None, "epsilon", "v_prediction")
-LORA_INITS = ("gaussian", True, False, "pissa", "olora")
+# pissa/olora also rewrite the base weights, which a plain LoRA file cannot carry: not offered.
+LORA_INITS = ("gaussian", True, False)
 
 
 def register_resolvers() -> None:

@@ -52,10 +52,12 @@ class LoraFile:
             raise LoraFileError("kohya tensor names are resolved against a UNet; use peft_tensors(module_names, ...)")
         return diffusers_to_peft(self.raw)
 
-    def peft_tensors(self, module_names, unet_config=None) -> dict[str, torch.Tensor]:
+    def peft_tensors(self, module_names, unet_config=None, family: str | None = None) -> dict[str, torch.Tensor]:
+        """peft names; a kohya file's names resolve against ``module_names`` of a ``family`` UNet
+        (its header's family, else the one it is being loaded into)."""
         if self.format == "diffusers":
             return self.tensors
-        tensors, alphas = kohya_to_peft(self.raw, module_names, self.family or "sd15", unet_config)
+        tensors, alphas = kohya_to_peft(self.raw, module_names, self.family or family or "sd15", unet_config)
         if len(set(alphas.values())) > 1:
             raise LoraFileError("this kohya LoRA has a different alpha per module, which sdtune does not apply yet")
         return tensors
@@ -208,7 +210,7 @@ def apply_lora(unet: torch.nn.Module, lora: LoraFile, *, family: str, path: str 
 
     check_family(lora, family, path)
     try:
-        tensors = lora.peft_tensors([n for n, _ in unet.named_modules()], unet.config)
+        tensors = lora.peft_tensors([n for n, _ in unet.named_modules()], unet.config, family=family)
     except LoraFileError as err:
         raise LoraFileError(f"{str(path)!r} does not match this {family} UNet: {err}") from None
     spec = lora.spec

@@ -23,9 +23,10 @@ from omegaconf import DictConfig
 
 from .config import register_resolvers
 from .errors import ConfigError, SdtuneError
+from .families import get_family
 from .inference import apply_loras, base_model_config, load_base, parse_loras
 from .io import atomic_path
-from .ldm_format import CLIP_PREFIX, pipeline_to_original
+from .ldm_format import pipeline_to_original
 
 register_resolvers()
 log = logging.getLogger(__name__)
@@ -33,9 +34,28 @@ MARKER = "sdtune_merge.json"
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _check_target(out: Path) -> None:
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+def single_file_path(out: Path) -> Path:
+    """``<out>.safetensors`` beside the folder (``with_suffix`` would eat a dotted name like v1.5)."""
+    return out.with_name(out.name + ".safetensors")
+
+
+def _written_by_merge(single: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(single), "pt") as fh:
+            return "sdtune.merge" in (fh.metadata() or {})
+    except Exception:
+        return False
+
+
+def _check_target(out: Path, single: Path | None) -> None:
+    if out.suffix == ".safetensors":
+        raise ConfigError(f"out={str(out)!r} names a file; out is a folder (the single file is written beside it).")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
         raise ConfigError(f"out={str(out)!r} exists and was not written by sdtune.merge; choose a new folder.")
+    if single is not None and single.exists() and not _written_by_merge(single):
+        raise ConfigError(f"{str(single)!r} exists and was not written by sdtune.merge; choose another out.")
 
 
 def merge(cfg: DictConfig) -> tuple[Path, Path | None]:
@@ -45,8 +65,10 @@ def merge(cfg: DictConfig) -> tuple[Path, Path | None]:
     if cfg.save_dtype not in SAVE_DTYPES:
         raise ConfigError(f"save_dtype must be one of {list(SAVE_DTYPES)}, got {cfg.save_dtype!r}.")
     out = Path(cfg.out).expanduser()
-    _check_target(out)
     model_cfg = base_model_config(cfg.get("model"), refs)
+    family = get_family(model_cfg["family"])
+    single = single_file_path(out) if cfg.single_file and family.single_file_pipeline else None
+    _check_target(out, single)  # before loading anything
     family, parts = load_base(model_cfg, dtype=torch.float32)  # fuse in fp32, cast when saving
     names = apply_loras(parts, family, refs)
     parts.unet.fuse_lora(lora_scale=1.0, adapter_names=names)
@@ -69,16 +91,15 @@ def merge(cfg: DictConfig) -> tuple[Path, Path | None]:
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         record = {"base_model": model_cfg, "loras": [{"path": r.path, "weight": r.weight} for r in refs], "save_dtype": cfg.save_dtype}
         (tmp / MARKER).write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is meant to be shared
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    single = None
-    if cfg.single_file and family.name in CLIP_PREFIX:
+    if single is not None:
         from safetensors.torch import save_file
 
-        single = out.with_suffix(".safetensors")
         state = pipeline_to_original(family.name, parts.unet, parts.vae, parts.text_encoders)
         with atomic_path(single) as tmp_file:
             save_file(state, str(tmp_file), metadata={"sdtune.merge": json.dumps(record, default=str)})

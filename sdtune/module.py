@@ -33,6 +33,7 @@ WEIGHT_DTYPES = {
     "32-true": torch.float32,
     "16-mixed": torch.float16,
     "bf16-mixed": torch.bfloat16,
+    "bf16-true": torch.bfloat16,  # everything in bf16, LoRA included (FSDP needs one dtype per flat parameter)
 }
 
 
@@ -336,6 +337,17 @@ class LoRATrainingModule(L.LightningModule):
         if done and hasattr(sampler, "skip"):
             sampler.skip(done)
 
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Loss on fixed images with fixed noise and timesteps, so runs and steps compare."""
+        latents = self.batch_latents(batch, deterministic=True)
+        g = torch.Generator().manual_seed(int(self.cfg.get("seed", 0)) * 1000 + batch_idx)
+        noise = torch.randn(latents.shape, generator=g).to(latents.device)
+        steps = self.parts.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=g).to(latents.device)
+        loss = self.diffusion_loss(latents, self.encode_text(batch["text"]), batch, noise=noise, timesteps=timesteps)
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=latents.shape[0])
+        return loss
+
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
         from diffusers.optimization import get_scheduler
@@ -343,8 +355,13 @@ class LoRATrainingModule(L.LightningModule):
         optim_cfg = self.cfg["optim"]
         params = trainable_lora_parameters(self.parts.unet)
         extra = {}
-        if optim_cfg["optimizer"].get("fused", "absent") is None:  # AdamW's fused kernel wants CUDA
-            extra["fused"] = self.device.type == "cuda"
+        if optim_cfg["optimizer"].get("fused", "absent") is None:
+            # The fused kernel needs CUDA, and Lightning cannot clip gradients of an optimizer that
+            # unscales them itself under mixed precision.
+            trainer_cfg = self.cfg["trainer"]
+            clipping = bool(trainer_cfg.get("gradient_clip_val"))
+            mixed = str(trainer_cfg.get("precision", "32")).endswith("mixed")
+            extra["fused"] = self.device.type == "cuda" and not (clipping and mixed)
         optimizer = instantiate(optim_cfg["optimizer"], **extra)(params=params)
         sched_cfg = optim_cfg["scheduler"]
         scheduler = get_scheduler(

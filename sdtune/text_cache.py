@@ -35,7 +35,9 @@ class TextEmbeddingCache:
         self._key_base = json.dumps(
             [family.name, model_key, str(dtype), family.text_max_length(parts)], sort_keys=True
         )
+        # With a disk cache, rows are read per batch instead of held: Kolors' are ~2 MiB each.
         self.memory: dict[str, dict[str, torch.Tensor]] = {}
+        self.on_disk: set[str] = set()
         self.encoded = 0  # captions run through the encoders (not read from disk)
 
     def key(self, caption: str) -> str:
@@ -49,11 +51,11 @@ class TextEmbeddingCache:
         """Make sure every caption is cached; encode only the ones found neither in memory nor on disk."""
         todo = []
         for caption in dict.fromkeys(captions):
-            if caption in self.memory:
+            if caption in self.memory or caption in self.on_disk:
                 continue
             path = self._disk_path(caption)
             if path is not None and path.is_file():
-                self.memory[caption] = load_file(str(path))
+                self.on_disk.add(caption)
             else:
                 todo.append(caption)
         if not todo:
@@ -63,18 +65,20 @@ class TextEmbeddingCache:
             out = self.family.encode_prompts(self.parts, chunk)
             for i, caption in enumerate(chunk):
                 row = {k: v[i].detach().to("cpu").contiguous() for k, v in out.items()}
-                self.memory[caption] = row
                 path = self._disk_path(caption)
-                if path is not None:
+                if path is None:
+                    self.memory[caption] = row
+                else:
                     with atomic_path(path) as tmp:
                         save_file(row, str(tmp))
+                    self.on_disk.add(caption)
             self.encoded += len(chunk)
         log.info("cached text embeddings for %d caption(s)", len(todo))
 
     def lookup(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """Stacked embeddings for a batch of captions; every caption must have been filled."""
-        missing = [c for c in captions if c not in self.memory]
+        missing = [c for c in captions if c not in self.memory and c not in self.on_disk]
         if missing:
             raise KeyError(f"caption not in the text-embedding cache: {missing[0]!r}")
-        rows = [self.memory[c] for c in captions]
+        rows = [self.memory[c] if c in self.memory else load_file(str(self._disk_path(c))) for c in captions]
         return {k: torch.stack([r[k] for r in rows]).to(device, non_blocking=True) for k in rows[0]}

@@ -40,6 +40,8 @@ CASES = [
     ("rank-not-a-number", lambda t: ["lora.rank=abc"], ConfigError, r"lora.rank must be an integer >= 1, got 'abc'"),
     ("resolution-not-multiple-of-8", lambda t: ["data.resolution=100"], ConfigError, r"data.resolution=100 is not divisible by 8.*use 96 or 104"),
     ("precision", lambda t: ["trainer.precision=64"], ConfigError, r"trainer.precision='64' is not supported"),
+    ("fp16-on-cpu", lambda t: ["trainer=default", "trainer.accelerator=cpu"], ConfigError, r"trainer.precision=16-mixed needs a CUDA GPU"),
+    ("pissa-init", lambda t: ["lora.init=pissa"], ConfigError, r"lora.init must be one of \['gaussian', True, False\]"),
 ]
 
 

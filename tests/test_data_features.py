@@ -93,6 +93,13 @@ def test_sampler_reshuffles_per_epoch_shards_ranks_and_resumes():
     ranks = [list(TrainBatchSampler([(64, 64)] * 12, 2, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
     assert [a + b for a, b in zip(*ranks)] == whole
     assert sample_seed(1, 0, 0, 0) != sample_seed(1, 0, 0, 1) != sample_seed(2, 0, 0, 1)
+    # several ranks and uneven buckets: the last batch of a bucket is padded, nothing is left out
+    uneven = [(64, 64)] * 13 + [(48, 96)] * 3
+    per_rank = [list(TrainBatchSampler(uneven, 4, seed=0, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(per_rank[0]) == len(per_rank[1]) > 0
+    seen = {i for rank in per_rank for b in rank for i, _ in b}
+    assert seen == set(range(16))
+    assert all(len(b) == 4 and len({uneven[i] for i, _ in b}) == 1 for rank in per_rank for b in rank)
 
 
 def test_caption_dropout_and_tag_shuffle():

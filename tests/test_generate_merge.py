@@ -94,6 +94,22 @@ def test_merged_model_reloaded_from_disk_matches_unmerged(tmp_path, family):
     assert [entry["weight"] for entry in record["loras"]] == [0.6, 0.4]
 
 
+def test_merge_never_overwrites_a_neighbouring_file(tmp_path):
+    a = _lora_file(tmp_path, "sd15", 1)
+    neighbour = tmp_path / "anime-v1.safetensors"  # what with_suffix() would have hit for "anime-v1.5"
+    neighbour.write_bytes(b"the user's own model")
+    folder, single = merge(_compose("merge", f"loras=[{a}]", f"out={tmp_path / 'anime-v1.5'}", "save_dtype=fp32"))
+    assert single == tmp_path / "anime-v1.5.safetensors" and single.is_file()
+    assert neighbour.read_bytes() == b"the user's own model"
+    assert oct(folder.stat().st_mode & 0o777) == "0o755"
+    taken = tmp_path / "base.safetensors"
+    taken.write_bytes(b"a base model")
+    with pytest.raises(Exception, match="base.safetensors' exists and was not written by sdtune.merge"):
+        merge(_compose("merge", f"loras=[{a}]", f"out={tmp_path / 'base'}"))
+    assert taken.read_bytes() == b"a base model" and not (tmp_path / "base").exists()
+    merge(_compose("merge", f"loras=[{a}]", f"out={tmp_path / 'anime-v1.5'}", "save_dtype=fp32"))  # ours: replaced
+
+
 def test_merge_refuses_a_foreign_output_folder(tmp_path):
     a = _lora_file(tmp_path, "sd15", 1)
     out = tmp_path / "mine"

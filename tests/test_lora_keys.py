@@ -91,6 +91,22 @@ def test_our_apply_reads_kohya_files_too(tmp_path):
         torch.testing.assert_close(fresh.unet(x, t, **kw).sample, parts.unet.eval()(x, t, **kw).sample, rtol=0, atol=1e-5)
 
 
+def test_headerless_kohya_sdxl_file_resolves_against_the_target_family(tmp_path):
+    """kohya sd-scripts / model-site files carry no sdtune header: names resolve for the base they load into."""
+    from safetensors.torch import save_file
+
+    parts, tensors = _trained_like("sdxl")
+    path = tmp_path / "civitai_style.safetensors"
+    save_file(peft_to_kohya(tensors, SPEC.alpha, "sdxl", parts.unet.config), str(path))
+    lora = read_lora(path)
+    assert lora.family is None and lora.spec.alpha == 2.5
+    fresh = get_family("sdxl").load(str(tiny_model("sdxl")))
+    apply_lora(fresh.unet, lora, family="sdxl", path=path, adapter_name="k")
+    x, t, kw = unet_inputs("sdxl")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.unet(x, t, **kw).sample, parts.unet.eval()(x, t, **kw).sample, rtol=0, atol=1e-5)
+
+
 def test_unknown_layouts_are_named():
     with pytest.raises(LoraFileError, match=r"unrecognised LoRA layout .*'transformer.h.0.attn.lora_A'"):
         detect_format(["transformer.h.0.attn.lora_A"])

@@ -38,6 +38,11 @@ def test_hub_id_found_in_the_local_hub_cache_loads_offline(tmp_path, tiny_sd15):
     assert parts.unet.config.cross_attention_dim == 32
 
 
+def test_a_bad_vae_path_is_named_as_the_vae(tiny_sd15, tmp_path):
+    with pytest.raises(ModelLoadError, match=r"(?s)Could not load the VAE from model.vae_path=.*no_vae.*Fix: point model.vae_path"):
+        get_family("sd15").load(str(tiny_sd15), vae_path=str(tmp_path / "no_vae"))
+
+
 def test_family_load_wraps_broken_folders(tmp_path):
     (tmp_path / "unet").mkdir()
     with pytest.raises(ModelLoadError, match=r"(?s)Could not load the sd15 base model from model.path=.*Fix:"):

@@ -68,6 +68,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(uninterrupted, tmp_path)
 
 @pytest.mark.parametrize(("override", "what"), [
     ("lora.rank=8", "rank: checkpoint 4, config 8"),
+    ("lora.alpha=16", "alpha: checkpoint 4.0, config 16.0"),
     ("lora.targets=[to_q,to_v]", "targets: checkpoint"),
     ("model=tiny_sdxl", "family: checkpoint 'sd15', config 'sdxl'"),
 ])

@@ -7,7 +7,8 @@ with its own sample seed, derived from (seed, epoch, global batch, position), fr
 dataset draws flips, crops and caption dropout and the training step draws noise and timesteps.
 
 So a run gives the same result whatever the number of processes (two ranks of batch 2 see
-exactly the samples, and the randomness, of one process with batch 4), the number of dataloader
+exactly the samples, and the randomness, of one process with batch 4, whenever each bucket
+divides into global batches; otherwise the last one is padded by wrapping around), the number of dataloader
 workers, or interruptions: a resumed run calls :meth:`skip` with the batches already done in the
 epoch and carries on with the very next one.
 """
@@ -73,9 +74,11 @@ class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
                 members = [members[i] for i in torch.randperm(len(members), generator=g).tolist()]
             for start in range(0, len(members), size):
                 chunk = members[start : start + size]
-                # With several ranks a partial batch could leave a rank empty: drop it.
-                if len(chunk) == size or self.num_replicas == 1:
-                    batches.append(chunk)
+                if len(chunk) < size and self.num_replicas > 1:
+                    # Every rank needs a full slice: wrap around the bucket, as DistributedSampler
+                    # pads, so each image is still seen every epoch (a few twice).
+                    chunk = chunk + [members[i % len(members)] for i in range(size - len(chunk))]
+                batches.append(chunk)
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         return batches

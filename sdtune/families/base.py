@@ -65,13 +65,11 @@ class ModelFamily(ABC):
 
         if Path(path).is_file():
             return self._load_single_file(path, config=config, dtype=dtype, vae_path=vae_path)
+        vae = self._load_vae(vae_path, dtype) if vae_path else None
         try:
             tokenizers, text_encoders = self.load_text_parts(path, dtype=dtype, revision=revision)
-            vae = (
-                AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype)
-                if vae_path
-                else AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, torch_dtype=dtype)
-            )
+            if vae is None:
+                vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, torch_dtype=dtype)
             unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, torch_dtype=dtype)
             scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
         except (OSError, ValueError) as err:
@@ -109,10 +107,22 @@ class ModelFamily(ABC):
         """A diffusers inference pipeline over ``parts`` (sharing, not copying, the modules)."""
 
     # -- shared helpers -------------------------------------------------------------------
+    def _load_vae(self, vae_path: str, dtype: torch.dtype):
+        from diffusers import AutoencoderKL
+
+        try:
+            return AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(
+                f"Could not load the VAE from model.vae_path={vae_path!r}: {type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}\nFix: point model.vae_path at a diffusers "
+                "AutoencoderKL folder or hub id (the one holding config.json), or set model.vae_path=null."
+            ) from err
+
     def _load_single_file(self, path: str, *, config: str | None, dtype: torch.dtype, vae_path: str | None) -> ModelParts:
         """Parts of an A1111/ComfyUI-style single ``.safetensors`` file, via diffusers' reader."""
         import diffusers
-        from diffusers import AutoencoderKL, DDPMScheduler
+        from diffusers import DDPMScheduler
 
         if self.single_file_pipeline is None:
             raise ModelLoadError(
@@ -122,7 +132,7 @@ class ModelFamily(ABC):
         pipeline_cls = getattr(diffusers, self.single_file_pipeline)
         try:
             pipe = pipeline_cls.from_single_file(path, config=config, torch_dtype=dtype, local_files_only=bool(config))
-            vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype) if vae_path else pipe.vae
+            vae = pipe.vae
         except Exception as err:  # diffusers raises several types for unreadable or unknown files
             hint = "" if config else (
                 " A single file needs its architecture's configs: set model.config to a diffusers folder (or hub id) "
@@ -132,6 +142,8 @@ class ModelFamily(ABC):
                 f"Could not load the {self.name} single-file checkpoint model.path={path!r}: "
                 f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}.{hint}"
             ) from err
+        if vae_path:
+            vae = self._load_vae(vae_path, dtype)
         encoders = [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
         tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
         return ModelParts(

@@ -1,0 +1,35 @@
+"""``python -m sdtune.bench [overrides]`` (``make bench``): compose ``conf/bench.yaml`` and run the bench.
+
+``--cfg job`` prints the composed config; see docs/benchmarks.md for presets and columns.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from ..config import register_resolvers
+from ..errors import SdtuneError
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
+def main(cfg: DictConfig) -> None:
+    from .suite import run_bench  # heavy imports only once Hydra has parsed the command line
+
+    hydra_cfg = HydraConfig.get()
+    try:
+        code = run_bench(cfg, list(hydra_cfg.overrides.task), dict(hydra_cfg.runtime.choices), hydra_cfg.runtime.output_dir)
+    except SdtuneError as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        sys.exit(2)
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The plain PyTorch loop a user would otherwise write, timed the same way as sdtune.
+
+It follows diffusers' ``train_text_to_image_lora.py``: freeze the base, inject LoRA with peft
+(through ``sdtune.lora.inject``, so the UNet is the same), keep LoRA weights in fp32, then per
+step encode the images with the VAE and the captions with the text encoder(s), noise the latents,
+predict, take the MSE, ``backward``, clip, ``AdamW.step``, ``zero_grad``. Autocast is on when the
+precision asks for it (``bf16-mixed``/``16-mixed``, the latter with a GradScaler on CUDA). The
+batches come from the same :class:`~sdtune.data.ImageCaptionDataModule` as sdtune's, so data
+loading costs the same; only the model-specific conditioning (which encoders, which UNet
+keyword arguments) is borrowed from the family, as a user would copy it from diffusers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data import ImageCaptionDataModule
+from ..families import ModelParts, get_family
+from ..lora import inject, spec_from_config, trainable_lora_parameters
+from ..module import WEIGHT_DTYPES
+from .measure import MemoryMeter, StepClock, batch_size_of
+
+
+def _batches(loader) -> Iterator[dict[str, Any]]:
+    while True:  # epochs, as long as the caller wants
+        yield from loader
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if torch.is_tensor(value):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def prepare(parts: ModelParts, cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    """Freeze and cast the base, add LoRA (fp32) to the UNet, move everything to ``device``."""
+    family = get_family(cfg["model"]["family"])
+    for module in (parts.unet, parts.vae, *parts.text_encoders):
+        module.requires_grad_(False)
+        module.to(device=device, dtype=dtype)
+    for module in (parts.vae, *parts.text_encoders):
+        module.eval()
+    parts.unet.train()
+    lora_cfg = cfg["lora"]
+    inject(parts.unet, spec_from_config(lora_cfg, family.default_lora_targets), init=lora_cfg.get("init", "gaussian"))
+    params = trainable_lora_parameters(parts.unet)
+    for p in params:
+        p.data = p.data.float()
+    if cfg["train"].get("gradient_checkpointing"):
+        parts.unet.enable_gradient_checkpointing()
+    return params
+
+
+def run_reference(
+    cfg: dict[str, Any],
+    records,
+    parts: ModelParts,
+    *,
+    device: torch.device,
+    steps: int,
+    clock: StepClock,
+    meter: MemoryMeter,
+) -> None:
+    """Train ``steps`` iterations of the plain loop on ``parts``, ticking ``clock`` after each."""
+    family = get_family(cfg["model"]["family"])
+    precision = str(cfg["trainer"].get("precision", "32"))
+    dtype = WEIGHT_DTYPES.get(precision, torch.float32)
+    params = prepare(parts, cfg, device, dtype)
+    opt_cfg = cfg["optim"]["optimizer"]
+    optimizer = torch.optim.AdamW(
+        params, lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"]), weight_decay=opt_cfg["weight_decay"], eps=opt_cfg["eps"]
+    )
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant, as the bench config
+    autocast = (
+        torch.autocast(device.type, dtype=dtype) if precision in ("16-mixed", "bf16-mixed") else contextlib.nullcontext()
+    )
+    scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" and device.type == "cuda" else None
+    clip = cfg["trainer"].get("gradient_clip_val")
+    unet, vae, scheduler = parts.unet, parts.vae, parts.noise_scheduler
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    datamodule = ImageCaptionDataModule.from_config(records, cfg["data"], seed=int(cfg.get("seed", 0)))
+
+    meter.begin_loop()
+    clock.start()
+    for i, batch in enumerate(_batches(datamodule.train_dataloader())):
+        if i == steps:
+            break
+        pixels = batch["pixel_values"].to(device, dtype=dtype, non_blocking=True)
+        with torch.no_grad():
+            latents = (vae.encode(pixels).latent_dist.sample().float() - shift) * vae.config.scaling_factor
+            text = family.encode_prompts(parts, batch["text"])
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        cond = _to_device(family.unet_conditioning(text, batch), device)
+        with autocast:
+            pred = unet(noisy.to(dtype), timesteps, **cond, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), target.float())
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, float(clip))
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock.tick(batch_size_of(batch))

@@ -1,0 +1,127 @@
+"""Run one case: sdtune's LoRATrainingModule under a real ``lightning.Trainer``, or the reference loop.
+
+sdtune cases are wired as ``sdtune.train`` wires a run (module, datamodule from the config,
+Trainer from the ``trainer`` config) with the bench's timing callback in place of the run's
+callbacks and loggers (checkpoints, LoRA export, sample grids, CSV/TensorBoard logs), since those
+write files rather than train. With ``bench.random_init`` the module gets random full-size parts
+(``arch.build_parts``) instead of loading ``model.path``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from ..data import ImageCaptionDataModule
+from ..families import ModelParts, get_family
+from ..module import LoRATrainingModule
+from .arch import build_parts
+from .cases import REFERENCE, Case
+from .measure import MemoryMeter, StepClock, batch_size_of, release_memory
+from .reference import run_reference
+
+log = logging.getLogger(__name__)
+
+
+class StepTimer(L.Callback):
+    """Ticks a :class:`StepClock` at the end of every training batch; resets peak memory at train start.
+
+    ``on_train_start`` comes after ``on_fit_start``, so the latent and text caches are filled and
+    the text encoders have left the GPU: the memory peak is the training loop's own.
+    """
+
+    def __init__(self, clock: StepClock, meter: MemoryMeter):
+        self.clock = clock
+        self.meter = meter
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.meter.begin_loop()
+        self.clock.start()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.clock.tick(batch_size_of(batch))
+
+
+def trainer_kwargs(trainer_cfg: dict[str, Any], max_steps: int) -> dict[str, Any]:
+    """The ``trainer`` config as ``lightning.Trainer`` arguments (sdtune's own keys dropped)."""
+    accepted = set(inspect.signature(L.Trainer.__init__).parameters)
+    kwargs = {k: v for k, v in trainer_cfg.items() if k in accepted}
+    kwargs.update(
+        max_steps=max_steps,
+        max_epochs=-1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return kwargs
+
+
+def random_parts(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) -> ModelParts:
+    return build_parts(cfg["model"]["family"], device=device, dtype=dtype, seed=int(cfg.get("seed", 0)))
+
+
+def run_sdtune(cfg: dict[str, Any], records, *, device: torch.device, steps: int, clock: StepClock,
+               meter: MemoryMeter, random_init: bool, root_dir: Path) -> None:
+    module = LoRATrainingModule(cfg)
+    module.num_train_images = len(records)
+    if random_init:
+        module.attach(random_parts(cfg, device, module.weight_dtype))
+    else:
+        module.model_source = module.resolve_source()
+    datamodule = ImageCaptionDataModule.from_config(records, cfg["data"], seed=int(cfg.get("seed", 0)))
+    trainer = L.Trainer(**trainer_kwargs(cfg["trainer"], steps), callbacks=[StepTimer(clock, meter)],
+                        default_root_dir=str(root_dir))
+    trainer.fit(module, datamodule=datamodule)
+
+
+def load_reference_parts(cfg: dict[str, Any], device: torch.device, random_init: bool) -> ModelParts:
+    """The same base model sdtune loads: the same loader, or the same random architecture."""
+    from ..module import WEIGHT_DTYPES
+
+    dtype = WEIGHT_DTYPES.get(str(cfg["trainer"].get("precision", "32")), torch.float32)
+    if random_init:
+        return random_parts(cfg, device, dtype)
+    source = LoRATrainingModule(cfg).resolve_source()  # builds the tiny model if needed, like sdtune
+    model_cfg = cfg["model"]
+    return get_family(model_cfg["family"]).load(
+        source, dtype=dtype, vae_path=model_cfg.get("vae_path"), revision=model_cfg.get("revision"),
+        config=model_cfg.get("config"),
+    )
+
+
+def run_case(case: Case, cfg: dict[str, Any], records, *, device: torch.device, warmup: int, steps: int,
+             random_init: bool, root_dir: Path) -> tuple[list[float], float, str]:
+    """One round of ``case``: (seconds of each timed step, peak memory in MB, how memory was measured)."""
+    meter = MemoryMeter(device)
+    clock = StepClock(device)
+    meter.begin_case()
+    L.seed_everything(int(cfg.get("seed", 0)), verbose=False)
+    total = warmup + steps
+    try:
+        if case.kind == REFERENCE:
+            parts = load_reference_parts(cfg, device, random_init)
+            run_reference(cfg, records, parts, device=device, steps=total, clock=clock, meter=meter)
+            del parts
+        else:
+            run_sdtune(cfg, records, device=device, steps=total, clock=clock, meter=meter,
+                       random_init=random_init, root_dir=root_dir)
+        peak = meter.peak_mb()
+    finally:
+        release_memory()
+    seconds = clock.durations(warmup, int(cfg["data"]["batch_size"]))
+    if not seconds:
+        raise RuntimeError(f"case {case.name}: no full-size batch among {len(clock.sizes)} steps after {warmup} warm-up")
+    return seconds, peak, meter.method
+
+
+def first_batch(cfg: dict[str, Any], records) -> dict[str, Any]:
+    """One collated batch from the real datamodule (for FLOP counting: shapes and SDXL sizes)."""
+    datamodule = ImageCaptionDataModule.from_config(records, {**cfg["data"], "num_workers": 0}, seed=0)
+    return next(iter(datamodule.train_dataloader()))
