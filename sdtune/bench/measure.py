@@ -114,38 +114,37 @@ class StepClock:
 
 @dataclass
 class Timing:
-    """Timed steps of one case, per round.
+    """Timed steps of one case, by round.
 
-    The reported step time is the median step of the fastest round: other processes on a shared
-    machine only ever slow a round down (on 2 cores, two busy processes oversubscribe the OpenMP
-    threads and single steps take 10x longer), so the fastest round's median is the best estimate
-    of the undisturbed step, and every case gets the same treatment. Memory likewise keeps the
-    smallest round's peak: one-off allocations (kernels, thread pools) only ever inflate a round.
+    ``ms_per_step`` is the median of every timed step of every round. The cases of one round run
+    back to back and their order flips every round, so a slow minute on a shared machine lands on
+    every case alike. Memory keeps the smallest round's peak: one-off allocations (kernels, thread
+    pools) only ever inflate a round.
     """
 
     batch_size: int
-    rounds: list[list[float]] = field(default_factory=list)
+    rounds: dict[int, list[float]] = field(default_factory=dict)
     peaks: list[float] = field(default_factory=list)
     memory_method: str = ""
 
-    def add(self, seconds: list[float], peak_mb: float, method: str) -> None:
-        self.rounds.append(list(seconds))
+    def add(self, round_: int, seconds: list[float], peak_mb: float, method: str) -> None:
+        self.rounds[round_] = list(seconds)
         self.peaks.append(peak_mb)
         self.memory_method = method
 
     @property
     def seconds(self) -> list[float]:
         """Every timed step of every round."""
-        return [s for r in self.rounds for s in r]
+        return [s for r in self.rounds.values() for s in r]
 
     @property
     def ms_per_step(self) -> float:
-        return min(statistics.median(r) for r in self.rounds) * 1000
+        return statistics.median(self.seconds) * 1000
 
     @property
     def spread(self) -> float:
-        """Slowest over fastest round median (1.0 = the rounds agree)."""
-        medians = [statistics.median(r) for r in self.rounds]
+        """Slowest over fastest round median (1.0 = the rounds agree; large = a noisy machine)."""
+        medians = [statistics.median(r) for r in self.rounds.values()]
         return max(medians) / min(medians)
 
     @property
@@ -157,29 +156,47 @@ class Timing:
         return self.batch_size * 1000 / self.ms_per_step
 
 
+def shared_round_ratio(case: Timing, base: Timing) -> float | None:
+    """Median step of ``case`` over median step of ``base``, both over the rounds they share.
+
+    For cases timed in every round this is exactly the ratio of their ``ms_per_step``; a speed
+    switch timed in fewer rounds is compared with its base case's steps from those same rounds.
+    """
+    shared = set(case.rounds) & set(base.rounds)
+    if not shared:
+        return None
+    steps = [[s for r in shared for s in t.rounds[r]] for t in (case, base)]
+    return statistics.median(steps[0]) / statistics.median(steps[1])
+
+
 def batch_size_of(batch: dict) -> int:
     """Images in a collated batch (its caption list is always there)."""
     return len(batch["text"])
 
 
 def matmul_peak(device: torch.device, *, size: int | None = None, seconds: float = 1.0) -> dict[str, float | str]:
-    """Achieved FLOP/s of a square ``torch.mm`` loop: bf16 on CUDA, fp32 on the CPU."""
+    """Achieved FLOP/s of a square ``torch.mm`` loop: bf16 on CUDA, fp32 on the CPU.
+
+    The loop runs for ``seconds`` in chunks of about 0.1 s and the fastest chunk counts: like the
+    step times, a peak is only ever lowered by other work on the machine.
+    """
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     n = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
-    for _ in range(2):  # warm-up: kernel selection, thread pool start
-        torch.mm(a, b, out=out)
+    torch.mm(a, b, out=out)  # warm-up: kernel selection, thread pool start
     _sync(device)
-    count, start = 0, time.perf_counter()
-    while True:
-        torch.mm(a, b, out=out)
-        count += 1
-        if count % 4 == 0 or device.type != "cuda":
-            _sync(device)
-            elapsed = time.perf_counter() - start
-            if elapsed >= seconds:
-                break
-    return {"flops": 2 * n**3 * count / elapsed, "dtype": str(dtype).replace("torch.", ""), "size": n}
+    start = time.perf_counter()
+    torch.mm(a, b, out=out)
+    _sync(device)
+    per_chunk = max(1, int(0.1 / max(time.perf_counter() - start, 1e-6)))
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        for _ in range(per_chunk):
+            torch.mm(a, b, out=out)
+        _sync(device)
+        best = max(best, 2 * n**3 * per_chunk / (time.perf_counter() - start))
+    return {"flops": best, "dtype": str(dtype).replace("torch.", ""), "size": n}

@@ -44,15 +44,18 @@ def prepare(parts: ModelParts, cfg: dict[str, Any], device: torch.device, dtype:
     family = get_family(cfg["model"]["family"])
     for module in (parts.unet, parts.vae, *parts.text_encoders):
         module.requires_grad_(False)
-        module.to(device=device, dtype=dtype)
+        if next(module.parameters()).dtype != dtype:  # (diffusers warns about any .to(dtype) on a VAE)
+            module.to(dtype=dtype)
+        module.to(device)
     for module in (parts.vae, *parts.text_encoders):
         module.eval()
     parts.unet.train()
     lora_cfg = cfg["lora"]
     inject(parts.unet, spec_from_config(lora_cfg, family.default_lora_targets), init=lora_cfg.get("init", "gaussian"))
     params = trainable_lora_parameters(parts.unet)
-    for p in params:
-        p.data = p.data.float()
+    if not str(cfg["trainer"].get("precision", "32")).endswith("-true") or dtype == torch.float32:
+        for p in params:  # LoRA trains in fp32 unless the precision is pure low precision (bf16-true)
+            p.data = p.data.float()
     if cfg["train"].get("gradient_checkpointing"):
         parts.unet.enable_gradient_checkpointing()
     return params

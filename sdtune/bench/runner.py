@@ -125,3 +125,26 @@ def first_batch(cfg: dict[str, Any], records) -> dict[str, Any]:
     """One collated batch from the real datamodule (for FLOP counting: shapes and SDXL sizes)."""
     datamodule = ImageCaptionDataModule.from_config(records, {**cfg["data"], "num_workers": 0}, seed=0)
     return next(iter(datamodule.train_dataloader()))
+
+
+def profile_case(case: Case, cfg: dict[str, Any], records, *, device: torch.device, steps: int, random_init: bool,
+                 root_dir: Path, out: Path, top: int = 45) -> None:
+    """Run ``case`` once under cProfile and write the top functions (by own and by cumulative time)."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        run_case(case, cfg, records, device=device, warmup=0, steps=steps, random_init=random_init, root_dir=root_dir)
+    finally:
+        profiler.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    text.write(f"cProfile of {case.name} ({steps} steps, model loading included)\n")
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    from ..io import write_text_atomic
+
+    write_text_atomic(out, text.getvalue())

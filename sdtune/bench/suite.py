@@ -29,7 +29,7 @@ from ..io import write_text_atomic
 from .cases import REFERENCE, Case, cases_from_config, missing_requirements, models_to_run, plan_for, without_model
 from .flops import count_step_flops
 from .measure import Timing, matmul_peak
-from .runner import first_batch, run_case
+from .runner import first_batch, profile_case, run_case
 from .table import check_targets, make_row, to_console, to_csv, to_markdown
 
 log = logging.getLogger(__name__)
@@ -97,10 +97,11 @@ def bench_model(model: str, base: list[str], cases: list[Case], bench: dict[str,
         run_case(prime, cfgs[prime.name], records, device=device, warmup=0, steps=plan.warmup + 1,
                  random_init=random_init, root_dir=out_dir)
     for round_ in range(plan.rounds if plan.timed else 0):
-        for case in cases:
+        for case in cases if round_ % 2 == 0 else cases[::-1]:  # flipped order cancels drift
             if skipped[case.name] or case.name in errors:
                 continue
-            if case.rounds is not None and round_ >= case.rounds:
+            cap = case.rounds if case.rounds is not None else (bench.get("switch_rounds") if case.switch else None)
+            if cap is not None and round_ >= int(cap):
                 continue
             started = time.perf_counter()
             try:
@@ -112,11 +113,20 @@ def bench_model(model: str, base: list[str], cases: list[Case], bench: dict[str,
                 log.exception("bench case %s/%s failed", model, case.name)
                 errors[case.name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 continue
-            timings[case.name].add(seconds, peak, method)
+            timings[case.name].add(round_, seconds, peak, method)
             log.info("%s/%s round %d: median %.1f ms/step, peak %.0f MiB (%.1f s, load %.2f)", model, case.name,
                      round_ + 1, 1000 * statistics.median(seconds), peak, time.perf_counter() - started, os.getloadavg()[0])
 
-    ms = {name: t.ms_per_step for name, t in timings.items() if t.seconds}
+    profile = bench.get("profile")
+    if plan.timed and profile:
+        case = next((c for c in cases if c.name == profile), None)
+        if case is None:
+            raise ValueError(f"bench.profile={profile!r} is not one of the cases {[c.name for c in cases]}")
+        out = out_dir / f"profile_{model}_{profile}.txt"
+        profile_case(case, cfgs[profile], records, device=device, steps=plan.warmup + plan.steps,
+                     random_init=random_init, root_dir=out_dir, out=out)
+        log.info("wrote %s", out)
+
     rows = []
     for case in cases:
         cfg = cfgs[case.name]
@@ -125,8 +135,9 @@ def bench_model(model: str, base: list[str], cases: list[Case], bench: dict[str,
                 "resolution": cfg["data"]["resolution"], "note": skipped[case.name] or errors.get(case.name, "")}
         unavailable = plan.reason if not plan.timed else ("n/a (CUDA only)" if skipped[case.name] else "error")
         rows.append(make_row(
-            case=case, meta=meta, timing=timings[case.name], flops_per_image=flops["fwd_bwd"], peak_flops=peak_flops,
-            reference_ms=ms.get(REFERENCE), baseline_ms=ms.get(case.vs or ""), unavailable=unavailable,
+            case=case, meta=meta, timing=timings[case.name], flops_per_image=flops["fwd_bwd"],
+            fwd_flops_per_image=flops["fwd"], peak_flops=peak_flops,
+            reference=timings.get(REFERENCE), baseline=timings.get(case.vs or ""), unavailable=unavailable,
         ))
     return rows, [f"{model}/{name}: {msg}" for name, msg in errors.items()]
 
@@ -157,9 +168,9 @@ def run_bench(cfg: DictConfig, task_overrides: Sequence[str], choices: dict[str,
     cases = cases_from_config(bench)
 
     load = os.getloadavg()[0]
-    if device.type == "cpu" and load > 0.5:
-        log.warning("load average %.2f before the bench: other processes use this CPU, so step times will be noisy "
-                    "(each case reports its fastest round)", load)
+    if device.type == "cpu" and load > 0.5 * (os.cpu_count() or 1):
+        log.warning("load average %.2f before the bench: other processes may be using this CPU, so step times "
+                    "will be noisy (ratios pair cases within rounds, which helps but does not cure it)", load)
     peak = matmul_peak(device, size=bench["matmul"].get("size"), seconds=float(bench["matmul"].get("seconds", 1.0)))
     log.info("matmul peak on %s: %.1f GFLOP/s (%s)", device, peak["flops"] / 1e9, peak["dtype"])
     rows, errors = [], []

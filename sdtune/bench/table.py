@@ -12,11 +12,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .cases import REFERENCE, Case
-from .measure import Timing
+from .measure import Timing, shared_round_ratio
 
 COLUMNS = [
     "family", "model", "case", "variant", "device", "precision", "batch", "resolution", "steps_timed",
-    "rounds", "round_spread", "ms_per_step", "images_per_s", "peak_mem_mib", "gflop_per_image", "mfu_pct", "vs_reference",
+    "rounds", "round_spread", "ms_per_step", "images_per_s", "peak_mem_mib", "gflop_per_image", "gflop_fwd_per_image", "mfu_pct", "vs_reference",
     "vs_baseline", "baseline", "note",
 ]
 #: Columns shown in the console table (the CSV has all of them).
@@ -40,31 +40,36 @@ def make_row(
     meta: Mapping[str, Any],
     timing: Timing | None,
     flops_per_image: float | None,
+    fwd_flops_per_image: float | None,
     peak_flops: float,
-    reference_ms: float | None,
-    baseline_ms: float | None,
+    reference: Timing | None,
+    baseline: Timing | None,
     unavailable: str | None,
 ) -> dict[str, str]:
     """One table row. ``unavailable`` (e.g. "n/a (CPU)") fills the timing columns when not timed."""
     row = {k: str(meta.get(k, "")) for k in COLUMNS}
     row.update(case=case.name, variant=case.variant, baseline=case.vs or "")
     row["gflop_per_image"] = _num(flops_per_image / 1e9) if flops_per_image else "n/a"
+    row["gflop_fwd_per_image"] = _num(fwd_flops_per_image / 1e9) if fwd_flops_per_image else "n/a"
     if timing is None or not timing.seconds:
         for key in ("ms_per_step", "images_per_s", "peak_mem_mib", "mfu_pct", "vs_reference", "vs_baseline"):
             row[key] = unavailable or "n/a"
         row.update(steps_timed="0", rounds="0", round_spread="")
         return row
-    ms = timing.ms_per_step
+    # Switch rows compare with their own base case (same rounds); a ratio to the reference would
+    # mix rounds the base case does not share.
+    vs_ref = shared_round_ratio(timing, reference) if reference is not None and reference.seconds and not case.switch else None
+    vs_base = shared_round_ratio(timing, baseline) if baseline is not None and baseline.seconds and case.vs != REFERENCE else None
     row.update(
         steps_timed=str(len(timing.seconds)),
         rounds=str(len(timing.rounds)),
         round_spread=f"{timing.spread:.2f}",
-        ms_per_step=_num(ms),
+        ms_per_step=_num(timing.ms_per_step),
         images_per_s=_num(timing.images_per_s),
         peak_mem_mib=_num(timing.peak_mb),
         mfu_pct=_num(100 * flops_per_image * timing.images_per_s / peak_flops, 3) if flops_per_image else "n/a",
-        vs_reference=f"{ms / reference_ms:.3f}" if reference_ms else "",
-        vs_baseline=f"{ms / baseline_ms:.3f}" if baseline_ms and case.vs not in (None, REFERENCE) else "",
+        vs_reference=f"{vs_ref:.3f}" if vs_ref is not None else "",
+        vs_baseline=f"{vs_base:.3f}" if vs_base is not None else "",
     )
     return row
 
