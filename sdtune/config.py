@@ -62,6 +62,15 @@ def _gpu_requested(cfg: DictConfig) -> bool:
     return torch.cuda.is_available()
 
 
+def check_device(cfg: DictConfig) -> None:
+    """Precision settings that need hardware; checked once the model is known to exist."""
+    if str(_get(cfg, "trainer.precision")) == "16-mixed" and not _gpu_requested(cfg):
+        raise ConfigError(
+            "trainer.precision=16-mixed needs a CUDA GPU and none is in use. Fix: trainer.precision=32 "
+            "(or bf16-mixed) on the CPU, e.g. with trainer=cpu."
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first invalid training setting."""
     from .families import FAMILIES
@@ -120,11 +129,7 @@ def validate(cfg: DictConfig) -> None:
     precision = str(_get(cfg, "trainer.precision"))
     if precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={precision!r} is not supported; use one of {list(PRECISIONS)}.")
-    if precision == "16-mixed" and not _gpu_requested(cfg):
-        raise ConfigError(
-            "trainer.precision=16-mixed needs a CUDA GPU and none is in use. Fix: trainer.precision=32 "
-            "(or bf16-mixed) on the CPU, e.g. with trainer=cpu."
-        )
+
     _int(cfg, "trainer.accumulate_grad_batches", minimum=1)
 
     if _get(cfg, "train.prediction_type") not in PREDICTION_TYPES:

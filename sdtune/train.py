@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpointing import AtomicCheckpointIO, check_resumable, resolve_ckpt_path
-from .config import validate
+from .config import check_device, validate
 from .data import ImageCaptionDataModule, load_records
 from .io import write_text_atomic
 from .loggers import drop_rows_after
@@ -56,6 +56,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
     module = LoRATrainingModule(resolved)
     module.num_train_images = len(records)
     module.model_source = module.resolve_source()  # an unreachable model fails here, in seconds
+    check_device(cfg)
     trainer_kwargs = dict(resolved["trainer"])
     for key in SDTUNE_TRAINER_KEYS:  # ours, not lightning.Trainer's
         trainer_kwargs.pop(key, None)

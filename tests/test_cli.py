@@ -74,7 +74,8 @@ def test_checkpoint_holds_lora_and_training_state_only(quickstart_run):
     assert ckpt["state_dict"] and all(is_lora_key(k) for k in ckpt["state_dict"])
     assert ckpt["global_step"] == 30 and ckpt["optimizer_states"] and ckpt["lr_schedulers"]
     assert ckpt["hyper_parameters"]["cfg"]["lora"]["alpha"] == 8
-    assert ckpt["sdtune"] == {"family": "sd15", "rank": 4, "alpha": 8.0, "targets": ["to_q", "to_k", "to_v", "to_out.0"], "num_train_images": 12}
+    assert ckpt["sdtune"] == {"family": "sd15", "rank": 4, "alpha": 8.0, "targets": ["to_q", "to_k", "to_v", "to_out.0"], "num_train_images": 12,
+                             "skipped_nonfinite": 0}
 
 
 def test_export_cli_reproduces_the_run_file(quickstart_run, tmp_path):

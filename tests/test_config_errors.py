@@ -40,7 +40,6 @@ CASES = [
     ("rank-not-a-number", lambda t: ["lora.rank=abc"], ConfigError, r"lora.rank must be an integer >= 1, got 'abc'"),
     ("resolution-not-multiple-of-8", lambda t: ["data.resolution=100"], ConfigError, r"data.resolution=100 is not divisible by 8.*use 96 or 104"),
     ("precision", lambda t: ["trainer.precision=64"], ConfigError, r"trainer.precision='64' is not supported"),
-    ("fp16-on-cpu", lambda t: ["trainer=default", "trainer.accelerator=cpu"], ConfigError, r"trainer.precision=16-mixed needs a CUDA GPU"),
     ("pissa-init", lambda t: ["lora.init=pissa"], ConfigError, r"lora.init must be one of \['gaussian', True, False\]"),
 ]
 
@@ -66,6 +65,13 @@ def test_unknown_model_lists_choices(tmp_path):
     assert proc.returncode != 0
     assert "Could not find 'model/sd99'" in proc.stderr
     assert "Available options in 'model'" in proc.stderr and "sd15" in proc.stderr and "tiny" in proc.stderr
+
+
+def test_fp16_on_a_cpu_is_refused_with_the_fix(tmp_path):
+    cfg = compose_cfg("experiment=quickstart", "trainer=default", "trainer.accelerator=cpu", output_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"trainer.precision=16-mixed needs a CUDA GPU.*trainer=cpu"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_unset_data_root_says_how_to_fix(tmp_path):
