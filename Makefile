@@ -25,9 +25,11 @@ demo: $(STAMP)
 	$(PY) -m sdtune experiment=quickstart
 
 # Clean a raw image+caption folder with a data-juicer recipe into a training-ready folder.
+# RAW, OUT and RECIPE are single-quoted for the shell (paths with spaces, quotes, $ or ;).
+shq = '$(subst ','\'',$(1))'
 data: $(STAMP)
-	@test -n "$(RAW)" || { echo "usage: make data RAW=<raw image folder> [OUT=data/clean] [RECIPE=$(RECIPE)] [NP=2]"; exit 2; }
-	$(PY) -m data_pipeline $(RAW) $(OUT) --recipe $(RECIPE) --np $(NP)
+	@test -n $(call shq,$(RAW)) || { echo "usage: make data RAW=<raw image folder> [OUT=data/clean] [RECIPE=$(RECIPE)] [NP=2]"; exit 2; }
+	$(PY) -m data_pipeline $(call shq,$(RAW)) $(call shq,$(OUT)) --recipe $(call shq,$(RECIPE)) --np $(NP)
 
 # Speed and memory of the real training step against a plain PyTorch loop (tiny models on the CPU).
 bench: $(STAMP)

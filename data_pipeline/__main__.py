@@ -1,7 +1,9 @@
 """``python -m data_pipeline RAW OUT --recipe R --np N``: the command behind ``make data``.
 
 A thin argparse layer over :func:`data_pipeline.runner.run`. User errors print one message and
-exit with status 2 (no traceback); a run where nothing survives exits with 1.
+exit with status 2 (no traceback); a run where nothing survives exits with 1 and leaves OUT as it
+was. The run happens inside a :class:`~data_pipeline.lifeline.Lifeline`, so that if this process is
+killed its worker processes die too and its temporary folders are removed.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import RUN_EXIT, PipelineError
+from .errors import PipelineError
 from .recipe import DEFAULT_RECIPE
 
 
@@ -30,21 +32,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from .runner import format_table, run
+    from .lifeline import Lifeline
+    from .runner import NothingKept, format_table, run
 
-    try:
-        summary = run(args.raw, args.out, args.recipe, args.np, args.link, args.keep_work, args.verbose)
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    with Lifeline(args.out) as lifeline:
+        try:
+            summary = run(args.raw, args.out, args.recipe, args.np, args.link, args.keep_work, args.verbose, lifeline)
+        except NothingKept as err:
+            print(format_table(err.summary, args.link))
+            print(f"error: {err}", file=sys.stderr)
+            return err.code
+        except PipelineError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return err.code
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
     print(format_table(summary, args.link))
     print(f"\nOUT: {summary.out}  (metadata.csv, dropped.csv, report.json)")
-    if summary.kept == 0:
-        print(f"error: no image survived the cleaning; see {summary.out / 'dropped.csv'}", file=sys.stderr)
-        return RUN_EXIT
     return 0
 
 

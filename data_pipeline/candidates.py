@@ -7,6 +7,7 @@ empty caption, a repeated row). Candidates with a problem are dropped, never rai
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -49,6 +50,21 @@ def missing_problem(path: Path) -> tuple[str, str] | None:
     return ("missing file", "listed but not found" if not path.exists() else "listed path is not a file")
 
 
+def json_kind(value: object) -> str:
+    """``value`` as a JSON reader would name it, with a short rendering: ``a number (5)``."""
+    kind = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    shown = json.dumps(value, ensure_ascii=False, default=str)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    return "null" if value is None else f"{kind.get(type(value), type(value).__name__)} ({shown})"
+
+
+def not_text(field: str, value: object) -> str | None:
+    """The 'bad record' detail when a field that must hold text (or be absent) holds another JSON type."""
+    if value is None or isinstance(value, str):
+        return None
+    return f"'{field}' is {json_kind(value)}; expected a string"
+
+
 def clean_caption(text: object) -> tuple[str | None, tuple[str, str] | None]:
     """The stripped caption, or the 'no caption' problem when it is absent or blank."""
     if text is None or not str(text).strip():
@@ -64,6 +80,10 @@ def rows_to_candidates(meta: Path, rows, unit: str) -> list[Candidate]:
     for n, row in rows:
         if not isinstance(row, dict):
             out.append(Candidate(f"{meta.name} {unit} {n}", None, None, None, ("bad record", "not a JSON object")))
+            continue
+        wrong = not_text("file_name", row.get("file_name")) or not_text("text", row.get("text"))
+        if wrong:
+            out.append(Candidate(f"{meta.name} {unit} {n}", None, None, None, ("bad record", wrong)))
             continue
         name = str(row.get("file_name") or "").strip()
         if not name:

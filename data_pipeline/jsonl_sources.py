@@ -1,7 +1,9 @@
 """Readers for the two JSON-lines layouts: ``metadata.jsonl`` and a data-juicer dataset.
 
 A data-juicer record is ``{"text": caption, "images": [path]}`` (``image`` is accepted too, as is a
-single path string). Relative paths are relative to the jsonl file's folder. data-juicer's
+single path string). Any other shape (a number, an object, null, a list holding a non-string, a
+non-string caption) makes that record a dropped ``bad record`` with the reason, never a crash.
+Relative paths are relative to the jsonl file's folder. data-juicer's
 multimodal special tokens (``<__dj__image>``, ``<|__dj__eoc|>``) are removed from captions because
 they are markup, not words the model should learn. A line that is not JSON is dropped, not fatal.
 """
@@ -12,7 +14,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from .candidates import Candidate, clean_caption, locate, missing_problem, rows_to_candidates
+from .candidates import Candidate, clean_caption, json_kind, locate, missing_problem, not_text, rows_to_candidates
 from .errors import PipelineError
 
 DJ_TOKENS = ("<__dj__image>", "<|__dj__eoc|>")
@@ -55,6 +57,25 @@ def _strip_tokens(text: object) -> object:
     return " ".join(cleaned.split()) if cleaned != text else text
 
 
+def one_image(record: dict) -> tuple[str | None, str | None]:
+    """``(path, None)`` for a record naming exactly one image path, else ``(None, why not)``."""
+    key = "images" if "images" in record or "image" not in record else "image"
+    if key not in record:
+        return None, "no 'images' field; expected a path or a list with one path"
+    value = record[key]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        return None, f"'{key}' is {json_kind(value)}; expected a path or a list with one path"
+    if len(value) != 1:
+        return None, f"{len(value)} images listed; sdtune trains on exactly one image per caption"
+    if not isinstance(value[0], str):
+        return None, f"'{key}' holds {json_kind(value[0])}; expected a path string"
+    if not value[0].strip():
+        return None, f"'{key}' holds an empty path"
+    return value[0].strip(), None
+
+
 def read_dj_jsonl(path: Path) -> list[Candidate]:
     """A data-juicer dataset: one image per record; records with zero or several images are dropped."""
     base = path.parent
@@ -66,13 +87,12 @@ def read_dj_jsonl(path: Path) -> list[Candidate]:
             detail = "not valid JSON" if record is _NOT_JSON else "not a JSON object"
             out.append(Candidate(where, None, None, None, ("bad record", detail)))
             continue
-        images = record.get("images", record.get("image"))
-        images = [images] if isinstance(images, str) else list(images or [])
-        if len(images) != 1 or not isinstance(images[0], str) or not images[0].strip():
-            detail = f"{len(images)} images listed; sdtune trains on exactly one image per caption"
+        name, detail = one_image(record)
+        detail = detail or not_text("text", record.get("text"))
+        if detail:
             out.append(Candidate(where, None, None, None, ("bad record", detail)))
             continue
-        image, key, dest = locate(base, images[0].strip())
+        image, key, dest = locate(base, name)
         caption, problem = clean_caption(_strip_tokens(record.get("text")))
         if image in seen:
             key = f"{key} ({where})"

@@ -1,7 +1,8 @@
 """Build the clean dataset folder OUT, and decide whether an existing OUT may be replaced.
 
 OUT is assembled in a hidden sibling folder and renamed into place only when complete, so a
-crash never leaves a half-written dataset. An existing OUT is replaced only when it carries
+crash never leaves a half-written dataset; a kill between the two renames of the swap is repaired
+by :func:`.lifeline.recover` (the previous dataset goes back), so OUT is never lost. An existing OUT is replaced only when it carries
 ``MARKER`` (written by an earlier run) or is empty: we never delete a folder we did not make.
 Everything written is a pure function of the inputs (sorted rows, no timestamps; copies keep the
 source's mtime), so two runs on the same RAW give byte-identical files.
@@ -12,6 +13,7 @@ Layout: ``images/<path relative to RAW>``, ``metadata.csv`` (``file_name,text``,
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -23,7 +25,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .candidates import Drop
-from .errors import PipelineError
+from .errors import RUN_EXIT, PipelineError
+from .lifeline import sibling
 
 MARKER = ".sdtune_dataset.json"
 MARKER_TEXT = json.dumps({"created_by": "sdtune data_pipeline", "format": 1}, indent=2) + "\n"
@@ -86,22 +89,72 @@ def _place(source: Path, target: Path, link: str) -> None:
     shutil.copy2(source, target)
 
 
+DROPPED_HEADER = ("file", "reason")
+
+
+def dropped_beside(out: Path) -> Path:
+    """Where a run that kept nothing lists its drops: ``<OUT>.dropped.csv``, next to OUT."""
+    return out.with_name(f"{out.name}.dropped.csv")
+
+
+def write_dropped_beside(out: Path, drops: list[Drop]) -> Path:
+    """Write ``<OUT>.dropped.csv`` atomically (temporary sibling, then rename); OUT is not touched.
+
+    An existing file of that name is replaced only if it is one of ours (same header line).
+    """
+    target = dropped_beside(out)
+    if target.is_symlink() or (target.exists() and not _is_our_dropped_csv(target)):
+        raise PipelineError(
+            f"no image survived the cleaning, and the list of reasons cannot be written: {target} exists and was "
+            "not written by this stage. Fix: move that file away and run again.",
+            code=RUN_EXIT,
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = sibling(out, "dropped.tmp", os.getpid())
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(_csv(DROPPED_HEADER, sorted((d.key, d.reason) for d in drops)))
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+def _is_our_dropped_csv(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            return fh.readline().rstrip("\r\n") == ",".join(DROPPED_HEADER)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def _swap(tmp: Path, out: Path) -> None:
-    """Put the finished ``tmp`` at ``out``, removing the previous run's OUT only afterwards."""
-    if not out.exists():
+    """Put the finished ``tmp`` at ``out``, removing the previous run's OUT only afterwards.
+
+    Between the two renames OUT is missing for an instant; if the process is interrupted there,
+    the previous dataset is renamed back here (Ctrl-C) or by the reaper / next run (a kill).
+    """
+    if not os.path.lexists(out):
         os.rename(tmp, out)
         return
     check_out(out, tmp)  # still ours (or empty) right before replacing it
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    old = sibling(out, "old", os.getpid())
     os.rename(out, old)
-    os.rename(tmp, out)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if not os.path.lexists(out):
+            os.rename(old, out)
+        raise
     shutil.rmtree(old)
 
 
 def write_dataset(out: Path, kept: list[KeptFile], drops: list[Drop], report: dict, link: str = "copy") -> None:
     """Write OUT completely in a sibling folder, then swap it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    tmp = sibling(out, "partial", os.getpid())
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()

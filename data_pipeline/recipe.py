@@ -4,6 +4,9 @@ A recipe needs ``process:``, a list of ``{op_name: {params}}``. It may set any o
 option (``np``, ``executor_type``, ``ray_address``, ...). The keys in ``FORCED`` are always set by
 the stage, because it owns the input file, the output file, the work folder and the tracer that
 attributes every drop; a recipe's values for them are ignored (``np`` comes from ``--np`` first).
+
+Validation also refuses an op whose ``min_X`` is above its ``max_X`` (recipe values over the op's
+defaults, sizes like ``8KB`` compared in bytes): such a filter would silently drop every image.
 """
 
 from __future__ import annotations
@@ -58,9 +61,51 @@ def validate_recipe(recipe: dict, path: str | os.PathLike) -> None:
     except PipelineConfigError as err:
         lines = "\n".join(f"  - {e}" for e in err.errors)
         raise PipelineError(f"recipe {path} is not valid:\n{lines}") from None
+    check_min_max(recipe, path)
     executor = recipe.get("executor_type", "default")
     if executor not in ("default", "local", "ray", "ray_partitioned"):
         raise PipelineError(f"recipe {path}: executor_type {executor!r} is not one of default, ray, ray_partitioned.")
+
+
+def _as_number(value) -> float | None:
+    """A min/max bound as a number (``"8KB"`` in bytes), or None when it cannot be compared."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        from data_juicer.utils.mm_utils import size_to_bytes
+
+        try:
+            return float(size_to_bytes(value))
+        except (ValueError, TypeError, KeyError):
+            return None
+    return None
+
+
+def check_min_max(recipe: dict, path: str | os.PathLike) -> None:
+    """Refuse an op whose ``min_X`` exceeds its ``max_X`` (e.g. ``min_ratio: 2.0, max_ratio: 0.5``)."""
+    from .reasons import effective_params
+
+    for n, (name, params) in enumerate(op_list(recipe), 1):
+        values = effective_params(name, params)
+        for low_key in [k for k in values if k.startswith("min_")]:
+            high_key = "max_" + low_key[len("min_") :]
+            if high_key not in values or not ({low_key, high_key} & set(params)):
+                continue
+            low, high = _as_number(values[low_key]), _as_number(values[high_key])
+            if low is None or high is None or low <= high:
+                continue
+            shown = {k: f"{k} {values[k]}" + ("" if k in params else " (its default)") for k in (low_key, high_key)}
+            fix = (
+                f"swap them ({low_key}: {values[high_key]}, {high_key}: {values[low_key]})"
+                if low_key in params and high_key in params
+                else f"set {low_key} and {high_key} so that {low_key} is at most {high_key}"
+            )
+            raise PipelineError(
+                f"recipe {path}: {name} (process entry {n}) has {shown[low_key]} above {shown[high_key]}, "
+                f"so it would drop every image. Fix: {fix}."
+            )
 
 
 def op_list(recipe: dict) -> list[tuple[str, dict]]:

@@ -2,14 +2,19 @@
 
 ``run`` returns a :class:`Summary`; ``__main__`` turns it (or a :class:`PipelineError`) into the
 exit status. RAW is only ever read. data-juicer's own work files (input jsonl, traces, logs)
-live in a temporary folder that is removed afterwards unless ``keep_work`` is set or
-data-juicer failed (then the log is worth reading).
+live in a temporary folder ``sdtune-data-PID-*`` that is removed afterwards unless ``keep_work`` is
+set or data-juicer failed (then the log is worth reading); every temporary file of the run and of
+its worker processes goes inside it, so a killed run's reaper (:mod:`.lifeline`) removes them all.
+
+A run that keeps no image never touches OUT: OUT stays as it was (absent, or the previous
+dataset) and the reasons go to ``<OUT>.dropped.csv`` beside it (:class:`NothingKept`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
+import secrets
 import tempfile
 import time
 from collections import Counter
@@ -17,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .candidates import Drop
+from .errors import RUN_EXIT, PipelineError
 from .juicer import JuicerResult, run_recipe
-from .output import KeptFile, check_out, write_dataset
+from .lifeline import KEPT, Lifeline, new_work_dir, recover_stale, remove_path
+from .output import KeptFile, check_out, write_dataset, write_dropped_beside
 from .precheck import run_prechecks
 from .reasons import NO_TRACE, attribute
 from .recipe import load_recipe, op_list, resolve_np, validate_recipe
@@ -44,6 +51,67 @@ class Summary:
         order = sorted(s for s in counts if s.startswith("pre-check:"))
         order += [op for op in dict.fromkeys(self.ops) if op in counts] + [NO_TRACE] * (NO_TRACE in counts)
         return {stage: counts[stage] for stage in order}
+
+
+class NothingKept(PipelineError):
+    """No image survived: OUT was left untouched; ``summary`` still says what was dropped where."""
+
+    def __init__(self, message: str, summary: Summary):
+        super().__init__(message, code=RUN_EXIT)
+        self.summary = summary
+
+
+@contextlib.contextmanager
+def _temp_files_in(folder: Path, lifeline: Lifeline | None):
+    """Make this process and every worker it forks create their temporary files where a kill's
+    reaper removes them.
+
+    :mod:`tempfile` users and spawned programs (``TMPDIR``) write into ``folder`` (inside the work
+    folder). multiprocessing (stdlib and dill's fork, used by HF datasets) puts a Manager's socket
+    in a ``pymp-*`` folder it makes once per process; that one gets a fresh folder in the usual
+    temp dir instead (a socket path must stay under ~108 bytes), registered with ``lifeline``.
+    The previous settings come back afterwards, so repeated runs in one process each get their own.
+    """
+    import multiprocessing.process
+
+    configs = [multiprocessing.process.current_process()._config]
+    with contextlib.suppress(ImportError):  # dill's fork of multiprocessing, used by HF datasets
+        import multiprocess.process
+
+        configs.append(multiprocess.process.current_process()._config)
+    mp_dir = Path(tempfile.gettempdir()) / f"pymp-{secrets.token_hex(4)}"  # as short as multiprocessing's own
+    if lifeline is not None:
+        lifeline.remove_on_death(mp_dir)
+    mp_dir.mkdir(mode=0o700)
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = [cfg.get("tempdir") for cfg in configs]
+    saved_tempdir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir, os.environ["TMPDIR"] = str(folder), str(folder)
+    for cfg in configs:
+        cfg["tempdir"] = str(mp_dir)
+    try:
+        yield
+    finally:
+        remove_path(mp_dir)
+        tempfile.tempdir = saved_tempdir
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        for cfg, value in zip(configs, saved):
+            cfg["tempdir"] = value
+
+
+def _nothing_kept(summary: Summary, raw: Path) -> NothingKept:
+    """Write the reasons beside OUT (OUT itself stays as it was) and build the error naming them."""
+    listed = write_dropped_beside(summary.out, summary.drops)
+    counts = ", ".join(f"{n} by {stage}" for stage, n in summary.dropped_by().items())
+    state = "was left as it was" if summary.out.exists() else "was not created"
+    return NothingKept(
+        f"no image survived the cleaning: all {summary.n_in} from {raw} were dropped ({counts}). OUT {summary.out} "
+        f"{state}; why each file was dropped: {listed}. Fix: loosen the recipe {summary.recipe} or fix the inputs.",
+        summary,
+    )
 
 
 def _report(summary: Summary, raw: Path) -> dict:
@@ -78,8 +146,11 @@ def run(
     link: str = "copy",
     keep_work: bool = False,
     verbose: bool = False,
+    lifeline: Lifeline | None = None,
 ) -> Summary:
-    """Clean ``raw`` into ``out`` with ``recipe``; raises :class:`PipelineError` on user errors."""
+    """Clean ``raw`` into ``out`` with ``recipe``; raises :class:`PipelineError` on user errors
+    (:class:`NothingKept` when no image survives). ``lifeline`` (see :mod:`.lifeline`) is told
+    about the work folder, so it is removed even if this process is killed."""
     clock = time.perf_counter()
     recipe_path = Path(os.path.abspath(recipe))
     recipe_cfg = load_recipe(recipe_path)
@@ -87,6 +158,8 @@ def run(
     raw_input = read_raw(raw)
     raw_root = Path(os.path.abspath(os.path.expanduser(raw)))
     out = Path(os.path.abspath(os.path.expanduser(out)))
+    check_out(out, raw_root)
+    recover_stale(out)  # leftovers of a killed earlier run; may put the previous OUT back
     check_out(out, raw_root)
     seconds = {"read": time.perf_counter() - clock}
 
@@ -100,13 +173,23 @@ def run(
     seconds["pre-check"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="sdtune-data-"))
-    failed = True
+    work = new_work_dir()
+    if lifeline is not None:
+        lifeline.remove_on_death(work)  # before it exists: a kill at any later moment is covered
+    work.mkdir(mode=0o700)
+    keep = keep_work
     try:
         samples = [{"text": c.caption, "images": [str(c.path)], "sdtune_id": i} for i, (c, _) in enumerate(passed)]
-        result = (
-            run_recipe(recipe_cfg, recipe_path, samples, work, np_workers, verbose) if samples else JuicerResult({})
-        )
+        try:
+            with _temp_files_in(work / "tmp", lifeline):
+                result = (
+                    run_recipe(recipe_cfg, recipe_path, samples, work, np_workers, verbose)
+                    if samples
+                    else JuicerResult({})
+                )
+        except PipelineError:
+            keep = True  # data-juicer failed: its log is worth reading
+            raise
         ids = {i: c.key for i, (c, _) in enumerate(passed)}
         sizes = {i: info[:2] for i, (_, info) in enumerate(passed)}
         drops += attribute(ids, sizes, result, ops)
@@ -116,14 +199,18 @@ def run(
         kept = _kept_files(passed, result)
         names = [name for name, _ in ops]
         summary = Summary(out, raw_input.form, recipe_path, names, len(raw_input.candidates), len(kept), drops, seconds)
+        if not kept:
+            raise _nothing_kept(summary, raw_root)
         write_dataset(out, kept, drops, _report(summary, raw_root), link)
         seconds["write"] = time.perf_counter() - clock
-        failed = False
     finally:
-        if keep_work or failed:
+        if keep:
+            (work / KEPT).write_text("kept on purpose; remove this folder when done with it\n", encoding="utf-8")
+            if lifeline is not None:
+                lifeline.keep(work)
             print(f"data-juicer work folder kept: {work}")
         else:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_path(work)
     return summary
 
 

@@ -11,13 +11,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .config import register_resolvers
+from .config import CONF_DIR, register_resolvers
 from .errors import SdtuneError
 
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+# An absolute path: Hydra resolves a relative one against the package when this module is imported
+# (tests, other tools) rather than run with -m.
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from .train import train  # heavy imports only once Hydra has parsed the command line
 

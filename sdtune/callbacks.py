@@ -183,7 +183,9 @@ class RunSummary(L.Callback):
             return
         wall = self._wall  # training only: sampling and export at fit end are not counted
         steps = trainer.global_step - self._start_step
-        lora = self.dirpath / self.lora_filename
+        # The exporter's own path, so a renamed LoRA file (callbacks.lora_export.filename) is found.
+        export = next((c for c in trainer.callbacks if isinstance(c, LoRAExport)), None)
+        lora = export.path if export is not None else self.dirpath / self.lora_filename
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         summary = {
             "global_step": trainer.global_step,

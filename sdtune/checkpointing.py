@@ -8,17 +8,25 @@ a checkpoint from another model family, rank or target set is refused before any
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .errors import ConfigError
 from .export import load_checkpoint
 from .families import get_family
 from .io import atomic_path
-from .lora import spec_from_config
+from .lora import lora_tensors, spec_from_config
+from .lora_files import check_finite
+
+log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -61,8 +69,39 @@ def newest_checkpoint(folder: Path) -> Path | None:
     return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), default=None)
 
 
-def check_resumable(path: Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Load ``path`` safely and refuse it if it was trained on another family, rank or target set."""
+def data_manifest(records: Sequence[Any], root: str | os.PathLike) -> dict[str, str]:
+    """``{image path relative to data.root: "<file size>:<caption digest>"}`` for every record.
+
+    Stored in each checkpoint, so a resume can say which images were added, removed, replaced
+    or re-captioned since (sizes and names only: no image is read).
+    """
+    base = Path(os.path.abspath(Path(root).expanduser()))
+    manifest = {}
+    for record in records:
+        captions = getattr(record, "captions", None) or (record.text,)
+        digest = hashlib.sha1(json.dumps(list(captions), ensure_ascii=False).encode()).hexdigest()[:12]
+        manifest[os.path.relpath(os.path.abspath(record.path), base)] = f"{Path(record.path).stat().st_size}:{digest}"
+    return manifest
+
+
+def describe_data_change(then: Mapping[str, str], now: Mapping[str, str]) -> str | None:
+    """A one-line account of how the dataset differs from the checkpoint's, or None if it does not."""
+    added = sorted(now.keys() - then.keys())
+    removed = sorted(then.keys() - now.keys())
+    same = now.keys() & then.keys()
+    recaptioned = sorted(k for k in same if now[k].split(":")[1] != then[k].split(":")[1])
+    replaced = sorted(k for k in same if now[k].split(":")[0] != then[k].split(":")[0])
+    parts = [f"{len(names)} {what} (e.g. {', '.join(names[:3])})"
+             for what, names in (("added", added), ("removed", removed), ("with a new caption", recaptioned),
+                                 ("with a different image file", replaced)) if names]
+    if not parts:
+        return None
+    return f"{len(then)} images then, {len(now)} now: " + "; ".join(parts)
+
+
+def check_resumable(path: Path, cfg: Mapping[str, Any], manifest: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Load ``path`` safely and refuse it if it was trained on another family, rank or target set,
+    holds non-finite values, or (unless ``resume.allow_data_change``) saw other data."""
     ckpt = load_checkpoint(path)  # weights_only=True, clear error if truncated or foreign
     saved = ckpt["sdtune"]
     family = get_family(cfg["model"]["family"])
@@ -75,4 +114,27 @@ def check_resumable(path: Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
             f"cannot resume from {path}: it was trained with a different setup ({'; '.join(diffs)}). "
             "Fix: resume with the settings of that run (its config.yaml is in the run folder), or start a new run."
         )
+    check_finite(_resume_tensors(ckpt), f"{path}")
+    if manifest is not None and saved.get("data") is not None:
+        change = describe_data_change(saved["data"], manifest)
+        allowed = bool((cfg.get("resume") or {}).get("allow_data_change"))
+        if change and not allowed:
+            raise ConfigError(
+                f"cannot resume from {path}: the dataset changed since it was written ({change}). The data order and "
+                "sample seeds of the rest of the run would differ from what the checkpoint expects. Fix: restore "
+                "the dataset, or accept the change with resume.allow_data_change=true."
+            )
+        if change:
+            log.warning("resuming on a changed dataset (resume.allow_data_change=true): %s", change)
     return ckpt
+
+
+def _resume_tensors(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The LoRA weights and every optimizer-state tensor (a NaN moment poisons the next step too)."""
+    tensors = dict(lora_tensors(ckpt.get("state_dict", {})))
+    for i, opt in enumerate(ckpt.get("optimizer_states", [])):
+        for pid, state in (opt.get("state") or {}).items():
+            for name, value in state.items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    tensors[f"optimizer[{i}].state[{pid}].{name}"] = value
+    return tensors

@@ -6,6 +6,7 @@ download. Each message names the key, the value it got and what would be accepte
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,14 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
 PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "bf16-true")
 PREDICTION_TYPES = (None, "epsilon", "v_prediction")
 # pissa/olora also rewrite the base weights, which a plain LoRA file cannot carry: not offered.
 LORA_INITS = ("gaussian", True, False)
+MAX_RANK = 1024
+# What diffusers.optimization.get_scheduler takes besides the optimizer and the step count.
+SCHEDULER_KEYS = {"name", "warmup_steps", "num_cycles", "power", "step_rules"}
 
 
 def register_resolvers() -> None:
@@ -45,6 +50,8 @@ def _number(cfg: DictConfig, key: str, *, minimum: float, exclusive: bool = Fals
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{key} must be a number, got {value!r}.")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}.")
     if value < minimum or (exclusive and value == minimum):
         op = ">" if exclusive else ">="
         raise ConfigError(f"{key} must be {op} {minimum}, got {value}.")
@@ -81,7 +88,12 @@ def validate(cfg: DictConfig) -> None:
     if not _get(cfg, "model.path"):
         raise ConfigError("model.path is not set. Fix: model.path=<diffusers folder or hub id>.")
 
-    _int(cfg, "lora.rank", minimum=1, hint=" Fix: e.g. lora.rank=16.")
+    rank = _int(cfg, "lora.rank", minimum=1, hint=" Fix: e.g. lora.rank=16.")
+    if rank > MAX_RANK:
+        raise ConfigError(
+            f"lora.rank={rank} is larger than any layer it could adapt (the widest SD1.5/SDXL/Kolors attention "
+            f"layer has 1280 features; ranks above {MAX_RANK} only waste memory). Fix: e.g. lora.rank=16 (4-128 is usual)."
+        )
     _number(cfg, "lora.alpha", minimum=0, exclusive=True, optional=True)
     dropout = _number(cfg, "lora.dropout", minimum=0)
     if dropout is not None and dropout >= 1:
@@ -107,6 +119,8 @@ def validate(cfg: DictConfig) -> None:
         )
     if _get(cfg, "data.bad_images") not in ("error", "skip"):
         raise ConfigError(f"data.bad_images must be error or skip, got {_get(cfg, 'data.bad_images')!r}.")
+    if not isinstance(_get(cfg, "data.allow_outside_root") or False, bool):
+        raise ConfigError(f"data.allow_outside_root must be true or false, got {_get(cfg, 'data.allow_outside_root')!r}.")
     _int(cfg, "data.batch_size", minimum=1)
     _int(cfg, "data.num_workers", minimum=0)
     dropout = _number(cfg, "data.caption_dropout", minimum=0)
@@ -131,6 +145,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.precision={precision!r} is not supported; use one of {list(PRECISIONS)}.")
 
     _int(cfg, "trainer.accumulate_grad_batches", minimum=1)
+    _check_run_length(cfg)
+    seed = _get(cfg, "seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed must be an integer from 0 to 2**32-1 (4294967295), got {seed!r}. Fix: e.g. seed=42.")
+    _check_scheduler(cfg)
 
     if _get(cfg, "train.prediction_type") not in PREDICTION_TYPES:
         raise ConfigError(
@@ -140,3 +159,43 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "train.snr_gamma", minimum=0, exclusive=True, optional=True)
     _number(cfg, "train.noise_offset", minimum=0)
     _number(cfg, "optim.optimizer.lr", minimum=0, exclusive=True)
+
+
+def _check_run_length(cfg: DictConfig) -> None:
+    """``trainer.max_steps`` / ``max_epochs``: each a positive integer or -1 (no limit), not both -1."""
+    limits = {}
+    for key in ("trainer.max_steps", "trainer.max_epochs"):
+        value = _get(cfg, key)
+        if value is None:
+            value = -1
+        if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
+            raise ConfigError(
+                f"{key} must be a positive integer, or -1 for no limit, got {value!r}. "
+                "Fix: e.g. trainer.max_steps=1000 (or trainer.max_steps=-1 trainer.max_epochs=10)."
+            )
+        limits[key] = value
+    if all(v == -1 for v in limits.values()):
+        raise ConfigError(
+            "trainer.max_steps=-1 and trainer.max_epochs=-1: the run would never end. "
+            "Fix: set one of them, e.g. trainer.max_steps=1000 or trainer.max_epochs=10."
+        )
+
+
+def _check_scheduler(cfg: DictConfig) -> None:
+    """Scheduler keys diffusers' ``get_scheduler`` really uses; anything else would be ignored."""
+    from diffusers.optimization import SchedulerType
+
+    sched = _get(cfg, "optim.scheduler")
+    if not isinstance(sched, DictConfig):
+        raise ConfigError(f"optim.scheduler must be a mapping with a name, got {sched!r}.")
+    unknown = sorted(set(sched.keys()) - SCHEDULER_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"optim.scheduler.{unknown[0]} is not a setting of diffusers' get_scheduler and would be ignored "
+            f"(it takes {', '.join(sorted(SCHEDULER_KEYS))}; e.g. its cosine schedule always decays to 0). "
+            f"Fix: remove optim.scheduler.{unknown[0]} (~optim.scheduler.{unknown[0]} on the command line)."
+        )
+    names = [t.value for t in SchedulerType]
+    if sched.get("name") not in names:
+        raise ConfigError(f"optim.scheduler.name={sched.get('name')!r} is not one of {names}.")
+    _int(cfg, "optim.scheduler.warmup_steps", minimum=0)

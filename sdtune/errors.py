@@ -30,3 +30,7 @@ class LoraFileError(SdtuneError):
 
 class NonFiniteLossError(SdtuneError):
     """The training loss became NaN or infinite."""
+
+
+class OutputError(SdtuneError):
+    """A result could not be written: a read-only folder, a full disk."""

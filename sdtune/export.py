@@ -13,6 +13,8 @@ otherwise taken as the standard XL layout.
 from __future__ import annotations
 
 import argparse
+import os
+import pickle
 import sys
 import time
 from collections.abc import Mapping
@@ -24,7 +26,16 @@ import torch
 from .errors import LoraFileError, SdtuneError
 from .families import get_family
 from .lora import LoraSpec, lora_tensors, spec_from_config
-from .lora_files import FORMATS, build_metadata, read_lora, save_lora
+from .lora_files import (
+    FORMATS,
+    build_metadata,
+    check_finite,
+    check_tensors_match,
+    file_kind,
+    first_line,
+    read_lora,
+    save_lora,
+)
 
 
 def run_metadata(cfg: Mapping[str, Any], spec: LoraSpec, *, steps: int | None, num_train_images: int | None, output_name: str) -> dict[str, str]:
@@ -42,17 +53,55 @@ def run_metadata(cfg: Mapping[str, Any], spec: LoraSpec, *, steps: int | None, n
     )
 
 
+CHECKPOINT_FIX = "Fix: use another checkpoint from the run's checkpoints/ folder (e.g. RUN/checkpoints/last.ckpt)."
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a Lightning checkpoint with ``weights_only=True`` (no arbitrary pickle code runs)."""
+    """Load a Lightning checkpoint with ``weights_only=True`` (no arbitrary pickle code runs).
+
+    Every failure is one :class:`LoraFileError` that says what the file is (empty, an image, a
+    truncated archive, a pickle holding code) and what to do. PyTorch's own message for a refused
+    pickle advises ``weights_only=False``, i.e. running the file's code; it is never shown.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise LoraFileError(
+            f"checkpoint {str(path)!r} is a folder, not a file. Fix: name a .ckpt file in it, e.g. {str(path / 'checkpoints' / 'last.ckpt')!r}."
+        )
     if not path.is_file():
         raise LoraFileError(f"checkpoint {str(path)!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+        with open(path, "rb") as fh:
+            head = fh.read(32)
+    except OSError as err:
+        raise LoraFileError(f"checkpoint {str(path)!r} cannot be read: {err.strerror or err}.") from err
+    if not head:
         raise LoraFileError(
-            f"{str(path)!r} is not a readable sdtune checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
-            "It may be truncated; use another checkpoint from the run's checkpoints/ folder."
+            f"{str(path)!r} is not a readable sdtune checkpoint: it is empty (0 bytes), e.g. from an interrupted copy "
+            f"or a full disk. {CHECKPOINT_FIX}"
+        )
+    what = file_kind(head)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch.save: zip, or legacy pickle
+        looks = f"it is {what}" if what else f"it starts with the bytes {head[:16]!r}"
+        raise LoraFileError(
+            f"{str(path)!r} is not a readable sdtune checkpoint: it is not a PyTorch/Lightning checkpoint at all ({looks}). "
+            "Fix: pass a .ckpt written by `python -m sdtune` (RUN/checkpoints/*.ckpt), or a LoRA .safetensors file."
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported" not in str(err):  # a damaged pickle stream, not a refused object
+            raise LoraFileError(f"{str(path)!r} is not a readable sdtune checkpoint: it is truncated or damaged. {CHECKPOINT_FIX}") from err
+        # weights_only refused an object: the file carries Python objects whose unpickling runs code
+        raise LoraFileError(
+            f"{str(path)!r} is not a readable sdtune checkpoint: it holds Python objects other than tensors and plain "
+            "values, and loading those could run arbitrary code, so sdtune refuses it (sdtune's own checkpoints never "
+            f"hold any). {CHECKPOINT_FIX}"
+        ) from err
+    except Exception as err:
+        reason = "" if "weights_only" in str(err) else f" ({first_line(err)})"
+        raise LoraFileError(
+            f"{str(path)!r} is not a readable sdtune checkpoint: it is truncated or damaged{reason}. {CHECKPOINT_FIX}"
         ) from err
     if not isinstance(ckpt, dict) or "sdtune" not in ckpt or "hyper_parameters" not in ckpt:
         raise LoraFileError(f"{str(path)!r} is not an sdtune training checkpoint (no 'sdtune' section).")
@@ -81,20 +130,34 @@ def unet_module_names(config: Mapping[str, Any]) -> list[str]:
 
 
 def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str = "diffusers") -> Path:
+    """Write the LoRA of a training checkpoint as a LoRA file, refusing NaN/Inf weights and tensors
+    that contradict the run config stored beside them (the header is written from that config)."""
     ckpt = load_checkpoint(ckpt_path)
-    cfg = ckpt["hyper_parameters"]["cfg"]
-    family = get_family(cfg["model"]["family"])
-    spec = spec_from_config(cfg["lora"], family.default_lora_targets)
-    tensors = lora_tensors(ckpt["state_dict"])
+    try:
+        cfg = ckpt["hyper_parameters"]["cfg"]
+        family = get_family(cfg["model"]["family"])
+        spec = spec_from_config(cfg["lora"], family.default_lora_targets)
+        tensors = lora_tensors(ckpt["state_dict"])
+        meta = run_metadata(
+            cfg,
+            spec,
+            steps=int(ckpt.get("global_step", 0)),
+            num_train_images=ckpt["sdtune"].get("num_train_images"),
+            output_name=Path(out).stem,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise LoraFileError(
+            f"{str(ckpt_path)!r} is not a complete sdtune checkpoint: its run config or state_dict is missing or "
+            f"malformed ({first_line(err)}). {CHECKPOINT_FIX}"
+        ) from None
     if not tensors:
         raise LoraFileError(f"{str(ckpt_path)!r} holds no LoRA tensors")
-    meta = run_metadata(
-        cfg,
-        spec,
-        steps=int(ckpt.get("global_step", 0)),
-        num_train_images=ckpt["sdtune"].get("num_train_images"),
-        output_name=Path(out).stem,
-    )
+    check_finite(tensors, str(ckpt_path), fix=(
+        "the training diverged before this checkpoint was saved. Export an earlier checkpoint from the run's "
+        "checkpoints/ folder, or retrain with a lower optim.optimizer.lr."
+    ))
+    check_tensors_match(spec, tensors, str(ckpt_path), origin="run config stored in it (lora.rank/alpha/targets)",
+                        fix=f"The checkpoint was edited or mixes two runs. {CHECKPOINT_FIX}")
     config = unet_config_for(cfg) if format == "kohya" else None
     return save_lora(out, tensors, meta, format=format, unet_config=config)
 
@@ -112,6 +175,8 @@ def export_lora(lora_path: str | Path, out: str | Path, *, format: str) -> Path:
         )
     else:
         tensors = lora.peft_tensors(unet_module_names(config), config)
+        if lora.spec.targets:  # kohya names are resolved only now: check the header targets against them
+            check_tensors_match(lora.spec, tensors, str(lora_path), origin="header (sdtune.*)")
     meta = dict(lora.metadata)
     meta["ss_output_name"] = Path(out).stem
     meta.setdefault("sdtune.alpha", repr(float(lora.spec.alpha)))
@@ -130,6 +195,24 @@ def _targets_of(tensors: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
     return tuple(sorted({k.rsplit(".lora_", 1)[0] for k in tensors}))
 
 
+def _unwritable(out: Path) -> str | None:
+    """Why the LoRA file ``out`` cannot be written (the rest of the sentence), or None.
+
+    Checked before any work so that a bad ``--out`` costs nothing and leaves nothing behind.
+    """
+    if out.is_dir():
+        return (f"is an existing folder; --out names the .safetensors file to write. "
+                f"Fix: e.g. --out {str(out / 'lora.safetensors')!r}.")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:  # the folders that would be created
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot be written: {str(parent)!r} is a file, not a folder. Fix: choose an --out in a folder."
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be written: the folder {str(parent)!r} is not writable by you. Fix: choose an --out in a folder you can write to."
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdtune.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a .ckpt written by `python -m sdtune`, or a LoRA .safetensors")
@@ -143,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     if out.resolve() == source.resolve():
         print(f"error: --out {out} would overwrite the source; choose another name", file=sys.stderr)
         return 2
+    problem = _unwritable(out)
+    if problem:
+        print(f"error: --out {str(out)!r} {problem}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
         if source.suffix == ".safetensors":
@@ -151,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             export_checkpoint(source, out, format=args.format)
     except SdtuneError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the disk filled up, a permission changed mid-way, ...
+        print(f"error: could not write --out {str(out)!r}: {err.strerror or first_line(err)}. "
+              "Fix: free space or choose an --out in a folder you can write to.", file=sys.stderr)
         return 2
     print(f"wrote {out} ({args.format}) in {time.perf_counter() - start:.2f}s")
     return 0

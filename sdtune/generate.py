@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .config import register_resolvers
 from .errors import ConfigError, SdtuneError
-from .inference import apply_loras, base_model_config, load_base, parse_loras, pick_device
+from .inference import apply_loras, base_model_config, load_base, parse_loras, pick_device, read_loras
 from .io import save_image_atomic, write_text_atomic
 from .sampling import make_grid
 
@@ -35,11 +35,12 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     refs = parse_loras(cfg.loras)
     if int(cfg.num_images) < 1 or int(cfg.steps) < 1:
         raise ConfigError(f"num_images and steps must be >= 1, got {cfg.num_images} and {cfg.steps}.")
-    model_cfg = base_model_config(cfg.get("model"), refs)
+    loras = read_loras(refs)  # every file vetted (readable, finite, consistent) before the base model loads
+    model_cfg = base_model_config(cfg.get("model"), refs, loras)
     device = pick_device(cfg.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     family, parts = load_base(model_cfg, dtype=dtype)
-    apply_loras(parts, family, refs)
+    apply_loras(parts, family, refs, loras)
     pipe = family.build_pipeline(parts).to(device)
     pipe.set_progress_bar_config(disable=True)
     size = int(cfg.size or model_cfg.get("resolution") or family.default_resolution)

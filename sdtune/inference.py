@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
 from .families import ModelFamily, ModelParts, get_family, resolve_model_source
-from .lora_files import apply_lora, read_lora
-from .tiny import ensure_tiny_model
+from .lora_files import LoraFile, apply_lora, read_lora
+from .tiny import prepare_tiny
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,22 @@ def parse_loras(items: Sequence[Any] | None) -> list[LoraRef]:
     return refs
 
 
-def base_model_config(model_cfg: Mapping[str, Any] | None, refs: Sequence[LoraRef]) -> dict[str, Any]:
-    """``model`` as given, else the model the first LoRA was trained on (from its header)."""
+def read_loras(refs: Sequence[LoraRef]) -> list[LoraFile]:
+    """Read and vet every LoRA before any base model loads, so a bad file fails in seconds."""
+    return [read_lora(ref.path) for ref in refs]
+
+
+def base_model_config(
+    model_cfg: Mapping[str, Any] | None, refs: Sequence[LoraRef], loras: Sequence[LoraFile] | None = None
+) -> dict[str, Any]:
+    """``model`` as given, else the model the first LoRA was trained on (from its header).
+
+    ``loras``, when given, are ``refs`` already read by :func:`read_loras` (not read again).
+    """
     if model_cfg:
         return dict(OmegaConf.to_container(model_cfg, resolve=True)) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
-    for ref in refs:
-        trained = read_lora(ref.path).config
+    for i, ref in enumerate(refs):
+        trained = (loras[i] if loras is not None else read_lora(ref.path)).config
         if trained and "model" in trained:
             log.info("base model from %s: %s", ref.path, trained["model"]["path"])
             return dict(trained["model"])
@@ -71,8 +81,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def load_base(model_cfg: Mapping[str, Any], *, dtype: torch.dtype = torch.float32) -> tuple[ModelFamily, ModelParts]:
     family = get_family(model_cfg["family"])
-    if model_cfg.get("tiny"):
-        ensure_tiny_model(family.name, model_cfg["path"])
+    prepare_tiny(model_cfg)
     source = resolve_model_source(
         str(model_cfg["path"]),
         family=family.name,
@@ -87,12 +96,18 @@ def load_base(model_cfg: Mapping[str, Any], *, dtype: torch.dtype = torch.float3
     return family, parts
 
 
-def apply_loras(parts: ModelParts, family: ModelFamily, refs: Sequence[LoraRef]) -> list[str]:
-    """Each LoRA as adapter ``lora_<i>``, all active at their weights. Bad files fail loudly."""
+def apply_loras(
+    parts: ModelParts, family: ModelFamily, refs: Sequence[LoraRef], loras: Sequence[LoraFile] | None = None
+) -> list[str]:
+    """Each LoRA as adapter ``lora_<i>``, all active at their weights. Bad files fail loudly.
+
+    ``loras``, when given, are ``refs`` already read by :func:`read_loras` (not read again).
+    """
     names = []
     for i, ref in enumerate(refs):
         name = f"lora_{i}"
-        apply_lora(parts.unet, read_lora(ref.path), family=family.name, path=ref.path, adapter_name=name)
+        lora = loras[i] if loras is not None else read_lora(ref.path)
+        apply_lora(parts.unet, lora, family=family.name, path=ref.path, adapter_name=name)
         names.append(name)
     if names:
         parts.unet.set_adapters(names, weights=[ref.weight for ref in refs])

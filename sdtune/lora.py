@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .errors import ConfigError
+
 ADAPTER = "default"  # peft's adapter name inside the training UNet
 
 
@@ -59,8 +61,26 @@ def inject(
     init: str | bool = "gaussian",
     adapter_name: str = ADAPTER,
 ) -> None:
-    """Add trainable LoRA layers to ``unet`` in place (diffusers' peft integration)."""
+    """Add trainable LoRA layers to ``unet`` in place (diffusers' peft integration).
+
+    Every target must name at least one linear or conv layer: peft would silently skip a target that
+    matches nothing (when another one matches) and so train less than the config says.
+    """
+    check_targets(unet, spec.targets)
     unet.add_adapter(peft_config(spec, dropout=dropout, init=init), adapter_name=adapter_name)
+
+
+def check_targets(unet: torch.nn.Module, targets: tuple[str, ...]) -> None:
+    """Refuse ``lora.targets`` entries that match no adaptable UNet layer, as peft matches names."""
+    layers = {name: m for name, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in layers)]
+    if unmatched:
+        names = sorted({n.rsplit(".", 2)[-1] if n.endswith(".0") else n.rsplit(".", 1)[-1] for n in layers})
+        hint = ", ".join(n for n in names if not n.isdigit())[:300]
+        raise ConfigError(
+            f"lora.targets: {unmatched} match no linear or conv layer of this UNet. Fix: use layer names such as "
+            f"[to_q,to_k,to_v,to_out.0] (attention), [proj_in,proj_out,ff.net.2], or full module paths; names here: {hint}."
+        )
 
 
 def is_lora_key(key: str) -> bool:

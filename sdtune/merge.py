@@ -22,11 +22,12 @@ import torch
 from omegaconf import DictConfig
 
 from .config import register_resolvers
-from .errors import ConfigError, SdtuneError
+from .errors import ConfigError, LoraFileError, SdtuneError
 from .families import get_family
-from .inference import apply_loras, base_model_config, load_base, parse_loras
+from .inference import apply_loras, base_model_config, load_base, parse_loras, read_loras
 from .io import atomic_path
 from .ldm_format import pipeline_to_original
+from .lora_files import nonfinite_tensors
 
 register_resolvers()
 log = logging.getLogger(__name__)
@@ -65,17 +66,19 @@ def merge(cfg: DictConfig) -> tuple[Path, Path | None]:
     if cfg.save_dtype not in SAVE_DTYPES:
         raise ConfigError(f"save_dtype must be one of {list(SAVE_DTYPES)}, got {cfg.save_dtype!r}.")
     out = Path(cfg.out).expanduser()
-    model_cfg = base_model_config(cfg.get("model"), refs)
+    loras = read_loras(refs)  # every file vetted (readable, finite, consistent) before the base model loads
+    model_cfg = base_model_config(cfg.get("model"), refs, loras)
     family = get_family(model_cfg["family"])
     single = single_file_path(out) if cfg.single_file and family.single_file_pipeline else None
     _check_target(out, single)  # before loading anything
     family, parts = load_base(model_cfg, dtype=torch.float32)  # fuse in fp32, cast when saving
-    names = apply_loras(parts, family, refs)
+    names = apply_loras(parts, family, refs, loras)
     parts.unet.fuse_lora(lora_scale=1.0, adapter_names=names)
     parts.unet.unload_lora()
     dtype = SAVE_DTYPES[cfg.save_dtype]
     for module in (parts.unet, *parts.frozen_modules()):
         module.to(dtype)
+    _check_merged_finite(parts, cfg.save_dtype, refs)  # before anything is written
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -105,6 +108,24 @@ def merge(cfg: DictConfig) -> tuple[Path, Path | None]:
             save_file(state, str(tmp_file), metadata={"sdtune.merge": json.dumps(record, default=str)})
     log.info("merged %d LoRA(s) into %s%s", len(refs), out, f" and {single}" if single else "")
     return out, single
+
+
+def _check_merged_finite(parts, save_dtype: str, refs) -> None:
+    """Refuse to save a merged model with NaN/Inf weights (e.g. a fused delta beyond fp16's 65504).
+
+    The LoRAs themselves were checked on reading; what remains is overflow when fusing large
+    weights or casting to ``save_dtype``, and a base model that was already broken.
+    """
+    for label, module in (("unet", parts.unet), *((type(m).__name__, m) for m in parts.frozen_modules())):
+        bad = nonfinite_tensors(module.state_dict())
+        if bad:
+            names, count = bad
+            raise LoraFileError(
+                f"the merged model would hold non-finite values: {label} has {len(names)} tensor(s) with {count} "
+                f"value(s) NaN/Inf after fusing {[r.path for r in refs]} and casting to save_dtype={save_dtype}, "
+                f"e.g. {', '.join(names[:3])}. Nothing was written. Fix: save_dtype=bf16 or fp32 (fp16 overflows "
+                "above 65504), or lower the LoRA weights (path@0.5)."
+            )
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="merge")

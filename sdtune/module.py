@@ -23,7 +23,7 @@ from .families import ModelParts, get_family, resolve_model_source
 from .lora import LoraSpec, inject, is_lora_key, lora_tensors, spec_from_config, trainable_lora_parameters
 from .speed import apply_speed
 from .text_cache import TextEmbeddingCache
-from .tiny import ensure_tiny_model
+from .tiny import prepare_tiny
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class LoRATrainingModule(L.LightningModule):
         self.spec: LoraSpec = spec_from_config(cfg["lora"], self.family.default_lora_targets)
         self.parts: ModelParts | None = None
         self.num_train_images: int | None = None  # set by the trainer script; goes into LoRA headers
+        self.data_manifest: dict[str, str] | None = None  # set by the trainer script; see checkpointing.data_manifest
         self.model_source: str | None = None  # resolved model.path, when the caller already checked it
         self.text_cache: TextEmbeddingCache | None = None
         self.skipped_nonfinite = 0
@@ -76,8 +77,7 @@ class LoRATrainingModule(L.LightningModule):
     def resolve_source(self) -> str:
         """Build the tiny model if asked, then find ``model.path`` (fails fast when unreachable)."""
         model_cfg = self.cfg["model"]
-        if model_cfg.get("tiny"):
-            ensure_tiny_model(model_cfg["family"], model_cfg["path"])
+        prepare_tiny(model_cfg)
         return resolve_model_source(
             str(model_cfg["path"]),
             family=self.family.name,
@@ -123,7 +123,7 @@ class LoRATrainingModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None:
             return
-        self.warn_overlong([r.text for r in datamodule.dataset.records])
+        self.warn_overlong([c for r in datamodule.dataset.records for c in r.captions])
         if self.cfg["data"].get("cache_latents"):
             self.fill_latent_cache(datamodule)
         if self.cfg["train"].get("cache_text_embeddings", True):
@@ -335,6 +335,9 @@ class LoRATrainingModule(L.LightningModule):
         if not loop.restarting:
             return
         done = loop.batch_progress.current.completed + (1 if loop.restarted_on_train_batch_end else 0)
+        if done >= self.trainer.num_training_batches:
+            # Saved after the epoch's last batch: Lightning moves on to the next epoch, whole.
+            return
         sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
         if done and hasattr(sampler, "skip"):
             sampler.skip(done)
@@ -366,11 +369,13 @@ class LoRATrainingModule(L.LightningModule):
             extra["fused"] = self.device.type == "cuda" and not (clipping and mixed)
         optimizer = instantiate(optim_cfg["optimizer"], **extra)(params=params)
         sched_cfg = optim_cfg["scheduler"]
+        extra_sched = {k: sched_cfg[k] for k in ("num_cycles", "power", "step_rules") if sched_cfg.get(k) is not None}
         scheduler = get_scheduler(
             sched_cfg["name"],
             optimizer,
             num_warmup_steps=int(sched_cfg.get("warmup_steps", 0)),
             num_training_steps=int(self.trainer.estimated_stepping_batches),
+            **extra_sched,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -386,6 +391,7 @@ class LoRATrainingModule(L.LightningModule):
             "alpha": self.spec.alpha,
             "targets": list(self.spec.targets),
             "num_train_images": self.num_train_images,
+            "data": self.data_manifest,  # what a resume compares the dataset against
             "skipped_nonfinite": self.skipped_nonfinite,
         }
 

@@ -5,25 +5,31 @@ The base model is loaded by the LightningModule's ``setup()``, after every cheap
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpointing import AtomicCheckpointIO, check_resumable, resolve_ckpt_path
+from .checkpointing import AtomicCheckpointIO, check_resumable, data_manifest, resolve_ckpt_path
 from .config import check_device, validate
 from .data import ImageCaptionDataModule, load_records
 from .io import write_text_atomic
 from .loggers import drop_rows_after
+from .errors import OutputError
 from .module import LoRATrainingModule
+from .run_folder import check_fresh, check_writable, is_secondary_rank, run_folder_lock
 
 log = logging.getLogger(__name__)
 SDTUNE_TRAINER_KEYS = ("skip_nonfinite",)
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 # The frozen VAE and text encoders are in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
@@ -39,36 +45,75 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
     """Train a LoRA as ``cfg`` says; returns the final metrics (for sweeps and tests)."""
     validate(cfg)
     # every data problem surfaces before a model is loaded
-    records = load_records(cfg.data.root, verify=cfg.data.get("verify_images", True), bad_images=cfg.data.get("bad_images", "error"))
+    records = load_records(
+        cfg.data.root,
+        verify=cfg.data.get("verify_images", True),
+        bad_images=cfg.data.get("bad_images", "error"),
+        allow_outside_root=bool(cfg.data.get("allow_outside_root", False)),
+    )
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if is_secondary_rank():  # DDP's extra processes: rank 0 owns the folder and its checks
+        return _fit(cfg, output_dir, records)
+    check_writable(output_dir)
+    with run_folder_lock(output_dir):
+        return _fit(cfg, output_dir, records)
 
+
+def _fit(cfg: DictConfig, output_dir: Path, records: list) -> dict[str, Any]:
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    if not is_secondary_rank():
+        check_fresh(output_dir, resuming=ckpt_path is not None)
     L.seed_everything(int(cfg.seed), workers=True)
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # plain types for checkpoints
-    write_text_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(resolved))
-
-    datamodule = ImageCaptionDataModule.from_config(records, resolved["data"], seed=int(cfg.seed))
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    manifest = data_manifest(records, cfg.data.root)
     if ckpt_path is not None:
-        ckpt = check_resumable(ckpt_path, resolved)  # before any model is loaded
+        ckpt = check_resumable(ckpt_path, resolved, manifest)  # before any model is loaded
+    datamodule = ImageCaptionDataModule.from_config(records, resolved["data"], seed=int(cfg.seed))
+    _write(lambda: write_text_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(resolved)))
+    if ckpt_path is not None:
         lost = drop_rows_after(output_dir / "logs" / "csv" / "metrics.csv", int(ckpt["global_step"]))
         log.info("resuming from %s (step %d)%s", ckpt_path, ckpt["global_step"], f"; dropped {lost} log rows logged after it" if lost else "")
     module = LoRATrainingModule(resolved)
     module.num_train_images = len(records)
+    module.data_manifest = manifest
     module.model_source = module.resolve_source()  # an unreachable model fails here, in seconds
     check_device(cfg)
     trainer_kwargs = dict(resolved["trainer"])
     for key in SDTUNE_TRAINER_KEYS:  # ours, not lightning.Trainer's
         trainer_kwargs.pop(key, None)
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        # Lightning would otherwise add its own per-epoch checkpoint; null means no checkpoints.
+        trainer_kwargs["enable_checkpointing"] = False
+        log.warning("callbacks.model_checkpoint is off: this run writes no checkpoints and cannot be resumed")
     trainer = L.Trainer(
         **trainer_kwargs,
-        callbacks=_instantiate_all(cfg.get("callbacks")),
+        callbacks=callbacks,
         logger=_instantiate_all(cfg.get("logger")) or False,
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(output_dir),
     )
     log.info("training a rank-%d %s LoRA on %d images into %s", module.spec.rank, cfg.model.family, len(records), output_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    _write(lambda: trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("done: %s", {k: round(v, 5) for k, v in metrics.items()})
     return metrics
+
+
+def _write(action: Callable[[], Any]) -> Any:
+    """Run ``action``; a failed write (full disk, read-only folder) becomes one clear error.
+
+    Every file is written to a temporary name and renamed, so what was there before (the last
+    complete checkpoint above all) is still there.
+    """
+    try:
+        return action()
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        where = err.filename or "the run folder"
+        raise OutputError(
+            f"could not write {where}: {err.strerror}. Files already written stay complete (the last good "
+            "checkpoint is in the run's checkpoints/ folder). Fix: free disk space or make the folder writable, "
+            "then resume with the same command plus ckpt_path=last."
+        ) from None

@@ -98,3 +98,19 @@ def quickstart_run(tmp_path_factory, tiny_sd15) -> Path:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir
+
+
+def run_main(capsys, *args: str) -> tuple[int, str]:
+    """``python -m sdtune ARGS`` in this process (no interpreter start-up): (exit code, stderr)."""
+    from sdtune.__main__ import main
+
+    argv = sys.argv
+    sys.argv = ["sdtune", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = argv
+    return code, capsys.readouterr().err

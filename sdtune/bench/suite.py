@@ -133,7 +133,9 @@ def bench_model(model: str, base: list[str], cases: list[Case], bench: dict[str,
         meta = {"family": cfg["model"]["family"], "model": model, "device": device.type,
                 "precision": cfg["trainer"]["precision"], "batch": cfg["data"]["batch_size"],
                 "resolution": cfg["data"]["resolution"], "note": skipped[case.name] or errors.get(case.name, "")}
-        unavailable = plan.reason if not plan.timed else ("n/a (CUDA only)" if skipped[case.name] else "error")
+        missing = skipped[case.name] or ""
+        unavailable = (plan.reason if not plan.timed else "n/a (CUDA only)" if "CUDA" in missing
+                       else "n/a (not installed)" if missing else "error")
         rows.append(make_row(
             case=case, meta=meta, timing=timings[case.name], flops_per_image=flops["fwd_bwd"],
             fwd_flops_per_image=flops["fwd"], peak_flops=peak_flops,

@@ -8,10 +8,12 @@ Samples carry their SDXL geometry (original size, crop offset, target size) eith
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -25,7 +27,7 @@ from .buckets import Size, assign_buckets
 from .captions import CaptionOptions, process_caption
 from .images import image_size, load_rgb, plan_crop, resize_and_crop, to_tensor
 from .latents import LatentCache, file_sha256
-from .records import Record
+from .records import Record, dataset_root
 from .sampler import TrainBatchSampler
 
 log = logging.getLogger(__name__)
@@ -34,11 +36,19 @@ NO_CAPTION_CHANGES = CaptionOptions()
 
 
 def folder_repeats(records: Sequence[Record], root, explicit: Mapping[str, int] | None = None) -> list[int]:
-    """Repeat count per record: ``explicit[top folder]``, else kohya's ``<N>_name`` prefix, else 1."""
+    """Repeat count per record: ``explicit[top folder]``, else kohya's ``<N>_name`` prefix, else 1.
+
+    ``root`` is normalised as ``load_records`` does (``~``, relative paths); an image outside it
+    (``data.allow_outside_root=true``) has no top folder under ``root`` and is repeated once.
+    """
     explicit = dict(explicit or {})
+    root = dataset_root(root)
     out = []
     for rec in records:
-        parts = rec.path.relative_to(root).parts
+        try:
+            parts = Path(os.path.abspath(rec.path)).relative_to(root).parts
+        except ValueError:  # outside data.root
+            parts = ()
         top = parts[0] if len(parts) > 1 else ""
         if top in explicit:
             out.append(int(explicit[top]))
@@ -95,10 +105,14 @@ class ImageCaptionDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         """``dataset[(item, sample_seed)]`` as the training sampler asks; a bare index draws a seed."""
         item, seed = key if isinstance(key, tuple) else (key, random.getrandbits(63))
-        rng = random.Random(seed)  # all of this sample's randomness: flip, crop, caption
+        rng = random.Random(seed)  # all of this sample's randomness: flip, caption, crop
         r = self.index[item]
+        record = self.records[r]
         flip = self.random_flip and rng.random() < 0.5
-        return self.sample(r, flip, process_caption(self.records[r].text, self.caption_options, rng), seed=seed, rng=rng)
+        # One of several alternative captions, from this sample's seed: a new pick each epoch, the
+        # same on resume. A single caption draws nothing, so its random stream stays as it was.
+        text = rng.choice(record.alternatives) if record.alternatives else record.text
+        return self.sample(r, flip, process_caption(text, self.caption_options, rng), seed=seed, rng=rng)
 
     def sample(self, r: int, flip: bool, text: str, *, seed: int = 0, rng: random.Random | None = None) -> dict[str, Any]:
         """Record ``r`` as a training sample, mirrored or not, with the given caption."""
@@ -133,6 +147,17 @@ class ValidationView(Dataset):
         return self.train.sample(r, False, self.train.records[r].text, seed=item)
 
 
+def _image_size(record: Record) -> Size:
+    """``image_size`` of a record; a file that cannot be read (unverified data) is a DataError."""
+    try:
+        return image_size(record.path)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(
+            f"cannot read training image {record.path}: {err}. Fix or remove it "
+            "(data.verify_images=true finds every such image before training)."
+        ) from err
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {"text": [s["text"] for s in samples]}
     for key in ("pixel_values", "latent_params", "seed", "original_size", "crop_top_left", "target_size"):
@@ -163,10 +188,10 @@ class ImageCaptionDataModule(L.LightningDataModule):
         super().__init__()
         sizes = targets = None
         if bucketing:
-            sizes = [image_size(r.path) for r in records]
+            sizes = [_image_size(r) for r in records]
             targets = assign_buckets(sizes, resolution, step=bucket_step, upscale=bucket_upscale)
         if not bucketing or bucket_upscale:
-            small = sum(1 for h, w in (sizes or (image_size(r.path) for r in records)) if min(h, w) < resolution)
+            small = sum(1 for h, w in (sizes or (_image_size(r) for r in records)) if min(h, w) < resolution)
             if small:
                 log.warning(
                     "%d of %d images are smaller than data.resolution=%d and are upscaled; "
@@ -210,10 +235,13 @@ class ImageCaptionDataModule(L.LightningDataModule):
         )
 
     def captions(self) -> list[str] | None:
-        """Every caption a training step can see (for the text-embedding cache); None if unbounded."""
+        """Every caption a training step can see (for the text-embedding cache); None if unbounded.
+
+        Alternative captions are all listed: each training sample may pick any of them.
+        """
         if self.dataset.caption_options.varies:
             return None
-        return [r.text for r in self.dataset.records] + [""]
+        return [c for r in self.dataset.records for c in r.captions] + [""]
 
     @torch.no_grad()
     def prepare_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], cache: LatentCache, *, batch_size: int = 8) -> int:
@@ -225,7 +253,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         if not ds.center_crop:
             raise DataError("latent caching needs data.center_crop=true: a cached latent is one fixed crop.")
         if ds.sizes is None:
-            ds.sizes = [image_size(r.path) for r in ds.records]
+            ds.sizes = [_image_size(r) for r in ds.records]
         hashes = [file_sha256(r.path) for r in ds.records]
         flips = (False, True) if ds.random_flip else (False,)
         keys = {(r, f): cache.key(hashes[r], ds.targets[r], f) for r in sorted(set(ds.index)) for f in flips}

@@ -3,13 +3,21 @@
 The layout is diffusers' imagefolder: images anywhere under ``root`` plus ``metadata.csv`` or
 ``metadata.jsonl`` with a ``file_name`` column (paths relative to ``root``) and a ``text`` column
 (the caption). Every problem is reported with the file, the row and the fix, in one error.
+
+In ``metadata.jsonl`` a caption may also be a list of strings: alternative captions, of which
+each training sample picks one. ``file_name`` values are normalised (``./a.png`` and
+``b/../a.png`` are the same file) and must stay inside ``root`` unless
+``data.allow_outside_root=true``. Every image is decoded once up front, so a file cut short
+stops the run here (or is skipped, with ``data.bad_images=skip``) instead of mid-training.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,46 +28,104 @@ METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
 REQUIRED_COLUMNS = ("file_name", "text")
 log = logging.getLogger(__name__)
 _MAKE_DATA_HINT = "or build one from raw images with `make data RAW=<raw folder> OUT=<folder>`"
+_PROGRESS_OVER = 500  # images: a progress bar for the pre-flight decode of larger sets
+_CHECK_THREADS = min(4, os.cpu_count() or 1)  # Pillow decodes without the GIL; few, to bound memory
 
 
 @dataclass(frozen=True)
 class Record:
-    """One training example: an image file and its caption."""
+    """One training example: an image file and its caption(s).
+
+    ``text`` is the caption, or the first one when the metadata gives a list; the sample grid and
+    the validation loss use it. ``alternatives`` holds all of a list of two or more captions,
+    of which each training sample picks one (see ``ImageCaptionDataset.__getitem__``).
+    """
 
     path: Path
     text: str
+    alternatives: tuple[str, ...] = ()
+
+    @property
+    def captions(self) -> tuple[str, ...]:
+        """Every caption a training step can use for this image."""
+        return self.alternatives or (self.text,)
 
 
-def _read_rows(meta: Path) -> list[dict]:
+def dataset_root(root: str | os.PathLike) -> Path:
+    """``data.root`` as one absolute path (``~`` expanded, ``..`` folded), used everywhere.
+
+    Record paths are built on it, so ``folder_repeats`` and the outside-the-folder check compare
+    like with like whether the user wrote ``~/set``, ``./set`` or ``/home/me/set``.
+    """
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
+
+
+def _show(value, limit: int = 80) -> str:
+    """A metadata value as the user wrote it (JSON for non-strings), cut to ``limit`` characters."""
+    text = repr(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_csv(meta: Path) -> tuple[list[tuple[int, dict]], list[str]]:
+    """(line number, row) pairs and the header of a CSV; a BOM is dropped, short rows padded with ''."""
+    rows: list[tuple[int, dict]] = []
+    with open(meta, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh, strict=True)
+        try:
+            header = next(reader, [])
+            twice = sorted({c for c in header if c in REQUIRED_COLUMNS and header.count(c) > 1})
+            if twice:
+                raise DataError(
+                    f"{meta}: the header has more than one {' and '.join(repr(c) for c in twice)} column "
+                    f"({','.join(header)}). Fix: keep one 'file_name' and one 'text' column."
+                )
+            for fields in reader:
+                if not any(f.strip() for f in fields):
+                    continue  # blank line
+                if len(fields) > len(header) and any(f.strip() for f in fields[len(header):]):
+                    raise DataError(
+                        f"{meta}: line {reader.line_num} has {len(fields)} fields but the header has "
+                        f"{len(header)} ({_show(','.join(fields))}). Fix: put a caption that contains "
+                        'commas in double quotes, e.g. images/a.png,"red, round".'
+                    )
+                rows.append((reader.line_num, dict(zip(header, fields))))
+        except csv.Error as err:
+            raise DataError(
+                f"{meta}: line {reader.line_num} is not valid CSV ({err}). Fix: check the double quotes "
+                'on that line (a quote inside a quoted caption is written "").'
+            ) from None
+    return rows, header
+
+
+def _read_jsonl(meta: Path) -> tuple[list[tuple[int, dict]], list[str]]:
+    """(line number, row) pairs and every key seen; a BOM is dropped, blank lines skipped."""
+    rows: list[tuple[int, dict]] = []
+    columns: list[str] = []
+    with open(meta, encoding="utf-8-sig") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{meta}: line {n} is not valid JSON ({err.msg}). Fix that line.") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{meta}: line {n} must be a JSON object with file_name and text.")
+            rows.append((n, row))
+            columns.extend(c for c in row if c not in columns)
+    return rows, columns
+
+
+def _read_rows(meta: Path) -> list[tuple[int, dict]]:
+    """The rows of ``meta`` with the line each starts on (the "row" of every message)."""
     try:
-        if meta.suffix == ".csv":
-            import pandas as pd
-
-            frame = pd.read_csv(meta, dtype=str, keep_default_na=False, encoding="utf-8")
-            columns = list(frame.columns)
-            rows = frame.to_dict("records")
-        else:
-            rows, columns = [], []
-            with open(meta, encoding="utf-8") as fh:
-                for n, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"{meta}: line {n} is not valid JSON ({err.msg}). Fix that line.") from None
-                    if not isinstance(row, dict):
-                        raise DataError(f"{meta}: line {n} must be a JSON object with file_name and text.")
-                    rows.append(row)
-                    columns.extend(c for c in row if c not in columns)
+        rows, columns = _read_csv(meta) if meta.suffix == ".csv" else _read_jsonl(meta)
     except UnicodeDecodeError as err:
         raise DataError(
             f"{meta} is not UTF-8 text (byte {err.start}: {err.reason}). Fix: save it as UTF-8."
         ) from None
-    except DataError:
-        raise
-    except Exception as err:  # pandas parser errors, empty files
-        raise DataError(f"could not read {meta}: {err}. Fix: it must be a CSV with a header row.") from None
+    except OSError as err:
+        raise DataError(f"cannot open {meta}: {err.strerror or err}. Fix: make it a readable file.") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise DataError(
@@ -84,33 +150,61 @@ def _has_images(root: Path) -> bool:
 
 
 def _verify_image(path: Path) -> str | None:
-    """Why ``path`` cannot be trained on, or None. Header and checksums only, so it is quick."""
-    import warnings
+    """Why ``path`` cannot be trained on, or None.
 
+    Checks the checksums (``verify``, which catches a PNG missing its end) and decodes every pixel
+    (``load``, which catches a JPEG cut short: its ``verify`` reads nothing). Anything over
+    Pillow's decompression-bomb limit is refused before decoding, so one file cannot exhaust
+    memory. The caller forces ``ImageFile.LOAD_TRUNCATED_IMAGES`` off while this runs.
+    """
     from PIL import Image
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's limit is kept
-            with Image.open(path) as im:
-                im.verify()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        with Image.open(path) as im:
+            pixels, limit = im.size[0] * im.size[1], Image.MAX_IMAGE_PIXELS
+            if limit and pixels > limit:
+                return f"decompression bomb (Image size ({pixels} pixels) exceeds limit of {limit} pixels)"
+            im.verify()
+        with Image.open(path) as im:  # verify() leaves the image unusable: open it again
+            im.load()
+    except Image.DecompressionBombError as err:
         return f"decompression bomb ({err})"
     except Exception as err:  # Pillow raises many types for broken files
         return f"unreadable or truncated image ({type(err).__name__}: {err})"
     return None
 
 
-def load_records(root: str | os.PathLike, *, verify: bool = True, bad_images: str = "error") -> list[Record]:
+def _captions(value) -> tuple[str, ...] | None:
+    """The caption(s) of a ``text`` value: null is "", a string itself, a list of non-empty
+    strings alternatives; None for anything else (numbers, booleans, objects, other lists)."""
+    if value is None:
+        return ("",)
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and value and all(isinstance(c, str) and c.strip() for c in value):
+        return tuple(value)
+    return None
+
+
+def _listing(items: list[str]) -> str:
+    return "; ".join(items[:5]) + (f"; and {len(items) - 5} more" if len(items) > 5 else "")
+
+
+def load_records(
+    root: str | os.PathLike, *, verify: bool = True, bad_images: str = "error", allow_outside_root: bool = False
+) -> list[Record]:
     """Validated records for the dataset at ``root`` (``data.root``).
 
-    ``verify`` checks every image's header and checksums; broken ones stop the run
-    (``bad_images="error"``) or are left out with a warning that counts them (``"skip"``).
+    ``verify`` decodes every image fully; broken ones stop the run (``bad_images="error"``) or are
+    left out with a warning that counts them (``"skip"``). A ``file_name`` that leads outside
+    ``root`` (``../``, or an absolute path elsewhere) is refused unless ``allow_outside_root``.
+    Record paths are absolute and normalised.
     """
-    root = Path(root).expanduser()
+    given, root = os.fspath(root), dataset_root(root)
     if not root.exists():
+        where = repr(given) if given == str(root) else f"{given!r} ({root})"
         raise DataError(
-            f"data.root={str(root)!r} does not exist. Fix: set data.root to a folder of images with "
+            f"data.root={where} does not exist. Fix: set data.root to a folder of images with "
             f"a metadata.csv (columns file_name,text), {_MAKE_DATA_HINT}."
         )
     if not root.is_dir():
@@ -130,26 +224,74 @@ def load_records(root: str | os.PathLike, *, verify: bool = True, bad_images: st
     if not rows:
         raise DataError(f"{meta} lists no images. Fix: add one row per image (file_name,text).")
 
-    records, missing, not_images, seen, duplicates = [], [], [], {}, []
-    for n, row in enumerate(rows, start=2 if meta.suffix == ".csv" else 1):
-        name = str(row.get("file_name") or "").strip()
-        if name in seen:
-            duplicates.append(f"{name!r} (rows {seen[name]} and {n})")
+    records, missing, folders, not_images, outside, bad_names, bad_texts = [], [], [], [], [], [], []
+    seen: dict[Path, tuple[int, str]] = {}
+    duplicates = []
+    for n, row in rows:
+        raw = row.get("file_name")
+        if raw is not None and not isinstance(raw, str):  # jsonl: a number, list, object...
+            bad_names.append(f"row {n}: {_show(raw)}")
             continue
-        seen[name] = n
-        path = root / name
-        if not name or not path.is_file():
+        captions = _captions(row.get("text"))
+        if captions is None:
+            bad_texts.append(f"row {n}: {_show(row.get('text'))}")
+            continue
+        name = (raw or "").strip()
+        if not name:
             missing.append(f"row {n}: {name!r}")
+            continue
+        path = Path(os.path.normpath(root / name))  # ./a.png, x/../a.png, x//a.png: one file
+        if path in seen:
+            first_row, first_name = seen[path]
+            duplicates.append(
+                f"{first_name!r} (rows {first_row} and {n})" if name == first_name
+                else f"{first_name!r} (row {first_row}) and {name!r} (row {n}), the same file"
+            )
+            continue
+        seen[path] = (n, name)
+        if not path.is_relative_to(root) and not allow_outside_root:
+            outside.append(f"row {n}: {_show(name)} is {path}")
+            continue
+        try:
+            is_file, is_dir = path.is_file(), path.is_dir()
+        except OSError as err:  # e.g. a name longer than the file system allows
+            missing.append(f"row {n}: {_show(name)} ({err.strerror or err})")
+            continue
+        if is_dir:
+            folders.append(f"row {n}: {_show(name)}")
+        elif not is_file:
+            missing.append(f"row {n}: {_show(name)}")
         elif path.suffix.lower() not in IMAGE_SUFFIXES:
-            not_images.append(f"row {n}: {name!r}")
+            not_images.append(f"row {n}: {_show(name)}")
         else:
-            text = row.get("text")
-            records.append(Record(path=path, text="" if text is None else str(text)))
-    if missing:
-        shown = "; ".join(missing[:5]) + (f"; and {len(missing) - 5} more" if len(missing) > 5 else "")
+            records.append(Record(path=path, text=captions[0], alternatives=captions if len(captions) > 1 else ()))
+    if bad_names:
         raise DataError(
-            f"{meta} names {len(missing)} file(s) that do not exist under {root}: {shown}. "
+            f"{meta} has {len(bad_names)} file_name value(s) that are not a path: {_listing(bad_names)}. "
+            'Fix: write file_name as a string, e.g. "file_name": "images/a.png".'
+        )
+    if bad_texts:
+        raise DataError(
+            f"{meta} has {len(bad_texts)} text value(s) that are not a caption: {_listing(bad_texts)}. "
+            'Fix: write text as a string, e.g. "text": "a photo of sks", or as a list of non-empty '
+            'strings, e.g. "text": ["a photo of sks", "sks on a beach"] (alternative captions, one '
+            "picked per training sample)."
+        )
+    if outside:
+        raise DataError(
+            f"{meta} names {len(outside)} file(s) outside the dataset folder {root}: {_listing(outside)}. "
+            "Fix: move those images into the dataset folder and give file_name relative to it, "
+            "or set data.allow_outside_root=true to train on them where they are."
+        )
+    if missing:
+        raise DataError(
+            f"{meta} names {len(missing)} file(s) that do not exist under {root}: {_listing(missing)}. "
             "Fix: correct file_name (paths are relative to the metadata file's folder) or remove those rows."
+        )
+    if folders:
+        raise DataError(
+            f"{meta} names {len(folders)} folder(s) where an image file belongs: {_listing(folders)}. "
+            "Fix: give each row the path of one image file, e.g. images/a.png."
         )
     if not_images:
         raise DataError(
@@ -158,7 +300,7 @@ def load_records(root: str | os.PathLike, *, verify: bool = True, bad_images: st
         )
     if duplicates:
         raise DataError(
-            f"{meta} lists {len(duplicates)} file_name(s) more than once: {'; '.join(duplicates[:5])}. "
+            f"{meta} lists {len(duplicates)} file_name(s) more than once: {_listing(duplicates)}. "
             "Fix: keep one row per image (use data.repeats to train some images more often)."
         )
     if verify:
@@ -170,7 +312,31 @@ def load_records(root: str | os.PathLike, *, verify: bool = True, bad_images: st
 
 
 def _check_images(records: list[Record], meta: Path, bad_images: str) -> list[Record]:
-    bad = [(r, why) for r in records if (why := _verify_image(r.path))]
+    """Decode every image (a few threads; a progress bar for large sets); report or drop the bad.
+
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` is forced off meanwhile: some libraries (data-juicer)
+    switch it on at import, which would let a cut-off file pass here and train on grey pixels.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image, ImageFile
+    from tqdm.auto import tqdm
+
+    truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    reasons: list[str | None] = []
+    try:
+        with (
+            warnings.catch_warnings(),
+            ThreadPoolExecutor(max_workers=_CHECK_THREADS, thread_name_prefix="sdtune-check") as pool,
+            tqdm(total=len(records), desc="checking images", unit="img", disable=len(records) <= _PROGRESS_OVER) as bar,
+        ):
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # _verify_image refuses those itself
+            for why in pool.map(_verify_image, [r.path for r in records]):
+                reasons.append(why)
+                bar.update()
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
+    bad = [(r, why) for r, why in zip(records, reasons) if why]
     if not bad:
         return records
     shown = "; ".join(f"{r.path.name}: {why}" for r, why in bad[:5])

@@ -57,6 +57,13 @@ class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def sampler(self) -> TrainBatchSampler:
+        """Lightning sets the epoch on ``dataloader.sampler`` and ``dataloader.batch_sampler.sampler``,
+        never on the batch sampler itself; a batch sampler that orders items on its own is its own
+        inner sampler. Without this every epoch would replay epoch 0's order and sample seeds."""
+        return self
+
     def skip(self, batches: int) -> None:
         """Start the next iteration ``batches`` batches into the epoch (resuming mid-epoch)."""
         self._skip = batches
