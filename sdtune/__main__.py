@@ -11,7 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .config import CONF_DIR, register_resolvers
+from .config import CONF_DIR, ROOT, expand_home, register_resolvers
 from .errors import SdtuneError
 
 register_resolvers()
@@ -35,5 +35,17 @@ def main(cfg: DictConfig) -> float | None:
     return None
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command: check that the run folder can be written before Hydra tries to make it."""
+    from .run_folder import output_dir_problem
+
+    sys.argv[1:] = expand_home(sys.argv[1:])
+    problem = output_dir_problem(sys.argv[1:], default_root=ROOT / "outputs")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

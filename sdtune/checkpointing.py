@@ -24,7 +24,7 @@ from .export import load_checkpoint
 from .families import get_family
 from .io import atomic_path
 from .lora import lora_tensors, spec_from_config
-from .lora_files import check_finite
+from .lora_checks import check_finite
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ download. Each message names the key, the value it got and what would be accepte
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -199,3 +200,21 @@ def _check_scheduler(cfg: DictConfig) -> None:
     if sched.get("name") not in names:
         raise ConfigError(f"optim.scheduler.name={sched.get('name')!r} is not one of {names}.")
     _int(cfg, "optim.scheduler.warmup_steps", minimum=0)
+
+
+def expand_home(argv: list[str]) -> list[str]:
+    """``key=~/x`` -> ``key=/home/me/x`` in command-line overrides.
+
+    The shell does not expand ``~`` after ``key=`` (a dotted key is no shell variable), and Hydra's
+    override grammar refuses a bare ``~`` in a value, so users would get a lexer error for the
+    most ordinary way to name a folder in their home.
+    """
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and not key.startswith(("-", "~")) and (value == "~" or value.startswith("~/")):
+            path = os.path.expanduser(value)
+            safe = all(c.isalnum() or c in "/._-" for c in path)
+            arg = f"{key}={path}" if safe else key + "='" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        out.append(arg)
+    return out

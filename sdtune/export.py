@@ -26,16 +26,8 @@ import torch
 from .errors import LoraFileError, SdtuneError
 from .families import get_family
 from .lora import LoraSpec, lora_tensors, spec_from_config
-from .lora_files import (
-    FORMATS,
-    build_metadata,
-    check_finite,
-    check_tensors_match,
-    file_kind,
-    first_line,
-    read_lora,
-    save_lora,
-)
+from .lora_checks import DIFFUSERS_METADATA_KEY, check_finite, check_tensors_match, file_kind, first_line
+from .lora_files import FORMATS, build_metadata, read_lora, save_lora
 
 
 def run_metadata(cfg: Mapping[str, Any], spec: LoraSpec, *, steps: int | None, num_train_images: int | None, output_name: str) -> dict[str, str]:
@@ -182,8 +174,6 @@ def export_lora(lora_path: str | Path, out: str | Path, *, format: str) -> Path:
     meta.setdefault("sdtune.alpha", repr(float(lora.spec.alpha)))
     meta.setdefault("sdtune.family", lora.family or "sd15")
     if format == "diffusers" and "lora_adapter_metadata" not in meta:
-        from .lora_files import DIFFUSERS_METADATA_KEY
-
         meta[DIFFUSERS_METADATA_KEY] = build_metadata(
             lora.spec if lora.spec.targets else LoraSpec(lora.spec.rank, lora.spec.alpha, _targets_of(tensors)),
             family=meta["sdtune.family"], base_model="", base_model_version="", resolution=0,
@@ -214,15 +204,21 @@ def _unwritable(out: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdtune.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sdtune.export", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("source", help="a .ckpt written by `python -m sdtune`, or a LoRA .safetensors")
     parser.add_argument("--format", choices=FORMATS, default="diffusers",
                         help="diffusers (load_lora_weights) or kohya (A1111, ComfyUI, Forge)")
     parser.add_argument("--out", help="output .safetensors (default: beside the source, suffixed with the format)")
     args = parser.parse_args(argv)
     source = Path(args.source)
-    default = source.with_name(f"{source.stem}{'' if args.format == 'diffusers' and source.suffix == '.ckpt' else '_' + args.format}.safetensors")
-    out = Path(args.out) if args.out else default
+    if not source.name:  # "." or "/": name the default output after the folder, not after nothing
+        source = source.resolve()
+    if args.out:
+        out = Path(args.out)
+    elif source.name:
+        out = source.with_name(f"{source.stem}{'' if args.format == 'diffusers' and source.suffix == '.ckpt' else '_' + args.format}.safetensors")
+    else:  # the root folder: refused below as a folder, before anything is written
+        out = Path(f"lora_{args.format}.safetensors")
     if out.resolve() == source.resolve():
         print(f"error: --out {out} would overwrite the source; choose another name", file=sys.stderr)
         return 2

@@ -72,7 +72,9 @@ def inject(
 
 def check_targets(unet: torch.nn.Module, targets: tuple[str, ...]) -> None:
     """Refuse ``lora.targets`` entries that match no adaptable UNet layer, as peft matches names."""
-    layers = {name: m for name, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    # Once an adapter is in, a target is a peft wrapper around ``<name>.base_layer``.
+    layers = {name.replace(".base_layer", ""): m for name, m in unet.named_modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in name}
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in layers)]
     if unmatched:
         names = sorted({n.rsplit(".", 2)[-1] if n.endswith(".0") else n.rsplit(".", 1)[-1] for n in layers})

@@ -9,7 +9,6 @@ sit our ``sdtune.*`` keys and the common kohya ``ss_*`` keys.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,9 +20,18 @@ import torch
 from .errors import LoraFileError
 from .io import atomic_path
 from .lora import LoraSpec
+from .lora_checks import (
+    DIFFUSERS_METADATA_KEY,
+    NONFINITE_FIX,
+    check_finite,
+    first_line,
+    nonfinite_tensors,
+    not_safetensors,
+    run_config,
+    spec_from_header,
+)
 from .lora_keys import (
     DIFFUSERS_PREFIX,
-    KOHYA_ALPHA,
     detect_format,
     diffusers_to_peft,
     kohya_to_peft,
@@ -32,7 +40,6 @@ from .lora_keys import (
 )
 
 COMPONENT_PREFIX = DIFFUSERS_PREFIX
-DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 FORMATS = ("diffusers", "kohya")
 
 
@@ -67,7 +74,7 @@ class LoraFile:
     @property
     def config(self) -> dict[str, Any] | None:
         """The training run's resolved config from the ``sdtune.config`` header, or None."""
-        return _run_config(self.metadata, self.path or "<LoRA>")
+        return run_config(self.metadata, self.path or "<LoRA>")
 
 
 def build_metadata(
@@ -170,7 +177,7 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
         )
     if not path.is_file():
         raise LoraFileError(f"LoRA file {str(path)!r} does not exist")
-    what = _not_safetensors(path)
+    what = not_safetensors(path)
     if what:
         raise LoraFileError(
             f"{str(path)!r} is not a readable .safetensors file: it is {what}. sdtune reads LoRAs only as "
@@ -191,315 +198,9 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     except LoraFileError as err:
         raise LoraFileError(f"{str(path)!r}: {err}") from None
     check_finite(raw, str(path))
-    _run_config(metadata, str(path))  # refuse a garbled run config now, not halfway through a command
-    spec = _spec_from(metadata, raw, fmt, path)
+    run_config(metadata, str(path))  # refuse a garbled run config now, not halfway through a command
+    spec = spec_from_header(metadata, raw, fmt, path)
     return LoraFile(raw=raw, format=fmt, spec=spec, family=metadata.get("sdtune.family"), metadata=metadata, path=str(path))
-
-
-# -- finite values ------------------------------------------------------------------------------
-NONFINITE_FIX = (
-    "the training diverged before these weights were saved. Use an earlier checkpoint from the run's "
-    "checkpoints/ folder (`python -m sdtune.export RUN/checkpoints/<step>.ckpt --out FILE`), or retrain with a "
-    "lower optim.optimizer.lr."
-)
-
-
-def nonfinite_tensors(tensors: Mapping[str, Any]) -> tuple[list[str], int] | None:
-    """(sorted names of floating tensors holding NaN/Inf, total count of such values), or None if all finite.
-
-    Non-tensor values and integer tensors are skipped, so a whole checkpoint section can be passed.
-    """
-    names, count = [], 0
-    for name in sorted(tensors):
-        value = tensors[name]
-        if not torch.is_tensor(value) or not (value.is_floating_point() or value.is_complex()):
-            continue
-        finite = torch.isfinite(value)
-        if not bool(finite.all()):
-            names.append(name)
-            count += int(finite.numel() - finite.sum())
-    return (names, count) if names else None
-
-
-def check_finite(tensors: Mapping[str, torch.Tensor], source: str | os.PathLike, *, fix: str | None = None) -> None:
-    """Raise :class:`LoraFileError` if any floating tensor in ``tensors`` holds NaN or Inf.
-
-    A NaN LoRA weight makes every image black and every merged model NaN, and nothing downstream
-    complains, so sdtune refuses such weights wherever they enter or leave: reading a LoRA file,
-    exporting a checkpoint, writing a LoRA, resuming. ``source`` (a file path) is named in the
-    message with the first offending tensors and the count of non-finite values.
-    """
-    bad = nonfinite_tensors(tensors)
-    if bad:
-        names, count = bad
-        raise LoraFileError(
-            f"{str(source)!r} holds non-finite values: {len(names)} tensor(s), {count} value(s) NaN/Inf, "
-            f"e.g. {', '.join(names[:3])}. Fix: {fix or NONFINITE_FIX}"
-        )
-
-
-# -- what a file is, when it is not what it should be -------------------------------------------
-_MAGIC: tuple[tuple[bytes, str], ...] = (
-    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
-    (b"\xff\xd8\xff", "a JPEG image"),
-    (b"GIF8", "a GIF image"),
-    (b"RIFF", "a RIFF file (e.g. a WebP image)"),
-    (b"PK\x03\x04", "a zip archive, such as a PyTorch .ckpt/.pt/.bin file"),
-    (b"\x80", "a Python pickle, such as an old-style PyTorch .ckpt/.pt/.bin file"),
-    (b"version https://git-lfs", "a Git LFS pointer, not the file itself (run `git lfs pull`)"),
-)
-
-
-def file_kind(head: bytes) -> str | None:
-    """What a file whose first bytes are ``head`` evidently is (e.g. 'a PNG image'), or None."""
-    if not head:
-        return "empty (0 bytes)"
-    for magic, what in _MAGIC:
-        if head.startswith(magic):
-            return what
-    return None
-
-
-def _not_safetensors(path: Path) -> str | None:
-    """Why ``path`` is evidently not a .safetensors file, or None when it may be one.
-
-    A .safetensors file starts with an 8-byte header length followed by a JSON object.
-    """
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(32)
-    except OSError as err:
-        return f"unreadable ({err.strerror or err})"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return None
-    return file_kind(head)
-
-
-def first_line(err: BaseException) -> str:
-    """``Type: first non-empty line`` of an exception, never an IndexError for an empty message."""
-    line = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
-    return f"{type(err).__name__}: {line[:200]}" if line else type(err).__name__
-
-
-# -- header values -------------------------------------------------------------------------------
-HEADER_FIX = (
-    "Fix: re-export the file from its training checkpoint (`python -m sdtune.export RUN/checkpoints/last.ckpt "
-    "--out FILE`), or correct or delete that header entry."
-)
-
-
-def _shown(value: Any, limit: int = 80) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
-def _bad_header(path: str | os.PathLike, key: str, value: Any, expected: str) -> LoraFileError:
-    return LoraFileError(
-        f"{str(path)!r}: header key {key!r} holds {_shown(value)}, which is not {expected}. "
-        f"The file was damaged or edited by another tool. {HEADER_FIX}"
-    )
-
-
-def _header_json(metadata: Mapping[str, str], key: str, path: str | os.PathLike, kind: type, expected: str) -> Any:
-    """Parse header ``key`` as JSON of type ``kind``; None when absent."""
-    if key not in metadata:
-        return None
-    try:
-        value = json.loads(metadata[key])
-    except ValueError:
-        raise _bad_header(path, key, metadata[key], expected) from None
-    if not isinstance(value, kind):
-        raise _bad_header(path, key, metadata[key], expected)
-    return value
-
-
-def _rank_value(value: Any, key: str, path: str | os.PathLike) -> int:
-    try:
-        rank = int(value) if isinstance(value, str) else value
-    except ValueError:
-        rank = None
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise _bad_header(path, key, value, "an integer rank >= 1")
-    return rank
-
-
-def _alpha_value(value: Any, key: str, path: str | os.PathLike) -> float:
-    try:
-        alpha = float(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
-    except ValueError:
-        alpha = None
-    if alpha is None or not math.isfinite(alpha):
-        raise _bad_header(path, key, value, "a finite number (the LoRA alpha)")
-    return alpha
-
-
-def _targets_value(value: Any, key: str, path: str | os.PathLike) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value or not all(isinstance(t, str) and t for t in value):
-        raise _bad_header(path, key, value, 'a non-empty JSON list of module names like ["to_q", "to_k"]')
-    return tuple(value)
-
-
-def _run_config(metadata: Mapping[str, str], path: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``sdtune.config`` header as a dict, None when absent; a garbled one is a LoraFileError."""
-    config = _header_json(metadata, "sdtune.config", path, dict, "a JSON object (the training run's config)")
-    if config is not None and "model" in config:
-        model = config["model"]
-        if not isinstance(model, dict) or not all(isinstance(model.get(k), str) and model.get(k) for k in ("family", "path")):
-            raise _bad_header(path, "sdtune.config", metadata["sdtune.config"],
-                              "a run config whose 'model' entry has a 'family' and a 'path'")
-    return config
-
-
-SDTUNE_SPEC_KEYS = ("sdtune.rank", "sdtune.alpha", "sdtune.targets")
-
-
-def _sdtune_spec(metadata: Mapping[str, str], path: Path) -> LoraSpec | None:
-    """The LoRA spec from our ``sdtune.*`` header keys; None when the file has none of them."""
-    present = [k for k in SDTUNE_SPEC_KEYS if k in metadata]
-    if not present:
-        return None
-    missing = [k for k in SDTUNE_SPEC_KEYS if k not in metadata]
-    if missing:
-        raise LoraFileError(
-            f"{str(path)!r}: the header has {present} but lacks {missing}; the three go together. {HEADER_FIX}"
-        )
-    targets = _header_json(metadata, "sdtune.targets", path, list, 'a non-empty JSON list of module names like ["to_q", "to_k"]')
-    return LoraSpec(
-        rank=_rank_value(metadata["sdtune.rank"], "sdtune.rank", path),
-        alpha=_alpha_value(metadata["sdtune.alpha"], "sdtune.alpha", path),
-        targets=_targets_value(targets, "sdtune.targets", path),
-    )
-
-
-def _diffusers_spec(metadata: Mapping[str, str], path: Path) -> LoraSpec | None:
-    """The LoRA spec in diffusers' ``lora_adapter_metadata`` header (what ``load_lora_weights`` uses).
-
-    None when the key is absent or holds no UNet entries. A target regex (a string) gives empty
-    targets: the layers are then taken from the tensors, as for a headerless file.
-    """
-    key = DIFFUSERS_METADATA_KEY
-    meta = _header_json(metadata, key, path, dict, "a JSON object (diffusers' LoRA adapter config)")
-    if not meta or not any(k.startswith(COMPONENT_PREFIX) for k in meta):
-        return None
-    for name in ("r", "lora_alpha"):
-        if f"{COMPONENT_PREFIX}{name}" not in meta:
-            raise _bad_header(path, key, metadata[key], f"an adapter config with {COMPONENT_PREFIX}{name}")
-    rank = _rank_value(meta[f"{COMPONENT_PREFIX}r"], f"{key}.{COMPONENT_PREFIX}r", path)
-    alpha = _alpha_value(meta[f"{COMPONENT_PREFIX}lora_alpha"], f"{key}.{COMPONENT_PREFIX}lora_alpha", path)
-    targets = meta.get(f"{COMPONENT_PREFIX}target_modules")
-    if targets is None or isinstance(targets, str):
-        return LoraSpec(rank, alpha, ())
-    return LoraSpec(rank, alpha, _targets_value(targets, f"{key}.{COMPONENT_PREFIX}target_modules", path))
-
-
-def _spec_from(metadata: Mapping[str, str], raw: Mapping[str, torch.Tensor], fmt: str, path: Path) -> LoraSpec:
-    """The file's LoRA spec: from our header, else diffusers' header, else the tensors themselves.
-
-    When a header gives the spec it must agree with the other header and with the tensors: a file
-    whose header says one rank and whose weights have another would load differently (or not at
-    all) in each tool, so it is refused here with both values named.
-    """
-    declared = metadata.get("sdtune.format")
-    if declared is not None and declared != fmt:
-        raise LoraFileError(
-            f"{str(path)!r}: header key 'sdtune.format' says {declared!r} but its tensor names are {fmt} format. {HEADER_FIX}"
-        )
-    ours = _sdtune_spec(metadata, path)
-    theirs = _diffusers_spec(metadata, path)
-    if ours is not None and theirs is not None:
-        for name, a, b in (("rank", ours.rank, theirs.rank), ("alpha", ours.alpha, theirs.alpha),
-                           ("targets", sorted(ours.targets), sorted(theirs.targets) or sorted(ours.targets))):
-            if a != b:
-                raise LoraFileError(
-                    f"{str(path)!r}: the header contradicts itself: sdtune.{name} is {a!r} but "
-                    f"{DIFFUSERS_METADATA_KEY} gives {name} {b!r}; diffusers and sdtune would load it differently. {HEADER_FIX}"
-                )
-    if ours is not None:
-        spec, origin = ours, "sdtune.*"
-    elif theirs is not None and fmt == "diffusers":
-        spec, origin = theirs, DIFFUSERS_METADATA_KEY
-    else:
-        downs = [v for k, v in raw.items() if k.endswith((".lora.down.weight", ".lora_down.weight")) and not k.startswith("lora_te")]
-        if not downs:
-            raise LoraFileError(f"{str(path)!r} holds no UNet LoRA down weights")
-        rank = int(downs[0].shape[0])
-        alphas = [float(v) for k, v in raw.items() if k.endswith(KOHYA_ALPHA) and k.startswith("lora_unet_") and v.numel() == 1]
-        # No header: kohya files carry .alpha tensors; diffusers' own convention is alpha = rank.
-        return LoraSpec(rank=rank, alpha=alphas[0] if alphas else float(rank), targets=())
-    check_tensors_match(spec, raw, str(path), origin=f"header ({origin})")
-    return spec
-
-
-_DOWN_UP = (
-    (".lora_A.weight", ".lora_B.weight"),  # peft, in memory and in checkpoints
-    (".lora.down.weight", ".lora.up.weight"),  # diffusers files
-    (".lora_down.weight", ".lora_up.weight"),  # kohya files
-)
-
-
-def check_tensors_match(
-    spec: LoraSpec, tensors: Mapping[str, torch.Tensor], source: str, *, origin: str, fix: str = HEADER_FIX
-) -> None:
-    """Refuse LoRA tensors that contradict ``spec`` (from ``origin``: a header or a run config).
-
-    Checked: every down weight has ``spec.rank`` rows and every up weight ``spec.rank`` columns,
-    downs and ups come in pairs, kohya ``.alpha`` scalars equal ``spec.alpha``, and (for peft- and
-    diffusers-named tensors, whose module paths are explicit) every layer matches one of
-    ``spec.targets`` and every target matches a layer, by peft's rule (``name == t`` or
-    ``name.endswith("." + t)``). Text-encoder layers (``lora_te*``) are not ours and are skipped.
-    The message names ``source``, both values and ``fix``.
-    """
-    stems: set[str] = set()
-    halves: dict[str, set[str]] = {}
-    for key, value in sorted(tensors.items()):
-        if key.startswith("lora_te"):
-            continue
-        if key.endswith(KOHYA_ALPHA):
-            if value.numel() != 1:
-                raise LoraFileError(f"{source!r}: tensor {key!r} should be one scalar alpha but has shape {list(value.shape)}")
-            if not math.isclose(float(value), spec.alpha, rel_tol=1e-6):
-                raise LoraFileError(
-                    f"{source!r}: the {origin} says alpha {spec.alpha!r} but tensor {key!r} holds alpha {float(value)!r}. {fix}"
-                )
-            continue
-        for down, up in _DOWN_UP:
-            for half, suffix, dim in (("down", down, 0), ("up", up, 1)):
-                if not key.endswith(suffix):
-                    continue
-                stem = key[: -len(suffix)]
-                halves.setdefault(stem, set()).add(half)
-                rank = int(value.shape[dim]) if value.ndim >= 2 else None
-                if rank != spec.rank:
-                    raise LoraFileError(
-                        f"{source!r}: the {origin} says rank {spec.rank} but tensor {key!r} has "
-                        f"{'rank ' + str(rank) if rank is not None else 'shape ' + str(list(value.shape))}. {fix}"
-                    )
-                if suffix in (".lora_A.weight", ".lora.down.weight"):
-                    stems.add(stem.removeprefix(DIFFUSERS_PREFIX))
-    unpaired = sorted(stem for stem, got in halves.items() if len(got) != 2)
-    if unpaired:
-        raise LoraFileError(
-            f"{source!r}: {len(unpaired)} LoRA layer(s) have a down or an up weight but not both, e.g. {unpaired[:3]}. "
-            f"The LoRA is incomplete. {fix}"
-        )
-    if not spec.targets or not stems:
-        return
-    targets = set(spec.targets)
-
-    def matches(stem: str, target: str) -> bool:
-        return stem == target or stem.endswith("." + target)
-
-    stray = sorted(s for s in stems if not any(matches(s, t) for t in targets))
-    unused = sorted(t for t in targets if not any(matches(s, t) for s in stems))
-    if stray or unused:
-        parts = []
-        if stray:
-            parts.append(f"{len(stray)} layer(s) in the file match none of them, e.g. {stray[:3]}")
-        if unused:
-            parts.append(f"target(s) {unused} match no layer in the file")
-        raise LoraFileError(
-            f"{source!r}: the {origin} names targets {sorted(targets)} but " + "; ".join(parts) + f". {fix}"
-        )
 
 
 def check_family(lora: LoraFile, family: str, path: str | os.PathLike) -> None:

@@ -127,6 +127,8 @@ def kohya_to_peft(
             continue
         if k.endswith(KOHYA_ALPHA):
             name = k[: -len(KOHYA_ALPHA)]
+            if v.numel() != 1:
+                raise LoraFileError(f"tensor {k!r} should be one scalar alpha but has shape {list(v.shape)}")
             if name in lookup:
                 alphas[lookup[name]] = float(v)
             continue

@@ -27,7 +27,7 @@ from .families import get_family
 from .inference import apply_loras, base_model_config, load_base, parse_loras, read_loras
 from .io import atomic_path
 from .ldm_format import pipeline_to_original
-from .lora_files import nonfinite_tensors
+from .lora_checks import nonfinite_tensors
 
 register_resolvers()
 log = logging.getLogger(__name__)

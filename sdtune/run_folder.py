@@ -89,3 +89,29 @@ def _describe(text: str) -> str:
         return f"pid {info['pid']} on {info['host']}, started {info['started']}: {info['command']}"
     except (ValueError, KeyError, TypeError):
         return "holder unknown"
+
+
+def output_dir_problem(argv: list[str], default_root: Path) -> str | None:
+    """Why Hydra could not create its run folder, judged from the command line, or None.
+
+    Hydra creates ``hydra.run.dir`` (and writes ``.hydra/``) before our code runs, and reports a
+    read-only or missing-permission folder as a bare ``OSError``. So the CLI looks first: the folder
+    named by ``hydra.run.dir``/``hydra.sweep.dir``/``paths.output_root`` (or the default), up to
+    its nearest existing ancestor, must be a writable folder.
+    """
+    target = default_root
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir", "paths.output_root") and "${" not in value:
+            target = Path(value.strip("'\"")).expanduser()
+    probe = Path(os.path.abspath(target))
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"the run folder {target} cannot be created: {probe} is a file. Fix: choose another hydra.run.dir."
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return (
+            f"cannot write to the run folder {target} ({probe} is read-only or not writable for this user). "
+            "Fix: choose a writable folder with hydra.run.dir=<folder> (or paths.output_root=<folder>)."
+        )
+    return None

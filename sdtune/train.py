@@ -21,9 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpointing import AtomicCheckpointIO, check_resumable, data_manifest, resolve_ckpt_path
 from .config import check_device, validate
 from .data import ImageCaptionDataModule, load_records
+from .errors import OutputError
 from .io import write_text_atomic
 from .loggers import drop_rows_after
-from .errors import OutputError
 from .module import LoRATrainingModule
 from .run_folder import check_fresh, check_writable, is_secondary_rank, run_folder_lock
 

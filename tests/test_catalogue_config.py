@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from .conftest import QUICKSTART, run_main
+from .conftest import QUICKSTART, run_cli, run_main
 from .test_catalogue_filesystem import snapshot
 
 BASE = ["experiment=quickstart", "callbacks.samples=null", "data.val_images=0"]
@@ -66,3 +66,23 @@ def test_summary_counts_the_bytes_of_a_renamed_lora_file(capsys, tmp_path):
     assert code == 0, err[-2000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["lora_bytes"] == (run / "style_v2.safetensors").stat().st_size > 0
+
+
+def test_home_folder_in_an_override_reaches_our_checks(tmp_path):
+    """`data.root=~/set` is no shell assignment (no ~ expansion) and Hydra's grammar refuses a bare ~."""
+    from sdtune.config import expand_home
+
+    home = tmp_path / "home dir"
+    (home / "set").mkdir(parents=True)
+    env = {"HOME": str(home)}
+    proc = run_cli("experiment=quickstart", "data.root=~/set", f"hydra.run.dir={tmp_path / 'run'}", env=env)
+    assert proc.returncode == 2
+    assert f"data.root='{home / 'set'}' holds no images" in proc.stderr and "LexerNoViableAlt" not in proc.stderr
+    import os
+
+    old = os.environ["HOME"]
+    os.environ["HOME"] = "/h/o'k"
+    try:
+        assert expand_home(["a=~/x", "b=~", "c=x~", "~d", "e=~user"]) == ["a='/h/o\\'k/x'", "b='/h/o\\'k'", "c=x~", "~d", "e=~user"]
+    finally:
+        os.environ["HOME"] = old

@@ -184,3 +184,12 @@ def test_full_disk_mid_run_is_our_error_and_the_last_checkpoint_stays_good(small
     ckpts = sorted((run / "checkpoints").glob("*.ckpt"))
     assert ckpts and not list((run / "checkpoints").glob(".*"))  # no half-written file left
     assert all(load_checkpoint(c)["global_step"] >= 1 for c in ckpts)
+
+
+def test_read_only_run_folder_on_the_command_line_is_exit_2_with_the_fix(small_fs):
+    """Hydra makes the run folder before our code runs; the command checks it first."""
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    proc = run_cli("experiment=quickstart", f"hydra.run.dir={small_fs / 'run'}")
+    assert proc.returncode == 2
+    assert f"error: cannot write to the run folder {small_fs / 'run'} ({small_fs} is read-only" in proc.stderr
+    assert "Fix: choose a writable folder with hydra.run.dir=" in proc.stderr and "Traceback" not in proc.stderr

@@ -29,7 +29,8 @@ from sdtune.errors import LoraFileError
 from sdtune.generate import generate
 from sdtune.inference import LoraRef, apply_loras, load_base
 from sdtune.lora import LoraSpec
-from sdtune.lora_files import build_metadata, check_finite, read_lora, save_lora
+from sdtune.lora_checks import check_finite
+from sdtune.lora_files import build_metadata, read_lora, save_lora
 from sdtune.lora_keys import peft_to_diffusers, peft_to_kohya
 from sdtune.merge import merge
 

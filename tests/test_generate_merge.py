@@ -126,13 +126,14 @@ def _drop_one_module(tensors):
 
 
 def _add_foreign_module(tensors):
-    return {**tensors, "down_blocks.9.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 32),
-            "down_blocks.9.attentions.0.proj_in.lora_B.weight": torch.zeros(32, 2)}
+    """A layer of a target type (to_q) at a path this UNet does not have (a tenth down block)."""
+    name = "down_blocks.9.attentions.0.transformer_blocks.0.attn1.to_q"
+    return {**tensors, f"{name}.lora_A.weight": torch.zeros(2, 32), f"{name}.lora_B.weight": torch.zeros(32, 2)}
 
 
 @pytest.mark.parametrize(("mutate", "message"), [
     (_drop_one_module, r"LoRA layer\(s\) of its targets are absent from the file, e.g. \['down_blocks"),
-    (_add_foreign_module, r"match no module of this UNet, e.g. \['down_blocks.9.attentions.0.proj_in"),
+    (_add_foreign_module, r"match no module of this UNet, e.g. \['down_blocks.9.attentions.0.transformer_blocks.0.attn1.to_q"),
 ])
 def test_generate_and_merge_name_keys_that_do_not_fit(tmp_path, mutate, message):
     bad = _lora_file(tmp_path, "sd15", 3, mutate=mutate)
