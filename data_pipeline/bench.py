@@ -48,7 +48,7 @@ def make_raw(root: Path, n: int, seed: int = 0) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline.bench", description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--n", type=int, default=2000, help="number of raw images (default: %(default)s)")
     parser.add_argument("--np", type=int, default=2, help="worker processes (default: %(default)s)")
     parser.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="recipe (default: %(default)s)")

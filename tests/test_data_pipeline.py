@@ -410,12 +410,11 @@ def test_nothing_survives_exits_1_but_reports_why(tmp_path, capsys):
     out = tmp_path / "out"
     assert run_stage(raw, out) == 1
     assert "no image survived" in capsys.readouterr().err
-    assert read_csv(out / "metadata.csv") == []
-    assert read_csv(out / "dropped.csv") == [
+    assert not out.exists()  # an empty result never takes OUT's place
+    assert read_csv(tmp_path / "out.dropped.csv") == [
         {"file": "a.png", "reason": "pre-check: zero-byte file"},
         {"file": "b.png", "reason": "pre-check: no caption (b.txt is missing)"},
     ]
-    assert (out / ".sdtune_dataset.json").is_file()
 
 
 def test_cli_errors_exit_2_without_traceback(tmp_path):

@@ -1,0 +1,185 @@
+"""Pretrain the toy base models: one shared VAE, then each family's UNet on the shape domain.
+
+The architectures are sdtune's tiny miniatures (real diffusers and transformers classes), built
+and saved as a diffusers folder and loaded back through the family's ordinary ``load``, exactly as
+a real model is. The text encoders keep their random initial weights: a random encoder still
+gives every caption its own embedding, which is all a UNet needs to learn what words mean here.
+What is trained:
+
+1. the VAE, on shapes in arbitrary RGB colours, so it can carry any flat colour (the LoRA concept
+   colours included) and its latent scale is set the way SD's is (1 / latent std);
+2. each UNet, with the usual epsilon-prediction loss on the palette's captioned scenes, with 10%
+   empty captions so classifier-free guidance works.
+
+Everything draws from ``torch.Generator``/``random.Random`` seeded from one seed, on one thread
+count, so a rerun on the same machine and library versions reproduces the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..data.images import to_tensor
+from ..families import ModelParts, get_family
+from .domain import random_colour_image, random_scene, render
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the toy weights are made; written into each folder's ``sdtune_toy.json``."""
+
+    seed: int = 0
+    side: int = 64
+    vae_steps: int = 700
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    scenes: int = 3000
+    unet_steps: int = 1500
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    empty_caption: float = 0.1
+    threads: int = 2
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def train_vae(recipe: Recipe, progress: Callable[[str], None] = log.info):
+    """The tiny AutoencoderKL, trained to reconstruct shapes in any colour; scaling factor set."""
+    from ..tiny import tiny_vae
+
+    torch.manual_seed(recipe.seed)
+    vae = tiny_vae()
+    vae.train()
+    rng = random.Random(recipe.seed)
+    g = _generator(recipe.seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, recipe.vae_steps)
+    start = time.perf_counter()
+    for step in range(recipe.vae_steps):
+        x = torch.stack([to_tensor(random_colour_image(rng, recipe.side)) for _ in range(recipe.vae_batch)])
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        loss = F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == recipe.vae_steps - 1:
+            progress(f"vae step {step}/{recipe.vae_steps} loss {loss.item():.5f} ({time.perf_counter() - start:.0f}s)")
+    vae.eval()
+    with torch.no_grad():
+        x = torch.stack([to_tensor(random_colour_image(rng, recipe.side)) for _ in range(256)])
+        std = vae.encode(x).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+    return vae
+
+
+@torch.no_grad()
+def encode_scenes(vae, recipe: Recipe) -> tuple[torch.Tensor, list[str]]:
+    """Latent means (scaled) and captions of ``recipe.scenes`` palette scenes."""
+    rng = random.Random(recipe.seed + 1)
+    scenes = [random_scene(rng) for _ in range(recipe.scenes)]
+    latents = []
+    for i in range(0, len(scenes), 64):
+        x = torch.stack([to_tensor(render(s, recipe.side)) for s in scenes[i : i + 64]])
+        latents.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+    return torch.cat(latents), [s.caption() for s in scenes]
+
+
+@torch.no_grad()
+def encode_captions(family, parts: ModelParts, captions: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each distinct caption's encoder outputs (row tensors), the empty caption included."""
+    unique = sorted(set(captions) | {""})
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for i in range(0, len(unique), 32):
+        chunk = unique[i : i + 32]
+        encoded = family.encode_prompts(parts, chunk)
+        for j, caption in enumerate(chunk):
+            out[caption] = {k: v[j] for k, v in encoded.items()}
+    return out
+
+
+def train_unet(family, parts: ModelParts, latents: torch.Tensor, captions: list[str], recipe: Recipe,
+               progress: Callable[[str], None] = log.info) -> list[float]:
+    """Epsilon-prediction training of ``parts.unet``, conditioned through the family's interface."""
+    torch.manual_seed(recipe.seed + 2)
+    text = encode_captions(family, parts, captions)
+    unet, scheduler = parts.unet, parts.noise_scheduler
+    unet.train().requires_grad_(True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.unet_lr, total_steps=recipe.unet_steps, pct_start=0.05)
+    g = _generator(recipe.seed + 3)
+    side = torch.tensor([[recipe.side, recipe.side]])
+    geometry = {"original_size": side, "crop_top_left": torch.zeros(1, 2, dtype=torch.long), "target_size": side}
+    losses, start = [], time.perf_counter()
+    for step in range(recipe.unet_steps):
+        idx = torch.randint(0, len(captions), (recipe.unet_batch,), generator=g)
+        empty = torch.rand(recipe.unet_batch, generator=g) < recipe.empty_caption
+        rows = [text["" if e else captions[i]] for i, e in zip(idx.tolist(), empty.tolist())]
+        batch_text = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        batch = {k: v.expand(recipe.unet_batch, -1) for k, v in geometry.items()}
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (recipe.unet_batch,), generator=g)
+        pred = unet(scheduler.add_noise(x0, noise, t), t, **family.unet_conditioning(batch_text, batch)).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == recipe.unet_steps - 1:
+            recent = sum(losses[-100:]) / len(losses[-100:])
+            progress(f"{family.name} unet step {step}/{recipe.unet_steps} loss {recent:.4f} ({time.perf_counter() - start:.0f}s)")
+    unet.eval().requires_grad_(False)
+    return losses
+
+
+def build_toy(family_name: str, out: Path, vae, latents: torch.Tensor, captions: list[str], recipe: Recipe,
+              progress: Callable[[str], None] = log.info) -> Path:
+    """Build ``family_name``'s tiny architecture, train its UNet, save the toy model folder at ``out``."""
+    import shutil
+    import tempfile
+
+    from ..tiny import TINY_BUILDERS
+
+    family = get_family(family_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        TINY_BUILDERS[family_name](Path(tmp))  # random weights, real layout (seeded inside)
+        parts = family.load(tmp)
+        parts.vae = vae
+        for encoder in parts.text_encoders:
+            encoder.eval().requires_grad_(False)
+        train_unet(family, parts, latents, captions, recipe, progress)
+        staging = out.with_name(f".{out.name}.building")
+        shutil.rmtree(staging, ignore_errors=True)
+        pipe = family.build_pipeline(parts)
+        pipe.to(torch.float16)  # half the bytes in git; loading with torch_dtype=float32 upcasts
+        pipe.save_pretrained(staging)
+        shutil.rmtree(staging / "scheduler")
+        shutil.copytree(Path(tmp) / "scheduler", staging / "scheduler")  # the training schedule, as built
+        index = json.loads((staging / "model_index.json").read_text())
+        index["scheduler"] = json.loads((Path(tmp) / "model_index.json").read_text())["scheduler"]
+        (staging / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (staging / "sdtune_toy.json").write_text(json.dumps({"family": family_name, "recipe": recipe.__dict__}, indent=2) + "\n")
+    if out.exists():  # only ever a toy folder this function made
+        if not (out / "sdtune_toy.json").is_file():
+            raise FileExistsError(f"{out} exists and is not a toy model folder; refusing to replace it")
+        shutil.rmtree(out)
+    staging.rename(out)
+    return out
