@@ -15,7 +15,7 @@ from sdtune.families import get_family
 from sdtune.lora import inject, is_lora_key
 from sdtune.lora_files import read_lora
 
-from .conftest import run_cli
+from .conftest import QUICKSTART, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -74,6 +74,8 @@ def test_checkpoint_holds_lora_and_training_state_only(quickstart_run):
     assert ckpt["state_dict"] and all(is_lora_key(k) for k in ckpt["state_dict"])
     assert ckpt["global_step"] == 30 and ckpt["optimizer_states"] and ckpt["lr_schedulers"]
     assert ckpt["hyper_parameters"]["cfg"]["lora"]["alpha"] == 8
+    data = ckpt["sdtune"].pop("data")  # the dataset manifest a resume compares against
+    assert sorted(data) == sorted(f"images/{p.name}" for p in (QUICKSTART / "images").iterdir())
     assert ckpt["sdtune"] == {"family": "sd15", "rank": 4, "alpha": 8.0, "targets": ["to_q", "to_k", "to_v", "to_out.0"], "num_train_images": 12,
                              "skipped_nonfinite": 0}
 

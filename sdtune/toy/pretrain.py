@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import EMAModel, compute_snr
 
 from ..data.images import to_tensor
 from ..families import ModelParts, get_family
@@ -49,6 +50,7 @@ class Recipe:
     unet_batch: int = 64
     unet_lr: float = 1e-3
     empty_caption: float = 0.1
+    ema_decay: float = 0.999
     threads: int = 2
 
 
@@ -122,6 +124,7 @@ def train_unet(family, parts: ModelParts, latents: torch.Tensor, captions: list[
     unet.train().requires_grad_(True)
     opt = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.unet_lr, total_steps=recipe.unet_steps, pct_start=0.05)
+    ema = EMAModel(unet.parameters(), decay=recipe.ema_decay, use_ema_warmup=True)
     g = _generator(recipe.seed + 3)
     side = torch.tensor([[recipe.side, recipe.side]])
     geometry = {"original_size": side, "crop_top_left": torch.zeros(1, 2, dtype=torch.long), "target_size": side}
@@ -136,16 +139,21 @@ def train_unet(family, parts: ModelParts, latents: torch.Tensor, captions: list[
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (recipe.unet_batch,), generator=g)
         pred = unet(scheduler.add_noise(x0, noise, t), t, **family.unet_conditioning(batch_text, batch)).sample
-        loss = F.mse_loss(pred, noise)
+        # min-SNR-5 weighting (Hang et al. 2023): converges in far fewer steps than plain MSE
+        snr = compute_snr(scheduler, t)
+        weights = torch.clamp(snr, max=5.0) / snr
+        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
+        ema.step(unet.parameters())
         losses.append(loss.item())
         if step % 100 == 0 or step == recipe.unet_steps - 1:
             recent = sum(losses[-100:]) / len(losses[-100:])
             progress(f"{family.name} unet step {step}/{recipe.unet_steps} loss {recent:.4f} ({time.perf_counter() - start:.0f}s)")
+    ema.copy_to(unet.parameters())  # the averaged weights draw cleaner after a short run
     unet.eval().requires_grad_(False)
     return losses
 

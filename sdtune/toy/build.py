@@ -1,0 +1,102 @@
+"""``python -m sdtune.toy.build``: regenerate the committed toy base models from one seed.
+
+    python -m sdtune.toy.build                       # all three families into models/toy/ (~25 min, 2 cores)
+    python -m sdtune.toy.build --families sd15 --out /tmp/toy
+    python -m sdtune.toy.build --check               # rebuild into a temporary folder, compare with models/toy/
+
+Each ``models/toy/<family>/`` is a diffusers folder (fp16 safetensors) that ``model=toy``,
+``model=toy_sdxl`` and ``model=toy_kolors`` load through the ordinary ``from_pretrained`` path.
+``models/toy/REPORT.md`` records the recipe, the run time and the probe's accuracy per family,
+and ``models/toy/<family>.png`` shows what each model draws for every palette prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..config import ROOT
+from ..families import get_family
+from .evaluate import evaluate_pipeline
+from .pretrain import Recipe, build_toy, encode_scenes, train_vae
+
+FAMILIES = ("sd15", "sdxl", "kolors")
+TOY_ROOT = ROOT / "models" / "toy"
+log = logging.getLogger("sdtune.toy")
+
+
+def build_all(out: Path, families: tuple[str, ...], recipe: Recipe) -> dict:
+    torch.set_num_threads(recipe.threads)
+    torch.use_deterministic_algorithms(True)
+    out.mkdir(parents=True, exist_ok=True)
+    timings, scores = {}, {}
+    start = time.perf_counter()
+    vae = train_vae(recipe, log.info)
+    latents, captions = encode_scenes(vae, recipe)
+    timings["vae"] = round(time.perf_counter() - start, 1)
+    for name in families:
+        clock = time.perf_counter()
+        folder = build_toy(name, out / name, vae, latents, captions, recipe, log.info)
+        timings[name] = round(time.perf_counter() - clock, 1)
+        family = get_family(name)
+        score, grid = evaluate_pipeline(family.build_pipeline(family.load(str(folder))))
+        grid.save(out / f"{name}.png")
+        scores[name] = {"shape": score.shape, "colour": score.colour, "both": score.both}
+        log.info("%s: probe shape %.0f%%, colour %.0f%%", name, 100 * score.shape, 100 * score.colour)
+    timings["total"] = round(time.perf_counter() - start, 1)
+    return {"recipe": asdict(recipe), "seconds": timings, "probe": scores, "torch": torch.__version__}
+
+
+def compare(a: Path, b: Path) -> float:
+    """Largest absolute difference between the weights of two toy folders."""
+    from safetensors.torch import load_file
+
+    worst = 0.0
+    for file in sorted(a.rglob("*.safetensors")):
+        ta, tb = load_file(str(file)), load_file(str(b / file.relative_to(a)))
+        worst = max([worst] + [(ta[k].float() - tb[k].float()).abs().max().item() for k in ta])
+    return worst
+
+
+def write_report(out: Path, result: dict) -> None:
+    lines = ["# Toy base models", "", "Built by `python -m sdtune.toy.build` "
+             f"(torch {result['torch']}); seconds per stage: {json.dumps(result['seconds'])}.", "",
+             "| family | probe: shape right | probe: colour right | both |", "|---|---|---|---|"]
+    for name, s in result["probe"].items():
+        lines.append(f"| {name} | {s['shape']:.0%} | {s['colour']:.0%} | {s['both']:.0%} |")
+    lines += ["", "Recipe:", "", "```json", json.dumps(result["recipe"], indent=2), "```", ""]
+    (out / "REPORT.md").write_text("\n".join(lines))
+    (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sdtune.toy.build", description=(__doc__ or "").partition("\n")[0])
+    parser.add_argument("--out", type=Path, default=TOY_ROOT)
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--seed", type=int, default=Recipe.seed)
+    parser.add_argument("--check", action="store_true", help="rebuild in a temporary folder and compare with --out")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    recipe = Recipe(seed=args.seed)
+    if args.check:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = build_all(Path(tmp), tuple(args.families), recipe)
+            diffs = {f: compare(args.out / f, Path(tmp) / f) for f in args.families}
+        print(json.dumps({"max_abs_diff": diffs, "seconds": result["seconds"], "probe": result["probe"]}, indent=2))
+        return 0
+    result = build_all(args.out, tuple(args.families), recipe)
+    write_report(args.out, result)
+    print(json.dumps({"seconds": result["seconds"], "probe": result["probe"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
