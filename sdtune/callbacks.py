@@ -196,3 +196,29 @@ class RunSummary(L.Callback):
             "final_metrics": metrics,
         }
         write_text_atomic(self.dirpath / "summary.json", json.dumps(summary, indent=2))
+
+
+class LossPlot(L.Callback):
+    """Write ``loss.png`` when fit ends: the smoothed train loss, and the validation loss if any.
+
+    Read back from the CSV logger's ``metrics.csv``, so a resumed run plots its whole history.
+    """
+
+    def __init__(self, dirpath: str, metrics: str | None = None, filename: str = "loss.png"):
+        self.path = Path(dirpath) / filename
+        self.metrics = Path(metrics) if metrics else Path(dirpath) / "logs" / "csv" / "metrics.csv"
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        from .report import plot_run_loss, read_metrics
+
+        for logger in trainer.loggers:
+            logger.save()  # flush rows the CSV logger still holds
+        train, val = read_metrics(self.metrics)
+        if not train and not val:
+            log.warning("no loss was logged to %s; loss.png not written", self.metrics)
+            return
+        family = pl_module.cfg["model"]["family"]
+        plot_run_loss(train, val, self.path, title=f"{family} LoRA rank {pl_module.spec.rank}: loss")
+        log.info("wrote %s", self.path)

@@ -50,7 +50,7 @@ class Run:
         return row
 
 
-def _read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     train, val = [], []
     if not path.is_file():
         return train, val
@@ -72,7 +72,7 @@ def load_runs(sweep: Path) -> list[Run]:
         for item in yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) or []:
             key, _, value = str(item).partition("=")
             overrides[key.lstrip("+~")] = value
-        train, val = _read_metrics(folder / "logs" / "csv" / "metrics.csv")
+        train, val = read_metrics(folder / "logs" / "csv" / "metrics.csv")
         summary_path = folder / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         runs.append(Run(folder.name, folder, overrides, train, val, summary))
@@ -124,6 +124,46 @@ def plot_losses(runs: list[Run], swept: list[str], path: Path) -> None:
     ax.set_title("loss per run")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def smooth(values: list[float], weight: float | None = None) -> list[float]:
+    """TensorBoard-style exponential smoothing, debiased so the first points are not pulled to 0.
+
+    The default weight grows with the number of points (0.6 for 10, 0.9 for 100, 0.97 for 1000).
+    """
+    if weight is None:
+        weight = min(0.97, max(0.0, 1.0 - 4.0 / max(len(values), 1)))
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i) if weight else v)
+    return out
+
+
+def plot_run_loss(train: list[tuple[int, float]], val: list[tuple[int, float]], path: Path, title: str = "loss") -> None:
+    """One run's loss: raw train loss faint, smoothed solid, validation loss as dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        steps, values = zip(*train)
+        ax.plot(steps, values, color="C0", alpha=0.25, linewidth=0.8, label="train loss")
+        ax.plot(steps, smooth(list(values)), color="C0", linewidth=1.8, label="train loss (smoothed)")
+    if val:
+        ax.plot(*zip(*val), color="C1", marker="o", markersize=4, linewidth=1.2, label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if train or val:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

@@ -85,3 +85,25 @@ def test_optuna_search_minimises_validation_loss(tmp_path):
     assert set(result["best_params"]) == {"optim.optimizer.lr", "lora.rank"}
     vals = [json.loads((folder / str(i) / "summary.json").read_text())["final_metrics"]["val/loss"] for i in range(3)]
     assert result["best_value"] == pytest.approx(min(vals))
+
+
+def test_smoothing_is_debiased_and_follows_the_trend():
+    from sdtune.report import smooth
+
+    assert smooth([2.0] * 50) == pytest.approx([2.0] * 50)  # no pull towards 0 at the start
+    noisy = [1.0 / (1 + i / 20) + (0.3 if i % 2 else -0.3) for i in range(200)]
+    s = smooth(noisy)
+    assert s[0] == pytest.approx(noisy[0])
+    wiggle = max(abs(a - b) for a, b in zip(s[100:], s[101:]))
+    assert wiggle < 0.05 and s[-1] < s[20]  # the zig-zag is gone, the decline stays
+
+
+def test_every_run_writes_its_loss_plot(quickstart_run):
+    from PIL import Image
+
+    from sdtune.report import read_metrics
+
+    train, val = read_metrics(quickstart_run / "logs" / "csv" / "metrics.csv")
+    assert len(train) >= 5 and val  # what the plot draws
+    with Image.open(quickstart_run / "loss.png") as im:
+        assert im.format == "PNG" and im.size == (700, 400)

@@ -87,10 +87,13 @@ def draw_shape(shape: str, fill, background, cx: float, cy: float, size: float, 
     return image.resize((side, side), Image.Resampling.LANCZOS)
 
 
-def random_colour_image(rng: random.Random, side: int = 64) -> Image.Image:
-    """A shape in any RGB colour on any other: what the toy VAE learns to encode, so that it can
-    carry colours the UNet never saw in pretraining (the LoRA concepts) as well as the palette."""
+def random_colour_image(rng: random.Random, side: int = 64, named_share: float = 0.7) -> Image.Image:
+    """A shape on a background, each a named colour (palette or concept) with ``named_share``
+    probability and any RGB colour otherwise: what the toy VAE learns to encode, so it carries the
+    colours the UNet never saw in pretraining (the LoRA concepts) as well as the palette."""
     def colour():
+        if rng.random() < named_share:
+            return ALL_COLOURS[rng.choice(list(ALL_COLOURS))]
         return tuple(rng.randrange(256) for _ in range(3))
 
     fill, background = colour(), colour()

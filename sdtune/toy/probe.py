@@ -20,6 +20,8 @@ from .domain import ALL_COLOURS, SHAPES
 FOREGROUND_DISTANCE = 70.0
 #: Below this share of the image the picture shows no shape at all.
 MIN_FOREGROUND = 0.04
+#: A shape is one colour: if the foreground's pixels are typically this far from their median, it is not.
+MAX_SPREAD = 60.0
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,10 @@ def read(image: Image.Image | np.ndarray) -> Reading:
     background = _nearest(bg)
     if share < MIN_FOREGROUND:
         return Reading(None, None, background, share, 0.0)
-    colour = _nearest(np.median(arr[mask], axis=0))
+    fg = np.median(arr[mask], axis=0)
+    if np.median(np.sqrt(((arr[mask] - fg) ** 2).sum(axis=1))) > MAX_SPREAD:
+        return Reading(None, None, background, share, 0.0)  # no one colour: noise, not a shape
+    colour = _nearest(fg)
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     box = mask[top:bottom, left:right]
