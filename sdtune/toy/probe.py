@@ -51,9 +51,17 @@ def _templates(h: int, w: int) -> dict[str, np.ndarray]:
 
 def read(image: Image.Image | np.ndarray) -> Reading:
     arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
-    border = np.concatenate([arr[:2].reshape(-1, 3), arr[-2:].reshape(-1, 3), arr[:, :2].reshape(-1, 3), arr[:, -2:].reshape(-1, 3)])
-    bg = np.median(border, axis=0)
+    # A decoder's outermost pixels are its least reliable (padding); read the ground just inside them.
+    m = max(1, arr.shape[0] // 20)
+    ring = np.zeros(arr.shape[:2], dtype=bool)
+    ring[m : 3 * m] = ring[-3 * m : -m] = True
+    ring[:, m : 3 * m] = ring[:, -3 * m : -m] = True
+    ring[:m] = ring[-m:] = False
+    ring[:, :m] = ring[:, -m:] = False
+    bg = np.median(arr[ring], axis=0)
     mask = np.sqrt(((arr - bg) ** 2).sum(axis=2)) > FOREGROUND_DISTANCE
+    mask[:m] = mask[-m:] = False
+    mask[:, :m] = mask[:, -m:] = False
     share = float(mask.mean())
     background = _nearest(bg)
     if share < MIN_FOREGROUND:
