@@ -114,3 +114,23 @@ def run_main(capsys, *args: str) -> tuple[int, str]:
     finally:
         sys.argv = argv
     return code, capsys.readouterr().err
+
+
+def _snapshot(root: Path) -> dict:
+    """sha256 of every file under ``root``: proves a test left the user's files as they were."""
+    import hashlib
+
+    return {p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    """Four good quickstart images under images/, listed in metadata.csv; tests break one thing each."""
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    rows = ["file_name,text"]
+    for i, src in enumerate(sorted((QUICKSTART / "images").glob("*.png"))[:4]):
+        shutil.copy(src, root / "images" / f"{i}.png")
+        rows.append(f"images/{i}.png,caption {i}")
+    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return root

@@ -3,9 +3,7 @@ and never changes a file the user gave us."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import shutil
 
 import lightning as L
 import pytest
@@ -18,7 +16,7 @@ from sdtune.lora_files import read_lora
 from sdtune.module import LoRATrainingModule
 from sdtune.train import train
 
-from .conftest import QUICKSTART, compose_cfg, resolved, run_cli
+from .conftest import _snapshot, compose_cfg, resolved, run_cli
 from .test_data_pipeline import bomb_png
 
 
@@ -27,23 +25,6 @@ class RunsCodeWhenUnpickled:
 
     def __reduce__(self):
         return (print, ("this would have run arbitrary code",))
-
-
-def _snapshot(root):
-    return {p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def dataset(tmp_path):
-    """Four good quickstart images; tests break one thing each."""
-    root = tmp_path / "data"
-    (root / "images").mkdir(parents=True)
-    rows = ["file_name,text"]
-    for i, src in enumerate(sorted((QUICKSTART / "images").glob("*.png"))[:4]):
-        shutil.copy(src, root / "images" / f"{i}.png")
-        rows.append(f"images/{i}.png,caption {i}")
-    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
-    return root
 
 
 def _fails(cfg_overrides, root, tmp_path, error, message):

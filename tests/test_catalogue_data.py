@@ -7,7 +7,6 @@ run stops at the model with a different error, in a second, instead of training.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -22,26 +21,9 @@ from sdtune.data.sampler import TrainBatchSampler
 from sdtune.errors import ConfigError, DataError, ModelLoadError
 from sdtune.train import train
 
-from .conftest import QUICKSTART, compose_cfg, resolved
+from .conftest import QUICKSTART, _snapshot, compose_cfg, resolved
 
 CAPTIONS = ["a red circle", "a round red shape"]
-
-
-def _snapshot(root):
-    return {p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def dataset(tmp_path):
-    """Four good quickstart images under images/, listed in metadata.csv; tests break one thing."""
-    root = tmp_path / "data"
-    (root / "images").mkdir(parents=True)
-    rows = ["file_name,text"]
-    for i, src in enumerate(sorted((QUICKSTART / "images").glob("*.png"))[:4]):
-        shutil.copy(src, root / "images" / f"{i}.png")
-        rows.append(f"images/{i}.png,caption {i}")
-    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
-    return root
 
 
 def _no_model(tmp_path):
