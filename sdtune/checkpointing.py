@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from .data.records import dataset_root
 from .errors import ConfigError
 from .export import load_checkpoint
 from .families import get_family
@@ -75,7 +76,7 @@ def data_manifest(records: Sequence[Any], root: str | os.PathLike) -> dict[str, 
     Stored in each checkpoint, so a resume can say which images were added, removed, replaced
     or re-captioned since (sizes and names only: no image is read).
     """
-    base = Path(os.path.abspath(Path(root).expanduser()))
+    base = dataset_root(root)  # the same normalised root the records were built on
     manifest = {}
     for record in records:
         captions = getattr(record, "captions", None) or (record.text,)
