@@ -83,6 +83,24 @@ class LoRAExport(L.Callback):
         log.info("wrote %s", self.path)
 
 
+def render_at_scales(pl_module, prompts: Sequence[str], seeds: Sequence[int], scales: Sequence[float], *, steps: int,
+                     guidance: float, size: int | None = None, negative_prompt: str | None = None) -> list[list]:
+    """One row of images per LoRA scale, drawn by the model being trained (in eval mode)."""
+    size = size or int(pl_module.cfg["data"]["resolution"])
+    pipe = pl_module.family.build_pipeline(pl_module.parts)
+    pipe.set_progress_bar_config(disable=True)
+    was_training = pl_module.parts.unet.training
+    pl_module.parts.unet.eval()
+    try:
+        with pl_module.frozen_modules_on_device():
+            return [
+                render(pipe, prompts, seeds, steps=steps, guidance=guidance, size=size, lora_scale=s, negative_prompt=negative_prompt)
+                for s in scales
+            ]
+    finally:
+        pl_module.parts.unet.train(was_training)
+
+
 class SampleGrid(L.Callback):
     """Render fixed prompts and seeds with the LoRA at each of ``scales``; save one grid PNG.
 
@@ -134,19 +152,8 @@ class SampleGrid(L.Callback):
     def write(self, trainer, pl_module, path: Path) -> Path:
         prompts = self._prompts(trainer)
         seeds = [self.seeds[i % len(self.seeds)] for i in range(len(prompts))]
-        size = self.size or int(pl_module.cfg["data"]["resolution"])
-        pipe = pl_module.family.build_pipeline(pl_module.parts)
-        pipe.set_progress_bar_config(disable=True)
-        was_training = pl_module.parts.unet.training
-        pl_module.parts.unet.eval()
-        try:
-            with pl_module.frozen_modules_on_device():
-                rows = [
-                    render(pipe, prompts, seeds, steps=self.steps, guidance=self.guidance, size=size, lora_scale=s, negative_prompt=self.negative_prompt)
-                    for s in self.scales
-                ]
-        finally:
-            pl_module.parts.unet.train(was_training)
+        rows = render_at_scales(pl_module, prompts, seeds, self.scales, steps=self.steps, guidance=self.guidance,
+                                size=self.size, negative_prompt=self.negative_prompt)
         grid = make_grid(rows, [f"LoRA x{s:g}" for s in self.scales], [f"seed {sd}: {p}" for p, sd in zip(prompts, seeds)])
         save_image_atomic(grid, path)
         # The last row (the LoRA at full scale) also as single images, for sweep reports.
@@ -163,7 +170,10 @@ class SampleGrid(L.Callback):
 
 
 class RunSummary(L.Callback):
-    """Write ``summary.json``: what a sweep report needs that the metric logs do not hold."""
+    """Write ``summary.json``: what a sweep report needs that the metric logs do not hold.
+
+    Any callback with a ``summary_section()`` method adds its dict (computed by ``on_train_end``).
+    """
 
     def __init__(self, dirpath: str, lora_filename: str = "lora.safetensors"):
         self.dirpath = Path(dirpath)
@@ -195,6 +205,10 @@ class RunSummary(L.Callback):
             "lora_bytes": lora.stat().st_size if lora.is_file() else None,
             "final_metrics": metrics,
         }
+        for callback in trainer.callbacks:  # sections other callbacks measured (e.g. the concept probe)
+            section = getattr(callback, "summary_section", None)
+            if callable(section) and section():
+                summary.update(section())
         write_text_atomic(self.dirpath / "summary.json", json.dumps(summary, indent=2))
 
 

@@ -19,22 +19,31 @@ def render(
     size: int,
     lora_scale: float | None = None,
     negative_prompt: str | None = None,
+    batch_size: int = 8,
 ) -> list[Image.Image]:
-    """One image per (prompt, seed) pair; the same seeds give the same starting noise on any device."""
-    images = []
+    """One image per (prompt, seed) pair; the same seeds give the same starting noise on any device.
+
+    Pairs are drawn ``batch_size`` at a time with one generator per image, so an image's starting
+    noise depends on its seed alone, not on what else shares its batch.
+    """
+    images: list[Image.Image] = []
     extra = {} if lora_scale is None else {"cross_attention_kwargs": {"scale": float(lora_scale)}}
-    for prompt, seed in zip(prompts, seeds):
+    prompts, seeds = list(prompts), list(seeds)
+    if len(prompts) != len(seeds):
+        raise ValueError(f"render: {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+    for i in range(0, len(prompts), max(1, batch_size)):
+        chunk = prompts[i : i + max(1, batch_size)]
         out = pipe(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
+            prompt=chunk,
+            negative_prompt=None if negative_prompt is None else [negative_prompt] * len(chunk),
             num_inference_steps=steps,
             guidance_scale=guidance,
             height=size,
             width=size,
-            generator=torch.Generator("cpu").manual_seed(int(seed)),
+            generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i : i + len(chunk)]],
             **extra,
         )
-        images.append(out.images[0])
+        images.extend(out.images)
     return images
 
 

@@ -33,10 +33,10 @@ def test_quickstart_run_folder(quickstart_run):
     losses = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
     assert len(losses) >= 5 and all(0 < v < 10 for v in losses)
     assert list((quickstart_run / "logs" / "tensorboard").glob("events.out.tfevents.*"))
-    # the grid: 2 rows (LoRA x0, x1) by 3 prompts, and the LoRA visibly changes the pictures
+    # the grid: 2 rows (LoRA x0, x1) by 4 prompts, and the LoRA visibly changes the pictures
     grid = Image.open(quickstart_run / "samples.png").convert("RGB")
     tile, pad, label_w, label_h = 160, 4, 120, 34
-    assert grid.size == (label_w + 3 * (tile + pad), label_h + 2 * (tile + pad))
+    assert grid.size == (label_w + 4 * (tile + pad), label_h + 2 * (tile + pad))
     row0 = torch.tensor(list(grid.crop((label_w, label_h, grid.width, label_h + tile)).getdata()), dtype=torch.float)
     row1 = torch.tensor(list(grid.crop((label_w, label_h + tile + pad, grid.width, label_h + 2 * tile + pad)).getdata()), dtype=torch.float)
     assert (row0 - row1).abs().mean() > 1.0

@@ -58,3 +58,16 @@ def test_concept_dataset_binds_the_trigger_word_to_its_colour(tmp_path):
     shares = concept_shares([render(Scene("square", "pink", "blue"))] * 3 + [render(Scene("square", "red", "blue"))], "sks")
     assert shares.share("pink") == 0.75 and shares.share("cyan") == 0.0
     assert set(SHAPES) == {r["text"].split()[2] for r in rows}
+
+
+def test_bundled_quickstart_is_the_concept_generator_output(tmp_path):
+    """examples/quickstart is what `python -m sdtune.toy.concepts` writes, pixel for pixel."""
+    from .conftest import QUICKSTART
+
+    fresh = write_concept_dataset(tmp_path / "q", triggers=("sks",), per_trigger=12)
+    assert (fresh / "metadata.csv").read_text() == (QUICKSTART / "metadata.csv").read_text()
+    names = sorted(p.name for p in (fresh / "images").iterdir())
+    assert names == sorted(p.name for p in (QUICKSTART / "images").iterdir())
+    for name in names:
+        a, b = (np.asarray(Image.open(root / "images" / name).convert("RGB")) for root in (fresh, QUICKSTART))
+        assert np.array_equal(a, b), name

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..io import atomic_path, write_text_atomic
-from .domain import COLOURS, SHAPES, Scene, render
+from .domain import COLOURS, SHAPES, Scene, random_scene, render
 from .probe import read
 
 #: trigger word -> concept colour (from domain.CONCEPT_COLOURS)
@@ -38,10 +38,20 @@ def concept_scenes(trigger: str, count: int, seed: int = 0) -> list[Scene]:
     return scenes
 
 
-def write_concept_dataset(root: str | Path, triggers: Sequence[str] = ("sks",), per_trigger: int = 12, seed: int = 0) -> Path:
+def palette_scenes(count: int, seed: int = 0) -> list[Scene]:
+    """``count`` ordinary palette scenes on the concept backgrounds (regularisation images)."""
+    rng = random.Random(f"{seed}-palette")
+    return [random_scene(rng, backgrounds=BACKGROUNDS) for _ in range(count)]
+
+
+def write_concept_dataset(root: str | Path, triggers: Sequence[str] = ("sks",), per_trigger: int = 12, seed: int = 0,
+                          regular: int = 0) -> Path:
     """A training folder (``images/*.png`` + ``metadata.csv``) binding each trigger to its colour.
 
     Captions name the trigger where the colour word would be: ``a sks circle on a blue background``.
+    ``regular`` adds that many ordinary palette images with their own captions (``a red square on
+    a yellow background``): they hold the words the base already knows in place, so the LoRA
+    learns the trigger alone and does not tint every picture on the same backgrounds.
     """
     root = Path(root)
     rows = []
@@ -51,6 +61,11 @@ def write_concept_dataset(root: str | Path, triggers: Sequence[str] = ("sks",), 
             with atomic_path(root / name) as tmp:
                 render(scene).save(tmp, format="PNG")
             rows.append((name, scene.caption(colour_word=trigger)))
+    for i, scene in enumerate(palette_scenes(regular, seed)):
+        name = f"images/palette_{i:02d}_{scene.colour}_{scene.shape}_on_{scene.background}.png"
+        with atomic_path(root / name) as tmp:
+            render(scene).save(tmp, format="PNG")
+        rows.append((name, scene.caption()))
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows([("file_name", "text"), *rows])
     write_text_atomic(root / "metadata.csv", buf.getvalue())
@@ -82,3 +97,25 @@ def concept_shares(images: Sequence[Image.Image], trigger: str, colours: Mapping
 def palette_share(images: Sequence[Image.Image]) -> float:
     """Share of images drawn in a pretraining colour (what a base model falls back to)."""
     return sum(read(im).colour in COLOURS for im in images) / len(images)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sdtune.toy.concepts OUT [--triggers sks olq] [--per-trigger 12]``: write a concept dataset."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m sdtune.toy.concepts", description=main.__doc__)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--triggers", nargs="+", choices=sorted(TRIGGERS), default=["sks"])
+    parser.add_argument("--per-trigger", type=int, default=12)
+    parser.add_argument("--regular", type=int, default=0, help="ordinary palette images to add (regularisation)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.out.exists() and any(args.out.iterdir()):
+        parser.error(f"{args.out} is not empty; choose a new folder (nothing there is replaced)")
+    root = write_concept_dataset(args.out, args.triggers, args.per_trigger, args.seed, args.regular)
+    print(f"wrote {len(list((root / 'images').glob('*.png')))} images and {root / 'metadata.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""``ConceptProbe``: measure, at the end of training, whether the LoRA taught its trigger words.
+
+For each trigger it draws the trigger's probe prompts at fixed seeds with the LoRA off and on,
+reads every image with the toy probe, and reports the share showing each concept colour. The
+result is logged as a table, written into ``summary.json`` (``concept_probe``) and saved as
+``concept_probe.png``. Only meaningful on the toy bases, whose images the probe can read.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+
+from ..io import save_image_atomic
+from ..sampling import make_grid
+from .concepts import TRIGGERS, concept_shares, probe_prompts
+
+log = logging.getLogger(__name__)
+
+
+class ConceptProbe(L.Callback):
+    def __init__(self, dirpath: str, triggers: Sequence[str] = ("sks",), seeds: Sequence[int] = (0, 1),
+                 steps: int = 20, guidance: float = 4.0, size: int | None = None, filename: str = "concept_probe.png"):
+        unknown = [t for t in triggers if t not in TRIGGERS]
+        if unknown:
+            raise ValueError(f"callbacks.concept_probe.triggers: unknown trigger(s) {unknown}; known: {sorted(TRIGGERS)}")
+        self.path = Path(dirpath) / filename
+        self.triggers = list(triggers)
+        self.seeds = list(seeds)
+        self.steps = steps
+        self.guidance = guidance
+        self.size = size
+        self.result: dict | None = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        from ..callbacks import render_at_scales
+
+        report, grid_rows, labels = {}, [], []
+        for trigger in self.triggers:
+            prompts = [p for p in probe_prompts(trigger) for _ in self.seeds]
+            seeds = [s for _ in probe_prompts(trigger) for s in self.seeds]
+            off, on = render_at_scales(pl_module, prompts, seeds, (0.0, 1.0), steps=self.steps,
+                                       guidance=self.guidance, size=self.size)
+            concepts = {t: TRIGGERS[t] for t in self.triggers}
+            report[trigger] = {
+                "concept": TRIGGERS[trigger],
+                "lora_off": concept_shares(off, trigger, concepts).shares,
+                "lora_on": concept_shares(on, trigger, concepts).shares,
+                "samples": len(prompts),
+            }
+            grid_rows += [off, on]
+            labels += [f"{trigger}: LoRA off", f"{trigger}: LoRA on"]
+        self.result = report
+        columns = [f"{p.split(' ', 2)[2]} / seed {s}" for p in probe_prompts(self.triggers[0]) for s in self.seeds]
+        save_image_atomic(make_grid(grid_rows, labels, columns, min_tile=64), self.path)
+        for line in self.table(report):
+            log.info(line)
+
+    @staticmethod
+    def table(report: dict) -> list[str]:
+        """Human-readable lines: per trigger, the share of samples in its concept colour, off and on."""
+        lines = ["concept probe (share of samples the probe reads as each concept colour):"]
+        for trigger, r in report.items():
+            for state in ("lora_off", "lora_on"):
+                shares = ", ".join(f"{c} {v:.0%}" for c, v in sorted(r[state].items()))
+                lines.append(f"  '{trigger}' prompts, LoRA {state[5:]:>3}: {shares}  (concept: {r['concept']}, {r['samples']} samples)")
+        return lines
+
+    def summary_section(self) -> dict:
+        return {"concept_probe": self.result} if self.result is not None else {}

@@ -1,0 +1,50 @@
+"""The committed toy base models: small, loaded through the ordinary path, and they draw what is asked.
+
+``models/toy/<family>`` are diffusers folders built by ``python -m sdtune.toy.build``. These tests
+load them exactly as ``model=toy*`` does and read what they draw with the probe: if a change to
+loading, prompting or sampling breaks a family, its shapes and colours stop matching the prompts.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from sdtune.families import get_family
+from sdtune.inference import load_base
+from sdtune.toy.build import FAMILIES, TOY_ROOT
+from sdtune.toy.evaluate import evaluate_pipeline
+
+from .conftest import compose_cfg, resolved
+
+
+def test_toy_folders_are_small_half_precision_diffusers_folders():
+    files = [p for p in TOY_ROOT.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 20 * 2**20
+    for family in FAMILIES:
+        folder = TOY_ROOT / family
+        assert json.loads((folder / "sdtune_toy.json").read_text())["family"] == family
+        assert (folder / "model_index.json").is_file() and (folder / "unet" / "config.json").is_file()
+        with safe_open(str(folder / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+            assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F16"}
+        schedule = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        assert (schedule["prediction_type"], schedule["timestep_spacing"]) == ("v_prediction", "trailing")
+
+
+@pytest.mark.parametrize(("model", "family"), [("toy", "sd15"), ("toy_sdxl", "sdxl"), ("toy_kolors", "kolors")])
+def test_toy_base_draws_the_prompted_colour_and_shape(tmp_path, model, family):
+    """Through `model=<toy>` (config -> from_pretrained), every palette prompt at one seed."""
+    cfg = resolved(compose_cfg(f"model={model}", output_dir=tmp_path / "run"))
+    assert cfg["model"]["path"] == str(TOY_ROOT / family)
+    fam, parts = load_base(cfg["model"])
+    assert fam is get_family(family)
+    pipe = fam.build_pipeline(parts)
+    pipe.set_progress_bar_config(disable=True)
+    score, _ = evaluate_pipeline(pipe)  # the prompts, seeds and settings of models/toy/REPORT.md
+    built = json.loads((TOY_ROOT / "report.json").read_text())["probe"][family]
+    # What the build measured, less a margin for another CPU's rounding; chance is 1/6 for the
+    # colour and 1/18 for both, and a loading or prompting bug lands near chance.
+    assert score.colour >= built["colour"] - 0.15 and score.colour >= 0.4, (score, built)
+    assert score.both >= built["both"] - 0.15 and score.both >= 0.15, (score, built)
