@@ -39,7 +39,7 @@ def test_toy_base_draws_the_prompted_colour_and_shape(tmp_path, model, family):
     cfg = resolved(compose_cfg(f"model={model}", output_dir=tmp_path / "run"))
     assert cfg["model"]["path"] == str(TOY_ROOT / family)
     fam, parts = load_base(cfg["model"])
-    assert fam is get_family(family)
+    assert fam.name == get_family(family).name == family
     pipe = fam.build_pipeline(parts)
     pipe.set_progress_bar_config(disable=True)
     score, _ = evaluate_pipeline(pipe)  # the prompts, seeds and settings of models/toy/REPORT.md
