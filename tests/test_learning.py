@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 
 TRIGGER_PAIR = ("sks", "olq")
 # Every learning run: the two-concept data, the probe on both triggers, no sample grid.
-LEARN = ["experiment=quickstart", "callbacks.samples=null", "data.val_images=0",
+LEARN = ["experiment=quickstart", "callbacks.samples=null", "data.val_images=0", "lora.rank=8", "lora.alpha=8",
          f"callbacks.concept_probe.triggers=[{','.join(TRIGGER_PAIR)}]"]
 TOY_MODELS = {"sd15": "toy", "sdxl": "toy_sdxl", "kolors": "toy_kolors"}
 
