@@ -56,7 +56,7 @@ def test_report_table_matches_each_runs_logs(sweep):
     curves = Image.open(sweep / "loss_curves.png")
     assert curves.size == (800, 500)
     grid = Image.open(sweep / "samples_grid.png")
-    assert grid.size == (120 + 3 * 164, 34 + len(RANKS) * 164)  # rows = runs, columns = 3 prompts
+    assert grid.size == (120 + 4 * 164, 34 + len(RANKS) * 164)  # rows = runs, columns = the 4 quickstart prompts
 
 
 def test_validation_grids_land_in_the_run_folder_and_tensorboard(sweep):
