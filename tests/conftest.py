@@ -100,6 +100,22 @@ def quickstart_run(tmp_path_factory, tiny_sd15) -> Path:
     return run_dir
 
 
+def kill_when_written(args: list[str], marker: Path, timeout: float = 300) -> int:
+    """Start ``python -m sdtune ARGS``, SIGKILL it as soon as ``marker`` exists; its return code."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "sdtune", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), f"the run never wrote {marker.name}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    return proc.returncode
+
+
 def run_main(capsys, *args: str) -> tuple[int, str]:
     """``python -m sdtune ARGS`` in this process (no interpreter start-up): (exit code, stderr)."""
     from sdtune.__main__ import main

@@ -16,7 +16,7 @@ from sdtune.export import load_checkpoint
 from sdtune.lora_files import read_lora
 from sdtune.train import train
 
-from .conftest import ROOT, compose_cfg, run_cli
+from .conftest import ROOT, compose_cfg, kill_when_written, run_cli
 
 pytestmark = pytest.mark.slow
 # Every source of randomness on: flips, caption dropout, offset noise (besides noise and timesteps).
@@ -41,16 +41,9 @@ def uninterrupted(tmp_path_factory):
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(uninterrupted, tmp_path):
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "sdtune", *COMMON, f"hydra.run.dir={run}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = run / "checkpoints" / "step000005.ckpt"  # step 5 = the second of three batches of epoch 1
-    deadline = time.monotonic() + 240
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert first.exists(), "the run never wrote its first checkpoint"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL and not (run / "lora.safetensors").exists()
+    # step 5 = the second of three batches of epoch 1
+    code = kill_when_written([*COMMON, f"hydra.run.dir={run}"], run / "checkpoints" / "step000005.ckpt", timeout=240)
+    assert code == -signal.SIGKILL and not (run / "lora.safetensors").exists()
     killed_at = load_checkpoint(max(run.joinpath("checkpoints").glob("*.ckpt"), key=os.path.getmtime))["global_step"]
     assert killed_at < 12 and killed_at % 3 != 0  # really mid-epoch
 
