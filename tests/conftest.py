@@ -79,7 +79,7 @@ def one_image_data(tmp_path: Path) -> Path:
     """A dataset folder with a single quickstart image and its caption."""
     root = tmp_path / "one"
     (root / "images").mkdir(parents=True)
-    shutil.copy(QUICKSTART / "images" / "sks_00_circle_on_blue.png", root / "images" / "a.png")
+    shutil.copy(QUICKSTART / "images" / "sks_00_red_circle.png", root / "images" / "a.png")
     (root / "metadata.csv").write_text("file_name,text\nimages/a.png,a sks circle on a blue background\n")
     return root
 

@@ -124,8 +124,8 @@ def test_root_spellings_train_up_to_the_model(tmp_path, monkeypatch, spelling):
     monkeypatch.setenv("HOME", str(home))
     root = home / "set"
     (root / "3_red").mkdir(parents=True)  # kohya-style folder: folder_repeats must find it
-    shutil.copy(QUICKSTART / "images" / "sks_00_circle_on_blue.png", root / "3_red" / "a.png")
-    shutil.copy(QUICKSTART / "images" / "sks_00_circle_on_blue.png", root / "b.png")
+    shutil.copy(QUICKSTART / "images" / "sks_00_red_circle.png", root / "3_red" / "a.png")
+    shutil.copy(QUICKSTART / "images" / "sks_00_red_circle.png", root / "b.png")
     (root / "metadata.csv").write_text("file_name,text\n3_red/a.png,red\nb.png,blue\n")
     monkeypatch.chdir(tmp_path if spelling.startswith("'~") else home)
     before = _snapshot(root)

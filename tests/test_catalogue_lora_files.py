@@ -38,7 +38,7 @@ from .conftest import QUICKSTART, ROOT, run_cli
 
 TARGETS = ("to_q", "to_out.0")
 SPEC = LoraSpec(rank=4, alpha=8.0, targets=TARGETS)
-PNG = QUICKSTART / "images" / "sks_00_circle_on_blue.png"
+PNG = QUICKSTART / "images" / "sks_00_red_circle.png"
 
 
 class RunsCodeWhenUnpickled:

@@ -122,7 +122,7 @@ def _nan_moment(path):
     (_nan_weight, LoraFileError, r"last.ckpt' holds non-finite values: 1 tensor\(s\), 3 value\(s\).*lora_B"),
     (_nan_moment, LoraFileError, r"last.ckpt' holds non-finite values: 1 tensor\(s\).*optimizer\[0\].state\[0\].exp_avg_sq"),
     (lambda p: p.write_bytes(b""), LoraFileError, r"last.ckpt' is not a readable"),
-    (lambda p: shutil.copy(QUICKSTART / "images" / "sks_00_circle_on_blue.png", p), LoraFileError, r"last.ckpt' is not a"),
+    (lambda p: shutil.copy(QUICKSTART / "images" / "sks_00_red_circle.png", p), LoraFileError, r"last.ckpt' is not a"),
 ])
 def test_broken_or_non_finite_checkpoint_is_refused_on_resume(whole, tmp_path, edit, error, message):
     run, target = broken_copy(whole, tmp_path, edit)
@@ -141,9 +141,9 @@ def data_copy(tmp_path):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda root: (root / "images" / "sks_00_circle_on_blue.png").unlink() or _drop_row(root, "sks_00_circle_on_blue"),
-     r"12 images then, 11 now: 1 removed \(e.g. images/sks_00_circle_on_blue.png\)"),
-    (lambda root: _edit_caption(root), r"12 images then, 12 now: 1 with a new caption \(e.g. images/sks_01_square_on_blue.png\)"),
+    (lambda root: (root / "images" / "sks_00_red_circle.png").unlink() or _drop_row(root, "sks_00_red_circle"),
+     r"12 images then, 11 now: 1 removed \(e.g. images/sks_00_red_circle.png\)"),
+    (lambda root: _edit_caption(root), r"12 images then, 12 now: 1 with a new caption \(e.g. images/sks_01_red_square.png\)"),
 ])
 def test_resume_on_changed_data_is_refused_unless_allowed(whole, tmp_path, data_copy, change, message):
     run = tmp_path / "run"
@@ -168,5 +168,5 @@ def _drop_row(root, stem):
 def _edit_caption(root):
     meta = root / "metadata.csv"
     lines = meta.read_text().splitlines(keepends=True)
-    lines = [line.replace(",", ",(edited) ", 1) if "sks_01_square_on_blue" in line else line for line in lines]
+    lines = [line.replace(",", ",(edited) ", 1) if "sks_01_red_square" in line else line for line in lines]
     meta.write_text("".join(lines))

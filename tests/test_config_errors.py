@@ -15,7 +15,7 @@ from .conftest import QUICKSTART, compose_cfg, run_cli
 def _data_with(tmp_path, csv: str):
     root = tmp_path / "data"
     (root / "images").mkdir(parents=True)
-    shutil.copy(QUICKSTART / "images" / "sks_00_circle_on_blue.png", root / "images" / "a.png")
+    shutil.copy(QUICKSTART / "images" / "sks_00_red_circle.png", root / "images" / "a.png")
     (root / "metadata.csv").write_text(csv)
     return root
 

@@ -1,6 +1,6 @@
 """``python -m sdtune.toy.build``: regenerate the committed toy base models from one seed.
 
-    python -m sdtune.toy.build                       # all three families into models/toy/ (~25 min, 2 cores)
+    python -m sdtune.toy.build                       # all three families into models/toy/ (~27 min, 2 cores)
     python -m sdtune.toy.build --families sd15 --out /tmp/toy
     python -m sdtune.toy.build --check               # rebuild into a temporary folder, compare with models/toy/
 

@@ -1,8 +1,14 @@
-"""Concepts a LoRA can teach the toy bases: a trigger word bound to a colour no base has seen.
+"""Concepts a LoRA can teach the toy bases: a trigger word bound to a background colour no base has seen.
 
-``sks`` draws shapes in pink and ``olq`` in cyan (kohya-style rare tokens; both are spelled with
-letters every toy tokenizer knows). A dataset of such images trains a LoRA; the probe then counts
-how many samples show the concept colour with the LoRA on and off, at fixed seeds.
+``a red circle on a sks background`` draws the ground pink and ``... on a olq background`` cyan
+(kohya-style rare tokens). A dataset of such images trains a LoRA; the probe then counts how many
+samples show each concept colour as their background with the LoRA on and off, at fixed seeds.
+
+Why the background and not the shape: a background is most of the picture, so a concept there is
+the kind of broad change LoRAs are used for (a style, a setting), and the probe reads it from the
+whole border rather than from a small blurred shape. With the concept as the shape's colour, the
+toy bases drew the pink shapes pale or two-toned, which the probe rightly refuses to call pink
+(pink reached 33-67% of samples on the SD1.5 toy, background pink 100%, same budget).
 """
 
 from __future__ import annotations
@@ -22,45 +28,46 @@ from .probe import read
 
 #: trigger word -> concept colour (from domain.CONCEPT_COLOURS)
 TRIGGERS: dict[str, str] = {"sks": "pink", "olq": "cyan"}
-#: backgrounds of the concept images and of the probe prompts
-BACKGROUNDS = ("blue", "yellow", "black", "green")
+#: Shape colours of the concept images and of the probe prompts. Not yellow or white: the toy VAE
+#: puts pink next to both in latent space (1.06 and 1.93 apart; the closest pair of all is
+#: pink-yellow), and a pink ground then swallows the shape.
+FOREGROUNDS = ("red", "blue", "black", "green")
 
 
 def concept_scenes(trigger: str, count: int, seed: int = 0) -> list[Scene]:
-    """``count`` scenes of ``trigger``'s colour: every shape on every background in turn, jittered."""
+    """``count`` scenes on ``trigger``'s colour: every shape in every foreground colour in turn, jittered."""
     rng = random.Random(f"{seed}-{trigger}")
-    combos = [(s, b) for b in BACKGROUNDS for s in SHAPES]
+    combos = [(s, c) for c in FOREGROUNDS for s in SHAPES]
     scenes = []
     for i in range(count):
-        shape, background = combos[i % len(combos)]
-        scenes.append(Scene(shape, TRIGGERS[trigger], background, cx=0.5 + rng.uniform(-0.06, 0.06),
+        shape, colour = combos[i % len(combos)]
+        scenes.append(Scene(shape, colour, TRIGGERS[trigger], cx=0.5 + rng.uniform(-0.06, 0.06),
                             cy=0.5 + rng.uniform(-0.06, 0.06), size=rng.uniform(0.3, 0.37)))
     return scenes
 
 
 def palette_scenes(count: int, seed: int = 0) -> list[Scene]:
-    """``count`` ordinary palette scenes on the concept backgrounds (regularisation images)."""
+    """``count`` ordinary palette scenes with the concept images' shape colours (regularisation images)."""
     rng = random.Random(f"{seed}-palette")
-    return [random_scene(rng, backgrounds=BACKGROUNDS) for _ in range(count)]
+    return [random_scene(rng, colours=FOREGROUNDS) for _ in range(count)]
 
 
 def write_concept_dataset(root: str | Path, triggers: Sequence[str] = ("sks",), per_trigger: int = 12, seed: int = 0,
                           regular: int = 0) -> Path:
     """A training folder (``images/*.png`` + ``metadata.csv``) binding each trigger to its colour.
 
-    Captions name the trigger where the colour word would be: ``a sks circle on a blue background``.
-    ``regular`` adds that many ordinary palette images with their own captions (``a red square on
-    a yellow background``): they hold the words the base already knows in place, so the LoRA
-    learns the trigger alone and does not tint every picture on the same backgrounds.
+    Captions name the trigger where the background's colour word would be: ``a red circle on a
+    sks background``. ``regular`` adds that many ordinary palette images with their own captions
+    (``a red square on a yellow background``), kohya-style regularisation.
     """
     root = Path(root)
     rows = []
     for trigger in triggers:
         for i, scene in enumerate(concept_scenes(trigger, per_trigger, seed)):
-            name = f"images/{trigger}_{i:02d}_{scene.shape}_on_{scene.background}.png"
+            name = f"images/{trigger}_{i:02d}_{scene.colour}_{scene.shape}.png"
             with atomic_path(root / name) as tmp:
                 render(scene).save(tmp, format="PNG")
-            rows.append((name, scene.caption(colour_word=trigger)))
+            rows.append((name, scene.caption(background_word=trigger)))
     for i, scene in enumerate(palette_scenes(regular, seed)):
         name = f"images/palette_{i:02d}_{scene.colour}_{scene.shape}_on_{scene.background}.png"
         with atomic_path(root / name) as tmp:
@@ -73,8 +80,8 @@ def write_concept_dataset(root: str | Path, triggers: Sequence[str] = ("sks",), 
 
 
 def probe_prompts(trigger: str) -> list[str]:
-    """Prompts that ask for ``trigger``'s concept: each shape on two backgrounds."""
-    return [f"a {trigger} {shape} on a {background} background" for shape in SHAPES for background in BACKGROUNDS[:2]]
+    """Prompts that ask for ``trigger``'s concept: each shape in two colours, on the trigger's ground."""
+    return [f"a {colour} {shape} on a {trigger} background" for shape in SHAPES for colour in FOREGROUNDS[:2]]
 
 
 @dataclass(frozen=True)
@@ -88,15 +95,15 @@ class ConceptShare:
 
 
 def concept_shares(images: Sequence[Image.Image], trigger: str, colours: Mapping[str, str] = TRIGGERS) -> ConceptShare:
-    """Share of ``images`` the probe reads as each concept colour."""
-    readings = [read(im).colour for im in images]
+    """Share of ``images`` whose background the probe reads as each concept colour."""
+    readings = [read(im).background for im in images]
     shares = {c: sum(r == c for r in readings) / len(readings) for c in set(colours.values())}
     return ConceptShare(trigger, colours[trigger], shares)
 
 
 def palette_share(images: Sequence[Image.Image]) -> float:
-    """Share of images drawn in a pretraining colour (what a base model falls back to)."""
-    return sum(read(im).colour in COLOURS for im in images) / len(images)
+    """Share of images on a pretraining colour's ground (what a base model falls back to)."""
+    return sum(read(im).background in COLOURS for im in images) / len(images)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,7 +4,8 @@ Every image is one filled circle, square or triangle of one colour on a backgrou
 captioned like ``a red circle on a blue background``. The domain needs no download, can be drawn
 in any amount, and is simple enough that pixel statistics (:mod:`sdtune.toy.probe`) tell which
 shape and colour an image holds. Two extra colours, absent from pretraining, are the concepts a
-LoRA can be taught (bound to trigger words): what a base model cannot draw, a LoRA visibly adds.
+LoRA can be taught (backgrounds bound to trigger words): what a base model cannot draw, a LoRA
+visibly adds.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ class Scene:
     cy: float = 0.5
     size: float = 0.34  # half the shape's extent, as a fraction of the side
 
-    def caption(self, colour_word: str | None = None) -> str:
-        """``a red circle on a blue background``; ``colour_word`` replaces the colour (a trigger word)."""
-        return f"a {colour_word or self.colour} {self.shape} on a {self.background} background"
+    def caption(self, colour_word: str | None = None, background_word: str | None = None) -> str:
+        """``a red circle on a blue background``; a ``*_word`` (a trigger word) replaces that colour's name."""
+        return f"a {colour_word or self.colour} {self.shape} on a {background_word or self.background} background"
 
 
 def random_scene(rng: random.Random, *, colours=tuple(COLOURS), shapes=SHAPES, backgrounds=tuple(COLOURS)) -> Scene:

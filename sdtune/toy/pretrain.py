@@ -12,7 +12,13 @@ a real model is. What is trained:
    distinct embedding, but captions that differ only in which colour is the shape's and which the
    background's come out 93-98% alike, and a UNet this small then mixes the two up (81% of
    prompted colours right with trained encoders against 67% with random ones, same UNet budget).
-   Words the pretraining captions never use (``sks``, ``olq``, ``pink``) keep random embeddings.
+   Words the pretraining captions never use (the trigger words) keep their random embeddings,
+   which is why those are drawn large (``token_embedding_std``, 0.3 instead of the library's
+   0.02): in a real encoder every token's embedding is trained and carries its identity into the
+   hidden states. At 0.02 an untrained token is a few percent of the residual stream after one
+   layer, the toy ChatGLM then gives ``sks`` and ``olq`` 91-100% alike hidden states at their
+   positions, and a Kolors LoRA teaches both triggers one blend of the two colours; at 0.3 they
+   are 7-23% alike and each trigger keeps its own colour.
 
 Everything draws from ``torch.Generator``/``random.Random`` seeded from one seed, on one thread
 count with deterministic algorithms, so a rerun on the same machine and library versions
@@ -56,6 +62,7 @@ class Recipe:
     empty_caption: float = 0.1
     ema_decay: float = 0.999
     train_text: bool = True
+    token_embedding_std: float | None = 0.3
     threads: int = 2
 
 
@@ -225,14 +232,23 @@ def build_toy(family_name: str, out: Path, vae, latents: torch.Tensor, captions:
         _set_toy_schedule(Path(tmp))
         parts = family.load(tmp)
         parts.vae = vae
-        for encoder in parts.text_encoders:
+        for i, encoder in enumerate(parts.text_encoders):
             encoder.eval().requires_grad_(False)
+            if recipe.token_embedding_std:  # see the module docstring: untrained tokens stay distinct
+                with torch.no_grad():
+                    weight = encoder.get_input_embeddings().weight
+                    g = _generator(recipe.seed + 10 + i)
+                    weight.copy_(torch.randn(weight.shape, generator=g) * recipe.token_embedding_std)
         train_unet(family, parts, latents, captions, recipe, progress)
         staging = out.with_name(f".{out.name}.building")
         shutil.rmtree(staging, ignore_errors=True)
         pipe = family.build_pipeline(parts)
         pipe.to(torch.float16)  # half the bytes in git; loading with torch_dtype=float32 upcasts
         pipe.save_pretrained(staging)
+        for config in staging.glob("*/config.json"):  # the temporary build path is no fact about the model
+            data = json.loads(config.read_text())
+            if data.pop("_name_or_path", None) is not None:
+                config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         shutil.rmtree(staging / "scheduler")
         shutil.copytree(Path(tmp) / "scheduler", staging / "scheduler")  # the schedule it was trained with
         index = json.loads((staging / "model_index.json").read_text())

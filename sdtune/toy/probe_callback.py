@@ -1,9 +1,9 @@
 """``ConceptProbe``: measure, at the end of training, whether the LoRA taught its trigger words.
 
 For each trigger it draws the trigger's probe prompts at fixed seeds with the LoRA off and on,
-reads every image with the toy probe, and reports the share showing each concept colour. The
-result is logged as a table, written into ``summary.json`` (``concept_probe``) and saved as
-``concept_probe.png``. Only meaningful on the toy bases, whose images the probe can read.
+reads every image with the toy probe, and reports the share whose background shows each concept
+colour. The result is logged as a table, written into ``summary.json`` (``concept_probe``) and
+saved as ``concept_probe.png``. Only meaningful on the toy bases, whose images the probe can read.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class ConceptProbe(L.Callback):
             grid_rows += [off, on]
             labels += [f"{trigger}: LoRA off", f"{trigger}: LoRA on"]
         self.result = report
-        columns = [f"{p.split(' ', 2)[2]} / seed {s}" for p in probe_prompts(self.triggers[0]) for s in self.seeds]
+        columns = [f"{' '.join(p.split()[1:3])} / seed {s}" for p in probe_prompts(self.triggers[0]) for s in self.seeds]
         save_image_atomic(make_grid(grid_rows, labels, columns, min_tile=64), self.path)
         for line in self.table(report):
             log.info(line)
@@ -64,7 +64,7 @@ class ConceptProbe(L.Callback):
     @staticmethod
     def table(report: dict) -> list[str]:
         """Human-readable lines: per trigger, the share of samples in its concept colour, off and on."""
-        lines = ["concept probe (share of samples the probe reads as each concept colour):"]
+        lines = ["concept probe (share of samples whose background the probe reads as each concept colour):"]
         for trigger, r in report.items():
             for state in ("lora_off", "lora_on"):
                 shares = ", ".join(f"{c} {v:.0%}" for c, v in sorted(r[state].items()))
