@@ -23,7 +23,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..io import atomic_path, write_text_atomic
-from .domain import COLOURS, SHAPES, Scene, random_scene, render
+from .domain import SHAPES, Scene, random_scene, render
 from .probe import read
 
 #: trigger word -> concept colour (from domain.CONCEPT_COLOURS)
@@ -99,11 +99,6 @@ def concept_shares(images: Sequence[Image.Image], trigger: str, colours: Mapping
     readings = [read(im).background for im in images]
     shares = {c: sum(r == c for r in readings) / len(readings) for c in set(colours.values())}
     return ConceptShare(trigger, colours[trigger], shares)
-
-
-def palette_share(images: Sequence[Image.Image]) -> float:
-    """Share of images on a pretraining colour's ground (what a base model falls back to)."""
-    return sum(read(im).background in COLOURS for im in images) / len(images)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
