@@ -84,9 +84,14 @@ class LoRAExport(L.Callback):
 
 
 def render_at_scales(pl_module, prompts: Sequence[str], seeds: Sequence[int], scales: Sequence[float], *, steps: int,
-                     guidance: float, size: int | None = None, negative_prompt: str | None = None) -> list[list]:
-    """One row of images per LoRA scale, drawn by the model being trained (in eval mode)."""
+                     guidance: float | None, size: int | None = None, negative_prompt: str | None = None) -> list[list]:
+    """One row of images per LoRA scale, drawn by the model being trained (in eval mode).
+
+    ``guidance=None`` samples at the base model's own scale (``model.guidance`` or the family's).
+    """
     size = size or int(pl_module.cfg["data"]["resolution"])
+    if guidance is None:
+        guidance = pl_module.family.guidance(pl_module.cfg["model"])
     pipe = pl_module.family.build_pipeline(pl_module.parts)
     pipe.set_progress_bar_config(disable=True)
     was_training = pl_module.parts.unet.training
@@ -115,7 +120,7 @@ class SampleGrid(L.Callback):
         seeds: Sequence[int] = (0, 1),
         scales: Sequence[float] = (0.0, 1.0),
         steps: int = 20,
-        guidance: float = 5.0,
+        guidance: float | None = None,
         negative_prompt: str | None = None,
         size: int | None = None,
         every_n_steps: int | None = None,

@@ -89,6 +89,7 @@ def validate(cfg: DictConfig) -> None:
     if not _get(cfg, "model.path"):
         raise ConfigError("model.path is not set. Fix: model.path=<diffusers folder or hub id>.")
 
+    _number(cfg, "model.guidance", minimum=0, exclusive=True, optional=True)
     rank = _int(cfg, "lora.rank", minimum=1, hint=" Fix: e.g. lora.rank=16.")
     if rank > MAX_RANK:
         raise ConfigError(

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .config import register_resolvers
 from .errors import ConfigError, SdtuneError
+from .families import get_family
 from .inference import apply_loras, base_model_config, load_base, parse_loras, pick_device, read_loras
 from .io import save_image_atomic, write_text_atomic
 from .sampling import make_grid
@@ -37,6 +38,11 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
         raise ConfigError(f"num_images and steps must be >= 1, got {cfg.num_images} and {cfg.steps}.")
     loras = read_loras(refs)  # every file vetted (readable, finite, consistent) before the base model loads
     model_cfg = base_model_config(cfg.get("model"), refs, loras)
+    guidance = cfg.get("guidance")
+    guidance = get_family(model_cfg["family"]).guidance(model_cfg) if guidance is None else guidance
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not guidance > 0:
+        raise ConfigError(f"guidance must be a number > 0, got {guidance!r}. Fix: e.g. guidance=5 (1 turns guidance off).")
+    guidance = float(guidance)
     device = pick_device(cfg.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     family, parts = load_base(model_cfg, dtype=dtype)
@@ -59,7 +65,7 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
                 prompt=cfg.prompt,
                 negative_prompt=cfg.negative_prompt,
                 num_inference_steps=int(cfg.steps),
-                guidance_scale=float(cfg.guidance),
+                guidance_scale=guidance,
                 height=size,
                 width=size,
                 generator=torch.Generator("cpu").manual_seed(seed),
@@ -71,7 +77,8 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
             written.append(path)
     grid = make_grid(list(rows.values()), list(rows), [f"seed {s}" for s in seeds])
     save_image_atomic(grid, out_dir / "grid.png")
-    record = {"model": model_cfg, "loras": [{"path": r.path, "weight": r.weight} for r in refs], "seeds": seeds}
+    record = {"model": model_cfg, "loras": [{"path": r.path, "weight": r.weight} for r in refs], "seeds": seeds,
+              "steps": int(cfg.steps), "guidance": guidance}
     write_text_atomic(out_dir / "generation.json", json.dumps(record, indent=2, ensure_ascii=False, default=str))
     log.info("wrote %d image(s) and grid.png to %s", len(written), out_dir)
     return [*written, out_dir / "grid.png"]

@@ -39,6 +39,7 @@ CASES = [
     ("rank-negative", lambda t: ["lora.rank=-4"], ConfigError, r"lora.rank must be >= 1, got -4"),
     ("rank-not-a-number", lambda t: ["lora.rank=abc"], ConfigError, r"lora.rank must be an integer >= 1, got 'abc'"),
     ("resolution-not-multiple-of-8", lambda t: ["data.resolution=100"], ConfigError, r"data.resolution=100 is not divisible by 8.*use 96 or 104"),
+    ("guidance-zero", lambda t: ["model.guidance=0"], ConfigError, r"model.guidance must be > 0, got 0"),
     ("precision", lambda t: ["trainer.precision=64"], ConfigError, r"trainer.precision='64' is not supported"),
     ("pissa-init", lambda t: ["lora.init=pissa"], ConfigError, r"lora.init must be one of \['gaussian', True, False\]"),
 ]

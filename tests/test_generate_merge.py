@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from sdtune.errors import LoraFileError
+from sdtune.errors import ConfigError, LoraFileError
 from sdtune.families import get_family
 from sdtune.generate import generate
 from sdtune.inference import LoraRef, apply_loras, load_base, parse_loras
@@ -29,7 +29,8 @@ def _compose(name: str, *overrides: str):
         return compose(name, overrides=list(overrides))
 
 
-def _lora_file(tmp_path, family: str, seed: int, *, targets=("to_q", "to_k", "to_v", "to_out.0"), alpha=3.0, mutate=None):
+def _lora_file(tmp_path, family: str, seed: int, *, targets=("to_q", "to_k", "to_v", "to_out.0"), alpha=3.0, mutate=None,
+               model_extra=None):
     """A LoRA file with random non-zero weights and a full sdtune header (model config included)."""
     parts = get_family(family).load(str(tiny_model(family)))
     spec = LoraSpec(rank=2, alpha=alpha, targets=tuple(targets))
@@ -43,7 +44,7 @@ def _lora_file(tmp_path, family: str, seed: int, *, targets=("to_q", "to_k", "to
     tensors = lora_tensors(holder.state_dict())
     if mutate:
         tensors = mutate(tensors)
-    cfg = {"model": {"family": family, "path": str(tiny_model(family)), "tiny": True, "resolution": 64}}
+    cfg = {"model": {"family": family, "path": str(tiny_model(family)), "tiny": True, "resolution": 64, **(model_extra or {})}}
     meta = build_metadata(spec, family=family, base_model="tiny", base_model_version="x", resolution=64, config=cfg)
     return str(save_lora(tmp_path / f"{family}_{seed}.safetensors", tensors, meta))
 
@@ -164,3 +165,26 @@ def test_generate_cli_compare_grid_with_model_from_the_lora_header(tmp_path):
     bad.write_text("not safetensors")
     proc = run_cli(f"loras=[{bad}]", "prompt=x", f"hydra.run.dir={tmp_path / 'gen2'}", module="sdtune.generate")
     assert proc.returncode == 2 and "is not a readable .safetensors file" in proc.stderr
+
+
+
+def test_generate_samples_at_the_base_models_own_guidance_unless_told(tmp_path):
+    """``guidance`` unset: the scale recorded with the base model in the LoRA header (the toy bases
+    draw best at 2), else the family's default; an explicit ``guidance=`` wins. Checked on the
+    images, not only on the record: the default must draw exactly what the explicit scale draws."""
+    plain = _lora_file(tmp_path, "sd15", 1)  # header model without `guidance`: the family's 7.5
+    recorded = _lora_file(tmp_path, "sd15", 2, model_extra={"guidance": 2.0})
+
+    def draw(lora, *overrides):
+        out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+        out.mkdir()
+        generate(_compose("generate", f"loras=[{lora}]", "prompt=a red circle", "steps=2", "num_images=1", *overrides), out)
+        return json.loads((out / "generation.json").read_text())["guidance"], list(Image.open(out / "seed0.png").getdata())
+
+    g, default = draw(recorded)
+    assert g == 2.0 and default == draw(recorded, "guidance=2.0")[1] != draw(recorded, "guidance=7.5")[1]
+    g, default = draw(plain)
+    assert g == get_family("sd15").default_guidance == 7.5 and default == draw(plain, "guidance=7.5")[1]
+    assert draw(recorded, "guidance=4")[0] == 4.0
+    with pytest.raises(ConfigError, match=r"guidance must be a number > 0, got -1"):
+        draw(recorded, "guidance=-1")

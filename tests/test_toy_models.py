@@ -46,5 +46,29 @@ def test_toy_base_draws_the_prompted_colour_and_shape(tmp_path, model, family):
     built = json.loads((TOY_ROOT / "report.json").read_text())["probe"][family]
     # What the build measured, less a margin for another CPU's rounding; chance is 1/6 for the
     # colour and 1/18 for both, and a loading or prompting bug lands near chance.
-    assert score.colour >= built["colour"] - 0.15 and score.colour >= 0.4, (score, built)
-    assert score.both >= built["both"] - 0.15 and score.both >= 0.15, (score, built)
+    assert score.colour >= built["colour"] - 0.15 and score.colour >= 0.75, (score, built)
+    assert score.both >= built["both"] - 0.15 and score.both >= 0.4, (score, built)
+
+
+@pytest.mark.slow
+def test_rescore_remeasures_one_family_and_keeps_the_others(tmp_path):
+    """``build --rescore --families sd15``: fresh figures and grid for sd15 at the report's guidance,
+    the sweep in REPORT.md, and the other families' recorded figures untouched."""
+    import shutil
+
+    from sdtune.toy.build import GUIDANCE, main
+
+    out = tmp_path / "toy"
+    shutil.copytree(TOY_ROOT / "sd15", out / "sd15")
+    old = json.loads((TOY_ROOT / "report.json").read_text())
+    old["probe"]["sd15"] = {"shape": 0.0, "colour": 0.0, "both": 0.0}  # stale figures to be replaced
+    (out / "report.json").write_text(json.dumps(old))
+    assert main(["--out", str(out), "--families", "sd15", "--rescore"]) == 0
+    new = json.loads((out / "report.json").read_text())
+    family = get_family("sd15")
+    score, _ = evaluate_pipeline(family.build_pipeline(family.load(str(out / "sd15"))), guidance=GUIDANCE)
+    assert new["probe"]["sd15"] == {"shape": score.shape, "colour": score.colour, "both": score.both}
+    assert new["probe"]["kolors"] == old["probe"]["kolors"] and new["seconds"] == old["seconds"]
+    assert new["guidance_sweep"]["sd15"][f"{GUIDANCE:g}"] == new["probe"]["sd15"]
+    assert f"| sd15 | {score.shape:.0%} | {score.colour:.0%} | {score.both:.0%} |" in (out / "REPORT.md").read_text()
+    assert (out / "sd15.png").is_file()

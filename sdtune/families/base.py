@@ -8,6 +8,7 @@ stay inside their own module and never become ``if family == ...`` branches else
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,6 +40,9 @@ class ModelFamily(ABC):
     name: ClassVar[str]
     #: Square training resolution the family was trained at.
     default_resolution: ClassVar[int]
+    #: Classifier-free guidance scale the family's pipelines draw best at (its model card's default);
+    #: ``model.guidance`` overrides it for one base (the toy bases want 2).
+    default_guidance: ClassVar[float]
     #: UNet module names that get LoRA layers when ``lora.targets`` is left at ``default``.
     default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     #: Version string written to LoRA headers (``ss_base_model_version`` in kohya's tools).
@@ -105,6 +109,11 @@ class ModelFamily(ABC):
     @abstractmethod
     def build_pipeline(self, parts: ModelParts):
         """A diffusers inference pipeline over ``parts`` (sharing, not copying, the modules)."""
+
+    def guidance(self, model_cfg: Mapping[str, Any] | None = None) -> float:
+        """The guidance scale to sample ``model_cfg``'s base at: its ``guidance``, else the family's."""
+        value = (model_cfg or {}).get("guidance")
+        return float(value) if value is not None else float(self.default_guidance)
 
     # -- shared helpers -------------------------------------------------------------------
     def _load_vae(self, vae_path: str, dtype: torch.dtype):

@@ -20,6 +20,7 @@ MAX_LENGTH = 256  # KolorsPipeline's max_sequence_length
 class Kolors(ModelFamily):
     name = "kolors"
     default_resolution = 1024
+    default_guidance = 5.0
     base_model_version = "kolors"
 
     def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None):

@@ -12,6 +12,7 @@ from .base import ModelFamily, ModelParts
 class SD15(ModelFamily):
     name = "sd15"
     default_resolution = 512
+    default_guidance = 7.5
     base_model_version = "sd_v1"
     single_file_pipeline = "StableDiffusionPipeline"
 

@@ -27,6 +27,7 @@ def micro_conditioning(text: dict[str, torch.Tensor], batch: dict[str, Any]) -> 
 class SDXL(ModelFamily):
     name = "sdxl"
     default_resolution = 1024
+    default_guidance = 5.0
     base_model_version = "sdxl_base_v1-0"
     single_file_pipeline = "StableDiffusionXLPipeline"
     # The stock SDXL VAE overflows in fp16; model.vae_path lets users load the fp16-fix VAE.

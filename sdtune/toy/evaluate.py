@@ -42,7 +42,7 @@ def score(images: Sequence[Image.Image], expected: Sequence[tuple[str, str]]) ->
     return Score(shape, colour, both)
 
 
-def evaluate_pipeline(pipe, seeds: Sequence[int] = (0, 1), *, steps: int = 20, guidance: float = 4.0,
+def evaluate_pipeline(pipe, seeds: Sequence[int] = (0, 1), *, steps: int = 20, guidance: float = 2.0,
                       size: int = 64) -> tuple[Score, Image.Image]:
     """Probe accuracy over every palette prompt at ``seeds``, and the grid of what was drawn."""
     cases = palette_prompts()

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 class ConceptProbe(L.Callback):
     def __init__(self, dirpath: str, triggers: Sequence[str] = ("sks",), seeds: Sequence[int] = (0, 1),
-                 steps: int = 20, guidance: float = 4.0, size: int | None = None, filename: str = "concept_probe.png"):
+                 steps: int = 20, guidance: float | None = None, size: int | None = None, filename: str = "concept_probe.png"):
         unknown = [t for t in triggers if t not in TRIGGERS]
         if unknown:
             raise ValueError(f"callbacks.concept_probe.triggers: unknown trigger(s) {unknown}; known: {sorted(TRIGGERS)}")
