@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from .config import CONF_DIR, ROOT, expand_home, register_resolvers
-from .errors import SdtuneError
+from .errors import exit_on_user_error
 
 register_resolvers()
 
@@ -23,12 +23,20 @@ register_resolvers()
 def main(cfg: DictConfig) -> float | None:
     from .train import train  # heavy imports only once Hydra has parsed the command line
 
-    try:
+    with exit_on_user_error():
         metrics = train(cfg, HydraConfig.get().runtime.output_dir)
-    except SdtuneError as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        sys.exit(2)
-    # The value Hydra sweepers (Optuna) minimise: the fixed validation loss when there is one.
+    return optimized_value(cfg.get("optimized_metric"), metrics)
+
+
+def optimized_value(name: str | None, metrics: dict[str, float]) -> float | None:
+    """The value a Hydra sweeper (Optuna) optimises: ``optimized_metric``, else the fixed
+    validation loss when there is one, else the training loss."""
+    if name:
+        if name not in metrics:
+            print(f"\nerror: optimized_metric={name!r} was not logged by this run; logged: {sorted(metrics)}. "
+                  "Fix: choose one of those (val/loss needs data.val_images > 0).", file=sys.stderr)
+            sys.exit(2)
+        return metrics[name]
     for key in ("val/loss", "train/loss_epoch", "train/loss"):
         if key in metrics:
             return metrics[key]

@@ -16,12 +16,17 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from .export import run_metadata
 from .io import save_image_atomic, write_text_atomic
-from .lora_files import save_lora
+from .lora_files import run_metadata, save_lora
 from .sampling import make_grid, render
 
 log = logging.getLogger(__name__)
+
+
+def writes_outputs(trainer: L.Trainer) -> bool:
+    """Whether this process writes the run's files: rank 0 only, and never in a ``fast_dev_run``
+    (Lightning's smoke test writes no checkpoints; nor do we write LoRAs, samples or reports)."""
+    return trainer.is_global_zero and not trainer.fast_dev_run
 
 
 class TrainingCheckpoint(ModelCheckpoint):
@@ -33,8 +38,11 @@ class TrainingCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, *args, keep_last: int | None = None, **kwargs):
+        if keep_last is not None:  # validated with the config (sdtune.config.validate)
+            # Lightning's own top-k, ranked by the global step: the newest N periodic checkpoints
+            # survive (last.ckpt is saved apart from the top-k and always kept).
+            kwargs.update(monitor="step", mode="max", save_top_k=keep_last)
         super().__init__(*args, **kwargs)
-        self.keep_last = keep_last
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         if self._last_global_step_saved == trainer.global_step or trainer.fast_dev_run or trainer.sanity_checking:
@@ -42,25 +50,6 @@ class TrainingCheckpoint(ModelCheckpoint):
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
-
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
-        if self.keep_last and trainer.is_global_zero:
-            self._prune(Path(filepath))
-
-    def _prune(self, newest: Path) -> None:
-        """Keep the newest ``keep_last`` periodic checkpoints; ``last.ckpt`` and the one just
-        written (complete, since writes are atomic) are never removed."""
-        folder = newest.parent
-        prefix = (self.filename or "").split("{")[0]  # only files named like ours
-        periodic = sorted(
-            (p for p in folder.glob(f"{prefix}*{self.FILE_EXTENSION}")
-             if p.name != self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION and not p.name.startswith(".")),
-            key=lambda p: (p.stat().st_mtime_ns, p.name),
-        )
-        for old in periodic[: max(0, len(periodic) - self.keep_last)]:
-            if old != newest:
-                old.unlink(missing_ok=True)
 
 
 class LoRAExport(L.Callback):
@@ -70,7 +59,7 @@ class LoRAExport(L.Callback):
         self.path = Path(dirpath) / filename
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
+        if not writes_outputs(trainer):
             return
         meta = run_metadata(
             pl_module.cfg,
@@ -146,12 +135,12 @@ class SampleGrid(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step and trainer.is_global_zero:
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step and writes_outputs(trainer):
             self._last_step = step
             self.write(trainer, pl_module, self.dirpath / "samples" / f"step{step:06d}.png")
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
+        if writes_outputs(trainer):
             self.write(trainer, pl_module, self.dirpath / self.filename)
 
     def write(self, trainer, pl_module, path: Path) -> Path:
@@ -194,7 +183,7 @@ class RunSummary(L.Callback):
         self._wall = time.perf_counter() - self._start if self._start is not None else None
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero or getattr(self, "_wall", None) is None:
+        if not writes_outputs(trainer) or getattr(self, "_wall", None) is None:
             return
         wall = self._wall  # training only: sampling and export at fit end are not counted
         steps = trainer.global_step - self._start_step
@@ -228,7 +217,7 @@ class LossPlot(L.Callback):
         self.metrics = Path(metrics) if metrics else Path(dirpath) / "logs" / "csv" / "metrics.csv"
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
+        if not writes_outputs(trainer):
             return
         from .report import plot_run_loss, read_metrics
 

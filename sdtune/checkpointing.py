@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,69 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .data.records import dataset_root
-from .errors import ConfigError
-from .export import load_checkpoint
+from .errors import ConfigError, LoraFileError
 from .families import get_family
 from .io import atomic_path
 from .lora import lora_tensors, spec_from_config
-from .lora_checks import check_finite
+from .lora_checks import check_finite, file_kind, first_line
 
 log = logging.getLogger(__name__)
+
+
+CHECKPOINT_FIX = "Fix: use another checkpoint from the run's checkpoints/ folder (e.g. RUN/checkpoints/last.ckpt)."
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a Lightning checkpoint with ``weights_only=True`` (no arbitrary pickle code runs).
+
+    Every failure is one :class:`LoraFileError` that says what the file is (empty, an image, a
+    truncated archive, a pickle holding code) and what to do. PyTorch's own message for a refused
+    pickle advises ``weights_only=False``, i.e. running the file's code; it is never shown.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise LoraFileError(
+            f"checkpoint {str(path)!r} is a folder, not a file. Fix: name a .ckpt file in it, e.g. {str(path / 'checkpoints' / 'last.ckpt')!r}."
+        )
+    if not path.is_file():
+        raise LoraFileError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(32)
+    except OSError as err:
+        raise LoraFileError(f"checkpoint {str(path)!r} cannot be read: {err.strerror or err}.") from err
+    if not head:
+        raise LoraFileError(
+            f"{str(path)!r} is not a readable sdtune checkpoint: it is empty (0 bytes), e.g. from an interrupted copy "
+            f"or a full disk. {CHECKPOINT_FIX}"
+        )
+    what = file_kind(head)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch.save: zip, or legacy pickle
+        looks = f"it is {what}" if what else f"it starts with the bytes {head[:16]!r}"
+        raise LoraFileError(
+            f"{str(path)!r} is not a readable sdtune checkpoint: it is not a PyTorch/Lightning checkpoint at all ({looks}). "
+            "Fix: pass a .ckpt written by `python -m sdtune` (RUN/checkpoints/*.ckpt), or a LoRA .safetensors file."
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported" not in str(err):  # a damaged pickle stream, not a refused object
+            raise LoraFileError(f"{str(path)!r} is not a readable sdtune checkpoint: it is truncated or damaged. {CHECKPOINT_FIX}") from err
+        # weights_only refused an object: the file carries Python objects whose unpickling runs code
+        raise LoraFileError(
+            f"{str(path)!r} is not a readable sdtune checkpoint: it holds Python objects other than tensors and plain "
+            "values, and loading those could run arbitrary code, so sdtune refuses it (sdtune's own checkpoints never "
+            f"hold any). {CHECKPOINT_FIX}"
+        ) from err
+    except Exception as err:
+        reason = "" if "weights_only" in str(err) else f" ({first_line(err)})"
+        raise LoraFileError(
+            f"{str(path)!r} is not a readable sdtune checkpoint: it is truncated or damaged{reason}. {CHECKPOINT_FIX}"
+        ) from err
+    if not isinstance(ckpt, dict) or "sdtune" not in ckpt or "hyper_parameters" not in ckpt:
+        raise LoraFileError(f"{str(path)!r} is not an sdtune training checkpoint (no 'sdtune' section).")
+    return ckpt
+
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -136,11 +136,10 @@ def validate(cfg: DictConfig) -> None:
     for folder, n in dict(repeats).items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"data.repeats.{folder} must be an integer >= 1, got {n!r}.")
-    if _get(cfg, "data.cache_latents") and not _get(cfg, "data.center_crop"):
-        raise ConfigError(
-            "data.cache_latents=true needs data.center_crop=true: a cached latent is one fixed crop. "
-            "Fix: set data.center_crop=true, or turn the latent cache off."
-        )
+    if _get(cfg, "data.cache_latents"):
+        from .data.latents import check_cacheable
+
+        check_cacheable(bool(_get(cfg, "data.center_crop")))
 
     precision = str(_get(cfg, "trainer.precision"))
     if precision not in PRECISIONS:
@@ -161,6 +160,16 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "train.snr_gamma", minimum=0, exclusive=True, optional=True)
     _number(cfg, "train.noise_offset", minimum=0)
     _number(cfg, "optim.optimizer.lr", minimum=0, exclusive=True)
+    if _get(cfg, "callbacks.model_checkpoint.keep_last") is not None:
+        _int(cfg, "callbacks.model_checkpoint.keep_last", minimum=1, hint=" Fix: e.g. keep_last=3, or null to keep all.")
+    metric = _get(cfg, "optimized_metric")
+    if metric is not None and (not isinstance(metric, str) or not metric):
+        raise ConfigError(f"optimized_metric must be a logged metric name such as val/loss, or null; got {metric!r}.")
+    if metric == "val/loss" and not _get(cfg, "data.val_images"):
+        raise ConfigError(
+            "optimized_metric=val/loss, but data.val_images=0 logs no validation loss. Fix: data.val_images=4 "
+            "(a fixed validation loss on 4 training images), or optimize another metric."
+        )
 
 
 def _check_run_length(cfg: DictConfig) -> None:

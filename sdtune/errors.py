@@ -7,6 +7,10 @@ traceback and exit with status 2, so the message itself must name the offending 
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
+
 
 class SdtuneError(Exception):
     """Base class for errors caused by user input; the message is shown as-is."""
@@ -34,3 +38,15 @@ class NonFiniteLossError(SdtuneError):
 
 class OutputError(SdtuneError):
     """A result could not be written: a read-only folder, a full disk."""
+
+
+@contextlib.contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """For command-line entry points: an :class:`SdtuneError` is printed as ``error: <message>``
+    (no traceback) and the process exits with status 2; any other exception is a bug and keeps
+    its traceback."""
+    try:
+        yield
+    except SdtuneError as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        sys.exit(2)

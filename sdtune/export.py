@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import sys
 import time
 from collections.abc import Mapping
@@ -23,81 +22,12 @@ from typing import Any
 
 import torch
 
+from .checkpointing import CHECKPOINT_FIX, load_checkpoint
 from .errors import LoraFileError, SdtuneError
-from .families import get_family
+from .families import FAMILIES, get_family
 from .lora import LoraSpec, lora_tensors, spec_from_config
-from .lora_checks import DIFFUSERS_METADATA_KEY, check_finite, check_tensors_match, file_kind, first_line
-from .lora_files import FORMATS, build_metadata, read_lora, save_lora
-
-
-def run_metadata(cfg: Mapping[str, Any], spec: LoraSpec, *, steps: int | None, num_train_images: int | None, output_name: str) -> dict[str, str]:
-    family = get_family(cfg["model"]["family"])
-    return build_metadata(
-        spec,
-        family=family.name,
-        base_model=str(cfg["model"]["path"]),
-        base_model_version=family.base_model_version,
-        resolution=int(cfg["data"]["resolution"]),
-        config=cfg,
-        output_name=output_name,
-        num_train_images=num_train_images,
-        steps=steps,
-    )
-
-
-CHECKPOINT_FIX = "Fix: use another checkpoint from the run's checkpoints/ folder (e.g. RUN/checkpoints/last.ckpt)."
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a Lightning checkpoint with ``weights_only=True`` (no arbitrary pickle code runs).
-
-    Every failure is one :class:`LoraFileError` that says what the file is (empty, an image, a
-    truncated archive, a pickle holding code) and what to do. PyTorch's own message for a refused
-    pickle advises ``weights_only=False``, i.e. running the file's code; it is never shown.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise LoraFileError(
-            f"checkpoint {str(path)!r} is a folder, not a file. Fix: name a .ckpt file in it, e.g. {str(path / 'checkpoints' / 'last.ckpt')!r}."
-        )
-    if not path.is_file():
-        raise LoraFileError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(32)
-    except OSError as err:
-        raise LoraFileError(f"checkpoint {str(path)!r} cannot be read: {err.strerror or err}.") from err
-    if not head:
-        raise LoraFileError(
-            f"{str(path)!r} is not a readable sdtune checkpoint: it is empty (0 bytes), e.g. from an interrupted copy "
-            f"or a full disk. {CHECKPOINT_FIX}"
-        )
-    what = file_kind(head)
-    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch.save: zip, or legacy pickle
-        looks = f"it is {what}" if what else f"it starts with the bytes {head[:16]!r}"
-        raise LoraFileError(
-            f"{str(path)!r} is not a readable sdtune checkpoint: it is not a PyTorch/Lightning checkpoint at all ({looks}). "
-            "Fix: pass a .ckpt written by `python -m sdtune` (RUN/checkpoints/*.ckpt), or a LoRA .safetensors file."
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "Unsupported" not in str(err):  # a damaged pickle stream, not a refused object
-            raise LoraFileError(f"{str(path)!r} is not a readable sdtune checkpoint: it is truncated or damaged. {CHECKPOINT_FIX}") from err
-        # weights_only refused an object: the file carries Python objects whose unpickling runs code
-        raise LoraFileError(
-            f"{str(path)!r} is not a readable sdtune checkpoint: it holds Python objects other than tensors and plain "
-            "values, and loading those could run arbitrary code, so sdtune refuses it (sdtune's own checkpoints never "
-            f"hold any). {CHECKPOINT_FIX}"
-        ) from err
-    except Exception as err:
-        reason = "" if "weights_only" in str(err) else f" ({first_line(err)})"
-        raise LoraFileError(
-            f"{str(path)!r} is not a readable sdtune checkpoint: it is truncated or damaged{reason}. {CHECKPOINT_FIX}"
-        ) from err
-    if not isinstance(ckpt, dict) or "sdtune" not in ckpt or "hyper_parameters" not in ckpt:
-        raise LoraFileError(f"{str(path)!r} is not an sdtune training checkpoint (no 'sdtune' section).")
-    return ckpt
+from .lora_checks import DIFFUSERS_METADATA_KEY, check_finite, check_tensors_match, first_line
+from .lora_files import FORMATS, build_metadata, read_lora, run_metadata, save_lora
 
 
 def unet_config_for(cfg: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -154,9 +84,22 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str = "
     return save_lora(out, tensors, meta, format=format, unet_config=config)
 
 
-def export_lora(lora_path: str | Path, out: str | Path, *, format: str) -> Path:
-    """Re-write a LoRA file in ``format`` (diffusers <-> kohya), keeping its header."""
+def export_lora(lora_path: str | Path, out: str | Path, *, format: str, family: str | None = None) -> Path:
+    """Re-write a LoRA file in ``format`` (diffusers <-> kohya), keeping its header.
+
+    ``family`` names the model family of a file whose header does not record it (a LoRA from
+    another trainer); kohya names differ per family, so it is never guessed.
+    """
     lora = read_lora(lora_path)
+    if lora.family is not None and family is not None and get_family(family).name != lora.family:
+        raise LoraFileError(f"{str(lora_path)!r} records family {lora.family}, not --family {family}. "
+                            "Fix: drop --family (the header's is used).")
+    family = lora.family or (get_family(family).name if family else None)
+    if family is None:
+        raise LoraFileError(
+            f"{str(lora_path)!r} does not record which model family it was trained for (no sdtune.family in its "
+            f"header), and kohya names differ per family. Fix: pass --family ({'|'.join(sorted(FAMILIES))})."
+        )
     config = unet_config_for(lora.config)
     if lora.format == "diffusers":
         tensors = lora.tensors
@@ -166,13 +109,13 @@ def export_lora(lora_path: str | Path, out: str | Path, *, format: str) -> Path:
             "which is not reachable offline. Export from the training checkpoint instead."
         )
     else:
-        tensors = lora.peft_tensors(unet_module_names(config), config)
+        tensors = lora.peft_tensors(unet_module_names(config), config, family=family)
         if lora.spec.targets:  # kohya names are resolved only now: check the header targets against them
             check_tensors_match(lora.spec, tensors, str(lora_path), origin="header (sdtune.*)")
     meta = dict(lora.metadata)
     meta["ss_output_name"] = Path(out).stem
     meta.setdefault("sdtune.alpha", repr(float(lora.spec.alpha)))
-    meta.setdefault("sdtune.family", lora.family or "sd15")
+    meta["sdtune.family"] = family
     if format == "diffusers" and "lora_adapter_metadata" not in meta:
         meta[DIFFUSERS_METADATA_KEY] = build_metadata(
             lora.spec if lora.spec.targets else LoraSpec(lora.spec.rank, lora.spec.alpha, _targets_of(tensors)),
@@ -209,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=FORMATS, default="diffusers",
                         help="diffusers (load_lora_weights) or kohya (A1111, ComfyUI, Forge)")
     parser.add_argument("--out", help="output .safetensors (default: beside the source, suffixed with the format)")
+    parser.add_argument("--family", choices=sorted(FAMILIES),
+                        help="model family of a LoRA file whose header does not record it (one from another trainer)")
     args = parser.parse_args(argv)
     source = Path(args.source)
     if not source.name:  # "." or "/": name the default output after the folder, not after nothing
@@ -229,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         if source.suffix == ".safetensors":
-            export_lora(source, out, format=args.format)
+            export_lora(source, out, format=args.format, family=args.family)
         else:
             export_checkpoint(source, out, format=args.format)
     except SdtuneError as err:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -22,7 +21,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from .config import register_resolvers
-from .errors import ConfigError, SdtuneError
+from .errors import ConfigError, exit_on_user_error
 from .families import get_family
 from .inference import apply_loras, base_model_config, load_base, parse_loras, pick_device, read_loras
 from .io import save_image_atomic, write_text_atomic
@@ -86,11 +85,8 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error():
         generate(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except SdtuneError as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

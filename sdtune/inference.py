@@ -17,9 +17,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
-from .families import ModelFamily, ModelParts, get_family, resolve_model_source
+from .families import ModelFamily, ModelParts
+from .families.builder import build_parts
 from .lora_files import LoraFile, apply_lora, read_lora
-from .tiny import prepare_tiny
 
 log = logging.getLogger(__name__)
 
@@ -80,20 +80,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def load_base(model_cfg: Mapping[str, Any], *, dtype: torch.dtype = torch.float32) -> tuple[ModelFamily, ModelParts]:
-    family = get_family(model_cfg["family"])
-    prepare_tiny(model_cfg)
-    source = resolve_model_source(
-        str(model_cfg["path"]),
-        family=family.name,
-        revision=model_cfg.get("revision"),
-        allow_pickle=bool(model_cfg.get("allow_pickle", False)),
-    )
-    parts = family.load(
-        source, dtype=dtype, vae_path=model_cfg.get("vae_path"), revision=model_cfg.get("revision"), config=model_cfg.get("config")
-    )
-    for module in (parts.unet, *parts.frozen_modules()):
-        module.requires_grad_(False).eval()
-    return family, parts
+    """The frozen base model of ``model_cfg`` (see :func:`sdtune.families.builder.build_parts`)."""
+    return build_parts(model_cfg, dtype=dtype)
 
 
 def apply_loras(

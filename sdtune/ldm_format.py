@@ -10,15 +10,17 @@ diffusers' own reader.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .families import ModelFamily
 
 Tensors = dict[str, torch.Tensor]
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = {"sd15": ["cond_stage_model.transformer."], "sdxl": ["conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."]}
 
 # (diffusers name, original name), applied as prefix/suffix substitutions.
 UNET_TOP = [
@@ -55,7 +57,7 @@ def _rename(name: str, rules: list[tuple[str, str]]) -> str:
     return name
 
 
-def _unet_block_prefixes(config: Mapping[str, Any]) -> list[tuple[str, str, list[tuple[str, str]]]]:
+def unet_block_prefixes(config: Mapping[str, Any]) -> list[tuple[str, str, list[tuple[str, str]]]]:
     """(diffusers prefix, original prefix, inner rules) for every resnet/attention/resampler."""
     n = config["layers_per_block"]
     blocks = len(config["block_out_channels"])
@@ -82,7 +84,7 @@ def _unet_block_prefixes(config: Mapping[str, Any]) -> list[tuple[str, str, list
 
 
 def unet_to_original(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Tensors:
-    blocks = _unet_block_prefixes(config)
+    blocks = unet_block_prefixes(config)
     out: Tensors = {}
     for name, value in state.items():
         new = _rename(name, UNET_TOP)
@@ -167,14 +169,17 @@ def openclip_to_original(state: Mapping[str, torch.Tensor], prefix: str) -> Tens
     return out
 
 
-def pipeline_to_original(family: str, unet, vae, text_encoders) -> Tensors:
-    """One single-file state dict for an SD1.5 or SDXL pipeline's modules."""
-    if family not in CLIP_PREFIX:
-        raise ValueError(f"single-file export exists for sd15 and sdxl, not {family!r}")
+def pipeline_to_original(family: ModelFamily, unet, vae, text_encoders) -> Tensors:
+    """One single-file state dict for a pipeline's modules, text encoders named as
+    ``family.single_file_text_encoders`` says (SD1.5: one CLIP; SDXL: CLIP and OpenCLIP)."""
+    layout = family.single_file_text_encoders
+    if not layout:
+        raise ValueError(f"{family.name} models have no single-file layout (they are published as diffusers folders only)")
     out = unet_to_original(unet.state_dict(), unet.config)
     out.update(vae_to_original(vae.state_dict(), vae.config))
-    prefixes = CLIP_PREFIX[family]
-    out.update({prefixes[0] + k: v for k, v in _hf_clip_names(text_encoders[0].state_dict()).items()})
-    if family == "sdxl":
-        out.update(openclip_to_original(text_encoders[1].state_dict(), prefixes[1]))
+    for (prefix, naming), encoder in zip(layout, text_encoders, strict=True):
+        if naming == "openclip":
+            out.update(openclip_to_original(encoder.state_dict(), prefix))
+        else:
+            out.update({prefix + k: v for k, v in _hf_clip_names(encoder.state_dict()).items()})
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}

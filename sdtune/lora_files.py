@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .errors import LoraFileError
+from .families import FAMILIES, get_family
 from .io import atomic_path
 from .lora import LoraSpec
 from .lora_checks import (
@@ -66,7 +67,14 @@ class LoraFile:
         (its header's family, else the one it is being loaded into)."""
         if self.format == "diffusers":
             return self.tensors
-        tensors, alphas = kohya_to_peft(self.raw, module_names, self.family or family or "sd15", unet_config)
+        family = self.family or family
+        if family is None:
+            raise LoraFileError(
+                f"{self.path or 'this LoRA'!r} is a kohya file that does not record its model family (no sdtune.family "
+                f"in its header), and kohya names differ per family. Fix: name the family (export: --family "
+                f"{'|'.join(sorted(FAMILIES))})."
+            )
+        tensors, alphas = kohya_to_peft(self.raw, module_names, family, unet_config)
         if len(set(alphas.values())) > 1:
             raise LoraFileError("this kohya LoRA has a different alpha per module, which sdtune does not apply yet")
         return tensors
@@ -122,6 +130,21 @@ def build_metadata(
     if config is not None:
         meta["sdtune.config"] = json.dumps(config, sort_keys=True, default=str)
     return meta
+
+
+def run_metadata(cfg: Mapping[str, Any], spec: LoraSpec, *, steps: int | None, num_train_images: int | None, output_name: str) -> dict[str, str]:
+    family = get_family(cfg["model"]["family"])
+    return build_metadata(
+        spec,
+        family=family.name,
+        base_model=str(cfg["model"]["path"]),
+        base_model_version=family.base_model_version,
+        resolution=int(cfg["data"]["resolution"]),
+        config=cfg,
+        output_name=output_name,
+        num_train_images=num_train_images,
+        steps=steps,
+    )
 
 
 def save_lora(

@@ -10,10 +10,11 @@ On disk:
   ``unet.<module>.lora.down.weight`` / ``.lora.up.weight``; alpha in the header.
 * **kohya** (A1111, ComfyUI, Forge, kohya sd-scripts): ``lora_unet_<name>.lora_down.weight``,
   ``.lora_up.weight`` and a scalar ``.alpha`` per module. ``<name>`` is the module path with ``.``
-  replaced by ``_``. For SDXL it is the original SGM path (``input_blocks.4.1...``), as kohya
-  sd-scripts writes it. For SD1.x and Kolors it is diffusers' own path: kohya's SD1.x convention,
-  and for Kolors the one name form that both diffusers' KolorsPipeline and ComfyUI read (ComfyUI's
-  key map accepts diffusers paths and original paths for every UNet).
+  replaced by ``_``. For families with ``kohya_sgm_names`` (SDXL) it is the original SGM path
+  (``input_blocks.4.1...``), as kohya sd-scripts writes it. Otherwise (SD1.x, Kolors) it is
+  diffusers' own path: kohya's SD1.x convention, and for Kolors the one name form that both
+  diffusers' KolorsPipeline and ComfyUI read (ComfyUI's key map accepts diffusers paths and
+  original paths for every UNet).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Any
 import torch
 
 from .errors import LoraFileError
-from .ldm_format import _unet_block_prefixes
+from .families import ModelFamily, get_family
+from .ldm_format import unet_block_prefixes
 
 DIFFUSERS_PREFIX = "unet."
 KOHYA_PREFIX = "lora_unet_"
@@ -40,8 +42,6 @@ KOHYA_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_B.weight", ".lora_up.weight"),
 )
 KOHYA_ALPHA = ".alpha"
-#: Families whose kohya names use the original SGM UNet layout rather than diffusers paths.
-SGM_NAMED_FAMILIES = frozenset({"sdxl"})
 
 #: The standard SDXL UNet layout, used when the base model's own config is not at hand.
 STANDARD_XL_UNET = {
@@ -83,11 +83,15 @@ def diffusers_to_peft(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 # -- kohya -------------------------------------------------------------------------------------
-def kohya_module_name(module: str, family: str, unet_config: Mapping[str, Any] | None = None) -> str:
+def _family(family: str | ModelFamily) -> ModelFamily:
+    return get_family(family) if isinstance(family, str) else family
+
+
+def kohya_module_name(module: str, family: str | ModelFamily, unet_config: Mapping[str, Any] | None = None) -> str:
     """``lora_unet_...`` name of a diffusers UNet module path, as A1111/ComfyUI expect it."""
     path = module
-    if family in SGM_NAMED_FAMILIES:
-        for src, dst, _inner in _unet_block_prefixes(unet_config or STANDARD_XL_UNET):
+    if _family(family).kohya_sgm_names:
+        for src, dst, _inner in unet_block_prefixes(unet_config or STANDARD_XL_UNET):
             if module.startswith(src):
                 path = dst + module[len(src):]
                 break
@@ -95,8 +99,9 @@ def kohya_module_name(module: str, family: str, unet_config: Mapping[str, Any] |
 
 
 def peft_to_kohya(
-    tensors: Mapping[str, torch.Tensor], alpha: float, family: str, unet_config: Mapping[str, Any] | None = None
+    tensors: Mapping[str, torch.Tensor], alpha: float, family: str | ModelFamily, unet_config: Mapping[str, Any] | None = None
 ) -> dict[str, torch.Tensor]:
+    family = _family(family)
     out: dict[str, torch.Tensor] = {}
     for k, v in tensors.items():
         stem, suffix = _swap_suffix(k, KOHYA_SUFFIXES)
@@ -109,7 +114,7 @@ def peft_to_kohya(
 def kohya_to_peft(
     tensors: Mapping[str, torch.Tensor],
     module_names: Iterable[str],
-    family: str,
+    family: str | ModelFamily,
     unet_config: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """peft tensors and per-module alphas from a kohya file, resolved against ``module_names``.
@@ -117,6 +122,7 @@ def kohya_to_peft(
     ``_`` in a kohya name is ambiguous (``transformer_blocks`` vs a path separator), so names are
     matched by computing the kohya name of every module the UNet actually has.
     """
+    family = _family(family)
     lookup = {kohya_module_name(m, family, unet_config): m for m in module_names}
     reverse = tuple((new, old) for old, new in KOHYA_SUFFIXES)
     out: dict[str, torch.Tensor] = {}
@@ -139,7 +145,7 @@ def kohya_to_peft(
         out[lookup[stem] + suffix] = v
     if unknown:
         raise LoraFileError(
-            f"{len(unknown)} kohya tensor(s) match no module of this {family} UNet, e.g. {sorted(unknown)[:3]}"
+            f"{len(unknown)} kohya tensor(s) match no module of this {family.name} UNet, e.g. {sorted(unknown)[:3]}"
         )
     return out, alphas
 

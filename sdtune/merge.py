@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from .config import register_resolvers
-from .errors import ConfigError, LoraFileError, SdtuneError
+from .errors import ConfigError, LoraFileError, exit_on_user_error
 from .families import get_family
 from .inference import apply_loras, base_model_config, load_base, parse_loras, read_loras
 from .io import atomic_path
@@ -103,7 +102,7 @@ def merge(cfg: DictConfig) -> tuple[Path, Path | None]:
     if single is not None:
         from safetensors.torch import save_file
 
-        state = pipeline_to_original(family.name, parts.unet, parts.vae, parts.text_encoders)
+        state = pipeline_to_original(family, parts.unet, parts.vae, parts.text_encoders)
         with atomic_path(single) as tmp_file:
             save_file(state, str(tmp_file), metadata={"sdtune.merge": json.dumps(record, default=str)})
     log.info("merged %d LoRA(s) into %s%s", len(refs), out, f" and {single}" if single else "")
@@ -130,11 +129,8 @@ def _check_merged_finite(parts, save_dtype: str, refs) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="merge")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error():
         merge(cfg)
-    except SdtuneError as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

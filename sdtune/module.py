@@ -7,23 +7,28 @@ optimizer, scheduler and loop state. Everything family-specific goes through ``s
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from hydra.utils import instantiate
 
-from .data.latents import LatentCache
+from .diffusion import (
+    min_snr_weights,
+    regression_target,
+    sample_randomness,
+    scale_latents,
+    validation_randomness,
+    weighted_mse,
+)
 from .errors import NonFiniteLossError
-from .families import ModelParts, get_family, resolve_model_source
-from .lora import LoraSpec, inject, is_lora_key, lora_tensors, spec_from_config, trainable_lora_parameters
+from .families import ModelParts, get_family
+from .families.builder import build_parts
+from .fit_caches import frozen_modules_on_device, prepare_fit
+from .lora import ADAPTER, LoraSpec, inject, is_lora_key, spec_from_config, trainable_lora_parameters
+from .optimization import build_optimization
 from .speed import apply_speed
 from .text_cache import TextEmbeddingCache
-from .tiny import prepare_tiny
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +49,17 @@ class LoRATrainingModule(L.LightningModule):
     export, generate and merge can read back how the LoRA was made.
     """
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: dict[str, Any], *, model_source: str | None = None, num_train_images: int | None = None,
+                 data_manifest: dict[str, str] | None = None):
         super().__init__()
         self.save_hyperparameters({"cfg": cfg})
         self.cfg = cfg
         self.family = get_family(cfg["model"]["family"])
         self.spec: LoraSpec = spec_from_config(cfg["lora"], self.family.default_lora_targets)
         self.parts: ModelParts | None = None
-        self.num_train_images: int | None = None  # set by the trainer script; goes into LoRA headers
-        self.data_manifest: dict[str, str] | None = None  # set by the trainer script; see checkpointing.data_manifest
-        self.model_source: str | None = None  # resolved model.path, when the caller already checked it
+        self.num_train_images = num_train_images  # goes into LoRA headers
+        self.data_manifest = data_manifest  # see checkpointing.data_manifest
+        self.model_source = model_source  # model.path already resolved by the caller (None: resolve in setup)
         self.text_cache: TextEmbeddingCache | None = None
         self.skipped_nonfinite = 0
         # Checkpoints hold LoRA tensors only, so the frozen base weights are legitimately absent.
@@ -63,27 +69,8 @@ class LoRATrainingModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.parts is not None:
             return
-        model_cfg = self.cfg["model"]
-        source = self.model_source or self.resolve_source()
-        parts = self.family.load(
-            source,
-            dtype=self.weight_dtype,
-            vae_path=model_cfg.get("vae_path"),
-            revision=model_cfg.get("revision"),
-            config=model_cfg.get("config"),
-        )
+        _, parts = build_parts(self.cfg["model"], dtype=self.weight_dtype, source=self.model_source)
         self.attach(parts)
-
-    def resolve_source(self) -> str:
-        """Build the tiny model if asked, then find ``model.path`` (fails fast when unreachable)."""
-        model_cfg = self.cfg["model"]
-        prepare_tiny(model_cfg)
-        return resolve_model_source(
-            str(model_cfg["path"]),
-            family=self.family.name,
-            revision=model_cfg.get("revision"),
-            allow_pickle=bool(model_cfg.get("allow_pickle", False)),
-        )
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -118,77 +105,11 @@ class LoRATrainingModule(L.LightningModule):
         self.parts = parts
 
     def on_fit_start(self) -> None:
-        for encoder in self.parts.text_encoders:
-            encoder.to(self.device)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None:
-            return
-        self.warn_overlong([c for r in datamodule.dataset.records for c in r.captions])
-        if self.cfg["data"].get("cache_latents"):
-            self.fill_latent_cache(datamodule)
-        if self.cfg["train"].get("cache_text_embeddings", True):
-            self.fill_text_cache(datamodule)
+        prepare_fit(self, getattr(self.trainer, "datamodule", None))
 
-    def warn_overlong(self, captions: list[str]) -> None:
-        """One warning per run (not per step) for captions the text encoder will truncate."""
-        long = self.family.overlong_captions(self.parts, list(dict.fromkeys(captions)))
-        if long and self.trainer.is_global_zero:
-            limit = self.family.text_max_length(self.parts)
-            log.warning(
-                "%d caption(s) are longer than the %d-token limit of the %s text encoder and will be truncated, e.g. %r",
-                len(long), limit, self.family.name, long[0][:120],
-            )
-
-    def fill_latent_cache(self, datamodule) -> None:
-        model_cfg = self.cfg["model"]
-        cache = LatentCache(
-            self.cfg["data"]["latent_cache_dir"],
-            model_key=f"{model_cfg['path']}@{model_cfg.get('revision')}|vae={model_cfg.get('vae_path')}|{self.weight_dtype}",
-        )
-        datamodule.prepare_latents(self.encode_latent_params, cache)
-        self.parts.vae.to("cpu")  # not needed again until sampling
-        self._free_device_cache()
-
-    @torch.no_grad()
-    def encode_latent_params(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.parts.vae
-        return vae.encode(pixels.to(self.device, self.weight_dtype)).latent_dist.parameters.float().cpu()
-
-    def fill_text_cache(self, datamodule) -> None:
-        captions = datamodule.captions()
-        if captions is None:
-            log.warning("captions change every step (tag shuffling): text embeddings are computed per step, not cached")
-            return
-        cache_dir = self.cfg["train"].get("text_cache_dir")
-        self.text_cache = TextEmbeddingCache(
-            self.family,
-            self.parts,
-            model_key=f"{self.cfg['model']['path']}@{self.cfg['model'].get('revision')}",
-            dtype=self.weight_dtype,
-            disk_dir=cache_dir,
-        )
-        self.text_cache.fill(captions)
-        for encoder in self.parts.text_encoders:
-            encoder.to("cpu")
-        self._free_device_cache()
-
-    def _free_device_cache(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    @contextlib.contextmanager
-    def frozen_modules_on_device(self) -> Iterator[None]:
-        """Bring offloaded text encoders and VAE back for sampling, then restore where they were."""
-        modules = [*self.parts.text_encoders, self.parts.vae]
-        before = [next(m.parameters()).device for m in modules]
-        for module in modules:
-            module.to(self.device)
-        try:
-            yield
-        finally:
-            for module, device in zip(modules, before):
-                module.to(device)
-            self._free_device_cache()
+    def frozen_modules_on_device(self):
+        """Context: the offloaded text encoders and VAE on this device (for sampling)."""
+        return frozen_modules_on_device(self)
 
     # -- training -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -211,8 +132,6 @@ class LoRATrainingModule(L.LightningModule):
         timesteps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Noise the latents at random (or given) timesteps and regress the scheduler's target."""
-        from diffusers.training_utils import compute_snr
-
         train_cfg = self.cfg["train"]
         scheduler = self.parts.noise_scheduler
         if noise is None:
@@ -224,28 +143,15 @@ class LoRATrainingModule(L.LightningModule):
         if timesteps is None:
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        prediction_type = scheduler.config.prediction_type
-        if prediction_type == "epsilon":
-            target = noise
-        elif prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+        target = regression_target(scheduler, latents, noise, timesteps)
         # attach() cast every frozen weight to weight_dtype; asking the UNet (.dtype) walks all of
         # its ~1,000-7,500 submodules on every step (2 ms for tiny SD1.5, 20 ms for SDXL on a CPU).
         unet_dtype = self.weight_dtype
         kwargs = _cast_floats(self.family.unet_conditioning(text, batch), unet_dtype)
         pred = self.parts.unet(noisy.to(unet_dtype), timesteps, **kwargs, return_dict=False)[0].float()
 
-        snr_gamma = train_cfg.get("snr_gamma")
-        if not snr_gamma:
-            return F.mse_loss(pred, target.float(), reduction="mean")
-        # Min-SNR-gamma (Hang et al. 2023), as in diffusers' train_text_to_image_lora.py.
-        snr = compute_snr(scheduler, timesteps)
-        weights = torch.clamp(snr, max=float(snr_gamma))
-        weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
-        per_sample = F.mse_loss(pred, target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
-        return (per_sample * weights).mean()
+        gamma = train_cfg.get("snr_gamma")
+        return weighted_mse(pred, target, min_snr_weights(scheduler, timesteps, gamma) if gamma else None)
 
     @torch.no_grad()
     def batch_latents(
@@ -269,28 +175,16 @@ class LoRATrainingModule(L.LightningModule):
             latents = dist.mean + dist.std * eps.to(dist.mean.device, dist.mean.dtype)
         else:
             latents = dist.sample()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((latents.float() - shift) * vae.config.scaling_factor).to(self.device)
+        return scale_latents(latents, vae.config).to(self.device)
 
     def sample_randomness(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(latent eps, noise, timesteps) drawn from each sample's own seed, in a fixed order.
-
-        Independent of batch composition, process count and interruptions, which is what makes
-        resumed and multi-process runs reproduce single uninterrupted ones.
-        """
-        c, h, w = self._latent_shape(batch)
-        offset = float(self.cfg["train"].get("noise_offset") or 0.0)
-        steps = self.parts.noise_scheduler.config.num_train_timesteps
-        eps, noise, timesteps = [], [], []
-        for seed in batch["seed"].tolist():
-            g = torch.Generator().manual_seed(int(seed))
-            eps.append(torch.randn(c, h, w, generator=g))
-            n = torch.randn(c, h, w, generator=g)
-            if offset:
-                n = n + offset * torch.randn(c, 1, 1, generator=g)
-            noise.append(n)
-            timesteps.append(torch.randint(0, steps, (1,), generator=g))
-        return torch.stack(eps), torch.stack(noise).to(self.device), torch.cat(timesteps).to(self.device)
+        """(latent eps, noise, timesteps) from each sample's own seed (:func:`sdtune.diffusion.sample_randomness`)."""
+        eps, noise, timesteps = sample_randomness(
+            batch["seed"].tolist(), self._latent_shape(batch),
+            num_train_timesteps=self.parts.noise_scheduler.config.num_train_timesteps,
+            noise_offset=float(self.cfg["train"].get("noise_offset") or 0.0),
+        )
+        return eps, noise.to(self.device), timesteps.to(self.device)
 
     def _latent_shape(self, batch: dict[str, Any]) -> tuple[int, int, int]:
         if "latent_params" in batch:
@@ -345,39 +239,17 @@ class LoRATrainingModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Loss on fixed images with fixed noise and timesteps, so runs and steps compare."""
         latents = self.batch_latents(batch, deterministic=True)
-        g = torch.Generator().manual_seed(int(self.cfg.get("seed", 0)) * 1000 + batch_idx)
-        noise = torch.randn(latents.shape, generator=g).to(latents.device)
-        steps = self.parts.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=g).to(latents.device)
+        noise, timesteps = validation_randomness(int(self.cfg.get("seed", 0)), batch_idx, tuple(latents.shape),
+                                                 self.parts.noise_scheduler.config.num_train_timesteps)
+        noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
         loss = self.diffusion_loss(latents, self.encode_text(batch["text"]), batch, noise=noise, timesteps=timesteps)
         self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=latents.shape[0])
         return loss
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
-        from diffusers.optimization import get_scheduler
-
-        optim_cfg = self.cfg["optim"]
-        params = trainable_lora_parameters(self.parts.unet)
-        extra = {}
-        if optim_cfg["optimizer"].get("fused", "absent") is None:
-            # The fused kernel needs CUDA, and Lightning cannot clip gradients of an optimizer that
-            # unscales them itself under mixed precision.
-            trainer_cfg = self.cfg["trainer"]
-            clipping = bool(trainer_cfg.get("gradient_clip_val"))
-            mixed = str(trainer_cfg.get("precision", "32")).endswith("mixed")
-            extra["fused"] = self.device.type == "cuda" and not (clipping and mixed)
-        optimizer = instantiate(optim_cfg["optimizer"], **extra)(params=params)
-        sched_cfg = optim_cfg["scheduler"]
-        extra_sched = {k: sched_cfg[k] for k in ("num_cycles", "power", "step_rules") if sched_cfg.get(k) is not None}
-        scheduler = get_scheduler(
-            sched_cfg["name"],
-            optimizer,
-            num_warmup_steps=int(sched_cfg.get("warmup_steps", 0)),
-            num_training_steps=int(self.trainer.estimated_stepping_batches),
-            **extra_sched,
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return build_optimization(self.cfg["optim"], self.cfg["trainer"], trainable_lora_parameters(self.parts.unet),
+                                  device=self.device, total_steps=int(self.trainer.estimated_stepping_batches))
 
     # -- checkpoints --------------------------------------------------------------------------
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -396,8 +268,12 @@ class LoRATrainingModule(L.LightningModule):
         }
 
     def lora_state(self) -> dict[str, torch.Tensor]:
-        """The trained LoRA as peft-named CPU tensors (the same rule export applies to checkpoints)."""
-        return lora_tensors(self.state_dict())
+        """The trained LoRA as peft-named CPU tensors: peft's own adapter state dict of the live UNet
+        (a checkpoint's are renamed to the same keys by :func:`sdtune.lora.lora_tensors`)."""
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.parts.unet, adapter_name=ADAPTER)
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in trainable_lora_parameters(self.parts.unet))

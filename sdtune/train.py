@@ -22,6 +22,7 @@ from .checkpointing import AtomicCheckpointIO, check_resumable, data_manifest, r
 from .config import check_device, validate
 from .data import ImageCaptionDataModule, load_records
 from .errors import OutputError
+from .families.builder import model_source
 from .io import write_text_atomic
 from .loggers import drop_rows_after
 from .module import LoRATrainingModule
@@ -73,10 +74,8 @@ def _fit(cfg: DictConfig, output_dir: Path, records: list) -> dict[str, Any]:
     if ckpt_path is not None:
         lost = drop_rows_after(output_dir / "logs" / "csv" / "metrics.csv", int(ckpt["global_step"]))
         log.info("resuming from %s (step %d)%s", ckpt_path, ckpt["global_step"], f"; dropped {lost} log rows logged after it" if lost else "")
-    module = LoRATrainingModule(resolved)
-    module.num_train_images = len(records)
-    module.data_manifest = manifest
-    module.model_source = module.resolve_source()  # an unreachable model fails here, in seconds
+    source = model_source(resolved["model"])  # an unreachable model fails here, in seconds
+    module = LoRATrainingModule(resolved, model_source=source, num_train_images=len(records), data_manifest=manifest)
     check_device(cfg)
     trainer_kwargs = dict(resolved["trainer"])
     for key in SDTUNE_TRAINER_KEYS:  # ours, not lightning.Trainer's

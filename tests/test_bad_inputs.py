@@ -9,9 +9,9 @@ import lightning as L
 import pytest
 from PIL import Image
 
+from sdtune.checkpointing import load_checkpoint
 from sdtune.data import ImageCaptionDataModule, load_records
 from sdtune.errors import ConfigError, DataError, LoraFileError
-from sdtune.export import load_checkpoint
 from sdtune.lora_files import read_lora
 from sdtune.module import LoRATrainingModule
 from sdtune.train import train

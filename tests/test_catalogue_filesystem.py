@@ -158,7 +158,7 @@ def test_read_only_run_folder_is_our_error_before_any_model_loads(small_fs, tmp_
 def test_full_disk_mid_run_is_our_error_and_the_last_checkpoint_stays_good(small_fs):
     """Once the first checkpoint is written the disk fills up: exit 2, our message, no half-written
     file, and every checkpoint left loads."""
-    from sdtune.export import load_checkpoint
+    from sdtune.checkpointing import load_checkpoint
 
     run = small_fs / "run"
     proc = subprocess.Popen(

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sdtune.checkpointing import load_checkpoint
 from sdtune.errors import ConfigError, LoraFileError
-from sdtune.export import load_checkpoint
 from sdtune.train import train
 
 from .conftest import QUICKSTART, ROOT, compose_cfg

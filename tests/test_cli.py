@@ -10,7 +10,8 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors import safe_open
 
-from sdtune.export import export_checkpoint, load_checkpoint
+from sdtune.checkpointing import load_checkpoint
+from sdtune.export import export_checkpoint
 from sdtune.families import get_family
 from sdtune.lora import inject, is_lora_key
 from sdtune.lora_files import read_lora

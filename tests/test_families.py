@@ -121,7 +121,7 @@ def test_apply_lora_reproduces_the_trained_unet(tmp_path):
 
 
 def test_sdxl_separate_vae_path_replaces_the_bundled_vae(tmp_path):
-    from sdtune.tiny import tiny_vae
+    from sdtune.families.tiny_parts import tiny_vae
 
     torch.manual_seed(123)
     other = tiny_vae()

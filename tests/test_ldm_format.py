@@ -16,7 +16,7 @@ from .conftest import compose_cfg, resolved, tiny_model
 
 def _single_file(family: str, tmp_path):
     parts = get_family(family).load(str(tiny_model(family)))
-    state = pipeline_to_original(family, parts.unet, parts.vae, parts.text_encoders)
+    state = pipeline_to_original(get_family(family), parts.unet, parts.vae, parts.text_encoders)
     path = tmp_path / f"{family}.safetensors"
     save_file(state, str(path))
     return parts, path, state

@@ -11,8 +11,8 @@ import time
 import pytest
 from safetensors.torch import load_file
 
+from sdtune.checkpointing import load_checkpoint
 from sdtune.errors import ConfigError
-from sdtune.export import load_checkpoint
 from sdtune.lora_files import read_lora
 from sdtune.train import train
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import lightning as L
-import pytest
 import torch
 
 from sdtune.data import ImageCaptionDataModule, collate, load_records
@@ -59,18 +58,6 @@ def test_single_image_overfit_changes_only_lora(tmp_path, tiny_sd15, one_image_d
     assert all(not p.requires_grad for n, p in module.named_parameters() if not is_lora_key(n))
     loss_after = _fixed_loss(module, batch)
     assert loss_after < loss_before * 0.95, (loss_before, loss_after)
-
-
-# (the quickstart base, models/toy/sd15, predicts v: the other target is epsilon)
-@pytest.mark.parametrize("overrides", [["train.snr_gamma=5.0", "train.noise_offset=0.1"], ["train.prediction_type=epsilon"]])
-def test_loss_variants_are_finite_and_differ_from_plain_mse(tmp_path, tiny_sd15, overrides):
-    batch = collate([{"pixel_values": torch.zeros(3, 64, 64), "text": "x", "original_size": torch.tensor([64, 64]),
-                      "crop_top_left": torch.tensor([0, 0]), "target_size": torch.tensor([64, 64])}] * 4)
-    plain = _module(tmp_path, "examples/quickstart")
-    variant = _module(tmp_path, "examples/quickstart", *overrides)
-    variant.load_state_dict(plain.state_dict())
-    a, b = _fixed_loss(plain, batch), _fixed_loss(variant, batch)
-    assert torch.isfinite(torch.tensor(b)) and abs(a - b) > 1e-4
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny_sd15):

@@ -19,7 +19,9 @@ import hashlib
 from collections import defaultdict
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+from sdtune.data.images import to_rgb
 
 METHODS = ("sha256", "dhash")
 
@@ -33,16 +35,9 @@ def sha256_file(path: str) -> str:
 
 
 def _grey(image: Image.Image) -> Image.Image:
-    """8-bit greyscale of the picture training would see."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I") and arr.max() > 255 else 255.0
-        return Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if image.mode in ("RGBA", "LA", "PA", "P"):
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return image.convert("RGB").convert("L")
+    """8-bit greyscale of exactly the picture training sees (sdtune's own ``to_rgb``: EXIF
+    orientation, 16-bit scaling, transparency on white), so dedup and training never disagree."""
+    return to_rgb(image).convert("L")
 
 
 def dhash_file(path: str, hash_size: int = 8) -> str:

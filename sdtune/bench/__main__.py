@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ..config import register_resolvers
-from ..errors import SdtuneError
+from ..errors import exit_on_user_error
 
 register_resolvers()
 
@@ -22,11 +22,8 @@ def main(cfg: DictConfig) -> None:
     from .suite import run_bench  # heavy imports only once Hydra has parsed the command line
 
     hydra_cfg = HydraConfig.get()
-    try:
+    with exit_on_user_error():
         code = run_bench(cfg, list(hydra_cfg.overrides.task), dict(hydra_cfg.runtime.choices), hydra_cfg.runtime.output_dir)
-    except SdtuneError as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        sys.exit(2)
     if code:
         sys.exit(code)
 

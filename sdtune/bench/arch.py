@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..families import ModelParts
-from ..families.kolors import MAX_LENGTH as KOLORS_MAX_LENGTH
+from ..families import ModelFamily, ModelParts, get_family
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 #: Component -> (diffusers subfolder, config file name inside it).
@@ -30,26 +28,21 @@ SUBFOLDERS = {
     "text_encoder_2": ("text_encoder_2", "config.json"),
     "scheduler": ("scheduler", "scheduler_config.json"),
 }
-TEXT_ENCODERS = {"sd15": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2"), "kolors": ("text_encoder",)}
 
 
-def architecture(family: str, folder: str | Path | None = None) -> dict[str, dict[str, Any]]:
+def architecture(family: str | ModelFamily, folder: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """The component configs of ``family``: shipped JSON files, or those of a diffusers ``folder``."""
-    names = ("unet", "vae", *TEXT_ENCODERS[family], "scheduler")
+    family = get_family(family) if isinstance(family, str) else family
+    names = ("unet", "vae", *family.text_encoder_subfolders, "scheduler")
     out = {}
     for name in names:
         if folder is None:
-            path = CONFIGS / f"{family}_{name}.json"
+            path = CONFIGS / f"{family.name}_{name}.json"
         else:
             sub, file = SUBFOLDERS[name]
             path = Path(folder) / sub / file
         out[name] = json.loads(path.read_text(encoding="utf-8"))
     return out
-
-
-def _hf_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Drop bookkeeping keys that transformers' config classes would store as attributes."""
-    return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
 
 
 @contextlib.contextmanager
@@ -63,37 +56,8 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(before)
 
 
-def _text_encoders(family: str, arch: dict[str, dict[str, Any]], meta: bool) -> list[torch.nn.Module]:
-    if family == "kolors":
-        from diffusers.pipelines.kolors import ChatGLMModel
-        from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
-
-        from ..tiny import _init_chatglm
-
-        encoder = ChatGLMModel(ChatGLMConfig(**_hf_config(arch["text_encoder"])))
-        if not meta:
-            _init_chatglm(encoder)  # diffusers' ChatGLM leaves its weights uninitialised
-        return [encoder]
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    encoders: list[torch.nn.Module] = [CLIPTextModel(CLIPTextConfig(**_hf_config(arch["text_encoder"])))]
-    if family == "sdxl":
-        encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**_hf_config(arch["text_encoder_2"]))))
-    return encoders
-
-
-def _tokenizers(family: str) -> list[Any]:
-    """Locally built tokenizers (sdtune.tiny's): random weights need token ids, not a real vocabulary."""
-    from ..tiny import build_chatglm_tokenizer, build_clip_tokenizer
-
-    if family == "kolors":
-        with tempfile.TemporaryDirectory() as tmp:
-            return [build_chatglm_tokenizer(Path(tmp))]
-    return [build_clip_tokenizer() for _ in TEXT_ENCODERS[family]]
-
-
 def build_parts(
-    family: str,
+    family: str | ModelFamily,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -106,6 +70,7 @@ def build_parts(
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+    family = get_family(family) if isinstance(family, str) else family
     arch = architecture(family, folder)
     device = torch.device(device)
     meta = device.type == "meta"
@@ -113,36 +78,15 @@ def build_parts(
     with torch.device(device), _default_dtype(dtype):
         unet = UNet2DConditionModel.from_config(arch["unet"])
         vae = AutoencoderKL.from_config(arch["vae"])
-        encoders = _text_encoders(family, arch, meta)
+        tokenizers, encoders = family.random_text_parts(arch, meta=meta)
     return ModelParts(
         unet=unet,
         vae=vae,
         text_encoders=encoders,
-        tokenizers=[] if meta else _tokenizers(family),
+        tokenizers=tokenizers,
         noise_scheduler=DDPMScheduler.from_config(arch["scheduler"]),
-        source=f"random-init:{family}" if folder is None else str(folder),
+        source=f"random-init:{family.name}" if folder is None else str(folder),
     )
-
-
-def text_shapes(family: str, arch: dict[str, dict[str, Any]]) -> dict[str, tuple[int, ...]]:
-    """Per-sample shapes of the text conditioning a family's ``encode_prompts`` returns.
-
-    Meta tensors cannot run every encoder (ChatGLM's TorchScript rotary kernel refuses them), and
-    with cached embeddings the encoders are not part of the step anyway, so FLOP counting only needs
-    the shapes, read off the encoder configs.
-    """
-    te = arch["text_encoder"]
-    if family == "sd15":
-        return {"encoder_hidden_states": (te["max_position_embeddings"], te["hidden_size"])}
-    if family == "sdxl":
-        te2 = arch["text_encoder_2"]
-        return {
-            "encoder_hidden_states": (te["max_position_embeddings"], te["hidden_size"] + te2["hidden_size"]),
-            "text_embeds": (te2["projection_dim"],),
-        }
-    if family == "kolors":
-        return {"encoder_hidden_states": (KOLORS_MAX_LENGTH, te["hidden_size"]), "text_embeds": (te["hidden_size"],)}
-    raise ValueError(f"unknown family {family!r}")
 
 
 def parameter_count(module: torch.nn.Module) -> int:

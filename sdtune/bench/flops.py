@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .arch import architecture, build_parts, text_shapes
+from ..families import get_family
+from .arch import architecture, build_parts
 
 
 def _batch_geometry(batch: dict[str, Any], vae_factor: int) -> tuple[int, int, int]:
@@ -41,7 +42,7 @@ def count_step_flops(cfg: dict[str, Any], batch: dict[str, Any], *, folder: str 
     cfg = copy.deepcopy(cfg)
     cfg["train"]["gradient_checkpointing"] = False
     cfg["speed"] = {**(cfg.get("speed") or {}), "compile": False, "attention": "sdpa", "channels_last": False}
-    family = cfg["model"]["family"]
+    family = get_family(cfg["model"]["family"])
     module = LoRATrainingModule(cfg)
     module.attach(build_parts(family, device="meta", dtype=module.weight_dtype, folder=folder))
     arch = architecture(family, folder)
@@ -49,7 +50,7 @@ def count_step_flops(cfg: dict[str, Any], batch: dict[str, Any], *, folder: str 
     images, h, w = _batch_geometry(batch, vae_factor)
     meta = torch.device("meta")
     latents = torch.zeros(images, arch["unet"]["in_channels"], h, w, device=meta)
-    text = {k: torch.zeros(images, *shape, device=meta, dtype=module.weight_dtype) for k, shape in text_shapes(family, arch).items()}
+    text = {k: torch.zeros(images, *shape, device=meta, dtype=module.weight_dtype) for k, shape in family.text_shapes(arch).items()}
     noise = torch.zeros_like(latents)
     timesteps = torch.zeros(images, dtype=torch.long, device=meta)
 

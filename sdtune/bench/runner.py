@@ -18,7 +18,9 @@ import lightning as L
 import torch
 
 from ..data import ImageCaptionDataModule
-from ..families import ModelParts, get_family
+from ..families import ModelParts
+from ..families.builder import build_parts as build_base
+from ..families.builder import model_source
 from ..module import LoRATrainingModule
 from .arch import build_parts
 from .cases import REFERENCE, Case
@@ -69,12 +71,10 @@ def random_parts(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) 
 
 def run_sdtune(cfg: dict[str, Any], records, *, device: torch.device, steps: int, clock: StepClock,
                meter: MemoryMeter, random_init: bool, root_dir: Path) -> None:
-    module = LoRATrainingModule(cfg)
-    module.num_train_images = len(records)
+    module = LoRATrainingModule(cfg, num_train_images=len(records),
+                                model_source=None if random_init else model_source(cfg["model"]))
     if random_init:
         module.attach(random_parts(cfg, device, module.weight_dtype))
-    else:
-        module.model_source = module.resolve_source()
     datamodule = ImageCaptionDataModule.from_config(records, cfg["data"], seed=int(cfg.get("seed", 0)))
     trainer = L.Trainer(**trainer_kwargs(cfg["trainer"], steps), callbacks=[StepTimer(clock, meter)],
                         default_root_dir=str(root_dir))
@@ -88,12 +88,7 @@ def load_reference_parts(cfg: dict[str, Any], device: torch.device, random_init:
     dtype = WEIGHT_DTYPES.get(str(cfg["trainer"].get("precision", "32")), torch.float32)
     if random_init:
         return random_parts(cfg, device, dtype)
-    source = LoRATrainingModule(cfg).resolve_source()  # builds the tiny model if needed, like sdtune
-    model_cfg = cfg["model"]
-    return get_family(model_cfg["family"]).load(
-        source, dtype=dtype, vae_path=model_cfg.get("vae_path"), revision=model_cfg.get("revision"),
-        config=model_cfg.get("config"),
-    )
+    return build_base(cfg["model"], dtype=dtype)[1]  # the loader sdtune uses (a tiny model is built if needed)
 
 
 def run_case(case: Case, cfg: dict[str, Any], records, *, device: torch.device, warmup: int, steps: int,

@@ -68,9 +68,9 @@ def model_folder(cfg: dict[str, Any], random_init: bool) -> str | None:
     """Where FLOP counting reads the architecture: a tiny/local diffusers folder, or None (shipped configs)."""
     if random_init:
         return None
-    from ..module import LoRATrainingModule
+    from ..families.builder import model_source
 
-    source = LoRATrainingModule(cfg).resolve_source()
+    source = model_source(cfg["model"])
     return source if Path(source, "unet", "config.json").is_file() else None
 
 

@@ -26,7 +26,7 @@ from ..errors import DataError
 from .buckets import Size, assign_buckets
 from .captions import CaptionOptions, process_caption
 from .images import image_size, load_rgb, plan_crop, resize_and_crop, to_tensor
-from .latents import LatentCache, file_sha256
+from .latents import LatentCache, check_cacheable, file_sha256
 from .records import Record, dataset_root
 from .sampler import TrainBatchSampler
 
@@ -250,8 +250,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         Returns how many crops were encoded (0 when everything was already cached).
         """
         ds = self.dataset
-        if not ds.center_crop:
-            raise DataError("latent caching needs data.center_crop=true: a cached latent is one fixed crop.")
+        check_cacheable(ds.center_crop)
         if ds.sizes is None:
             ds.sizes = [_image_size(r) for r in ds.records]
         hashes = [file_sha256(r.path) for r in ds.records]

@@ -16,7 +16,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import ConfigError
 from ..io import atomic_path
+
+
+def check_cacheable(center_crop: bool) -> None:
+    """The latent cache stores one crop per image, so it needs the deterministic centre crop."""
+    if not center_crop:
+        raise ConfigError(
+            "data.cache_latents=true needs data.center_crop=true: a cached latent is one fixed crop. "
+            "Fix: set data.center_crop=true, or turn the latent cache off."
+        )
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -21,7 +21,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-Size = tuple[int, int]
+from .buckets import Size
+
 _SEED_MOD = 2**63 - 1
 
 

@@ -1,4 +1,9 @@
-"""Model-family registry: ``get_family(cfg.model.family)`` is the only lookup by name."""
+"""Model-family registry: ``get_family(cfg.model.family)`` is the only lookup by name.
+
+Everything sdtune knows about one family lives in its ``families/<name>.py`` (loading, prompts,
+conditioning, LoRA targets, kohya naming, single-file layout, tiny builders, bench shapes); a new
+family is one such file plus :func:`register_family`.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,14 @@ from .source import resolve_model_source
 FAMILIES: dict[str, type[ModelFamily]] = {cls.name: cls for cls in (SD15, SDXL, Kolors)}
 
 
+def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
+    """Make ``cls`` available as ``model.family=<cls.name>`` (usable as a class decorator)."""
+    if cls.name in FAMILIES and FAMILIES[cls.name] is not cls:
+        raise ValueError(f"a model family named {cls.name!r} is already registered ({FAMILIES[cls.name].__qualname__})")
+    FAMILIES[cls.name] = cls
+    return cls
+
+
 def get_family(name: str) -> ModelFamily:
     try:
         return FAMILIES[name]()
@@ -21,4 +34,4 @@ def get_family(name: str) -> ModelFamily:
         ) from None
 
 
-__all__ = ["FAMILIES", "ModelFamily", "ModelParts", "get_family", "resolve_model_source"]
+__all__ = ["FAMILIES", "ModelFamily", "ModelParts", "get_family", "register_family", "resolve_model_source"]

@@ -50,6 +50,15 @@ class ModelFamily(ABC):
 
     #: diffusers pipeline class that reads this family's single-file checkpoints (None: folders only).
     single_file_pipeline: ClassVar[str | None] = None
+    #: Text encoders in single-file checkpoints: (key prefix, naming), one per encoder in order;
+    #: naming is "clip" (transformers' names) or "openclip" (SDXL's second encoder). Empty: the
+    #: family has no single-file layout (merge writes the diffusers folder only).
+    single_file_text_encoders: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: Text-encoder subfolders of a diffusers folder, in the order ``encode_prompts`` uses them.
+    text_encoder_subfolders: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    #: kohya names use the original SGM UNet paths (``input_blocks.4.1...``) rather than
+    #: diffusers' (``down_blocks.1.attentions.0...``): what kohya sd-scripts writes for SDXL.
+    kohya_sgm_names: ClassVar[bool] = False
 
     def load(
         self,
@@ -109,6 +118,19 @@ class ModelFamily(ABC):
     @abstractmethod
     def build_pipeline(self, parts: ModelParts):
         """A diffusers inference pipeline over ``parts`` (sharing, not copying, the modules)."""
+
+    @abstractmethod
+    def build_tiny(self, folder: Path) -> None:
+        """Save a random-initialised miniature of this family (real classes, toy sizes, seeded) to ``folder``."""
+
+    @abstractmethod
+    def random_text_parts(self, arch: Mapping[str, Any], *, meta: bool) -> tuple[list[Any], list[torch.nn.Module]]:
+        """(tokenizers, text encoders) with random weights from ``arch``'s encoder configs
+        (``arch[subfolder]`` for each of :attr:`text_encoder_subfolders`); no tokenizers when ``meta``."""
+
+    @abstractmethod
+    def text_shapes(self, arch: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+        """Per-sample shapes of what :meth:`encode_prompts` returns, read off ``arch``'s encoder configs."""
 
     def guidance(self, model_cfg: Mapping[str, Any] | None = None) -> float:
         """The guidance scale to sample ``model_cfg``'s base at: its ``guidance``, else the family's."""

@@ -7,14 +7,61 @@ as the pooled embedding. Micro-conditioning is SDXL's.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .base import ModelFamily, ModelParts
 from .sdxl import micro_conditioning
+from .tiny_parts import CORPUS, hf_config, sdxl_noise_scheduler, tiny_vae, tiny_xl_unet
 
 MAX_LENGTH = 256  # KolorsPipeline's max_sequence_length
+#: Chinese lines for the tiny ChatGLM tokenizer (Kolors prompts are mostly Chinese).
+CORPUS_ZH = [
+    "二次元，一个紫色短发小女孩，穿着粉色的裙子，在花园里微笑",
+    "一只橘色的小猫坐在木桌上",
+    "山川湖泊，晴朗的天空，高质量，细节丰富，杰作",
+    "红色的圆形，蓝色的背景",
+]
+
+
+def build_chatglm_tokenizer(folder: Path):
+    """A Kolors ChatGLMTokenizer over a sentencepiece model trained here on mixed Chinese/English lines."""
+    import sentencepiece as spm
+    from diffusers.pipelines.kolors import ChatGLMTokenizer
+
+    corpus = CORPUS + "\n".join(CORPUS_ZH) + "\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "corpus.txt").write_text(corpus * 3, encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(folder / "corpus.txt"),
+        model_prefix=str(folder / "sp"),
+        vocab_size=160,
+        character_coverage=1.0,
+        model_type="bpe",
+        hard_vocab_limit=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    return ChatGLMTokenizer(vocab_file=str(folder / "sp.model"))
+
+
+def init_chatglm(model: torch.nn.Module) -> None:
+    """diffusers' ChatGLM leaves ``_init_weights`` empty (it only ever loads checkpoints), so a
+    freshly built one holds uninitialised memory; give it GPT-style initial values."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                param.fill_(1.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, 0.02)
 
 
 class Kolors(ModelFamily):
@@ -60,3 +107,54 @@ class Kolors(ModelFamily):
             unet=parts.unet,
             scheduler=EulerDiscreteScheduler.from_config(parts.noise_scheduler.config),
         )
+
+    def build_tiny(self, folder: Path) -> None:
+        """Tiny Kolors: a 2-layer ChatGLM (original RoPE) and a UNet with a text projection (32 -> 64)."""
+        from diffusers import KolorsPipeline
+        from diffusers.pipelines.kolors import ChatGLMModel
+        from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
+
+        torch.manual_seed(0)
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = build_chatglm_tokenizer(Path(tmp))
+            hidden = 32
+            text_encoder = ChatGLMModel(
+                ChatGLMConfig(
+                    num_layers=2,
+                    padded_vocab_size=max(len(tokenizer), tokenizer.vocab_size) + 8,
+                    hidden_size=hidden,
+                    ffn_hidden_size=2 * hidden,
+                    kv_channels=8,
+                    num_attention_heads=4,
+                    seq_length=256,
+                    multi_query_attention=True,
+                    multi_query_group_num=2,
+                    original_rope=True,  # diffusers' ChatGLM needs it set explicitly
+                )
+            )
+            init_chatglm(text_encoder)
+            pipe = KolorsPipeline(
+                vae=tiny_vae(),
+                text_encoder=text_encoder,
+                tokenizer=tokenizer,
+                unet=tiny_xl_unet(
+                    cross_attention_dim=64, pooled_dim=hidden, encoder_hid_dim=hidden, encoder_hid_dim_type="text_proj"
+                ),
+                scheduler=sdxl_noise_scheduler(),
+            )
+            pipe.save_pretrained(folder)
+
+    def random_text_parts(self, arch, *, meta):
+        from diffusers.pipelines.kolors import ChatGLMModel
+        from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
+
+        encoder = ChatGLMModel(ChatGLMConfig(**hf_config(arch["text_encoder"])))
+        if meta:
+            return [], [encoder]
+        init_chatglm(encoder)  # diffusers' ChatGLM leaves its weights uninitialised
+        with tempfile.TemporaryDirectory() as tmp:
+            return [build_chatglm_tokenizer(Path(tmp))], [encoder]
+
+    def text_shapes(self, arch):
+        hidden = arch["text_encoder"]["hidden_size"]
+        return {"encoder_hidden_states": (MAX_LENGTH, hidden), "text_embeds": (hidden,)}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .base import ModelFamily, ModelParts
+from .tiny_parts import build_clip_tokenizer, clip_config, sd_noise_scheduler, tiny_clip_text_encoder, tiny_vae
 
 
 class SD15(ModelFamily):
@@ -15,6 +17,7 @@ class SD15(ModelFamily):
     default_guidance = 7.5
     base_model_version = "sd_v1"
     single_file_pipeline = "StableDiffusionPipeline"
+    single_file_text_encoders = (("cond_stage_model.transformer.", "clip"),)
 
     def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None):
         from transformers import CLIPTextModel, CLIPTokenizer
@@ -50,3 +53,44 @@ class SD15(ModelFamily):
             feature_extractor=None,
             requires_safety_checker=False,
         )
+
+    def build_tiny(self, folder: Path) -> None:
+        """Tiny SD1.5: cross-attention dim 32, 8x8 latents, one 2-layer CLIP encoder."""
+        from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+        torch.manual_seed(0)
+        tokenizer = build_clip_tokenizer()
+        text_encoder = tiny_clip_text_encoder(tokenizer)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        )
+        pipe = StableDiffusionPipeline(
+            vae=tiny_vae(),
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=sd_noise_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(folder)
+
+    def random_text_parts(self, arch, *, meta):
+        from transformers import CLIPTextModel
+
+        encoders = [CLIPTextModel(clip_config(arch["text_encoder"]))]
+        return ([] if meta else [build_clip_tokenizer()]), encoders
+
+    def text_shapes(self, arch):
+        te = arch["text_encoder"]
+        return {"encoder_hidden_states": (te["max_position_embeddings"], te["hidden_size"])}

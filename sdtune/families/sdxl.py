@@ -7,11 +7,20 @@ come from each training sample's real geometry, as recorded by the data pipeline
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .base import ModelFamily, ModelParts
+from .tiny_parts import (
+    build_clip_tokenizer,
+    clip_config,
+    sdxl_noise_scheduler,
+    tiny_clip_text_encoder,
+    tiny_vae,
+    tiny_xl_unet,
+)
 
 
 def micro_conditioning(text: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
@@ -30,6 +39,9 @@ class SDXL(ModelFamily):
     default_guidance = 5.0
     base_model_version = "sdxl_base_v1-0"
     single_file_pipeline = "StableDiffusionXLPipeline"
+    single_file_text_encoders = (("conditioner.embedders.0.transformer.", "clip"), ("conditioner.embedders.1.model.", "openclip"))
+    text_encoder_subfolders = ("text_encoder", "text_encoder_2")
+    kohya_sgm_names = True
     # The stock SDXL VAE overflows in fp16; model.vae_path lets users load the fp16-fix VAE.
 
     def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None):
@@ -71,3 +83,39 @@ class SDXL(ModelFamily):
             unet=parts.unet,
             scheduler=EulerDiscreteScheduler.from_config(parts.noise_scheduler.config),
         )
+
+    def build_tiny(self, folder: Path) -> None:
+        """Tiny SDXL: CLIP encoders of width 32 and 48 (80-d context), pooled 48-d, text_time conditioning.
+
+        The widths differ as in the real model (768 and 1280); diffusers' single-file reader tells
+        the two encoders apart by width.
+        """
+        from diffusers import StableDiffusionXLPipeline
+
+        torch.manual_seed(0)
+        tokenizer = build_clip_tokenizer()
+        tokenizer_2 = build_clip_tokenizer()
+        pipe = StableDiffusionXLPipeline(
+            vae=tiny_vae(),
+            text_encoder=tiny_clip_text_encoder(tokenizer),
+            text_encoder_2=tiny_clip_text_encoder(tokenizer_2, hidden_size=48, projection=True),
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=tiny_xl_unet(cross_attention_dim=80, pooled_dim=48),
+            scheduler=sdxl_noise_scheduler(),
+        )
+        pipe.save_pretrained(folder)
+
+    def random_text_parts(self, arch, *, meta):
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        encoders = [CLIPTextModel(clip_config(arch["text_encoder"])),
+                    CLIPTextModelWithProjection(clip_config(arch["text_encoder_2"]))]
+        return ([] if meta else [build_clip_tokenizer(), build_clip_tokenizer()]), encoders
+
+    def text_shapes(self, arch):
+        te, te2 = arch["text_encoder"], arch["text_encoder_2"]
+        return {
+            "encoder_hidden_states": (te["max_position_embeddings"], te["hidden_size"] + te2["hidden_size"]),
+            "text_embeds": (te2["projection_dim"],),
+        }

@@ -224,11 +224,9 @@ def build_toy(family_name: str, out: Path, vae, latents: torch.Tensor, captions:
     import shutil
     import tempfile
 
-    from ..tiny import TINY_BUILDERS
-
     family = get_family(family_name)
     with tempfile.TemporaryDirectory() as tmp:
-        TINY_BUILDERS[family_name](Path(tmp))  # random weights, real layout (seeded inside)
+        family.build_tiny(Path(tmp))  # random weights, real layout (seeded inside)
         _set_toy_schedule(Path(tmp))
         parts = family.load(tmp)
         parts.vae = vae

@@ -36,9 +36,10 @@ class ConceptProbe(L.Callback):
         self.result: dict | None = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
+        from ..callbacks import render_at_scales, writes_outputs
+
+        if not writes_outputs(trainer):
             return
-        from ..callbacks import render_at_scales
 
         report, grid_rows, labels = {}, [], []
         for trigger in self.triggers:

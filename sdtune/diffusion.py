@@ -1,0 +1,81 @@
+"""The diffusion maths of one training step, as pure functions of tensors and the noise scheduler.
+
+Kept apart from the LightningModule so that each piece can be checked by number: the regression
+target per prediction type, the min-SNR-gamma weights (against diffusers' ``compute_snr``), the
+VAE latent scaling, and the per-sample randomness that makes resumed and multi-process runs
+reproduce one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def regression_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict for ``latents`` noised with ``noise`` at ``timesteps``."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}; sdtune trains {PREDICTION_TYPES}")
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights of min-SNR-gamma (Hang et al. 2023), as diffusers'
+    ``train_text_to_image_lora.py`` computes them: ``min(SNR, gamma) / SNR`` for epsilon
+    prediction and ``min(SNR, gamma) / (SNR + 1)`` for v-prediction."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.clamp(snr, max=float(gamma))
+    return clipped / snr if scheduler.config.prediction_type == "epsilon" else clipped / (snr + 1)
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error in fp32; with ``weights``, each sample's mean error is weighted first."""
+    pred, target = pred.float(), target.float()
+    if weights is None:
+        return F.mse_loss(pred, target, reduction="mean")
+    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=list(range(1, pred.ndim)))
+    return (per_sample * weights).mean()
+
+
+def scale_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
+    """VAE latents as the UNet sees them: ``(z - shift_factor) * scaling_factor`` (no shift in SD/SDXL/Kolors)."""
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    return (latents.float() - shift) * vae_config.scaling_factor
+
+
+def sample_randomness(seeds: Sequence[int], latent_shape: tuple[int, int, int], *, num_train_timesteps: int,
+                      noise_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latent eps, noise, timesteps) for a batch, each sample's drawn from its own seed in a fixed order.
+
+    Independent of batch composition, process count and interruptions: the same sample seed gets
+    the same draws whichever batch, rank or resumed run it lands in.
+    """
+    c, h, w = latent_shape
+    eps, noise, timesteps = [], [], []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(int(seed))
+        eps.append(torch.randn(c, h, w, generator=g))
+        n = torch.randn(c, h, w, generator=g)
+        if noise_offset:
+            n = n + noise_offset * torch.randn(c, 1, 1, generator=g)
+        noise.append(n)
+        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
+    return torch.stack(eps), torch.stack(noise), torch.cat(timesteps)
+
+
+def validation_randomness(seed: int, batch_idx: int, latent_shape: tuple[int, ...], num_train_timesteps: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise, timesteps) for validation batch ``batch_idx``: fixed per run seed, so losses compare
+    across steps and across runs with the same seed."""
+    g = torch.Generator().manual_seed(int(seed) * 1000 + batch_idx)
+    noise = torch.randn(latent_shape, generator=g)
+    return noise, torch.randint(0, num_train_timesteps, (latent_shape[0],), generator=g)

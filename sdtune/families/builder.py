@@ -1,0 +1,50 @@
+"""The one way a base model is built, for training, generate, merge and the bench.
+
+``model_source`` finds the weights (building a tiny model first when the config asks for one, and
+failing in seconds when the path or hub id is unreachable); ``build_parts`` loads them through the
+family and freezes every part. Training then adds LoRA layers (``LoRATrainingModule.attach``);
+generate and merge load LoRA files onto the frozen parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from . import get_family
+from .base import ModelFamily, ModelParts
+from .source import resolve_model_source
+
+
+def model_source(model_cfg: Mapping[str, Any]) -> str:
+    """Where ``model_cfg``'s weights are: a local folder or file, or a reachable hub id."""
+    from ..tiny import prepare_tiny
+
+    prepare_tiny(model_cfg)
+    return resolve_model_source(
+        str(model_cfg["path"]),
+        family=get_family(model_cfg["family"]).name,
+        revision=model_cfg.get("revision"),
+        allow_pickle=bool(model_cfg.get("allow_pickle", False)),
+    )
+
+
+def build_parts(model_cfg: Mapping[str, Any], *, dtype: torch.dtype = torch.float32,
+                source: str | None = None) -> tuple[ModelFamily, ModelParts]:
+    """Load ``model_cfg``'s base model in ``dtype`` with every part frozen and in eval mode.
+
+    ``source`` is a :func:`model_source` result the caller already has (it is not resolved again).
+    """
+    family = get_family(model_cfg["family"])
+    parts = family.load(
+        source or model_source(model_cfg),
+        dtype=dtype,
+        vae_path=model_cfg.get("vae_path"),
+        revision=model_cfg.get("revision"),
+        config=model_cfg.get("config"),
+    )
+    for module in (parts.unet, *parts.frozen_modules()):
+        module.requires_grad_(False).eval()
+    return family, parts
