@@ -81,6 +81,11 @@ def check_device(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first invalid training setting."""
+    for check in (_check_model, _check_lora, _check_data, _check_trainer, _check_train):
+        check(cfg)
+
+
+def _check_model(cfg: DictConfig) -> None:
     from .families import FAMILIES
 
     family = _get(cfg, "model.family")
@@ -90,6 +95,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("model.path is not set. Fix: model.path=<diffusers folder or hub id>.")
 
     _number(cfg, "model.guidance", minimum=0, exclusive=True, optional=True)
+
+
+def _check_lora(cfg: DictConfig) -> None:
     rank = _int(cfg, "lora.rank", minimum=1, hint=" Fix: e.g. lora.rank=16.")
     if rank > MAX_RANK:
         raise ConfigError(
@@ -108,6 +116,8 @@ def validate(cfg: DictConfig) -> None:
     ):
         raise ConfigError(f"lora.targets must be a non-empty list of module names like [to_q,to_k], got {targets!r}.")
 
+
+def _check_data(cfg: DictConfig) -> None:
     if _get(cfg, "data.root") in (None, ""):
         raise ConfigError(
             "data.root is not set. Fix: data.root=<folder with images and metadata.csv>, "
@@ -141,6 +151,8 @@ def validate(cfg: DictConfig) -> None:
 
         check_cacheable(bool(_get(cfg, "data.center_crop")))
 
+
+def _check_trainer(cfg: DictConfig) -> None:
     precision = str(_get(cfg, "trainer.precision"))
     if precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={precision!r} is not supported; use one of {list(PRECISIONS)}.")
@@ -152,6 +164,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"seed must be an integer from 0 to 2**32-1 (4294967295), got {seed!r}. Fix: e.g. seed=42.")
     _check_scheduler(cfg)
 
+
+def _check_train(cfg: DictConfig) -> None:
     if _get(cfg, "train.prediction_type") not in PREDICTION_TYPES:
         raise ConfigError(
             f"train.prediction_type must be epsilon, v_prediction or null (use the model's), "

@@ -79,3 +79,36 @@ def validation_randomness(seed: int, batch_idx: int, latent_shape: tuple[int, ..
     g = torch.Generator().manual_seed(int(seed) * 1000 + batch_idx)
     noise = torch.randn(latent_shape, generator=g)
     return noise, torch.randint(0, num_train_timesteps, (latent_shape[0],), generator=g)
+
+
+def latent_shape(batch: dict, vae_config) -> tuple[int, int, int]:
+    """(channels, height, width) of one sample's latent, from cached latent parameters or pixels."""
+    if "latent_params" in batch:
+        c2, h, w = batch["latent_params"].shape[1:]
+        return c2 // 2, h, w
+    factor = 2 ** (len(vae_config.block_out_channels) - 1)
+    _, _, h, w = batch["pixel_values"].shape
+    return vae_config.latent_channels, h // factor, w // factor
+
+
+@torch.no_grad()
+def batch_latents(vae, batch: dict, *, device: torch.device, dtype: torch.dtype, deterministic: bool = False,
+                  eps: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled latents from cached distributions (``latent_params``) or by encoding ``pixel_values``.
+
+    ``deterministic`` takes the mean; ``eps`` is the standard-normal draw for the sample
+    (``mean + std * eps``), so the caller controls the randomness; otherwise the VAE samples.
+    """
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    if "latent_params" in batch:
+        dist = DiagonalGaussianDistribution(batch["latent_params"].float().to(device))
+    else:
+        dist = vae.encode(batch["pixel_values"].to(vae.device, dtype)).latent_dist
+    if deterministic:
+        latents = dist.mode()
+    elif eps is not None:
+        latents = dist.mean + dist.std * eps.to(dist.mean.device, dist.mean.dtype)
+    else:
+        latents = dist.sample()
+    return scale_latents(latents, vae.config).to(device)

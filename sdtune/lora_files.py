@@ -28,9 +28,8 @@ from .lora_checks import (
     first_line,
     nonfinite_tensors,
     not_safetensors,
-    run_config,
-    spec_from_header,
 )
+from .lora_header import run_config, spec_from_header
 from .lora_keys import (
     DIFFUSERS_PREFIX,
     detect_format,

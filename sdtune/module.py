@@ -14,10 +14,11 @@ import lightning as L
 import torch
 
 from .diffusion import (
+    batch_latents,
+    latent_shape,
     min_snr_weights,
     regression_target,
     sample_randomness,
-    scale_latents,
     validation_randomness,
     weighted_mse,
 )
@@ -25,22 +26,12 @@ from .errors import NonFiniteLossError
 from .families import ModelParts, get_family
 from .families.builder import build_parts
 from .fit_caches import frozen_modules_on_device, prepare_fit
-from .lora import ADAPTER, LoraSpec, inject, is_lora_key, spec_from_config, trainable_lora_parameters
+from .lora import ADAPTER, LoraSpec, is_lora_key, spec_from_config, trainable_lora_parameters
 from .optimization import build_optimization
-from .speed import apply_speed
 from .text_cache import TextEmbeddingCache
+from .trainable import prepare_for_training, weight_dtype
 
 log = logging.getLogger(__name__)
-
-#: Lightning precision setting -> dtype of the frozen base weights. LoRA weights stay fp32.
-WEIGHT_DTYPES = {
-    "32": torch.float32,
-    "32-true": torch.float32,
-    "16-mixed": torch.float16,
-    "bf16-mixed": torch.bfloat16,
-    "bf16-true": torch.bfloat16,  # everything in bf16, LoRA included (FSDP needs one dtype per flat parameter)
-}
-
 
 class LoRATrainingModule(L.LightningModule):
     """Diffusers' text-to-image LoRA recipe as a LightningModule.
@@ -75,29 +66,11 @@ class LoRATrainingModule(L.LightningModule):
     @property
     def weight_dtype(self) -> torch.dtype:
         """dtype of the frozen base weights, from ``trainer.precision``."""
-        return WEIGHT_DTYPES.get(str(self.cfg["trainer"].get("precision", "32")), torch.float32)
+        return weight_dtype(self.cfg["trainer"])
 
     def attach(self, parts: ModelParts) -> None:
-        """Freeze ``parts``, cast them for mixed precision, and add the LoRA layers."""
-        from diffusers.training_utils import cast_training_params
-
-        train_cfg = self.cfg["train"]
-        for module in (parts.unet, *parts.frozen_modules()):
-            module.requires_grad_(False)
-            if module.dtype != self.weight_dtype:  # parts loaded elsewhere (tests, bench)
-                module.to(dtype=self.weight_dtype)
-        for module in parts.frozen_modules():
-            module.eval()
-        parts.unet.train()  # LoRA dropout and diffusers' gradient checkpointing act in train mode only
-        lora_cfg = self.cfg["lora"]
-        inject(parts.unet, self.spec, dropout=float(lora_cfg.get("dropout", 0.0)), init=lora_cfg.get("init", "gaussian"))
-        cast_training_params(parts.unet, dtype=torch.float32)  # LoRA weights train in fp32
-        if train_cfg.get("gradient_checkpointing"):
-            parts.unet.enable_gradient_checkpointing()
-        apply_speed(parts, self.cfg.get("speed") or {})
-        prediction_type = train_cfg.get("prediction_type")
-        if prediction_type:
-            parts.noise_scheduler.register_to_config(prediction_type=prediction_type)
+        """Make ``parts`` trainable as the config says (:func:`sdtune.trainable.prepare_for_training`)."""
+        prepare_for_training(parts, self.cfg, self.spec, self.weight_dtype)
         # UNet and VAE are submodules, so Lightning moves them to the device. The text encoders are
         # not: on_fit_start places them, and takes them off the device again once outputs are cached.
         self.unet = parts.unet
@@ -157,42 +130,18 @@ class LoRATrainingModule(L.LightningModule):
     def batch_latents(
         self, batch: dict[str, Any], *, deterministic: bool = False, eps: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Scaled latents from cached distributions or from pixels.
-
-        ``deterministic`` takes the mean; ``eps`` is the standard-normal draw for the sample
-        (``mean + std * eps``), so the caller controls the randomness.
-        """
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        vae = self.parts.vae
-        if "latent_params" in batch:
-            dist = DiagonalGaussianDistribution(batch["latent_params"].float().to(self.device))
-        else:
-            dist = vae.encode(batch["pixel_values"].to(vae.device, self.weight_dtype)).latent_dist
-        if deterministic:
-            latents = dist.mode()
-        elif eps is not None:
-            latents = dist.mean + dist.std * eps.to(dist.mean.device, dist.mean.dtype)
-        else:
-            latents = dist.sample()
-        return scale_latents(latents, vae.config).to(self.device)
+        """Scaled latents of ``batch`` (:func:`sdtune.diffusion.batch_latents`)."""
+        return batch_latents(self.parts.vae, batch, device=self.device, dtype=self.weight_dtype,
+                             deterministic=deterministic, eps=eps)
 
     def sample_randomness(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(latent eps, noise, timesteps) from each sample's own seed (:func:`sdtune.diffusion.sample_randomness`)."""
         eps, noise, timesteps = sample_randomness(
-            batch["seed"].tolist(), self._latent_shape(batch),
+            batch["seed"].tolist(), latent_shape(batch, self.parts.vae.config),
             num_train_timesteps=self.parts.noise_scheduler.config.num_train_timesteps,
             noise_offset=float(self.cfg["train"].get("noise_offset") or 0.0),
         )
         return eps, noise.to(self.device), timesteps.to(self.device)
-
-    def _latent_shape(self, batch: dict[str, Any]) -> tuple[int, int, int]:
-        if "latent_params" in batch:
-            c2, h, w = batch["latent_params"].shape[1:]
-            return c2 // 2, h, w
-        factor = 2 ** (len(self.parts.vae.config.block_out_channels) - 1)
-        _, _, h, w = batch["pixel_values"].shape
-        return self.parts.vae.config.latent_channels, h // factor, w // factor
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         eps, noise, timesteps = self.sample_randomness(batch)

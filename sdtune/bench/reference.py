@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..data import ImageCaptionDataModule
 from ..families import ModelParts, get_family
 from ..lora import inject, spec_from_config, trainable_lora_parameters
-from ..module import WEIGHT_DTYPES
+from ..trainable import WEIGHT_DTYPES
 from .measure import MemoryMeter, StepClock, batch_size_of
 
 

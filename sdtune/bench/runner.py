@@ -83,7 +83,7 @@ def run_sdtune(cfg: dict[str, Any], records, *, device: torch.device, steps: int
 
 def load_reference_parts(cfg: dict[str, Any], device: torch.device, random_init: bool) -> ModelParts:
     """The same base model sdtune loads: the same loader, or the same random architecture."""
-    from ..module import WEIGHT_DTYPES
+    from ..trainable import WEIGHT_DTYPES
 
     dtype = WEIGHT_DTYPES.get(str(cfg["trainer"].get("precision", "32")), torch.float32)
     if random_init:

@@ -13,8 +13,6 @@ stops the run here (or is skipped, with ``data.bad_images=skip``) instead of mid
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
 import warnings
@@ -23,9 +21,8 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..formats import IMAGE_SUFFIXES
+from .metadata import find_metadata, read_rows, show_value
 
-METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
-REQUIRED_COLUMNS = ("file_name", "text")
 log = logging.getLogger(__name__)
 _MAKE_DATA_HINT = "or build one from raw images with `make data RAW=<raw folder> OUT=<folder>`"
 _PROGRESS_OVER = 500  # images: a progress bar for the pre-flight decode of larger sets
@@ -58,88 +55,6 @@ def dataset_root(root: str | os.PathLike) -> Path:
     like with like whether the user wrote ``~/set``, ``./set`` or ``/home/me/set``.
     """
     return Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
-
-
-def _show(value, limit: int = 80) -> str:
-    """A metadata value as the user wrote it (JSON for non-strings), cut to ``limit`` characters."""
-    text = repr(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _read_csv(meta: Path) -> tuple[list[tuple[int, dict]], list[str]]:
-    """(line number, row) pairs and the header of a CSV; a BOM is dropped, short rows padded with ''."""
-    rows: list[tuple[int, dict]] = []
-    with open(meta, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh, strict=True)
-        try:
-            header = next(reader, [])
-            twice = sorted({c for c in header if c in REQUIRED_COLUMNS and header.count(c) > 1})
-            if twice:
-                raise DataError(
-                    f"{meta}: the header has more than one {' and '.join(repr(c) for c in twice)} column "
-                    f"({','.join(header)}). Fix: keep one 'file_name' and one 'text' column."
-                )
-            for fields in reader:
-                if not any(f.strip() for f in fields):
-                    continue  # blank line
-                if len(fields) > len(header) and any(f.strip() for f in fields[len(header):]):
-                    raise DataError(
-                        f"{meta}: line {reader.line_num} has {len(fields)} fields but the header has "
-                        f"{len(header)} ({_show(','.join(fields))}). Fix: put a caption that contains "
-                        'commas in double quotes, e.g. images/a.png,"red, round".'
-                    )
-                rows.append((reader.line_num, dict(zip(header, fields))))
-        except csv.Error as err:
-            raise DataError(
-                f"{meta}: line {reader.line_num} is not valid CSV ({err}). Fix: check the double quotes "
-                'on that line (a quote inside a quoted caption is written "").'
-            ) from None
-    return rows, header
-
-
-def _read_jsonl(meta: Path) -> tuple[list[tuple[int, dict]], list[str]]:
-    """(line number, row) pairs and every key seen; a BOM is dropped, blank lines skipped."""
-    rows: list[tuple[int, dict]] = []
-    columns: list[str] = []
-    with open(meta, encoding="utf-8-sig") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{meta}: line {n} is not valid JSON ({err.msg}). Fix that line.") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{meta}: line {n} must be a JSON object with file_name and text.")
-            rows.append((n, row))
-            columns.extend(c for c in row if c not in columns)
-    return rows, columns
-
-
-def _read_rows(meta: Path) -> list[tuple[int, dict]]:
-    """The rows of ``meta`` with the line each starts on (the "row" of every message)."""
-    try:
-        rows, columns = _read_csv(meta) if meta.suffix == ".csv" else _read_jsonl(meta)
-    except UnicodeDecodeError as err:
-        raise DataError(
-            f"{meta} is not UTF-8 text (byte {err.start}: {err.reason}). Fix: save it as UTF-8."
-        ) from None
-    except OSError as err:
-        raise DataError(f"cannot open {meta}: {err.strerror or err}. Fix: make it a readable file.") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise DataError(
-            f"{meta} has no {' or '.join(repr(c) for c in missing)} column (found: {columns}). "
-            "Fix: name the image-path column 'file_name' and the caption column 'text'."
-        )
-    return rows
-
-
-def find_metadata(root: Path) -> Path | None:
-    found = [root / n for n in METADATA_NAMES if (root / n).is_file()]
-    if len(found) > 1:
-        raise DataError(f"{root} has both metadata.csv and metadata.jsonl; keep one of them.")
-    return found[0] if found else None
 
 
 def _has_images(root: Path) -> bool:
@@ -200,6 +115,24 @@ def load_records(
     ``root`` (``../``, or an absolute path elsewhere) is refused unless ``allow_outside_root``.
     Record paths are absolute and normalised.
     """
+    root, meta = _locate(root)
+    rows = read_rows(meta)
+    if not rows:
+        raise DataError(f"{meta} lists no images. Fix: add one row per image (file_name,text).")
+    records, problems = _resolve_rows(rows, root, allow_outside_root)
+    _raise_problems(problems, meta, root)
+    if verify:
+        records = _check_images(records, meta, bad_images)
+    empty = sum(1 for r in records if not r.text.strip())
+    if empty:
+        log.warning("%d of %d images have an empty caption; they train unconditionally (as caption dropout does)", empty, len(records))
+    return records
+
+
+
+
+def _locate(root: str | os.PathLike) -> tuple[Path, Path]:
+    """(dataset folder, its metadata file), or the error that says what is wrong with ``root``."""
     given, root = os.fspath(root), dataset_root(root)
     if not root.exists():
         where = repr(given) if given == str(root) else f"{given!r} ({root})"
@@ -220,21 +153,23 @@ def load_records(
             f"data.root={str(root)!r} has images but no metadata.csv or metadata.jsonl. Fix: add a "
             f"metadata.csv with columns file_name,text, {_MAKE_DATA_HINT}."
         )
-    rows = _read_rows(meta)
-    if not rows:
-        raise DataError(f"{meta} lists no images. Fix: add one row per image (file_name,text).")
+    return root, meta
 
-    records, missing, folders, not_images, outside, bad_names, bad_texts = [], [], [], [], [], [], []
+
+def _resolve_rows(rows: list[tuple[int, dict]], root: Path, allow_outside_root: bool) -> tuple[list[Record], dict[str, list[str]]]:
+    """Records for the rows that name a usable image, and every other row filed by what is wrong with it."""
+    records: list[Record] = []
+    problems: dict[str, list[str]] = {k: [] for k in PROBLEMS}
+    bad_names, bad_texts, outside, missing, folders, not_images, duplicates = (problems[k] for k in PROBLEMS)
     seen: dict[Path, tuple[int, str]] = {}
-    duplicates = []
     for n, row in rows:
         raw = row.get("file_name")
         if raw is not None and not isinstance(raw, str):  # jsonl: a number, list, object...
-            bad_names.append(f"row {n}: {_show(raw)}")
+            bad_names.append(f"row {n}: {show_value(raw)}")
             continue
         captions = _captions(row.get("text"))
         if captions is None:
-            bad_texts.append(f"row {n}: {_show(row.get('text'))}")
+            bad_texts.append(f"row {n}: {show_value(row.get('text'))}")
             continue
         name = (raw or "").strip()
         if not name:
@@ -250,21 +185,31 @@ def load_records(
             continue
         seen[path] = (n, name)
         if not path.is_relative_to(root) and not allow_outside_root:
-            outside.append(f"row {n}: {_show(name)} is {path}")
+            outside.append(f"row {n}: {show_value(name)} is {path}")
             continue
         try:
             is_file, is_dir = path.is_file(), path.is_dir()
         except OSError as err:  # e.g. a name longer than the file system allows
-            missing.append(f"row {n}: {_show(name)} ({err.strerror or err})")
+            missing.append(f"row {n}: {show_value(name)} ({err.strerror or err})")
             continue
         if is_dir:
-            folders.append(f"row {n}: {_show(name)}")
+            folders.append(f"row {n}: {show_value(name)}")
         elif not is_file:
-            missing.append(f"row {n}: {_show(name)}")
+            missing.append(f"row {n}: {show_value(name)}")
         elif path.suffix.lower() not in IMAGE_SUFFIXES:
-            not_images.append(f"row {n}: {_show(name)}")
+            not_images.append(f"row {n}: {show_value(name)}")
         else:
             records.append(Record(path=path, text=captions[0], alternatives=captions if len(captions) > 1 else ()))
+    return records, problems
+
+
+#: Kinds of bad metadata rows, in the order their errors are reported.
+PROBLEMS = ("bad_names", "bad_texts", "outside", "missing", "folders", "not_images", "duplicates")
+
+
+def _raise_problems(problems: dict[str, list[str]], meta: Path, root: Path) -> None:
+    """One error for the first kind of bad row found, listing the rows and the fix."""
+    bad_names, bad_texts, outside, missing, folders, not_images, duplicates = (problems[k] for k in PROBLEMS)
     if bad_names:
         raise DataError(
             f"{meta} has {len(bad_names)} file_name value(s) that are not a path: {_listing(bad_names)}. "
@@ -303,12 +248,6 @@ def load_records(
             f"{meta} lists {len(duplicates)} file_name(s) more than once: {_listing(duplicates)}. "
             "Fix: keep one row per image (use data.repeats to train some images more often)."
         )
-    if verify:
-        records = _check_images(records, meta, bad_images)
-    empty = sum(1 for r in records if not r.text.strip())
-    if empty:
-        log.warning("%d of %d images have an empty caption; they train unconditionally (as caption dropout does)", empty, len(records))
-    return records
 
 
 def _check_images(records: list[Record], meta: Path, bad_images: str) -> list[Record]:
