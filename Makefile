@@ -9,7 +9,7 @@ OUT ?= data/clean
 RECIPE ?= data_pipeline/recipes/default.yaml
 NP ?= 2
 
-.PHONY: install demo data bench test test-slow test-all lint clean
+.PHONY: install demo data bench bench-startup test test-slow test-all lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ data: $(STAMP)
 # Speed and memory of the real training step against a plain PyTorch loop (tiny models on the CPU).
 bench: $(STAMP)
 	$(PY) -m sdtune.bench
+
+# CPU seconds from the command to one finished step: sdtune against a plain diffusers-style script.
+bench-startup: $(STAMP)
+	$(PY) -m sdtune.bench.startup --runs 5
 
 # `make test` (under 10 minutes on 2 cores) leaves out the tests marked slow;
 # `make test-slow` runs the long end-to-end runs; CI runs both (.ci/run).
