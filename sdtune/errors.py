@@ -35,6 +35,17 @@ class LoraFileError(SdtuneError):
 class NonFiniteLossError(SdtuneError):
     """The training loss became NaN or infinite."""
 
+    @classmethod
+    def at(cls, loss: float, step: int, *, lr: float | None) -> NonFiniteLossError:
+        """The error for ``loss`` at ``step``, with the known causes and what to do."""
+        return cls(
+            f"training stopped: the loss is {loss} at step {step}. Known causes: the stock SDXL VAE in "
+            "fp16 (set model.vae_path to the fp16-fix VAE, or trainer.precision=bf16-mixed); a learning rate "
+            f"too high (optim.optimizer.lr={lr}); fp16 overflow (try "
+            "trainer.precision=bf16-mixed). The last good checkpoint is kept in the run's checkpoints/ folder; "
+            "resume from it with ckpt_path=..., or set trainer.skip_nonfinite=true to skip and count such steps."
+        )
+
 
 class OutputError(SdtuneError):
     """A result could not be written: a read-only folder, a full disk."""

@@ -167,9 +167,12 @@ def check_tensors_match(
             f"{source!r}: {len(unpaired)} LoRA layer(s) have a down or an up weight but not both, e.g. {unpaired[:3]}. "
             f"The LoRA is incomplete. {fix}"
         )
-    if not spec.targets or not stems:
-        return
-    targets = set(spec.targets)
+    if spec.targets and stems:
+        _check_targets(set(spec.targets), stems, source, origin, fix)
+
+
+def _check_targets(targets: set[str], stems: set[str], source: str, origin: str, fix: str) -> None:
+    """Every layer matches a target and every target a layer, by peft's suffix rule."""
 
     def matches(stem: str, target: str) -> bool:
         return stem == target or stem.endswith("." + target)

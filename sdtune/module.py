@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from .data.sampler import skip_finished_batches
 from .diffusion import (
     batch_latents,
     latent_shape,
@@ -162,28 +163,10 @@ class LoRATrainingModule(L.LightningModule):
             self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), on_step=True)
             log.warning("non-finite loss (%s) at step %d skipped (%d so far)", loss.item(), step, self.skipped_nonfinite)
             return None  # Lightning skips the optimizer step
-        raise NonFiniteLossError(
-            f"training stopped: the loss is {loss.item()} at step {step}. Known causes: the stock SDXL VAE in "
-            "fp16 (set model.vae_path to the fp16-fix VAE, or trainer.precision=bf16-mixed); a learning rate "
-            f"too high (optim.optimizer.lr={self.cfg['optim']['optimizer'].get('lr')}); fp16 overflow (try "
-            "trainer.precision=bf16-mixed). The last good checkpoint is kept in the run's checkpoints/ folder; "
-            "resume from it with ckpt_path=..., or set trainer.skip_nonfinite=true to skip and count such steps."
-        )
+        raise NonFiniteLossError.at(loss.item(), step, lr=self.cfg["optim"]["optimizer"].get("lr"))
 
     def on_train_start(self) -> None:
-        # After a mid-epoch restore Lightning counts the resumed epoch's finished batches (a save at
-        # batch end counts that batch as finished) and runs only the rest; it calls no
-        # on_train_epoch_start for that epoch. The sampler, iterated next, skips as many batches.
-        loop = self.trainer.fit_loop.epoch_loop
-        if not loop.restarting:
-            return
-        done = loop.batch_progress.current.completed + (1 if loop.restarted_on_train_batch_end else 0)
-        if done >= self.trainer.num_training_batches:
-            # Saved after the epoch's last batch: Lightning moves on to the next epoch, whole.
-            return
-        sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
-        if done and hasattr(sampler, "skip"):
-            sampler.skip(done)
+        skip_finished_batches(self.trainer)  # resuming mid-epoch: continue where the checkpoint was
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Loss on fixed images with fixed noise and timesteps, so runs and steps compare."""

@@ -17,7 +17,7 @@ from sdtune.module import LoRATrainingModule
 from sdtune.train import train
 
 from .conftest import _snapshot, compose_cfg, resolved, run_cli
-from .test_data_pipeline import bomb_png
+from .data_pipeline.test_data_pipeline import bomb_png
 
 
 class RunsCodeWhenUnpickled:

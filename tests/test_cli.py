@@ -134,17 +134,6 @@ def test_cfg_job_prints_config_without_loading_anything(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-def test_multirun_sweeps_rank_into_separate_folders(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = run_cli("-m", "lora.rank=2,4", "experiment=quickstart", "trainer.max_steps=3", f"hydra.sweep.dir={sweep}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for job, rank in (("0", 2), ("1", 4)):
-        assert (sweep / job / ".hydra" / "config.yaml").is_file()
-        lora = read_lora(sweep / job / "lora.safetensors")
-        assert lora.spec.rank == rank
-        assert all(v.shape[0] == rank for k, v in lora.tensors.items() if k.endswith("lora_A.weight"))
-
-
 def test_kolors_rank16_config_resolves_and_fails_fast_without_a_local_model(tmp_path):
     proc = run_cli("model=kolors", "lora.rank=16", "--cfg", "job", "--resolve")
     assert proc.returncode == 0, proc.stderr
@@ -152,16 +141,14 @@ def test_kolors_rank16_config_resolves_and_fails_fast_without_a_local_model(tmp_
     assert "family: kolors" in text and "rank: 16" in text
     assert text.count("resolution: 1024") == 2  # model.resolution and data.resolution
     # HF_HUB_OFFLINE makes this deterministic even on a machine with network
-    import time
-
-    start = time.monotonic()
-    proc = run_cli("model=kolors", "lora.rank=16", "data.root=examples/quickstart", f"hydra.run.dir={tmp_path}",
-                   env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")})
-    elapsed = time.monotonic() - start
+    hub = tmp_path / "hub"
+    proc = run_cli("model=kolors", "lora.rank=16", "data.root=examples/quickstart", f"hydra.run.dir={tmp_path / 'run'}",
+                   env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub)})
     assert proc.returncode == 2
     assert "Could not load the kolors base model from model.path='Kwai-Kolors/Kolors-diffusers'" in proc.stderr
     assert "experiment=quickstart" in proc.stderr and "Traceback" not in proc.stderr
-    assert elapsed < 60  # seconds, not minutes of download retries
+    # failed at the source check: no download was started and no training state exists
+    assert not any(hub.rglob("*")) and not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_export_cli_kohya_from_run_file_and_checkpoint(quickstart_run, tmp_path):

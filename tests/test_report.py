@@ -32,6 +32,16 @@ def _metrics(run):
     return train, val
 
 
+def test_multirun_trains_each_rank_in_its_own_folder(sweep):
+    from sdtune.lora_files import read_lora
+
+    for job, rank in enumerate(RANKS):
+        assert (sweep / str(job) / ".hydra" / "config.yaml").is_file()
+        lora = read_lora(sweep / str(job) / "lora.safetensors")
+        assert lora.spec.rank == rank
+        assert all(v.shape[0] == rank for k, v in lora.tensors.items() if k.endswith("lora_A.weight"))
+
+
 def test_report_table_matches_each_runs_logs(sweep):
     proc = run_cli(str(sweep), module="sdtune.report")
     assert proc.returncode == 0, proc.stderr

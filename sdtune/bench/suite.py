@@ -117,31 +117,37 @@ def bench_model(model: str, base: list[str], cases: list[Case], bench: dict[str,
             log.info("%s/%s round %d: median %.1f ms/step, peak %.0f MiB (%.1f s, load %.2f)", model, case.name,
                      round_ + 1, 1000 * statistics.median(seconds), peak, time.perf_counter() - started, os.getloadavg()[0])
 
-    profile = bench.get("profile")
-    if plan.timed and profile:
-        case = next((c for c in cases if c.name == profile), None)
-        if case is None:
-            raise ValueError(f"bench.profile={profile!r} is not one of the cases {[c.name for c in cases]}")
-        out = out_dir / f"profile_{model}_{profile}.txt"
-        profile_case(case, cfgs[profile], records, device=device, steps=plan.warmup + plan.steps,
-                     random_init=random_init, root_dir=out_dir, out=out)
-        log.info("wrote %s", out)
-
-    rows = []
-    for case in cases:
-        cfg = cfgs[case.name]
-        meta = {"family": cfg["model"]["family"], "model": model, "device": device.type,
-                "precision": cfg["trainer"]["precision"], "batch": cfg["data"]["batch_size"],
-                "resolution": cfg["data"]["resolution"], "note": skipped[case.name] or errors.get(case.name, "")}
-        missing = skipped[case.name] or ""
-        unavailable = (plan.reason if not plan.timed else "n/a (CUDA only)" if "CUDA" in missing
-                       else "n/a (not installed)" if missing else "error")
-        rows.append(make_row(
-            case=case, meta=meta, timing=timings[case.name], flops_per_image=flops["fwd_bwd"],
-            fwd_flops_per_image=flops["fwd"], peak_flops=peak_flops,
-            reference=timings.get(REFERENCE), baseline=timings.get(case.vs or ""), unavailable=unavailable,
-        ))
+    if plan.timed and bench.get("profile"):
+        _profile(model, bench["profile"], cases, cfgs, records, device, plan, random_init, out_dir)
+    rows = [_row(case, cfgs[case.name], model, device, plan, timings, skipped[case.name] or errors.get(case.name, ""),
+                 skipped[case.name], flops, peak_flops) for case in cases]
     return rows, [f"{model}/{name}: {msg}" for name, msg in errors.items()]
+
+
+def _profile(model, profile, cases, cfgs, records, device, plan, random_init, out_dir) -> None:
+    """One more run of the case named ``profile`` under cProfile, into ``profile_<model>_<case>.txt``."""
+    case = next((c for c in cases if c.name == profile), None)
+    if case is None:
+        raise ValueError(f"bench.profile={profile!r} is not one of the cases {[c.name for c in cases]}")
+    out = out_dir / f"profile_{model}_{profile}.txt"
+    profile_case(case, cfgs[profile], records, device=device, steps=plan.warmup + plan.steps,
+                 random_init=random_init, root_dir=out_dir, out=out)
+    log.info("wrote %s", out)
+
+
+def _row(case, cfg, model, device, plan, timings, note, missing, flops, peak_flops) -> dict[str, str]:
+    """The table row of one case: its timings, or why it has none (not timed here, missing, failed)."""
+    meta = {"family": cfg["model"]["family"], "model": model, "device": device.type,
+            "precision": cfg["trainer"]["precision"], "batch": cfg["data"]["batch_size"],
+            "resolution": cfg["data"]["resolution"], "note": note}
+    missing = missing or ""
+    unavailable = (plan.reason if not plan.timed else "n/a (CUDA only)" if "CUDA" in missing
+                   else "n/a (not installed)" if missing else "error")
+    return make_row(
+        case=case, meta=meta, timing=timings[case.name], flops_per_image=flops["fwd_bwd"],
+        fwd_flops_per_image=flops["fwd"], peak_flops=peak_flops,
+        reference=timings.get(REFERENCE), baseline=timings.get(case.vs or ""), unavailable=unavailable,
+    )
 
 
 def quiet() -> None:

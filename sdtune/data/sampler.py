@@ -101,3 +101,21 @@ class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __len__(self) -> int:
         return len(self.global_batches())
+
+
+def skip_finished_batches(trainer) -> None:
+    """After a mid-epoch restore, make the batch sampler skip the batches the checkpoint had finished.
+
+    Lightning counts the resumed epoch's finished batches (a save at batch end counts that batch as
+    finished) and runs only the rest, without calling ``on_train_epoch_start`` for that epoch; the
+    sampler, iterated next, must skip as many batches to serve the same ones an uninterrupted run would.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    if not loop.restarting:
+        return
+    done = loop.batch_progress.current.completed + (1 if loop.restarted_on_train_batch_end else 0)
+    if done >= trainer.num_training_batches:
+        return  # saved after the epoch's last batch: Lightning moves on to the next epoch, whole
+    sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+    if done and hasattr(sampler, "skip"):
+        sampler.skip(done)

@@ -16,7 +16,7 @@ from sdtune.families.sd15 import SD15
 from sdtune.lora_files import read_lora
 from sdtune.tiny import ensure_tiny_model
 
-from .conftest import CACHE, run_main
+from ..conftest import CACHE, run_main
 
 
 class SGMNamedSD15(SD15):
@@ -79,7 +79,7 @@ def test_a_fourth_family_trains_exports_and_is_benchmarked_through_the_registry(
     assert all(torch.equal(resolved[k], lora.tensors[k]) for k in resolved)
 
     # the bench counts its step FLOPs (same architecture as SD1.5: the same count)
-    from .test_bench import _bench_cfg
+    from ..bench.test_bench import _bench_cfg
 
     cfg = _bench_cfg("model=tiny", f"model.family={fourth_family.name}", f"model.path={folder}", "data.batch_size=1")
     batch = {"pixel_values": torch.zeros(1, 3, 64, 64)}

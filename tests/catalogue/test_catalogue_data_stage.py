@@ -39,8 +39,8 @@ from data_pipeline.lifeline import KEPT, WORK_PREFIX, sibling
 from data_pipeline.output import MARKER, MARKER_TEXT
 from data_pipeline.recipe import RECIPES, check_min_max, load_recipe
 
-from .conftest import ROOT
-from .test_data_pipeline import SMALL_OK, add, listing, read_csv, recipe, textured
+from ..conftest import ROOT
+from ..data_pipeline.test_data_pipeline import SMALL_OK, add, listing, read_csv, recipe, textured
 
 # ----------------------------------------------------------------------------- helpers
 

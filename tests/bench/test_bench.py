@@ -22,7 +22,7 @@ from sdtune.bench.runner import first_batch
 from sdtune.bench.table import COLUMNS, check_targets
 from sdtune.data import load_records
 
-from .conftest import ROOT, run_cli
+from ..conftest import ROOT, run_cli
 
 
 def _bench_cfg(*overrides: str) -> dict:

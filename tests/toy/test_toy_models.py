@@ -17,7 +17,7 @@ from sdtune.inference import load_base
 from sdtune.toy.build import FAMILIES, TOY_ROOT
 from sdtune.toy.evaluate import evaluate_pipeline
 
-from .conftest import compose_cfg, resolved
+from ..conftest import compose_cfg, resolved
 
 
 def test_toy_folders_are_small_half_precision_diffusers_folders():

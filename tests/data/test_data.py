@@ -11,7 +11,7 @@ from sdtune.data import ImageCaptionDataModule, ImageCaptionDataset, load_record
 from sdtune.data.images import load_rgb, resize_and_crop, to_pil, to_tensor
 from sdtune.errors import DataError
 
-from .conftest import QUICKSTART
+from ..conftest import QUICKSTART
 
 
 def _img(path, size=(40, 30), colour=(200, 10, 10), mode="RGB"):

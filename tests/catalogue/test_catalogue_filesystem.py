@@ -20,7 +20,7 @@ from sdtune.run_folder import LOCK_NAME
 from sdtune.tiny import ensure_tiny_model, in_tiny_cache
 from sdtune.train import train
 
-from .conftest import ROOT, compose_cfg, run_cli
+from ..conftest import ROOT, compose_cfg, run_cli
 
 
 def snapshot(root):

@@ -21,7 +21,7 @@ from sdtune.data.sampler import TrainBatchSampler
 from sdtune.errors import ConfigError, DataError, ModelLoadError
 from sdtune.train import train
 
-from .conftest import QUICKSTART, _snapshot, compose_cfg, resolved
+from ..conftest import QUICKSTART, _snapshot, compose_cfg, resolved
 
 CAPTIONS = ["a red circle", "a round red shape"]
 

@@ -21,7 +21,7 @@ from sdtune.errors import ConfigError
 from sdtune.module import LoRATrainingModule
 from sdtune.train import train
 
-from .conftest import QUICKSTART, compose_cfg, resolved
+from ..conftest import QUICKSTART, compose_cfg, resolved
 
 
 def _dataset(root, sizes: dict[str, tuple[int, int]]):

@@ -11,7 +11,7 @@ from sdtune.families import get_family
 from sdtune.lora import inject
 from sdtune.lora_files import read_lora
 
-from .conftest import run_cli, tiny_model, unet_inputs
+from ..conftest import run_cli, tiny_model, unet_inputs
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from sdtune.families import FAMILIES, get_family
 from sdtune.lora import LoraSpec, inject, lora_tensors, trainable_lora_parameters
 from sdtune.lora_files import apply_lora, build_metadata, read_lora, save_lora
 
-from .conftest import tiny_model, unet_inputs
+from ..conftest import tiny_model, unet_inputs
 
 FAMILY_NAMES = ["sd15", "sdxl", "kolors"]
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "kolors": "KolorsPipeline"}

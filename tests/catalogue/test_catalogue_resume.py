@@ -17,7 +17,7 @@ from sdtune.checkpointing import load_checkpoint
 from sdtune.errors import ConfigError, LoraFileError
 from sdtune.train import train
 
-from .conftest import QUICKSTART, ROOT, compose_cfg
+from ..conftest import QUICKSTART, ROOT, compose_cfg
 from .test_catalogue_filesystem import snapshot
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from .conftest import QUICKSTART, run_cli, run_main
+from ..conftest import QUICKSTART, run_cli, run_main
 from .test_catalogue_filesystem import snapshot
 
 BASE = ["experiment=quickstart", "callbacks.samples=null", "data.val_images=0"]

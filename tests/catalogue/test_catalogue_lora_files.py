@@ -34,7 +34,7 @@ from sdtune.lora_files import build_metadata, read_lora, save_lora
 from sdtune.lora_keys import peft_to_diffusers, peft_to_kohya
 from sdtune.merge import merge
 
-from .conftest import QUICKSTART, ROOT, run_cli
+from ..conftest import QUICKSTART, ROOT, run_cli
 
 TARGETS = ("to_q", "to_out.0")
 SPEC = LoraSpec(rank=4, alpha=8.0, targets=TARGETS)

@@ -24,7 +24,7 @@ from PIL import Image
 
 from sdtune.toy.concepts import TRIGGERS, concept_shares, probe_prompts, write_concept_dataset
 
-from .conftest import ROOT, kill_when_written, run_cli, run_main
+from ..conftest import ROOT, kill_when_written, run_cli, run_main
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,7 @@ from data_pipeline.errors import PipelineError
 from data_pipeline.ops.image_hash import dhash_file, hamming, plan_duplicates, sha256_file
 from data_pipeline.sources import read_raw
 
-from .conftest import run_cli
+from ..conftest import run_cli
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -83,7 +83,7 @@ def recipe(tmp_path: Path, name: str, text: str) -> Path:
 
 DEDUP_SHA = "process:\n  - sdtune_image_deduplicator:\n      method: sha256\n"
 DEDUP_DHASH = "process:\n  - sdtune_image_deduplicator:\n      method: dhash\n      max_distance: 4\n"
-FULL_RECIPE = Path(__file__).resolve().parents[1] / "data_pipeline" / "recipes" / "full.yaml"
+FULL_RECIPE = Path(__file__).resolve().parents[2] / "data_pipeline" / "recipes" / "full.yaml"
 SMALL_OK = "process:\n  - image_shape_filter:\n      min_width: 32\n      min_height: 32\n"
 
 # ----------------------------------------------------------------------------- acceptance
