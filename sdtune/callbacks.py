@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from .fit_caches import frozen_modules_on_device
 from .io import save_image_atomic, write_text_atomic
 from .lora_files import run_metadata, save_lora
 from .sampling import make_grid, render
@@ -86,7 +87,7 @@ def render_at_scales(pl_module, prompts: Sequence[str], seeds: Sequence[int], sc
     was_training = pl_module.parts.unet.training
     pl_module.parts.unet.eval()
     try:
-        with pl_module.frozen_modules_on_device():
+        with frozen_modules_on_device(pl_module):
             return [
                 render(pipe, prompts, seeds, steps=steps, guidance=guidance, size=size, lora_scale=s, negative_prompt=negative_prompt)
                 for s in scales

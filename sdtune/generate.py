@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from .config import register_resolvers
 from .errors import ConfigError, exit_on_user_error
 from .families import get_family
-from .inference import apply_loras, base_model_config, load_base, parse_loras, pick_device, read_loras
+from .families.builder import build_parts
+from .inference import apply_loras, base_model_config, parse_loras, pick_device, read_loras
 from .io import save_image_atomic, write_text_atomic
 from .sampling import make_grid
 
@@ -44,7 +45,7 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     guidance = float(guidance)
     device = pick_device(cfg.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    family, parts = load_base(model_cfg, dtype=dtype)
+    family, parts = build_parts(model_cfg, dtype=dtype)
     apply_loras(parts, family, refs, loras)
     pipe = family.build_pipeline(parts).to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
 from .families import ModelFamily, ModelParts
-from .families.builder import build_parts
 from .lora_files import LoraFile, apply_lora, read_lora
 
 log = logging.getLogger(__name__)
@@ -77,11 +76,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def load_base(model_cfg: Mapping[str, Any], *, dtype: torch.dtype = torch.float32) -> tuple[ModelFamily, ModelParts]:
-    """The frozen base model of ``model_cfg`` (see :func:`sdtune.families.builder.build_parts`)."""
-    return build_parts(model_cfg, dtype=dtype)
 
 
 def apply_loras(

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .errors import LoraFileError
-from .families import ModelFamily, get_family
+from .families import ModelFamily, as_family
 from .ldm_format import unet_block_prefixes
 
 DIFFUSERS_PREFIX = "unet."
@@ -83,14 +83,10 @@ def diffusers_to_peft(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 # -- kohya -------------------------------------------------------------------------------------
-def _family(family: str | ModelFamily) -> ModelFamily:
-    return get_family(family) if isinstance(family, str) else family
-
-
 def kohya_module_name(module: str, family: str | ModelFamily, unet_config: Mapping[str, Any] | None = None) -> str:
     """``lora_unet_...`` name of a diffusers UNet module path, as A1111/ComfyUI expect it."""
     path = module
-    if _family(family).kohya_sgm_names:
+    if as_family(family).kohya_sgm_names:
         for src, dst, _inner in unet_block_prefixes(unet_config or STANDARD_XL_UNET):
             if module.startswith(src):
                 path = dst + module[len(src):]
@@ -101,7 +97,7 @@ def kohya_module_name(module: str, family: str | ModelFamily, unet_config: Mappi
 def peft_to_kohya(
     tensors: Mapping[str, torch.Tensor], alpha: float, family: str | ModelFamily, unet_config: Mapping[str, Any] | None = None
 ) -> dict[str, torch.Tensor]:
-    family = _family(family)
+    family = as_family(family)
     out: dict[str, torch.Tensor] = {}
     for k, v in tensors.items():
         stem, suffix = _swap_suffix(k, KOHYA_SUFFIXES)
@@ -122,7 +118,7 @@ def kohya_to_peft(
     ``_`` in a kohya name is ambiguous (``transformer_blocks`` vs a path separator), so names are
     matched by computing the kohya name of every module the UNet actually has.
     """
-    family = _family(family)
+    family = as_family(family)
     lookup = {kohya_module_name(m, family, unet_config): m for m in module_names}
     reverse = tuple((new, old) for old, new in KOHYA_SUFFIXES)
     out: dict[str, torch.Tensor] = {}

@@ -23,7 +23,8 @@ from omegaconf import DictConfig
 from .config import register_resolvers
 from .errors import ConfigError, LoraFileError, exit_on_user_error
 from .families import get_family
-from .inference import apply_loras, base_model_config, load_base, parse_loras, read_loras
+from .families.builder import build_parts
+from .inference import apply_loras, base_model_config, parse_loras, read_loras
 from .io import atomic_path
 from .ldm_format import pipeline_to_original
 from .lora_checks import nonfinite_tensors
@@ -70,7 +71,7 @@ def merge(cfg: DictConfig) -> tuple[Path, Path | None]:
     family = get_family(model_cfg["family"])
     single = single_file_path(out) if cfg.single_file and family.single_file_pipeline else None
     _check_target(out, single)  # before loading anything
-    family, parts = load_base(model_cfg, dtype=torch.float32)  # fuse in fp32, cast when saving
+    family, parts = build_parts(model_cfg, dtype=torch.float32)  # fuse in fp32, cast when saving
     names = apply_loras(parts, family, refs, loras)
     parts.unet.fuse_lora(lora_scale=1.0, adapter_names=names)
     parts.unet.unload_lora()

@@ -26,7 +26,7 @@ from .diffusion import (
 from .errors import NonFiniteLossError
 from .families import ModelParts, get_family
 from .families.builder import build_parts
-from .fit_caches import frozen_modules_on_device, prepare_fit
+from .fit_caches import prepare_fit
 from .lora import ADAPTER, LoraSpec, is_lora_key, spec_from_config, trainable_lora_parameters
 from .optimization import build_optimization
 from .text_cache import TextEmbeddingCache
@@ -80,10 +80,6 @@ class LoRATrainingModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         prepare_fit(self, getattr(self.trainer, "datamodule", None))
-
-    def frozen_modules_on_device(self):
-        """Context: the offloaded text encoders and VAE on this device (for sampling)."""
-        return frozen_modules_on_device(self)
 
     # -- training -----------------------------------------------------------------------------
     @torch.no_grad()

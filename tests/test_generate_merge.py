@@ -12,8 +12,9 @@ from PIL import Image
 
 from sdtune.errors import ConfigError, LoraFileError
 from sdtune.families import get_family
+from sdtune.families.builder import build_parts
 from sdtune.generate import generate
-from sdtune.inference import LoraRef, apply_loras, load_base, parse_loras
+from sdtune.inference import LoraRef, apply_loras, parse_loras
 from sdtune.lora import LoraSpec, inject, lora_tensors, trainable_lora_parameters
 from sdtune.lora_files import build_metadata, save_lora
 from sdtune.merge import merge
@@ -58,7 +59,7 @@ def test_parse_loras_forms():
 def test_mixing_two_loras_matches_diffusers_set_adapters(tmp_path, family):
     a, b = _lora_file(tmp_path, family, 1), _lora_file(tmp_path, family, 2)
     x, t, kw = unet_inputs(family)
-    fam, parts = load_base({"family": family, "path": str(tiny_model(family))})
+    fam, parts = build_parts({"family": family, "path": str(tiny_model(family))})
     apply_loras(parts, fam, [LoraRef(a, 0.7), LoraRef(b, 0.3)])
     pipe = PIPELINE[family].from_pretrained(tiny_model(family))
     pipe.load_lora_weights(a, adapter_name="a")
@@ -78,7 +79,7 @@ def test_merged_model_reloaded_from_disk_matches_unmerged(tmp_path, family):
     out = tmp_path / "merged"
     cfg = _compose("merge", f"loras=[{a}@0.6,{b}@0.4]", f"out={out}", "save_dtype=fp32")
     folder, single = merge(cfg)
-    fam, parts = load_base({"family": family, "path": str(tiny_model(family))})
+    fam, parts = build_parts({"family": family, "path": str(tiny_model(family))})
     apply_loras(parts, fam, [LoraRef(a, 0.6), LoraRef(b, 0.4)])
     x, t, kw = unet_inputs(family)
     with torch.no_grad():

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..families import ModelFamily, ModelParts, get_family
+from ..families import ModelFamily, ModelParts, as_family
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 #: Component -> (diffusers subfolder, config file name inside it).
@@ -32,7 +32,7 @@ SUBFOLDERS = {
 
 def architecture(family: str | ModelFamily, folder: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """The component configs of ``family``: shipped JSON files, or those of a diffusers ``folder``."""
-    family = get_family(family) if isinstance(family, str) else family
+    family = as_family(family)
     names = ("unet", "vae", *family.text_encoder_subfolders, "scheduler")
     out = {}
     for name in names:
@@ -70,7 +70,7 @@ def build_parts(
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    family = get_family(family) if isinstance(family, str) else family
+    family = as_family(family)
     arch = architecture(family, folder)
     device = torch.device(device)
     meta = device.type == "meta"

@@ -25,6 +25,11 @@ def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
     return cls
 
 
+def as_family(family: str | ModelFamily) -> ModelFamily:
+    """``family`` itself, or the registered family of that name."""
+    return family if isinstance(family, ModelFamily) else get_family(family)
+
+
 def get_family(name: str) -> ModelFamily:
     try:
         return FAMILIES[name]()
@@ -34,4 +39,4 @@ def get_family(name: str) -> ModelFamily:
         ) from None
 
 
-__all__ = ["FAMILIES", "ModelFamily", "ModelParts", "get_family", "register_family", "resolve_model_source"]
+__all__ = ["FAMILIES", "as_family", "ModelFamily", "ModelParts", "get_family", "register_family", "resolve_model_source"]

@@ -15,7 +15,8 @@ import pytest
 from safetensors.torch import save_file
 
 from sdtune.errors import ConfigError, ModelLoadError, OutputError
-from sdtune.inference import base_model_config, load_base, parse_loras
+from sdtune.families.builder import build_parts
+from sdtune.inference import base_model_config, parse_loras
 from sdtune.run_folder import LOCK_NAME
 from sdtune.tiny import ensure_tiny_model, in_tiny_cache
 from sdtune.train import train
@@ -53,7 +54,7 @@ def test_lora_header_cannot_make_generate_delete_a_folder(tmp_path, victim):
     lora = crafted_lora(tmp_path / "downloaded.safetensors", victim)
     model_cfg = base_model_config(None, parse_loras([str(lora)]))
     with pytest.raises(ModelLoadError, match=r"Could not load the sd15 base model from model.path=.*my-model"):
-        load_base(model_cfg)
+        build_parts(model_cfg)
     assert snapshot(victim) == before
 
 
@@ -61,7 +62,7 @@ def test_lora_header_cannot_make_generate_create_a_folder(tmp_path):
     missing = tmp_path / "nowhere" / "model"
     lora = crafted_lora(tmp_path / "downloaded.safetensors", missing)
     with pytest.raises(ModelLoadError, match=r"model.path=.*nowhere/model' does not exist"):
-        load_base(base_model_config(None, parse_loras([str(lora)])))
+        build_parts(base_model_config(None, parse_loras([str(lora)])))
     assert not missing.exists() and not missing.parent.exists()
 
 
@@ -88,7 +89,7 @@ def test_a_user_model_copied_from_a_tiny_build_is_loaded_not_rebuilt(tmp_path, t
     shutil.copytree(tiny_sd15, copy)
     (copy / "sdtune_tiny.json").unlink()  # no marker: not ours
     before = snapshot(copy)
-    family, parts = load_base({"family": "sd15", "path": str(copy), "tiny": True})
+    family, parts = build_parts({"family": "sd15", "path": str(copy), "tiny": True})
     assert parts.unet.config.cross_attention_dim == 32 and snapshot(copy) == before
 
 

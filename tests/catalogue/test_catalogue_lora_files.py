@@ -26,8 +26,9 @@ from safetensors.torch import save_file
 
 from sdtune import export
 from sdtune.errors import LoraFileError
+from sdtune.families.builder import build_parts
 from sdtune.generate import generate
-from sdtune.inference import LoraRef, apply_loras, load_base
+from sdtune.inference import LoraRef, apply_loras
 from sdtune.lora import LoraSpec
 from sdtune.lora_checks import check_finite
 from sdtune.lora_files import build_metadata, read_lora, save_lora
@@ -79,7 +80,7 @@ def peft_tensors(tiny_sd15) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def tiny_parts(tiny_sd15):
     """The tiny SD1.5 base model, loaded once; the cases here never get as far as changing it."""
-    return load_base({"family": "sd15", "path": str(tiny_sd15)})
+    return build_parts({"family": "sd15", "path": str(tiny_sd15)})
 
 
 def _meta(tiny_sd15, spec: LoraSpec = SPEC) -> dict[str, str]:

@@ -13,7 +13,7 @@ import pytest
 from safetensors import safe_open
 
 from sdtune.families import get_family
-from sdtune.inference import load_base
+from sdtune.families.builder import build_parts
 from sdtune.toy.build import FAMILIES, TOY_ROOT
 from sdtune.toy.evaluate import evaluate_pipeline
 
@@ -38,7 +38,7 @@ def test_toy_base_draws_the_prompted_colour_and_shape(tmp_path, model, family):
     """Through `model=<toy>` (config -> from_pretrained), every palette prompt at one seed."""
     cfg = resolved(compose_cfg(f"model={model}", output_dir=tmp_path / "run"))
     assert cfg["model"]["path"] == str(TOY_ROOT / family)
-    fam, parts = load_base(cfg["model"])
+    fam, parts = build_parts(cfg["model"])
     assert fam.name == get_family(family).name == family
     pipe = fam.build_pipeline(parts)
     pipe.set_progress_bar_config(disable=True)
