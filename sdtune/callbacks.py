@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from .fit_caches import frozen_modules_on_device
 from .io import save_image_atomic, write_text_atomic
-from .lora_files import run_metadata, save_lora
+from .lora_files import run_header, save_lora
 from .sampling import make_grid, render
 
 log = logging.getLogger(__name__)
@@ -62,14 +62,14 @@ class LoRAExport(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         if not writes_outputs(trainer):
             return
-        meta = run_metadata(
+        header = run_header(
             pl_module.cfg,
             pl_module.spec,
             steps=trainer.global_step,
             num_train_images=pl_module.num_train_images,
             output_name=self.path.stem,
         )
-        save_lora(self.path, pl_module.lora_state(), meta)
+        save_lora(self.path, pl_module.lora_state(), header)
         log.info("wrote %s", self.path)
 
 

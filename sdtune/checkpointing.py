@@ -24,7 +24,7 @@ from .data.records import dataset_root
 from .errors import ConfigError, LoraFileError
 from .families import get_family
 from .io import atomic_path
-from .lora import lora_tensors, spec_from_config
+from .lora import LoraSpec, is_lora_key, lora_tensors, spec_from_config
 from .lora_checks import check_finite, file_kind, first_line
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,13 @@ def describe_data_change(then: Mapping[str, str], now: Mapping[str, str]) -> str
     if not parts:
         return None
     return f"{len(then)} images then, {len(now)} now: " + "; ".join(parts)
+
+
+def keep_lora_only(checkpoint: dict[str, Any], spec: LoraSpec, **facts: Any) -> None:
+    """Shrink a Lightning checkpoint to the LoRA tensors (the frozen base is loaded from
+    ``model.path``, never saved) and record what a resume and an export check it against."""
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_lora_key(k)}
+    checkpoint["sdtune"] = {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), **facts}
 
 
 def check_resumable(path: Path, cfg: Mapping[str, Any], manifest: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -46,6 +46,30 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
     return (per_sample * weights).mean()
 
 
+def cast_floats(value, dtype: torch.dtype):
+    """Cast floating tensors, also inside nested dicts (SDXL's ``added_cond_kwargs``)."""
+    if torch.is_tensor(value):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: cast_floats(v, dtype) for k, v in value.items()}
+    return value
+
+
+def denoising_loss(unet, scheduler, latents: torch.Tensor, conditioning: dict, noise: torch.Tensor,
+                   timesteps: torch.Tensor, *, dtype: torch.dtype, snr_gamma: float | None = None) -> torch.Tensor:
+    """The training loss: noise ``latents`` at ``timesteps``, let the UNet predict, and regress the
+    scheduler's target (weighted by min-SNR-gamma when ``snr_gamma`` is set).
+
+    ``dtype`` is the frozen weights' dtype, passed in because asking the UNet (``unet.dtype``)
+    walks all of its ~1,000-7,500 submodules on every step (2 ms tiny SD1.5, 20 ms SDXL on a CPU).
+    """
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = regression_target(scheduler, latents, noise, timesteps)
+    kwargs = cast_floats(conditioning, dtype)
+    pred = unet(noisy.to(dtype), timesteps, **kwargs, return_dict=False)[0].float()
+    return weighted_mse(pred, target, min_snr_weights(scheduler, timesteps, snr_gamma) if snr_gamma else None)
+
+
 def scale_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
     """VAE latents as the UNet sees them: ``(z - shift_factor) * scaling_factor`` (no shift in SD/SDXL/Kolors)."""
     shift = getattr(vae_config, "shift_factor", None) or 0.0

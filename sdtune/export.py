@@ -4,7 +4,7 @@
     python -m sdtune.export RUN/lora.safetensors --format kohya --out my_lora_webui.safetensors
 
 No base weights are loaded. A checkpoint holds the LoRA tensors and the run's resolved config,
-which is all a LoRA file needs; the same :func:`run_metadata` and tensor naming are used when a
+which is all a LoRA file needs; the same :func:`run_header` and tensor naming are used when a
 run writes its own ``lora.safetensors``, so both files are identical. SDXL/Kolors kohya names need
 the UNet's block layout, read from the base model's ``unet/config.json`` when it is reachable and
 otherwise taken as the standard XL layout.
@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,9 @@ import torch
 from .checkpointing import CHECKPOINT_FIX, load_checkpoint
 from .errors import LoraFileError, SdtuneError
 from .families import FAMILIES, get_family
-from .lora import LoraSpec, lora_tensors, spec_from_config
-from .lora_checks import DIFFUSERS_METADATA_KEY, check_finite, check_tensors_match, first_line
-from .lora_files import FORMATS, build_metadata, read_lora, run_metadata, save_lora
+from .lora import lora_tensors, spec_from_config
+from .lora_checks import check_finite, check_tensors_match, first_line
+from .lora_files import FORMATS, LoraHeader, read_lora, run_header, save_lora
 
 
 def unet_config_for(cfg: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -60,7 +61,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str = "
         family = get_family(cfg["model"]["family"])
         spec = spec_from_config(cfg["lora"], family.default_lora_targets)
         tensors = lora_tensors(ckpt["state_dict"])
-        meta = run_metadata(
+        header = run_header(
             cfg,
             spec,
             steps=int(ckpt.get("global_step", 0)),
@@ -81,7 +82,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str = "
     check_tensors_match(spec, tensors, str(ckpt_path), origin="run config stored in it (lora.rank/alpha/targets)",
                         fix=f"The checkpoint was edited or mixes two runs. {CHECKPOINT_FIX}")
     config = unet_config_for(cfg) if format == "kohya" else None
-    return save_lora(out, tensors, meta, format=format, unet_config=config)
+    return save_lora(out, tensors, header, format=format, unet_config=config)
 
 
 def export_lora(lora_path: str | Path, out: str | Path, *, format: str, family: str | None = None) -> Path:
@@ -112,16 +113,9 @@ def export_lora(lora_path: str | Path, out: str | Path, *, format: str, family: 
         tensors = lora.peft_tensors(unet_module_names(config), config, family=family)
         if lora.spec.targets:  # kohya names are resolved only now: check the header targets against them
             check_tensors_match(lora.spec, tensors, str(lora_path), origin="header (sdtune.*)")
-    meta = dict(lora.metadata)
-    meta["ss_output_name"] = Path(out).stem
-    meta.setdefault("sdtune.alpha", repr(float(lora.spec.alpha)))
-    meta["sdtune.family"] = family
-    if format == "diffusers" and "lora_adapter_metadata" not in meta:
-        meta[DIFFUSERS_METADATA_KEY] = build_metadata(
-            lora.spec if lora.spec.targets else LoraSpec(lora.spec.rank, lora.spec.alpha, _targets_of(tensors)),
-            family=meta["sdtune.family"], base_model="", base_model_version="", resolution=0,
-        )[DIFFUSERS_METADATA_KEY]
-    return save_lora(out, tensors, meta, format=format, unet_config=config)
+    spec = lora.spec if lora.spec.targets else replace(lora.spec, targets=_targets_of(tensors))
+    header = LoraHeader(spec, family, output_name=Path(out).stem, carried=lora.metadata)
+    return save_lora(out, tensors, header, format=format, unet_config=config)
 
 
 def _targets_of(tensors: Mapping[str, torch.Tensor]) -> tuple[str, ...]:

@@ -111,3 +111,13 @@ def lora_tensors(module_state: Mapping[str, torch.Tensor], prefix: str = "unet."
 
 def trainable_lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for n, p in module.named_parameters() if is_lora_key(n) and p.requires_grad]
+
+
+def live_lora_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained LoRA of a live ``unet`` as peft-named CPU tensors: peft's own adapter state dict
+    (a checkpoint's tensors are renamed to the same keys by :func:`lora_tensors`)."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+

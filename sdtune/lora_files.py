@@ -84,81 +84,79 @@ class LoraFile:
         return run_config(self.metadata, self.path or "<LoRA>")
 
 
-def build_metadata(
-    spec: LoraSpec,
-    *,
-    family: str,
-    base_model: str,
-    base_model_version: str,
-    resolution: int,
-    config: Mapping[str, Any] | None = None,
-    output_name: str = "lora",
-    num_train_images: int | None = None,
-    steps: int | None = None,
-) -> dict[str, str]:
-    """Header metadata (all values are strings, as safetensors requires)."""
-    meta = {
-        "format": "pt",
-        DIFFUSERS_METADATA_KEY: json.dumps(
-            {
-                f"{COMPONENT_PREFIX}r": spec.rank,
-                f"{COMPONENT_PREFIX}lora_alpha": spec.alpha,
-                f"{COMPONENT_PREFIX}target_modules": list(spec.targets),
-            },
-            sort_keys=True,
-        ),
-        "sdtune.format": "diffusers",
-        "sdtune.family": family,
-        "sdtune.base_model": base_model,
-        "sdtune.rank": str(spec.rank),
-        "sdtune.alpha": repr(float(spec.alpha)),
-        "sdtune.targets": json.dumps(list(spec.targets)),
-        "sdtune.resolution": str(resolution),
-        # The kohya/A1111 subset that model sites and WebUIs display.
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(spec.rank),
-        "ss_network_alpha": repr(float(spec.alpha)),
-        "ss_base_model_version": base_model_version,
-        "ss_resolution": f"({resolution}, {resolution})",
-        "ss_output_name": output_name,
-    }
-    if num_train_images is not None:
-        meta["ss_num_train_images"] = str(num_train_images)
-    if steps is not None:
-        meta["ss_steps"] = str(steps)
-    if config is not None:
-        meta["sdtune.config"] = json.dumps(config, sort_keys=True, default=str)
-    return meta
+# Keys sdtune manages; a re-export carries every other key of the source file over unchanged.
+# sdtune.rank/alpha: written by sdtune before the header was built from one LoraSpec; dropped on re-export.
+MANAGED_KEYS = frozenset({
+    "format", DIFFUSERS_METADATA_KEY, "sdtune.format", "sdtune.family", "sdtune.targets", "sdtune.rank", "sdtune.alpha",
+    "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_output_name",
+})
 
 
-def run_metadata(cfg: Mapping[str, Any], spec: LoraSpec, *, steps: int | None, num_train_images: int | None, output_name: str) -> dict[str, str]:
+@dataclass(frozen=True)
+class LoraHeader:
+    """What a LoRA file's header records, built from the spec itself (never from header strings).
+
+    Each fact has one machine-read place per format: a diffusers file keeps rank, alpha and targets
+    in diffusers' ``lora_adapter_metadata`` (what ``load_lora_weights`` reads); a kohya file keeps
+    rank and alpha in its tensors (what ComfyUI and A1111 read) and the targets in
+    ``sdtune.targets``. ``ss_network_dim``/``ss_network_alpha`` repeat them for display, as kohya
+    files always do (A1111's and model sites' LoRA info panels show them).
+    """
+
+    spec: LoraSpec
+    family: str
+    base_model: str | None = None
+    base_model_version: str | None = None
+    resolution: int | None = None
+    config: Mapping[str, Any] | None = None
+    output_name: str = "lora"
+    num_train_images: int | None = None
+    steps: int | None = None
+    carried: Mapping[str, str] = field(default_factory=dict)  # a source file's other keys, kept on re-export
+
+    def metadata(self, format: str) -> dict[str, str]:
+        """The header as safetensors stores it (every value a string) for a ``format`` file."""
+        spec = self.spec
+        meta = {k: v for k, v in self.carried.items() if k not in MANAGED_KEYS}
+        meta.update({"format": "pt", "sdtune.format": format, "sdtune.family": self.family,
+                     "ss_network_module": "networks.lora", "ss_network_dim": str(spec.rank),
+                     "ss_network_alpha": repr(float(spec.alpha)), "ss_output_name": self.output_name})
+        if format == "diffusers":
+            meta[DIFFUSERS_METADATA_KEY] = json.dumps({f"{COMPONENT_PREFIX}r": spec.rank, f"{COMPONENT_PREFIX}lora_alpha": spec.alpha,
+                                                       f"{COMPONENT_PREFIX}target_modules": list(spec.targets)}, sort_keys=True)
+        elif spec.targets:  # diffusers refuses a kohya file that carries peft adapter metadata
+            meta["sdtune.targets"] = json.dumps(list(spec.targets))
+        optional = {"sdtune.base_model": self.base_model, "ss_base_model_version": self.base_model_version,
+                    "sdtune.resolution": self.resolution, "ss_num_train_images": self.num_train_images, "ss_steps": self.steps}
+        meta.update({k: str(v) for k, v in optional.items() if v is not None})
+        if self.resolution is not None:
+            meta["ss_resolution"] = f"({self.resolution}, {self.resolution})"
+        if self.config is not None:
+            meta["sdtune.config"] = json.dumps(self.config, sort_keys=True, default=str)
+        return meta
+
+
+def run_header(cfg: Mapping[str, Any], spec: LoraSpec, *, steps: int | None, num_train_images: int | None,
+               output_name: str) -> LoraHeader:
+    """The header of a LoRA trained with run config ``cfg``."""
     family = get_family(cfg["model"]["family"])
-    return build_metadata(
-        spec,
-        family=family.name,
-        base_model=str(cfg["model"]["path"]),
-        base_model_version=family.base_model_version,
-        resolution=int(cfg["data"]["resolution"]),
-        config=cfg,
-        output_name=output_name,
-        num_train_images=num_train_images,
-        steps=steps,
-    )
+    return LoraHeader(spec, family.name, base_model=str(cfg["model"]["path"]), base_model_version=family.base_model_version,
+                      resolution=int(cfg["data"]["resolution"]), config=cfg, output_name=output_name,
+                      num_train_images=num_train_images, steps=steps)
 
 
 def save_lora(
     path: str | os.PathLike,
     tensors: Mapping[str, torch.Tensor],
-    metadata: Mapping[str, str],
+    header: LoraHeader,
     *,
     format: str = "diffusers",
     unet_config: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write peft-named ``tensors`` in ``format``, atomically. Alpha and family come from ``metadata``."""
+    """Write peft-named ``tensors`` in ``format`` with ``header``, atomically."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    meta = dict(metadata)
     bad = nonfinite_tensors(tensors)
     if bad:  # a NaN LoRA renders black images everywhere it is loaded: never write one
         names, count = bad
@@ -169,15 +167,12 @@ def save_lora(
     if format == "diffusers":
         on_disk = peft_to_diffusers(tensors)
     elif format == "kohya":
-        on_disk = peft_to_kohya(tensors, float(meta["sdtune.alpha"]), meta["sdtune.family"], unet_config)
-        # diffusers refuses a kohya file that also carries peft adapter metadata
-        meta.pop(DIFFUSERS_METADATA_KEY, None)
+        on_disk = peft_to_kohya(tensors, float(header.spec.alpha), header.family, unet_config)
     else:
         raise LoraFileError(f"unknown LoRA format {format!r}; choose one of {list(FORMATS)}")
-    meta["sdtune.format"] = format
     on_disk = {k: v.detach().to("cpu").contiguous() for k, v in on_disk.items()}
     with atomic_path(path) as tmp:
-        save_file(on_disk, str(tmp), metadata=meta)
+        save_file(on_disk, str(tmp), metadata=header.metadata(format))
     return path
 
 

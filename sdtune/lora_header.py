@@ -1,5 +1,5 @@
-"""Read what a LoRA file's header says: the rank, alpha and targets (sdtune's keys, else diffusers'
-adapter metadata, else the tensors themselves) and the run config, refusing garbled values with
+"""Read what a LoRA file's header says: the rank, alpha and targets (diffusers' adapter metadata or
+the tensors themselves, plus sdtune's keys) and the run config, refusing garbled values with
 the key, the value and the fix."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -81,25 +82,18 @@ def run_config(metadata: Mapping[str, str], path: str | os.PathLike) -> dict[str
     return config
 
 
-SDTUNE_SPEC_KEYS = ("sdtune.rank", "sdtune.alpha", "sdtune.targets")
-
-
-def _sdtune_spec(metadata: Mapping[str, str], path: Path) -> LoraSpec | None:
-    """The LoRA spec from our ``sdtune.*`` header keys; None when the file has none of them."""
-    present = [k for k in SDTUNE_SPEC_KEYS if k in metadata]
-    if not present:
-        return None
-    missing = [k for k in SDTUNE_SPEC_KEYS if k not in metadata]
-    if missing:
-        raise LoraFileError(
-            f"{str(path)!r}: the header has {present} but lacks {missing}; the three go together. {HEADER_FIX}"
-        )
-    targets = _header_json(metadata, "sdtune.targets", path, list, 'a non-empty JSON list of module names like ["to_q", "to_k"]')
-    return LoraSpec(
-        rank=_rank_value(metadata["sdtune.rank"], "sdtune.rank", path),
-        alpha=_alpha_value(metadata["sdtune.alpha"], "sdtune.alpha", path),
-        targets=_targets_value(targets, "sdtune.targets", path),
-    )
+def _sdtune_fields(metadata: Mapping[str, str], path: Path) -> dict[str, Any]:
+    """The spec fields our ``sdtune.*`` keys give: ``sdtune.targets`` (kohya files) and, in files
+    written by earlier sdtune versions, ``sdtune.rank`` and ``sdtune.alpha``. Each is validated."""
+    fields: dict[str, Any] = {}
+    if "sdtune.rank" in metadata:
+        fields["rank"] = _rank_value(metadata["sdtune.rank"], "sdtune.rank", path)
+    if "sdtune.alpha" in metadata:
+        fields["alpha"] = _alpha_value(metadata["sdtune.alpha"], "sdtune.alpha", path)
+    if "sdtune.targets" in metadata:
+        targets = _header_json(metadata, "sdtune.targets", path, list, 'a non-empty JSON list of module names like ["to_q", "to_k"]')
+        fields["targets"] = _targets_value(targets, "sdtune.targets", path)
+    return fields
 
 
 def _diffusers_spec(metadata: Mapping[str, str], path: Path) -> LoraSpec | None:
@@ -123,8 +117,20 @@ def _diffusers_spec(metadata: Mapping[str, str], path: Path) -> LoraSpec | None:
     return LoraSpec(rank, alpha, _targets_value(targets, f"{key}.{COMPONENT_PREFIX}target_modules", path))
 
 
+def _tensor_spec(raw: Mapping[str, torch.Tensor], path: Path) -> LoraSpec:
+    """What the tensors alone say: the rank of the first down weight, alpha from kohya ``.alpha``
+    scalars (diffusers' convention without a header is alpha = rank), no targets."""
+    downs = [v for k, v in raw.items() if k.endswith((".lora.down.weight", ".lora_down.weight")) and not k.startswith("lora_te")]
+    if not downs:
+        raise LoraFileError(f"{str(path)!r} holds no UNet LoRA down weights")
+    rank = int(downs[0].shape[0])
+    alphas = [float(v) for k, v in raw.items() if k.endswith(KOHYA_ALPHA) and k.startswith("lora_unet_") and v.numel() == 1]
+    return LoraSpec(rank=rank, alpha=alphas[0] if alphas else float(rank), targets=())
+
+
 def spec_from_header(metadata: Mapping[str, str], raw: Mapping[str, torch.Tensor], fmt: str, path: Path) -> LoraSpec:
-    """The file's LoRA spec: from our header, else diffusers' header, else the tensors themselves.
+    """The file's LoRA spec: diffusers' adapter header (diffusers files) or the tensors (kohya and
+    headerless files), with whatever our ``sdtune.*`` keys add.
 
     When a header gives the spec it must agree with the other header and with the tensors: a file
     whose header says one rank and whose weights have another would load differently (or not at
@@ -135,27 +141,23 @@ def spec_from_header(metadata: Mapping[str, str], raw: Mapping[str, torch.Tensor
         raise LoraFileError(
             f"{str(path)!r}: header key 'sdtune.format' says {declared!r} but its tensor names are {fmt} format. {HEADER_FIX}"
         )
-    ours = _sdtune_spec(metadata, path)
+    ours = _sdtune_fields(metadata, path)
     theirs = _diffusers_spec(metadata, path)
-    if ours is not None and theirs is not None:
-        for name, a, b in (("rank", ours.rank, theirs.rank), ("alpha", ours.alpha, theirs.alpha),
-                           ("targets", sorted(ours.targets), sorted(theirs.targets) or sorted(ours.targets))):
-            if a != b:
+    if theirs is not None:
+        for name, value in ours.items():
+            other = getattr(theirs, name)
+            differs = bool(other) and sorted(value) != sorted(other) if name == "targets" else value != other
+            if differs:
                 raise LoraFileError(
-                    f"{str(path)!r}: the header contradicts itself: sdtune.{name} is {a!r} but "
-                    f"{DIFFUSERS_METADATA_KEY} gives {name} {b!r}; diffusers and sdtune would load it differently. {HEADER_FIX}"
+                    f"{str(path)!r}: the header contradicts itself: sdtune.{name} is {value!r} but "
+                    f"{DIFFUSERS_METADATA_KEY} gives {name} {other!r}; diffusers and sdtune would load it differently. {HEADER_FIX}"
                 )
-    if ours is not None:
-        spec, origin = ours, "sdtune.*"
-    elif theirs is not None and fmt == "diffusers":
-        spec, origin = theirs, DIFFUSERS_METADATA_KEY
+    if theirs is not None and fmt == "diffusers":
+        spec = replace(theirs, **ours)
+    elif ours:
+        spec = replace(_tensor_spec(raw, path), **ours)
     else:
-        downs = [v for k, v in raw.items() if k.endswith((".lora.down.weight", ".lora_down.weight")) and not k.startswith("lora_te")]
-        if not downs:
-            raise LoraFileError(f"{str(path)!r} holds no UNet LoRA down weights")
-        rank = int(downs[0].shape[0])
-        alphas = [float(v) for k, v in raw.items() if k.endswith(KOHYA_ALPHA) and k.startswith("lora_unet_") and v.numel() == 1]
-        # No header: kohya files carry .alpha tensors; diffusers' own convention is alpha = rank.
-        return LoraSpec(rank=rank, alpha=alphas[0] if alphas else float(rank), targets=())
+        return _tensor_spec(raw, path)
+    origin = "sdtune.*" if ours else DIFFUSERS_METADATA_KEY  # the key a user would look at first
     check_tensors_match(spec, raw, str(path), origin=f"header ({origin})")
     return spec

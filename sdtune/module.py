@@ -13,21 +13,14 @@ from typing import Any
 import lightning as L
 import torch
 
+from .checkpointing import keep_lora_only
 from .data.sampler import skip_finished_batches
-from .diffusion import (
-    batch_latents,
-    latent_shape,
-    min_snr_weights,
-    regression_target,
-    sample_randomness,
-    validation_randomness,
-    weighted_mse,
-)
+from .diffusion import batch_latents, denoising_loss, latent_shape, sample_randomness, validation_randomness
 from .errors import NonFiniteLossError
 from .families import ModelParts, get_family
 from .families.builder import build_parts
 from .fit_caches import prepare_fit
-from .lora import ADAPTER, LoraSpec, is_lora_key, spec_from_config, trainable_lora_parameters
+from .lora import LoraSpec, live_lora_state, spec_from_config, trainable_lora_parameters
 from .optimization import build_optimization
 from .text_cache import TextEmbeddingCache
 from .trainable import prepare_for_training, weight_dtype
@@ -83,53 +76,24 @@ class LoRATrainingModule(L.LightningModule):
 
     # -- training -----------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.batch_latents({"pixel_values": pixels})
-
-    @torch.no_grad()
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         if self.text_cache is not None:
             return self.text_cache.lookup(captions, self.device)
         return self.family.encode_prompts(self.parts, captions)
 
-    def diffusion_loss(
-        self,
-        latents: torch.Tensor,
-        text: dict[str, torch.Tensor],
-        batch: dict[str, Any],
-        *,
-        noise: torch.Tensor | None = None,
-        timesteps: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Noise the latents at random (or given) timesteps and regress the scheduler's target."""
-        train_cfg = self.cfg["train"]
-        scheduler = self.parts.noise_scheduler
-        if noise is None:
-            noise = torch.randn_like(latents)
-            offset = float(train_cfg.get("noise_offset") or 0.0)
-            if offset:
-                noise = noise + offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
-        bsz = latents.shape[0]
-        if timesteps is None:
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = regression_target(scheduler, latents, noise, timesteps)
-        # attach() cast every frozen weight to weight_dtype; asking the UNet (.dtype) walks all of
-        # its ~1,000-7,500 submodules on every step (2 ms for tiny SD1.5, 20 ms for SDXL on a CPU).
-        unet_dtype = self.weight_dtype
-        kwargs = _cast_floats(self.family.unet_conditioning(text, batch), unet_dtype)
-        pred = self.parts.unet(noisy.to(unet_dtype), timesteps, **kwargs, return_dict=False)[0].float()
-
-        gamma = train_cfg.get("snr_gamma")
-        return weighted_mse(pred, target, min_snr_weights(scheduler, timesteps, gamma) if gamma else None)
-
     @torch.no_grad()
-    def batch_latents(
-        self, batch: dict[str, Any], *, deterministic: bool = False, eps: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def batch_latents(self, batch: dict[str, Any], *, deterministic: bool = False,
+                      eps: torch.Tensor | None = None) -> torch.Tensor:
         """Scaled latents of ``batch`` (:func:`sdtune.diffusion.batch_latents`)."""
         return batch_latents(self.parts.vae, batch, device=self.device, dtype=self.weight_dtype,
                              deterministic=deterministic, eps=eps)
+
+    def diffusion_loss(self, latents: torch.Tensor, text: dict[str, torch.Tensor], batch: dict[str, Any], *,
+                       noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """:func:`sdtune.diffusion.denoising_loss` with this family's UNet conditioning."""
+        return denoising_loss(self.parts.unet, self.parts.noise_scheduler, latents,
+                              self.family.unet_conditioning(text, batch), noise, timesteps,
+                              dtype=self.weight_dtype, snr_gamma=self.cfg["train"].get("snr_gamma"))
 
     def sample_randomness(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(latent eps, noise, timesteps) from each sample's own seed (:func:`sdtune.diffusion.sample_randomness`)."""
@@ -152,14 +116,13 @@ class LoRATrainingModule(L.LightningModule):
         return loss
 
     def _non_finite(self, loss: torch.Tensor) -> None:
-        """Skip the step (``trainer.skip_nonfinite``) or stop with the known causes."""
-        step = self.trainer.global_step
-        if self.cfg["trainer"].get("skip_nonfinite"):
-            self.skipped_nonfinite += 1
-            self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), on_step=True)
-            log.warning("non-finite loss (%s) at step %d skipped (%d so far)", loss.item(), step, self.skipped_nonfinite)
-            return None  # Lightning skips the optimizer step
-        raise NonFiniteLossError.at(loss.item(), step, lr=self.cfg["optim"]["optimizer"].get("lr"))
+        """Skip the step (``trainer.skip_nonfinite``: Lightning skips the optimizer step on None) or stop."""
+        if not self.cfg["trainer"].get("skip_nonfinite"):
+            raise NonFiniteLossError.at(loss.item(), self.trainer.global_step, lr=self.cfg["optim"]["optimizer"].get("lr"))
+        self.skipped_nonfinite += 1
+        self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), on_step=True)
+        log.warning("non-finite loss (%s) at step %d skipped (%d so far)", loss.item(), self.trainer.global_step,
+                    self.skipped_nonfinite)
 
     def on_train_start(self) -> None:
         skip_finished_batches(self.trainer)  # resuming mid-epoch: continue where the checkpoint was
@@ -184,33 +147,12 @@ class LoRATrainingModule(L.LightningModule):
         self.skipped_nonfinite = int(checkpoint.get("sdtune", {}).get("skipped_nonfinite", 0))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_lora_key(k)}
-        checkpoint["sdtune"] = {
-            "family": self.family.name,
-            "rank": self.spec.rank,
-            "alpha": self.spec.alpha,
-            "targets": list(self.spec.targets),
-            "num_train_images": self.num_train_images,
-            "data": self.data_manifest,  # what a resume compares the dataset against
-            "skipped_nonfinite": self.skipped_nonfinite,
-        }
+        keep_lora_only(checkpoint, self.spec, family=self.family.name, num_train_images=self.num_train_images,
+                       data=self.data_manifest,  # what a resume compares the dataset against
+                       skipped_nonfinite=self.skipped_nonfinite)
 
     def lora_state(self) -> dict[str, torch.Tensor]:
-        """The trained LoRA as peft-named CPU tensors: peft's own adapter state dict of the live UNet
-        (a checkpoint's are renamed to the same keys by :func:`sdtune.lora.lora_tensors`)."""
-        from peft.utils import get_peft_model_state_dict
-
-        state = get_peft_model_state_dict(self.parts.unet, adapter_name=ADAPTER)
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+        return live_lora_state(self.parts.unet)
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in trainable_lora_parameters(self.parts.unet))
-
-
-def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
-    """Cast floating tensors, also inside nested dicts (SDXL's ``added_cond_kwargs``)."""
-    if torch.is_tensor(value):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, dict):
-        return {k: _cast_floats(v, dtype) for k, v in value.items()}
-    return value

@@ -16,7 +16,7 @@ from sdtune.families.builder import build_parts
 from sdtune.generate import generate
 from sdtune.inference import LoraRef, apply_loras, parse_loras
 from sdtune.lora import LoraSpec, inject, lora_tensors, trainable_lora_parameters
-from sdtune.lora_files import build_metadata, save_lora
+from sdtune.lora_files import LoraHeader, save_lora
 from sdtune.merge import merge
 
 from .conftest import ROOT, run_cli, tiny_model, unet_inputs
@@ -46,7 +46,7 @@ def _lora_file(tmp_path, family: str, seed: int, *, targets=("to_q", "to_k", "to
     if mutate:
         tensors = mutate(tensors)
     cfg = {"model": {"family": family, "path": str(tiny_model(family)), "tiny": True, "resolution": 64, **(model_extra or {})}}
-    meta = build_metadata(spec, family=family, base_model="tiny", base_model_version="x", resolution=64, config=cfg)
+    meta = LoraHeader(spec, family=family, base_model="tiny", base_model_version="x", resolution=64, config=cfg)
     return str(save_lora(tmp_path / f"{family}_{seed}.safetensors", tensors, meta))
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from sdtune.errors import LoraFileError
 from sdtune.lora import LoraSpec
-from sdtune.lora_files import build_metadata, check_family, read_lora, save_lora
+from sdtune.lora_files import LoraHeader, check_family, read_lora, save_lora
 from sdtune.lora_keys import diffusers_to_peft, peft_to_diffusers
 
 SPEC = LoraSpec(rank=4, alpha=8.0, targets=("to_q", "to_out.0"))
@@ -25,7 +26,7 @@ def _tensors() -> dict[str, torch.Tensor]:
 
 
 def _meta(**kw):
-    return build_metadata(SPEC, family="sd15", base_model="tiny", base_model_version="sd_v1", resolution=64, **kw)
+    return LoraHeader(SPEC, family="sd15", base_model="tiny", base_model_version="sd_v1", resolution=64, **kw)
 
 
 def test_diffusers_key_rules_round_trip():
@@ -46,6 +47,7 @@ def test_save_and_read_keep_tensors_and_true_alpha(tmp_path):
     assert json.loads(meta["lora_adapter_metadata"]) == {"unet.lora_alpha": 8.0, "unet.r": 4, "unet.target_modules": ["to_q", "to_out.0"]}
     assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_steps"], meta["ss_num_train_images"]) == ("4", "8.0", "7", "3")
     assert lora.config == {"lora": {"rank": 4}}
+    assert not {"sdtune.rank", "sdtune.alpha", "sdtune.targets"} & meta.keys()  # one machine-read place per fact
     assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
 
 
@@ -75,7 +77,7 @@ def test_save_never_leaves_a_partial_file_over_a_good_one(tmp_path):
     before = target.read_bytes()
     # safetensors itself fails inside the write (metadata values must be strings)
     with pytest.raises(Exception, match="(?i)str|string|metadata"):
-        save_lora(target, _tensors(), {**_meta(), "bad": 1})
+        save_lora(target, _tensors(), replace(_meta(), carried={"bad": 1}))
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]
     with pytest.raises(LoraFileError, match="not_a_lora_key"):

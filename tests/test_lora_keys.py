@@ -9,7 +9,7 @@ import torch
 from sdtune.errors import LoraFileError
 from sdtune.families import get_family
 from sdtune.lora import LoraSpec, inject, lora_tensors, trainable_lora_parameters
-from sdtune.lora_files import apply_lora, build_metadata, read_lora, save_lora
+from sdtune.lora_files import apply_lora, LoraHeader, read_lora, save_lora
 from sdtune.lora_keys import detect_format, kohya_module_name, kohya_to_peft, peft_to_kohya
 
 from .conftest import tiny_model, unet_inputs
@@ -63,7 +63,7 @@ def test_peft_kohya_peft_is_the_identity(family):
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "kolors"])
 def test_diffusers_loads_our_kohya_file_like_our_diffusers_file(family, tmp_path):
     parts, tensors = _trained_like(family)
-    meta = build_metadata(SPEC, family=family, base_model="tiny", base_model_version="x", resolution=64)
+    meta = LoraHeader(SPEC, family=family, base_model="tiny", base_model_version="x", resolution=64)
     files = {fmt: save_lora(tmp_path / f"{fmt}.safetensors", tensors, meta, format=fmt, unet_config=parts.unet.config)
              for fmt in ("diffusers", "kohya")}
     assert read_lora(files["kohya"]).format == "kohya" and read_lora(files["kohya"]).spec.alpha == 2.5
@@ -82,7 +82,7 @@ def test_diffusers_loads_our_kohya_file_like_our_diffusers_file(family, tmp_path
 
 def test_our_apply_reads_kohya_files_too(tmp_path):
     parts, tensors = _trained_like("sdxl")
-    meta = build_metadata(SPEC, family="sdxl", base_model="tiny", base_model_version="x", resolution=64)
+    meta = LoraHeader(SPEC, family="sdxl", base_model="tiny", base_model_version="x", resolution=64)
     path = save_lora(tmp_path / "k.safetensors", tensors, meta, format="kohya", unet_config=parts.unet.config)
     fresh = get_family("sdxl").load(str(tiny_model("sdxl")))
     apply_lora(fresh.unet, read_lora(path), family="sdxl", path=path, adapter_name="k")

@@ -19,11 +19,19 @@ def _module(tmp_path, data_root, *overrides) -> LoRATrainingModule:
     return module
 
 
+def _loss(module, batch, seed: int) -> torch.Tensor:
+    """The loss on ``batch`` with latents, noise and timesteps drawn from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    latents = module.batch_latents(batch, deterministic=True)
+    noise = torch.randn(latents.shape, generator=g)
+    timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=g)
+    return module.diffusion_loss(latents, module.encode_text(batch["text"]), batch, noise=noise, timesteps=timesteps)
+
+
 def _fixed_loss(module, batch) -> float:
     """Loss on a fixed batch with fixed noise and timesteps."""
-    torch.manual_seed(1234)
     with torch.no_grad():
-        return module.diffusion_loss(module.encode_images(batch["pixel_values"]), module.encode_text(batch["text"]), batch).item()
+        return _loss(module, batch, 1234).item()
 
 
 def _fit(module, data_root, steps: int, batch_size: int = 1):
@@ -71,8 +79,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny_sd15):
                 if "lora_B" in n:
                     p.fill_(0.01)
         batch = collate([ImageCaptionDatasetItem()] * 2)
-        torch.manual_seed(5)
-        loss = module.diffusion_loss(module.encode_images(batch["pixel_values"]), module.encode_text(batch["text"]), batch)
+        loss = _loss(module, batch, 5)
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]

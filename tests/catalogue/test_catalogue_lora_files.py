@@ -31,7 +31,7 @@ from sdtune.generate import generate
 from sdtune.inference import LoraRef, apply_loras
 from sdtune.lora import LoraSpec
 from sdtune.lora_checks import check_finite
-from sdtune.lora_files import build_metadata, read_lora, save_lora
+from sdtune.lora_files import LoraHeader, read_lora, save_lora
 from sdtune.lora_keys import peft_to_diffusers, peft_to_kohya
 from sdtune.merge import merge
 
@@ -83,16 +83,21 @@ def tiny_parts(tiny_sd15):
     return build_parts({"family": "sd15", "path": str(tiny_sd15)})
 
 
-def _meta(tiny_sd15, spec: LoraSpec = SPEC) -> dict[str, str]:
+def _header(tiny_sd15, spec: LoraSpec = SPEC) -> LoraHeader:
     cfg = {"model": {"family": "sd15", "path": str(tiny_sd15), "tiny": True, "resolution": 64}}
-    return build_metadata(spec, family="sd15", base_model="tiny", base_model_version="sd_v1", resolution=64, config=cfg)
+    return LoraHeader(spec, family="sd15", base_model="tiny", base_model_version="sd_v1", resolution=64, config=cfg)
+
+
+def _meta(tiny_sd15, spec: LoraSpec = SPEC) -> dict[str, str]:
+    """The header of a diffusers-format file as strings, for tests that edit it before writing."""
+    return _header(tiny_sd15, spec).metadata("diffusers")
 
 
 def write_lora(path: Path, tensors, meta, fmt: str = "diffusers") -> Path:
     """Write peft-named ``tensors`` with safetensors itself (save_lora would refuse the broken ones)."""
     meta = dict(meta)
     if fmt == "kohya":
-        on_disk = peft_to_kohya(tensors, float(meta["sdtune.alpha"]), "sd15")
+        on_disk = peft_to_kohya(tensors, json.loads(meta["lora_adapter_metadata"])["unet.lora_alpha"], "sd15")
         meta.pop("lora_adapter_metadata", None)
         meta["sdtune.format"] = "kohya"
     else:
@@ -176,11 +181,11 @@ def test_nonfinite_checkpoint_is_not_exported(tmp_path, capsys, peft_tensors, ti
 
 
 def test_save_lora_refuses_nonfinite_weights_and_keeps_the_old_file(tmp_path, peft_tensors, tiny_sd15):
-    target = save_lora(tmp_path / "lora.safetensors", peft_tensors, _meta(tiny_sd15))
+    target = save_lora(tmp_path / "lora.safetensors", peft_tensors, _header(tiny_sd15))
     before = snapshot(tmp_path)
     for path in (target, tmp_path / "new" / "lora.safetensors"):
         with pytest.raises(LoraFileError, match=r"refusing to write '.*lora\.safetensors': the LoRA " + NONFINITE.replace("Fix: ", r"Nothing was written\. Fix: ")):
-            save_lora(path, with_nonfinite(peft_tensors), _meta(tiny_sd15))
+            save_lora(path, with_nonfinite(peft_tensors), _header(tiny_sd15))
     assert snapshot(tmp_path) == before and not (tmp_path / "new").exists()
 
 
@@ -305,8 +310,8 @@ def _targets_q_k(meta):
     return {**meta, "sdtune.targets": targets, "lora_adapter_metadata": json.dumps({**adapter, "unet.target_modules": ["to_q", "to_k"]})}
 
 
-def _disagreeing_headers(meta):
-    return {**meta, "lora_adapter_metadata": meta["lora_adapter_metadata"].replace('"unet.r": 4', '"unet.r": 8')}
+def _disagreeing_headers(meta):  # as in a file written by sdtune before 2026-11, which also had sdtune.rank
+    return {**meta, "sdtune.rank": "4", "lora_adapter_metadata": meta["lora_adapter_metadata"].replace('"unet.r": 4', '"unet.r": 8')}
 
 
 def _drop_one_up(tensors):

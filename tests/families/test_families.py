@@ -10,7 +10,7 @@ from sdtune.data import ImageCaptionDataset, collate, load_records
 from sdtune.errors import LoraFileError
 from sdtune.families import FAMILIES, get_family
 from sdtune.lora import LoraSpec, inject, lora_tensors, trainable_lora_parameters
-from sdtune.lora_files import apply_lora, build_metadata, read_lora, save_lora
+from sdtune.lora_files import apply_lora, LoraHeader, read_lora, save_lora
 
 from ..conftest import tiny_model, unet_inputs
 
@@ -87,10 +87,14 @@ def _lora_for(name: str, tmp_path, *, with_family: bool = True):
             p.normal_(std=0.1)
     wrapper = torch.nn.Module()
     wrapper.unet = parts.unet
-    meta = build_metadata(spec, family=name, base_model="tiny", base_model_version="x", resolution=64)
-    if not with_family:
-        meta = {k: v for k, v in meta.items() if not k.startswith("sdtune.")}
-    return save_lora(tmp_path / f"{name}.safetensors", lora_tensors(wrapper.state_dict()), meta)
+    header = LoraHeader(spec, family=name, base_model="tiny", base_model_version="x", resolution=64)
+    path = save_lora(tmp_path / f"{name}.safetensors", lora_tensors(wrapper.state_dict()), header)
+    if not with_family:  # as another trainer writes it: diffusers' header, none of ours
+        from safetensors.torch import load_file, save_file
+
+        meta = {k: v for k, v in header.metadata("diffusers").items() if not k.startswith("sdtune.")}
+        save_file(load_file(str(path)), str(path), metadata=meta)
+    return path
 
 
 def test_lora_into_the_wrong_family_names_both(tmp_path):
