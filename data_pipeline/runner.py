@@ -173,23 +173,8 @@ def run(
     seconds["pre-check"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    work = new_work_dir()
-    if lifeline is not None:
-        lifeline.remove_on_death(work)  # before it exists: a kill at any later moment is covered
-    work.mkdir(mode=0o700)
-    keep = keep_work
-    try:
-        samples = [{"text": c.caption, "images": [str(c.path)], "sdtune_id": i} for i, (c, _) in enumerate(passed)]
-        try:
-            with _temp_files_in(work / "tmp", lifeline):
-                result = (
-                    run_recipe(recipe_cfg, recipe_path, samples, work, np_workers, verbose)
-                    if samples
-                    else JuicerResult({})
-                )
-        except PipelineError:
-            keep = True  # data-juicer failed: its log is worth reading
-            raise
+    with _WorkFolder(keep_work, lifeline) as work:
+        result = _juice(recipe_cfg, recipe_path, passed, work, np_workers, verbose, lifeline)
         ids = {i: c.key for i, (c, _) in enumerate(passed)}
         sizes = {i: info[:2] for i, (_, info) in enumerate(passed)}
         drops += attribute(ids, sizes, result, ops)
@@ -203,15 +188,45 @@ def run(
             raise _nothing_kept(summary, raw_root)
         write_dataset(out, kept, drops, _report(summary, raw_root), link)
         seconds["write"] = time.perf_counter() - clock
-    finally:
-        if keep:
-            (work / KEPT).write_text("kept on purpose; remove this folder when done with it\n", encoding="utf-8")
-            if lifeline is not None:
-                lifeline.keep(work)
-            print(f"data-juicer work folder kept: {work}")
-        else:
-            remove_path(work)
     return summary
+
+
+class _WorkFolder:
+    """data-juicer's private work folder: removed on exit, unless ``keep`` (``keep_work``, or set
+    when data-juicer failed, since its log is then worth reading)."""
+
+    def __init__(self, keep: bool, lifeline: Lifeline | None):
+        self.keep, self.lifeline = keep, lifeline
+        self.path = new_work_dir()
+
+    def __enter__(self) -> _WorkFolder:
+        if self.lifeline is not None:
+            self.lifeline.remove_on_death(self.path)  # before it exists: a kill at any later moment is covered
+        self.path.mkdir(mode=0o700)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.keep:
+            remove_path(self.path)
+            return
+        (self.path / KEPT).write_text("kept on purpose; remove this folder when done with it\n", encoding="utf-8")
+        if self.lifeline is not None:
+            self.lifeline.keep(self.path)
+        print(f"data-juicer work folder kept: {self.path}")
+
+
+def _juice(recipe_cfg, recipe_path: Path, passed, work: _WorkFolder, np_workers: int, verbose: bool,
+           lifeline: Lifeline | None) -> JuicerResult:
+    """Run the recipe on the images that passed the pre-checks, inside ``work``."""
+    samples = [{"text": c.caption, "images": [str(c.path)], "sdtune_id": i} for i, (c, _) in enumerate(passed)]
+    if not samples:
+        return JuicerResult({})
+    try:
+        with _temp_files_in(work.path / "tmp", lifeline):
+            return run_recipe(recipe_cfg, recipe_path, samples, work.path, np_workers, verbose)
+    except PipelineError:
+        work.keep = True  # data-juicer failed: its log is worth reading
+        raise
 
 
 def format_table(summary: Summary, link: str) -> str:

@@ -84,18 +84,20 @@ def one_image_data(tmp_path: Path) -> Path:
     return root
 
 
+# The shared baseline run: the quickstart experiment with alpha != rank and every source of
+# randomness on (flips, caption dropout, offset noise besides noise and timesteps), so that the
+# exact-resume test can kill and resume the same run and compare against it.
+# 12 images in batches of 4: step 20 is mid-epoch (the second batch of epoch 6).
+QUICKSTART_ARGS = ("experiment=quickstart", "lora.rank=4", "lora.alpha=8", "trainer.max_steps=30",
+                   "callbacks.model_checkpoint.every_n_train_steps=20", "data.random_flip=true",
+                   "data.caption_dropout=0.2", "train.noise_offset=0.05")
+
+
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory, tiny_sd15) -> Path:
-    """One real `python -m sdtune experiment=quickstart` run (alpha != rank), shared by tests."""
+    """One real `python -m sdtune experiment=quickstart` run (see QUICKSTART_ARGS), shared by tests."""
     run_dir = tmp_path_factory.mktemp("quickstart") / "run"
-    proc = run_cli(
-        "experiment=quickstart",
-        "lora.rank=4",
-        "lora.alpha=8",
-        "trainer.max_steps=30",
-        "callbacks.model_checkpoint.every_n_train_steps=20",
-        f"hydra.run.dir={run_dir}",
-    )
+    proc = run_cli(*QUICKSTART_ARGS, f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir
 

@@ -9,6 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from sdtune.checkpointing import load_checkpoint
 from sdtune.export import export_checkpoint
@@ -16,7 +17,7 @@ from sdtune.families import get_family
 from sdtune.lora import inject, is_lora_key
 from sdtune.lora_files import read_lora
 
-from .conftest import QUICKSTART, run_cli
+from .conftest import QUICKSTART, QUICKSTART_ARGS, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -114,16 +115,17 @@ def test_export_cli_rejects_non_checkpoints(tmp_path):
 
 
 def test_resume_continues_from_the_checkpoint_step(quickstart_run, tmp_path):
+    """A named checkpoint resumes into a new run folder and finishes the baseline's run exactly."""
     run_dir = tmp_path / "resumed"
-    proc = run_cli(
-        "experiment=quickstart", "lora.rank=4", "lora.alpha=8", "trainer.max_steps=30",
-        f"ckpt_path={quickstart_run / 'checkpoints' / 'step000020.ckpt'}", f"hydra.run.dir={run_dir}",
-    )
+    proc = run_cli(*QUICKSTART_ARGS, f"ckpt_path={quickstart_run / 'checkpoints' / 'step000020.ckpt'}",
+                   f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(run_dir / "logs" / "csv" / "metrics.csv")))
     steps = sorted({int(r["step"]) for r in rows})
     assert steps and min(steps) >= 20 and max(steps) <= 30  # continued, not restarted at 0
     assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 30
+    ours, baseline = load_file(str(run_dir / "lora.safetensors")), load_file(str(quickstart_run / "lora.safetensors"))
+    assert ours.keys() == baseline.keys() and all(torch.equal(ours[k], baseline[k]) for k in ours)
 
 
 def test_cfg_job_prints_config_without_loading_anything(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from sdtune.errors import LoraFileError
 from sdtune.families import get_family
 from sdtune.lora import LoraSpec, inject, lora_tensors, trainable_lora_parameters
-from sdtune.lora_files import apply_lora, LoraHeader, read_lora, save_lora
+from sdtune.lora_files import LoraHeader, apply_lora, read_lora, save_lora
 from sdtune.lora_keys import detect_format, kohya_module_name, kohya_to_peft, peft_to_kohya
 
 from .conftest import tiny_model, unet_inputs

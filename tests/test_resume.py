@@ -16,10 +16,10 @@ from sdtune.errors import ConfigError
 from sdtune.lora_files import read_lora
 from sdtune.train import train
 
-from .conftest import ROOT, compose_cfg, kill_when_written, run_cli
+from .conftest import QUICKSTART_ARGS, ROOT, compose_cfg, kill_when_written, run_cli
 
 pytestmark = pytest.mark.slow
-# Every source of randomness on: flips, caption dropout, offset noise (besides noise and timesteps).
+# Short runs with every source of randomness on, for the tests that need no baseline.
 COMMON = ["experiment=quickstart", "trainer.max_steps=12", "callbacks.samples=null", "data.val_images=0",
           "data.random_flip=true", "data.caption_dropout=0.2", "train.noise_offset=0.05",
           "callbacks.model_checkpoint.every_n_train_steps=5"]
@@ -31,42 +31,35 @@ def _same(a, b) -> float:
     return max((ta[k] - tb[k]).abs().max().item() for k in ta)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    run = tmp_path_factory.mktemp("whole") / "run"
-    proc = run_cli(*COMMON, f"hydra.run.dir={run}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run
-
-
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(uninterrupted, tmp_path):
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(quickstart_run, tmp_path):
+    """Kill the shared quickstart run's twin mid-epoch, resume it, and get the baseline's LoRA bit for bit."""
     run = tmp_path / "killed"
-    # step 5 = the second of three batches of epoch 1
-    code = kill_when_written([*COMMON, f"hydra.run.dir={run}"], run / "checkpoints" / "step000005.ckpt", timeout=240)
+    code = kill_when_written([*QUICKSTART_ARGS, f"hydra.run.dir={run}"], run / "checkpoints" / "step000020.ckpt",
+                             timeout=400)
     assert code == -signal.SIGKILL and not (run / "lora.safetensors").exists()
     killed_at = load_checkpoint(max(run.joinpath("checkpoints").glob("*.ckpt"), key=os.path.getmtime))["global_step"]
-    assert killed_at < 12 and killed_at % 3 != 0  # really mid-epoch
+    assert killed_at < 30 and killed_at % 3 != 0  # really mid-epoch (3 batches an epoch)
 
-    resumed = run_cli(*COMMON, f"hydra.run.dir={run}", "ckpt_path=last")
+    resumed = run_cli(*QUICKSTART_ARGS, f"hydra.run.dir={run}", "ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _same(run / "lora.safetensors", uninterrupted / "lora.safetensors") == 0.0  # bit-identical on the CPU
+    assert _same(run / "lora.safetensors", quickstart_run / "lora.safetensors") == 0.0  # bit-identical on the CPU
     final = load_checkpoint(run / "checkpoints" / "last.ckpt")
-    whole = load_checkpoint(uninterrupted / "checkpoints" / "last.ckpt")
-    assert (final["global_step"], final["epoch"]) == (whole["global_step"], whole["epoch"]) == (12, 4)
-    assert final["lr_schedulers"][0]["last_epoch"] == whole["lr_schedulers"][0]["last_epoch"] == 12
+    whole = load_checkpoint(quickstart_run / "checkpoints" / "last.ckpt")
+    assert (final["global_step"], final["epoch"]) == (whole["global_step"], whole["epoch"]) == (30, 10)
+    assert final["lr_schedulers"][0]["last_epoch"] == whole["lr_schedulers"][0]["last_epoch"] == 30
     steps = [int(line.split(",")[2]) for line in (run / "logs" / "csv" / "metrics.csv").read_text().splitlines()[1:]
              if line.split(",")[2]]
-    assert steps == sorted(steps) and max(steps) >= 11  # the log continues, with no rows from lost work
+    assert steps == sorted(steps) and max(steps) >= 29  # the log continues, with no rows from lost work
 
 
 @pytest.mark.parametrize(("override", "what"), [
     ("lora.rank=8", "rank: checkpoint 4, config 8"),
-    ("lora.alpha=16", "alpha: checkpoint 4.0, config 16.0"),
+    ("lora.alpha=16", "alpha: checkpoint 8.0, config 16.0"),
     ("lora.targets=[to_q,to_v]", "targets: checkpoint"),
     ("model=tiny_sdxl", "family: checkpoint 'sd15', config 'sdxl'"),
 ])
-def test_resume_refuses_another_family_rank_or_target_set(uninterrupted, tmp_path, override, what):
-    cfg = compose_cfg(*COMMON, override, f"ckpt_path={uninterrupted}", output_dir=tmp_path)
+def test_resume_refuses_another_family_rank_or_target_set(quickstart_run, tmp_path, override, what):
+    cfg = compose_cfg(*QUICKSTART_ARGS, override, f"ckpt_path={quickstart_run}", output_dir=tmp_path)
     with pytest.raises(ConfigError, match=rf"cannot resume from .*last.ckpt.*{what}"):
         train(cfg, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
@@ -81,9 +74,9 @@ def test_keep_last_keeps_the_newest_good_checkpoints(tmp_path):
     assert load_checkpoint(run / "checkpoints" / "step000010.ckpt")["global_step"] == 10
 
 
-def test_kill_during_export_never_leaves_a_broken_file(uninterrupted, tmp_path):
+def test_kill_during_export_never_leaves_a_broken_file(quickstart_run, tmp_path):
     target = tmp_path / "lora.safetensors"
-    ckpt = uninterrupted / "checkpoints" / "last.ckpt"
+    ckpt = quickstart_run / "checkpoints" / "last.ckpt"
     seen = set()
     for i, delay in enumerate([0.0, 0.5, 1.0, 1.5, 2.0, 2.3, 2.6, 2.9, 3.2, 3.6, 4.0, 5.0]):
         if i == 4:  # from now on an older good file is in place

@@ -61,6 +61,20 @@ def prepare(parts: ModelParts, cfg: dict[str, Any], device: torch.device, dtype:
     return params
 
 
+def _optimization(cfg: dict[str, Any], params, device: torch.device, precision: str, dtype: torch.dtype):
+    """AdamW, a constant LR schedule (as the bench config), autocast and the fp16 grad scaler."""
+    opt_cfg = cfg["optim"]["optimizer"]
+    optimizer = torch.optim.AdamW(
+        params, lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"]), weight_decay=opt_cfg["weight_decay"], eps=opt_cfg["eps"]
+    )
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    autocast = (
+        torch.autocast(device.type, dtype=dtype) if precision in ("16-mixed", "bf16-mixed") else contextlib.nullcontext()
+    )
+    scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" and device.type == "cuda" else None
+    return optimizer, lr_schedule, autocast, scaler
+
+
 def run_reference(
     cfg: dict[str, Any],
     records,
@@ -76,15 +90,7 @@ def run_reference(
     precision = str(cfg["trainer"].get("precision", "32"))
     dtype = WEIGHT_DTYPES.get(precision, torch.float32)
     params = prepare(parts, cfg, device, dtype)
-    opt_cfg = cfg["optim"]["optimizer"]
-    optimizer = torch.optim.AdamW(
-        params, lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"]), weight_decay=opt_cfg["weight_decay"], eps=opt_cfg["eps"]
-    )
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant, as the bench config
-    autocast = (
-        torch.autocast(device.type, dtype=dtype) if precision in ("16-mixed", "bf16-mixed") else contextlib.nullcontext()
-    )
-    scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" and device.type == "cuda" else None
+    optimizer, lr_schedule, autocast, scaler = _optimization(cfg, params, device, precision, dtype)
     clip = cfg["trainer"].get("gradient_clip_val")
     unet, vae, scheduler = parts.unet, parts.vae, parts.noise_scheduler
     shift = getattr(vae.config, "shift_factor", None) or 0.0

@@ -10,7 +10,7 @@ from sdtune.data import ImageCaptionDataset, collate, load_records
 from sdtune.errors import LoraFileError
 from sdtune.families import FAMILIES, get_family
 from sdtune.lora import LoraSpec, inject, lora_tensors, trainable_lora_parameters
-from sdtune.lora_files import apply_lora, LoraHeader, read_lora, save_lora
+from sdtune.lora_files import LoraHeader, apply_lora, read_lora, save_lora
 
 from ..conftest import tiny_model, unet_inputs
 
