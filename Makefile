@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 
 RAW ?=
 OUT ?= data/clean
-RECIPE ?= data_pipeline/recipes/default.yaml
+MODEL ?= sd15
+RECIPE ?=
 NP ?= 2
 
 .PHONY: install demo data bench bench-startup test test-slow test-all lint clean
@@ -25,11 +26,13 @@ demo: $(STAMP)
 	$(PY) -m sdtune experiment=quickstart
 
 # Clean a raw image+caption folder with a data-juicer recipe into a training-ready folder.
-# RAW, OUT and RECIPE are single-quoted for the shell (paths with spaces, quotes, $ or ;).
+# MODEL picks the shipped recipe for that family's size (data_pipeline/recipes/<MODEL>.yaml);
+# RECIPE=<file> uses your own. RAW, OUT and RECIPE are single-quoted for the shell (paths with
+# spaces, quotes, $ or ;).
 shq = '$(subst ','\'',$(1))'
 data: $(STAMP)
-	@test -n $(call shq,$(RAW)) || { echo "usage: make data RAW=<raw image folder> [OUT=data/clean] [RECIPE=$(RECIPE)] [NP=2]"; exit 2; }
-	$(PY) -m data_pipeline $(call shq,$(RAW)) $(call shq,$(OUT)) --recipe $(call shq,$(RECIPE)) --np $(NP)
+	@test -n $(call shq,$(RAW)) || { echo "usage: make data RAW=<raw image folder> [OUT=data/clean] [MODEL=sd15|sdxl|kolors] [RECIPE=<recipe.yaml>] [NP=2]"; exit 2; }
+	$(PY) -m data_pipeline $(call shq,$(RAW)) $(call shq,$(OUT)) --model $(call shq,$(MODEL)) $(if $(RECIPE),--recipe $(call shq,$(RECIPE))) --np $(NP)
 
 # Speed and memory of the real training step against a plain PyTorch loop (tiny models on the CPU).
 bench: $(STAMP)

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from .errors import PipelineError
-from .recipe import DEFAULT_RECIPE
+from .recipe import DEFAULT_MODEL, model_recipe
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -22,7 +22,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("raw", help="raw input: a folder (sidecar .txt captions, metadata.csv/jsonl) or a .jsonl file")
     parser.add_argument("out", help="output dataset folder (created; replaced only if made by an earlier run)")
-    parser.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="data-juicer recipe YAML (default: %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="model family the data is for (sd15: 512 px, sdxl/kolors: 1024 px); picks the "
+                             "shipped recipe data_pipeline/recipes/<model>.yaml (default: %(default)s)")
+    parser.add_argument("--recipe", default=None, help="a data-juicer recipe YAML of your own (overrides --model)")
     parser.add_argument("--np", type=int, default=None, help="worker processes; overrides the recipe's np")
     parser.add_argument("--link", choices=("copy", "hardlink"), default="copy", help="how kept images reach OUT")
     parser.add_argument("--keep-work", action="store_true", help="keep data-juicer's work folder (traces, log)")
@@ -32,6 +35,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.recipe is None:
+        try:
+            args.recipe = str(model_recipe(args.model))
+        except PipelineError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return err.code
     from .lifeline import Lifeline
     from .runner import NothingKept, format_table, run
 
@@ -49,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted", file=sys.stderr)
             return 130
     print(format_table(summary, args.link))
+    for warning in summary.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"\nOUT: {summary.out}  (metadata.csv, dropped.csv, report.json)")
     return 0
 

@@ -1,7 +1,7 @@
 """The candidate record every raw layout is read into, and helpers shared by the readers.
 
 A candidate is one image plus its caption, or a ``problem`` found while reading (missing file,
-empty caption, a repeated row). Candidates with a problem are dropped, never raised.
+unreadable caption file, a repeated row). Candidates with a problem are dropped, never raised.
 """
 
 from __future__ import annotations
@@ -65,11 +65,10 @@ def not_text(field: str, value: object) -> str | None:
     return f"'{field}' is {json_kind(value)}; expected a string"
 
 
-def clean_caption(text: object) -> tuple[str | None, tuple[str, str] | None]:
-    """The stripped caption, or the 'no caption' problem when it is absent or blank."""
-    if text is None or not str(text).strip():
-        return None, ("no caption", "empty caption" if text is not None else "no text given")
-    return str(text).strip(), None
+def clean_caption(text: object) -> tuple[str, None]:
+    """The stripped caption; absent or blank is "": the image trains unconditionally, as in kohya
+    sd-scripts and the seeds' Kolors example (the run counts such images and says so)."""
+    return ("" if text is None else str(text).strip()), None
 
 
 def rows_to_candidates(meta: Path, rows, unit: str) -> list[Candidate]:

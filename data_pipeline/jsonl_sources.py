@@ -37,6 +37,15 @@ def _lines(path: Path) -> Iterator[tuple[int, object]]:
             yield n, _NOT_JSON
 
 
+def is_dj_jsonl(path: Path) -> bool:
+    """Whether a jsonl holds data-juicer records (``images``/``image``, no ``file_name``), whatever
+    its name: the seeds' Kolors example writes exactly that into a file called metadata.jsonl."""
+    for _n, value in _lines(path):
+        if isinstance(value, dict):
+            return "file_name" not in value and ("images" in value or "image" in value)
+    return False
+
+
 def read_metadata_jsonl(meta: Path) -> list[Candidate]:
     """diffusers imagefolder layout with ``metadata.jsonl`` (``file_name``, ``text`` per line)."""
     bad, rows = [], []

@@ -19,7 +19,20 @@ import yaml
 from .errors import PipelineError
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
-DEFAULT_RECIPE = RECIPES / "default.yaml"
+DEFAULT_MODEL = "sd15"  # as training's default model
+
+
+def model_recipe(model: str) -> Path:
+    """The shipped recipe for a model family (``recipes/<model>.yaml``: its training size)."""
+    path = RECIPES / f"{model}.yaml"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in RECIPES.glob("*.yaml") if p.stem not in ("full", "ray"))
+        raise PipelineError(f"no recipe for MODEL={model!r}; shipped: {', '.join(shipped)}. "
+                            "Fix: MODEL=sd15|sdxl|kolors, or name a recipe with RECIPE=<file>.")
+    return path
+
+
+DEFAULT_RECIPE = model_recipe(DEFAULT_MODEL)
 FORCED = (
     "dataset_path", "export_path", "work_dir", "np", "open_tracer", "trace_num", "op_list_to_trace",
     "text_keys", "image_key", "keep_stats_in_res_ds", "export_shard_size", "ds_cache_dir", "dataset", "job_id",

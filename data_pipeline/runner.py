@@ -44,6 +44,24 @@ class Summary:
     kept: int
     drops: list[Drop]
     seconds: dict[str, float] = field(default_factory=dict)
+    uncaptioned: int = 0  # kept images with the empty caption
+
+    def warnings(self) -> list[str]:
+        """What the user should look at before training: many drops, images without captions."""
+        out = []
+        if self.n_in and len(self.drops) * 2 > self.n_in:
+            top = ", ".join(f"{n} by {stage}" for stage, n in sorted(self.dropped_by().items(), key=lambda kv: -kv[1])[:3])
+            out.append(
+                f"{len(self.drops)} of {self.n_in} images were dropped ({100 * len(self.drops) // self.n_in}%): {top}. "
+                f"Check that MODEL matches the base model you will train (sd15 keeps images from 512 px, sdxl and "
+                f"kolors from 1024 px) or loosen the recipe {self.recipe}; dropped.csv lists every file and why."
+            )
+        if self.uncaptioned:
+            out.append(
+                f"{self.uncaptioned} of {self.kept} kept images have no caption; they train unconditionally (the empty "
+                "caption). Fix, if that is not what you want: add a sidecar .txt or a text entry for each."
+            )
+        return out
 
     def dropped_by(self) -> dict[str, int]:
         """Drop counts: pre-check reasons (sorted), then ops in recipe order, then untraced."""
@@ -120,7 +138,7 @@ def _report(summary: Summary, raw: Path) -> dict:
         "input_form": summary.form,
         "recipe": str(summary.recipe),
         "operators": summary.ops,
-        "counts": {"in": summary.n_in, "kept": summary.kept, "dropped": len(summary.drops)},
+        "counts": {"in": summary.n_in, "kept": summary.kept, "dropped": len(summary.drops), "uncaptioned": summary.uncaptioned},
         "dropped_by": summary.dropped_by(),
     }
 
@@ -183,7 +201,8 @@ def run(
         clock = time.perf_counter()
         kept = _kept_files(passed, result)
         names = [name for name, _ in ops]
-        summary = Summary(out, raw_input.form, recipe_path, names, len(raw_input.candidates), len(kept), drops, seconds)
+        summary = Summary(out, raw_input.form, recipe_path, names, len(raw_input.candidates), len(kept), drops, seconds,
+                          uncaptioned=sum(1 for k in kept if not k.caption))
         if not kept:
             raise _nothing_kept(summary, raw_root)
         write_dataset(out, kept, drops, _report(summary, raw_root), link)

@@ -4,7 +4,8 @@ Three layouts are accepted (see ``LAYOUTS``); the first that fits wins, in this 
 
 1. a ``.jsonl`` file given directly, or a folder with ``metadata.csv`` / ``metadata.jsonl``;
 2. a folder holding exactly one other ``*.jsonl`` at its top level (a data-juicer dataset);
-3. a folder with images anywhere below it and kohya-style sidecar captions (``a.png`` + ``a.txt``).
+3. a folder with images anywhere below it and kohya-style sidecar captions (``a.png`` + ``a.txt``;
+   an image without one is kept with the empty caption).
 
 Reading never fails on a single bad row or file: such a candidate carries a ``problem`` and is
 dropped later with that reason. Only a folder we cannot interpret at all is an error.
@@ -19,7 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from .candidates import IMAGE_SUFFIXES, Candidate, clean_caption, rows_to_candidates
 from .errors import PipelineError
-from .jsonl_sources import read_dj_jsonl, read_metadata_jsonl
+from .jsonl_sources import is_dj_jsonl, read_dj_jsonl, read_metadata_jsonl
 
 CAPTION_SUFFIXES = (".txt", ".TXT")
 LAYOUTS = (
@@ -53,9 +54,8 @@ def _read_caption_file(path: Path) -> tuple[str | None, tuple[str, str] | None]:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError:
-        return None, ("no caption", f"{path.name} is not UTF-8 text")
-    caption, problem = clean_caption(text)
-    return caption, (problem and ("no caption", f"{path.name} is empty"))
+        return None, ("unreadable caption", f"{path.name} is not UTF-8 text")
+    return clean_caption(text)
 
 
 def read_sidecar(root: Path) -> list[Candidate]:
@@ -74,8 +74,8 @@ def read_sidecar(root: Path) -> list[Candidate]:
             if caption_rel is not None:  # captioned, so meant as training data, but unusable
                 out.append(Candidate(rel, path, None, None, ("unsupported file type", f"{suffix or 'no suffix'}")))
             continue
-        if caption_rel is None:
-            out.append(Candidate(rel, path, None, rel, ("no caption", f"{PurePosixPath(stem).name}.txt is missing")))
+        if caption_rel is None:  # kohya trains such an image with the empty caption; so do we
+            out.append(Candidate(rel, path, "", rel))
             continue
         caption, problem = _read_caption_file(root / caption_rel)
         out.append(Candidate(rel, path, caption, rel, problem))
@@ -121,7 +121,7 @@ def _detect_and_read(raw: str | os.PathLike) -> RawInput:
     if root.is_file():
         if root.suffix.lower() != ".jsonl":
             raise PipelineError(f"RAW {root} is a file but not a .jsonl dataset.\n{LAYOUTS}")
-        if root.name == "metadata.jsonl":
+        if root.name == "metadata.jsonl" and not is_dj_jsonl(root):
             return RawInput("metadata.jsonl", root, read_metadata_jsonl(root))
         return RawInput("data-juicer jsonl", root, read_dj_jsonl(root))
     metas = [root / n for n in ("metadata.csv", "metadata.jsonl") if (root / n).is_file()]
@@ -129,6 +129,8 @@ def _detect_and_read(raw: str | os.PathLike) -> RawInput:
         raise PipelineError(f"RAW folder {root} has both metadata.csv and metadata.jsonl; keep one of them.")
     if metas:
         meta = metas[0]
+        if meta.suffix == ".jsonl" and is_dj_jsonl(meta):  # the seeds' file: data-juicer rows, imagefolder name
+            return RawInput("data-juicer jsonl", meta, read_dj_jsonl(meta))
         reader = read_metadata_csv if meta.suffix == ".csv" else read_metadata_jsonl
         return RawInput(meta.name, meta, reader(meta))
     jsonls = sorted(p for p in root.glob("*.jsonl") if p.is_file() and not p.name.startswith("."))

@@ -45,9 +45,10 @@ def optimized_value(name: str | None, metrics: dict[str, float]) -> float | None
 
 def cli() -> None:
     """The command: check that the run folder can be written before Hydra tries to make it."""
+    from .resume import resume_argv
     from .run_folder import output_dir_problem
 
-    sys.argv[1:] = expand_home(sys.argv[1:])
+    sys.argv[1:] = resume_argv(expand_home(sys.argv[1:]))  # ckpt_path=<run>: that run's own overrides first
     problem = output_dir_problem(sys.argv[1:], default_root=ROOT / "outputs")
     if problem:
         print(f"error: {problem}", file=sys.stderr)

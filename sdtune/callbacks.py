@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from .errors import ConfigError
 from .fit_caches import frozen_modules_on_device
 from .io import save_image_atomic, write_text_atomic
-from .lora_files import run_header, save_lora
+from .lora_files import DEFAULT_FORMAT, FORMATS, run_header, save_lora
 from .sampling import make_grid, render
+from .stopping import GracefulStop, stopped_early
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +47,27 @@ class TrainingCheckpoint(ModelCheckpoint):
             kwargs.update(monitor="step", mode="max", save_top_k=keep_last)
         super().__init__(*args, **kwargs)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+    def save_now(self, trainer: L.Trainer) -> None:
+        """Checkpoint this step (its periodic name and last.ckpt), unless that was just done."""
         if self._last_global_step_saved == trainer.global_step or trainer.fast_dev_run or trainer.sanity_checking:
             return
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self.save_now(trainer)
+
 
 class LoRAExport(L.Callback):
-    """Write ``<dirpath>/<filename>`` (diffusers format, with metadata) at the end of ``fit``."""
+    """Write ``<dirpath>/<filename>`` with its header at the end of ``fit``, in ``format``: kohya
+    (the default, one file for ComfyUI, A1111/Forge, kohya sd-scripts and diffusers) or diffusers."""
 
-    def __init__(self, dirpath: str, filename: str = "lora.safetensors"):
+    def __init__(self, dirpath: str, filename: str = "lora.safetensors", format: str = DEFAULT_FORMAT):
+        if format not in FORMATS:
+            raise ConfigError(f"callbacks.lora_export.format={format!r} is not a LoRA layout; choose one of {list(FORMATS)}.")
         self.path = Path(dirpath) / filename
+        self.format = format
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         if not writes_outputs(trainer):
@@ -69,7 +79,7 @@ class LoRAExport(L.Callback):
             num_train_images=pl_module.num_train_images,
             output_name=self.path.stem,
         )
-        save_lora(self.path, pl_module.lora_state(), header)
+        save_lora(self.path, pl_module.lora_state(), header, format=self.format, unet_config=pl_module.parts.unet.config)
         log.info("wrote %s", self.path)
 
 
@@ -141,7 +151,7 @@ class SampleGrid(L.Callback):
             self.write(trainer, pl_module, self.dirpath / "samples" / f"step{step:06d}.png")
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if writes_outputs(trainer):
+        if writes_outputs(trainer) and not stopped_early(trainer):  # a stopped run exits without rendering
             self.write(trainer, pl_module, self.dirpath / self.filename)
 
     def write(self, trainer, pl_module, path: Path) -> Path:
@@ -199,6 +209,7 @@ class RunSummary(L.Callback):
             "steps_per_second": round(steps / wall, 4) if wall > 0 else None,
             "lora_bytes": lora.stat().st_size if lora.is_file() else None,
             "final_metrics": metrics,
+            "stopped_by": next((c.signal_name for c in trainer.callbacks if isinstance(c, GracefulStop)), None),
         }
         for callback in trainer.callbacks:  # sections other callbacks measured (e.g. the concept probe)
             section = getattr(callback, "summary_section", None)

@@ -81,8 +81,49 @@ def check_device(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first invalid training setting."""
-    for check in (_check_model, _check_lora, _check_data, _check_trainer, _check_train):
+    for check in (_check_known_keys, _check_model, _check_lora, _check_data, _check_trainer, _check_train):
         check(cfg)
+
+
+#: Sections whose settings sdtune reads itself, so a key it does not know is a typo, not a setting
+#: (trainer.*, optim.optimizer.*, callbacks and loggers go to the classes they build and stay open).
+#: Each maps to where its keys are defined: a config group folder, or the root config.
+CLOSED_SECTIONS = {"model": "model", "lora": "lora", "data": "data", "train": None, "speed": None, "resume": None}
+
+
+def schema_keys(section: str) -> set[str]:
+    """Every key ``section`` has in sdtune's own config files (all of its group's options)."""
+    import yaml
+
+    group = CLOSED_SECTIONS[section]
+    files = sorted((CONF_DIR / group).glob("*.yaml")) if group else [CONF_DIR / "config.yaml"]
+    keys: set[str] = set()
+    for path in files:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = data if group else data.get(section) or {}
+        keys.update(k for k in data if k != "defaults")
+    return keys
+
+
+def _check_known_keys(cfg: DictConfig) -> None:
+    """A key sdtune does not know under one of its own sections (``+lora.rnak=8``, a typo in a
+    config file) would be silently ignored; refuse it, with the closest known key."""
+    import difflib
+
+    for section in CLOSED_SECTIONS:
+        node = cfg.get(section)
+        if not isinstance(node, DictConfig):
+            continue
+        known = schema_keys(section)
+        for key in node:
+            if key in known:
+                continue
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+            hint = f"Did you mean {section}.{close[0]}? " if close else f"Known keys: {', '.join(sorted(known))}. "
+            raise ConfigError(
+                f"{section}.{key} is not a setting of sdtune and would be ignored. {hint}"
+                f"Fix: {section}.{close[0] if close else '<key>'}=<value> (without +), or remove {section}.{key}."
+            )
 
 
 def _check_model(cfg: DictConfig) -> None:

@@ -47,6 +47,14 @@ class NonFiniteLossError(SdtuneError):
         )
 
 
+class RunStopped(SdtuneError):
+    """The run was stopped by a signal after saving its state (see :mod:`sdtune.stopping`)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class OutputError(SdtuneError):
     """A result could not be written: a read-only folder, a full disk."""
 
@@ -58,6 +66,9 @@ def exit_on_user_error() -> Iterator[None]:
     its traceback."""
     try:
         yield
+    except RunStopped as err:  # not an error: the run saved its state and said how to continue
+        print(f"\n{err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     except SdtuneError as err:
         print(f"\nerror: {err}", file=sys.stderr)
         sys.exit(2)

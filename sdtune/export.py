@@ -27,8 +27,8 @@ from .checkpointing import CHECKPOINT_FIX, load_checkpoint
 from .errors import LoraFileError, SdtuneError
 from .families import FAMILIES, get_family
 from .lora import lora_tensors, spec_from_config
-from .lora_checks import check_finite, check_tensors_match, first_line
-from .lora_files import FORMATS, LoraHeader, read_lora, run_header, save_lora
+from .lora_checks import TEXT_ENCODER_KEYS, check_finite, check_tensors_match, first_line
+from .lora_files import DEFAULT_FORMAT, FORMATS, LoraHeader, read_lora, run_header, save_lora
 
 
 def unet_config_for(cfg: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -52,7 +52,7 @@ def unet_module_names(config: Mapping[str, Any]) -> list[str]:
     return [n for n, _ in unet.named_modules()]
 
 
-def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str = "diffusers") -> Path:
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str = DEFAULT_FORMAT) -> Path:
     """Write the LoRA of a training checkpoint as a LoRA file, refusing NaN/Inf weights and tensors
     that contradict the run config stored beside them (the header is written from that config)."""
     ckpt = load_checkpoint(ckpt_path)
@@ -101,8 +101,9 @@ def export_lora(lora_path: str | Path, out: str | Path, *, format: str, family: 
             f"{str(lora_path)!r} does not record which model family it was trained for (no sdtune.family in its "
             f"header), and kohya names differ per family. Fix: pass --family ({'|'.join(sorted(FAMILIES))})."
         )
+    _check_convertible(lora, str(lora_path))
     config = unet_config_for(lora.config)
-    if lora.format == "diffusers":
+    if lora.format != "kohya":
         tensors = lora.tensors
     elif config is None:
         raise LoraFileError(
@@ -116,6 +117,22 @@ def export_lora(lora_path: str | Path, out: str | Path, *, format: str, family: 
     spec = lora.spec if lora.spec.targets else replace(lora.spec, targets=_targets_of(tensors))
     header = LoraHeader(spec, family, output_name=Path(out).stem, carried=lora.metadata)
     return save_lora(out, tensors, header, format=format, unet_config=config)
+
+
+def _check_convertible(lora, source: str) -> None:
+    """Refuse what a conversion would lose: text-encoder layers and per-module alphas."""
+    te = sorted(k for k in lora.raw if k.startswith(TEXT_ENCODER_KEYS))
+    if te:
+        raise LoraFileError(
+            f"{source!r} holds {len(te)} text-encoder tensor(s) (e.g. {te[0]!r}), which sdtune.export would drop: it "
+            "converts UNet LoRAs only. Fix: use the file as it is (generate and merge apply its text-encoder layers)."
+        )
+    alphas = {float(v) for k, v in lora.raw.items() if k.endswith(".alpha") and v.numel() == 1}
+    if len(alphas) > 1:
+        raise LoraFileError(
+            f"{source!r} has a different alpha per module ({sorted(alphas)[:4]}), and the written file would hold one. "
+            "Fix: use the file as it is (generate and merge apply each module's alpha)."
+        )
 
 
 def _targets_of(tensors: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
@@ -143,8 +160,9 @@ def _unwritable(out: Path) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdtune.export", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("source", help="a .ckpt written by `python -m sdtune`, or a LoRA .safetensors")
-    parser.add_argument("--format", choices=FORMATS, default="diffusers",
-                        help="diffusers (load_lora_weights) or kohya (A1111, ComfyUI, Forge)")
+    parser.add_argument("--format", choices=FORMATS, default=DEFAULT_FORMAT,
+                        help="kohya (default: loads in ComfyUI, A1111/Forge, kohya sd-scripts and diffusers) or "
+                             "diffusers (diffusers' own layout, for load_lora_weights only)")
     parser.add_argument("--out", help="output .safetensors (default: beside the source, suffixed with the format)")
     parser.add_argument("--family", choices=sorted(FAMILIES),
                         help="model family of a LoRA file whose header does not record it (one from another trainer)")
@@ -155,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
     elif source.name:
-        out = source.with_name(f"{source.stem}{'' if args.format == 'diffusers' and source.suffix == '.ckpt' else '_' + args.format}.safetensors")
+        plain = args.format == DEFAULT_FORMAT and source.suffix == ".ckpt"
+        out = source.with_name(f"{source.stem}{'' if plain else '_' + args.format}.safetensors")
     else:  # the root folder: refused below as a folder, before anything is written
         out = Path(f"lora_{args.format}.safetensors")
     if out.resolve() == source.resolve():

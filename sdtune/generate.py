@@ -26,6 +26,7 @@ from .families import get_family
 from .families.builder import build_parts
 from .inference import apply_loras, base_model_config, parse_loras, pick_device, read_loras
 from .io import save_image_atomic, write_text_atomic
+from .lora_apply import set_enabled
 from .sampling import make_grid
 
 register_resolvers()
@@ -46,7 +47,7 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     device = pick_device(cfg.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     family, parts = build_parts(model_cfg, dtype=dtype)
-    apply_loras(parts, family, refs, loras)
+    adapters = apply_loras(parts, family, refs, loras)
     pipe = family.build_pipeline(parts).to(device)
     pipe.set_progress_bar_config(disable=True)
     size = int(cfg.size or model_cfg.get("resolution") or family.default_resolution)
@@ -56,10 +57,8 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
         rows = {"LoRA off": [], "LoRA on": []}
     written = []
     for label in rows:
-        if label == "LoRA off":
-            parts.unet.disable_adapters()
-        elif refs:
-            parts.unet.enable_adapters()
+        if refs:
+            set_enabled(parts, adapters, label != "LoRA off")
         for seed in tqdm(seeds, desc=f"generating ({label})", unit="img"):
             image = pipe(
                 prompt=cfg.prompt,

@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
 from .families import ModelFamily, ModelParts
-from .lora_files import LoraFile, apply_lora, read_lora
+from .lora_apply import Component, activate, apply_lora
+from .lora_files import LoraFile, read_lora
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +81,19 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def apply_loras(
     parts: ModelParts, family: ModelFamily, refs: Sequence[LoraRef], loras: Sequence[LoraFile] | None = None
-) -> list[str]:
-    """Each LoRA as adapter ``lora_<i>``, all active at their weights. Bad files fail loudly.
+) -> dict[Component, list[str]]:
+    """Each LoRA as adapter ``lora_<i>`` on every model it has layers for (UNet, text encoders),
+    all active at their weights; the adapter names per model. Bad files fail loudly.
 
     ``loras``, when given, are ``refs`` already read by :func:`read_loras` (not read again).
     """
-    names = []
+    adapters: dict[Component, list[str]] = {}
+    weights = {}
     for i, ref in enumerate(refs):
         name = f"lora_{i}"
         lora = loras[i] if loras is not None else read_lora(ref.path)
-        apply_lora(parts.unet, lora, family=family.name, path=ref.path, adapter_name=name)
-        names.append(name)
-    if names:
-        parts.unet.set_adapters(names, weights=[ref.weight for ref in refs])
-    return names
+        for component in apply_lora(parts, lora, family=family, path=ref.path, adapter_name=name):
+            adapters.setdefault(component, []).append(name)
+        weights[name] = ref.weight
+    activate(parts, adapters, weights)
+    return adapters

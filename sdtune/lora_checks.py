@@ -20,6 +20,8 @@ from .lora import LoraSpec
 from .lora_keys import DIFFUSERS_PREFIX, KOHYA_ALPHA
 
 COMPONENT_PREFIX = DIFFUSERS_PREFIX
+#: Text-encoder layers of other tools' files (kohya lora_te*, diffusers text_encoder*): own ranks, not checked
+TEXT_ENCODER_KEYS = ("lora_te", "text_encoder")
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 
 
@@ -131,13 +133,13 @@ def check_tensors_match(
     downs and ups come in pairs, kohya ``.alpha`` scalars equal ``spec.alpha``, and (for peft- and
     diffusers-named tensors, whose module paths are explicit) every layer matches one of
     ``spec.targets`` and every target matches a layer, by peft's rule (``name == t`` or
-    ``name.endswith("." + t)``). Text-encoder layers (``lora_te*``) are not ours and are skipped.
+    ``name.endswith("." + t)``). Text-encoder layers (``lora_te*``, ``text_encoder*``) are skipped.
     The message names ``source``, both values and ``fix``.
     """
     stems: set[str] = set()
     halves: dict[str, set[str]] = {}
     for key, value in sorted(tensors.items()):
-        if key.startswith("lora_te"):
+        if key.startswith(TEXT_ENCODER_KEYS):
             continue
         if key.endswith(KOHYA_ALPHA):
             if value.numel() != 1:

@@ -1,4 +1,5 @@
-"""LoRA ``.safetensors`` files: header metadata, safe reading and writing, applying to a UNet.
+"""LoRA ``.safetensors`` files: header metadata, safe reading and writing (applying them to a
+model is :mod:`sdtune.lora_apply`).
 
 Name rules for each on-disk format live in :mod:`sdtune.lora_keys`. Files carry the true alpha:
 diffusers files under diffusers' ``lora_adapter_metadata`` header key, kohya files as a scalar
@@ -35,12 +36,16 @@ from .lora_keys import (
     detect_format,
     diffusers_to_peft,
     kohya_to_peft,
+    peft_components,
     peft_to_diffusers,
     peft_to_kohya,
 )
 
 COMPONENT_PREFIX = DIFFUSERS_PREFIX
-FORMATS = ("diffusers", "kohya")
+FORMATS = ("diffusers", "kohya")  # what we write; we also read "peft" (diffusers' current save_lora_weights, peft)
+# What runs and export write unless told otherwise: the kohya layout loads as it is in ComfyUI,
+# A1111/Forge, kohya sd-scripts and diffusers; the diffusers layout loads in diffusers only.
+DEFAULT_FORMAT = "kohya"
 
 
 @dataclass
@@ -53,18 +58,21 @@ class LoraFile:
     family: str | None
     metadata: dict[str, str] = field(default_factory=dict)
     path: str | None = None  # where it was read from, for error messages
+    spec_declared: bool = False  # rank and alpha come from a header, not from the tensors
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
-        """peft-named tensors; kohya names need the UNet to resolve (see :meth:`peft_tensors`)."""
-        if self.format != "diffusers":
-            raise LoraFileError("kohya tensor names are resolved against a UNet; use peft_tensors(module_names, ...)")
-        return diffusers_to_peft(self.raw)
+        """peft-named UNet tensors; kohya names need the UNet to resolve (see :meth:`peft_tensors`)."""
+        if self.format == "diffusers":
+            return diffusers_to_peft(self.raw)
+        if self.format == "peft":
+            return peft_components(self.raw).get("unet", {})
+        raise LoraFileError("kohya tensor names are resolved against a UNet; use peft_tensors(module_names, ...)")
 
     def peft_tensors(self, module_names, unet_config=None, family: str | None = None) -> dict[str, torch.Tensor]:
         """peft names; a kohya file's names resolve against ``module_names`` of a ``family`` UNet
         (its header's family, else the one it is being loaded into)."""
-        if self.format == "diffusers":
+        if self.format != "kohya":
             return self.tensors
         family = self.family or family
         if family is None:
@@ -73,10 +81,7 @@ class LoraFile:
                 f"in its header), and kohya names differ per family. Fix: name the family (export: --family "
                 f"{'|'.join(sorted(FAMILIES))})."
             )
-        tensors, alphas = kohya_to_peft(self.raw, module_names, family, unet_config)
-        if len(set(alphas.values())) > 1:
-            raise LoraFileError("this kohya LoRA has a different alpha per module, which sdtune does not apply yet")
-        return tensors
+        return kohya_to_peft(self.raw, module_names, family, unet_config)[0]
 
     @property
     def config(self) -> dict[str, Any] | None:
@@ -150,10 +155,11 @@ def save_lora(
     tensors: Mapping[str, torch.Tensor],
     header: LoraHeader,
     *,
-    format: str = "diffusers",
+    format: str,
     unet_config: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write peft-named ``tensors`` in ``format`` with ``header``, atomically."""
+    """Write peft-named ``tensors`` in ``format`` with ``header``, atomically. kohya names of
+    SDXL-layout UNets follow ``unet_config``'s blocks (the standard XL layout when None)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -215,9 +221,30 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     except LoraFileError as err:
         raise LoraFileError(f"{str(path)!r}: {err}") from None
     check_finite(raw, str(path))
+    if fmt == "peft" and DIFFUSERS_METADATA_KEY not in metadata:
+        metadata.update(peft_adapter_config(path))
     run_config(metadata, str(path))  # refuse a garbled run config now, not halfway through a command
     spec = spec_from_header(metadata, raw, fmt, path)
-    return LoraFile(raw=raw, format=fmt, spec=spec, family=metadata.get("sdtune.family"), metadata=metadata, path=str(path))
+    declared = "sdtune.alpha" in metadata or f"{COMPONENT_PREFIX}lora_alpha" in json.loads(metadata.get(DIFFUSERS_METADATA_KEY) or "{}")
+    return LoraFile(raw=raw, format=fmt, spec=spec, family=metadata.get("sdtune.family"), metadata=metadata, path=str(path),
+                    spec_declared=declared)
+
+
+def peft_adapter_config(path: Path) -> dict[str, str]:
+    """peft's ``save_pretrained`` keeps rank and alpha in ``adapter_config.json`` beside the weights,
+    not in them: read it as the diffusers header entry it corresponds to (empty when absent)."""
+    config_path = path.parent / "adapter_config.json"
+    if not config_path.is_file():
+        return {}
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise LoraFileError(f"{str(config_path)!r} beside {str(path)!r} is not a readable peft adapter config ({err}). "
+                            "Fix: restore it, or remove it to load the LoRA with alpha = rank.") from None
+    keys = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")
+    if not isinstance(config, dict) or not {"r", "lora_alpha"} <= config.keys():
+        raise LoraFileError(f"{str(config_path)!r} has no 'r' and 'lora_alpha'; it is not a peft LoRA adapter config.")
+    return {DIFFUSERS_METADATA_KEY: json.dumps({f"{COMPONENT_PREFIX}{k}": config[k] for k in keys if config.get(k) is not None})}
 
 
 def check_family(lora: LoraFile, family: str, path: str | os.PathLike) -> None:
@@ -227,43 +254,3 @@ def check_family(lora: LoraFile, family: str, path: str | os.PathLike) -> None:
             f"{str(path)!r} is a {lora.family} LoRA but the base model is {family}. "
             f"Fix: load it onto a {lora.family} base model (model={lora.family} or a matching model.path)."
         )
-
-
-def apply_lora(unet: torch.nn.Module, lora: LoraFile, *, family: str, path: str | os.PathLike, adapter_name: str) -> None:
-    """Add ``lora`` to ``unet`` as peft adapter ``adapter_name``, refusing anything that does not fit.
-
-    The family is checked from the header first, so an SD1.5 LoRA on SDXL is named as such rather
-    than surfacing as a tensor shape error. Missing or extra keys are listed, never ignored.
-    """
-    from peft.utils import set_peft_model_state_dict
-
-    from .lora import inject
-
-    check_family(lora, family, path)
-    try:
-        tensors = lora.peft_tensors([n for n, _ in unet.named_modules()], unet.config, family=family)
-    except LoraFileError as err:
-        raise LoraFileError(f"{str(path)!r} does not match this {family} UNet: {err}") from None
-    spec = lora.spec
-    if not spec.targets:  # headerless file: target exactly the modules it has weights for
-        spec = LoraSpec(spec.rank, spec.alpha, tuple(sorted({k.rsplit(".lora_", 1)[0] for k in tensors})))
-    inject(unet, spec, adapter_name=adapter_name)
-    try:
-        result = set_peft_model_state_dict(unet, tensors, adapter_name=adapter_name)
-    except RuntimeError as err:  # size mismatch
-        unet.delete_adapters(adapter_name)
-        first = str(err).strip().splitlines()
-        raise LoraFileError(
-            f"{str(path)!r} does not fit this {family} UNet: {first[-1] if first else err}. "
-            "Was it trained on a different base model?"
-        ) from None
-    unexpected = sorted(k for k in result.unexpected_keys if ".lora_" in k)
-    missing = sorted(k for k in result.missing_keys if ".lora_" in k and f".{adapter_name}." in k)
-    if unexpected or missing:
-        unet.delete_adapters(adapter_name)
-        parts = []
-        if unexpected:
-            parts.append(f"{len(unexpected)} tensor(s) match no module of this UNet, e.g. {unexpected[:3]}")
-        if missing:
-            parts.append(f"{len(missing)} LoRA layer(s) of its targets are absent from the file, e.g. {missing[:3]}")
-        raise LoraFileError(f"{str(path)!r} does not match this {family} UNet: " + "; ".join(parts) + ".")

@@ -16,7 +16,7 @@ import torch
 
 from .errors import LoraFileError
 from .lora import LoraSpec
-from .lora_checks import COMPONENT_PREFIX, DIFFUSERS_METADATA_KEY, HEADER_FIX, check_tensors_match
+from .lora_checks import COMPONENT_PREFIX, DIFFUSERS_METADATA_KEY, HEADER_FIX, TEXT_ENCODER_KEYS, check_tensors_match
 from .lora_keys import KOHYA_ALPHA
 
 
@@ -120,7 +120,8 @@ def _diffusers_spec(metadata: Mapping[str, str], path: Path) -> LoraSpec | None:
 def _tensor_spec(raw: Mapping[str, torch.Tensor], path: Path) -> LoraSpec:
     """What the tensors alone say: the rank of the first down weight, alpha from kohya ``.alpha``
     scalars (diffusers' convention without a header is alpha = rank), no targets."""
-    downs = [v for k, v in raw.items() if k.endswith((".lora.down.weight", ".lora_down.weight")) and not k.startswith("lora_te")]
+    downs = [v for k, v in raw.items() if k.endswith((".lora.down.weight", ".lora_down.weight", ".lora_A.weight"))
+             and not k.startswith(TEXT_ENCODER_KEYS)]
     if not downs:
         raise LoraFileError(f"{str(path)!r} holds no UNet LoRA down weights")
     rank = int(downs[0].shape[0])
@@ -152,7 +153,7 @@ def spec_from_header(metadata: Mapping[str, str], raw: Mapping[str, torch.Tensor
                     f"{str(path)!r}: the header contradicts itself: sdtune.{name} is {value!r} but "
                     f"{DIFFUSERS_METADATA_KEY} gives {name} {other!r}; diffusers and sdtune would load it differently. {HEADER_FIX}"
                 )
-    if theirs is not None and fmt == "diffusers":
+    if theirs is not None and fmt in ("diffusers", "peft"):
         spec = replace(theirs, **ours)
     elif ours:
         spec = replace(_tensor_spec(raw, path), **ours)

@@ -146,15 +146,91 @@ def kohya_to_peft(
     return out, alphas
 
 
+# -- layouts other tools write ----------------------------------------------------------------
+#: Where a tensor of a peft-named file goes, by prefix (diffusers' ``save_lora_weights`` writes
+#: ``unet.``/``text_encoder.``/``text_encoder_2.``; peft's ``save_pretrained`` writes
+#: ``base_model.model.``; a bare ``<module>.lora_A.weight`` is a UNet's own peft state).
+#: A component is "unet" or the index of a text encoder.
+PEFT_PREFIXES: tuple[tuple[str, str | int], ...] = (
+    ("unet.", "unet"), ("text_encoder_2.", 1), ("text_encoder.", 0), ("base_model.model.", "unet"), ("", "unet"),
+)
+PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+#: kohya text-encoder prefixes: SD1.x has one encoder (lora_te_), SDXL two (lora_te1_ CLIP-L, lora_te2_ bigG)
+KOHYA_TE_PREFIXES: tuple[tuple[str, int], ...] = (("lora_te1_", 0), ("lora_te2_", 1), ("lora_te_", 0))
+#: Markers of layouts that are not plain LoRA, named so a refusal says what the file is.
+OTHER_LAYOUTS: tuple[tuple[str, str], ...] = (
+    (".hada_w1_a", "LyCORIS LoHa"), (".lokr_w1", "LyCORIS LoKr"), (".lokr_w2", "LyCORIS LoKr"),
+    (".lora_mid.weight", "LyCORIS LoCon with Tucker decomposition (lora_mid)"), (".dora_scale", "DoRA"),
+    (".lora_magnitude_vector", "DoRA"), (".a1.weight", "LyCORIS GLoRA"), (".oft_blocks", "OFT"),
+    (".diff", "a full weight difference (LyCORIS diff)"), (".lora_linear_layer", "diffusers' retired attention-processor LoRA"),
+)
+
+
 def detect_format(keys: Iterable[str]) -> str:
-    """'diffusers' or 'kohya' from the tensor names; anything else is refused by name."""
+    """'diffusers', 'peft' or 'kohya' from the tensor names; anything else is refused by name.
+
+    'diffusers' is the layout sdtune and diffusers' training scripts wrote (``unet.<m>.lora.down.weight``);
+    'peft' covers diffusers' current ``save_lora_weights`` (``unet.<m>.lora_A.weight``, with text
+    encoders as ``text_encoder.``/``text_encoder_2.``) and peft's own files.
+    """
     keys = list(keys)
-    if keys and all(k.startswith(DIFFUSERS_PREFIX) for k in keys):
+    for marker, name in OTHER_LAYOUTS:  # a marker is a name part, so ".diff" does not hit "diffusion_model"
+        hits = sorted(k for k in keys if k.endswith(marker) or marker + "." in k or marker + "_" in k)
+        if hits:
+            raise LoraFileError(
+                f"this is a {name} file (tensor names like {hits[:2]}), not a plain LoRA; sdtune applies plain "
+                "LoRA only. Use it in ComfyUI or A1111, which read it, or retrain it as a LoRA."
+            )
+    if keys and all(k.startswith(DIFFUSERS_PREFIX) and k.endswith(tuple(s for _, s in DIFFUSERS_SUFFIXES)) for k in keys):
         return "diffusers"
+    if keys and all(k.endswith(PEFT_SUFFIXES) for k in keys):
+        return "peft"
     if keys and any(k.startswith(KOHYA_PREFIX) for k in keys) and all(k.startswith(("lora_unet_", "lora_te")) for k in keys):
         return "kohya"
     sample = sorted(keys)[:3]
     raise LoraFileError(
-        f"unrecognised LoRA layout (tensor names like {sample}); sdtune reads UNet LoRAs in diffusers format "
-        "(unet.<module>.lora.down.weight) or kohya format (lora_unet_<module>.lora_down.weight)"
+        f"unrecognised LoRA layout (tensor names like {sample}); sdtune reads kohya files "
+        "(lora_unet_<module>.lora_down.weight, lora_te*_), diffusers files (unet.<module>.lora.down.weight or "
+        "unet./text_encoder.<module>.lora_A.weight) and peft files (<module>.lora_A.weight)"
     )
+
+
+def peft_components(tensors: Mapping[str, torch.Tensor]) -> dict[str | int, dict[str, torch.Tensor]]:
+    """A 'peft' file's tensors per component, with the component prefix taken off."""
+    out: dict[str | int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        prefix, component = next((p, c) for p, c in PEFT_PREFIXES if k.startswith(p))
+        out.setdefault(component, {})[k[len(prefix):]] = v
+    return out
+
+
+def kohya_text_encoder_tensors(
+    tensors: Mapping[str, torch.Tensor], module_names: Mapping[int, Iterable[str]]
+) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, float]]]:
+    """peft tensors and alphas of a kohya file's ``lora_te*`` layers, per text encoder index,
+    resolved against each encoder's module names (``.`` -> ``_``, as kohya names them)."""
+    reverse = tuple((new, old) for old, new in KOHYA_SUFFIXES)
+    out: dict[int, tuple[dict[str, torch.Tensor], dict[str, float]]] = {}
+    unknown = []
+    lookups = {i: {m.replace(".", "_"): m for m in names} for i, names in module_names.items()}
+    for k, v in tensors.items():
+        if not k.startswith("lora_te"):
+            continue
+        prefix, index = next(((p, i) for p, i in KOHYA_TE_PREFIXES if k.startswith(p)), (None, None))
+        lookup = lookups.get(index, {}) if prefix else {}
+        stem = k[len(prefix):] if prefix else k
+        tensors_i, alphas_i = out.setdefault(index, ({}, {}))
+        if stem.endswith(KOHYA_ALPHA):
+            if stem[: -len(KOHYA_ALPHA)] in lookup:
+                alphas_i[lookup[stem[: -len(KOHYA_ALPHA)]]] = float(v)
+            continue
+        stem, suffix = _swap_suffix(stem, reverse)
+        if stem not in lookup:
+            unknown.append(k)
+            continue
+        tensors_i[lookup[stem] + suffix] = v
+    if unknown:
+        raise LoraFileError(
+            f"{len(unknown)} text-encoder tensor(s) match no layer of this model's text encoder(s), e.g. {sorted(unknown)[:3]}"
+        )
+    return {i: v for i, v in out.items() if v[0]}

@@ -27,6 +27,7 @@ from .families.builder import build_parts
 from .inference import apply_loras, base_model_config, parse_loras, read_loras
 from .io import atomic_path
 from .ldm_format import pipeline_to_original
+from .lora_apply import fuse
 from .lora_checks import nonfinite_tensors
 
 register_resolvers()
@@ -72,9 +73,7 @@ def merge(cfg: DictConfig) -> tuple[Path, Path | None]:
     single = single_file_path(out) if cfg.single_file and family.single_file_pipeline else None
     _check_target(out, single)  # before loading anything
     family, parts = build_parts(model_cfg, dtype=torch.float32)  # fuse in fp32, cast when saving
-    names = apply_loras(parts, family, refs, loras)
-    parts.unet.fuse_lora(lora_scale=1.0, adapter_names=names)
-    parts.unet.unload_lora()
+    fuse(parts, apply_loras(parts, family, refs, loras))  # UNet and, where a LoRA has layers for them, text encoders
     dtype = SAVE_DTYPES[cfg.save_dtype]
     for module in (parts.unet, *parts.frozen_modules()):
         module.to(dtype)

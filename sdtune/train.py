@@ -21,12 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpointing import AtomicCheckpointIO, check_resumable, data_manifest, resolve_ckpt_path
 from .config import check_device, validate
 from .data import ImageCaptionDataModule, load_records
-from .errors import OutputError
+from .errors import OutputError, RunStopped
 from .families.builder import model_source
 from .io import write_text_atomic
 from .loggers import drop_rows_after
 from .module import LoRATrainingModule
+from .resume import changed_settings
 from .run_folder import check_fresh, check_writable, is_secondary_rank, run_folder_lock
+from .stopping import GracefulStop
 
 log = logging.getLogger(__name__)
 SDTUNE_TRAINER_KEYS = ("skip_nonfinite",)
@@ -51,6 +53,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
         verify=cfg.data.get("verify_images", True),
         bad_images=cfg.data.get("bad_images", "error"),
         allow_outside_root=bool(cfg.data.get("allow_outside_root", False)),
+        caption_extension=cfg.data.get("caption_extension"),
     )
     output_dir = Path(output_dir)
     if is_secondary_rank():  # DDP's extra processes: rank 0 owns the folder and its checks
@@ -69,18 +72,24 @@ def _fit(cfg: DictConfig, output_dir: Path, records: list) -> dict[str, Any]:
     manifest = data_manifest(records, cfg.data.root)
     if ckpt_path is not None:
         ckpt = check_resumable(ckpt_path, resolved, manifest)  # before any model is loaded
+        changes = changed_settings(ckpt.get("hyper_parameters", {}).get("cfg", {}), resolved)
+        if changes:
+            log.warning("resuming with %d setting(s) changed from the checkpoint's: %s", len(changes), "; ".join(changes))
     datamodule = ImageCaptionDataModule.from_config(records, resolved["data"], seed=int(cfg.seed))
     _write(lambda: write_text_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(resolved)))
     if ckpt_path is not None:
         lost = drop_rows_after(output_dir / "logs" / "csv" / "metrics.csv", int(ckpt["global_step"]))
         log.info("resuming from %s (step %d)%s", ckpt_path, ckpt["global_step"], f"; dropped {lost} log rows logged after it" if lost else "")
     source = model_source(resolved["model"])  # an unreachable model fails here, in seconds
-    module = LoRATrainingModule(resolved, model_source=source, num_train_images=len(records), data_manifest=manifest)
+    # kohya's ss_num_train_images counts repeats: the images one epoch trains on
+    module = LoRATrainingModule(resolved, model_source=source, num_train_images=len(datamodule.dataset),
+                                data_manifest=manifest)
     check_device(cfg)
     trainer_kwargs = dict(resolved["trainer"])
     for key in SDTUNE_TRAINER_KEYS:  # ours, not lightning.Trainer's
         trainer_kwargs.pop(key, None)
-    callbacks = _instantiate_all(cfg.get("callbacks"))
+    stop = GracefulStop(output_dir)
+    callbacks = [*_instantiate_all(cfg.get("callbacks")), stop]
     if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
         # Lightning would otherwise add its own per-epoch checkpoint; null means no checkpoints.
         trainer_kwargs["enable_checkpointing"] = False
@@ -92,8 +101,11 @@ def _fit(cfg: DictConfig, output_dir: Path, records: list) -> dict[str, Any]:
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(output_dir),
     )
-    log.info("training a rank-%d %s LoRA on %d images into %s", module.spec.rank, cfg.model.family, len(records), output_dir)
+    log.info("training a rank-%d %s LoRA on %d images (%d with repeats) into %s", module.spec.rank, cfg.model.family,
+             len(records), len(datamodule.dataset), output_dir)
     _write(lambda: trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True))
+    if stop.signal_name:
+        raise RunStopped(f"run stopped by {stop.signal_name} at step {trainer.global_step}", stop.exit_code)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("done: %s", {k: round(v, 5) for k, v in metrics.items()})
     return metrics

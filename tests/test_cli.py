@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import torch
@@ -14,9 +15,11 @@ from safetensors.torch import load_file
 from sdtune.checkpointing import load_checkpoint
 from sdtune.export import export_checkpoint
 from sdtune.families import get_family
-from sdtune.lora import inject, is_lora_key
+from sdtune.lora import is_lora_key
+from sdtune.lora_apply import apply_lora
 from sdtune.lora_files import read_lora
 
+from .comfyui_rules import load_like_comfyui, unet_key_map
 from .conftest import QUICKSTART, QUICKSTART_ARGS, run_cli
 
 pytestmark = pytest.mark.slow
@@ -45,9 +48,11 @@ def test_quickstart_run_folder(quickstart_run):
 
 
 def test_lora_file_loads_in_diffusers_and_matches_our_unet(quickstart_run, tiny_sd15):
+    """The run's one file (kohya layout, by default) loads in diffusers with every key consumed
+    (diffusers' kohya converter raises on any key it leaves) and acts as our own UNet does."""
     lora_path = quickstart_run / "lora.safetensors"
     lora = read_lora(lora_path)
-    assert (lora.spec.rank, lora.spec.alpha) == (4, 8.0)  # alpha != rank: a wrong scale would show
+    assert lora.format == "kohya" and (lora.spec.rank, lora.spec.alpha) == (4, 8.0)  # alpha != rank: a wrong scale would show
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15, safety_checker=None)
     g = torch.Generator().manual_seed(0)
     x, t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]), torch.randn(2, 77, 32, generator=g)
@@ -56,16 +61,19 @@ def test_lora_file_loads_in_diffusers_and_matches_our_unet(quickstart_run, tiny_
         pipe.load_lora_weights(str(lora_path))
         theirs = pipe.unet(x, t, ctx).sample
 
-    from peft.utils import set_peft_model_state_dict
-
     parts = get_family("sd15").load(str(tiny_sd15))
-    inject(parts.unet, lora.spec)
-    result = set_peft_model_state_dict(parts.unet, lora.tensors, adapter_name="default")
-    assert not result.unexpected_keys
+    apply_lora(parts, lora, family="sd15", path=lora_path, adapter_name="default")  # refuses any unmatched key
     with torch.no_grad():
         ours = parts.unet.eval()(x, t, ctx).sample
     assert (theirs - base).abs().max() > 1e-3
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    # ComfyUI (its key rules, tests/comfyui_rules.py): every key consumed, each patch at alpha/rank = 2
+    deltas, not_loaded = load_like_comfyui(lora.raw, unet_key_map(parts.unet))
+    assert not not_loaded and len(deltas) == len(lora.raw) // 3
+    module, delta = next(iter(sorted(deltas.items())))
+    layer = parts.unet.get_submodule(module)
+    expected = 2.0 * layer.lora_B["default"].weight.flatten(1) @ layer.lora_A["default"].weight.flatten(1)
+    torch.testing.assert_close(delta, expected.detach())
 
 
 def test_checkpoint_holds_lora_and_training_state_only(quickstart_run):
@@ -86,7 +94,7 @@ def test_export_cli_reproduces_the_run_file(quickstart_run, tmp_path):
     out = tmp_path / "exported.safetensors"
     proc = run_cli(str(quickstart_run / "checkpoints" / "last.ckpt"), "--out", str(out), module="sdtune.export")
     assert proc.returncode == 0, proc.stderr
-    assert f"wrote {out} (diffusers)" in proc.stdout
+    assert f"wrote {out} (kohya)" in proc.stdout
     ours, our_meta = _read_safetensors(out)
     run, run_meta = _read_safetensors(quickstart_run / "lora.safetensors")
     assert ours.keys() == run.keys()
@@ -153,25 +161,26 @@ def test_kolors_rank16_config_resolves_and_fails_fast_without_a_local_model(tmp_
     assert not any(hub.rglob("*")) and not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_export_cli_kohya_from_run_file_and_checkpoint(quickstart_run, tmp_path):
-    from sdtune.lora_keys import KOHYA_PREFIX
+def test_run_file_carries_the_true_alpha_and_converts_to_diffusers_and_back(quickstart_run, tmp_path):
+    from sdtune.lora_keys import DIFFUSERS_PREFIX, KOHYA_PREFIX
 
+    run, run_meta = _read_safetensors(quickstart_run / "lora.safetensors")
+    assert run and all(k.startswith(KOHYA_PREFIX) for k in run)
+    assert {float(v) for k, v in run.items() if k.endswith(".alpha")} == {8.0}  # the true alpha, not rank 4
+    assert run_meta["sdtune.format"] == "kohya" and run_meta["ss_network_alpha"] == "8.0"
+    assert "lora_adapter_metadata" not in run_meta  # diffusers refuses a kohya file that carries it
     for source in (quickstart_run / "lora.safetensors", quickstart_run / "checkpoints" / "last.ckpt"):
-        out = tmp_path / f"{source.stem}_kohya.safetensors"
-        proc = run_cli(str(source), "--format", "kohya", "--out", str(out), module="sdtune.export")
+        out = tmp_path / f"{source.stem}_diffusers.safetensors"
+        proc = run_cli(str(source), "--format", "diffusers", "--out", str(out), module="sdtune.export")
         assert proc.returncode == 0, proc.stderr
         tensors, meta = _read_safetensors(out)
-        downs = [k for k in tensors if k.endswith(".lora_down.weight")]
-        assert downs and all(k.startswith(KOHYA_PREFIX) for k in tensors)
-        assert {float(v) for k, v in tensors.items() if k.endswith(".alpha")} == {8.0}  # the true alpha, not rank 4
-        assert meta["sdtune.format"] == "kohya" and meta["ss_network_alpha"] == "8.0"
-        assert "lora_adapter_metadata" not in meta
-    # and back: kohya -> diffusers gives the run's tensors again
+        assert tensors and all(k.startswith(DIFFUSERS_PREFIX) for k in tensors)
+        assert json.loads(meta["lora_adapter_metadata"])["unet.lora_alpha"] == 8.0
+    # and back: diffusers -> kohya (the default) gives the run's tensors again
     back = tmp_path / "back.safetensors"
-    proc = run_cli(str(tmp_path / "lora_kohya.safetensors"), "--format", "diffusers", "--out", str(back), module="sdtune.export")
+    proc = run_cli(str(tmp_path / "lora_diffusers.safetensors"), "--out", str(back), module="sdtune.export")
     assert proc.returncode == 0, proc.stderr
     ours, _ = _read_safetensors(back)
-    run, _ = _read_safetensors(quickstart_run / "lora.safetensors")
     assert ours.keys() == run.keys() and all(torch.equal(ours[k], run[k]) for k in run)
 
 

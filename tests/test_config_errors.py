@@ -46,6 +46,11 @@ CASES = [
     ("guidance-zero", lambda t: ["model.guidance=0"], ConfigError, r"model.guidance must be > 0, got 0"),
     ("precision", lambda t: ["trainer.precision=64"], ConfigError, r"trainer.precision='64' is not supported"),
     ("pissa-init", lambda t: ["lora.init=pissa"], ConfigError, r"lora.init must be one of \['gaussian', True, False\]"),
+    # Hydra's own hint for an unknown key is "+key=value", which would add it silently: a typo trained at rank 4
+    ("typo-added-with-plus", lambda t: ["+lora.rnak=8"], ConfigError,
+     r"lora.rnak is not a setting of sdtune and would be ignored. Did you mean lora.rank\? Fix: lora.rank=<value> \(without \+\)"),
+    ("unknown-data-key", lambda t: ["+data.captoin_dropout=0.1"], ConfigError, r"Did you mean data.caption_dropout\?"),
+    ("unknown-train-key", lambda t: ["+train.snr=5"], ConfigError, r"train.snr is not a setting of sdtune"),
 ]
 
 

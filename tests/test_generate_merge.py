@@ -47,7 +47,7 @@ def _lora_file(tmp_path, family: str, seed: int, *, targets=("to_q", "to_k", "to
         tensors = mutate(tensors)
     cfg = {"model": {"family": family, "path": str(tiny_model(family)), "tiny": True, "resolution": 64, **(model_extra or {})}}
     meta = LoraHeader(spec, family=family, base_model="tiny", base_model_version="x", resolution=64, config=cfg)
-    return str(save_lora(tmp_path / f"{family}_{seed}.safetensors", tensors, meta))
+    return str(save_lora(tmp_path / f"{family}_{seed}.safetensors", tensors, meta, format="diffusers"))
 
 
 def test_parse_loras_forms():

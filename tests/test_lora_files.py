@@ -38,7 +38,7 @@ def test_diffusers_key_rules_round_trip():
 
 
 def test_save_and_read_keep_tensors_and_true_alpha(tmp_path):
-    path = save_lora(tmp_path / "x.safetensors", _tensors(), _meta(config={"lora": {"rank": 4}}, steps=7, num_train_images=3))
+    path = save_lora(tmp_path / "x.safetensors", _tensors(), _meta(config={"lora": {"rank": 4}}, steps=7, num_train_images=3), format="diffusers")
     lora = read_lora(path)
     assert lora.spec == SPEC and lora.family == "sd15"
     for k, v in _tensors().items():
@@ -56,7 +56,7 @@ def test_not_safetensors_and_truncated_files_give_clear_errors(tmp_path):
     bad.write_bytes(b"PK\x03\x04 this is a zip, not safetensors")
     with pytest.raises(LoraFileError, match="bad.safetensors.*not a readable .safetensors file"):
         read_lora(bad)
-    good = save_lora(tmp_path / "good.safetensors", _tensors(), _meta())
+    good = save_lora(tmp_path / "good.safetensors", _tensors(), _meta(), format="diffusers")
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(LoraFileError, match="cut.safetensors.*truncated"):
@@ -66,20 +66,20 @@ def test_not_safetensors_and_truncated_files_give_clear_errors(tmp_path):
 
 
 def test_wrong_family_is_refused_by_header(tmp_path):
-    lora = read_lora(save_lora(tmp_path / "x.safetensors", _tensors(), _meta()))
+    lora = read_lora(save_lora(tmp_path / "x.safetensors", _tensors(), _meta(), format="diffusers"))
     check_family(lora, "sd15", "x.safetensors")  # same family: fine
     with pytest.raises(LoraFileError, match="is a sd15 LoRA but the base model is sdxl"):
         check_family(lora, "sdxl", "x.safetensors")
 
 
 def test_save_never_leaves_a_partial_file_over_a_good_one(tmp_path):
-    target = save_lora(tmp_path / "x.safetensors", _tensors(), _meta())
+    target = save_lora(tmp_path / "x.safetensors", _tensors(), _meta(), format="diffusers")
     before = target.read_bytes()
     # safetensors itself fails inside the write (metadata values must be strings)
     with pytest.raises(Exception, match="(?i)str|string|metadata"):
-        save_lora(target, _tensors(), replace(_meta(), carried={"bad": 1}))
+        save_lora(target, _tensors(), replace(_meta(), carried={"bad": 1}), format="diffusers")
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]
     with pytest.raises(LoraFileError, match="not_a_lora_key"):
-        save_lora(target, {"not_a_lora_key": torch.zeros(1)}, _meta())
+        save_lora(target, {"not_a_lora_key": torch.zeros(1)}, _meta(), format="diffusers")
     assert target.read_bytes() == before

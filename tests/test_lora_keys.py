@@ -9,7 +9,8 @@ import torch
 from sdtune.errors import LoraFileError
 from sdtune.families import get_family
 from sdtune.lora import LoraSpec, inject, lora_tensors, trainable_lora_parameters
-from sdtune.lora_files import LoraHeader, apply_lora, read_lora, save_lora
+from sdtune.lora_apply import apply_lora
+from sdtune.lora_files import LoraHeader, read_lora, save_lora
 from sdtune.lora_keys import detect_format, kohya_module_name, kohya_to_peft, peft_to_kohya
 
 from .conftest import tiny_model, unet_inputs
@@ -80,12 +81,35 @@ def test_diffusers_loads_our_kohya_file_like_our_diffusers_file(family, tmp_path
     torch.testing.assert_close(outputs["kohya"], outputs["diffusers"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "kolors"])
+def test_comfyui_key_rules_load_every_key_of_our_kohya_file(family, tmp_path):
+    """Every key of our kohya file is consumed under ComfyUI's rules (tests/comfyui_rules.py), each
+    patch is alpha/rank * up @ down of the trained layer, and nothing of the diffusers layout loads."""
+    from safetensors.torch import load_file
+
+    from .comfyui_rules import load_like_comfyui, unet_key_map
+
+    parts, tensors = _trained_like(family)
+    meta = LoraHeader(SPEC, family=family, base_model="tiny", base_model_version="x", resolution=64)
+    key_map = unet_key_map(parts.unet)
+    kohya = load_file(str(save_lora(tmp_path / "k.safetensors", tensors, meta, format="kohya", unet_config=parts.unet.config)))
+    deltas, not_loaded = load_like_comfyui(kohya, key_map)
+    assert not not_loaded
+    modules = {k.rsplit(".lora_", 1)[0] for k in tensors}
+    assert deltas.keys() == modules
+    for m in modules:
+        expected = SPEC.alpha / SPEC.rank * tensors[f"{m}.lora_B.weight"].flatten(1) @ tensors[f"{m}.lora_A.weight"].flatten(1)
+        torch.testing.assert_close(deltas[m], expected)
+    diffusers = load_file(str(save_lora(tmp_path / "d.safetensors", tensors, meta, format="diffusers")))
+    assert load_like_comfyui(diffusers, key_map)[1] == sorted(diffusers)  # ComfyUI: every key "not loaded"
+
+
 def test_our_apply_reads_kohya_files_too(tmp_path):
     parts, tensors = _trained_like("sdxl")
     meta = LoraHeader(SPEC, family="sdxl", base_model="tiny", base_model_version="x", resolution=64)
     path = save_lora(tmp_path / "k.safetensors", tensors, meta, format="kohya", unet_config=parts.unet.config)
     fresh = get_family("sdxl").load(str(tiny_model("sdxl")))
-    apply_lora(fresh.unet, read_lora(path), family="sdxl", path=path, adapter_name="k")
+    apply_lora(fresh, read_lora(path), family="sdxl", path=path, adapter_name="k")
     x, t, kw = unet_inputs("sdxl")
     with torch.no_grad():
         torch.testing.assert_close(fresh.unet(x, t, **kw).sample, parts.unet.eval()(x, t, **kw).sample, rtol=0, atol=1e-5)
@@ -101,7 +125,7 @@ def test_headerless_kohya_sdxl_file_resolves_against_the_target_family(tmp_path)
     lora = read_lora(path)
     assert lora.family is None and lora.spec.alpha == 2.5
     fresh = get_family("sdxl").load(str(tiny_model("sdxl")))
-    apply_lora(fresh.unet, lora, family="sdxl", path=path, adapter_name="k")
+    apply_lora(fresh, lora, family="sdxl", path=path, adapter_name="k")
     x, t, kw = unet_inputs("sdxl")
     with torch.no_grad():
         torch.testing.assert_close(fresh.unet(x, t, **kw).sample, parts.unet.eval()(x, t, **kw).sample, rtol=0, atol=1e-5)

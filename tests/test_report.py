@@ -39,7 +39,7 @@ def test_multirun_trains_each_rank_in_its_own_folder(sweep):
         assert (sweep / str(job) / ".hydra" / "config.yaml").is_file()
         lora = read_lora(sweep / str(job) / "lora.safetensors")
         assert lora.spec.rank == rank
-        assert all(v.shape[0] == rank for k, v in lora.tensors.items() if k.endswith("lora_A.weight"))
+        assert all(v.shape[0] == rank for k, v in lora.raw.items() if k.endswith("lora_down.weight"))
 
 
 def test_report_table_matches_each_runs_logs(sweep):

@@ -93,7 +93,7 @@ def test_kill_during_export_never_leaves_a_broken_file(quickstart_run, tmp_path)
             continue
         lora = read_lora(target)  # complete and loadable, or this raises
         seen.add("old" if i >= 4 and target.read_bytes() == old else "new")
-        assert lora.spec.rank == 4 and lora.tensors
+        assert lora.spec.rank == 4 and lora.raw
     assert "absent" in seen  # the kills did land before the write, at least sometimes
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["lora.safetensors"]
 
@@ -128,3 +128,76 @@ def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path):
     assert len(list(ddp.rglob("lora.safetensors"))) == 1  # rank 0 alone wrote it
     assert _same(ddp / "lora.safetensors", single / "lora.safetensors") < 1e-5
     assert load_checkpoint(ddp / "checkpoints" / "last.ckpt")["global_step"] == 6
+
+
+def _stop_at_random(run, delay: float) -> tuple[int, str]:
+    """Start the shared quickstart run's twin in ``run``; SIGINT it ``delay`` s into training
+    (after its text cache is built); (exit code, stderr). Exit code 0: it finished first."""
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "sdtune", *QUICKSTART_ARGS, f"hydra.run.dir={run}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    training, err = threading.Event(), []
+
+    def watch_stdout():  # sdtune's log goes to stdout
+        for line in proc.stdout:
+            if "cached text embeddings" in line:
+                training.set()
+
+    threads = [threading.Thread(target=watch_stdout, daemon=True),
+               threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)]
+    for t in threads:
+        t.start()
+    assert training.wait(300), "the run never started training"
+    time.sleep(delay)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=300)
+    for t in threads:
+        t.join(timeout=10)
+    return code, "".join(err)
+
+
+def test_sigint_at_a_random_step_saves_it_and_the_run_folder_alone_resumes_it(quickstart_run, tmp_path):
+    """Ctrl-C at a random moment of training: that step's checkpoint and LoRA are written, the resume
+    command is printed, and `python -m sdtune ckpt_path=<run folder>` with nothing else finishes
+    the run with the baseline's LoRA bit for bit."""
+    import random
+    import shutil
+
+    run = tmp_path / "stopped"
+    delay = random.uniform(0.0, 2.5)  # the 30 steps take ~3.5 s on this machine
+    for _attempt in range(4):
+        code, err = _stop_at_random(run, delay)
+        if code != 0:
+            break
+        shutil.rmtree(run)  # it finished before the signal (a slow start): again, sooner
+        delay /= 3
+    assert code == 130, (delay, err[-3000:])
+    stopped = load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"]
+    assert 1 <= stopped <= 30, (delay, stopped)
+    assert f"stopped by SIGINT at step {stopped}" in err and f"python -m sdtune ckpt_path={run}" in err, err[-3000:]
+    assert read_lora(run / "lora.safetensors").metadata["ss_steps"] == str(stopped)
+    assert "Traceback" not in err and not (run / "samples.png").exists()  # no renders on the way out
+
+    resumed = run_cli(f"ckpt_path={run}")  # no other argument: the run's own settings, in its own folder
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _same(run / "lora.safetensors", quickstart_run / "lora.safetensors") == 0.0, (delay, stopped)
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 30
+
+
+def test_resume_replays_the_runs_own_command_line(tmp_path):
+    from sdtune.resume import changed_settings, resume_argv
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- experiment=quickstart\n- lora.rank=8\n- trainer.max_steps=30\n")
+    ckpt = run / "checkpoints" / "step000020.ckpt"
+    assert resume_argv([f"ckpt_path={run}"]) == ["experiment=quickstart", "lora.rank=8", "trainer.max_steps=30",
+                                                 f"ckpt_path={run}", f"hydra.run.dir={run}"]
+    # a later value wins, hydra.run.dir given stays, a .ckpt inside the run names the run too
+    assert resume_argv([f"ckpt_path={ckpt}", "trainer.max_steps=60", "hydra.run.dir=/elsewhere"]) == [
+        "experiment=quickstart", "lora.rank=8", f"ckpt_path={ckpt}", "trainer.max_steps=60", "hydra.run.dir=/elsewhere"]
+    assert resume_argv(["ckpt_path=last", "lora.rank=4"]) == ["ckpt_path=last", "lora.rank=4"]  # not a run folder
+    assert changed_settings({"trainer": {"max_steps": 30}, "seed": 0, "ckpt_path": None},
+                            {"trainer": {"max_steps": 60}, "seed": 0, "ckpt_path": "x"}) == ["trainer.max_steps: 30 -> 60"]

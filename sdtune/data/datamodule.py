@@ -36,10 +36,12 @@ NO_CAPTION_CHANGES = CaptionOptions()
 
 
 def folder_repeats(records: Sequence[Record], root, explicit: Mapping[str, int] | None = None) -> list[int]:
-    """Repeat count per record: ``explicit[top folder]``, else kohya's ``<N>_name`` prefix, else 1.
+    """Repeat count per record: ``explicit[top folder]``, else kohya's ``<N>_name`` prefix of the
+    first folder on its path that has one (``10_photos/a.png``, and ``images/10_photos/a.png`` as
+    ``make data`` writes it), else 1.
 
     ``root`` is normalised as ``load_records`` does (``~``, relative paths); an image outside it
-    (``data.allow_outside_root=true``) has no top folder under ``root`` and is repeated once.
+    (``data.allow_outside_root=true``) has no folder under ``root`` and is repeated once.
     """
     explicit = dict(explicit or {})
     root = dataset_root(root)
@@ -49,13 +51,12 @@ def folder_repeats(records: Sequence[Record], root, explicit: Mapping[str, int] 
             parts = Path(os.path.abspath(rec.path)).relative_to(root).parts
         except ValueError:  # outside data.root
             parts = ()
-        top = parts[0] if len(parts) > 1 else ""
-        if top in explicit:
-            out.append(int(explicit[top]))
-        elif m := _KOHYA_REPEATS.match(top):
-            out.append(int(m.group(1)))
-        else:
-            out.append(1)
+        folders = parts[:-1]
+        if folders and folders[0] in explicit:
+            out.append(int(explicit[folders[0]]))
+            continue
+        kohya = next((m for m in map(_KOHYA_REPEATS.match, folders) if m), None)
+        out.append(int(kohya.group(1)) if kohya else 1)
     return out
 
 

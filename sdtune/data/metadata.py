@@ -50,6 +50,19 @@ def _read_csv(meta: Path) -> tuple[list[tuple[int, dict]], list[str]]:
     return rows, header
 
 
+def from_data_juicer(row: dict) -> dict:
+    """A data-juicer row (``{"text", "images": [path]}``, the seeds' Kolors metadata.jsonl; also
+    ``image``) as ``file_name``/``text``; other rows unchanged. A value that is not one path string
+    stays as it is, so the record checks refuse it with its row number."""
+    if "file_name" in row:
+        return row
+    for key in ("images", "image"):
+        if key in row:
+            value = row[key]
+            return {**row, "file_name": value[0] if isinstance(value, list) and len(value) == 1 else value}
+    return row
+
+
 def _read_jsonl(meta: Path) -> tuple[list[tuple[int, dict]], list[str]]:
     """(line number, row) pairs and every key seen; a BOM is dropped, blank lines skipped."""
     rows: list[tuple[int, dict]] = []
@@ -64,6 +77,7 @@ def _read_jsonl(meta: Path) -> tuple[list[tuple[int, dict]], list[str]]:
                 raise DataError(f"{meta}: line {n} is not valid JSON ({err.msg}). Fix that line.") from None
             if not isinstance(row, dict):
                 raise DataError(f"{meta}: line {n} must be a JSON object with file_name and text.")
+            row = from_data_juicer(row)
             rows.append((n, row))
             columns.extend(c for c in row if c not in columns)
     return rows, columns

@@ -1,8 +1,9 @@
 """Find and validate a training dataset folder before any model is loaded.
 
-The layout is diffusers' imagefolder: images anywhere under ``root`` plus ``metadata.csv`` or
-``metadata.jsonl`` with a ``file_name`` column (paths relative to ``root``) and a ``text`` column
-(the caption). Every problem is reported with the file, the row and the fix, in one error.
+Two layouts: diffusers' imagefolder (images anywhere under ``root`` plus ``metadata.csv`` or
+``metadata.jsonl`` with a ``file_name`` column, paths relative to ``root``, and a ``text`` column,
+the caption; a data-juicer ``{"text", "images": [path]}`` jsonl is read too), or, without a
+metadata file, kohya's folder of images with sidecar caption files (:mod:`.folders`). Every problem is reported with the file, the row and the fix, in one error.
 
 In ``metadata.jsonl`` a caption may also be a list of strings: alternative captions, of which
 each training sample picks one. ``file_name`` values are normalised (``./a.png`` and
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..formats import IMAGE_SUFFIXES
+from .folders import describe_folder, folder_rows, parse_caption_extension
 from .metadata import find_metadata, read_rows, show_value
 
 log = logging.getLogger(__name__)
@@ -106,17 +108,24 @@ def _listing(items: list[str]) -> str:
 
 
 def load_records(
-    root: str | os.PathLike, *, verify: bool = True, bad_images: str = "error", allow_outside_root: bool = False
+    root: str | os.PathLike, *, verify: bool = True, bad_images: str = "error", allow_outside_root: bool = False,
+    caption_extension: str | None = None,
 ) -> list[Record]:
     """Validated records for the dataset at ``root`` (``data.root``).
 
+    ``root`` holds a ``metadata.csv``/``metadata.jsonl``, or else is a kohya folder of images with
+    sidecar caption files (``caption_extension``, default ``.txt``; see :mod:`.folders`).
     ``verify`` decodes every image fully; broken ones stop the run (``bad_images="error"``) or are
     left out with a warning that counts them (``"skip"``). A ``file_name`` that leads outside
     ``root`` (``../``, or an absolute path elsewhere) is refused unless ``allow_outside_root``.
     Record paths are absolute and normalised.
     """
     root, meta = _locate(root)
-    rows = read_rows(meta)
+    if meta is None:
+        extension = parse_caption_extension(caption_extension)
+        rows, meta = folder_rows(root, extension), describe_folder(root, extension)
+    else:
+        rows = read_rows(meta)
     if not rows:
         raise DataError(f"{meta} lists no images. Fix: add one row per image (file_name,text).")
     records, problems = _resolve_rows(rows, root, allow_outside_root)
@@ -131,8 +140,9 @@ def load_records(
 
 
 
-def _locate(root: str | os.PathLike) -> tuple[Path, Path]:
-    """(dataset folder, its metadata file), or the error that says what is wrong with ``root``."""
+def _locate(root: str | os.PathLike) -> tuple[Path, Path | None]:
+    """(dataset folder, its metadata file or None for a kohya folder), or the error that says what
+    is wrong with ``root``."""
     given, root = os.fspath(root), dataset_root(root)
     if not root.exists():
         where = repr(given) if given == str(root) else f"{given!r} ({root})"
@@ -143,15 +153,10 @@ def _locate(root: str | os.PathLike) -> tuple[Path, Path]:
     if not root.is_dir():
         raise DataError(f"data.root={str(root)!r} is a file, not a folder. Fix: point it at the dataset folder.")
     meta = find_metadata(root)
-    if meta is None:
-        if not _has_images(root):
-            raise DataError(
-                f"data.root={str(root)!r} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}). "
-                f"Fix: point data.root at your image folder, {_MAKE_DATA_HINT}."
-            )
+    if meta is None and not _has_images(root):
         raise DataError(
-            f"data.root={str(root)!r} has images but no metadata.csv or metadata.jsonl. Fix: add a "
-            f"metadata.csv with columns file_name,text, {_MAKE_DATA_HINT}."
+            f"data.root={str(root)!r} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}). "
+            f"Fix: point data.root at your image folder, {_MAKE_DATA_HINT}."
         )
     return root, meta
 

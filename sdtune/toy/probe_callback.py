@@ -37,8 +37,9 @@ class ConceptProbe(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         from ..callbacks import render_at_scales, writes_outputs
+        from ..stopping import stopped_early
 
-        if not writes_outputs(trainer):
+        if not writes_outputs(trainer) or stopped_early(trainer):
             return
 
         report, grid_rows, labels = {}, [], []

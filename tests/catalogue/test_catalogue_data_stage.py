@@ -102,13 +102,13 @@ def test_nothing_kept_leaves_out_as_it_was(tmp_path, capsys, cause, out_state):
     raw, out = tmp_path / "raw", tmp_path / "out"
     if cause == "pre-check":
         add(raw, "a.png", b"", "an empty file")
-        add(raw, "b.png", textured(1, 64, 64), None)
+        add(raw, "b.png", b"this is not a PNG", "a caption")
         rules = recipe(tmp_path, "ok.yaml", SMALL_OK)
         expected = [
             {"file": "a.png", "reason": "pre-check: zero-byte file"},
-            {"file": "b.png", "reason": "pre-check: no caption (b.txt is missing)"},
+            {"file": "b.png", "reason": "pre-check: not an image (Pillow cannot identify the file format)"},
         ]
-        counts = "1 by pre-check: no caption, 1 by pre-check: zero-byte file"
+        counts = "1 by pre-check: not an image, 1 by pre-check: zero-byte file"
     else:
         add(raw, "a.png", textured(1, 64, 64), "a caption")
         add(raw, "b.png", textured(2, 80, 64), "another caption")
@@ -591,7 +591,7 @@ def test_make_data_quotes_paths_for_the_shell(tmp_path, raw_name, out_name):
     shell = subprocess.run(["sh", "-c", line], capture_output=True, text=True, timeout=60)
     assert shell.returncode == 0, shell.stderr
     argv = json.loads(shell.stdout)
-    assert argv == ["-m", "data_pipeline", str(raw), str(out), "--recipe", str(rules), "--np", "2"]
+    assert argv == ["-m", "data_pipeline", str(raw), str(out), "--model", "sd15", "--recipe", str(rules), "--np", "2"]
     assert snapshot(tmp_path) == before  # a dry run: nothing created
 
 

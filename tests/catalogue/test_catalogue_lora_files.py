@@ -181,11 +181,11 @@ def test_nonfinite_checkpoint_is_not_exported(tmp_path, capsys, peft_tensors, ti
 
 
 def test_save_lora_refuses_nonfinite_weights_and_keeps_the_old_file(tmp_path, peft_tensors, tiny_sd15):
-    target = save_lora(tmp_path / "lora.safetensors", peft_tensors, _header(tiny_sd15))
+    target = save_lora(tmp_path / "lora.safetensors", peft_tensors, _header(tiny_sd15), format="diffusers")
     before = snapshot(tmp_path)
     for path in (target, tmp_path / "new" / "lora.safetensors"):
         with pytest.raises(LoraFileError, match=r"refusing to write '.*lora\.safetensors': the LoRA " + NONFINITE.replace("Fix: ", r"Nothing was written\. Fix: ")):
-            save_lora(path, with_nonfinite(peft_tensors), _header(tiny_sd15))
+            save_lora(path, with_nonfinite(peft_tensors), _header(tiny_sd15), format="diffusers")
     assert snapshot(tmp_path) == before and not (tmp_path / "new").exists()
 
 

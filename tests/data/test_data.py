@@ -38,7 +38,6 @@ def test_jsonl_metadata_and_subfolders(tmp_path):
     [
         (lambda root: None, r"data.root='.*nope' does not exist.*Fix: set data.root"),
         (lambda root: root.mkdir(), r"holds no images"),
-        (lambda root: _img(root / "a.png"), r"has images but no metadata.csv or metadata.jsonl"),
         (
             lambda root: (_img(root / "a.png"), (root / "metadata.csv").write_text("image,caption\na.png,x\n")),
             r"metadata.csv has no 'file_name' or 'text' column \(found: \['image', 'caption'\]\).*Fix: name",
@@ -56,7 +55,7 @@ def test_jsonl_metadata_and_subfolders(tmp_path):
             r"metadata.csv is not UTF-8.*save it as UTF-8",
         ),
     ],
-    ids=["missing-folder", "no-images", "no-metadata", "wrong-columns", "missing-file", "empty-metadata", "not-utf8"],
+    ids=["missing-folder", "no-images", "wrong-columns", "missing-file", "empty-metadata", "not-utf8"],
 )
 def test_bad_dataset_folders_name_the_problem(tmp_path, setup, message):
     root = tmp_path / "nope"

@@ -101,6 +101,8 @@ KEPT = {
     "sub/dir/nested.png": "嵌套文件夹里的图片",
     "dup_a.png": "the same picture twice",
     "dup_b.png": "the same picture twice, again",
+    "nocaption.png": "",  # kept, as kohya does: trains with the empty caption (a warning counts them)
+    "blank_caption.png": "",
 }
 DROPPED = {
     "small.png": "image_shape_filter: 800x1200 is below min 1024x1024",
@@ -112,8 +114,6 @@ DROPPED = {
     "empty.png": "pre-check: zero-byte file",
     "bomb.png": "pre-check: decompression bomb (Image size (400000000 pixels) exceeds limit of",
     "bomb_warning.png": "pre-check: decompression bomb (Image size (95000000 pixels) exceeds limit of",
-    "nocaption.png": "pre-check: no caption (nocaption.txt is missing)",
-    "blank_caption.png": "pre-check: no caption (blank_caption.txt is empty)",
 }
 
 
@@ -152,13 +152,15 @@ def acceptance_raw(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_acceptance_default_recipe(acceptance_raw, tmp_path, capsys):
+def test_acceptance_kolors_recipe(acceptance_raw, tmp_path, capsys):
     raw, out = acceptance_raw, tmp_path / "clean"
     before = listing(raw, with_mtime=True)
 
-    assert run_stage(raw, out, "--np", "2") == 0
-    printed = capsys.readouterr().out
-    assert "image_shape_filter" in printed and "total" in printed
+    assert run_stage(raw, out, "--model", "kolors", "--np", "2") == 0
+    printed = capsys.readouterr()
+    assert "image_shape_filter" in printed.out and "total" in printed.out
+    assert ("warning: 2 of 14 kept images have no caption; they train unconditionally" in printed.err
+            and "were dropped" not in printed.err), printed.err  # 9 of 23 dropped: no loud warning
 
     meta = read_csv(out / "metadata.csv")
     assert [r["file_name"] for r in meta] == sorted(f"images/{k}" for k in KEPT)
@@ -172,16 +174,15 @@ def test_acceptance_default_recipe(acceptance_raw, tmp_path, capsys):
         assert dropped[name].startswith(reason), (name, dropped[name])
 
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    assert report["counts"] == {"in": len(KEPT) + len(DROPPED), "kept": len(KEPT), "dropped": len(DROPPED)}
+    assert report["counts"] == {"in": len(KEPT) + len(DROPPED), "kept": len(KEPT), "dropped": len(DROPPED), "uncaptioned": 2}
     assert report["dropped_by"]["image_shape_filter"] == 2
     assert report["dropped_by"]["image_aspect_ratio_filter"] == 2
-    assert report["dropped_by"]["pre-check: no caption"] == 2
     assert report["operators"] == ["image_shape_filter", "image_aspect_ratio_filter"]
     assert listing(raw, with_mtime=True) == before  # RAW untouched: same files, bytes and mtimes
 
     # a second run, as `make data` does it (fresh process), replaces OUT with identical bytes
     first = listing(out)
-    proc = run_cli(str(raw), str(out), "--np", "2", module="data_pipeline", timeout=300)
+    proc = run_cli(str(raw), str(out), "--model", "kolors", "--np", "2", module="data_pipeline", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert listing(out) == first
@@ -195,7 +196,7 @@ def test_training_reader_accepts_output(acceptance_raw, tmp_path):
     from sdtune.data.images import load_rgb
 
     out = tmp_path / "clean"
-    assert run_stage(acceptance_raw, out, "--np", "1", "--link", "hardlink") == 0
+    assert run_stage(acceptance_raw, out, "--model", "kolors", "--np", "1", "--link", "hardlink") == 0
     records = load_records(out)
     assert sorted((r.path.relative_to(out / "images").as_posix(), r.text) for r in records) == sorted(KEPT.items())
     for record in records:  # every kept mode converts to the RGB training reads
@@ -313,7 +314,7 @@ def test_metadata_csv_form(tmp_path):
     assert got == [
         ("images/a.png", "猫, 白色", None),
         ("images/gone.png", "missing", "missing file"),
-        ("images/b.png", None, "no caption"),
+        ("images/b.png", "", None),  # blank: kept, trains with the empty caption
         ("images/a.png (metadata.csv row 5)", "again", "listed twice"),
     ]
     assert raw.candidates[0].path == root / "images" / "a.png"
@@ -338,6 +339,19 @@ def test_metadata_jsonl_form(tmp_path):
     }
 
 
+def test_metadata_jsonl_holding_data_juicer_rows_is_read_as_such(tmp_path):
+    """The seeds' Kolors example writes data-juicer rows ({"text", "image": [path]}) into a file
+    named metadata.jsonl: read by content, not by name (before, every row was 'empty file_name')."""
+    root = _forms_raw(tmp_path)
+    rows = [{"text": "二次元", "image": [str(root / "images" / "a.png")]}, {"text": "b", "image": ["images/b.png"]}]
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    for given in (root, root / "metadata.jsonl"):
+        raw = read_raw(given)
+        assert raw.form == "data-juicer jsonl"
+        assert {c.key: (c.caption, c.problem) for c in raw.candidates} == {"images/a.png": ("二次元", None),
+                                                                          "images/b.png": ("b", None)}
+
+
 def test_sidecar_form_with_subfolders(tmp_path):
     root = tmp_path / "raw"
     add(root, "x/y/a.png", textured(1, 32, 32), "deep caption\n")
@@ -348,7 +362,7 @@ def test_sidecar_form_with_subfolders(tmp_path):
     assert raw.form == "sidecar captions"
     got = {c.key: (c.caption, c.problem and c.problem[0]) for c in raw.candidates}
     assert got == {
-        "b.jpg": (None, "no caption"),
+        "b.jpg": ("", None),  # no sidecar: kept with the empty caption, as kohya does
         "notes.gif": (None, "unsupported file type"),
         "x/y/a.png": ("deep caption", None),
     }
@@ -413,7 +427,7 @@ def test_nothing_survives_exits_1_but_reports_why(tmp_path, capsys):
     assert not out.exists()  # an empty result never takes OUT's place
     assert read_csv(tmp_path / "out.dropped.csv") == [
         {"file": "a.png", "reason": "pre-check: zero-byte file"},
-        {"file": "b.png", "reason": "pre-check: no caption (b.txt is missing)"},
+        {"file": "b.png", "reason": "image_shape_filter: 64x64 is below min 512x512"},  # MODEL=sd15, the default
     ]
 
 

@@ -10,7 +10,8 @@ from sdtune.data import ImageCaptionDataset, collate, load_records
 from sdtune.errors import LoraFileError
 from sdtune.families import FAMILIES, get_family
 from sdtune.lora import LoraSpec, inject, lora_tensors, trainable_lora_parameters
-from sdtune.lora_files import LoraHeader, apply_lora, read_lora, save_lora
+from sdtune.lora_apply import apply_lora
+from sdtune.lora_files import LoraHeader, read_lora, save_lora
 
 from ..conftest import tiny_model, unet_inputs
 
@@ -88,7 +89,7 @@ def _lora_for(name: str, tmp_path, *, with_family: bool = True):
     wrapper = torch.nn.Module()
     wrapper.unet = parts.unet
     header = LoraHeader(spec, family=name, base_model="tiny", base_model_version="x", resolution=64)
-    path = save_lora(tmp_path / f"{name}.safetensors", lora_tensors(wrapper.state_dict()), header)
+    path = save_lora(tmp_path / f"{name}.safetensors", lora_tensors(wrapper.state_dict()), header, format="diffusers")
     if not with_family:  # as another trainer writes it: diffusers' header, none of ours
         from safetensors.torch import load_file, save_file
 
@@ -101,7 +102,7 @@ def test_lora_into_the_wrong_family_names_both(tmp_path):
     path = _lora_for("sd15", tmp_path)
     sdxl = get_family("sdxl").load(str(tiny_model("sdxl")))
     with pytest.raises(LoraFileError, match=r"is a sd15 LoRA but the base model is sdxl"):
-        apply_lora(sdxl.unet, read_lora(path), family="sdxl", path=path, adapter_name="x")
+        apply_lora(sdxl, read_lora(path), family="sdxl", path=path, adapter_name="x")
     assert not getattr(sdxl.unet, "peft_config", None) or "x" not in sdxl.unet.peft_config
 
 
@@ -109,7 +110,7 @@ def test_headerless_mismatch_is_a_fit_error_not_a_family_error(tmp_path):
     path = _lora_for("sd15", tmp_path, with_family=False)
     sdxl = get_family("sdxl").load(str(tiny_model("sdxl")))
     with pytest.raises(LoraFileError, match=r"does not (fit|match) this sdxl UNet") as err:
-        apply_lora(sdxl.unet, read_lora(path), family="sdxl", path=path, adapter_name="x")
+        apply_lora(sdxl, read_lora(path), family="sdxl", path=path, adapter_name="x")
     assert "sd15 LoRA" not in str(err.value)
 
 
@@ -119,7 +120,7 @@ def test_apply_lora_reproduces_the_trained_unet(tmp_path):
     x, t, kw = unet_inputs("kolors")
     with torch.no_grad():
         base = parts.unet(x, t, **kw).sample
-        apply_lora(parts.unet, read_lora(path), family="kolors", path=path, adapter_name="mine")
+        apply_lora(parts, read_lora(path), family="kolors", path=path, adapter_name="mine")
         with_lora = parts.unet(x, t, **kw).sample
     assert (with_lora - base).abs().max() > 1e-4
 

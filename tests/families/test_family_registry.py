@@ -63,20 +63,20 @@ def test_a_fourth_family_trains_exports_and_is_benchmarked_through_the_registry(
     assert lora.family == fourth_family.name
     assert lora.metadata["ss_base_model_version"] == "sd15_sgm_v0"
 
-    # kohya export: this family's naming rule (SGM blocks), not SD1.5's (diffusers paths)
-    kohya = tmp_path / "kohya.safetensors"
-    assert export_main([str(run / "lora.safetensors"), "--format", "kohya", "--out", str(kohya)]) == 0
-    with safe_open(str(kohya), "pt") as f:
+    # the run's kohya file: this family's naming rule (SGM blocks), not SD1.5's (diffusers paths)
+    with safe_open(str(run / "lora.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert keys and all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
                         for k in keys), keys[:3]
-    # ... and back: the kohya file resolves against this family's UNet to the trained tensors
-    back = read_lora(kohya)
+    # ... it resolves against this family's UNet to the tensors of its diffusers-layout export
+    diffusers = tmp_path / "diffusers.safetensors"
+    assert export_main([str(run / "lora.safetensors"), "--format", "diffusers", "--out", str(diffusers)]) == 0
+    trained = read_lora(diffusers).tensors
     parts = fourth_family.load(str(folder))
     names = [n for n, _ in parts.unet.named_modules()]
-    resolved = back.peft_tensors(names, parts.unet.config, family=fourth_family.name)
-    assert resolved.keys() == lora.tensors.keys()
-    assert all(torch.equal(resolved[k], lora.tensors[k]) for k in resolved)
+    resolved = lora.peft_tensors(names, parts.unet.config, family=fourth_family.name)
+    assert resolved.keys() == trained.keys() and resolved
+    assert all(torch.equal(resolved[k], trained[k]) for k in resolved)
 
     # the bench counts its step FLOPs (same architecture as SD1.5: the same count)
     from ..bench.test_bench import _bench_cfg
