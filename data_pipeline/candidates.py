@@ -30,6 +30,7 @@ class Candidate:
     caption: str | None
     dest: str | None
     problem: tuple[str, str] | None = None  # (reason code, detail)
+    alternatives: tuple[str, ...] = ()  # a jsonl text list: all its captions (``caption`` is the first)
 
 
 def locate(base: Path, name: str) -> tuple[Path, str, str]:
@@ -80,7 +81,10 @@ def rows_to_candidates(meta: Path, rows, unit: str) -> list[Candidate]:
         if not isinstance(row, dict):
             out.append(Candidate(f"{meta.name} {unit} {n}", None, None, None, ("bad record", "not a JSON object")))
             continue
-        wrong = not_text("file_name", row.get("file_name")) or not_text("text", row.get("text"))
+        text, alternatives = row.get("text"), ()
+        if isinstance(text, list) and text and all(isinstance(t, str) and t.strip() for t in text):
+            text, alternatives = text[0], tuple(t.strip() for t in text) if len(text) > 1 else ()
+        wrong = not_text("file_name", row.get("file_name")) or not_text("text", text)
         if wrong:
             out.append(Candidate(f"{meta.name} {unit} {n}", None, None, None, ("bad record", wrong)))
             continue
@@ -89,14 +93,14 @@ def rows_to_candidates(meta: Path, rows, unit: str) -> list[Candidate]:
             out.append(Candidate(f"{meta.name} {unit} {n}", None, None, None, ("bad record", "empty file_name")))
             continue
         path, key, dest = locate(base, name)
-        caption, problem = clean_caption(row.get("text"))
+        caption, problem = clean_caption(text)
         if path in seen:
             key = f"{key} ({meta.name} {unit} {n})"
             problem = ("listed twice", f"already listed on {unit} {seen[path]}; the first caption is kept")
         else:
             seen[path] = n
             problem = missing_problem(path) or problem
-        out.append(Candidate(key, path, caption, dest, problem))
+        out.append(Candidate(key, path, caption, dest, problem, alternatives))
     return out
 
 

@@ -8,7 +8,7 @@ Everything written is a pure function of the inputs (sorted rows, no timestamps;
 source's mtime), so two runs on the same RAW give byte-identical files.
 
 Layout: ``images/<path relative to RAW>``, ``metadata.csv`` (``file_name,text``, what
-``sdtune.data.load_records`` reads), ``dropped.csv`` (``file,reason``), ``report.json``, ``MARKER``.
+``sdtune.data.load_records`` reads; ``metadata.jsonl`` when an image has several captions), ``dropped.csv`` (``file,reason``), ``report.json``, ``MARKER``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class KeptFile:
     dest: str
     source: Path
     caption: str
+    alternatives: tuple[str, ...] = ()  # several captions (a jsonl list): training picks one per epoch
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -151,6 +152,18 @@ def _swap(tmp: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
+def _write_metadata(folder: Path, kept: list[KeptFile]) -> None:
+    """``metadata.csv``; ``metadata.jsonl`` instead when an image has several captions (a CSV cell
+    holds one), with ``text`` as the list, which training reads as alternatives."""
+    if not any(k.alternatives for k in kept):
+        rows = sorted((f"images/{k.dest}", k.caption) for k in kept)
+        _write_atomic(folder / "metadata.csv", _csv(("file_name", "text"), rows))
+        return
+    lines = [json.dumps({"file_name": f"images/{k.dest}", "text": list(k.alternatives) if k.alternatives else k.caption},
+                        ensure_ascii=False) for k in sorted(kept, key=lambda k: k.dest)]
+    _write_atomic(folder / "metadata.jsonl", "\n".join(lines) + "\n")
+
+
 def write_dataset(out: Path, kept: list[KeptFile], drops: list[Drop], report: dict, link: str = "copy") -> None:
     """Write OUT completely in a sibling folder, then swap it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -163,8 +176,7 @@ def write_dataset(out: Path, kept: list[KeptFile], drops: list[Drop], report: di
             target = tmp / "images" / item.dest
             target.parent.mkdir(parents=True, exist_ok=True)
             _place(item.source, target, link)
-        rows = sorted((f"images/{k.dest}", k.caption) for k in kept)
-        _write_atomic(tmp / "metadata.csv", _csv(("file_name", "text"), rows))
+        _write_metadata(tmp, kept)
         _write_atomic(tmp / "dropped.csv", _csv(("file", "reason"), sorted((d.key, d.reason) for d in drops)))
         _write_atomic(tmp / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         _write_atomic(tmp / MARKER, MARKER_TEXT)

@@ -152,7 +152,7 @@ def _kept_files(passed, result: JuicerResult) -> list[KeptFile]:
         source, dest = Path(image), cand.dest
         if source.suffix.lower() != cand.path.suffix.lower():  # an op wrote a new file in another format
             dest = str(Path(dest).with_suffix(source.suffix))
-        kept.append(KeptFile(dest, source, caption.strip() or cand.caption))
+        kept.append(KeptFile(dest, source, caption.strip() or cand.caption, cand.alternatives))
     return kept
 
 

@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .config import CONF_DIR, ROOT, expand_home, register_resolvers
+from .config import CONF_DIR, expand_home, register_resolvers
 from .errors import exit_on_user_error
 
 register_resolvers()
@@ -49,7 +50,7 @@ def cli() -> None:
     from .run_folder import output_dir_problem
 
     sys.argv[1:] = resume_argv(expand_home(sys.argv[1:]))  # ckpt_path=<run>: that run's own overrides first
-    problem = output_dir_problem(sys.argv[1:], default_root=ROOT / "outputs")
+    problem = output_dir_problem(sys.argv[1:], default_root=Path.cwd() / "outputs")
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

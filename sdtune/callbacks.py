@@ -8,20 +8,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
-import numpy as np
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from .errors import ConfigError
-from .fit_caches import frozen_modules_on_device
-from .io import save_image_atomic, write_text_atomic
+from .io import write_text_atomic
 from .lora_files import DEFAULT_FORMAT, FORMATS, run_header, save_lora
-from .sampling import make_grid, render
-from .stopping import GracefulStop, stopped_early
+from .stopping import GracefulStop
 
 log = logging.getLogger(__name__)
 
@@ -81,97 +76,6 @@ class LoRAExport(L.Callback):
         )
         save_lora(self.path, pl_module.lora_state(), header, format=self.format, unet_config=pl_module.parts.unet.config)
         log.info("wrote %s", self.path)
-
-
-def render_at_scales(pl_module, prompts: Sequence[str], seeds: Sequence[int], scales: Sequence[float], *, steps: int,
-                     guidance: float | None, size: int | None = None, negative_prompt: str | None = None) -> list[list]:
-    """One row of images per LoRA scale, drawn by the model being trained (in eval mode).
-
-    ``guidance=None`` samples at the base model's own scale (``model.guidance`` or the family's).
-    """
-    size = size or int(pl_module.cfg["data"]["resolution"])
-    if guidance is None:
-        guidance = pl_module.family.guidance(pl_module.cfg["model"])
-    pipe = pl_module.family.build_pipeline(pl_module.parts)
-    pipe.set_progress_bar_config(disable=True)
-    was_training = pl_module.parts.unet.training
-    pl_module.parts.unet.eval()
-    try:
-        with frozen_modules_on_device(pl_module):
-            return [
-                render(pipe, prompts, seeds, steps=steps, guidance=guidance, size=size, lora_scale=s, negative_prompt=negative_prompt)
-                for s in scales
-            ]
-    finally:
-        pl_module.parts.unet.train(was_training)
-
-
-class SampleGrid(L.Callback):
-    """Render fixed prompts and seeds with the LoRA at each of ``scales``; save one grid PNG.
-
-    Rows are LoRA scales (0 = the base model), columns are prompt/seed pairs, so the effect of the
-    LoRA is visible at a glance. Also logged to TensorBoard when that logger is active.
-    """
-
-    def __init__(
-        self,
-        dirpath: str,
-        prompts: Sequence[str] | None = None,
-        seeds: Sequence[int] = (0, 1),
-        scales: Sequence[float] = (0.0, 1.0),
-        steps: int = 20,
-        guidance: float | None = None,
-        negative_prompt: str | None = None,
-        size: int | None = None,
-        every_n_steps: int | None = None,
-        filename: str = "samples.png",
-    ):
-        self.dirpath = Path(dirpath)
-        self.prompts = list(prompts) if prompts else None
-        self.seeds = list(seeds)
-        self.scales = list(scales)
-        self.steps = steps
-        self.guidance = guidance
-        self.negative_prompt = negative_prompt
-        self.size = size
-        self.every_n_steps = every_n_steps
-        self.filename = filename
-        self._last_step = -1  # gradient accumulation repeats a global step over micro-batches
-
-    def _prompts(self, trainer) -> list[str]:
-        if self.prompts:
-            return self.prompts
-        records = trainer.datamodule.dataset.records  # default: the first captions of the data
-        return [r.text for r in records[: len(self.seeds)]]
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step and writes_outputs(trainer):
-            self._last_step = step
-            self.write(trainer, pl_module, self.dirpath / "samples" / f"step{step:06d}.png")
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        if writes_outputs(trainer) and not stopped_early(trainer):  # a stopped run exits without rendering
-            self.write(trainer, pl_module, self.dirpath / self.filename)
-
-    def write(self, trainer, pl_module, path: Path) -> Path:
-        prompts = self._prompts(trainer)
-        seeds = [self.seeds[i % len(self.seeds)] for i in range(len(prompts))]
-        rows = render_at_scales(pl_module, prompts, seeds, self.scales, steps=self.steps, guidance=self.guidance,
-                                size=self.size, negative_prompt=self.negative_prompt)
-        grid = make_grid(rows, [f"LoRA x{s:g}" for s in self.scales], [f"seed {sd}: {p}" for p, sd in zip(prompts, seeds)])
-        save_image_atomic(grid, path)
-        # The last row (the LoRA at full scale) also as single images, for sweep reports.
-        tiles = self.dirpath / "samples" / path.stem
-        for j, image in enumerate(rows[-1]):
-            save_image_atomic(image, tiles / f"{j:02d}.png")
-        write_text_atomic(tiles / "prompts.json", json.dumps(prompts, ensure_ascii=False))
-        for logger in trainer.loggers:
-            if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
-                arr = torch.from_numpy(np.array(grid)).permute(2, 0, 1)
-                logger.experiment.add_image("samples", arr, global_step=trainer.global_step)
-        log.info("wrote %s", path)
-        return path
 
 
 class RunSummary(L.Callback):

@@ -27,9 +27,21 @@ SCHEDULER_KEYS = {"name", "warmup_steps", "num_cycles", "power", "step_rules"}
 
 
 def register_resolvers() -> None:
-    """``${sdtune_root:}``: the repository root, so configs can find bundled data and caches."""
+    """``${sdtune_root:}``: the repository root, so configs can find bundled data and caches;
+    ``${sdtune_cwd:}``: the folder the command was started in, where outputs go (as with any CLI)."""
     if not OmegaConf.has_resolver("sdtune_root"):
         OmegaConf.register_new_resolver("sdtune_root", lambda: str(ROOT))
+    if not OmegaConf.has_resolver("sdtune_cwd"):
+        OmegaConf.register_new_resolver("sdtune_cwd", lambda: os.getcwd(), use_cache=True)
+    if not OmegaConf.has_resolver("sdtune_per_family"):
+        OmegaConf.register_new_resolver("sdtune_per_family", per_family)
+
+
+def per_family(family: str, table: Any) -> Any:
+    """``${sdtune_per_family:${model.family},{sd15: 4, sdxl: 1}}``: the value given for ``family``."""
+    if family not in table:
+        raise ConfigError(f"this preset has no setting for model family {family!r} (it covers {sorted(table)}).")
+    return table[family]
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -71,7 +83,16 @@ def _gpu_requested(cfg: DictConfig) -> bool:
 
 
 def check_device(cfg: DictConfig) -> None:
-    """Precision settings that need hardware; checked once the model is known to exist."""
+    """Settings that need hardware; checked once the model is known to exist."""
+    import torch
+
+    accelerator = str(_get(cfg, "trainer.accelerator") or "auto")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} (trainer=gpu, which the GPU presets such as experiment=kolors_lora "
+            "use) but this machine has no CUDA GPU. Fix: run it on a GPU machine, or add trainer=cpu "
+            "trainer.precision=32 to train on the CPU (very slow at full size)."
+        )
     if str(_get(cfg, "trainer.precision")) == "16-mixed" and not _gpu_requested(cfg):
         raise ConfigError(
             "trainer.precision=16-mixed needs a CUDA GPU and none is in use. Fix: trainer.precision=32 "
@@ -132,6 +153,12 @@ def _check_model(cfg: DictConfig) -> None:
     family = _get(cfg, "model.family")
     if family not in FAMILIES:
         raise ConfigError(f"model.family={family!r} is not one of {sorted(FAMILIES)}.")
+    preset = _get(cfg, "hardware_preset")
+    if preset and family not in preset.get("families", []):
+        raise ConfigError(
+            f"hardware={preset.name} does not fit a {family} LoRA (it covers {list(preset.families)}; Kolors' text "
+            "encoder alone needs about 12.5 GB). Fix: hardware=16gb or more, or another model."
+        )
     if not _get(cfg, "model.path"):
         raise ConfigError("model.path is not set. Fix: model.path=<diffusers folder or hub id>.")
 

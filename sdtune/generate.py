@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import hydra
@@ -21,6 +22,8 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from .config import register_resolvers
+from .console import tidy_console
+from .data.latents import file_sha256
 from .errors import ConfigError, exit_on_user_error
 from .families import get_family
 from .families.builder import build_parts
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 
 
 def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
+    tidy_console()
     refs = parse_loras(cfg.loras)
     if int(cfg.num_images) < 1 or int(cfg.steps) < 1:
         raise ConfigError(f"num_images and steps must be >= 1, got {cfg.num_images} and {cfg.steps}.")
@@ -55,6 +59,8 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     rows = {"LoRA on": []} if refs else {"base": []}
     if cfg.compare and refs:
         rows = {"LoRA off": [], "LoRA on": []}
+    record = generation_record(cfg, model_cfg, refs, seeds, guidance=guidance, size=size,
+                               sampler=type(pipe.scheduler).__name__)
     written = []
     for label in rows:
         if refs:
@@ -72,15 +78,41 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
             rows[label].append(image)
             tag = "off_" if label == "LoRA off" else ""
             path = out_dir / f"{tag}seed{seed}.png"
-            save_image_atomic(image, path)
+            save_image_atomic(image, path, text={"parameters": infotext(record, seed, loras_on=label != "LoRA off")})
             written.append(path)
     grid = make_grid(list(rows.values()), list(rows), [f"seed {s}" for s in seeds])
     save_image_atomic(grid, out_dir / "grid.png")
-    record = {"model": model_cfg, "loras": [{"path": r.path, "weight": r.weight} for r in refs], "seeds": seeds,
-              "steps": int(cfg.steps), "guidance": guidance}
     write_text_atomic(out_dir / "generation.json", json.dumps(record, indent=2, ensure_ascii=False, default=str))
     log.info("wrote %d image(s) and grid.png to %s", len(written), out_dir)
     return [*written, out_dir / "grid.png"]
+
+
+def generation_record(cfg: DictConfig, model_cfg: dict, refs, seeds: list[int], *, guidance: float, size: int,
+                      sampler: str) -> dict:
+    """Everything that made the images (generation.json): rerunning it gives the same pictures."""
+    return {
+        "prompt": cfg.prompt, "negative_prompt": cfg.negative_prompt, "steps": int(cfg.steps), "guidance": guidance,
+        "size": [size, size], "seeds": seeds, "sampler": sampler, "model": model_cfg,
+        "loras": [{"path": os.path.abspath(r.path), "weight": r.weight, "sha256": file_sha256(r.path)} for r in refs],
+    }
+
+
+def infotext(record: dict, seed: int, *, loras_on: bool = True) -> str:
+    """A1111's ``parameters`` text for one image: prompt (with ``<lora:name:weight>`` tags, as A1111
+    writes and reads them), negative prompt, then the settings line."""
+    loras = record["loras"] if loras_on else []
+    prompt = " ".join([str(record["prompt"]), *(f"<lora:{Path(lo['path']).stem}:{lo['weight']:g}>" for lo in loras)])
+    lines = [prompt]
+    if record["negative_prompt"]:
+        lines.append(f"Negative prompt: {record['negative_prompt']}")
+    width, height = record["size"]
+    settings = [f"Steps: {record['steps']}", f"Sampler: {record['sampler']}", f"CFG scale: {record['guidance']:g}",
+                f"Seed: {seed}", f"Size: {width}x{height}", f"Model: {Path(str(record['model']['path'])).name}"]
+    if loras:
+        hashes = ", ".join(f"{Path(lo['path']).stem}: {lo['sha256'][:12]}" for lo in loras)
+        settings.append(f'Lora hashes: "{hashes}"')
+    lines.append(", ".join([*settings, "Version: sdtune"]))
+    return "\n".join(lines)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")

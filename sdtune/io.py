@@ -44,8 +44,18 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def save_image_atomic(image, target: str | os.PathLike) -> None:
-    """Save a PIL image; the format comes from ``target``'s suffix, not the temporary name."""
+def save_image_atomic(image, target: str | os.PathLike, *, text: dict[str, str] | None = None) -> None:
+    """Save a PIL image; the format comes from ``target``'s suffix, not the temporary name.
+    ``text`` goes into PNG text chunks (A1111 and ComfyUI read ``parameters`` back)."""
     target = Path(target)
+    fmt = target.suffix.lstrip(".").upper().replace("JPG", "JPEG")
+    extra = {}
+    if text and fmt == "PNG":
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_itxt(key, value)  # iTXt: UTF-8, so Chinese prompts survive
+        extra["pnginfo"] = info
     with atomic_path(target) as tmp:
-        image.save(tmp, format=target.suffix.lstrip(".").upper().replace("JPG", "JPEG"))
+        image.save(tmp, format=fmt, **extra)

@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from .config import register_resolvers
+from .console import tidy_console
 from .errors import ConfigError, LoraFileError, exit_on_user_error
 from .families import get_family
 from .families.builder import build_parts
@@ -61,6 +62,7 @@ def _check_target(out: Path, single: Path | None) -> None:
 
 
 def merge(cfg: DictConfig) -> tuple[Path, Path | None]:
+    tidy_console()
     refs = parse_loras(cfg.loras)
     if not refs:
         raise ConfigError("loras is empty: name at least one LoRA to merge, e.g. 'loras=[my_lora.safetensors@0.8]'.")

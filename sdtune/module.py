@@ -73,6 +73,9 @@ class LoRATrainingModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         prepare_fit(self, getattr(self.trainer, "datamodule", None))
+        total = sum(p.numel() for p in self.parameters()) + sum(p.numel() for m in self.parts.text_encoders for p in m.parameters())
+        log.info("LoRA: %s trainable parameters (%.3f%% of %s in the model)", f"{self.trainable_parameter_count():,}",
+                 100 * self.trainable_parameter_count() / total, f"{total:,}")
 
     # -- training -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""``python -m sdtune.report MULTIRUN_DIR``: one table and two pictures for a Hydra sweep.
+"""``python -m sdtune.report RUN_OR_MULTIRUN_DIR``: one table and two pictures for a sweep or one run.
 
 Writes into MULTIRUN_DIR (or ``--out``):
 
@@ -65,8 +65,12 @@ def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, f
 
 
 def load_runs(sweep: Path) -> list[Run]:
+    """The runs of a multirun folder, or the one run when ``sweep`` is a run folder itself."""
     runs = []
-    jobs = [p for p in sweep.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()]
+    if (sweep / ".hydra" / "overrides.yaml").is_file():
+        jobs = [sweep]
+    else:
+        jobs = [p for p in sweep.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()]
     for folder in sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name)):
         overrides = {}
         for item in yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) or []:
@@ -194,7 +198,8 @@ def report(sweep: str | Path, out: str | Path | None = None) -> list[dict]:
     sweep = Path(sweep)
     runs = load_runs(sweep) if sweep.is_dir() else []
     if not runs:
-        raise SystemExit(f"error: {sweep} holds no Hydra runs (folders with .hydra/overrides.yaml). Point it at a multirun folder.")
+        raise SystemExit(f"error: {sweep} is no run folder and holds no runs (folders with .hydra/overrides.yaml). "
+                         "Point it at a run folder (outputs/runs/<time>) or a sweep (outputs/multirun/<time>).")
     out = Path(out) if out else sweep
     out.mkdir(parents=True, exist_ok=True)
     swept = swept_keys(runs)
@@ -207,7 +212,7 @@ def report(sweep: str | Path, out: str | Path | None = None) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdtune.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep", help="a Hydra multirun folder (outputs/multirun/<time>)")
+    parser.add_argument("sweep", help="a run folder (outputs/runs/<time>) or a sweep (outputs/multirun/<time>)")
     parser.add_argument("--out", help="where to write the report (default: the sweep folder)")
     args = parser.parse_args(argv)
     rows = report(args.sweep, args.out)

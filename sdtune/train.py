@@ -15,17 +15,19 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpointing import AtomicCheckpointIO, check_resumable, data_manifest, resolve_ckpt_path
 from .config import check_device, validate
+from .console import tidy_console
 from .data import ImageCaptionDataModule, load_records
 from .errors import OutputError, RunStopped
 from .families.builder import model_source
 from .io import write_text_atomic
 from .loggers import drop_rows_after
 from .module import LoRATrainingModule
+from .progress import RunProgress
 from .resume import changed_settings
 from .run_folder import check_fresh, check_writable, is_secondary_rank, run_folder_lock
 from .stopping import GracefulStop
@@ -46,6 +48,7 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 
 def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
     """Train a LoRA as ``cfg`` says; returns the final metrics (for sweeps and tests)."""
+    tidy_console()
     validate(cfg)
     # every data problem surfaces before a model is loaded
     records = load_records(
@@ -61,6 +64,31 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
     check_writable(output_dir)
     with run_folder_lock(output_dir):
         return _fit(cfg, output_dir, records)
+
+
+def _build_trainer(cfg: DictConfig, resolved: dict[str, Any], output_dir: Path) -> tuple[L.Trainer, GracefulStop]:
+    """The Lightning Trainer the config describes, with sdtune's stop handling and progress bar."""
+    trainer_kwargs = dict(resolved["trainer"])
+    for key in SDTUNE_TRAINER_KEYS:  # ours, not lightning.Trainer's
+        trainer_kwargs.pop(key, None)
+    stop = GracefulStop(output_dir)
+    callbacks = [*_instantiate_all(cfg.get("callbacks")), stop]
+    if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        # Lightning would otherwise add its own per-epoch checkpoint; null means no checkpoints.
+        trainer_kwargs["enable_checkpointing"] = False
+        log.warning("callbacks.model_checkpoint is off: this run writes no checkpoints and cannot be resumed")
+    if trainer_kwargs.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.insert(0, RunProgress())  # one bar over the run's steps; first, so it closes before any render
+    # Lightning's summary table adds a column of zero FLOPs; the module logs its parameter counts itself.
+    trainer_kwargs.setdefault("enable_model_summary", False)
+    trainer = L.Trainer(
+        **trainer_kwargs,
+        callbacks=callbacks,
+        logger=_instantiate_all(cfg.get("logger")) or False,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(output_dir),
+    )
+    return trainer, stop
 
 
 def _fit(cfg: DictConfig, output_dir: Path, records: list) -> dict[str, Any]:
@@ -85,22 +113,7 @@ def _fit(cfg: DictConfig, output_dir: Path, records: list) -> dict[str, Any]:
     module = LoRATrainingModule(resolved, model_source=source, num_train_images=len(datamodule.dataset),
                                 data_manifest=manifest)
     check_device(cfg)
-    trainer_kwargs = dict(resolved["trainer"])
-    for key in SDTUNE_TRAINER_KEYS:  # ours, not lightning.Trainer's
-        trainer_kwargs.pop(key, None)
-    stop = GracefulStop(output_dir)
-    callbacks = [*_instantiate_all(cfg.get("callbacks")), stop]
-    if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-        # Lightning would otherwise add its own per-epoch checkpoint; null means no checkpoints.
-        trainer_kwargs["enable_checkpointing"] = False
-        log.warning("callbacks.model_checkpoint is off: this run writes no checkpoints and cannot be resumed")
-    trainer = L.Trainer(
-        **trainer_kwargs,
-        callbacks=callbacks,
-        logger=_instantiate_all(cfg.get("logger")) or False,
-        plugins=[AtomicCheckpointIO()],
-        default_root_dir=str(output_dir),
-    )
+    trainer, stop = _build_trainer(cfg, resolved, output_dir)
     log.info("training a rank-%d %s LoRA on %d images (%d with repeats) into %s", module.spec.rank, cfg.model.family,
              len(records), len(datamodule.dataset), output_dir)
     _write(lambda: trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True))

@@ -99,6 +99,8 @@ def quickstart_run(tmp_path_factory, tiny_sd15) -> Path:
     run_dir = tmp_path_factory.mktemp("quickstart") / "run"
     proc = run_cli(*QUICKSTART_ARGS, f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (run_dir.parent / "stdout.txt").write_text(proc.stdout)  # beside the run: what the console showed
+    (run_dir.parent / "stderr.txt").write_text(proc.stderr)
     return run_dir
 
 

@@ -47,6 +47,17 @@ def test_quickstart_run_folder(quickstart_run):
     assert (row0 - row1).abs().mean() > 1.0
 
 
+def test_console_says_each_thing_once_under_one_bar_for_the_run(quickstart_run):
+    out = (quickstart_run.parent / "stdout.txt").read_text()
+    err = (quickstart_run.parent / "stderr.txt").read_text()
+    assert out.count("Seed set to 42") == 1 and "Seed set to" not in err  # Lightning's own handler dropped
+    assert "litlogger" not in out + err and "LeafSpec" not in err and "FLOPs" not in out + err
+    bar = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("training:")]
+    assert bar and "| 30/30 [" in bar[-1] and "loss=" in bar[-1], bar[-3:]  # steps of the run, smoothed loss
+    assert "Epoch" not in err  # no per-epoch bar ("Epoch 17/-2 ... 7/11")
+    assert "LoRA: 21,504 trainable parameters" in out
+
+
 def test_lora_file_loads_in_diffusers_and_matches_our_unet(quickstart_run, tiny_sd15):
     """The run's one file (kohya layout, by default) loads in diffusers with every key consumed
     (diffusers' kohya converter raises on any key it leaves) and acts as our own UNet does."""
@@ -198,3 +209,15 @@ def test_tracking_logger_preset_adds_wandb_and_mlflow():
     cfg = compose_cfg("experiment=quickstart", "logger=tracking")
     targets = sorted(node["_target_"].rsplit(".", 1)[1] for node in cfg.logger.values())
     assert targets == ["CSVLogger", "MLFlowLogger", "TensorBoardLogger", "WandbLogger"]
+
+
+def test_outputs_go_under_the_folder_the_command_runs_in(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "sdtune", "model=tiny", f"data.root={QUICKSTART}", "trainer=cpu",
+                           "trainer.max_steps=1", "callbacks.samples=null", "data.batch_size=4"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [lora] = list((tmp_path / "outputs" / "runs").glob("*/lora.safetensors"))
+    assert read_lora(lora).metadata["ss_steps"] == "1"

@@ -120,3 +120,59 @@ def test_a_sweep_receives_the_optimized_metric(capsys):
     assert exit_.value.code == 2
     assert "optimized_metric='val/lss' was not logged by this run; logged: ['train/loss', 'val/loss']" in capsys.readouterr().err
     assert _compose("config", "hparams_search=optuna").optimized_metric == "val/loss"
+
+
+def test_kolors_preset_is_the_seeds_baseline():
+    cfg = _compose("config", "experiment=kolors_lora")
+    assert (cfg.model.family, cfg.lora.rank, cfg.lora.alpha, cfg.trainer.precision) == ("kolors", 16, 4.0, "16-mixed")
+    assert cfg.train.gradient_checkpointing and cfg.data.center_crop and cfg.trainer.max_epochs == 1
+    assert "sdxl-vae-fp16-fix" in cfg.model.vae_path
+    samples = cfg.callbacks.samples
+    assert (samples.steps, samples.guidance, list(samples.scales), samples.columns) == (50, 4.0, [1.0], 2)
+    assert [p.seed for p in samples.prompts] == [0, 1, 2, 5, 0, 1, 7, 0]
+    assert all(p.prompt.startswith("二次元") and p.negative_prompt.startswith("丑陋、变形、嘈杂、模糊、低对比度")
+               for p in samples.prompts)
+    assert samples.prompts[3].negative_prompt.endswith("扭曲的手指,多余的手指")
+
+
+def test_a_gpu_preset_on_a_cpu_ends_with_one_line(tmp_path):
+    from .conftest import tiny_model
+
+    proc = run_cli("experiment=kolors_lora", f"model.path={tiny_model('kolors')}", "model.vae_path=null",
+                   f"data.root={QUICKSTART}", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: trainer.accelerator=gpu (trainer=gpu, which the GPU presets such as experiment=kolors_lora use) " \
+           "but this machine has no CUDA GPU. Fix:" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(("module", "first", "keys"), [
+    ("sdtune", "python -m sdtune [key=value ...]: train a LoRA", ["lora.rank", "data.root", "experiment: "]),
+    ("sdtune.generate", "python -m sdtune.generate loras=[FILE@WEIGHT,...]", ["loras=[a.safetensors@0.7", "num_images: 4"]),
+    ("sdtune.merge", "python -m sdtune.merge loras=[FILE@WEIGHT,...]", ["save_dtype: fp16", "single_file: true"]),
+])
+def test_help_says_what_the_command_does_and_its_own_keys(module, first, keys):
+    proc = run_cli("--help", module=module)
+    assert proc.returncode == 0 and proc.stdout.startswith(first), proc.stdout[:300]
+    assert all(k in proc.stdout for k in keys) and "powered by Hydra" not in proc.stdout
+    if module != "sdtune":  # generate and merge list their own keys, not training's groups
+        assert "experiment:" not in proc.stdout and "lora.rank" not in proc.stdout and "\ntrainer:" not in proc.stdout
+
+
+@pytest.mark.parametrize("preset", ["8gb", "12gb", "16gb", "24gb"])
+def test_hardware_presets_set_memory_knobs_per_family(preset):
+    expected_batch = {"8gb": (2, 1), "12gb": (4, 1), "16gb": (8, 2), "24gb": (16, 4)}[preset]
+    for model, batch in zip(("sd15", "sdxl"), expected_batch):
+        cfg = _compose("config", f"hardware={preset}", f"model={model}")
+        _check(cfg)
+        assert cfg.data.batch_size == batch and cfg.data.cache_latents and cfg.train.cache_text_embeddings
+        assert cfg.train.gradient_checkpointing == (model == "sdxl" or preset == "8gb")
+        assert cfg.optim.optimizer._target_.endswith("AdamW8bit") == (preset in ("8gb", "12gb"))
+        assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "16-mixed"
+    kolors = _compose("config", f"hardware={preset}", "model=kolors")
+    if preset in ("8gb", "12gb"):
+        with pytest.raises(Exception, match=rf"hardware={preset} does not fit a kolors LoRA .*Fix: hardware=16gb"):
+            validate(kolors)
+    else:
+        _check(kolors)
+        assert kolors.data.batch_size == {"16gb": 1, "24gb": 2}[preset]

@@ -117,3 +117,15 @@ def test_every_run_writes_its_loss_plot(quickstart_run):
     assert len(train) >= 5 and val  # what the plot draws
     with Image.open(quickstart_run / "loss.png") as im:
         assert im.format == "PNG" and im.size == (700, 400)
+
+
+def test_report_reads_a_single_run_folder(quickstart_run, tmp_path):
+    """`sdtune.report <run folder>`: the same table and pictures for one run as for a sweep."""
+    from sdtune.report import main
+
+    assert main([str(quickstart_run), "--out", str(tmp_path)]) == 0
+    import csv
+
+    [row] = list(csv.DictReader(open(tmp_path / "report.csv")))
+    assert row["run"] == quickstart_run.name and float(row["final_train_loss"]) > 0 and row["trainable_params"] == "21504"
+    assert (tmp_path / "loss_curves.png").is_file() and (tmp_path / "samples_grid.png").is_file()

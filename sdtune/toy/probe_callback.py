@@ -36,7 +36,8 @@ class ConceptProbe(L.Callback):
         self.result: dict | None = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        from ..callbacks import render_at_scales, writes_outputs
+        from ..callbacks import writes_outputs
+        from ..sample_grid import Sample, render_at_scales
         from ..stopping import stopped_early
 
         if not writes_outputs(trainer) or stopped_early(trainer):
@@ -46,8 +47,9 @@ class ConceptProbe(L.Callback):
         for trigger in self.triggers:
             prompts = [p for p in probe_prompts(trigger) for _ in self.seeds]
             seeds = [s for _ in probe_prompts(trigger) for s in self.seeds]
-            off, on = render_at_scales(pl_module, prompts, seeds, (0.0, 1.0), steps=self.steps,
-                                       guidance=self.guidance, size=self.size)
+            samples = [Sample(p, s) for p, s in zip(prompts, seeds)]
+            off, on = render_at_scales(pl_module, samples, (0.0, 1.0), steps=self.steps, guidance=self.guidance,
+                                       size=self.size)
             concepts = {t: TRIGGERS[t] for t in self.triggers}
             report[trigger] = {
                 "concept": TRIGGERS[trigger],

@@ -462,3 +462,21 @@ def test_cli_errors_exit_2_without_traceback(tmp_path):
         assert proc.stderr.count("error:") == 1
         assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "o").exists()
+
+
+def test_several_captions_per_image_survive_the_stage_as_alternatives(tmp_path):
+    """A jsonl text list stays a list (never its string form): OUT gets metadata.jsonl, which
+    training reads as alternative captions, one picked per epoch from the sample's seed."""
+    from sdtune.data import load_records
+
+    root = _forms_raw(tmp_path)
+    rows = [{"file_name": "images/a.png", "text": ["一只猫", "a cat on a mat"]}, {"file_name": "images/b.png", "text": "one"}]
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "out"
+    assert run_stage(root, out, "--recipe", str(recipe(tmp_path, "ok.yaml", SMALL_OK)), "--np", "1") == 0
+    assert not (out / "metadata.csv").exists()
+    written = [json.loads(line) for line in (out / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert written == [{"file_name": "images/images/a.png", "text": ["一只猫", "a cat on a mat"]},
+                       {"file_name": "images/images/b.png", "text": "one"}]
+    records = {r.path.name: r for r in load_records(out)}
+    assert records["a.png"].captions == ("一只猫", "a cat on a mat") and records["b.png"].captions == ("one",)
