@@ -85,6 +85,8 @@ def rows_to_candidates(meta: Path, rows, unit: str) -> list[Candidate]:
         if isinstance(text, list) and text and all(isinstance(t, str) and t.strip() for t in text):
             text, alternatives = text[0], tuple(t.strip() for t in text) if len(text) > 1 else ()
         wrong = not_text("file_name", row.get("file_name")) or not_text("text", text)
+        if isinstance(text, list):  # a list with a non-string or blank entry
+            wrong = f"'text' is {json_kind(text)}; expected a caption or a list of non-empty captions"
         if wrong:
             out.append(Candidate(f"{meta.name} {unit} {n}", None, None, None, ("bad record", wrong)))
             continue

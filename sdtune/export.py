@@ -102,14 +102,11 @@ def export_lora(lora_path: str | Path, out: str | Path, *, format: str, family: 
             f"header), and kohya names differ per family. Fix: pass --family ({'|'.join(sorted(FAMILIES))})."
         )
     _check_convertible(lora, str(lora_path))
-    config = unet_config_for(lora.config)
+    # The base model's own UNet config when its header names a reachable one, else the family's
+    # standard full-size layout (what every public checkpoint of the family shares).
+    config = unet_config_for(lora.config) or _standard_unet_config(family)
     if lora.format != "kohya":
         tensors = lora.tensors
-    elif config is None:
-        raise LoraFileError(
-            f"{str(lora_path)!r} is a kohya file; resolving its names needs the base model's UNet config, "
-            "which is not reachable offline. Export from the training checkpoint instead."
-        )
     else:
         tensors = lora.peft_tensors(unet_module_names(config), config, family=family)
         if lora.spec.targets:  # kohya names are resolved only now: check the header targets against them
@@ -117,6 +114,12 @@ def export_lora(lora_path: str | Path, out: str | Path, *, format: str, family: 
     spec = lora.spec if lora.spec.targets else replace(lora.spec, targets=_targets_of(tensors))
     header = LoraHeader(spec, family, output_name=Path(out).stem, carried=lora.metadata)
     return save_lora(out, tensors, header, format=format, unet_config=config)
+
+
+def _standard_unet_config(family: str) -> dict[str, Any]:
+    from .bench.arch import architecture
+
+    return architecture(family)["unet"]
 
 
 def _check_convertible(lora, source: str) -> None:

@@ -61,4 +61,5 @@ class RunProgress(ProgressBar):
             self.bar.close()
             self.bar = None
 
-    on_exception = on_train_end  # type: ignore[assignment]
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.on_train_end(trainer, pl_module)

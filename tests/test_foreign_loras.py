@@ -223,3 +223,28 @@ def test_export_converts_a_peft_file_with_its_adapter_config(tmp_path):
     assert (lora.spec.rank, lora.spec.alpha, lora.family) == (4, 6.0, "sd15")
     layers, _ = expected["unet"]
     assert lora.tensors.keys() == layers.keys() and all(torch.equal(lora.tensors[k], layers[k]) for k in layers)
+
+
+def test_export_converts_a_headerless_kohya_sdxl_file_offline(tmp_path):
+    """A Civitai-style kohya file (no header, SGM block names) converts to the diffusers layout with
+    --family alone: names resolve against SDXL's standard layout, the alpha is kept."""
+    from safetensors.torch import load_file
+
+    from sdtune.bench.arch import architecture
+    from sdtune.export import export_lora, unet_module_names
+    from sdtune.lora_keys import peft_to_kohya
+
+    config = architecture("sdxl")["unet"]
+    modules = [m for m in unet_module_names(config) if m.endswith("attn1.to_q")][:3]
+    g = torch.Generator().manual_seed(0)
+    layers = {}
+    for m in modules:
+        layers[f"{m}.lora_A.weight"] = torch.randn(4, 640 if "down_blocks.1" in m or "up_blocks.1" in m else 1280, generator=g)
+        layers[f"{m}.lora_B.weight"] = torch.randn(layers[f"{m}.lora_A.weight"].shape[1], 4, generator=g)
+    path = tmp_path / "civitai_sdxl.safetensors"
+    save_file(peft_to_kohya(layers, 2.0, "sdxl", config), str(path))
+    assert all("input_blocks" in k or "output_blocks" in k or "middle_block" in k for k in load_file(str(path)))
+    out = export_lora(path, tmp_path / "out.safetensors", format="diffusers", family="sdxl")
+    lora = read_lora(out)
+    assert (lora.family, lora.spec.alpha) == ("sdxl", 2.0)
+    assert lora.tensors.keys() == layers.keys() and all(torch.equal(lora.tensors[k], layers[k]) for k in layers)

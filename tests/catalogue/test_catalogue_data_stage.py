@@ -443,7 +443,8 @@ META_RECORDS = [
     ({"file_name": "a.png", "text": "a good row"}, None),
     ({"file_name": 5, "text": "x"}, "'file_name' is a number (5); expected a string"),
     ({"file_name": ["b.png"], "text": "x"}, "'file_name' is a list ([\"b.png\"]); expected a string"),
-    ({"file_name": "b.png", "text": ["a", "cat"]}, '\'text\' is a list (["a", "cat"]); expected a string'),
+    ({"file_name": "b.png", "text": ["a", 5]},  # a list of captions is fine; a list holding a number is not
+     '\'text\' is a list (["a", 5]); expected a caption or a list of non-empty captions'),
 ]
 LAYOUTS = {"dataset.jsonl": DJ_RECORDS, "metadata.jsonl": META_RECORDS}
 

@@ -168,15 +168,16 @@ def test_the_concept_survives_two_process_ddp(tmp_path, two_concepts):
     assert learned_problems(report) == [], json.dumps(report, indent=1)
 
 
-def test_the_kohya_export_teaches_the_concept_through_diffusers(trained, tmp_path):
-    """Our kohya file, loaded by diffusers' own ``load_lora_weights`` into the toy pipeline."""
+def test_the_runs_kohya_file_teaches_the_concept_through_diffusers(trained, tmp_path):
+    """The run's own file (kohya layout, the default), loaded by diffusers' ``load_lora_weights``
+    into the toy pipeline, draws the concept."""
     from diffusers import StableDiffusionPipeline
 
+    from sdtune.lora_files import read_lora
     from sdtune.sampling import render
 
-    kohya = tmp_path / "kohya.safetensors"
-    proc = run_cli(str(trained("sd15") / "lora.safetensors"), "--format", "kohya", "--out", str(kohya), module="sdtune.export")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    kohya = trained("sd15") / "lora.safetensors"
+    assert read_lora(kohya).format == "kohya"
     pipe = StableDiffusionPipeline.from_pretrained(ROOT / "models" / "toy" / "sd15", torch_dtype=torch.float32,
                                                    safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
