@@ -14,10 +14,11 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from sdtune.formats import strip_dj_tokens
+
 from .candidates import Candidate, clean_caption, json_kind, locate, missing_problem, not_text, rows_to_candidates
 from .errors import PipelineError
 
-DJ_TOKENS = ("<__dj__image>", "<|__dj__eoc|>")
 _NOT_JSON = object()
 
 
@@ -57,15 +58,6 @@ def read_metadata_jsonl(meta: Path) -> list[Candidate]:
     return bad + rows_to_candidates(meta, rows, "line")
 
 
-def _strip_tokens(text: object) -> object:
-    if not isinstance(text, str):
-        return text
-    cleaned = text
-    for token in DJ_TOKENS:
-        cleaned = cleaned.replace(token, " ")
-    return " ".join(cleaned.split()) if cleaned != text else text
-
-
 def one_image(record: dict) -> tuple[str | None, str | None]:
     """``(path, None)`` for a record naming exactly one image path, else ``(None, why not)``."""
     key = "images" if "images" in record or "image" not in record else "image"
@@ -102,7 +94,7 @@ def read_dj_jsonl(path: Path) -> list[Candidate]:
             out.append(Candidate(where, None, None, None, ("bad record", detail)))
             continue
         image, key, dest = locate(base, name)
-        caption, problem = clean_caption(_strip_tokens(record.get("text")))
+        caption, problem = clean_caption(strip_dj_tokens(record.get("text")))
         if image in seen:
             key = f"{key} ({where})"
             problem = ("listed twice", f"already listed on line {seen[image]}; the first caption is kept")

@@ -93,8 +93,23 @@ def generation_record(cfg: DictConfig, model_cfg: dict, refs, seeds: list[int], 
     return {
         "prompt": cfg.prompt, "negative_prompt": cfg.negative_prompt, "steps": int(cfg.steps), "guidance": guidance,
         "size": [size, size], "seeds": seeds, "sampler": sampler, "model": model_cfg,
-        "loras": [{"path": os.path.abspath(r.path), "weight": r.weight, "sha256": file_sha256(r.path)} for r in refs],
+        "loras": [{"path": os.path.abspath(r.path), "weight": r.weight, "sha256": file_sha256(r.path),
+                   "tensor_sha256": tensor_sha256(r.path)} for r in refs],
     }
+
+
+def tensor_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a .safetensors file's tensor bytes (after its header): what A1111 and model sites
+    show as a LoRA's hash ("addnet" hash; the first 12 digits in ``Lora hashes``), so it does not
+    change when only the header does."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(8 + int.from_bytes(fh.read(8), "little"))
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def infotext(record: dict, seed: int, *, loras_on: bool = True) -> str:
@@ -109,7 +124,7 @@ def infotext(record: dict, seed: int, *, loras_on: bool = True) -> str:
     settings = [f"Steps: {record['steps']}", f"Sampler: {record['sampler']}", f"CFG scale: {record['guidance']:g}",
                 f"Seed: {seed}", f"Size: {width}x{height}", f"Model: {Path(str(record['model']['path'])).name}"]
     if loras:
-        hashes = ", ".join(f"{Path(lo['path']).stem}: {lo['sha256'][:12]}" for lo in loras)
+        hashes = ", ".join(f"{Path(lo['path']).stem}: {lo['tensor_sha256'][:12]}" for lo in loras)
         settings.append(f'Lora hashes: "{hashes}"')
     lines.append(", ".join([*settings, "Version: sdtune"]))
     return "\n".join(lines)

@@ -39,18 +39,23 @@ def _names(model: torch.nn.Module) -> list[str]:
 
 
 def _header_alphas(lora: LoraFile, component: Component, modules: Sequence[str]) -> dict[str, float]:
-    """Alphas a peft/diffusers file declares for ``component`` (``lora_alpha``, ``alpha_pattern``);
-    modules it says nothing about keep alpha = rank, diffusers' convention without a header."""
-    if component == "unet" and lora.spec_declared:
-        return dict.fromkeys(modules, float(lora.spec.alpha))
+    """Alphas a peft/diffusers file declares for ``component`` (``lora_alpha``, and ``alpha_pattern``
+    keys matched as peft matches them); modules it says nothing about keep alpha = rank, diffusers'
+    convention without a header."""
+    from peft.utils.other import get_pattern_key
+
     meta = json.loads(lora.metadata.get(DIFFUSERS_METADATA_KEY) or "{}")
     prefix = _HEADER_PREFIX.get(component, "")
     alpha, pattern = meta.get(f"{prefix}lora_alpha"), meta.get(f"{prefix}alpha_pattern") or {}
+    if component == "unet" and lora.spec_declared:
+        alpha = lora.spec.alpha
     out = {}
     for m in modules:
-        hit = next((float(v) for k, v in pattern.items() if m == k or m.endswith("." + k)), None)
-        if hit is not None or alpha is not None:
-            out[m] = hit if hit is not None else float(alpha)
+        key = get_pattern_key(pattern.keys(), m) if pattern else None
+        if key in pattern:
+            out[m] = float(pattern[key])
+        elif alpha is not None:
+            out[m] = float(alpha)
     return out
 
 
@@ -104,10 +109,13 @@ def _load_into(model: torch.nn.Module, component: Component, weights: Weights, a
 
     tensors, alphas = weights
     config = lora_config(tensors, alphas)
-    if component == "unet":
-        model.add_adapter(config, adapter_name=adapter_name)
-    else:
-        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    try:
+        if component == "unet":
+            model.add_adapter(config, adapter_name=adapter_name)
+        else:
+            inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    except ValueError as err:  # peft: none of the file's layers exists in this model
+        return [str(err).strip().splitlines()[0]]
     try:
         result = set_peft_model_state_dict(model, tensors, adapter_name=adapter_name)
     except RuntimeError as err:  # size mismatch

@@ -26,6 +26,14 @@ def override_key(arg: str) -> str | None:
     return arg.split("=", 1)[0].lstrip("+~")
 
 
+def hydra_quote(value: str) -> str:
+    """``value`` as a Hydra override value: as is when plain, else single-quoted with escapes
+    (a run folder like ``lora.rank=8,seed=1`` would otherwise be parsed as a list)."""
+    if all(c.isalnum() or c in "/._-:" for c in value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def run_folder_of(value: str) -> Path | None:
     """The sdtune run folder ``ckpt_path`` points into (the folder, or a .ckpt in its checkpoints/)."""
     path = Path(value).expanduser()
@@ -40,12 +48,12 @@ def resume_argv(argv: list[str]) -> list[str]:
     given = {override_key(a): a for a in argv if override_key(a)}
     if "-m" in argv or "--multirun" in argv or "ckpt_path" not in given:
         return argv
-    run = run_folder_of(given["ckpt_path"].split("=", 1)[1])
+    run = run_folder_of(given["ckpt_path"].split("=", 1)[1].strip("'\""))
     if run is None:
         return argv
     saved = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text(encoding="utf-8")) or []
     replayed = [a for a in saved if isinstance(a, str) and override_key(a) not in given and override_key(a) != "ckpt_path"]
-    run_dir = [] if RUN_DIR_KEY in given else [f"{RUN_DIR_KEY}={run}"]
+    run_dir = [] if RUN_DIR_KEY in given else [f"{RUN_DIR_KEY}={hydra_quote(str(run))}"]
     return [*replayed, *argv, *run_dir]
 
 

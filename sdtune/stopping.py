@@ -19,6 +19,8 @@ from pathlib import Path
 
 import lightning as L
 
+from .resume import hydra_quote
+
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -37,6 +39,7 @@ class GracefulStop(L.Callback):
         self.signal_name: str | None = None
         self._previous: dict[int, object] = {}
         self._active = False
+        self._step_at_batch_start = -1
 
     @property
     def exit_code(self) -> int:
@@ -55,10 +58,12 @@ class GracefulStop(L.Callback):
               "(Ctrl-C again stops at once, saving nothing)", file=sys.stderr, flush=True)
 
     def _restore(self) -> None:
+        """Put the handlers found at ``setup`` back. Lightning re-installs the ones it found when fit
+        started (ours) in its own teardown, so this runs again in ``on_fit_end``/``teardown``, after it."""
         self._active = False
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
 
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
@@ -66,7 +71,8 @@ class GracefulStop(L.Callback):
         if not self._previous:
             self._previous = {s: signal.getsignal(s) for s in SIGNALS}
         for s in SIGNALS:
-            signal.signal(s, self._handle)
+            if self._previous[s] is not signal.SIG_IGN:  # a signal the caller ignores stays ignored
+                signal.signal(s, self._handle)
         self._active = True
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -74,10 +80,19 @@ class GracefulStop(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Lightning composes its own SIGTERM handler with ours at fit start, which would end the
-        # run with an exception at the epoch end; ours alone decides.
+        # run with an exception at the epoch end; ours alone decides. A SIGTERM it already noted
+        # (during the sanity check) becomes ours.
         self._install()
+        if trainer.received_sigterm:
+            self.requested = signal.SIGTERM
+            trainer._signal_connector.received_sigterm = False  # no public setter
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._step_at_batch_start:
+            return  # a micro-batch of gradient accumulation: stop only once the whole step is done
         asked = self.requested is not None
         if trainer.world_size > 1:  # every rank stops at the same step, or DDP would hang
             asked = trainer.strategy.reduce_boolean_decision(asked, all=False)
@@ -90,14 +105,18 @@ class GracefulStop(L.Callback):
         trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._restore()  # training is over: Ctrl-C interrupts the final renders as usual
+        self._active = False  # training is over: Ctrl-C interrupts the final renders as usual
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._restore()
         if self.signal_name and trainer.is_global_zero:
+            if not any(hasattr(c, "save_now") for c in trainer.checkpoint_callbacks):
+                print(f"\nstopped by {self.signal_name} at step {trainer.global_step}; checkpoints are off "
+                      "(callbacks.model_checkpoint=null), so this run cannot be continued.", file=sys.stderr, flush=True)
+                return
             print(f"\nstopped by {self.signal_name} at step {trainer.global_step}; the checkpoint and the LoRA of "
                   f"that step are in {self.run_dir}. Continue with:\n  python -m sdtune "
-                  f"ckpt_path={shlex.quote(str(self.run_dir))}", file=sys.stderr, flush=True)
+                  f"{shlex.quote('ckpt_path=' + hydra_quote(str(self.run_dir)))}", file=sys.stderr, flush=True)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore()

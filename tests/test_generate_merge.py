@@ -167,13 +167,16 @@ def test_generate_cli_compare_grid_with_model_from_the_lora_header(tmp_path):
         "a red circle", None, 3, [64, 64], [0, 1, 2])
     assert record["guidance"] == get_family("sd15").default_guidance
     [lora] = record["loras"]
-    assert lora == {"path": str(Path(a).resolve()), "weight": 0.8, "sha256": hashlib.sha256(Path(a).read_bytes()).hexdigest()}
+    data = Path(a).read_bytes()
+    tensor_bytes = data[8 + int.from_bytes(data[:8], "little"):]  # after the safetensors header, as A1111 hashes
+    assert lora == {"path": str(Path(a).resolve()), "weight": 0.8, "sha256": hashlib.sha256(data).hexdigest(),
+                    "tensor_sha256": hashlib.sha256(tensor_bytes).hexdigest()}
     # every PNG carries A1111's "parameters" text: the LoRA as a <lora:name:weight> tag when it was on
     on_text, off_text = on.text["parameters"], off.text["parameters"]
     stem = Path(a).stem
     assert on_text.splitlines()[0] == f"a red circle <lora:{stem}:0.8>" and off_text.splitlines()[0] == "a red circle"
     assert "Steps: 3, Sampler: " in on_text and ", CFG scale: 7.5, Seed: 1, Size: 64x64, Model: tiny-sd15" in on_text
-    assert f'Lora hashes: "{stem}: {lora["sha256"][:12]}"' in on_text and "Lora hashes" not in off_text
+    assert f'Lora hashes: "{stem}: {lora["tensor_sha256"][:12]}"' in on_text and "Lora hashes" not in off_text
     # a broken LoRA is a clear CLI error
     bad = tmp_path / "bad.safetensors"
     bad.write_text("not safetensors")

@@ -201,3 +201,18 @@ def test_resume_replays_the_runs_own_command_line(tmp_path):
     assert resume_argv(["ckpt_path=last", "lora.rank=4"]) == ["ckpt_path=last", "lora.rank=4"]  # not a run folder
     assert changed_settings({"trainer": {"max_steps": 30}, "seed": 0, "ckpt_path": None},
                             {"trainer": {"max_steps": 60}, "seed": 0, "ckpt_path": "x"}) == ["trainer.max_steps: 30 -> 60"]
+
+
+def test_a_run_folder_named_like_overrides_is_quoted_for_hydra(tmp_path):
+    """Sweep folders named by override_dirname (lora.rank=8,seed=1) must reach Hydra as one value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from sdtune.resume import resume_argv
+
+    run = tmp_path / "lora.rank=8,seed=1"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- lora.rank=8\n")
+    argv = resume_argv([f"ckpt_path='{run}'"])
+    parsed = OverridesParser.create().parse_overrides(argv)
+    assert [o.key_or_group for o in parsed] == ["lora.rank", "ckpt_path", "hydra.run.dir"]
+    assert parsed[-1].value() == str(run)

@@ -37,8 +37,9 @@ NO_CAPTION_CHANGES = CaptionOptions()
 
 def folder_repeats(records: Sequence[Record], root, explicit: Mapping[str, int] | None = None) -> list[int]:
     """Repeat count per record: ``explicit[top folder]``, else kohya's ``<N>_name`` prefix of the
-    first folder on its path that has one (``10_photos/a.png``, and ``images/10_photos/a.png`` as
-    ``make data`` writes it), else 1.
+    image's folder right under ``root`` (``10_photos/a.png``; ``images/10_photos/a.png`` as
+    ``make data`` lays a kohya folder out), else 1. Only that folder counts, so a folder deeper
+    down named like ``2023_trip`` is not read as 2023 repeats; ``0_name`` is refused.
 
     ``root`` is normalised as ``load_records`` does (``~``, relative paths); an image outside it
     (``data.allow_outside_root=true``) has no folder under ``root`` and is repeated once.
@@ -48,15 +49,18 @@ def folder_repeats(records: Sequence[Record], root, explicit: Mapping[str, int] 
     out = []
     for rec in records:
         try:
-            parts = Path(os.path.abspath(rec.path)).relative_to(root).parts
+            folders = Path(os.path.abspath(rec.path)).relative_to(root).parts[:-1]
         except ValueError:  # outside data.root
-            parts = ()
-        folders = parts[:-1]
+            folders = ()
         if folders and folders[0] in explicit:
             out.append(int(explicit[folders[0]]))
             continue
-        kohya = next((m for m in map(_KOHYA_REPEATS.match, folders) if m), None)
-        out.append(int(kohya.group(1)) if kohya else 1)
+        kohya = folders[1] if len(folders) > 1 and folders[0] == "images" else folders[0] if folders else ""
+        match = _KOHYA_REPEATS.match(kohya)
+        if match and int(match.group(1)) < 1:
+            raise DataError(f"folder {kohya!r} in {root} asks for {match.group(1)} repeats. Fix: rename it "
+                            f"to 1{kohya[len(match.group(1)):]} or more (kohya's <N>_name, N >= 1).")
+        out.append(int(match.group(1)) if match else 1)
     return out
 
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ..errors import DataError
+from ..formats import strip_dj_tokens
 
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
 REQUIRED_COLUMNS = ("file_name", "text")
@@ -59,7 +60,8 @@ def from_data_juicer(row: dict) -> dict:
     for key in ("images", "image"):
         if key in row:
             value = row[key]
-            return {**row, "file_name": value[0] if isinstance(value, list) and len(value) == 1 else value}
+            return {**row, "text": strip_dj_tokens(row.get("text")),
+                    "file_name": value[0] if isinstance(value, list) and len(value) == 1 else value}
     return row
 
 

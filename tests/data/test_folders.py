@@ -51,7 +51,22 @@ def test_kohya_folder_reads_sidecar_captions_and_repeats(tmp_path, caplog):
     assert _epoch(records, root) == EPOCH
 
 
-def test_caption_extension_and_repeat_folders_at_any_depth(tmp_path):
+def test_only_the_folder_under_the_root_sets_repeats(tmp_path):
+    """kohya reads <N>_name on the folder right under the dataset (or under images/, as `make data`
+    writes it); a deeper 2023_trip is a name, not 2023 repeats; 0_name is refused."""
+    root = tmp_path / "set"
+    add(root, "5_me/2023_trip/a.png", textured(1, 64, 64), "x")
+    add(root, "images/3_cat/b.png", textured(2, 64, 64), "y")
+    add(root, "misc/2023_trip/c.png", textured(3, 64, 64), "z")
+    records = load_records(root)
+    assert [r.path.name for r in records] == ["a.png", "b.png", "c.png"]
+    assert folder_repeats(records, root) == [5, 3, 1]
+    add(root, "0_none/d.png", textured(4, 64, 64), "w")
+    with pytest.raises(DataError, match=r"folder '0_none' .* asks for 0 repeats. Fix: rename it to 1_none"):
+        folder_repeats(load_records(root), root)
+
+
+def test_caption_extension_and_repeat_folders_under_images(tmp_path):
     root = tmp_path / "set"
     image = add(root, "images/3_cat/a.png", textured(1, 64, 64), None)
     image.with_suffix(".caption").write_text("a cat", encoding="utf-8")
@@ -87,7 +102,7 @@ def test_data_juicer_rows_in_metadata_jsonl(tmp_path):
     root = tmp_path / "set"
     add(root, "train/0.jpg", textured(1, 64, 64), None)
     add(root, "train/1.jpg", textured(2, 64, 64), None)
-    rows = [{"text": "二次元", "image": [str(root / "train" / "0.jpg")]}, {"text": "风景", "images": ["train/1.jpg"]}]
+    rows = [{"text": "二次元", "image": [str(root / "train" / "0.jpg")]}, {"text": "<__dj__image> 风景 <|__dj__eoc|>", "images": ["train/1.jpg"]}]
     (root / "metadata.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     assert [(r.path.name, r.text) for r in load_records(root)] == [("0.jpg", "二次元"), ("1.jpg", "风景")]
 
