@@ -6,6 +6,7 @@ download. Each message names the key, the value it got and what would be accepte
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -112,7 +113,8 @@ def validate(cfg: DictConfig) -> None:
 CLOSED_SECTIONS = {"model": "model", "lora": "lora", "data": "data", "train": None, "speed": None, "resume": None}
 
 
-def schema_keys(section: str) -> set[str]:
+@functools.cache
+def schema_keys(section: str) -> frozenset[str]:
     """Every key ``section`` has in sdtune's own config files (all of its group's options)."""
     import yaml
 
@@ -123,7 +125,7 @@ def schema_keys(section: str) -> set[str]:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         data = data if group else data.get(section) or {}
         keys.update(k for k in data if k != "defaults")
-    return keys
+    return frozenset(keys)
 
 
 def _check_known_keys(cfg: DictConfig) -> None:

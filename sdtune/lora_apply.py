@@ -22,12 +22,12 @@ from .errors import LoraFileError
 from .families import ModelFamily, ModelParts, as_family
 from .lora_checks import DIFFUSERS_METADATA_KEY
 from .lora_files import LoraFile, check_family
-from .lora_keys import diffusers_to_peft, kohya_text_encoder_tensors, kohya_to_peft, peft_components
+from .lora_keys import PEFT_PREFIXES, diffusers_to_peft, kohya_text_encoder_tensors, kohya_to_peft, peft_components
 
 Component = str | int  # "unet", or the index of a text encoder
 Weights = tuple[dict[str, torch.Tensor], dict[str, float]]  # peft tensors, alpha per module
-# diffusers' header prefixes per component, for a peft-layout file's alphas
-_HEADER_PREFIX = {"unet": "unet.", 0: "text_encoder.", 1: "text_encoder_2."}
+# diffusers' header prefixes per component (its save_lora_weights key prefixes), for a peft-layout file's alphas
+_HEADER_PREFIX = {c: p for p, c in PEFT_PREFIXES if p.startswith(("unet.", "text_encoder"))}
 
 
 def _model(parts: ModelParts, component: Component) -> torch.nn.Module:

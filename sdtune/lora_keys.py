@@ -107,38 +107,46 @@ def peft_to_kohya(
     return out
 
 
+def _resolve_kohya(
+    entries: Iterable[tuple[str, str, torch.Tensor]], lookup: Mapping[str, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, float], list[str]]:
+    """peft tensors, per-module alphas and the unmatched file keys of kohya ``entries``
+    ``(file key, name to look up, tensor)``, resolved through ``lookup`` (kohya name -> module)."""
+    reverse = tuple((new, old) for old, new in KOHYA_SUFFIXES)
+    out: dict[str, torch.Tensor] = {}
+    alphas: dict[str, float] = {}
+    unknown = []
+    for key, name, v in entries:
+        if name.endswith(KOHYA_ALPHA):
+            if v.numel() != 1:
+                raise LoraFileError(f"tensor {key!r} should be one scalar alpha but has shape {list(v.shape)}")
+            module = lookup.get(name[: -len(KOHYA_ALPHA)])
+            if module is not None:
+                alphas[module] = float(v)
+            continue
+        stem, suffix = _swap_suffix(name, reverse)
+        if stem not in lookup:
+            unknown.append(key)
+            continue
+        out[lookup[stem] + suffix] = v
+    return out, alphas, unknown
+
+
 def kohya_to_peft(
     tensors: Mapping[str, torch.Tensor],
     module_names: Iterable[str],
     family: str | ModelFamily,
     unet_config: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """peft tensors and per-module alphas from a kohya file, resolved against ``module_names``.
+    """peft tensors and per-module alphas of a kohya file's UNet layers, resolved against ``module_names``.
 
     ``_`` in a kohya name is ambiguous (``transformer_blocks`` vs a path separator), so names are
-    matched by computing the kohya name of every module the UNet actually has.
+    matched by computing the kohya name of every module the UNet actually has. Text-encoder layers
+    (``lora_te*``) are left to :func:`kohya_text_encoder_tensors`.
     """
     family = as_family(family)
     lookup = {kohya_module_name(m, family, unet_config): m for m in module_names}
-    reverse = tuple((new, old) for old, new in KOHYA_SUFFIXES)
-    out: dict[str, torch.Tensor] = {}
-    alphas: dict[str, float] = {}
-    unknown = []
-    for k, v in tensors.items():
-        if k.startswith("lora_te"):  # text-encoder LoRA layers: not trained or applied by sdtune
-            continue
-        if k.endswith(KOHYA_ALPHA):
-            name = k[: -len(KOHYA_ALPHA)]
-            if v.numel() != 1:
-                raise LoraFileError(f"tensor {k!r} should be one scalar alpha but has shape {list(v.shape)}")
-            if name in lookup:
-                alphas[lookup[name]] = float(v)
-            continue
-        stem, suffix = _swap_suffix(k, reverse)
-        if stem not in lookup:
-            unknown.append(k)
-            continue
-        out[lookup[stem] + suffix] = v
+    out, alphas, unknown = _resolve_kohya(((k, k, v) for k, v in tensors.items() if not k.startswith("lora_te")), lookup)
     if unknown:
         raise LoraFileError(
             f"{len(unknown)} kohya tensor(s) match no module of this {family.name} UNet, e.g. {sorted(unknown)[:3]}"
@@ -209,28 +217,20 @@ def kohya_text_encoder_tensors(
 ) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, float]]]:
     """peft tensors and alphas of a kohya file's ``lora_te*`` layers, per text encoder index,
     resolved against each encoder's module names (``.`` -> ``_``, as kohya names them)."""
-    reverse = tuple((new, old) for old, new in KOHYA_SUFFIXES)
-    out: dict[int, tuple[dict[str, torch.Tensor], dict[str, float]]] = {}
-    unknown = []
-    lookups = {i: {m.replace(".", "_"): m for m in names} for i, names in module_names.items()}
+    groups: dict[int | None, list[tuple[str, str, torch.Tensor]]] = {}
     for k, v in tensors.items():
-        if not k.startswith("lora_te"):
-            continue
-        prefix, index = next(((p, i) for p, i in KOHYA_TE_PREFIXES if k.startswith(p)), (None, None))
-        lookup = lookups.get(index, {}) if prefix else {}
-        stem = k[len(prefix):] if prefix else k
-        tensors_i, alphas_i = out.setdefault(index, ({}, {}))
-        if stem.endswith(KOHYA_ALPHA):
-            if stem[: -len(KOHYA_ALPHA)] in lookup:
-                alphas_i[lookup[stem[: -len(KOHYA_ALPHA)]]] = float(v)
-            continue
-        stem, suffix = _swap_suffix(stem, reverse)
-        if stem not in lookup:
-            unknown.append(k)
-            continue
-        tensors_i[lookup[stem] + suffix] = v
+        if k.startswith("lora_te"):
+            prefix, index = next(((p, i) for p, i in KOHYA_TE_PREFIXES if k.startswith(p)), ("", None))
+            groups.setdefault(index, []).append((k, k[len(prefix):], v))
+    out, unknown = {}, []
+    for index, entries in groups.items():
+        names = module_names.get(index, []) if index is not None else []
+        layers, alphas, missed = _resolve_kohya(entries, {m.replace(".", "_"): m for m in names})
+        unknown += missed
+        if layers:
+            out[index] = (layers, alphas)
     if unknown:
         raise LoraFileError(
             f"{len(unknown)} text-encoder tensor(s) match no layer of this model's text encoder(s), e.g. {sorted(unknown)[:3]}"
         )
-    return {i: v for i, v in out.items() if v[0]}
+    return out

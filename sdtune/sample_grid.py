@@ -18,6 +18,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from .callbacks import writes_outputs
 from .errors import ConfigError
 from .fit_caches import frozen_modules_on_device
 from .io import save_image_atomic, write_text_atomic
@@ -119,16 +120,12 @@ class SampleGrid(L.Callback):
         return parse_samples([r.text for r in records[: len(self.seeds)]], self.seeds, self.negative_prompt)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        from .callbacks import writes_outputs
-
         step = trainer.global_step
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step and writes_outputs(trainer):
             self._last_step = step
             self.write(trainer, pl_module, self.dirpath / "samples" / f"step{step:06d}.png")
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        from .callbacks import writes_outputs
-
         if writes_outputs(trainer) and not stopped_early(trainer):  # a stopped run exits without rendering
             self.write(trainer, pl_module, self.dirpath / self.filename)
 
