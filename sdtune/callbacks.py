@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from .ema import with_ema_facts
 from .errors import ConfigError
 from .io import write_text_atomic
 from .lora_files import DEFAULT_FORMAT, FORMATS, run_header, save_lora
@@ -74,6 +75,7 @@ class LoRAExport(L.Callback):
             num_train_images=pl_module.num_train_images,
             output_name=self.path.stem,
         )
+        header = with_ema_facts(header, pl_module.cfg)  # lora_state() gives the EMA weights then
         save_lora(self.path, pl_module.lora_state(), header, format=self.format, unet_config=pl_module.parts.unet.config)
         log.info("wrote %s", self.path)
 

@@ -24,7 +24,10 @@ PREDICTION_TYPES = (None, "epsilon", "v_prediction")
 LORA_INITS = ("gaussian", True, False)
 MAX_RANK = 1024
 # What diffusers.optimization.get_scheduler takes besides the optimizer and the step count.
-SCHEDULER_KEYS = {"name", "warmup_steps", "num_cycles", "power", "step_rules"}
+# eta_min is ours (sdtune.optimization): a floor for the cosine schedules.
+SCHEDULER_KEYS = {"name", "warmup_steps", "num_cycles", "power", "step_rules", "eta_min"}
+# Optimizers from optional packages: the command that installs each (an extra of pyproject.toml).
+OPTIONAL_OPTIMIZERS = {"prodigyopt": "pip install prodigyopt==1.1.2", "bitsandbytes": "pip install bitsandbytes"}
 
 
 def register_resolvers() -> None:
@@ -243,6 +246,7 @@ def _check_train(cfg: DictConfig) -> None:
         )
     _number(cfg, "train.snr_gamma", minimum=0, exclusive=True, optional=True)
     _number(cfg, "train.noise_offset", minimum=0)
+    _check_ema(cfg)
     _number(cfg, "optim.optimizer.lr", minimum=0, exclusive=True)
     if _get(cfg, "callbacks.model_checkpoint.keep_last") is not None:
         _int(cfg, "callbacks.model_checkpoint.keep_last", minimum=1, hint=" Fix: e.g. keep_last=3, or null to keep all.")
@@ -287,13 +291,70 @@ def _check_scheduler(cfg: DictConfig) -> None:
     if unknown:
         raise ConfigError(
             f"optim.scheduler.{unknown[0]} is not a setting of diffusers' get_scheduler and would be ignored "
-            f"(it takes {', '.join(sorted(SCHEDULER_KEYS))}; e.g. its cosine schedule always decays to 0). "
+            f"(it takes {', '.join(sorted(SCHEDULER_KEYS))}; a floor for cosine is eta_min). "
             f"Fix: remove optim.scheduler.{unknown[0]} (~optim.scheduler.{unknown[0]} on the command line)."
         )
     names = [t.value for t in SchedulerType]
     if sched.get("name") not in names:
         raise ConfigError(f"optim.scheduler.name={sched.get('name')!r} is not one of {names}.")
     _int(cfg, "optim.scheduler.warmup_steps", minimum=0)
+    _check_optim_extras(cfg)
+
+
+def _check_optim_extras(cfg: DictConfig) -> None:
+    """``optim.scheduler.eta_min``, ``optim.lora_plus_ratio`` and an optimizer's optional package."""
+    from .optimization import FLOOR_SCHEDULES
+
+    lr = _number(cfg, "optim.optimizer.lr", minimum=0, exclusive=True)
+    eta_min = _number(cfg, "optim.scheduler.eta_min", minimum=0, optional=True)
+    name = _get(cfg, "optim.scheduler.name")
+    if eta_min is not None and name not in FLOOR_SCHEDULES:
+        raise ConfigError(
+            f"optim.scheduler.eta_min={eta_min} is a floor for the cosine schedules only; {name} cannot honour it. "
+            f"Fix: optim.scheduler.name=cosine (or cosine_with_restarts), or optim.scheduler.eta_min=null."
+        )
+    if eta_min is not None and eta_min >= lr:
+        raise ConfigError(
+            f"optim.scheduler.eta_min={eta_min} must be below optim.optimizer.lr={lr} (it is the lowest lr the "
+            f"schedule decays to). Fix: e.g. optim.scheduler.eta_min={lr / 10:g}."
+        )
+    ratio = _get(cfg, "optim.lora_plus_ratio")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                              or not math.isfinite(ratio) or ratio <= 0):
+        raise ConfigError(
+            f"optim.lora_plus_ratio must be a number > 0 (the LoRA B matrices learn at lr * ratio) or null (off), "
+            f"got {ratio!r}. Fix: e.g. optim.lora_plus_ratio=16 (the LoRA+ paper's choice)."
+        )
+    target = str(_get(cfg, "optim.optimizer._target_") or "")
+    package = target.split(".")[0]
+    if package in OPTIONAL_OPTIMIZERS:
+        import importlib
+
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            raise ConfigError(
+                f"optim.optimizer._target_={target} needs the package {package}, which is not installed. "
+                f"Fix: {OPTIONAL_OPTIMIZERS[package]}, or pick another optimizer (e.g. optim=adamw)."
+            ) from None
+
+
+def _check_ema(cfg: DictConfig) -> None:
+    """``train.ema``: a decay in (0, 1); ``use_for_export`` only with the EMA on."""
+    ema = _get(cfg, "train.ema")
+    if ema is None:
+        return
+    for key in ("enabled", "use_for_export"):
+        if not isinstance(ema.get(key), bool):
+            raise ConfigError(f"train.ema.{key} must be true or false, got {ema.get(key)!r}.")
+    decay = _number(cfg, "train.ema.decay", minimum=0, exclusive=True)
+    if decay >= 1:
+        raise ConfigError(f"train.ema.decay must be in (0, 1), got {decay}. Fix: e.g. train.ema.decay=0.999.")
+    if ema.use_for_export and not ema.enabled:
+        raise ConfigError(
+            "train.ema.use_for_export=true, but train.ema.enabled=false keeps no EMA weights to export. "
+            "Fix: add train.ema.enabled=true, or drop use_for_export."
+        )
 
 
 def expand_home(argv: list[str]) -> list[str]:

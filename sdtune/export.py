@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .checkpointing import CHECKPOINT_FIX, load_checkpoint
+from .ema import checkpoint_export_tensors, with_ema_facts
 from .errors import LoraFileError, SdtuneError
 from .families import FAMILIES, get_family
 from .lora import lora_tensors, spec_from_config
@@ -68,6 +69,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str = D
             num_train_images=ckpt["sdtune"].get("num_train_images"),
             output_name=Path(out).stem,
         )
+        tensors, header = checkpoint_export_tensors(ckpt, cfg, tensors, str(ckpt_path)), with_ema_facts(header, cfg)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise LoraFileError(
             f"{str(ckpt_path)!r} is not a complete sdtune checkpoint: its run config or state_dict is missing or "

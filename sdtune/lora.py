@@ -109,8 +109,13 @@ def lora_tensors(module_state: Mapping[str, torch.Tensor], prefix: str = "unet."
     }
 
 
+def named_trainable_lora_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(module path, parameter) of every trainable LoRA tensor, in ``named_parameters`` order."""
+    return [(n, p) for n, p in module.named_parameters() if is_lora_key(n) and p.requires_grad]
+
+
 def trainable_lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for n, p in module.named_parameters() if is_lora_key(n) and p.requires_grad]
+    return [p for _, p in named_trainable_lora_parameters(module)]
 
 
 def live_lora_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -16,11 +16,18 @@ import torch
 from .checkpointing import keep_lora_only
 from .data.sampler import skip_finished_batches
 from .diffusion import batch_latents, denoising_loss, latent_shape, sample_randomness, validation_randomness
+from .ema import LoraEMA, exports_ema, start_ema
 from .errors import NonFiniteLossError
 from .families import ModelParts, get_family
 from .families.builder import build_parts
 from .fit_caches import prepare_fit
-from .lora import LoraSpec, live_lora_state, spec_from_config, trainable_lora_parameters
+from .lora import (
+    LoraSpec,
+    live_lora_state,
+    named_trainable_lora_parameters,
+    spec_from_config,
+    trainable_lora_parameters,
+)
 from .optimization import build_optimization
 from .text_cache import TextEmbeddingCache
 from .trainable import prepare_for_training, weight_dtype
@@ -47,6 +54,8 @@ class LoRATrainingModule(L.LightningModule):
         self.model_source = model_source  # model.path already resolved by the caller (None: resolve in setup)
         self.text_cache: TextEmbeddingCache | None = None
         self.skipped_nonfinite = 0
+        self.ema: LoraEMA | None = None  # train.ema: started in on_train_start, after a resume restored the weights
+        self._saved_ema: dict[str, Any] | None = None
         # Checkpoints hold LoRA tensors only, so the frozen base weights are legitimately absent.
         self.strict_loading = False
 
@@ -129,6 +138,7 @@ class LoRATrainingModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         skip_finished_batches(self.trainer)  # resuming mid-epoch: continue where the checkpoint was
+        self.ema = start_ema(self.parts.unet, self.cfg, self._saved_ema)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Loss on fixed images with fixed noise and timesteps, so runs and steps compare."""
@@ -142,19 +152,29 @@ class LoRATrainingModule(L.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
-        return build_optimization(self.cfg["optim"], self.cfg["trainer"], trainable_lora_parameters(self.parts.unet),
+        return build_optimization(self.cfg["optim"], self.cfg["trainer"], named_trainable_lora_parameters(self.parts.unet),
                                   device=self.device, total_steps=int(self.trainer.estimated_stepping_batches))
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """Lightning calls this once per optimizer step (after the last micro-batch of an accumulation)."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update()
 
     # -- checkpoints --------------------------------------------------------------------------
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_nonfinite = int(checkpoint.get("sdtune", {}).get("skipped_nonfinite", 0))
+        self._saved_ema = checkpoint.get("sdtune", {}).get("ema")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep_lora_only(checkpoint, self.spec, family=self.family.name, num_train_images=self.num_train_images,
                        data=self.data_manifest,  # what a resume compares the dataset against
-                       skipped_nonfinite=self.skipped_nonfinite)
+                       skipped_nonfinite=self.skipped_nonfinite, ema=self.ema.state_dict() if self.ema else None)
 
     def lora_state(self) -> dict[str, torch.Tensor]:
+        """What the run exports: the EMA weights with ``train.ema.use_for_export``, else the trained ones."""
+        if self.ema is not None and exports_ema(self.cfg):
+            return self.ema.tensors()
         return live_lora_state(self.parts.unet)
 
     def trainable_parameter_count(self) -> int:

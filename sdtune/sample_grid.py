@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .callbacks import writes_outputs
+from .ema import exported_weights
 from .errors import ConfigError
 from .fit_caches import frozen_modules_on_device
 from .io import save_image_atomic, write_text_atomic
@@ -69,7 +70,7 @@ def render_at_scales(pl_module, samples: Sequence[Sample], scales: Sequence[floa
     prompts, seeds = [s.prompt for s in samples], [s.seed for s in samples]
     negatives = [s.negative_prompt for s in samples]
     try:
-        with frozen_modules_on_device(pl_module):
+        with frozen_modules_on_device(pl_module), exported_weights(pl_module):  # draw what the run exports
             return [render(pipe, prompts, seeds, steps=steps, guidance=guidance, size=size, lora_scale=scale,
                            negative_prompt=negatives if any(negatives) else None) for scale in scales]
     finally:

@@ -26,7 +26,7 @@ BASE = ["experiment=quickstart", "callbacks.samples=null", "data.val_images=0"]
     (["seed=-1"], r"seed must be an integer from 0 to 2\*\*32-1 \(4294967295\), got -1. Fix: e.g. seed=42"),
     (["seed=4294967296"], r"seed must be an integer from 0 to 2\*\*32-1 \(4294967295\), got 4294967296"),
     (["lora.rank=1000000000"], r"lora.rank=1000000000 is larger than any layer it could adapt .*Fix: e.g. lora.rank=16"),
-    (["+optim.scheduler.eta_min=0.1"], r"optim.scheduler.eta_min is not a setting of diffusers' get_scheduler and would be ignored.*Fix: remove"),
+    (["+optim.scheduler.min_lr=0.1"], r"optim.scheduler.min_lr is not a setting of diffusers' get_scheduler and would be ignored.*Fix: remove"),
     (["optim.scheduler.name=cosinus"], r"optim.scheduler.name='cosinus' is not one of \[.*'cosine'"),
     (["optim.scheduler.warmup_steps=-3"], r"optim.scheduler.warmup_steps must be >= 0, got -3"),
 ])
