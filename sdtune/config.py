@@ -27,7 +27,8 @@ MAX_RANK = 1024
 # eta_min is ours (sdtune.optimization): a floor for the cosine schedules.
 SCHEDULER_KEYS = {"name", "warmup_steps", "num_cycles", "power", "step_rules", "eta_min"}
 # Optimizers from optional packages: the command that installs each (an extra of pyproject.toml).
-OPTIONAL_OPTIMIZERS = {"prodigyopt": "pip install prodigyopt==1.1.2", "bitsandbytes": "pip install bitsandbytes"}
+# (bitsandbytes is not checked here: the GPU presets name it and are validated on CPU machines too.)
+OPTIONAL_OPTIMIZERS = {"prodigyopt": "pip install prodigyopt==1.1.2"}
 
 
 def register_resolvers() -> None:
