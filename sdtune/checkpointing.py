@@ -194,11 +194,13 @@ def check_resumable(path: Path, cfg: Mapping[str, Any], manifest: Mapping[str, s
 
 
 def _resume_tensors(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The LoRA weights and every optimizer-state tensor (a NaN moment poisons the next step too)."""
+    """The LoRA weights, every optimizer-state tensor (a NaN moment poisons the next step too) and the EMA's."""
     tensors = dict(lora_tensors(ckpt.get("state_dict", {})))
     for i, opt in enumerate(ckpt.get("optimizer_states", [])):
         for pid, state in (opt.get("state") or {}).items():
             for name, value in state.items():
                 if torch.is_tensor(value) and value.is_floating_point():
                     tensors[f"optimizer[{i}].state[{pid}].{name}"] = value
+    ema = (ckpt.get("sdtune") or {}).get("ema") or {}  # train.ema: the moving average goes on from these
+    tensors.update({f"ema.{n}": t for n, t in zip(ema.get("names", ()), ema.get("shadow_params", ()))})
     return tensors
