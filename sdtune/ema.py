@@ -8,7 +8,7 @@ and ``d_1 = 0`` (so the EMA starts at the weights after the first step, not at t
 Its state (the shadow tensors, under their peft names, and the step count) lives in every
 checkpoint's ``sdtune.ema`` section, so a resume continues it exactly. With
 ``train.ema.use_for_export`` the run's ``lora.safetensors``, ``python -m sdtune.export <ckpt>``
-and the samples and concept probe drawn at the end of training all use the EMA weights (the
+and the sample grids and concept probe (during and at the end of training) all draw the EMA weights (the
 header records ``sdtune.ema=true`` and ``sdtune.ema_decay``); otherwise all of them use the raw ones.
 """
 
