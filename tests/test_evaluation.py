@@ -156,12 +156,15 @@ def test_the_optuna_sweep_direction_follows_the_metric(references, metric, direc
     assert cfg.hydra.sweeper.direction == direction
 
 
+TINY_RUN = ("experiment=quickstart", "model=tiny", "trainer.max_steps=2", "callbacks.samples=null",
+            "callbacks.concept_probe=null", "data.val_images=0")
+
+
 @pytest.fixture(scope="module")
 def eval_run(tmp_path_factory, scorers, references) -> Path:
     """A 2-step tiny-SD1.5 run evaluating two prompts every step with the VAE distance, CLIP and DINO."""
     run = tmp_path_factory.mktemp("eval") / "run"
-    proc = run_cli("experiment=quickstart", "model=tiny", "trainer.max_steps=2", "callbacks.samples=null",
-                   "callbacks.concept_probe=null", "data.val_images=0", "eval.every_n_steps=1", "eval.steps=2",
+    proc = run_cli(*TINY_RUN, "eval.every_n_steps=1", "eval.steps=2",
                    f"eval.prompts=[{{prompt: a red circle, references: [{references / 'red_circle.png'}], name: red}}, a blue square]",
                    f"eval.clip_model={scorers['clip']}", f"eval.dino_model={scorers['dino']}", f"hydra.run.dir={run}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -172,6 +175,7 @@ AVERAGED = ["eval/latent_dist", "eval/clip_t", "eval/clip_i", "eval/dino"]
 PER_PROMPT = ["eval/red/latent_dist", "eval/red/clip_t", "eval/red/clip_i", "eval/red/dino", "eval/a_blue_square/clip_t"]
 
 
+@pytest.mark.slow
 def test_metrics_reach_csv_tensorboard_and_summary_under_their_names(eval_run):
     """Catches metrics computed but not logged (or under other names), a missing step-0 baseline or
     final evaluation, and averages that are not the mean over prompts."""
@@ -198,6 +202,7 @@ def test_metrics_reach_csv_tensorboard_and_summary_under_their_names(eval_run):
         "a_blue_square_seed0.png", "a_blue_square_seed1.png", "red_seed0.png", "red_seed1.png"]
 
 
+@pytest.mark.slow
 def test_logged_numbers_are_the_saved_images_scores(eval_run, scorers, references):
     """Catches logged numbers that do not belong to the images of that step (another seed or prompt,
     references resized differently): the final images, scored again here, give the same numbers."""
@@ -212,6 +217,7 @@ def test_logged_numbers_are_the_saved_images_scores(eval_run, scorers, reference
     assert mean_cosine(dino.images(images, cpu), dino.images([ref], cpu)) == pytest.approx(last["eval/red/dino"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_report_ranks_runs_by_an_eval_metric(eval_run, tmp_path):
     """Catches a report that drops the eval columns or sorts a similarity ascending (best run last)."""
     import shutil
@@ -230,3 +236,17 @@ def test_report_ranks_runs_by_an_eval_metric(eval_run, tmp_path):
     assert [r["run"] for r in by_similarity] == ["1", "0"] and [r["rank"] for r in by_similarity] == [1, 2]
     assert [r["run"] for r in report(sweep, sort="eval/latent_dist")] == ["0", "1"]
     assert "eval/dino" in (sweep / "report.csv").read_text().splitlines()[0]
+
+
+@pytest.mark.slow
+def test_evaluating_does_not_change_what_is_trained(eval_run, tmp_path):
+    """Catches an evaluation that disturbs training (the UNet left in eval mode, LoRA scale left
+    set, shared scheduler or RNG state): the same run without ``eval`` ends with the same LoRA."""
+    from safetensors.torch import load_file
+
+    proc = run_cli(*TINY_RUN, f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with_eval, without = load_file(eval_run / "lora.safetensors"), load_file(tmp_path / "run" / "lora.safetensors")
+    assert with_eval.keys() == without.keys()
+    assert all(torch.equal(with_eval[k], without[k]) for k in without)
+    assert not (tmp_path / "run" / "eval").exists()
