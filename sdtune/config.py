@@ -40,6 +40,10 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("sdtune_cwd", lambda: os.getcwd(), use_cache=True)
     if not OmegaConf.has_resolver("sdtune_per_family"):
         OmegaConf.register_new_resolver("sdtune_per_family", per_family)
+    if not OmegaConf.has_resolver("sdtune_direction"):  # hparams_search: maximize similarities, minimize the rest
+        from .eval_config import sweep_direction
+
+        OmegaConf.register_new_resolver("sdtune_direction", sweep_direction)
 
 
 def per_family(family: str, table: Any) -> Any:
@@ -107,14 +111,15 @@ def check_device(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first invalid training setting."""
-    for check in (_check_known_keys, _check_model, _check_lora, _check_data, _check_trainer, _check_train):
+    for check in (_check_known_keys, _check_model, _check_lora, _check_data, _check_trainer, _check_train, _check_eval):
         check(cfg)
 
 
 #: Sections whose settings sdtune reads itself, so a key it does not know is a typo, not a setting
 #: (trainer.*, optim.optimizer.*, callbacks and loggers go to the classes they build and stay open).
 #: Each maps to where its keys are defined: a config group folder, or the root config.
-CLOSED_SECTIONS = {"model": "model", "lora": "lora", "data": "data", "train": None, "speed": None, "resume": None}
+CLOSED_SECTIONS = {"model": "model", "lora": "lora", "data": "data", "train": None, "speed": None, "resume": None,
+                   "eval": None}
 
 
 @functools.cache
@@ -259,6 +264,18 @@ def _check_train(cfg: DictConfig) -> None:
             "optimized_metric=val/loss, but data.val_images=0 logs no validation loss. Fix: data.val_images=4 "
             "(a fixed validation loss on 4 training images), or optimize another metric."
         )
+
+
+def _check_eval(cfg: DictConfig) -> None:
+    """``eval:`` (:mod:`sdtune.eval_config`): reference images exist and open, and an
+    ``optimized_metric=eval/...`` is one this evaluation logs."""
+    from .eval_config import check_optimized_metric, parse_eval
+
+    node = _get(cfg, "eval")
+    spec = parse_eval(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node)
+    metric = _get(cfg, "optimized_metric")
+    if isinstance(metric, str):
+        check_optimized_metric(metric, spec)
 
 
 def _check_run_length(cfg: DictConfig) -> None:

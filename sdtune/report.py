@@ -3,7 +3,8 @@
 Writes into MULTIRUN_DIR (or ``--out``):
 
 * ``report.csv`` and ``report.md``: one row per run with the swept values, final and minimum train
-  loss, final validation loss, trainable parameters, LoRA file size, steps per second, wall time;
+  loss, final validation loss, trainable parameters, LoRA file size, steps per second, wall time,
+  and the last evaluation against reference images (``eval/...``); ``--sort METRIC`` ranks the runs;
 * ``loss_curves.png``: every run's train loss (and validation loss, dashed) on one plot;
 * ``samples_grid.png``: each run's final samples with the LoRA on, rows = runs, columns = prompts.
 
@@ -47,7 +48,13 @@ class Run:
         row["final_val_loss"] = self.val_loss[-1][1] if self.val_loss else None
         for key in ("trainable_params", "lora_bytes", "steps_per_second", "wall_seconds"):
             row[key] = self.summary.get(key)
+        row.update(self.eval_metrics())
         return row
+
+    def eval_metrics(self) -> dict[str, float]:
+        """The last evaluation against reference images (``summary.json``'s ``eval.final``), by metric name."""
+        final = (self.summary.get("eval") or {}).get("final") or {}
+        return {k: v for k, v in final.items() if k.startswith("eval/")}
 
 
 def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
@@ -194,7 +201,20 @@ def samples_grid(runs: list[Run], swept: list[str], path: Path) -> bool:
     return True
 
 
-def report(sweep: str | Path, out: str | Path | None = None) -> list[dict]:
+def rank_rows(rows: list[dict], metric: str) -> list[dict]:
+    """``rows`` best first by ``metric`` (similarities descending, losses and distances ascending),
+    numbered in a ``rank`` column; runs without the metric last."""
+    from .eval_config import higher_is_better
+
+    if not any(r.get(metric) is not None for r in rows):
+        known = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))})
+        raise SystemExit(f"error: --sort {metric}: no run has that metric; sortable: {', '.join(known)}")
+    sign = -1.0 if higher_is_better(metric) else 1.0
+    ranked = sorted(rows, key=lambda r: (r.get(metric) is None, sign * float(r.get(metric) or 0.0)))
+    return [{"rank": i + 1, **r} for i, r in enumerate(ranked)]
+
+
+def report(sweep: str | Path, out: str | Path | None = None, sort: str | None = None) -> list[dict]:
     sweep = Path(sweep)
     runs = load_runs(sweep) if sweep.is_dir() else []
     if not runs:
@@ -204,6 +224,10 @@ def report(sweep: str | Path, out: str | Path | None = None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     swept = swept_keys(runs)
     rows = [r.row(swept) for r in runs]
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # eval metrics some runs lack: empty cells
+    rows = [{k: r.get(k) for k in columns} for r in rows]
+    if sort:
+        rows = rank_rows(rows, sort)
     write_table(rows, out)
     plot_losses(runs, swept, out / "loss_curves.png")
     samples_grid(runs, swept, out / "samples_grid.png")
@@ -214,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdtune.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", help="a run folder (outputs/runs/<time>) or a sweep (outputs/multirun/<time>)")
     parser.add_argument("--out", help="where to write the report (default: the sweep folder)")
+    parser.add_argument("--sort", metavar="METRIC", help="rank runs by a column, e.g. eval/latent_dist (lower is better) "
+                        "or eval/clip_i (higher is better); similarities sort descending, losses and distances ascending")
     args = parser.parse_args(argv)
-    rows = report(args.sweep, args.out)
+    rows = report(args.sweep, args.out, args.sort)
     print((Path(args.out or args.sweep) / "report.md").read_text())
     print(f"{len(rows)} run(s)")
     return 0

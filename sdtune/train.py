@@ -23,6 +23,7 @@ from .config import check_device, validate
 from .console import tidy_console
 from .data import ImageCaptionDataModule, load_records
 from .errors import OutputError, RunStopped
+from .evaluation import evaluation_callbacks
 from .families.builder import model_source
 from .io import write_text_atomic
 from .loggers import drop_rows_after
@@ -72,7 +73,7 @@ def _build_trainer(cfg: DictConfig, resolved: dict[str, Any], output_dir: Path) 
     for key in SDTUNE_TRAINER_KEYS:  # ours, not lightning.Trainer's
         trainer_kwargs.pop(key, None)
     stop = GracefulStop(output_dir)
-    callbacks = [*_instantiate_all(cfg.get("callbacks")), stop]
+    callbacks = [*_instantiate_all(cfg.get("callbacks")), *evaluation_callbacks(resolved, output_dir), stop]
     if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
         # Lightning would otherwise add its own per-epoch checkpoint; null means no checkpoints.
         trainer_kwargs["enable_checkpointing"] = False
