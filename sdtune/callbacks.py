@@ -74,7 +74,8 @@ class LoRAExport(L.Callback):
             num_train_images=pl_module.num_train_images,
             output_name=self.path.stem,
         )
-        save_lora(self.path, pl_module.lora_state(), header, format=self.format, unet_config=pl_module.parts.unet.config)
+        save_lora(self.path, pl_module.lora_state(), header, format=self.format, unet_config=pl_module.parts.unet.config,
+                  text_encoders=pl_module.text_encoder_lora_state())
         log.info("wrote %s", self.path)
 
 
