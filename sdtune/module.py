@@ -81,7 +81,8 @@ class LoRATrainingModule(L.LightningModule):
                                  gradient_checkpointing=bool(self.cfg["train"].get("gradient_checkpointing")))
             attach_text_encoders(self, parts)
         # UNet and VAE are submodules, so Lightning moves them to the device. The text encoders are
-        # not: on_fit_start places them, and takes them off the device again once outputs are cached.
+        # not (unless they train, above): on_fit_start places them, and takes them off the device
+        # again once outputs are cached.
         self.unet = parts.unet
         self.vae = parts.vae
         self.parts = parts

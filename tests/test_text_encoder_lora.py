@@ -234,3 +234,20 @@ def test_export_still_refuses_a_file_whose_text_encoder_tensors_contradict_its_h
     with pytest.raises(LoraFileError, match=r"contradicts the header's sdtune.text_encoder \(rank 2, alpha 6.0\)"):
         export_lora(tmp_path / "edited.safetensors", tmp_path / "out.safetensors", format="diffusers")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("family", ["sd15", "kolors"])
+def test_gradient_checkpointing_of_the_text_encoder_gives_the_same_gradients(tmp_path, family):
+    """train.gradient_checkpointing also checkpoints the training text encoders (CLIP, ChatGLM):
+    the same loss and gradients, so it only trades time for memory (catches a checkpointed encoder
+    that drops the LoRA's gradients, as a reentrant checkpoint over frozen inputs does)."""
+    grads = []
+    for on in (False, True):
+        module = te_module(tmp_path, family, f"train.gradient_checkpointing={str(on).lower()}")
+        randomise_lora(module)
+        encoder = module.parts.text_encoders[0]
+        assert getattr(encoder, "is_gradient_checkpointing", on) == on
+        module.encode_text(CAPTIONS)["encoder_hidden_states"].square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if n.startswith("text_encoders.") and p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])
