@@ -83,7 +83,11 @@ def inject_text_encoders(parts: ModelParts, spec: LoraSpec, family: ModelFamily,
         for param in trainable_lora_parameters(encoder):
             param.data = param.data.float()  # LoRA weights train in fp32, as the UNet's
         if gradient_checkpointing and getattr(encoder, "supports_gradient_checkpointing", False):
-            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(encoder, "activation_checkpointing_enable", None)  # transformers >= 5; older: gradient_...
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         encoder.train()  # LoRA dropout acts in train mode only
 
 
