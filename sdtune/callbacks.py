@@ -76,7 +76,8 @@ class LoRAExport(L.Callback):
             output_name=self.path.stem,
         )
         header = with_ema_facts(header, pl_module.cfg)  # lora_state() gives the EMA weights then
-        save_lora(self.path, pl_module.lora_state(), header, format=self.format, unet_config=pl_module.parts.unet.config)
+        save_lora(self.path, pl_module.lora_state(), header, format=self.format, unet_config=pl_module.parts.unet.config,
+                  text_encoders=pl_module.text_encoder_lora_state())
         log.info("wrote %s", self.path)
 
 

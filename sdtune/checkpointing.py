@@ -170,8 +170,12 @@ def check_resumable(path: Path, cfg: Mapping[str, Any], manifest: Mapping[str, s
     saved = ckpt["sdtune"]
     family = get_family(cfg["model"]["family"])
     spec = spec_from_config(cfg["lora"], family.default_lora_targets)
-    now = {"family": family.name, "rank": spec.rank, "alpha": spec.alpha, "targets": sorted(spec.targets)}
-    then = {"family": saved["family"], "rank": saved["rank"], "alpha": float(saved["alpha"]), "targets": sorted(saved["targets"])}
+    from .text_training import spec_dict, text_encoder_spec
+
+    now = {"family": family.name, "rank": spec.rank, "alpha": spec.alpha, "targets": sorted(spec.targets),
+           "text_encoder": spec_dict(text_encoder_spec(cfg, family))}
+    then = {"family": saved["family"], "rank": saved["rank"], "alpha": float(saved["alpha"]), "targets": sorted(saved["targets"]),
+            "text_encoder": saved.get("text_encoder")}
     diffs = [f"{k}: checkpoint {then[k]!r}, config {now[k]!r}" for k in now if now[k] != then[k]]
     if diffs:
         raise ConfigError(

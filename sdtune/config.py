@@ -194,6 +194,34 @@ def _check_lora(cfg: DictConfig) -> None:
         not OmegaConf.is_list(targets) or not targets or not all(isinstance(t, str) and t for t in targets)
     ):
         raise ConfigError(f"lora.targets must be a non-empty list of module names like [to_q,to_k], got {targets!r}.")
+    _check_text_encoder_lora(cfg)
+
+
+#: What lora.text_encoder takes (sdtune.text_training).
+TEXT_ENCODER_KEYS = ("rank", "alpha", "targets", "lr")
+
+
+def _check_text_encoder_lora(cfg: DictConfig) -> None:
+    te = _get(cfg, "lora.text_encoder")
+    if te is None:
+        return
+    example = " Fix: e.g. lora.text_encoder='{rank: 4, alpha: 4, targets: null, lr: 5e-5}', or null (off)."
+    if not isinstance(te, DictConfig):
+        raise ConfigError(f"lora.text_encoder must be a mapping with rank (and alpha, targets, lr) or null, got {te!r}.{example}")
+    unknown = sorted(set(te.keys()) - set(TEXT_ENCODER_KEYS))
+    if unknown:
+        raise ConfigError(f"lora.text_encoder.{unknown[0]} is not a setting (it takes {', '.join(TEXT_ENCODER_KEYS)}).{example}")
+    if "rank" not in te:
+        raise ConfigError(f"lora.text_encoder has no rank.{example}")
+    rank = _int(cfg, "lora.text_encoder.rank", minimum=1, hint=example)
+    if rank > MAX_RANK:
+        raise ConfigError(f"lora.text_encoder.rank={rank} is larger than any text-encoder layer needs (max {MAX_RANK}).{example}")
+    _number(cfg, "lora.text_encoder.alpha", minimum=0, exclusive=True, optional=True)
+    _number(cfg, "lora.text_encoder.lr", minimum=0, exclusive=True, optional=True)
+    targets = te.get("targets")
+    if targets is not None and (not OmegaConf.is_list(targets) or not targets or not all(isinstance(t, str) and t for t in targets)):
+        raise ConfigError(f"lora.text_encoder.targets must be null (the family's default) or a non-empty list of module "
+                          f"names like [q_proj,v_proj], got {targets!r}.")
 
 
 def _check_data(cfg: DictConfig) -> None:
@@ -253,7 +281,11 @@ def _check_train(cfg: DictConfig) -> None:
     _number(cfg, "train.snr_gamma", minimum=0, exclusive=True, optional=True)
     _number(cfg, "train.noise_offset", minimum=0)
     _check_ema(cfg)
-    _number(cfg, "optim.optimizer.lr", minimum=0, exclusive=True)
+    if _get(cfg, "lora.text_encoder") is not None and _get(cfg, "lora.text_encoder.lr") is not None:
+        # optim.optimizer.lr=0 then freezes the UNet LoRA: only the text encoders learn
+        _number(cfg, "optim.optimizer.lr", minimum=0)
+    else:
+        _number(cfg, "optim.optimizer.lr", minimum=0, exclusive=True)
     if _get(cfg, "callbacks.model_checkpoint.keep_last") is not None:
         _int(cfg, "callbacks.model_checkpoint.keep_last", minimum=1, hint=" Fix: e.g. keep_last=3, or null to keep all.")
     metric = _get(cfg, "optimized_metric")

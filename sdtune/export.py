@@ -30,6 +30,7 @@ from .families import FAMILIES, get_family
 from .lora import lora_tensors, spec_from_config
 from .lora_checks import TEXT_ENCODER_KEYS, check_finite, check_tensors_match, first_line
 from .lora_files import DEFAULT_FORMAT, FORMATS, LoraHeader, read_lora, run_header, save_lora
+from .text_training import check_text_encoder_tensors, checkpoint_text_encoder_state, file_text_encoder_tensors
 
 
 def unet_config_for(cfg: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -83,8 +84,12 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str = D
     ))
     check_tensors_match(spec, tensors, str(ckpt_path), origin="run config stored in it (lora.rank/alpha/targets)",
                         fix=f"The checkpoint was edited or mixes two runs. {CHECKPOINT_FIX}")
+    text_encoders = checkpoint_text_encoder_state(ckpt["state_dict"], family)
+    if header.text_encoder is not None and not text_encoders:
+        raise LoraFileError(f"{str(ckpt_path)!r}: its run config sets lora.text_encoder but it holds no text-encoder LoRA "
+                            f"tensors. {CHECKPOINT_FIX}")
     config = unet_config_for(cfg) if format == "kohya" else None
-    return save_lora(out, tensors, header, format=format, unet_config=config)
+    return save_lora(out, tensors, header, format=format, unet_config=config, text_encoders=text_encoders)
 
 
 def export_lora(lora_path: str | Path, out: str | Path, *, format: str, family: str | None = None) -> Path:
@@ -114,8 +119,9 @@ def export_lora(lora_path: str | Path, out: str | Path, *, format: str, family: 
         if lora.spec.targets:  # kohya names are resolved only now: check the header targets against them
             check_tensors_match(lora.spec, tensors, str(lora_path), origin="header (sdtune.*)")
     spec = lora.spec if lora.spec.targets else replace(lora.spec, targets=_targets_of(tensors))
-    header = LoraHeader(spec, family, output_name=Path(out).stem, carried=lora.metadata)
-    return save_lora(out, tensors, header, format=format, unet_config=config)
+    header = LoraHeader(spec, family, output_name=Path(out).stem, carried=lora.metadata, text_encoder=lora.text_encoder)
+    text_encoders = file_text_encoder_tensors(lora, family) if lora.text_encoder is not None else None
+    return save_lora(out, tensors, header, format=format, unet_config=config, text_encoders=text_encoders)
 
 
 def _standard_unet_config(family: str) -> dict[str, Any]:
@@ -125,14 +131,18 @@ def _standard_unet_config(family: str) -> dict[str, Any]:
 
 
 def _check_convertible(lora, source: str) -> None:
-    """Refuse what a conversion would lose: text-encoder layers and per-module alphas."""
+    """Refuse what a conversion would lose: text-encoder layers of other tools' files (sdtune's own,
+    whose header records the text-encoder rank and alpha, convert) and per-module alphas."""
     te = sorted(k for k in lora.raw if k.startswith(TEXT_ENCODER_KEYS))
-    if te:
+    if te and lora.text_encoder is None:
         raise LoraFileError(
             f"{source!r} holds {len(te)} text-encoder tensor(s) (e.g. {te[0]!r}), which sdtune.export would drop: it "
-            "converts UNet LoRAs only. Fix: use the file as it is (generate and merge apply its text-encoder layers)."
+            "converts UNet LoRAs and the text-encoder layers of sdtune's own files only. Fix: use the file as it is "
+            "(generate and merge apply its text-encoder layers)."
         )
-    alphas = {float(v) for k, v in lora.raw.items() if k.endswith(".alpha") and v.numel() == 1}
+    if te:
+        check_text_encoder_tensors(lora, source)
+    alphas = {float(v) for k, v in lora.raw.items() if k.endswith(".alpha") and v.numel() == 1 and not k.startswith(TEXT_ENCODER_KEYS)}
     if len(alphas) > 1:
         raise LoraFileError(
             f"{source!r} has a different alpha per module ({sorted(alphas)[:4]}), and the written file would hold one. "

@@ -17,6 +17,7 @@ import torch
 
 from .data.latents import LatentCache
 from .text_cache import TextEmbeddingCache
+from .text_training import text_cache_blocker
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,10 @@ def prepare_fit(module, datamodule) -> None:
     warn_overlong(module, [c for r in datamodule.dataset.records for c in r.captions])
     if module.cfg["data"].get("cache_latents"):
         fill_latent_cache(module, datamodule)
-    if module.cfg["train"].get("cache_text_embeddings", True):
+    blocker = text_cache_blocker(module.cfg)
+    if blocker and module.cfg["train"].get("cache_text_embeddings", True):
+        log.info(blocker)
+    elif module.cfg["train"].get("cache_text_embeddings", True):
         module.text_cache = fill_text_cache(module, datamodule)
 
 

@@ -22,7 +22,15 @@ from .errors import LoraFileError
 from .families import ModelFamily, ModelParts, as_family
 from .lora_checks import DIFFUSERS_METADATA_KEY
 from .lora_files import LoraFile, check_family
-from .lora_keys import PEFT_PREFIXES, diffusers_to_peft, kohya_text_encoder_tensors, kohya_to_peft, peft_components
+from .lora_keys import (
+    PEFT_PREFIXES,
+    diffusers_text_encoders,
+    diffusers_to_peft,
+    kohya_text_encoder_tensors,
+    kohya_to_peft,
+    peft_components,
+    te_live_module,
+)
 
 Component = str | int  # "unet", or the index of a text encoder
 Weights = tuple[dict[str, torch.Tensor], dict[str, float]]  # peft tensors, alpha per module
@@ -66,12 +74,18 @@ def components(lora: LoraFile, parts: ModelParts, family: ModelFamily) -> dict[C
         out: dict[Component, Weights] = {"unet": (tensors, alphas)} if tensors else {}
         out.update(kohya_text_encoder_tensors(lora.raw, {i: _names(te) for i, te in enumerate(parts.text_encoders)}))
         return out
-    split = {"unet": diffusers_to_peft(lora.raw)} if lora.format == "diffusers" else peft_components(lora.raw)
+    if lora.format == "diffusers":
+        split = {"unet": diffusers_to_peft(lora.raw), **diffusers_text_encoders(lora.raw)}
+    else:
+        split = peft_components(lora.raw)
     out = {}
     for component, tensors in split.items():
         if component != "unet" and component >= len(parts.text_encoders):
             raise LoraFileError(f"it has layers for text encoder {component + 1} but a {family.name} model has "
                                 f"{len(parts.text_encoders)}")
+        if component != "unet":  # files name CLIP layers under text_model.; a flattened CLIPTextModel does not
+            encoder = parts.text_encoders[component]
+            tensors = {te_live_module(k, encoder): v for k, v in tensors.items()}
         modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
         out[component] = (tensors, _header_alphas(lora, component, modules))
     return out

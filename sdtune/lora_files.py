@@ -30,7 +30,7 @@ from .lora_checks import (
     nonfinite_tensors,
     not_safetensors,
 )
-from .lora_header import run_config, spec_from_header
+from .lora_header import run_config, spec_from_header, text_encoder_spec_from_header
 from .lora_keys import (
     DIFFUSERS_PREFIX,
     detect_format,
@@ -39,6 +39,9 @@ from .lora_keys import (
     peft_components,
     peft_to_diffusers,
     peft_to_kohya,
+    te_diffusers_prefix,
+    text_encoders_to_diffusers,
+    text_encoders_to_kohya,
 )
 
 COMPONENT_PREFIX = DIFFUSERS_PREFIX
@@ -59,6 +62,7 @@ class LoraFile:
     metadata: dict[str, str] = field(default_factory=dict)
     path: str | None = None  # where it was read from, for error messages
     spec_declared: bool = False  # rank and alpha come from a header, not from the tensors
+    text_encoder: LoraSpec | None = None  # sdtune's text-encoder LoRA header (sdtune.text_encoder), if any
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -93,6 +97,7 @@ class LoraFile:
 # sdtune.rank/alpha: written by sdtune before the header was built from one LoraSpec; dropped on re-export.
 MANAGED_KEYS = frozenset({
     "format", DIFFUSERS_METADATA_KEY, "sdtune.format", "sdtune.family", "sdtune.targets", "sdtune.rank", "sdtune.alpha",
+    "sdtune.text_encoder",
     "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_output_name",
 })
 
@@ -118,6 +123,7 @@ class LoraHeader:
     num_train_images: int | None = None
     steps: int | None = None
     carried: Mapping[str, str] = field(default_factory=dict)  # a source file's other keys, kept on re-export
+    text_encoder: LoraSpec | None = None  # the text encoders' LoRA (lora.text_encoder), when the file has one
 
     def metadata(self, format: str) -> dict[str, str]:
         """The header as safetensors stores it (every value a string) for a ``format`` file."""
@@ -126,9 +132,16 @@ class LoraHeader:
         meta.update({"format": "pt", "sdtune.format": format, "sdtune.family": self.family,
                      "ss_network_module": "networks.lora", "ss_network_dim": str(spec.rank),
                      "ss_network_alpha": repr(float(spec.alpha)), "ss_output_name": self.output_name})
+        te = self.text_encoder
+        if te is not None:
+            meta["sdtune.text_encoder"] = json.dumps({"rank": te.rank, "alpha": te.alpha, "targets": list(te.targets)})
         if format == "diffusers":
-            meta[DIFFUSERS_METADATA_KEY] = json.dumps({f"{COMPONENT_PREFIX}r": spec.rank, f"{COMPONENT_PREFIX}lora_alpha": spec.alpha,
-                                                       f"{COMPONENT_PREFIX}target_modules": list(spec.targets)}, sort_keys=True)
+            adapters = {f"{COMPONENT_PREFIX}r": spec.rank, f"{COMPONENT_PREFIX}lora_alpha": spec.alpha,
+                        f"{COMPONENT_PREFIX}target_modules": list(spec.targets)}
+            for index in range(len(get_family(self.family).text_encoder_kinds) if te is not None else 0):
+                prefix = te_diffusers_prefix(index)  # what load_lora_weights reads per text encoder
+                adapters.update({f"{prefix}r": te.rank, f"{prefix}lora_alpha": te.alpha, f"{prefix}target_modules": list(te.targets)})
+            meta[DIFFUSERS_METADATA_KEY] = json.dumps(adapters, sort_keys=True)
         elif spec.targets:  # diffusers refuses a kohya file that carries peft adapter metadata
             meta["sdtune.targets"] = json.dumps(list(spec.targets))
         optional = {"sdtune.base_model": self.base_model, "ss_base_model_version": self.base_model_version,
@@ -144,10 +157,12 @@ class LoraHeader:
 def run_header(cfg: Mapping[str, Any], spec: LoraSpec, *, steps: int | None, num_train_images: int | None,
                output_name: str) -> LoraHeader:
     """The header of a LoRA trained with run config ``cfg``."""
+    from .text_training import text_encoder_spec
+
     family = get_family(cfg["model"]["family"])
     return LoraHeader(spec, family.name, base_model=str(cfg["model"]["path"]), base_model_version=family.base_model_version,
                       resolution=int(cfg["data"]["resolution"]), config=cfg, output_name=output_name,
-                      num_train_images=num_train_images, steps=steps)
+                      num_train_images=num_train_images, steps=steps, text_encoder=text_encoder_spec(cfg, family))
 
 
 def save_lora(
@@ -157,13 +172,18 @@ def save_lora(
     *,
     format: str,
     unet_config: Mapping[str, Any] | None = None,
+    text_encoders: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write peft-named ``tensors`` in ``format`` with ``header``, atomically. kohya names of
-    SDXL-layout UNets follow ``unet_config``'s blocks (the standard XL layout when None)."""
+    SDXL-layout UNets follow ``unet_config``'s blocks (the standard XL layout when None).
+    ``text_encoders``: peft-named text-encoder tensors per encoder index (``header.text_encoder``'s)."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    bad = nonfinite_tensors(tensors)
+    text_encoders = {i: t for i, t in (text_encoders or {}).items() if t}
+    if text_encoders and header.text_encoder is None:
+        raise LoraFileError(f"refusing to write {str(path)!r}: text-encoder tensors without their rank and alpha (header.text_encoder)")
+    bad = nonfinite_tensors({**tensors, **{f"text_encoder{i}.{k}": v for i, t in text_encoders.items() for k, v in t.items()}})
     if bad:  # a NaN LoRA renders black images everywhere it is loaded: never write one
         names, count = bad
         raise LoraFileError(
@@ -171,9 +191,11 @@ def save_lora(
             f"{count} value(s) NaN/Inf, e.g. {', '.join(names[:3])}. Nothing was written. Fix: {NONFINITE_FIX}"
         )
     if format == "diffusers":
-        on_disk = peft_to_diffusers(tensors)
+        on_disk = {**peft_to_diffusers(tensors), **text_encoders_to_diffusers(text_encoders)}
     elif format == "kohya":
-        on_disk = peft_to_kohya(tensors, float(header.spec.alpha), header.family, unet_config)
+        count = len(get_family(header.family).text_encoder_kinds)
+        on_disk = {**peft_to_kohya(tensors, float(header.spec.alpha), header.family, unet_config),
+                   **(text_encoders_to_kohya(text_encoders, float(header.text_encoder.alpha), count) if text_encoders else {})}
     else:
         raise LoraFileError(f"unknown LoRA format {format!r}; choose one of {list(FORMATS)}")
     on_disk = {k: v.detach().to("cpu").contiguous() for k, v in on_disk.items()}
@@ -227,6 +249,7 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     spec = spec_from_header(metadata, raw, fmt, path)
     declared = "sdtune.alpha" in metadata or f"{COMPONENT_PREFIX}lora_alpha" in json.loads(metadata.get(DIFFUSERS_METADATA_KEY) or "{}")
     return LoraFile(raw=raw, format=fmt, spec=spec, family=metadata.get("sdtune.family"), metadata=metadata, path=str(path),
+                    text_encoder=text_encoder_spec_from_header(metadata, path),
                     spec_declared=declared)
 
 

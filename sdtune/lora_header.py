@@ -162,3 +162,13 @@ def spec_from_header(metadata: Mapping[str, str], raw: Mapping[str, torch.Tensor
     origin = "sdtune.*" if ours else DIFFUSERS_METADATA_KEY  # the key a user would look at first
     check_tensors_match(spec, raw, str(path), origin=f"header ({origin})")
     return spec
+
+
+def text_encoder_spec_from_header(metadata: Mapping[str, str], path: str | os.PathLike) -> LoraSpec | None:
+    """The text-encoder LoRA sdtune recorded (``sdtune.text_encoder``: rank, alpha, targets), None when absent."""
+    key = "sdtune.text_encoder"
+    value = _header_json(metadata, key, path, dict, 'a JSON object like {"rank": 4, "alpha": 4.0, "targets": ["q_proj"]}')
+    if value is None:
+        return None
+    return LoraSpec(_rank_value(value.get("rank"), f"{key}.rank", path), _alpha_value(value.get("alpha"), f"{key}.alpha", path),
+                    _targets_value(value.get("targets"), f"{key}.targets", path))

@@ -72,6 +72,8 @@ def diffusers_to_peft(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     reverse = tuple((new, old) for old, new in DIFFUSERS_SUFFIXES)
     out = {}
     for k, v in tensors.items():
+        if k.startswith(("text_encoder.", "text_encoder_2.")):
+            continue  # a text encoder's: diffusers_text_encoders
         if not k.startswith(DIFFUSERS_PREFIX):
             raise LoraFileError(
                 f"tensor {k!r} is not a UNet LoRA tensor (expected the prefix {DIFFUSERS_PREFIX!r}); "
@@ -183,14 +185,20 @@ def detect_format(keys: Iterable[str]) -> str:
     """
     keys = list(keys)
     for marker, name in OTHER_LAYOUTS:  # a marker is a name part, so ".diff" does not hit "diffusion_model"
-        hits = sorted(k for k in keys if k.endswith(marker) or marker + "." in k or marker + "_" in k)
+        # a text encoder's .lora_linear_layer. is diffusers' plain-LoRA text-encoder layout (DIFFUSERS_TE_SUFFIXES)
+        hits = sorted(k for k in keys if (k.endswith(marker) or marker + "." in k or marker + "_" in k)
+                      and not (marker == ".lora_linear_layer" and k.startswith(("text_encoder.", "text_encoder_2."))
+                               and k.endswith(tuple(s for _, s in DIFFUSERS_TE_SUFFIXES))))
         if hits:
             raise LoraFileError(
                 f"this is a {name} file (tensor names like {hits[:2]}), not a plain LoRA; sdtune applies plain "
                 "LoRA only. Use it in ComfyUI or A1111, which read it, or retrain it as a LoRA."
             )
-    if keys and all(k.startswith(DIFFUSERS_PREFIX) and k.endswith(tuple(s for _, s in DIFFUSERS_SUFFIXES)) for k in keys):
-        return "diffusers"
+    unet_keys = [k for k in keys if not k.startswith(("text_encoder.", "text_encoder_2."))]
+    te_ok = all(k.endswith(tuple(s for _, s in DIFFUSERS_TE_SUFFIXES)) for k in keys if k not in unet_keys)
+    if unet_keys and te_ok and all(k.startswith(DIFFUSERS_PREFIX) and k.endswith(tuple(s for _, s in DIFFUSERS_SUFFIXES))
+                                   for k in unet_keys):
+        return "diffusers"  # text encoders as diffusers' training scripts wrote them: .lora_linear_layer.down.weight
     if keys and all(k.endswith(PEFT_SUFFIXES) for k in keys):
         return "peft"
     if keys and any(k.startswith(KOHYA_PREFIX) for k in keys) and all(k.startswith(("lora_unet_", "lora_te")) for k in keys):
@@ -225,7 +233,9 @@ def kohya_text_encoder_tensors(
     out, unknown = {}, []
     for index, entries in groups.items():
         names = module_names.get(index, []) if index is not None else []
-        layers, alphas, missed = _resolve_kohya(entries, {m.replace(".", "_"): m for m in names})
+        names = list(names)  # kohya names CLIP layers under text_model_, also when transformers flattens it away
+        lookup = {**{(CLIP_ROOT + m).replace(".", "_"): m for m in names}, **{m.replace(".", "_"): m for m in names}}
+        layers, alphas, missed = _resolve_kohya(entries, lookup)
         unknown += missed
         if layers:
             out[index] = (layers, alphas)
@@ -233,4 +243,74 @@ def kohya_text_encoder_tensors(
         raise LoraFileError(
             f"{len(unknown)} text-encoder tensor(s) match no layer of this model's text encoder(s), e.g. {sorted(unknown)[:3]}"
         )
+    return out
+
+
+# -- text encoders (sdtune.text_training) ------------------------------------------------------
+#: peft suffix -> diffusers' text-encoder file suffix: ``text_encoder.<m>.lora_linear_layer.down.weight``
+#: is what ``load_lora_weights`` (and ComfyUI's ``transformers_lora`` rule) reads for a text encoder;
+#: the UNet's ``.lora.down.weight`` form is refused there ("Could not automatically infer state dict type").
+DIFFUSERS_TE_SUFFIXES: tuple[tuple[str, str], ...] = (
+    (".lora_A.weight", ".lora_linear_layer.down.weight"),
+    (".lora_B.weight", ".lora_linear_layer.up.weight"),
+)
+#: transformers 5 flattens CLIPTextModel (``encoder.layers...``); files name CLIP layers as
+#: ``text_model.encoder.layers...`` (kohya's lora_te_text_model_..., diffusers' text_encoder.text_model....).
+CLIP_ROOT = "text_model."
+
+
+def te_diffusers_prefix(index: int) -> str:
+    """``text_encoder.`` for the first encoder, ``text_encoder_2.`` for SDXL's second (diffusers' names)."""
+    return "text_encoder." if index == 0 else f"text_encoder_{index + 1}."
+
+
+def te_kohya_prefix(index: int, count: int) -> str:
+    """kohya's prefix: ``lora_te_`` with one encoder (SD1.x, Kolors), ``lora_te1_``/``lora_te2_`` with two (SDXL)."""
+    return "lora_te_" if count == 1 else f"lora_te{index + 1}_"
+
+
+def te_file_module(module: str, kind: str) -> str:
+    """The on-disk path of a live text-encoder module: CLIP layers always under ``text_model.``."""
+    return CLIP_ROOT + module if kind == "clip" and not module.startswith(CLIP_ROOT) else module
+
+
+def te_live_module(module: str, encoder: torch.nn.Module) -> str:
+    """An on-disk text-encoder module path as ``encoder`` names it (flattened CLIP: no ``text_model.``)."""
+    return module[len(CLIP_ROOT):] if module.startswith(CLIP_ROOT) and not hasattr(encoder, "text_model") else module
+
+
+def text_encoders_to_diffusers(encoders: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """peft-named text-encoder tensors (file module paths), per encoder index, in diffusers' layout."""
+    out = {}
+    for index, tensors in encoders.items():
+        for k, v in tensors.items():
+            stem, suffix = _swap_suffix(k, DIFFUSERS_TE_SUFFIXES)
+            out[te_diffusers_prefix(index) + stem + suffix] = v
+    return out
+
+
+def text_encoders_to_kohya(encoders: Mapping[int, Mapping[str, torch.Tensor]], alpha: float, count: int) -> dict[str, torch.Tensor]:
+    """The same in kohya's layout, with one ``.alpha`` scalar per module (the text-encoder alpha)."""
+    out = {}
+    for index, tensors in encoders.items():
+        for k, v in tensors.items():
+            stem, suffix = _swap_suffix(k, KOHYA_SUFFIXES)
+            name = te_kohya_prefix(index, count) + stem.replace(".", "_")
+            out[name + suffix] = v
+            out[name + KOHYA_ALPHA] = torch.tensor(float(alpha), dtype=torch.float32)
+    return out
+
+
+def diffusers_text_encoders(tensors: Mapping[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    """peft-named text-encoder tensors per encoder index of a diffusers-layout file (UNet keys skipped)."""
+    reverse = tuple((new, old) for old, new in DIFFUSERS_TE_SUFFIXES)
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith(DIFFUSERS_PREFIX):
+            continue
+        index = next((i for i in (1, 0) if k.startswith(te_diffusers_prefix(i))), None)
+        if index is None:
+            raise LoraFileError(f"tensor {k!r} belongs to neither the UNet nor a text encoder (unet., text_encoder., text_encoder_2.)")
+        stem, suffix = _swap_suffix(k[len(te_diffusers_prefix(index)):], reverse)
+        out.setdefault(index, {})[stem + suffix] = v
     return out

@@ -7,6 +7,7 @@ optimizer, scheduler and loop state. Everything family-specific goes through ``s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -30,6 +31,14 @@ from .lora import (
 )
 from .optimization import build_optimization
 from .text_cache import TextEmbeddingCache
+from .text_training import (
+    attach_text_encoders,
+    inject_text_encoders,
+    text_encoder_param_group,
+    spec_dict,
+    text_encoder_spec,
+    text_encoder_state,
+)
 from .trainable import prepare_for_training, weight_dtype
 
 log = logging.getLogger(__name__)
@@ -48,6 +57,7 @@ class LoRATrainingModule(L.LightningModule):
         self.cfg = cfg
         self.family = get_family(cfg["model"]["family"])
         self.spec: LoraSpec = spec_from_config(cfg["lora"], self.family.default_lora_targets)
+        self.te_spec: LoraSpec | None = text_encoder_spec(cfg, self.family)  # lora.text_encoder (None: frozen encoders)
         self.parts: ModelParts | None = None
         self.num_train_images = num_train_images  # goes into LoRA headers
         self.data_manifest = data_manifest  # see checkpointing.data_manifest
@@ -74,24 +84,31 @@ class LoRATrainingModule(L.LightningModule):
     def attach(self, parts: ModelParts) -> None:
         """Make ``parts`` trainable as the config says (:func:`sdtune.trainable.prepare_for_training`)."""
         prepare_for_training(parts, self.cfg, self.spec, self.weight_dtype)
+        if self.te_spec is not None:  # sdtune.text_training: the encoders train and become submodules
+            inject_text_encoders(parts, self.te_spec, self.family, dropout=float(self.cfg["lora"].get("dropout", 0.0)),
+                                 init=self.cfg["lora"].get("init", "gaussian"),
+                                 gradient_checkpointing=bool(self.cfg["train"].get("gradient_checkpointing")))
+            attach_text_encoders(self, parts)
         # UNet and VAE are submodules, so Lightning moves them to the device. The text encoders are
-        # not: on_fit_start places them, and takes them off the device again once outputs are cached.
+        # not (unless they train, above): on_fit_start places them, and takes them off the device
+        # again once outputs are cached.
         self.unet = parts.unet
         self.vae = parts.vae
         self.parts = parts
 
     def on_fit_start(self) -> None:
         prepare_fit(self, getattr(self.trainer, "datamodule", None))
-        total = sum(p.numel() for p in self.parameters()) + sum(p.numel() for m in self.parts.text_encoders for p in m.parameters())
+        params = {id(p): p for m in (self, *self.parts.text_encoders) for p in m.parameters()}  # encoders may be submodules
+        total = sum(p.numel() for p in params.values())
         log.info("LoRA: %s trainable parameters (%.3f%% of %s in the model)", f"{self.trainable_parameter_count():,}",
                  100 * self.trainable_parameter_count() / total, f"{total:,}")
 
     # -- training -----------------------------------------------------------------------------
-    @torch.no_grad()
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         if self.text_cache is not None:
             return self.text_cache.lookup(captions, self.device)
-        return self.family.encode_prompts(self.parts, captions)
+        with torch.no_grad() if self.te_spec is None else contextlib.nullcontext():  # training encoders need gradients
+            return self.family.encode_prompts(self.parts, captions)
 
     @torch.no_grad()
     def batch_latents(self, batch: dict[str, Any], *, deterministic: bool = False,
@@ -152,7 +169,9 @@ class LoRATrainingModule(L.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
+        extra = [text_encoder_param_group(self.cfg, self.parts)] if self.te_spec is not None else []
         return build_optimization(self.cfg["optim"], self.cfg["trainer"], named_trainable_lora_parameters(self.parts.unet),
+                                  extra_groups=extra,
                                   device=self.device, total_steps=int(self.trainer.estimated_stepping_batches))
 
     def optimizer_step(self, *args, **kwargs) -> None:
@@ -169,7 +188,8 @@ class LoRATrainingModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep_lora_only(checkpoint, self.spec, family=self.family.name, num_train_images=self.num_train_images,
                        data=self.data_manifest,  # what a resume compares the dataset against
-                       skipped_nonfinite=self.skipped_nonfinite, ema=self.ema.state_dict() if self.ema else None)
+                       skipped_nonfinite=self.skipped_nonfinite, ema=self.ema.state_dict() if self.ema else None,
+                       text_encoder=spec_dict(self.te_spec))
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         """What the run exports: the EMA weights with ``train.ema.use_for_export``, else the trained ones."""
@@ -177,5 +197,10 @@ class LoRATrainingModule(L.LightningModule):
             return self.ema.tensors()
         return live_lora_state(self.parts.unet)
 
+    def text_encoder_lora_state(self) -> dict[int, dict[str, torch.Tensor]] | None:
+        """The text encoders' LoRA per encoder index (file names), None when they do not train."""
+        return None if self.te_spec is None else text_encoder_state(self.parts, self.family)
+
     def trainable_parameter_count(self) -> int:
-        return sum(p.numel() for p in trainable_lora_parameters(self.parts.unet))
+        models = [self.parts.unet, *(self.parts.text_encoders if self.te_spec is not None else [])]
+        return sum(p.numel() for m in models for p in trainable_lora_parameters(m))

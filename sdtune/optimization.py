@@ -57,7 +57,7 @@ def lora_param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], lr
 
 def build_optimization(optim_cfg: Mapping[str, Any], trainer_cfg: Mapping[str, Any],
                        named_params: Iterable[tuple[str, torch.nn.Parameter]], *, device: torch.device,
-                       total_steps: int) -> dict[str, Any]:
+                       total_steps: int, extra_groups: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """``optim.optimizer`` over ``named_params`` (grouped for LoRA+) and the schedule stepping every
     optimizer step over ``total_steps``, in Lightning's return form."""
     from diffusers.optimization import get_scheduler
@@ -74,6 +74,9 @@ def build_optimization(optim_cfg: Mapping[str, Any], trainer_cfg: Mapping[str, A
         log.warning("Prodigy with optim.optimizer.lr=%g: its lr multiplies the step size it estimates, so it "
                     "barely trains below ~0.1. Fix: optim.optimizer.lr=1.0 (an experiment preset may have lowered it).", lr)
     params = lora_param_groups(named_params, lr, optim_cfg.get("lora_plus_ratio"))
+    if extra_groups:  # e.g. the text encoders' LoRA at its own lr, after the UNet's group(s)
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        params = [*groups, *extra_groups]
     optimizer = instantiate(optim_cfg["optimizer"], **extra)(params=params)
     sched_cfg = optim_cfg["scheduler"]
     warmup = int(sched_cfg.get("warmup_steps", 0))

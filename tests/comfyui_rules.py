@@ -58,3 +58,56 @@ def load_like_comfyui(lora: dict[str, torch.Tensor], key_map: dict[str, str]) ->
         deltas[module] = scale * (u @ d)
         loaded |= {up, down, alpha} & lora.keys()
     return deltas, sorted(lora.keys() - loaded)
+
+
+# -- text encoders: comfy/lora.py model_lora_keys_clip -------------------------------------------
+#: ComfyUI's LORA_CLIP_MAP: the CLIP layers it patches, and their kohya spelling.
+LORA_CLIP_MAP = {
+    "mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
+    "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj", "self_attn.out_proj": "self_attn_out_proj",
+}
+
+
+def clip_key_map(encoders) -> dict[str, tuple[int, str]]:
+    """Every text-encoder stem ComfyUI accepts -> (encoder index, ``text_model.``-rooted layer path).
+
+    ``model_lora_keys_clip``: for layer b and each LORA_CLIP_MAP entry, a lone CLIP-L (SD1.x) is
+    ``lora_te_text_model_encoder_layers_{b}_{c}`` (and ``lora_te1_``) and the diffusers key
+    ``text_encoder.text_model.encoder.layers.{b}.{c}``; SDXL's CLIP-L is ``lora_te1_``/``text_encoder.``
+    and its CLIP-G ``lora_te2_``/``text_encoder_2.``. ComfyUI has no ChatGLM (Kolors) entry.
+    """
+    out = {}
+    for index, encoder in enumerate(encoders):
+        layers = getattr(encoder.config, "num_hidden_layers", 0)  # ChatGLM has num_layers: no entry
+        for b in range(min(layers, 32)):
+            for dotted, kohya in LORA_CLIP_MAP.items():
+                target = (index, f"text_model.encoder.layers.{b}.{dotted}")
+                if len(encoders) == 1:
+                    names = [f"lora_te_text_model_encoder_layers_{b}_{kohya}", f"lora_te1_text_model_encoder_layers_{b}_{kohya}",
+                             f"text_encoder.text_model.encoder.layers.{b}.{dotted}"]
+                else:
+                    names = [f"lora_te{index + 1}_text_model_encoder_layers_{b}_{kohya}",
+                             f"{'text_encoder' if index == 0 else 'text_encoder_2'}.text_model.encoder.layers.{b}.{dotted}"]
+                out.update(dict.fromkeys(names, target))
+    return out
+
+
+def load_clip_like_comfyui(lora: dict[str, torch.Tensor], key_map: dict[str, tuple[int, str]]):
+    """((encoder index, layer) -> weight delta ComfyUI adds, text-encoder keys it would not load).
+
+    ``load_lora`` reads ``x.lora_up.weight``/``x.lora_down.weight`` (kohya) and
+    ``x.lora_linear_layer.up.weight``/``.down.weight`` (diffusers' "transformers_lora"), alpha from ``x.alpha``.
+    """
+    deltas, loaded = {}, set()
+    for stem, target in key_map.items():
+        for up, down in ((f"{stem}.lora_up.weight", f"{stem}.lora_down.weight"),
+                         (f"{stem}.lora_linear_layer.up.weight", f"{stem}.lora_linear_layer.down.weight")):
+            if up not in lora:
+                continue
+            alpha = f"{stem}.alpha"
+            rank = lora[down].shape[0]
+            scale = (float(lora[alpha]) if alpha in lora else rank) / rank
+            deltas[target] = scale * (lora[up].float() @ lora[down].float())
+            loaded |= {up, down, alpha} & lora.keys()
+    te_keys = {k for k in lora if k.startswith(("lora_te", "text_encoder"))}
+    return deltas, sorted(te_keys - loaded)

@@ -45,6 +45,11 @@ class ModelFamily(ABC):
     default_guidance: ClassVar[float]
     #: UNet module names that get LoRA layers when ``lora.targets`` is left at ``default``.
     default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    #: Text-encoder modules that get LoRA layers with ``lora.text_encoder.targets: null`` (CLIP: the
+    #: attention projections, kohya's and diffusers' training scripts' choice).
+    default_text_encoder_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    #: The kind of each text encoder, in order: "clip" (LoRA files name its layers under ``text_model.``) or "chatglm".
+    text_encoder_kinds: ClassVar[tuple[str, ...]] = ("clip",)
     #: Version string written to LoRA headers (``ss_base_model_version`` in kohya's tools).
     base_model_version: ClassVar[str]
 

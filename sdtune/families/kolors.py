@@ -69,6 +69,9 @@ class Kolors(ModelFamily):
     default_resolution = 1024
     default_guidance = 5.0
     base_model_version = "kolors"
+    # ChatGLM's attention: the fused QKV projection and its output projection (the MLP is dense_h_to_4h/dense_4h_to_h).
+    default_text_encoder_lora_targets = ("query_key_value", "dense")
+    text_encoder_kinds = ("chatglm",)
 
     def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None):
         from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer

@@ -41,6 +41,7 @@ class SDXL(ModelFamily):
     single_file_pipeline = "StableDiffusionXLPipeline"
     single_file_text_encoders = (("conditioner.embedders.0.transformer.", "clip"), ("conditioner.embedders.1.model.", "openclip"))
     text_encoder_subfolders = ("text_encoder", "text_encoder_2")
+    text_encoder_kinds = ("clip", "clip")
     kohya_sgm_names = True
     # The stock SDXL VAE overflows in fp16; model.vae_path lets users load the fp16-fix VAE.
 
