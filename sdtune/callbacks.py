@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from .adapters import base_weights
 from .errors import ConfigError
 from .io import write_text_atomic
 from .lora_files import DEFAULT_FORMAT, FORMATS, run_header, save_lora
@@ -74,7 +75,9 @@ class LoRAExport(L.Callback):
             num_train_images=pl_module.num_train_images,
             output_name=self.path.stem,
         )
-        save_lora(self.path, pl_module.lora_state(), header, format=self.format, unet_config=pl_module.parts.unet.config)
+        tensors = pl_module.lora_state()
+        save_lora(self.path, tensors, header, format=self.format, unet_config=pl_module.parts.unet.config,
+                  base_weights=base_weights(pl_module.parts.unet, tensors))
         log.info("wrote %s", self.path)
 
 

@@ -160,7 +160,8 @@ def keep_lora_only(checkpoint: dict[str, Any], spec: LoraSpec, **facts: Any) -> 
     """Shrink a Lightning checkpoint to the LoRA tensors (the frozen base is loaded from
     ``model.path``, never saved) and record what a resume and an export check it against."""
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_lora_key(k)}
-    checkpoint["sdtune"] = {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), **facts}
+    checkpoint["sdtune"] = {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), "adapter": spec.kind,
+                            **facts}
 
 
 def check_resumable(path: Path, cfg: Mapping[str, Any], manifest: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -170,8 +171,9 @@ def check_resumable(path: Path, cfg: Mapping[str, Any], manifest: Mapping[str, s
     saved = ckpt["sdtune"]
     family = get_family(cfg["model"]["family"])
     spec = spec_from_config(cfg["lora"], family.default_lora_targets)
-    now = {"family": family.name, "rank": spec.rank, "alpha": spec.alpha, "targets": sorted(spec.targets)}
-    then = {"family": saved["family"], "rank": saved["rank"], "alpha": float(saved["alpha"]), "targets": sorted(saved["targets"])}
+    now = {"family": family.name, "rank": spec.rank, "alpha": spec.alpha, "targets": sorted(spec.targets), "adapter": spec.kind}
+    then = {"family": saved["family"], "rank": saved["rank"], "alpha": float(saved["alpha"]), "targets": sorted(saved["targets"]),
+            "adapter": saved.get("adapter", "lora")}
     diffs = [f"{k}: checkpoint {then[k]!r}, config {now[k]!r}" for k in now if now[k] != then[k]]
     if diffs:
         raise ConfigError(

@@ -185,6 +185,9 @@ def _check_lora(cfg: DictConfig) -> None:
         not OmegaConf.is_list(targets) or not targets or not all(isinstance(t, str) and t for t in targets)
     ):
         raise ConfigError(f"lora.targets must be a non-empty list of module names like [to_q,to_k], got {targets!r}.")
+    from .adapters import check_config  # DoRA / LoHa / LoKr combinations
+
+    check_config(OmegaConf.to_container(cfg.lora, resolve=True), _get(cfg, "callbacks.lora_export.format"))
 
 
 def _check_data(cfg: DictConfig) -> None:

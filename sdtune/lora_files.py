@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .adapters import to_kohya_maths
 from .errors import LoraFileError
 from .families import FAMILIES, get_family
 from .io import atomic_path
@@ -93,7 +94,7 @@ class LoraFile:
 # sdtune.rank/alpha: written by sdtune before the header was built from one LoraSpec; dropped on re-export.
 MANAGED_KEYS = frozenset({
     "format", DIFFUSERS_METADATA_KEY, "sdtune.format", "sdtune.family", "sdtune.targets", "sdtune.rank", "sdtune.alpha",
-    "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_output_name",
+    "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_output_name", "sdtune.adapter", "ss_network_args",
 })
 
 
@@ -123,12 +124,18 @@ class LoraHeader:
         """The header as safetensors stores it (every value a string) for a ``format`` file."""
         spec = self.spec
         meta = {k: v for k, v in self.carried.items() if k not in MANAGED_KEYS}
-        meta.update({"format": "pt", "sdtune.format": format, "sdtune.family": self.family,
-                     "ss_network_module": "networks.lora", "ss_network_dim": str(spec.rank),
+        lycoris = spec.kind in ("loha", "lokr")
+        meta.update({"format": "pt", "sdtune.format": format, "sdtune.family": self.family, "sdtune.adapter": spec.kind,
+                     "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora", "ss_network_dim": str(spec.rank),
                      "ss_network_alpha": repr(float(spec.alpha)), "ss_output_name": self.output_name})
-        if format == "diffusers":
-            meta[DIFFUSERS_METADATA_KEY] = json.dumps({f"{COMPONENT_PREFIX}r": spec.rank, f"{COMPONENT_PREFIX}lora_alpha": spec.alpha,
-                                                       f"{COMPONENT_PREFIX}target_modules": list(spec.targets)}, sort_keys=True)
+        if spec.kind != "lora":  # how LyCORIS records its algorithm (shown by A1111's and model sites' info panels)
+            meta["ss_network_args"] = json.dumps({"algo": spec.kind} if lycoris else {"dora_wd": True, "wd_on_out": True})
+        if format in ("diffusers", "peft"):
+            adapter = {f"{COMPONENT_PREFIX}r": spec.rank, f"{COMPONENT_PREFIX}lora_alpha": spec.alpha,
+                       f"{COMPONENT_PREFIX}target_modules": list(spec.targets)}
+            if spec.use_dora:
+                adapter[f"{COMPONENT_PREFIX}use_dora"] = True
+            meta[DIFFUSERS_METADATA_KEY] = json.dumps(adapter, sort_keys=True)
         elif spec.targets:  # diffusers refuses a kohya file that carries peft adapter metadata
             meta["sdtune.targets"] = json.dumps(list(spec.targets))
         optional = {"sdtune.base_model": self.base_model, "ss_base_model_version": self.base_model_version,
@@ -157,9 +164,14 @@ def save_lora(
     *,
     format: str,
     unet_config: Mapping[str, Any] | None = None,
+    base_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write peft-named ``tensors`` in ``format`` with ``header``, atomically. kohya names of
-    SDXL-layout UNets follow ``unet_config``'s blocks (the standard XL layout when None)."""
+    SDXL-layout UNets follow ``unet_config``'s blocks (the standard XL layout when None).
+
+    DoRA: ``format="diffusers"`` writes diffusers' peft layout (``unet.<m>.lora_magnitude_vector``,
+    what ``load_lora_weights`` reads); kohya's ``dora_scale`` is relative to the frozen weights, so
+    ``base_weights`` (module path -> weight) must be given. LoHa/LoKr: kohya only."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -170,10 +182,20 @@ def save_lora(
             f"refusing to write {str(path)!r}: the LoRA holds non-finite values: {len(names)} tensor(s), "
             f"{count} value(s) NaN/Inf, e.g. {', '.join(names[:3])}. Nothing was written. Fix: {NONFINITE_FIX}"
         )
-    if format == "diffusers":
+    spec = header.spec
+    if format == "diffusers" and spec.kind in ("loha", "lokr"):
+        raise LoraFileError(
+            f"cannot write {str(path)!r} in the diffusers layout: it is a {spec.kind.upper().replace('O', 'o')} "
+            "(lora.type), which diffusers' load_lora_weights cannot load. Nothing was written. Fix: write the kohya "
+            "layout (--format kohya, callbacks.lora_export.format=kohya), which ComfyUI, Forge and A1111 load."
+        )
+    if format == "diffusers" and spec.use_dora:
+        on_disk, format = {COMPONENT_PREFIX + k: v for k, v in tensors.items()}, "peft"
+    elif format == "diffusers":
         on_disk = peft_to_diffusers(tensors)
     elif format == "kohya":
-        on_disk = peft_to_kohya(tensors, float(header.spec.alpha), header.family, unet_config)
+        tensors = to_kohya_maths(tensors, spec.rank, float(spec.alpha), base_weights) if spec.kind != "lora" else tensors
+        on_disk = peft_to_kohya(tensors, float(spec.alpha), header.family, unet_config)
     else:
         raise LoraFileError(f"unknown LoRA format {format!r}; choose one of {list(FORMATS)}")
     on_disk = {k: v.detach().to("cpu").contiguous() for k, v in on_disk.items()}
