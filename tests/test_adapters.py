@@ -200,3 +200,18 @@ def test_layouts_we_cannot_write_or_apply_are_refused(tmp_path):
     save_file(draw, str(tmp_path / "per_input.safetensors"))
     with pytest.raises(LoraFileError, match="per-input-feature DoRA"):
         apply_lora(_parts(), read_lora(tmp_path / "per_input.safetensors"), family=FAMILY, path="per_input", adapter_name="a")
+
+
+def test_resume_refuses_a_checkpoint_of_another_adapter(tmp_path):
+    """Lightning loads adapter tensors non-strictly, so a LoRA checkpoint resumed as a LoHa would
+    silently start from scratch: the recorded adapter kind must be compared and named."""
+    from sdtune.checkpointing import check_resumable
+
+    cfg = compose_cfg("experiment=quickstart", "lora.type=loha")
+    path = tmp_path / "last.ckpt"
+    saved = {"family": "sd15", "rank": 4, "alpha": 4.0, "targets": list(cfg.lora.targets), "adapter": "dora"}
+    torch.save({"sdtune": saved, "hyper_parameters": {}, "state_dict": {}}, path)
+    with pytest.raises(ConfigError, match="adapter: checkpoint 'dora', config 'loha'"):
+        check_resumable(path, cfg)
+    torch.save({"sdtune": {**saved, "adapter": "loha"}, "hyper_parameters": {}, "state_dict": {}}, path)
+    assert check_resumable(path, cfg)["sdtune"]["adapter"] == "loha"
