@@ -1,8 +1,8 @@
 """Learning with DoRA, LoHa and LoKr: each teaches the toy SD1.5 base the quickstart's pink ``sks`` ground.
 
 One quickstart run per variant (``lora.use_dora=true``, ``lora.type=loha``, ``lora.type=lokr``),
-shortened to 150 steps at a higher lr (DoRA 4e-3; LoHa and LoKr 6e-3, as their products start
-from a zero factor and move slowly at first); each then draws 100% pink on and 0% off.
+shortened to 150 steps at the quickstart's lr 2e-3 (measured: each then draws 100% pink on and 0%
+off; so do 150 steps at lr 4e-3 for DoRA and 6e-3 for LoHa/LoKr, and DoRA's full 300 steps).
 The concept probe reads the samples of the trigger's prompts at fixed seeds: with the adapter on
 at least 80% must be pink, with it off at most 10%. An adapter whose extra tensors are not
 trained (a trainable-parameter filter that knows only ``lora_A``/``lora_B`` freezes LoHa and LoKr
@@ -26,11 +26,7 @@ from ..conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
-VARIANTS = {
-    "dora": ["lora.use_dora=true", "optim.optimizer.lr=4e-3"],
-    "loha": ["lora.type=loha", "optim.optimizer.lr=6e-3"],
-    "lokr": ["lora.type=lokr", "optim.optimizer.lr=6e-3"],
-}
+VARIANTS = {"dora": ["lora.use_dora=true"], "loha": ["lora.type=loha"], "lokr": ["lora.type=lokr"]}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
