@@ -27,6 +27,7 @@ import torch
 from .errors import ConfigError, LoraFileError
 
 ADAPTER_TYPES = ("lora", "loha", "lokr")
+NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}  # for messages
 #: peft's parameter names of every variant, as a module-path segment (``<module>.<name>.default``)
 PARAM_NAMES = (
     "lora_A", "lora_B", "lora_magnitude_vector",
@@ -87,8 +88,8 @@ def check_config(lora_cfg: Mapping[str, Any], export_format: str | None = None) 
         raise ConfigError(f"lora.use_dora=true works with lora.type=lora only (DoRA decomposes a LoRA's weight), got "
                           f"lora.type={kind}. Fix: lora.type=lora lora.use_dora=true, or lora.use_dora=false.")
     if kind != "lora" and float(lora_cfg.get("dropout") or 0.0) > 0:
-        raise ConfigError(f"lora.dropout applies to lora.type=lora only; peft's {kind.upper() if kind else kind} has no "
-                          f"such dropout. Fix: lora.dropout=0 with lora.type={kind}.")
+        raise ConfigError(f"lora.dropout applies to lora.type=lora only; peft's {NAMES[kind]} has no such dropout. "
+                          f"Fix: lora.dropout=0 with lora.type={kind}.")
     if kind != "lora" and export_format == "diffusers":
         raise ConfigError(f"callbacks.lora_export.format=diffusers cannot hold a lora.type={kind} adapter: diffusers' "
                           "load_lora_weights loads LoRA and DoRA only. Fix: callbacks.lora_export.format=kohya "

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .adapters import base_weights_from, kind_of, module_of
+from .adapters import NAMES, base_weights_from, kind_of, module_of
 from .checkpointing import CHECKPOINT_FIX, load_checkpoint
 from .errors import LoraFileError, SdtuneError
 from .families import FAMILIES, get_family
@@ -130,7 +130,7 @@ def _check_convertible(lora, source: str) -> None:
     kind = kind_of(lora.raw)
     if kind != "lora":
         raise LoraFileError(
-            f"{source!r} is a {kind} file; sdtune.export converts plain LoRA files only. Fix: export it from its training "
+            f"{source!r} is a {NAMES[kind]} file; sdtune.export converts plain LoRA files only. Fix: export it from its training "
             "checkpoint (`python -m sdtune.export RUN/checkpoints/last.ckpt --format kohya|diffusers --out FILE`), or use "
             "it as it is (generate and merge apply it)."
         )

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .adapters import to_kohya_maths
+from .adapters import NAMES, to_kohya_maths
 from .errors import LoraFileError
 from .families import FAMILIES, get_family
 from .io import atomic_path
@@ -185,7 +185,7 @@ def save_lora(
     spec = header.spec
     if format == "diffusers" and spec.kind in ("loha", "lokr"):
         raise LoraFileError(
-            f"cannot write {str(path)!r} in the diffusers layout: it is a {spec.kind.upper().replace('O', 'o')} "
+            f"cannot write {str(path)!r} in the diffusers layout: it is a {NAMES[spec.kind]} "
             "(lora.type), which diffusers' load_lora_weights cannot load. Nothing was written. Fix: write the kohya "
             "layout (--format kohya, callbacks.lora_export.format=kohya), which ComfyUI, Forge and A1111 load."
         )
