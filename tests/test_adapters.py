@@ -215,3 +215,27 @@ def test_resume_refuses_a_checkpoint_of_another_adapter(tmp_path):
         check_resumable(path, cfg)
     torch.save({"sdtune": {**saved, "adapter": "loha"}, "hyper_parameters": {}, "state_dict": {}}, path)
     assert check_resumable(path, cfg)["sdtune"]["adapter"] == "loha"
+
+
+@pytest.mark.parametrize("variant", ["loha", "lokr_whole"])
+def test_weight_and_off_switch_act_on_lycoris_layers(variant, tmp_path):
+    """``loras=[file@0.5]`` and ``compare=true`` go through diffusers' ``set_adapters`` and
+    ``disable_adapters``, written for LoRA layers: a LoHa/LoKr file at weight 0.5 must add exactly
+    half of peft's delta, and switched off must give the base model's output."""
+    from sdtune.lora_apply import activate, set_enabled
+
+    parts, spec, tensors = _trained(variant)
+    path = _save(tmp_path, variant, parts, spec, tensors)
+    fresh = _parts()
+    fresh.unet.eval()
+    apply_lora(fresh, read_lora(path), family=FAMILY, path=path, adapter_name="a")
+    activate(fresh, {"unet": ["a"]}, {"a": 0.5})
+    layers = [n for n, m in fresh.unet.named_modules() if isinstance(m, BaseTunerLayer)]
+    assert len(layers) >= 10
+    for name in layers:
+        want = parts.unet.get_submodule(name).get_delta_weight("default")
+        torch.testing.assert_close(fresh.unet.get_submodule(name).get_delta_weight("a"), 0.5 * want, rtol=0, atol=1e-6)
+    set_enabled(fresh, {"unet": ["a"]}, False)
+    x, t, kw = unet_inputs(FAMILY)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.unet(x, t, **kw).sample, _parts().unet(x, t, **kw).sample, rtol=0, atol=0)
