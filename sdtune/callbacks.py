@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from .adapters import base_weights
 from .ema import with_ema_facts
 from .errors import ConfigError
 from .io import write_text_atomic
@@ -76,8 +77,9 @@ class LoRAExport(L.Callback):
             output_name=self.path.stem,
         )
         header = with_ema_facts(header, pl_module.cfg)  # lora_state() gives the EMA weights then
-        save_lora(self.path, pl_module.lora_state(), header, format=self.format, unet_config=pl_module.parts.unet.config,
-                  text_encoders=pl_module.text_encoder_lora_state())
+        tensors = pl_module.lora_state()
+        save_lora(self.path, tensors, header, format=self.format, unet_config=pl_module.parts.unet.config,
+                  text_encoders=pl_module.text_encoder_lora_state(), base_weights=base_weights(pl_module.parts.unet, tensors))
         log.info("wrote %s", self.path)
 
 

@@ -160,7 +160,8 @@ def keep_lora_only(checkpoint: dict[str, Any], spec: LoraSpec, **facts: Any) -> 
     """Shrink a Lightning checkpoint to the LoRA tensors (the frozen base is loaded from
     ``model.path``, never saved) and record what a resume and an export check it against."""
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_lora_key(k)}
-    checkpoint["sdtune"] = {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), **facts}
+    checkpoint["sdtune"] = {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), "adapter": spec.kind,
+                            **facts}
 
 
 def check_resumable(path: Path, cfg: Mapping[str, Any], manifest: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -172,10 +173,10 @@ def check_resumable(path: Path, cfg: Mapping[str, Any], manifest: Mapping[str, s
     spec = spec_from_config(cfg["lora"], family.default_lora_targets)
     from .text_training import spec_dict, text_encoder_spec
 
-    now = {"family": family.name, "rank": spec.rank, "alpha": spec.alpha, "targets": sorted(spec.targets),
+    now = {"family": family.name, "rank": spec.rank, "alpha": spec.alpha, "targets": sorted(spec.targets), "adapter": spec.kind,
            "text_encoder": spec_dict(text_encoder_spec(cfg, family))}
     then = {"family": saved["family"], "rank": saved["rank"], "alpha": float(saved["alpha"]), "targets": sorted(saved["targets"]),
-            "text_encoder": saved.get("text_encoder")}
+            "adapter": saved.get("adapter", "lora"), "text_encoder": saved.get("text_encoder")}
     diffs = [f"{k}: checkpoint {then[k]!r}, config {now[k]!r}" for k in now if now[k] != then[k]]
     if diffs:
         raise ConfigError(

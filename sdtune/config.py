@@ -194,6 +194,9 @@ def _check_lora(cfg: DictConfig) -> None:
         not OmegaConf.is_list(targets) or not targets or not all(isinstance(t, str) and t for t in targets)
     ):
         raise ConfigError(f"lora.targets must be a non-empty list of module names like [to_q,to_k], got {targets!r}.")
+    from .adapters import check_config  # DoRA / LoHa / LoKr combinations
+
+    check_config(OmegaConf.to_container(cfg.lora, resolve=True), _get(cfg, "callbacks.lora_export.format"))
     _check_text_encoder_lora(cfg)
 
 
@@ -211,6 +214,12 @@ def _check_text_encoder_lora(cfg: DictConfig) -> None:
     unknown = sorted(set(te.keys()) - set(TEXT_ENCODER_KEYS))
     if unknown:
         raise ConfigError(f"lora.text_encoder.{unknown[0]} is not a setting (it takes {', '.join(TEXT_ENCODER_KEYS)}).{example}")
+    if str(_get(cfg, "lora.type") or "lora") != "lora" or _get(cfg, "lora.use_dora"):
+        raise ConfigError(
+            "lora.text_encoder trains plain LoRA layers in the text encoders and is not combined with "
+            f"lora.type={_get(cfg, 'lora.type')} / lora.use_dora={_get(cfg, 'lora.use_dora')} on the UNet. Fix: "
+            "lora.text_encoder=null, or lora.type=lora lora.use_dora=false."
+        )
     if "rank" not in te:
         raise ConfigError(f"lora.text_encoder has no rank.{example}")
     rank = _int(cfg, "lora.text_encoder.rank", minimum=1, hint=example)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .adapters import NAMES, base_weights_from, kind_of, module_of
 from .checkpointing import CHECKPOINT_FIX, load_checkpoint
 from .ema import checkpoint_export_tensors, with_ema_facts
 from .errors import LoraFileError, SdtuneError
@@ -89,7 +90,8 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str = D
         raise LoraFileError(f"{str(ckpt_path)!r}: its run config sets lora.text_encoder but it holds no text-encoder LoRA "
                             f"tensors. {CHECKPOINT_FIX}")
     config = unet_config_for(cfg) if format == "kohya" else None
-    return save_lora(out, tensors, header, format=format, unet_config=config, text_encoders=text_encoders)
+    weights = base_weights_from(cfg["model"]["path"], tensors) if format == "kohya" else None  # DoRA's dora_scale
+    return save_lora(out, tensors, header, format=format, unet_config=config, text_encoders=text_encoders, base_weights=weights)
 
 
 def export_lora(lora_path: str | Path, out: str | Path, *, format: str, family: str | None = None) -> Path:
@@ -132,7 +134,15 @@ def _standard_unet_config(family: str) -> dict[str, Any]:
 
 def _check_convertible(lora, source: str) -> None:
     """Refuse what a conversion would lose: text-encoder layers of other tools' files (sdtune's own,
-    whose header records the text-encoder rank and alpha, convert) and per-module alphas."""
+    whose header records the text-encoder rank and alpha, convert), per-module alphas, and the
+    adapter variants (their kohya maths is tied to the base weights or to ComfyUI's scale rules)."""
+    kind = kind_of(lora.raw)
+    if kind != "lora":
+        raise LoraFileError(
+            f"{source!r} is a {NAMES[kind]} file; sdtune.export converts plain LoRA files only. Fix: export it from its training "
+            "checkpoint (`python -m sdtune.export RUN/checkpoints/last.ckpt --format kohya|diffusers --out FILE`), or use "
+            "it as it is (generate and merge apply it)."
+        )
     te = sorted(k for k in lora.raw if k.startswith(TEXT_ENCODER_KEYS))
     if te and lora.text_encoder is None:
         raise LoraFileError(
@@ -151,7 +161,7 @@ def _check_convertible(lora, source: str) -> None:
 
 
 def _targets_of(tensors: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
-    return tuple(sorted({k.rsplit(".lora_", 1)[0] for k in tensors}))
+    return tuple(sorted({module_of(k) for k in tensors}))
 
 
 def _unwritable(out: Path) -> str | None:

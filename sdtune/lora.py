@@ -1,8 +1,8 @@
 """LoRA layers on the UNet, through peft.
 
-peft does the injection and the maths (``W x + (alpha / r) · B A x``); this module only turns our
-config into a ``LoraConfig`` and names the trainable tensors consistently between the live model,
-Lightning checkpoints and exported files.
+peft does the injection and the maths (``W x + (alpha / r) · B A x``; DoRA, LoHa and LoKr through
+:mod:`sdtune.adapters`); this module only turns our config into a peft config and names the
+trainable tensors consistently between the live model, Lightning checkpoints and exported files.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .adapters import ADAPTER_TYPES, is_adapter_key, strip_adapter_name
+from .adapters import peft_config as adapter_config
 from .errors import ConfigError
 
 ADAPTER = "default"  # peft's adapter name inside the training UNet
@@ -25,6 +27,13 @@ class LoraSpec:
     rank: int
     alpha: float
     targets: tuple[str, ...]
+    type: str = "lora"  # lora | loha | lokr (lora.type)
+    use_dora: bool = False  # weight-decomposed LoRA (lora.use_dora)
+
+    @property
+    def kind(self) -> str:
+        """'lora', 'dora', 'loha' or 'lokr': what a file of this spec holds."""
+        return "dora" if self.use_dora else self.type
 
     @property
     def scale(self) -> float:
@@ -38,19 +47,16 @@ def spec_from_config(lora_cfg: Mapping[str, Any], default_targets: tuple[str, ..
         rank=int(lora_cfg["rank"]),
         alpha=float(lora_cfg["rank"] if alpha is None else alpha),
         targets=tuple(targets),
+        type=str(lora_cfg.get("type") or "lora"),
+        use_dora=bool(lora_cfg.get("use_dora", False)),
     )
 
 
 def peft_config(spec: LoraSpec, *, dropout: float = 0.0, init: str | bool = "gaussian"):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=spec.rank,
-        lora_alpha=spec.alpha,
-        target_modules=list(spec.targets),
-        lora_dropout=dropout,
-        init_lora_weights=init,
-    )
+    if spec.type not in ADAPTER_TYPES:
+        raise ConfigError(f"lora.type must be one of {list(ADAPTER_TYPES)}, got {spec.type!r}.")
+    return adapter_config(spec.rank, spec.alpha, spec.targets, kind=spec.type, use_dora=spec.use_dora,
+                          dropout=dropout, init=init)
 
 
 def inject(
@@ -74,7 +80,7 @@ def check_targets(unet: torch.nn.Module, targets: tuple[str, ...]) -> None:
     """Refuse ``lora.targets`` entries that match no adaptable UNet layer, as peft matches names."""
     # Once an adapter is in, a target is a peft wrapper around ``<name>.base_layer``.
     layers = {name.replace(".base_layer", ""): m for name, m in unet.named_modules()
-              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in name}
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not is_adapter_key(name)}
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in layers)]
     if unmatched:
         names = sorted({n.rsplit(".", 2)[-1] if n.endswith(".0") else n.rsplit(".", 1)[-1] for n in layers})
@@ -86,14 +92,16 @@ def check_targets(unet: torch.nn.Module, targets: tuple[str, ...]) -> None:
 
 
 def is_lora_key(key: str) -> bool:
-    return ".lora_A." in key or ".lora_B." in key
+    """A trainable adapter tensor: LoRA's A/B, DoRA's magnitude, LoHa's hada_*, LoKr's lokr_*."""
+    return is_adapter_key(key)
 
 
 def module_key_to_peft(key: str, prefix: str = "unet.") -> str:
-    """``unet.<m>.lora_A.default.weight`` (a module's state dict) -> ``<m>.lora_A.weight`` (peft's)."""
+    """``unet.<m>.lora_A.default.weight`` (a module's state dict) -> ``<m>.lora_A.weight`` (peft's);
+    likewise ``.hada_w1_a.default`` -> ``.hada_w1_a`` and DoRA's magnitude -> ``.lora_magnitude_vector``."""
     if key.startswith(prefix):
         key = key[len(prefix):]
-    return key.replace(f".lora_A.{ADAPTER}.", ".lora_A.").replace(f".lora_B.{ADAPTER}.", ".lora_B.")
+    return strip_adapter_name(key, ADAPTER)
 
 
 def lora_tensors(module_state: Mapping[str, torch.Tensor], prefix: str = "unet.") -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .adapters import is_adapter_key, kind_of, load_plan, module_of
 from .errors import LoraFileError
 from .families import ModelFamily, ModelParts, as_family
 from .lora_checks import DIFFUSERS_METADATA_KEY
@@ -86,7 +87,7 @@ def components(lora: LoraFile, parts: ModelParts, family: ModelFamily) -> dict[C
         if component != "unet":  # files name CLIP layers under text_model.; a flattened CLIPTextModel does not
             encoder = parts.text_encoders[component]
             tensors = {te_live_module(k, encoder): v for k, v in tensors.items()}
-        modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
+        modules = sorted({module_of(k) for k in tensors})
         out[component] = (tensors, _header_alphas(lora, component, modules))
     return out
 
@@ -110,7 +111,7 @@ def lora_config(tensors: Mapping[str, torch.Tensor], alphas: Mapping[str, float]
 
 def _absent_layers(unet: torch.nn.Module, targets: Sequence[str], tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """UNet layers a header's targets name (by peft's rule) that the file has no weights for."""
-    have = {k.rsplit(".lora_", 1)[0] for k in tensors}
+    have = {module_of(k) for k in tensors}
     want = {n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
             and any(n == t or n.endswith("." + t) for t in targets)}
     return sorted(want - have)
@@ -122,7 +123,10 @@ def _load_into(model: torch.nn.Module, component: Component, weights: Weights, a
     from peft.utils import set_peft_model_state_dict
 
     tensors, alphas = weights
-    config = lora_config(tensors, alphas)
+    try:  # DoRA, LoHa, LoKr: the peft config and tensors that reproduce ComfyUI's maths on this model
+        config, tensors = load_plan(tensors, alphas, model) if kind_of(tensors) != "lora" else (lora_config(tensors, alphas), tensors)
+    except (KeyError, RuntimeError) as err:  # a layer lacks one of its tensors, or shapes disagree
+        return [f"its adapter layers are incomplete or do not fit ({err})"]
     try:
         if component == "unet":
             model.add_adapter(config, adapter_name=adapter_name)
@@ -136,8 +140,9 @@ def _load_into(model: torch.nn.Module, component: Component, weights: Weights, a
         _remove(model, adapter_name)
         lines = str(err).strip().splitlines()
         return [lines[-1] if lines else str(err)]
-    unexpected = sorted(k for k in result.unexpected_keys if ".lora_" in k)
-    missing = sorted(k for k in result.missing_keys if ".lora_" in k and f".{adapter_name}." in k)
+    unexpected = sorted(k for k in result.unexpected_keys if is_adapter_key(k))
+    missing = sorted(k for k in result.missing_keys if is_adapter_key(k)
+                     and (k.endswith(f".{adapter_name}") or f".{adapter_name}." in k))
     if unexpected or missing:
         _remove(model, adapter_name)
     where = "UNet" if component == "unet" else "text encoder"

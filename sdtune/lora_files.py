@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .adapters import NAMES, to_kohya_maths
 from .errors import LoraFileError
 from .families import FAMILIES, get_family
 from .io import atomic_path
@@ -98,7 +99,7 @@ class LoraFile:
 MANAGED_KEYS = frozenset({
     "format", DIFFUSERS_METADATA_KEY, "sdtune.format", "sdtune.family", "sdtune.targets", "sdtune.rank", "sdtune.alpha",
     "sdtune.text_encoder",
-    "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_output_name",
+    "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_output_name", "sdtune.adapter", "ss_network_args",
 })
 
 
@@ -129,15 +130,20 @@ class LoraHeader:
         """The header as safetensors stores it (every value a string) for a ``format`` file."""
         spec = self.spec
         meta = {k: v for k, v in self.carried.items() if k not in MANAGED_KEYS}
-        meta.update({"format": "pt", "sdtune.format": format, "sdtune.family": self.family,
-                     "ss_network_module": "networks.lora", "ss_network_dim": str(spec.rank),
+        lycoris = spec.kind in ("loha", "lokr")
+        meta.update({"format": "pt", "sdtune.format": format, "sdtune.family": self.family, "sdtune.adapter": spec.kind,
+                     "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora", "ss_network_dim": str(spec.rank),
                      "ss_network_alpha": repr(float(spec.alpha)), "ss_output_name": self.output_name})
         te = self.text_encoder
         if te is not None:
             meta["sdtune.text_encoder"] = json.dumps({"rank": te.rank, "alpha": te.alpha, "targets": list(te.targets)})
-        if format == "diffusers":
+        if spec.kind != "lora":  # how LyCORIS records its algorithm (shown by A1111's and model sites' info panels)
+            meta["ss_network_args"] = json.dumps({"algo": spec.kind} if lycoris else {"dora_wd": True, "wd_on_out": True})
+        if format in ("diffusers", "peft"):
             adapters = {f"{COMPONENT_PREFIX}r": spec.rank, f"{COMPONENT_PREFIX}lora_alpha": spec.alpha,
                         f"{COMPONENT_PREFIX}target_modules": list(spec.targets)}
+            if spec.use_dora:
+                adapters[f"{COMPONENT_PREFIX}use_dora"] = True
             for index in range(len(get_family(self.family).text_encoder_kinds) if te is not None else 0):
                 prefix = te_diffusers_prefix(index)  # what load_lora_weights reads per text encoder
                 adapters.update({f"{prefix}r": te.rank, f"{prefix}lora_alpha": te.alpha, f"{prefix}target_modules": list(te.targets)})
@@ -173,10 +179,15 @@ def save_lora(
     format: str,
     unet_config: Mapping[str, Any] | None = None,
     text_encoders: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
+    base_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write peft-named ``tensors`` in ``format`` with ``header``, atomically. kohya names of
     SDXL-layout UNets follow ``unet_config``'s blocks (the standard XL layout when None).
-    ``text_encoders``: peft-named text-encoder tensors per encoder index (``header.text_encoder``'s)."""
+    ``text_encoders``: peft-named text-encoder tensors per encoder index (``header.text_encoder``'s).
+
+    DoRA: ``format="diffusers"`` writes diffusers' peft layout (``unet.<m>.lora_magnitude_vector``,
+    what ``load_lora_weights`` reads); kohya's ``dora_scale`` is relative to the frozen weights, so
+    ``base_weights`` (module path -> weight) must be given. LoHa/LoKr: kohya only."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -190,11 +201,21 @@ def save_lora(
             f"refusing to write {str(path)!r}: the LoRA holds non-finite values: {len(names)} tensor(s), "
             f"{count} value(s) NaN/Inf, e.g. {', '.join(names[:3])}. Nothing was written. Fix: {NONFINITE_FIX}"
         )
-    if format == "diffusers":
+    spec = header.spec
+    if format == "diffusers" and spec.kind in ("loha", "lokr"):
+        raise LoraFileError(
+            f"cannot write {str(path)!r} in the diffusers layout: it is a {NAMES[spec.kind]} "
+            "(lora.type), which diffusers' load_lora_weights cannot load. Nothing was written. Fix: write the kohya "
+            "layout (--format kohya, callbacks.lora_export.format=kohya), which ComfyUI, Forge and A1111 load."
+        )
+    if format == "diffusers" and spec.use_dora:
+        on_disk, format = {COMPONENT_PREFIX + k: v for k, v in tensors.items()}, "peft"
+    elif format == "diffusers":
         on_disk = {**peft_to_diffusers(tensors), **text_encoders_to_diffusers(text_encoders)}
     elif format == "kohya":
+        tensors = to_kohya_maths(tensors, spec.rank, float(spec.alpha), base_weights) if spec.kind != "lora" else tensors
         count = len(get_family(header.family).text_encoder_kinds)
-        on_disk = {**peft_to_kohya(tensors, float(header.spec.alpha), header.family, unet_config),
+        on_disk = {**peft_to_kohya(tensors, float(spec.alpha), header.family, unet_config),
                    **(text_encoders_to_kohya(text_encoders, float(header.text_encoder.alpha), count) if text_encoders else {})}
     else:
         raise LoraFileError(f"unknown LoRA format {format!r}; choose one of {list(FORMATS)}")

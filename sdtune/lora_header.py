@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .adapters import kind_of
 from .errors import LoraFileError
 from .lora import LoraSpec
 from .lora_checks import COMPONENT_PREFIX, DIFFUSERS_METADATA_KEY, HEADER_FIX, TEXT_ENCODER_KEYS, check_tensors_match
@@ -117,16 +118,23 @@ def _diffusers_spec(metadata: Mapping[str, str], path: Path) -> LoraSpec | None:
     return LoraSpec(rank, alpha, _targets_value(targets, f"{key}.{COMPONENT_PREFIX}target_modules", path))
 
 
-def _tensor_spec(raw: Mapping[str, torch.Tensor], path: Path) -> LoraSpec:
+def _tensor_spec(raw: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> LoraSpec:
     """What the tensors alone say: the rank of the first down weight, alpha from kohya ``.alpha``
     scalars (diffusers' convention without a header is alpha = rank), no targets."""
-    downs = [v for k, v in raw.items() if k.endswith((".lora.down.weight", ".lora_down.weight", ".lora_A.weight"))
+    downs = [v for k, v in raw.items() if k.endswith((".lora.down.weight", ".lora_down.weight", ".lora_A.weight",
+                                                       ".hada_w1_b", ".lokr_w2_b", ".lokr_w1_b"))
              and not k.startswith(TEXT_ENCODER_KEYS)]
-    if not downs:
+    declared = str((metadata or {}).get("ss_network_dim", ""))
+    if downs:
+        rank = int(downs[0].shape[0])
+    elif any(k.endswith(".lokr_w2") for k in raw):  # a LoKr of whole factors has no rank in its tensors
+        rank = int(declared) if declared.isdigit() and int(declared) > 0 else 1
+    else:
         raise LoraFileError(f"{str(path)!r} holds no UNet LoRA down weights")
-    rank = int(downs[0].shape[0])
     alphas = [float(v) for k, v in raw.items() if k.endswith(KOHYA_ALPHA) and k.startswith("lora_unet_") and v.numel() == 1]
-    return LoraSpec(rank=rank, alpha=alphas[0] if alphas else float(rank), targets=())
+    kind = kind_of(raw)
+    return LoraSpec(rank=rank, alpha=alphas[0] if alphas else float(rank), targets=(),
+                    type=kind if kind in ("loha", "lokr") else "lora", use_dora=kind == "dora")
 
 
 def spec_from_header(metadata: Mapping[str, str], raw: Mapping[str, torch.Tensor], fmt: str, path: Path) -> LoraSpec:
@@ -154,11 +162,11 @@ def spec_from_header(metadata: Mapping[str, str], raw: Mapping[str, torch.Tensor
                     f"{DIFFUSERS_METADATA_KEY} gives {name} {other!r}; diffusers and sdtune would load it differently. {HEADER_FIX}"
                 )
     if theirs is not None and fmt in ("diffusers", "peft"):
-        spec = replace(theirs, **ours)
+        spec = replace(theirs, use_dora=kind_of(raw) == "dora", **ours)
     elif ours:
-        spec = replace(_tensor_spec(raw, path), **ours)
+        spec = replace(_tensor_spec(raw, path, metadata), **ours)
     else:
-        return _tensor_spec(raw, path)
+        return _tensor_spec(raw, path, metadata)
     origin = "sdtune.*" if ours else DIFFUSERS_METADATA_KEY  # the key a user would look at first
     check_tensors_match(spec, raw, str(path), origin=f"header ({origin})")
     return spec

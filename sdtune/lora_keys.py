@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .adapters import DORA_SCALE, LYCORIS_SUFFIXES, MAGNITUDE
 from .errors import LoraFileError
 from .families import ModelFamily, as_family
 from .ldm_format import unet_block_prefixes
@@ -36,10 +37,13 @@ DIFFUSERS_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_A.weight", ".lora.down.weight"),
     (".lora_B.weight", ".lora.up.weight"),
 )
-#: peft suffix -> kohya suffix
+#: peft suffix -> kohya suffix; LoHa/LoKr tensors keep their names (LyCORIS's, which ComfyUI and
+#: A1111 read), and a DoRA layer's ``.dora_scale`` (see :mod:`sdtune.adapters`) keeps its own.
 KOHYA_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_A.weight", ".lora_down.weight"),
     (".lora_B.weight", ".lora_up.weight"),
+    (DORA_SCALE, DORA_SCALE),
+    *((s, s) for s in LYCORIS_SUFFIXES),
 )
 KOHYA_ALPHA = ".alpha"
 
@@ -164,14 +168,15 @@ def kohya_to_peft(
 PEFT_PREFIXES: tuple[tuple[str, str | int], ...] = (
     ("unet.", "unet"), ("text_encoder_2.", 1), ("text_encoder.", 0), ("base_model.model.", "unet"), ("", "unet"),
 )
-PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", MAGNITUDE)  # MAGNITUDE: DoRA (diffusers loads it)
 #: kohya text-encoder prefixes: SD1.x has one encoder (lora_te_), SDXL two (lora_te1_ CLIP-L, lora_te2_ bigG)
 KOHYA_TE_PREFIXES: tuple[tuple[str, int], ...] = (("lora_te1_", 0), ("lora_te2_", 1), ("lora_te_", 0))
 #: Markers of layouts that are not plain LoRA, named so a refusal says what the file is.
+#: (DoRA, LoHa and LoKr in kohya layout are read: :mod:`sdtune.adapters`; their Tucker forms are not.)
 OTHER_LAYOUTS: tuple[tuple[str, str], ...] = (
-    (".hada_w1_a", "LyCORIS LoHa"), (".lokr_w1", "LyCORIS LoKr"), (".lokr_w2", "LyCORIS LoKr"),
-    (".lora_mid.weight", "LyCORIS LoCon with Tucker decomposition (lora_mid)"), (".dora_scale", "DoRA"),
-    (".lora_magnitude_vector", "DoRA"), (".a1.weight", "LyCORIS GLoRA"), (".oft_blocks", "OFT"),
+    (".hada_t1", "LyCORIS LoHa with Tucker decomposition (hada_t1)"), (".lokr_t2", "LyCORIS LoKr with Tucker decomposition (lokr_t2)"),
+    (".lora_mid.weight", "LyCORIS LoCon with Tucker decomposition (lora_mid)"),
+    (".a1.weight", "LyCORIS GLoRA"), (".oft_blocks", "OFT"),
     (".diff", "a full weight difference (LyCORIS diff)"), (".lora_linear_layer", "diffusers' retired attention-processor LoRA"),
 )
 
@@ -191,8 +196,8 @@ def detect_format(keys: Iterable[str]) -> str:
                                and k.endswith(tuple(s for _, s in DIFFUSERS_TE_SUFFIXES))))
         if hits:
             raise LoraFileError(
-                f"this is a {name} file (tensor names like {hits[:2]}), not a plain LoRA; sdtune applies plain "
-                "LoRA only. Use it in ComfyUI or A1111, which read it, or retrain it as a LoRA."
+                f"this is a {name} file (tensor names like {hits[:2]}); sdtune applies LoRA, DoRA, LoHa and LoKr "
+                "(without Tucker factors) only. Use it in ComfyUI or A1111, which read it, or retrain it with sdtune."
             )
     unet_keys = [k for k in keys if not k.startswith(("text_encoder.", "text_encoder_2."))]
     te_ok = all(k.endswith(tuple(s for _, s in DIFFUSERS_TE_SUFFIXES)) for k in keys if k not in unet_keys)
@@ -201,6 +206,10 @@ def detect_format(keys: Iterable[str]) -> str:
         return "diffusers"  # text encoders as diffusers' training scripts wrote them: .lora_linear_layer.down.weight
     if keys and all(k.endswith(PEFT_SUFFIXES) for k in keys):
         return "peft"
+    if any(k.endswith(DORA_SCALE) for k in keys) and not any(k.startswith(KOHYA_PREFIX) for k in keys):
+        raise LoraFileError(f"this is a DoRA file in a layout sdtune does not read (tensor names like {sorted(keys)[:2]}); "
+                            "sdtune reads DoRA as kohya files (lora_unet_<module>.dora_scale) and peft/diffusers files "
+                            "(<module>.lora_magnitude_vector). Use it in ComfyUI or A1111.")
     if keys and any(k.startswith(KOHYA_PREFIX) for k in keys) and all(k.startswith(("lora_unet_", "lora_te")) for k in keys):
         return "kohya"
     sample = sorted(keys)[:3]

@@ -34,8 +34,8 @@ from .text_cache import TextEmbeddingCache
 from .text_training import (
     attach_text_encoders,
     inject_text_encoders,
-    text_encoder_param_group,
     spec_dict,
+    text_encoder_param_group,
     text_encoder_spec,
     text_encoder_state,
 )

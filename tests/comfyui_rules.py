@@ -111,3 +111,78 @@ def load_clip_like_comfyui(lora: dict[str, torch.Tensor], key_map: dict[str, tup
             loaded |= {up, down, alpha} & lora.keys()
     te_keys = {k for k in lora if k.startswith(("lora_te", "text_encoder"))}
     return deltas, sorted(te_keys - loaded)
+# -- DoRA, LoHa, LoKr: ComfyUI's weight adapters, re-implemented line by line ----------------------
+# comfy/lora.py ``load_lora`` reads ``x.alpha`` and ``x.dora_scale`` for every stem, then asks each
+# adapter of comfy/weight_adapter (LoRAAdapter: ``lora_up/lora_down``; LoHaAdapter: ``hada_w1_a``,
+# ``hada_w1_b``, ``hada_w2_a``, ``hada_w2_b`` [+ ``hada_t1/t2``]; LoKrAdapter: ``lokr_w1`` or
+# ``lokr_w1_a/_b``, ``lokr_w2`` or ``lokr_w2_a/_b`` [+ ``lokr_t2``]) to load it. Their
+# ``calculate_weight`` at strength 1 is what :func:`merge_like_comfyui` computes.
+
+
+def weight_decompose(dora_scale, weight, lora_diff, alpha):
+    """comfy/weight_adapter/base.py ``weight_decompose`` at strength 1 (float32, identity function).
+
+    Note ComfyUI's per-output branch divides by the norm of the *unpatched* weight."""
+    lora_diff = lora_diff * alpha
+    weight_calc = weight + lora_diff
+    if dora_scale.shape[0] == weight_calc.shape[0]:  # wd_on_output_axis
+        weight_norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True).reshape(
+            weight.shape[0], *[1] * (weight.dim() - 1))
+    else:
+        weight_norm = (weight_calc.transpose(0, 1).reshape(weight_calc.shape[1], -1).norm(dim=1, keepdim=True)
+                       .reshape(weight_calc.shape[1], *[1] * (weight_calc.dim() - 1)).transpose(0, 1))
+    weight_norm = weight_norm + torch.finfo(weight.dtype).eps
+    return weight_calc * (dora_scale / weight_norm)
+
+
+def _comfy_diff(lora: dict[str, torch.Tensor], x: str, alpha, shape) -> tuple[torch.Tensor, float, set[str]] | None:
+    """(lora_diff, alpha factor, keys used) of stem ``x`` as ComfyUI's adapters compute it, or None."""
+    def get(name):
+        return lora[f"{x}.{name}"].float() if f"{x}.{name}" in lora else None
+
+    if get("lora_up.weight") is not None:  # LoRAAdapter
+        up, down = get("lora_up.weight"), get("lora_down.weight")
+        factor = alpha / down.shape[0] if alpha is not None else 1.0
+        return torch.mm(up.flatten(start_dim=1), down.flatten(start_dim=1)).reshape(shape), factor, {
+            f"{x}.lora_up.weight", f"{x}.lora_down.weight"}
+    if get("hada_w1_a") is not None:  # LoHaAdapter (no Tucker factors)
+        w1a, w1b, w2a, w2b = (get(n) for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        factor = alpha / w1b.shape[0] if alpha is not None else 1.0
+        return ((w1a @ w1b) * (w2a @ w2b)).reshape(shape), factor, {f"{x}.hada_w{i}_{s}" for i in (1, 2) for s in "ab"}
+    names = ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b")
+    if any(get(n) is not None for n in names[:3] + names[4:5]):  # LoKrAdapter (no Tucker factor)
+        w1, w2, w1_a, w1_b, w2_a, w2_b = (get(n) for n in names)
+        dim = None
+        if w1 is None:
+            dim = w1_b.shape[0]
+            w1 = torch.mm(w1_a, w1_b)
+        if w2 is None:
+            dim = w2_b.shape[0]
+            w2 = torch.mm(w2_a, w2_b)
+        if len(w2.shape) == 4:
+            w1 = w1.unsqueeze(2).unsqueeze(2)
+        factor = alpha / dim if alpha is not None and dim is not None else 1.0
+        return torch.kron(w1, w2).reshape(shape), factor, {f"{x}.{n}" for n in names if f"{x}.{n}" in lora}
+    return None
+
+
+def merge_like_comfyui(lora: dict[str, torch.Tensor], key_map: dict[str, str], base: dict[str, torch.Tensor]
+                       ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(diffusers module -> the weight ComfyUI patches it to, keys it would report "lora key not
+    loaded") for a file of LoRA, DoRA (``dora_scale``), LoHa or LoKr layers; ``base`` maps each
+    module to its unpatched weight."""
+    merged, loaded = {}, set()
+    for stem, module in key_map.items():
+        alpha = float(lora[f"{stem}.alpha"]) if f"{stem}.alpha" in lora else None
+        found = _comfy_diff(lora, stem, alpha, base[module].shape) if module in base else None
+        if found is None:
+            continue
+        diff, factor, used = found
+        weight = base[module].float().clone()
+        if f"{stem}.dora_scale" in lora:
+            merged[module] = weight_decompose(lora[f"{stem}.dora_scale"].float(), weight, diff, factor)
+            used.add(f"{stem}.dora_scale")
+        else:
+            merged[module] = weight + factor * diff
+        loaded |= used | ({f"{stem}.alpha"} & lora.keys())
+    return merged, sorted(lora.keys() - loaded)

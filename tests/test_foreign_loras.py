@@ -175,12 +175,17 @@ def test_generate_renders_a_kohya_file_with_text_encoder_layers_as_the_hand_merg
     assert np.abs(ours - render([0])).max() <= 1  # ...and with them it is the hand merge (uint8 rounding at most)
 
 
-@pytest.mark.parametrize(("marker", "name"), [(".hada_w1_a", "LyCORIS LoHa"), (".lokr_w1", "LyCORIS LoKr"),
-                                              (".dora_scale", "DoRA")])
+@pytest.mark.parametrize(("marker", "name"), [
+    (".hada_t1", r"LyCORIS LoHa with Tucker decomposition \(hada_t1\)"),
+    (".lokr_t2", r"LyCORIS LoKr with Tucker decomposition \(lokr_t2\)"),
+    (".lora_mid.weight", r"LyCORIS LoCon with Tucker decomposition \(lora_mid\)"), (".oft_blocks", "OFT"),
+])
 def test_other_layouts_are_refused_by_name(tmp_path, marker, name):
+    """Layouts sdtune cannot apply (plain LoRA, DoRA, LoHa and LoKr it can: tests/test_adapters.py) are named."""
     path = tmp_path / "lycoris.safetensors"
     save_file({f"lora_unet_down_blocks_0_attentions_0_proj_in{marker}": torch.zeros(2, 2)}, str(path))
-    with pytest.raises(LoraFileError, match=rf"this is a {name} file .*not a plain LoRA; sdtune applies plain LoRA only"):
+    with pytest.raises(LoraFileError, match=rf"this is a {name} file .*sdtune applies LoRA, DoRA, LoHa and LoKr "
+                                            r"\(without Tucker factors\) only"):
         read_lora(path)
 
 
