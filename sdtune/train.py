@@ -59,6 +59,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
         bad_images=cfg.data.get("bad_images", "error"),
         allow_outside_root=bool(cfg.data.get("allow_outside_root", False)),
         caption_extension=cfg.data.get("caption_extension"),
+        skip_folders=(str(cfg.data.mask_folder),) if cfg.train.get("masked_loss") else (),  # masks are not images
     )
     output_dir = Path(output_dir)
     if is_secondary_rank():  # DDP's extra processes: rank 0 owns the folder and its checks

@@ -163,3 +163,17 @@ def test_find_mask_for_an_image_outside_root_reads_only_its_alpha_channel(tmp_pa
     Image.new("L", (8, 8)).save(tmp_path / "root" / "masks" / "x.png")  # not its mask: x is outside root
     assert find_mask(tmp_path / "x.png", tmp_path / "root") is None
     assert find_mask(tmp_path / "y.png", tmp_path / "root") == ("alpha", tmp_path / "y.png")
+
+
+def test_a_kohya_folders_masks_are_not_training_images(tmp_path):
+    """Catches masks under a kohya folder (no metadata file) read back as training images."""
+    root = tmp_path / "data"
+    (root / "10_me").mkdir(parents=True)
+    (root / "masks" / "10_me").mkdir(parents=True)
+    _noise_image(64, 64, 0).save(root / "10_me" / "a.png")
+    (root / "10_me" / "a.txt").write_text("a photo of sks")
+    Image.new("L", (64, 64), 255).save(root / "masks" / "10_me" / "a.png")
+    records = load_records(root, skip_folders=("masks",))
+    assert [r.path.name for r in records] == ["a.png"] and records[0].text == "a photo of sks"
+    assert find_masks(records, root) == [("file", root / "masks" / "10_me" / "a.png")]
+    assert len(load_records(root)) == 2  # without the skip (masked loss off) the folder is as it was
