@@ -111,7 +111,8 @@ def check_device(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first invalid training setting."""
-    for check in (_check_known_keys, _check_model, _check_lora, _check_data, _check_trainer, _check_train, _check_eval):
+    for check in (_check_known_keys, _check_model, _check_lora, _check_data, _check_trainer, _check_train,
+                  _check_data_methods, _check_eval):
         check(cfg)
 
 
@@ -317,6 +318,30 @@ def _check_eval(cfg: DictConfig) -> None:
     metric = _get(cfg, "optimized_metric")
     if isinstance(metric, str):
         check_optimized_metric(metric, spec)
+
+
+def _check_data_methods(cfg: DictConfig) -> None:
+    """train.masked_loss and DreamBooth prior preservation (data.class_root / data.class_prompt)."""
+    if not isinstance(_get(cfg, "train.masked_loss") or False, bool):
+        raise ConfigError(f"train.masked_loss must be true or false, got {_get(cfg, 'train.masked_loss')!r}.")
+    _number(cfg, "train.prior_loss_weight", minimum=0)
+    class_root, prompt = _get(cfg, "data.class_root"), _get(cfg, "data.class_prompt")
+    if class_root and prompt:
+        raise ConfigError(
+            f"data.class_root={class_root!r} and data.class_prompt={prompt!r} are both set. Fix: give the class "
+            "images (data.class_root) or a prompt to render them from (data.class_prompt), not both."
+        )
+    if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
+        raise ConfigError(f"data.class_prompt must be a non-empty prompt such as 'a photo of a dog', got {prompt!r}.")
+    if prompt:
+        _int(cfg, "data.num_class_images", minimum=1, hint=" Fix: e.g. data.num_class_images=100.")
+        _int(cfg, "data.class_sample_steps", minimum=1, hint=" Fix: e.g. data.class_sample_steps=30.")
+    if (class_root or prompt) and _get(cfg, "data.cache_latents") and _get(cfg, "data.bucketing"):
+        raise ConfigError(
+            "prior preservation with data.cache_latents=true and data.bucketing=true is not supported: class "
+            "images are cropped to each instance batch's bucket, which one cached crop cannot serve. Fix: turn "
+            "one of data.cache_latents or data.bucketing off."
+        )
 
 
 def _check_run_length(cfg: DictConfig) -> None:

@@ -37,13 +37,26 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     return clipped / snr if scheduler.config.prediction_type == "epsilon" else clipped / (snr + 1)
 
 
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error in fp32; with ``weights``, each sample's mean error is weighted first."""
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None, *,
+                 mask: torch.Tensor | None = None, per_sample: bool = False) -> torch.Tensor:
+    """Mean squared error in fp32; with ``weights``, each sample's mean error is weighted first.
+
+    ``mask`` (B, 1, h, w) on the latent grid weights each pixel's error (masked loss); a sample's
+    error is then normalised by the mean over *all* its pixels, as kohya's ``apply_masked_loss``
+    does, not by the mask's sum: a mask of ones is exactly the unmasked loss, and a sample whose
+    mask covers a quarter of the image weighs a quarter as much. ``per_sample`` returns the (B,)
+    per-sample losses (min-SNR weights applied) instead of their mean, for prior preservation.
+    """
     pred, target = pred.float(), target.float()
-    if weights is None:
+    if weights is None and mask is None and not per_sample:
         return F.mse_loss(pred, target, reduction="mean")
-    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=list(range(1, pred.ndim)))
-    return (per_sample * weights).mean()
+    error = F.mse_loss(pred, target, reduction="none")
+    if mask is not None:
+        error = error * mask.to(error.device, error.dtype)
+    losses = error.mean(dim=list(range(1, pred.ndim)))
+    if weights is not None:
+        losses = losses * weights
+    return losses if per_sample else losses.mean()
 
 
 def cast_floats(value, dtype: torch.dtype):
@@ -56,9 +69,11 @@ def cast_floats(value, dtype: torch.dtype):
 
 
 def denoising_loss(unet, scheduler, latents: torch.Tensor, conditioning: dict, noise: torch.Tensor,
-                   timesteps: torch.Tensor, *, dtype: torch.dtype, snr_gamma: float | None = None) -> torch.Tensor:
+                   timesteps: torch.Tensor, *, dtype: torch.dtype, snr_gamma: float | None = None,
+                   mask: torch.Tensor | None = None, per_sample: bool = False) -> torch.Tensor:
     """The training loss: noise ``latents`` at ``timesteps``, let the UNet predict, and regress the
-    scheduler's target (weighted by min-SNR-gamma when ``snr_gamma`` is set).
+    scheduler's target (weighted by min-SNR-gamma when ``snr_gamma`` is set, per pixel by ``mask``;
+    ``per_sample``: one loss per sample, see :func:`weighted_mse`).
 
     ``dtype`` is the frozen weights' dtype, passed in because asking the UNet (``unet.dtype``)
     walks all of its ~1,000-7,500 submodules on every step (2 ms tiny SD1.5, 20 ms SDXL on a CPU).
@@ -67,7 +82,8 @@ def denoising_loss(unet, scheduler, latents: torch.Tensor, conditioning: dict, n
     target = regression_target(scheduler, latents, noise, timesteps)
     kwargs = cast_floats(conditioning, dtype)
     pred = unet(noisy.to(dtype), timesteps, **kwargs, return_dict=False)[0].float()
-    return weighted_mse(pred, target, min_snr_weights(scheduler, timesteps, snr_gamma) if snr_gamma else None)
+    return weighted_mse(pred, target, min_snr_weights(scheduler, timesteps, snr_gamma) if snr_gamma else None,
+                        mask=mask, per_sample=per_sample)
 
 
 def scale_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:

@@ -15,6 +15,8 @@ import lightning as L
 import torch
 
 from .checkpointing import keep_lora_only
+from .data.masks import batch_mask
+from .data.prior import split_prior_loss
 from .data.sampler import skip_finished_batches
 from .diffusion import batch_latents, denoising_loss, latent_shape, sample_randomness, validation_randomness
 from .ema import LoraEMA, exports_ema, start_ema
@@ -118,11 +120,13 @@ class LoRATrainingModule(L.LightningModule):
                              deterministic=deterministic, eps=eps)
 
     def diffusion_loss(self, latents: torch.Tensor, text: dict[str, torch.Tensor], batch: dict[str, Any], *,
-                       noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """:func:`sdtune.diffusion.denoising_loss` with this family's UNet conditioning."""
+                       noise: torch.Tensor, timesteps: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+        """:func:`sdtune.diffusion.denoising_loss` with this family's UNet conditioning (and the
+        batch's loss masks, ``train.masked_loss``)."""
         return denoising_loss(self.parts.unet, self.parts.noise_scheduler, latents,
                               self.family.unet_conditioning(text, batch), noise, timesteps,
-                              dtype=self.weight_dtype, snr_gamma=self.cfg["train"].get("snr_gamma"))
+                              dtype=self.weight_dtype, snr_gamma=self.cfg["train"].get("snr_gamma"),
+                              mask=batch_mask(batch, tuple(latents.shape[-2:])), per_sample=per_sample)
 
     def sample_randomness(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(latent eps, noise, timesteps) from each sample's own seed (:func:`sdtune.diffusion.sample_randomness`)."""
@@ -137,7 +141,11 @@ class LoRATrainingModule(L.LightningModule):
         eps, noise, timesteps = self.sample_randomness(batch)
         latents = self.batch_latents(batch, eps=eps)
         text = self.encode_text(batch["text"])
-        loss = self.diffusion_loss(latents, text, batch, noise=noise, timesteps=timesteps)
+        prior = batch.get("prior")  # DreamBooth prior preservation: the class half of the batch
+        loss = self.diffusion_loss(latents, text, batch, noise=noise, timesteps=timesteps, per_sample=prior is not None)
+        if prior is not None:
+            loss, prior_loss = split_prior_loss(loss, prior, self.cfg["train"].get("prior_loss_weight", 1.0))
+            self.log("train/prior_loss", prior_loss, on_step=True, on_epoch=True, batch_size=int(prior.sum()))
         # Decided together, so DDP ranks never disagree on skipping (which would hang them).
         if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             return self._non_finite(loss)

@@ -19,9 +19,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpointing import AtomicCheckpointIO, check_resumable, data_manifest, resolve_ckpt_path
+from .class_images import class_manifest, class_records
 from .config import check_device, validate
 from .console import tidy_console
 from .data import ImageCaptionDataModule, load_records
+from .data.masks import find_masks, mask_manifest
 from .errors import OutputError, RunStopped
 from .evaluation import evaluation_callbacks
 from .families.builder import model_source
@@ -58,6 +60,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
         bad_images=cfg.data.get("bad_images", "error"),
         allow_outside_root=bool(cfg.data.get("allow_outside_root", False)),
         caption_extension=cfg.data.get("caption_extension"),
+        skip_folders=(str(cfg.data.mask_folder),) if cfg.train.get("masked_loss") else (),  # masks are not images
     )
     output_dir = Path(output_dir)
     if is_secondary_rank():  # DDP's extra processes: rank 0 owns the folder and its checks
@@ -98,13 +101,17 @@ def _fit(cfg: DictConfig, output_dir: Path, records: list) -> dict[str, Any]:
         check_fresh(output_dir, resuming=ckpt_path is not None)
     L.seed_everything(int(cfg.seed), workers=True)
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # plain types for checkpoints
-    manifest = data_manifest(records, cfg.data.root)
+    masks = find_masks(records, cfg.data.root, cfg.data.mask_folder) if cfg.train.get("masked_loss") else None
+    classes, class_root = class_records(resolved)  # train.prior_loss_weight: rendered once, if need be
+    manifest = {**data_manifest(records, cfg.data.root), **mask_manifest(masks, cfg.data.root),
+                **class_manifest(classes, class_root)}
     if ckpt_path is not None:
         ckpt = check_resumable(ckpt_path, resolved, manifest)  # before any model is loaded
         changes = changed_settings(ckpt.get("hyper_parameters", {}).get("cfg", {}), resolved)
         if changes:
             log.warning("resuming with %d setting(s) changed from the checkpoint's: %s", len(changes), "; ".join(changes))
-    datamodule = ImageCaptionDataModule.from_config(records, resolved["data"], seed=int(cfg.seed))
+    datamodule = ImageCaptionDataModule.from_config(records, resolved["data"], seed=int(cfg.seed), masks=masks,
+                                                    class_records=classes)
     _write(lambda: write_text_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(resolved)))
     if ckpt_path is not None:
         lost = drop_rows_after(output_dir / "logs" / "csv" / "metrics.csv", int(ckpt["global_step"]))

@@ -27,6 +27,8 @@ from .buckets import Size, assign_buckets
 from .captions import CaptionOptions, process_caption
 from .images import image_size, load_rgb, plan_crop, resize_and_crop, to_tensor
 from .latents import LatentCache, check_cacheable, file_sha256
+from .masks import MaskSource, load_mask, mask_digest, to_latent_grid, transform_mask
+from .prior import PriorPreservationDataset, collate_prior
 from .records import Record, dataset_root
 from .sampler import TrainBatchSampler
 
@@ -78,8 +80,10 @@ class ImageCaptionDataset(Dataset):
         sizes: Sequence[Size] | None = None,
         repeats: Sequence[int] | None = None,
         captions: CaptionOptions = NO_CAPTION_CHANGES,
+        masks: Sequence[MaskSource] | None = None,
     ):
         self.records = list(records)
+        self.masks = list(masks) if masks is not None else None  # train.masked_loss: one source per record
         self.resolution = int(resolution)
         self.center_crop = center_crop
         self.random_flip = random_flip
@@ -96,7 +100,9 @@ class ImageCaptionDataset(Dataset):
     def bucket_of(self, item: int) -> Size:
         return self.targets[self.index[item]]
 
-    def pixels(self, r: int, flip: bool, rng: random.Random | None = None) -> tuple[torch.Tensor, Any]:
+    def pixels(self, r: int, flip: bool, rng: random.Random | None = None, target: Size | None = None
+               ) -> tuple[torch.Tensor, Any]:
+        """Record ``r``'s crop as a (3, H, W) tensor and its CropInfo; ``target`` overrides its size."""
         record = self.records[r]
         try:
             image = load_rgb(record.path)
@@ -104,8 +110,16 @@ class ImageCaptionDataset(Dataset):
             raise DataError(f"cannot read training image {record.path}: {err}. Fix or remove it.") from err
         if flip:
             image = ImageOps.mirror(image)  # before cropping, so the crop offset is in the seen frame
-        image, info = resize_and_crop(image, self.targets[r], center_crop=self.center_crop, rng=rng or random.Random(0))
+        image, info = resize_and_crop(image, target or self.targets[r], center_crop=self.center_crop,
+                                      rng=rng or random.Random(0))
         return to_tensor(image), info
+
+    def mask(self, r: int, flip: bool, info) -> torch.Tensor:
+        """(1, H, W) loss weights of record ``r``'s crop ``info`` (ones for an image without a mask)."""
+        mask = load_mask(self.masks[r], info.original_size)
+        if mask is None:
+            return torch.ones(1, *info.target_size)
+        return transform_mask(mask, flip, info)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         """``dataset[(item, sample_seed)]`` as the training sampler asks; a bare index draws a seed."""
@@ -119,14 +133,22 @@ class ImageCaptionDataset(Dataset):
         text = rng.choice(record.alternatives) if record.alternatives else record.text
         return self.sample(r, flip, process_caption(text, self.caption_options, rng), seed=seed, rng=rng)
 
-    def sample(self, r: int, flip: bool, text: str, *, seed: int = 0, rng: random.Random | None = None) -> dict[str, Any]:
-        """Record ``r`` as a training sample, mirrored or not, with the given caption."""
-        if self.latents is not None:
+    def sample(self, r: int, flip: bool, text: str, *, seed: int = 0, rng: random.Random | None = None,
+               target: Size | None = None) -> dict[str, Any]:
+        """Record ``r`` as a training sample, mirrored or not, with the given caption (and, with
+        masked loss, its mask); ``target`` crops it to another size (prior preservation's class
+        samples take their instance batch's bucket)."""
+        if self.latents is not None and target in (None, self.targets[r]):
             _, info = plan_crop(self.sizes[r], self.targets[r], center_crop=True)
-            sample = {"latent_params": self.latents.load(self.latent_keys[(r, flip)])}
+            entry = self.latents.load_all(self.latent_keys[(r, flip)])
+            sample = {"latent_params": entry["latent_params"]}
+            if self.masks is not None:
+                sample["latent_mask"] = entry["mask"]
         else:
-            pixels, info = self.pixels(r, flip, rng)
+            pixels, info = self.pixels(r, flip, rng, target)
             sample = {"pixel_values": pixels}
+            if self.masks is not None:
+                sample["mask"] = self.mask(r, flip, info)
         sample.update(
             seed=torch.tensor(seed, dtype=torch.int64),
             text=text,
@@ -165,7 +187,8 @@ def _image_size(record: Record) -> Size:
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {"text": [s["text"] for s in samples]}
-    for key in ("pixel_values", "latent_params", "seed", "original_size", "crop_top_left", "target_size"):
+    for key in ("pixel_values", "latent_params", "mask", "latent_mask", "seed", "original_size", "crop_top_left",
+                "target_size"):
         if key in samples[0]:
             batch[key] = torch.stack([s[key] for s in samples])
     return batch
@@ -189,7 +212,11 @@ class ImageCaptionDataModule(L.LightningDataModule):
         captions: CaptionOptions = NO_CAPTION_CHANGES,
         seed: int = 0,
         val_images: int = 0,
+        masks: Sequence[MaskSource] | None = None,
+        class_records: Sequence[Record] | None = None,
     ):
+        """``masks``: one mask source per record (``train.masked_loss``); ``class_records``: the class
+        images of DreamBooth prior preservation (:mod:`.prior`), each batch then doubled with them."""
         super().__init__()
         sizes = targets = None
         if bucketing:
@@ -205,8 +232,14 @@ class ImageCaptionDataModule(L.LightningDataModule):
                 )
         self.dataset = ImageCaptionDataset(
             records, resolution, center_crop=center_crop, random_flip=random_flip,
-            targets=targets, sizes=sizes, repeats=repeats, captions=captions,
+            targets=targets, sizes=sizes, repeats=repeats, captions=captions, masks=masks,
         )
+        self.class_dataset = None
+        if class_records:
+            self.class_dataset = ImageCaptionDataset(
+                class_records, resolution, center_crop=center_crop, random_flip=random_flip, captions=captions,
+                masks=None if masks is None else [None] * len(class_records),  # class images train unmasked
+            )
         # Evenly spread over the (sorted) records, so the validation set is the same every run.
         step = max(1, len(records) // val_images) if val_images else 0
         self.val_set = ValidationView(self.dataset, list(range(0, len(records), step))[:val_images]) if val_images else None
@@ -217,7 +250,9 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self.seed = seed
 
     @classmethod
-    def from_config(cls, records: Sequence[Record], data_cfg: Mapping[str, Any], *, seed: int = 0) -> ImageCaptionDataModule:
+    def from_config(cls, records: Sequence[Record], data_cfg: Mapping[str, Any], *, seed: int = 0,
+                    masks: Sequence[MaskSource] | None = None,
+                    class_records: Sequence[Record] | None = None) -> ImageCaptionDataModule:
         return cls(
             records,
             resolution=data_cfg["resolution"],
@@ -237,6 +272,8 @@ class ImageCaptionDataModule(L.LightningDataModule):
             ),
             seed=seed,
             val_images=int(data_cfg.get("val_images", 0)),
+            masks=masks,
+            class_records=class_records,
         )
 
     def captions(self) -> list[str] | None:
@@ -246,36 +283,14 @@ class ImageCaptionDataModule(L.LightningDataModule):
         """
         if self.dataset.caption_options.varies:
             return None
-        return [c for r in self.dataset.records for c in r.captions] + [""]
+        classes = self.class_dataset.records if self.class_dataset is not None else []
+        return [c for r in [*self.dataset.records, *classes] for c in r.captions] + [""]
 
-    @torch.no_grad()
     def prepare_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], cache: LatentCache, *, batch_size: int = 8) -> int:
-        """Encode every (image, flip) the dataset can serve that the cache lacks; serve latents after.
-
-        Returns how many crops were encoded (0 when everything was already cached).
-        """
-        ds = self.dataset
-        check_cacheable(ds.center_crop)
-        if ds.sizes is None:
-            ds.sizes = [_image_size(r) for r in ds.records]
-        hashes = [file_sha256(r.path) for r in ds.records]
-        flips = (False, True) if ds.random_flip else (False,)
-        keys = {(r, f): cache.key(hashes[r], ds.targets[r], f) for r in sorted(set(ds.index)) for f in flips}
-        todo: dict[Size, list[tuple[int, bool]]] = defaultdict(list)
-        for (r, f), key in keys.items():
-            if not cache.has(key):
-                todo[ds.targets[r]].append((r, f))
-        total = sum(len(v) for v in todo.values())
-        with tqdm(total=total, desc="caching latents", unit="img", disable=total == 0) as bar:
-            for _size, items in sorted(todo.items()):
-                for start in range(0, len(items), batch_size):
-                    chunk = items[start : start + batch_size]
-                    pixels = torch.stack([ds.pixels(r, f)[0] for r, f in chunk])  # center crop: no randomness
-                    for (r, f), params in zip(chunk, encode(pixels)):
-                        cache.save(keys[(r, f)], params)
-                    bar.update(len(chunk))
-        # The validation view serves unflipped crops, cached above for every record.
-        ds.latents, ds.latent_keys = cache, keys
+        """Encode every (image, flip) the dataset (and the class images) can serve that the cache
+        lacks; serve latents after. Returns how many crops were encoded (0: all were cached)."""
+        total = sum(prepare_latents(ds, encode, cache, batch_size=batch_size)
+                    for ds in (self.dataset, self.class_dataset) if ds is not None)
         if total:
             log.info("encoded %d latent(s) into %s", total, cache.folder)
         return total
@@ -287,12 +302,13 @@ class ImageCaptionDataModule(L.LightningDataModule):
         # Without bucketing every item has the same target size: one bucket.
         buckets = [self.dataset.bucket_of(i) for i in range(len(self.dataset))]
         sampler = TrainBatchSampler(buckets, self.batch_size, seed=self.seed, num_replicas=world, rank=rank)
+        prior = self.class_dataset is not None
         return DataLoader(
-            self.dataset,
+            PriorPreservationDataset(self.dataset, self.class_dataset) if prior else self.dataset,
             batch_sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            collate_fn=collate,
+            collate_fn=collate_prior if prior else collate,
             persistent_workers=self.num_workers > 0,
         )
 
@@ -301,3 +317,39 @@ class ImageCaptionDataModule(L.LightningDataModule):
             return []  # Lightning skips validation
         # Batch size 1: with buckets the validation images may all have different shapes.
         return DataLoader(self.val_set, batch_size=1, shuffle=False, collate_fn=collate, num_workers=0)
+
+
+@torch.no_grad()
+def prepare_latents(ds: ImageCaptionDataset, encode: Callable[[torch.Tensor], torch.Tensor], cache: LatentCache, *,
+                    batch_size: int = 8) -> int:
+    """Fill ``cache`` for every (image, flip) ``ds`` can serve, then make ``ds`` serve latents.
+
+    With masks, each entry also holds the crop's mask on the latent grid, and its key the mask's digest.
+    """
+    check_cacheable(ds.center_crop)
+    if ds.sizes is None:
+        ds.sizes = [_image_size(r) for r in ds.records]
+    hashes = [file_sha256(r.path) for r in ds.records]
+    masks = [mask_digest(m) for m in ds.masks] if ds.masks is not None else None
+    flips = (False, True) if ds.random_flip else (False,)
+    keys = {(r, f): cache.key(hashes[r], ds.targets[r], f, None if masks is None else masks[r])
+            for r in sorted(set(ds.index)) for f in flips}
+    todo: dict[Size, list[tuple[int, bool]]] = defaultdict(list)
+    for (r, f), key in keys.items():
+        if not cache.has(key):
+            todo[ds.targets[r]].append((r, f))
+    total = sum(len(v) for v in todo.values())
+    with tqdm(total=total, desc="caching latents", unit="img", disable=total == 0) as bar:
+        for _size, items in sorted(todo.items()):
+            for start in range(0, len(items), batch_size):
+                chunk = items[start : start + batch_size]
+                crops = [ds.pixels(r, f) for r, f in chunk]  # center crop: no randomness
+                for (r, f), (_, info), params in zip(chunk, crops, encode(torch.stack([c[0] for c in crops]))):
+                    mask = None
+                    if ds.masks is not None:
+                        mask = to_latent_grid(ds.mask(r, f, info)[None], tuple(params.shape[-2:]))[0]
+                    cache.save(keys[(r, f)], params, mask)
+                bar.update(len(chunk))
+    # The validation view serves unflipped crops, cached above for every record.
+    ds.latents, ds.latent_keys = cache, keys
+    return total

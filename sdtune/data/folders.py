@@ -33,11 +33,13 @@ def parse_caption_extension(value: str | None) -> str:
     return ext
 
 
-def image_files(root: Path) -> list[Path]:
-    """Every image below ``root``, skipping hidden files and folders, in a stable (sorted) order."""
+def image_files(root: Path, skip: tuple[str, ...] = ()) -> list[Path]:
+    """Every image below ``root``, skipping hidden files and folders and the folders ``skip`` names
+    right under ``root`` (the loss masks' folder), in a stable (sorted) order."""
     found = []
     for dirpath, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        top = Path(dirpath) == root
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (top and d in skip))
         found.extend(Path(dirpath) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES)
     return sorted(found)
 
@@ -53,11 +55,11 @@ def _read_caption(path: Path) -> str:
         raise DataError(f"cannot read caption file {path}: {err.strerror or err}. Fix: make it a readable file.") from None
 
 
-def folder_rows(root: Path, extension: str) -> list[tuple[int, dict]]:
+def folder_rows(root: Path, extension: str, skip: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
     """``(n, {"file_name", "text"})`` for each image below ``root``: the n-th image found, its path
     relative to ``root`` and the text of its sidecar caption file ("" when it has none)."""
     rows = []
-    for n, image in enumerate(image_files(root), 1):
+    for n, image in enumerate(image_files(root, skip), 1):
         sidecar = image.with_suffix(extension)
         text = _read_caption(sidecar) if sidecar.is_file() else ""
         rows.append((n, {"file_name": image.relative_to(root).as_posix(), "text": text}))

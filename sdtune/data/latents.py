@@ -4,7 +4,9 @@ A file holds ``latent_dist.parameters`` (mean and log-variance) for one image cr
 samples from it exactly as it would from a fresh encode. The file name hashes everything the
 values depend on: the model and VAE (path and dtype), the image file's content hash, the crop size
 (bucket) and whether it is mirrored. A changed image or resolution therefore never reuses a stale
-latent, and an unchanged one is never encoded twice.
+latent, and an unchanged one is never encoded twice. With ``train.masked_loss`` the file also
+holds the crop's loss mask on the latent grid (``mask``), and the key holds the mask file's hash,
+so a changed mask is a new entry too.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ class LatentCache:
         self.folder = Path(folder)
         self.model_key = model_key
 
-    def key(self, content_hash: str, size: tuple[int, int], flip: bool) -> str:
-        raw = json.dumps([self.model_key, content_hash, list(size), bool(flip), "center-crop"])
+    def key(self, content_hash: str, size: tuple[int, int], flip: bool, mask: str | None = None) -> str:
+        parts = [self.model_key, content_hash, list(size), bool(flip), "center-crop"]
+        raw = json.dumps(parts if mask is None else [*parts, f"mask={mask}"])
         return hashlib.sha256(raw.encode("utf-8")).hexdigest()
 
     def path(self, key: str) -> Path:
@@ -55,6 +58,13 @@ class LatentCache:
     def load(self, key: str) -> torch.Tensor:
         return load_file(str(self.path(key)))["latent_params"]
 
-    def save(self, key: str, params: torch.Tensor) -> None:
+    def load_all(self, key: str) -> dict[str, torch.Tensor]:
+        """``latent_params`` and, for a masked entry, its latent-grid ``mask``."""
+        return load_file(str(self.path(key)))
+
+    def save(self, key: str, params: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        tensors = {"latent_params": params.detach().to("cpu").contiguous()}
+        if mask is not None:
+            tensors["mask"] = mask.detach().to("cpu", torch.float32).contiguous()
         with atomic_path(self.path(key)) as tmp:
-            save_file({"latent_params": params.detach().to("cpu").contiguous()}, str(tmp))
+            save_file(tensors, str(tmp))

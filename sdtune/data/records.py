@@ -109,7 +109,7 @@ def _listing(items: list[str]) -> str:
 
 def load_records(
     root: str | os.PathLike, *, verify: bool = True, bad_images: str = "error", allow_outside_root: bool = False,
-    caption_extension: str | None = None,
+    caption_extension: str | None = None, skip_folders: tuple[str, ...] = (),
 ) -> list[Record]:
     """Validated records for the dataset at ``root`` (``data.root``).
 
@@ -118,12 +118,13 @@ def load_records(
     ``verify`` decodes every image fully; broken ones stop the run (``bad_images="error"``) or are
     left out with a warning that counts them (``"skip"``). A ``file_name`` that leads outside
     ``root`` (``../``, or an absolute path elsewhere) is refused unless ``allow_outside_root``.
-    Record paths are absolute and normalised.
+    Record paths are absolute and normalised. A kohya folder's images under ``skip_folders`` (right
+    under ``root``: the masks of ``train.masked_loss``) are not training images.
     """
     root, meta = _locate(root)
     if meta is None:
         extension = parse_caption_extension(caption_extension)
-        rows, meta = folder_rows(root, extension), describe_folder(root, extension)
+        rows, meta = folder_rows(root, extension, tuple(skip_folders)), describe_folder(root, extension)
     else:
         rows = read_rows(meta)
     if not rows:

@@ -1,0 +1,152 @@
+"""Per-image loss masks (``train.masked_loss``): where each training image's pixels count.
+
+A mask is a greyscale image: white trains, black is ignored, a grey level weights the pixel in
+between. It comes from ``<data.root>/<data.mask_folder>/`` holding a file with the image's
+relative path (``images/a.png`` -> ``masks/images/a.png``; any image suffix, and ``masks/a.png``
+also matches, the flat layout kohya's ``conditioning_data_dir`` uses), else from the image's own
+alpha channel; an image with neither trains unmasked (a mask of ones).
+
+The mask follows its image through the very same geometry (EXIF rotation, mirror, resize to cover
+the target, crop at the same offset, :func:`transform_mask`), and is then averaged down to the
+latent grid by area (:func:`to_latent_grid`) to weight the per-pixel MSE
+(:func:`sdtune.diffusion.weighted_mse`, normalised by the mean over all pixels as kohya does).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from ..errors import DataError
+from ..formats import IMAGE_SUFFIXES
+from .images import CropInfo, plan_crop
+from .records import dataset_root
+
+log = logging.getLogger(__name__)
+#: A record's mask: ("file", mask path), ("alpha", image path) or None (trains unmasked).
+MaskSource = tuple[str, Path] | None
+
+
+def _with_any_suffix(base: Path) -> Path | None:
+    for suffix in sorted(IMAGE_SUFFIXES):
+        for candidate in (base.with_suffix(suffix), base.with_suffix(suffix.upper())):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def has_alpha(path: str | os.PathLike) -> bool:
+    """Whether the image file carries transparency (RGBA, LA, PA or a palette with a transparent entry)."""
+    with Image.open(path) as im:
+        return im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+
+
+def find_mask(image: str | os.PathLike, root: str | os.PathLike, folder: str = "masks") -> MaskSource:
+    """Where ``image``'s mask comes from: a file under ``root/folder``, its alpha channel, or None."""
+    root, image = dataset_root(root), Path(image)
+    masks = root / folder
+    try:
+        rel = Path(os.path.abspath(image)).relative_to(root)
+    except ValueError:  # outside data.root: only its own alpha channel can say
+        rel = None
+    if rel is not None and masks.is_dir():
+        for base in (masks / rel, masks / rel.name):
+            found = _with_any_suffix(base)
+            if found is not None:
+                return ("file", found)
+    return ("alpha", image) if has_alpha(image) else None
+
+
+def find_masks(records: Sequence, root: str | os.PathLike, folder: str = "masks") -> list[MaskSource]:
+    """Every record's :class:`MaskSource`, with one log line counting them; refuses a dataset with no mask."""
+    sources = [find_mask(r.path, root, folder) for r in records]
+    files = sum(1 for s in sources if s and s[0] == "file")
+    alpha = sum(1 for s in sources if s and s[0] == "alpha")
+    if not files and not alpha:
+        raise DataError(
+            f"train.masked_loss=true, but none of the {len(records)} images has a mask: no file under "
+            f"{dataset_root(root) / folder} has an image's relative path or name (e.g. {folder}/images/a.png "
+            "for images/a.png), and no image has an alpha channel. Fix: add the masks (white = train, "
+            "black = ignore), set data.mask_folder to their folder, or set train.masked_loss=false."
+        )
+    log.info("masked loss: %d image(s) masked by a file under %s/, %d by their alpha channel, %d unmasked",
+             files, folder, alpha, len(records) - files - alpha)
+    return sources
+
+
+def load_mask(source: MaskSource, size: tuple[int, int]) -> Image.Image | None:
+    """The mask as an 8-bit greyscale image of ``size`` (h, w), EXIF-rotated like its image; None if unmasked."""
+    if source is None:
+        return None
+    kind, path = source
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if kind == "alpha":
+                mask = im.convert("RGBA").getchannel("A")
+            elif im.mode in ("RGBA", "LA", "PA"):  # a mask saved with transparency: its grey level counts
+                mask = im.convert("LA").getchannel("L")
+            else:
+                mask = im.convert("L")
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read mask {path}: {err}. Fix or remove it.") from err
+    if (mask.height, mask.width) != tuple(size):
+        raise DataError(
+            f"mask {path} is {mask.width}x{mask.height} but its image is {size[1]}x{size[0]}. "
+            "Fix: save the mask at the image's size (white = train, black = ignore)."
+        )
+    return mask
+
+
+def transform_mask(mask: Image.Image, flip: bool, info: CropInfo) -> torch.Tensor:
+    """(1, H, W) weights in [0, 1]: ``mask`` mirrored, resized and cropped exactly as its image was
+    (``info`` is the image's crop, from :func:`sdtune.data.images.resize_and_crop`)."""
+    if flip:
+        mask = ImageOps.mirror(mask)
+    (new_h, new_w), _ = plan_crop((mask.height, mask.width), info.target_size, center_crop=True)
+    if (new_w, new_h) != mask.size:
+        mask = mask.resize((new_w, new_h), Image.Resampling.BICUBIC)  # the image's filter: the same pixels
+    top, left = info.crop_top_left
+    h, w = info.target_size
+    mask = mask.crop((left, top, left + w, top + h))
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+
+
+def to_latent_grid(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Pixel masks (B, 1, H, W) averaged by area onto the latent grid ``size`` (h, w)."""
+    return F.interpolate(mask.float(), size=tuple(size), mode="area")
+
+
+def batch_mask(batch: dict, latent_size: tuple[int, int]) -> torch.Tensor | None:
+    """The batch's loss weights on the latent grid: cached ones as they are, pixel ones averaged down."""
+    if "latent_mask" in batch:
+        return batch["latent_mask"].float()
+    if "mask" in batch:
+        return to_latent_grid(batch["mask"], latent_size)
+    return None
+
+
+def mask_digest(source: MaskSource) -> str:
+    """What a cached latent's mask depends on: the mask file's content (the alpha channel is part of
+    the image, whose hash the cache key already holds)."""
+    from .latents import file_sha256
+
+    if source is None:
+        return "unmasked"
+    kind, path = source
+    return "alpha" if kind == "alpha" else f"file:{file_sha256(path)}"
+
+
+def mask_manifest(sources: Sequence[MaskSource] | None, root: str | os.PathLike) -> dict[str, str]:
+    """Manifest entries (see :func:`sdtune.checkpointing.data_manifest`) for the mask files, under
+    ``mask/``, so a resume notices masks added, removed or replaced (sizes and names only)."""
+    base = dataset_root(root)
+    return {f"mask/{os.path.relpath(os.path.abspath(path), base)}": f"{Path(path).stat().st_size}:mask"
+            for kind, path in (s for s in sources or () if s) if kind == "file"}
