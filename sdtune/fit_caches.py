@@ -17,6 +17,7 @@ import torch
 
 from .data.latents import LatentCache
 from .text_cache import TextEmbeddingCache
+from .text_training import text_cache_allowed
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def prepare_fit(module, datamodule) -> None:
     warn_overlong(module, [c for r in datamodule.dataset.records for c in r.captions])
     if module.cfg["data"].get("cache_latents"):
         fill_latent_cache(module, datamodule)
-    if module.cfg["train"].get("cache_text_embeddings", True):
+    if text_cache_allowed(module.cfg):  # off while the text encoders train
         module.text_cache = fill_text_cache(module, datamodule)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from . import embeddings as token_embeddings
 from .checkpointing import keep_lora_only
 from .data.sampler import skip_finished_batches
 from .diffusion import batch_latents, denoising_loss, latent_shape, sample_randomness, validation_randomness
@@ -23,6 +24,7 @@ from .fit_caches import prepare_fit
 from .lora import LoraSpec, live_lora_state, spec_from_config, trainable_lora_parameters
 from .optimization import build_optimization
 from .text_cache import TextEmbeddingCache
+from .text_training import text_grad
 from .trainable import prepare_for_training, weight_dtype
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class LoRATrainingModule(L.LightningModule):
         self.data_manifest = data_manifest  # see checkpointing.data_manifest
         self.model_source = model_source  # model.path already resolved by the caller (None: resolve in setup)
         self.text_cache: TextEmbeddingCache | None = None
+        self.embeddings: token_embeddings.TrainedEmbeddings | None = None  # new words' rows (embedding.*)
         self.skipped_nonfinite = 0
         # Checkpoints hold LoRA tensors only, so the frozen base weights are legitimately absent.
         self.strict_loading = False
@@ -65,6 +68,7 @@ class LoRATrainingModule(L.LightningModule):
     def attach(self, parts: ModelParts) -> None:
         """Make ``parts`` trainable as the config says (:func:`sdtune.trainable.prepare_for_training`)."""
         prepare_for_training(parts, self.cfg, self.spec, self.weight_dtype)
+        self.embeddings = token_embeddings.install(self.cfg, self.family, parts)
         # UNet and VAE are submodules, so Lightning moves them to the device. The text encoders are
         # not: on_fit_start places them, and takes them off the device again once outputs are cached.
         self.unet = parts.unet
@@ -78,11 +82,13 @@ class LoRATrainingModule(L.LightningModule):
                  100 * self.trainable_parameter_count() / total, f"{total:,}")
 
     # -- training -----------------------------------------------------------------------------
-    @torch.no_grad()
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         if self.text_cache is not None:
             return self.text_cache.lookup(captions, self.device)
-        return self.family.encode_prompts(self.parts, captions)
+        if self.embeddings is not None:
+            captions = self.embeddings.spec.expand(captions)  # sks -> sks sks_1 ... (num_vectors > 1)
+        with text_grad(self.cfg):  # no_grad unless the encoders train
+            return self.family.encode_prompts(self.parts, captions)
 
     @torch.no_grad()
     def batch_latents(self, batch: dict[str, Any], *, deterministic: bool = False,
@@ -142,20 +148,26 @@ class LoRATrainingModule(L.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
-        return build_optimization(self.cfg["optim"], self.cfg["trainer"], trainable_lora_parameters(self.parts.unet),
+        params = token_embeddings.param_groups(trainable_lora_parameters(self.parts.unet), self.embeddings)
+        return build_optimization(self.cfg["optim"], self.cfg["trainer"], params,
                                   device=self.device, total_steps=int(self.trainer.estimated_stepping_batches))
 
     # -- checkpoints --------------------------------------------------------------------------
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_nonfinite = int(checkpoint.get("sdtune", {}).get("skipped_nonfinite", 0))
+        token_embeddings.check_resume(checkpoint.get("sdtune", {}).get("embedding"), token_embeddings.spec_from_config(self.cfg))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rows = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("embeddings.")}  # new words' rows
         keep_lora_only(checkpoint, self.spec, family=self.family.name, num_train_images=self.num_train_images,
                        data=self.data_manifest,  # what a resume compares the dataset against
-                       skipped_nonfinite=self.skipped_nonfinite)
+                       skipped_nonfinite=self.skipped_nonfinite,
+                       embedding=self.embeddings.spec.record() if self.embeddings is not None else None)
+        checkpoint["state_dict"].update(rows)
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         return live_lora_state(self.parts.unet)
 
     def trainable_parameter_count(self) -> int:
-        return sum(p.numel() for p in trainable_lora_parameters(self.parts.unet))
+        rows = sum(p.numel() for p in self.embeddings.rows) if self.embeddings is not None else 0
+        return rows + sum(p.numel() for p in trainable_lora_parameters(self.parts.unet))

@@ -69,6 +69,10 @@ class Kolors(ModelFamily):
     default_resolution = 1024
     default_guidance = 5.0
     base_model_version = "kolors"
+    embedding_refusal = (
+        "Kolors' ChatGLM tokenizer is a sentencepiece model whose added words diffusers' KolorsPipeline does not "
+        "expand or load (it has no load_textual_inversion), so an embedding file would load nowhere."
+    )
 
     def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None):
         from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
