@@ -18,7 +18,7 @@ from sdtune.checkpointing import load_checkpoint
 from sdtune.config import validate
 from sdtune.errors import ConfigError, LoraFileError
 
-from .conftest import compose_cfg, one_image_data, resolved, run_main, tiny_model  # noqa: F401
+from .conftest import compose_cfg, resolved, run_main, tiny_model
 
 PROMPT = "a red circle on a olq background"
 TI = ["embedding.tokens=[olq]", "embedding.init=red", "trainer.max_steps=3", "callbacks.samples=null",
@@ -37,7 +37,7 @@ def runs(tmp_path_factory):
     data = tmp_path_factory.mktemp("data")
     shutil.copytree(QUICKSTART, data / "set")
     meta = data / "set" / "metadata.csv"
-    meta.write_text(meta.read_text().replace("sks", "olq"))  # the captions name the new word
+    meta.write_text(meta.read_text().replace(" sks ", " olq "))  # the captions name the new word
     done: dict[str, Path] = {}
 
     def get(family: str) -> Path:
@@ -195,7 +195,7 @@ def test_a_word_the_tokenizer_knows_is_refused(tmp_path):
     """Catches: an existing vocabulary word silently becoming a trained token (its meaning replaced everywhere)."""
     from sdtune.module import LoRATrainingModule
 
-    cfg = resolved(compose_cfg("experiment=quickstart", "model=tiny", "embedding=ti", "embedding.tokens=[a</w>]",
+    cfg = resolved(compose_cfg("experiment=quickstart", "model=tiny", "embedding=ti", "embedding.tokens=['a</w>']",
                                "embedding.init=red", output_dir=tmp_path))
     tiny_model("sd15")
     with pytest.raises(ConfigError, match=r"'a</w>' is already a word of the sd15 tokenizer 1"):
