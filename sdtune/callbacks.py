@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from .adapters import base_weights
 from .ema import with_ema_facts
+from .embeddings import lora_trains
 from .errors import ConfigError
 from .io import write_text_atomic
 from .lora_files import DEFAULT_FORMAT, FORMATS, run_header, save_lora
@@ -68,6 +69,9 @@ class LoRAExport(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         if not writes_outputs(trainer):
+            return
+        if not lora_trains(pl_module.cfg):
+            log.info("embedding.with_lora=false (textual inversion alone): no LoRA trained, %s not written", self.path.name)
             return
         header = run_header(
             pl_module.cfg,

@@ -111,16 +111,19 @@ def check_device(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first invalid training setting."""
+    from .embeddings import check_config as _check_embedding
+
     for check in (_check_known_keys, _check_model, _check_lora, _check_data, _check_trainer, _check_train,
                   _check_data_methods, _check_eval):
         check(cfg)
+    _check_embedding(cfg)
 
 
 #: Sections whose settings sdtune reads itself, so a key it does not know is a typo, not a setting
 #: (trainer.*, optim.optimizer.*, callbacks and loggers go to the classes they build and stay open).
 #: Each maps to where its keys are defined: a config group folder, or the root config.
 CLOSED_SECTIONS = {"model": "model", "lora": "lora", "data": "data", "train": None, "speed": None, "resume": None,
-                   "eval": None}
+                   "eval": None, "embedding": "embedding"}
 
 
 @functools.cache

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .config import register_resolvers
 from .console import tidy_console
 from .data.latents import file_sha256
+from .embedding_files import load_embeddings, parse_embeddings
 from .errors import ConfigError, exit_on_user_error
 from .families import get_family
 from .families.builder import build_parts
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     tidy_console()
     refs = parse_loras(cfg.loras)
+    embedding_refs = parse_embeddings(cfg.get("embeddings"))
     if int(cfg.num_images) < 1 or int(cfg.steps) < 1:
         raise ConfigError(f"num_images and steps must be >= 1, got {cfg.num_images} and {cfg.steps}.")
     loras = read_loras(refs)  # every file vetted (readable, finite, consistent) before the base model loads
@@ -53,6 +55,7 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     family, parts = build_parts(model_cfg, dtype=dtype)
     adapters = apply_loras(parts, family, refs, loras)
     pipe = family.build_pipeline(parts).to(device)
+    load_embeddings(pipe, parts, family, embedding_refs)  # textual-inversion words (embeddings=[...])
     pipe.set_progress_bar_config(disable=True)
     size = int(cfg.size or model_cfg.get("resolution") or family.default_resolution)
     seeds = [int(cfg.seed) + i for i in range(int(cfg.num_images))]
@@ -61,6 +64,7 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
         rows = {"LoRA off": [], "LoRA on": []}
     record = generation_record(cfg, model_cfg, refs, seeds, guidance=guidance, size=size,
                                sampler=type(pipe.scheduler).__name__)
+    record["embeddings"] = [{"path": os.path.abspath(r.path), "token": r.token} for r in embedding_refs]
     written = []
     for label in rows:
         if refs:

@@ -7,13 +7,13 @@ optimizer, scheduler and loop state. Everything family-specific goes through ``s
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any
 
 import lightning as L
 import torch
 
+from . import embeddings as token_embeddings
 from .checkpointing import keep_lora_only
 from .data.masks import batch_mask
 from .data.prior import split_prior_loss
@@ -40,6 +40,7 @@ from .text_training import (
     text_encoder_param_group,
     text_encoder_spec,
     text_encoder_state,
+    text_grad,
 )
 from .trainable import prepare_for_training, weight_dtype
 
@@ -65,6 +66,7 @@ class LoRATrainingModule(L.LightningModule):
         self.data_manifest = data_manifest  # see checkpointing.data_manifest
         self.model_source = model_source  # model.path already resolved by the caller (None: resolve in setup)
         self.text_cache: TextEmbeddingCache | None = None
+        self.embeddings: token_embeddings.TrainedEmbeddings | None = None  # new words' rows (embedding.*)
         self.skipped_nonfinite = 0
         self.ema: LoraEMA | None = None  # train.ema: started in on_train_start, after a resume restored the weights
         self._saved_ema: dict[str, Any] | None = None
@@ -91,6 +93,7 @@ class LoRATrainingModule(L.LightningModule):
                                  init=self.cfg["lora"].get("init", "gaussian"),
                                  gradient_checkpointing=bool(self.cfg["train"].get("gradient_checkpointing")))
             attach_text_encoders(self, parts)
+        self.embeddings = token_embeddings.install(self.cfg, self.family, parts)
         # UNet and VAE are submodules, so Lightning moves them to the device. The text encoders are
         # not (unless they train, above): on_fit_start places them, and takes them off the device
         # again once outputs are cached.
@@ -109,7 +112,9 @@ class LoRATrainingModule(L.LightningModule):
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         if self.text_cache is not None:
             return self.text_cache.lookup(captions, self.device)
-        with torch.no_grad() if self.te_spec is None else contextlib.nullcontext():  # training encoders need gradients
+        if self.embeddings is not None:
+            captions = self.embeddings.spec.expand(captions)  # sks -> sks sks_1 ... (num_vectors > 1)
+        with text_grad(self.cfg):  # no_grad unless the encoders train
             return self.family.encode_prompts(self.parts, captions)
 
     @torch.no_grad()
@@ -178,6 +183,8 @@ class LoRATrainingModule(L.LightningModule):
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
         extra = [text_encoder_param_group(self.cfg, self.parts)] if self.te_spec is not None else []
+        if self.embeddings is not None:
+            extra.append(token_embeddings.param_group(self.embeddings))
         return build_optimization(self.cfg["optim"], self.cfg["trainer"], named_trainable_lora_parameters(self.parts.unet),
                                   extra_groups=extra,
                                   device=self.device, total_steps=int(self.trainer.estimated_stepping_batches))
@@ -192,12 +199,16 @@ class LoRATrainingModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_nonfinite = int(checkpoint.get("sdtune", {}).get("skipped_nonfinite", 0))
         self._saved_ema = checkpoint.get("sdtune", {}).get("ema")
+        token_embeddings.check_resume(checkpoint.get("sdtune", {}).get("embedding"), token_embeddings.spec_from_config(self.cfg))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rows = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("embeddings.")}  # new words' rows
         keep_lora_only(checkpoint, self.spec, family=self.family.name, num_train_images=self.num_train_images,
                        data=self.data_manifest,  # what a resume compares the dataset against
                        skipped_nonfinite=self.skipped_nonfinite, ema=self.ema.state_dict() if self.ema else None,
-                       text_encoder=spec_dict(self.te_spec))
+                       text_encoder=spec_dict(self.te_spec),
+                       embedding=self.embeddings.spec.record() if self.embeddings is not None else None)
+        checkpoint["state_dict"].update(rows)
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         """What the run exports: the EMA weights with ``train.ema.use_for_export``, else the trained ones."""
@@ -211,4 +222,5 @@ class LoRATrainingModule(L.LightningModule):
 
     def trainable_parameter_count(self) -> int:
         models = [self.parts.unet, *(self.parts.text_encoders if self.te_spec is not None else [])]
-        return sum(p.numel() for m in models for p in trainable_lora_parameters(m))
+        rows = sum(p.numel() for p in self.embeddings.rows) if self.embeddings is not None else 0
+        return rows + sum(p.numel() for m in models for p in trainable_lora_parameters(m))

@@ -76,7 +76,7 @@ def build_optimization(optim_cfg: Mapping[str, Any], trainer_cfg: Mapping[str, A
     params = lora_param_groups(named_params, lr, optim_cfg.get("lora_plus_ratio"))
     if extra_groups:  # e.g. the text encoders' LoRA at its own lr, after the UNet's group(s)
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
-        params = [*groups, *extra_groups]
+        params = [g for g in (*groups, *extra_groups) if g["params"]]  # no UNet LoRA: textual inversion alone
     optimizer = instantiate(optim_cfg["optimizer"], **extra)(params=params)
     sched_cfg = optim_cfg["scheduler"]
     warmup = int(sched_cfg.get("warmup_steps", 0))

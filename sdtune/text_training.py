@@ -14,13 +14,15 @@ and the encoders change the training run in four places, all kept here:
 * their LoRA tensors go into the LoRA file beside the UNet's (:func:`text_encoder_state`), named
   as files name them (:mod:`sdtune.lora_keys`: CLIP layers under ``text_model.``).
 
-Anything else that trains the text encoders (e.g. textual inversion) needs the same first three
-points: :func:`encoders_train` is the one question the rest of sdtune asks.
+Textual inversion (``embedding``) also trains inside the encoders (new rows of their token
+embeddings), so it shares the first point: :func:`encoders_train` is the one question the rest of
+sdtune asks, and :func:`text_grad` turns gradients through the encoders on when it says yes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -43,16 +45,26 @@ def text_encoder_spec(cfg: Mapping[str, Any], family: ModelFamily) -> LoraSpec |
 
 
 def encoders_train(cfg: Mapping[str, Any]) -> bool:
-    """Whether the text encoders train in this run (their outputs then change every step)."""
-    return bool((cfg.get("lora") or {}).get("text_encoder"))
+    """Whether anything in the text encoders trains in this run (their outputs then change every
+    step): text-encoder LoRA (``lora.text_encoder``) or new token embeddings (``embedding``)."""
+    return bool((cfg.get("lora") or {}).get("text_encoder")) or bool(cfg.get("embedding"))
 
 
 def text_cache_blocker(cfg: Mapping[str, Any]) -> str | None:
     """Why the text-embedding cache cannot be used in this run (one log line), or None."""
-    if encoders_train(cfg):
-        return ("text-embedding cache off: lora.text_encoder trains the text encoders, so a caption's embedding "
-                "changes every step; the encoders stay on the device and run in each step")
-    return None
+    if not encoders_train(cfg):
+        return None
+    what = "lora.text_encoder trains the text encoders" if (cfg.get("lora") or {}).get("text_encoder") else \
+        "embedding trains new token embeddings in the text encoders"
+    return (f"text-embedding cache off: {what}, so a caption's embedding changes every step; the encoders stay "
+            "on the device and run in each step")
+
+
+@contextlib.contextmanager
+def text_grad(cfg: Mapping[str, Any]) -> Iterator[None]:
+    """Gradients through the text encoders only when they train (and grad mode is on, i.e. not in validation)."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and encoders_train(cfg)):
+        yield
 
 
 def text_encoder_lr(cfg: Mapping[str, Any]) -> float:

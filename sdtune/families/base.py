@@ -64,6 +64,10 @@ class ModelFamily(ABC):
     #: kohya names use the original SGM UNet paths (``input_blocks.4.1...``) rather than
     #: diffusers' (``down_blocks.1.attentions.0...``): what kohya sd-scripts writes for SDXL.
     kohya_sgm_names: ClassVar[bool] = False
+    #: Keys of a textual-inversion embedding file, one per text encoder in order (A1111/ComfyUI
+    #: names); empty: the family cannot train embeddings, for :attr:`embedding_refusal`'s reason.
+    embedding_keys: ClassVar[tuple[str, ...]] = ()
+    embedding_refusal: ClassVar[str] = ""
 
     def load(
         self,

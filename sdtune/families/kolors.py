@@ -72,6 +72,10 @@ class Kolors(ModelFamily):
     # ChatGLM's attention: the fused QKV projection and its output projection (the MLP is dense_h_to_4h/dense_4h_to_h).
     default_text_encoder_lora_targets = ("query_key_value", "dense")
     text_encoder_kinds = ("chatglm",)
+    embedding_refusal = (
+        "Kolors' ChatGLM tokenizer is a sentencepiece model whose added words diffusers' KolorsPipeline does not "
+        "expand or load (it has no load_textual_inversion), so an embedding file would load nowhere."
+    )
 
     def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None):
         from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer

@@ -18,6 +18,7 @@ class SD15(ModelFamily):
     base_model_version = "sd_v1"
     single_file_pipeline = "StableDiffusionPipeline"
     single_file_text_encoders = (("cond_stage_model.transformer.", "clip"),)
+    embedding_keys = ("emb_params",)  # A1111's safetensors embedding: {"emb_params": [n_vectors, 768]}
 
     def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None):
         from transformers import CLIPTextModel, CLIPTokenizer

@@ -43,6 +43,7 @@ class SDXL(ModelFamily):
     text_encoder_subfolders = ("text_encoder", "text_encoder_2")
     text_encoder_kinds = ("clip", "clip")
     kohya_sgm_names = True
+    embedding_keys = ("clip_l", "clip_g")  # A1111/ComfyUI SDXL embeddings: one vector set per encoder
     # The stock SDXL VAE overflows in fp16; model.vae_path lets users load the fp16-fix VAE.
 
     def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None):
