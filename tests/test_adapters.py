@@ -41,13 +41,13 @@ VARIANTS = {
 FILE_MARK = {"dora": ".dora_scale", "loha": ".hada_w2_b", "lokr_whole": ".lokr_w2", "lokr_split": ".lokr_w2_a"}
 
 
-def _parts():
-    return build_parts({"family": FAMILY, "path": str(tiny_model(FAMILY))})[1]
+def _parts(family: str = FAMILY):
+    return build_parts({"family": family, "path": str(tiny_model(family))})[1]
 
 
-def _trained(variant: str, seed: int = 0):
+def _trained(variant: str, seed: int = 0, family: str = FAMILY):
     """(parts, spec, peft tensors) of a UNet carrying ``variant`` with random (trained-like) weights."""
-    parts = _parts()
+    parts = _parts(family)
     opts = VARIANTS[variant]
     spec = LoraSpec(opts["rank"], 3.0, TARGETS, type=opts["type"], use_dora=opts.get("use_dora", False))
     inject(parts.unet, spec)
@@ -59,11 +59,11 @@ def _trained(variant: str, seed: int = 0):
     return parts, spec, live_lora_state(parts.unet)
 
 
-def _save(tmp_path, variant, parts, spec, tensors, fmt="kohya"):
+def _save(tmp_path, variant, parts, spec, tensors, fmt="kohya", family=FAMILY):
     from sdtune.adapters import base_weights
 
-    return save_lora(tmp_path / f"{variant}_{fmt}.safetensors", tensors, LoraHeader(spec, FAMILY), format=fmt,
-                     base_weights=base_weights(parts.unet, tensors))
+    return save_lora(tmp_path / f"{variant}_{fmt}.safetensors", tensors, LoraHeader(spec, family), format=fmt,
+                     base_weights=base_weights(parts.unet, tensors), unet_config=parts.unet.config)
 
 
 def _peft_merged(unet) -> dict[str, torch.Tensor]:
@@ -76,15 +76,18 @@ def _peft_merged(unet) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_kohya_file_gives_peft_weights_under_comfyui_maths(variant, tmp_path):
+@pytest.mark.parametrize(("variant", "family"), [*((v, FAMILY) for v in sorted(VARIANTS)), ("dora", "sdxl"), ("loha", "sdxl")])
+def test_kohya_file_gives_peft_weights_under_comfyui_maths(variant, family, tmp_path):
     """Catches a wrong ``dora_scale`` (orientation, or ComfyUI's norm of the unpatched weight ignored),
-    LoKr's alpha/r not baked where ComfyUI uses scale 1, and tensor names ComfyUI does not read."""
-    parts, spec, tensors = _trained(variant)
-    path = _save(tmp_path, variant, parts, spec, tensors)
+    LoKr's alpha/r not baked where ComfyUI uses scale 1, and tensor names ComfyUI does not read
+    (SDXL: kohya's SGM block names)."""
+    parts, spec, tensors = _trained(variant, family=family)
+    path = _save(tmp_path, variant, parts, spec, tensors, family=family)
     raw = load_file(str(path))
     assert any(k.endswith(FILE_MARK[variant]) for k in raw), sorted(raw)[:6]
-    base_unet = _parts().unet
+    if family == "sdxl":
+        assert any(k.startswith("lora_unet_input_blocks_") for k in raw)  # SGM names, as kohya writes SDXL
+    base_unet = _parts(family).unet
     base = {n: m.weight.detach().float() for n, m in base_unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
     comfy, not_loaded = merge_like_comfyui(raw, unet_key_map(base_unet), base)
     peft = _peft_merged(parts.unet)
