@@ -392,7 +392,7 @@ def _check_optim_extras(cfg: DictConfig) -> None:
     """``optim.scheduler.eta_min``, ``optim.lora_plus_ratio`` and an optimizer's optional package."""
     from .optimization import FLOOR_SCHEDULES
 
-    lr = _number(cfg, "optim.optimizer.lr", minimum=0, exclusive=True)
+    lr = _number(cfg, "optim.optimizer.lr", minimum=0)  # > 0 unless the text encoders train alone (_check_train)
     eta_min = _number(cfg, "optim.scheduler.eta_min", minimum=0, optional=True)
     name = _get(cfg, "optim.scheduler.name")
     if eta_min is not None and name not in FLOOR_SCHEDULES:

@@ -95,6 +95,7 @@ def test_class_images_are_rendered_once_into_the_cache_and_reused(tmp_path, capl
     assert (folder / "metadata.csv").read_text().splitlines() == [
         "file_name,text", *(f"images/{n},a red circle" for n in files)]
     stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    caplog.clear()  # only the second call's lines
     with caplog.at_level(logging.INFO, logger="sdtune.class_images"):
         assert ensure_class_images(cfg, source) == folder
     assert "reusing 3 class image(s)" in caplog.text and "rendering" not in caplog.text

@@ -1,5 +1,7 @@
-"""Exact resume with masked loss and DreamBooth prior preservation on: SIGKILL mid-epoch, then
-``ckpt_path=last`` gives the uninterrupted run's LoRA bit for bit (CPU)."""
+"""Exact resume with the training methods on together (issue 14): masked loss, DreamBooth prior
+preservation, text-encoder LoRA and the EMA of the LoRA weights (exported), plus LoRA+. SIGKILL
+mid-epoch, then ``ckpt_path=last`` gives the uninterrupted run's LoRA file and checkpoint bit for
+bit on the CPU."""
 
 from __future__ import annotations
 
@@ -8,9 +10,11 @@ import shutil
 import signal
 
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from sdtune.checkpointing import load_checkpoint
 from sdtune.toy.domain import random_scene, render
 
 from .conftest import QUICKSTART, kill_when_written, run_cli
@@ -41,14 +45,17 @@ def data(tmp_path):
     return root, classes
 
 
-def test_sigkill_then_resume_with_masked_loss_and_prior_preservation_is_bit_identical(tmp_path, data):
+def test_sigkill_then_resume_with_every_method_on_is_bit_identical(tmp_path, data):
     """Catches class pairings or mask crops drawn from global random state (they would differ after
-    the restart) and any of the two features' state missing from the checkpoint."""
+    the restart), and any method's state missing from the checkpoint: the text encoders' LoRA and
+    its optimizer group, the EMA shadow tensors and step count."""
     root, classes = data
     args = ["experiment=quickstart", f"data.root={root}", f"data.class_root={classes}", "train.masked_loss=true",
             "trainer.max_steps=12", "callbacks.model_checkpoint.every_n_train_steps=5", "callbacks.samples=null",
             "callbacks.concept_probe=null", "data.val_images=0", "data.random_flip=true", "data.center_crop=false",
-            "data.caption_dropout=0.2", "train.noise_offset=0.05"]
+            "data.caption_dropout=0.2", "train.noise_offset=0.05",
+            "lora.text_encoder={rank: 2, alpha: 4, lr: 1e-3}", "train.ema.enabled=true", "train.ema.decay=0.9",
+            "train.ema.use_for_export=true", "optim.lora_plus_ratio=4"]
     whole = tmp_path / "whole"
     proc = run_cli(*args, f"hydra.run.dir={whole}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,6 +67,17 @@ def test_sigkill_then_resume_with_masked_loss_and_prior_preservation_is_bit_iden
     resumed = run_cli(*args, f"hydra.run.dir={run}", "ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = load_file(str(run / "lora.safetensors")), load_file(str(whole / "lora.safetensors"))
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("lora_te_") for k in a)  # the text encoder's LoRA is in the file
+    end, ref = load_checkpoint(run / "checkpoints" / "last.ckpt"), load_checkpoint(whole / "checkpoints" / "last.ckpt")
+    assert end["global_step"] == ref["global_step"] == 12
+    assert end["state_dict"].keys() == ref["state_dict"].keys()
+    assert all(torch.equal(end["state_dict"][k], ref["state_dict"][k]) for k in ref["state_dict"])  # raw LoRA, UNet + TE
+    ema, ref_ema = end["sdtune"]["ema"], ref["sdtune"]["ema"]
+    assert ema["optimization_step"] == ref_ema["optimization_step"] == 12
+    assert all(torch.equal(x, y) for x, y in zip(ema["shadow_params"], ref_ema["shadow_params"], strict=True))
+    raw = {k.split("unet.", 1)[1].replace(".default", ""): v for k, v in ref["state_dict"].items() if k.startswith("unet.")}
+    assert any(not torch.equal(raw[n], s) for n, s in zip(ema["names"], ema["shadow_params"]))  # the EMA is not the raw LoRA
+    assert len(ref["optimizer_states"][0]["param_groups"]) == 3  # LoRA+ A, LoRA+ B, text encoder
     header = (whole / "logs" / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "train/prior_loss" in header
