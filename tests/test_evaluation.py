@@ -250,3 +250,21 @@ def test_evaluating_does_not_change_what_is_trained(eval_run, tmp_path):
     assert with_eval.keys() == without.keys()
     assert all(torch.equal(with_eval[k], without[k]) for k in without)
     assert not (tmp_path / "run" / "eval").exists()
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_its_evaluation_history(eval_run, tmp_path):
+    """Catches evaluation history lost on resume (summary.json would start at the resume step) and a
+    resumed run scoring its trained LoRA again as a step-0 baseline: the history continues."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(eval_run, run)
+    before = json.loads((run / "summary.json").read_text())["eval"]["history"]
+    proc = run_cli(f"ckpt_path={run}", "trainer.max_steps=3", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((run / "summary.json").read_text())["eval"]["history"]
+    assert [h["step"] for h in history] == [0, 1, 2, 3]
+    assert history[:3] == before
+    with open(run / "logs" / "csv" / "metrics.csv", newline="") as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh) if r.get("eval/latent_dist")] == [0, 1, 2, 3]
