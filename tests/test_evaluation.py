@@ -268,3 +268,21 @@ def test_a_resumed_run_keeps_its_evaluation_history(eval_run, tmp_path):
     assert history[:3] == before
     with open(run / "logs" / "csv" / "metrics.csv", newline="") as fh:
         assert [int(r["step"]) for r in csv.DictReader(fh) if r.get("eval/latent_dist")] == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_an_optuna_search_maximises_an_eval_similarity(tmp_path, scorers, references):
+    """Catches a sweep that minimises a similarity (Optuna's default direction): the best trial of
+    a 3-trial search on eval/clip_i must be the trial with the highest CLIP-I."""
+    import yaml
+
+    folder = tmp_path / "search"
+    proc = run_cli("-m", "hparams_search=optuna", *TINY_RUN, "trainer.max_steps=2", "hydra.sweeper.n_trials=3",
+                   "hydra.sweeper.sampler.n_startup_trials=3", "optimized_metric=eval/clip_i", "eval.steps=2",
+                   f"eval.prompts=[{{prompt: a red circle, references: [{references}], name: red}}]",
+                   f"eval.clip_model={scorers['clip']}", f"hydra.sweep.dir={folder}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = yaml.safe_load((folder / "optimization_results.yaml").read_text())
+    values = [json.loads((folder / str(i) / "summary.json").read_text())["eval"]["final"]["eval/clip_i"] for i in range(3)]
+    assert len(set(values)) == 3, values  # the trials differ, so picking the maximum is a real choice
+    assert result["best_value"] == pytest.approx(max(values))
