@@ -286,3 +286,16 @@ def test_an_optuna_search_maximises_an_eval_similarity(tmp_path, scorers, refere
     values = [json.loads((folder / str(i) / "summary.json").read_text())["eval"]["final"]["eval/clip_i"] for i in range(3)]
     assert len(set(values)) == 3, values  # the trials differ, so picking the maximum is a real choice
     assert result["best_value"] == pytest.approx(max(values))
+
+
+@pytest.mark.slow
+def test_with_no_interval_it_evaluates_at_each_validation(tmp_path, references):
+    """Catches eval.every_n_steps=null evaluating only at the start and end (validation ignored) or
+    twice at one step: 12 images in batches of 4 validate at steps 3 and 6 (the end)."""
+    run = tmp_path / "run"
+    proc = run_cli(*TINY_RUN, "trainer.max_steps=6", "data.val_images=2", "eval.steps=2",
+                   f"eval.prompts=[{{prompt: a red circle, references: [{references}], name: red}}]", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert [h["step"] for h in summary["eval"]["history"]] == [0, 3, 6]
+    assert "val/loss" in summary["final_metrics"] and "eval/red/latent_dist" in summary["final_metrics"]
