@@ -250,3 +250,52 @@ def test_evaluating_does_not_change_what_is_trained(eval_run, tmp_path):
     assert with_eval.keys() == without.keys()
     assert all(torch.equal(with_eval[k], without[k]) for k in without)
     assert not (tmp_path / "run" / "eval").exists()
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_its_evaluation_history(eval_run, tmp_path):
+    """Catches evaluation history lost on resume (summary.json would start at the resume step) and a
+    resumed run scoring its trained LoRA again as a step-0 baseline: the history continues."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(eval_run, run)
+    before = json.loads((run / "summary.json").read_text())["eval"]["history"]
+    proc = run_cli(f"ckpt_path={run}", "trainer.max_steps=3", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((run / "summary.json").read_text())["eval"]["history"]
+    assert [h["step"] for h in history] == [0, 1, 2, 3]
+    assert history[:3] == before
+    with open(run / "logs" / "csv" / "metrics.csv", newline="") as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh) if r.get("eval/latent_dist")] == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_an_optuna_search_maximises_an_eval_similarity(tmp_path, scorers, references):
+    """Catches a sweep that minimises a similarity (Optuna's default direction): the best trial of
+    a 3-trial search on eval/clip_i must be the trial with the highest CLIP-I."""
+    import yaml
+
+    folder = tmp_path / "search"
+    proc = run_cli("-m", "hparams_search=optuna", *TINY_RUN, "trainer.max_steps=2", "hydra.sweeper.n_trials=3",
+                   "hydra.sweeper.sampler.n_startup_trials=3", "optimized_metric=eval/clip_i", "eval.steps=2",
+                   f"eval.prompts=[{{prompt: a red circle, references: [{references}], name: red}}]",
+                   f"eval.clip_model={scorers['clip']}", f"hydra.sweep.dir={folder}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = yaml.safe_load((folder / "optimization_results.yaml").read_text())
+    values = [json.loads((folder / str(i) / "summary.json").read_text())["eval"]["final"]["eval/clip_i"] for i in range(3)]
+    assert len(set(values)) == 3, values  # the trials differ, so picking the maximum is a real choice
+    assert result["best_value"] == pytest.approx(max(values))
+
+
+@pytest.mark.slow
+def test_with_no_interval_it_evaluates_at_each_validation(tmp_path, references):
+    """Catches eval.every_n_steps=null evaluating only at the start and end (validation ignored) or
+    twice at one step: 12 images in batches of 4 validate at steps 3 and 6 (the end)."""
+    run = tmp_path / "run"
+    proc = run_cli(*TINY_RUN, "trainer.max_steps=6", "data.val_images=2", "eval.steps=2",
+                   f"eval.prompts=[{{prompt: a red circle, references: [{references}], name: red}}]", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert [h["step"] for h in summary["eval"]["history"]] == [0, 3, 6]
+    assert "val/loss" in summary["final_metrics"] and "eval/red/latent_dist" in summary["final_metrics"]
