@@ -149,7 +149,7 @@ def test_an_ema_export_still_teaches_the_concept(tmp_path):
     without it. Catches an EMA that lags so far (or never updates) that the exported LoRA has not learned."""
     run = tmp_path / "run"
     proc = run_cli("experiment=quickstart", "trainer.max_steps=150", "callbacks.samples=null", "data.val_images=0",
-                   "train.ema.enabled=true", "train.ema.use_for_export=true", f"hydra.run.dir={run}")
+                   "train.ema.enabled=true", "train.ema.use_for_export=true", f"hydra.run.dir={run}", timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((run / "summary.json").read_text())["concept_probe"]["sks"]
     (tmp_path.parent / "ema_probe.json").write_text(json.dumps(report))  # for the record (figures in the report)
