@@ -24,7 +24,7 @@ from .conftest import compose_cfg, kill_when_written, resolved, run_cli
 TINY_RUN = ["experiment=quickstart", "model=tiny", "callbacks.samples=null", "callbacks.concept_probe=null",
             "data.val_images=0", "data.batch_size=1", "callbacks.lora_export.format=diffusers",
             "callbacks.model_checkpoint.every_n_train_steps=1", "train.ema.enabled=true"]
-DECAY = 0.5  # low, so that both the (1+n)/(10+n) ramp and the cap act within a few steps
+DECAY = 0.25  # low, so that both the (1+n)/(10+n) ramp (steps 2-3) and the cap (steps 4-5) act
 
 
 def _ema_of(ckpt: dict) -> dict[str, torch.Tensor]:
