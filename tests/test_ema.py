@@ -152,7 +152,6 @@ def test_an_ema_export_still_teaches_the_concept(tmp_path):
                    "train.ema.enabled=true", "train.ema.use_for_export=true", f"hydra.run.dir={run}", timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((run / "summary.json").read_text())["concept_probe"]["sks"]
-    (tmp_path.parent / "ema_probe.json").write_text(json.dumps(report))  # for the record (figures in the report)
     assert report["lora_on"]["pink"] >= 0.8, report
     assert report["lora_off"]["pink"] <= 0.1, report
     assert read_lora(run / "lora.safetensors").metadata.get("sdtune.ema") == "true"
