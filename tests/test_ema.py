@@ -24,7 +24,7 @@ from .conftest import compose_cfg, kill_when_written, resolved, run_cli
 TINY_RUN = ["experiment=quickstart", "model=tiny", "callbacks.samples=null", "callbacks.concept_probe=null",
             "data.val_images=0", "data.batch_size=1", "callbacks.lora_export.format=diffusers",
             "callbacks.model_checkpoint.every_n_train_steps=1", "train.ema.enabled=true"]
-DECAY = 0.5  # low, so that both the (1+n)/(10+n) ramp and the cap act within a few steps
+DECAY = 0.25  # low, so that both the (1+n)/(10+n) ramp (steps 2-3) and the cap (steps 4-5) act
 
 
 def _ema_of(ckpt: dict) -> dict[str, torch.Tensor]:
@@ -149,10 +149,9 @@ def test_an_ema_export_still_teaches_the_concept(tmp_path):
     without it. Catches an EMA that lags so far (or never updates) that the exported LoRA has not learned."""
     run = tmp_path / "run"
     proc = run_cli("experiment=quickstart", "trainer.max_steps=150", "callbacks.samples=null", "data.val_images=0",
-                   "train.ema.enabled=true", "train.ema.use_for_export=true", f"hydra.run.dir={run}")
+                   "train.ema.enabled=true", "train.ema.use_for_export=true", f"hydra.run.dir={run}", timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((run / "summary.json").read_text())["concept_probe"]["sks"]
-    (tmp_path.parent / "ema_probe.json").write_text(json.dumps(report))  # for the record (figures in the report)
     assert report["lora_on"]["pink"] >= 0.8, report
     assert report["lora_off"]["pink"] <= 0.1, report
     assert read_lora(run / "lora.safetensors").metadata.get("sdtune.ema") == "true"
