@@ -65,8 +65,10 @@ def render_at_scales(pl_module, samples: Sequence[Sample], scales: Sequence[floa
         guidance = pl_module.family.guidance(pl_module.cfg["model"])
     pipe = pl_module.family.build_pipeline(pl_module.parts)
     pipe.set_progress_bar_config(disable=True)
-    was_training = pl_module.parts.unet.training
-    pl_module.parts.unet.eval()
+    trained = [pl_module.parts.unet, *pl_module.parts.text_encoders]  # text encoders train with lora.text_encoder
+    was_training = [m.training for m in trained]
+    for m in trained:
+        m.eval()  # no LoRA dropout in samples
     prompts, seeds = [s.prompt for s in samples], [s.seed for s in samples]
     negatives = [s.negative_prompt for s in samples]
     try:
@@ -74,7 +76,8 @@ def render_at_scales(pl_module, samples: Sequence[Sample], scales: Sequence[floa
             return [render(pipe, prompts, seeds, steps=steps, guidance=guidance, size=size, lora_scale=scale,
                            negative_prompt=negatives if any(negatives) else None) for scale in scales]
     finally:
-        pl_module.parts.unet.train(was_training)
+        for m, mode in zip(trained, was_training):
+            m.train(mode)
 
 
 class SampleGrid(L.Callback):
