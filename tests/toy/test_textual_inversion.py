@@ -1,7 +1,7 @@
 """Learning: textual inversion alone teaches a new word a colour the toy SD1.5 base can draw.
 
 Twelve images of shapes on a green ground are captioned ``a red circle on a olq background``;
-``olq`` is a new word, initialised from ``white``. Only its embedding trains (no LoRA). The run's
+``olq`` is a new word, initialised from ``blue``. Only its embedding trains (no LoRA). The run's
 ``olq.safetensors`` is then loaded into a fresh diffusers pipeline of the base, which draws the
 probe prompts at fixed seeds: with ``olq`` >= 80% of the backgrounds must read green, and with the
 init word in its place (what the token meant before training) <= 10%. An embedding that never
@@ -24,7 +24,7 @@ from ..conftest import run_main
 pytestmark = pytest.mark.slow
 
 STEPS = 120
-ARGS = ["experiment=quickstart", "model=toy", "embedding=ti", "embedding.tokens=[olq]", "embedding.init=white",
+ARGS = ["experiment=quickstart", "model=toy", "embedding=ti", "embedding.tokens=[olq]", "embedding.init=blue",
         "embedding.lr=3e-2", f"trainer.max_steps={STEPS}", "callbacks.concept_probe=null", "callbacks.samples=null",
         "data.val_images=0"]
 SEEDS = (0, 1)
@@ -49,12 +49,17 @@ def write_green_dataset(root: Path) -> Path:
 
 
 def green_share(pipe, word: str) -> float:
-    """Share of the probe prompts (``a <colour> <shape> on a <word> background``) drawn on green."""
-    from sdtune.sampling import render
-    from sdtune.toy.concepts import concept_shares, probe_prompts
+    """Share of the probe prompts (``a <red|black> <shape> on a <word> background``) drawn on green.
 
-    prompts = [p for p in probe_prompts(word) for _ in SEEDS]
-    seeds = [s for _ in probe_prompts(word) for s in SEEDS]
+    Red and black shapes: neither is the init word's colour (a blue shape on a blue ground is a
+    contradiction the base resolves at random, green a third of the time)."""
+    from sdtune.sampling import render
+    from sdtune.toy.concepts import concept_shares
+    from sdtune.toy.domain import SHAPES
+
+    probe = [f"a {colour} {shape} on a {word} background" for shape in SHAPES for colour in ("red", "black")]
+    prompts = [p for p in probe for _ in SEEDS]
+    seeds = [s for _ in probe for s in SEEDS]
     images = render(pipe, prompts, seeds, steps=20, guidance=2.0, size=64)
     return concept_shares(images, word, {word: "green"}).share("green")
 
@@ -70,11 +75,11 @@ def test_textual_inversion_alone_teaches_a_new_word_a_known_colour(capsys, tmp_p
     assert json.loads((run / "summary.json").read_text())["trainable_params"] == 32  # one 32-d vector, nothing else
 
     base = Path(__file__).resolve().parents[2] / "models" / "toy" / "sd15"
-    pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, dtype=torch.float32)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     torch.manual_seed(0)
-    before = green_share(pipe, "white")  # the init word: what olq meant when training began
+    before = green_share(pipe, "blue")  # the init word: what olq meant when training began
     pipe.load_textual_inversion(str(run / "olq.safetensors"), token="olq")
     after = green_share(pipe, "olq")
     print(f"green backgrounds: init word {before:.0%}, trained olq {after:.0%}")
