@@ -88,3 +88,19 @@ def test_unset_data_root_says_how_to_fix(tmp_path):
     cfg = compose_cfg(output_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"data.root is not set.*experiment=quickstart"):
         train(cfg, tmp_path)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["lora.text_encoder={rank: 2}", "lora.type=loha"], r"lora.text_encoder .* not combined with lora.type=loha"),
+    (["lora.text_encoder={rank: 2}", "lora.use_dora=true"], r"lora.text_encoder .* lora.use_dora=True"),
+    (["lora.text_encoder={rank: 2}", "embedding=ti", "embedding.tokens=[olq]", "embedding.init=blue"],
+     r"embedding .* and lora.text_encoder are not combined"),
+])
+def test_method_combinations_without_a_loadable_file_are_refused(overrides, message):
+    """Text-encoder LoRA beside DoRA/LoHa/LoKr, or beside new token embeddings, would write files no
+    tool loads as trained: refused before anything loads, naming both keys."""
+    from sdtune.config import validate
+
+    cfg = compose_cfg("experiment=quickstart", *overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
