@@ -98,7 +98,7 @@ def test_checkpoint_holds_lora_and_training_state_only(quickstart_run):
     data = ckpt["sdtune"].pop("data")  # the dataset manifest a resume compares against
     assert sorted(data) == sorted(f"images/{p.name}" for p in (QUICKSTART / "images").iterdir())
     assert ckpt["sdtune"] == {"family": "sd15", "rank": 4, "alpha": 8.0, "targets": ["to_q", "to_k", "to_v", "to_out.0"], "num_train_images": 12,
-                             "skipped_nonfinite": 0}
+                             "skipped_nonfinite": 0, "adapter": "lora", "ema": None, "text_encoder": None, "embedding": None}
 
 
 def test_export_cli_reproduces_the_run_file(quickstart_run, tmp_path):

@@ -26,7 +26,7 @@ def test_sigkill_then_resume_gives_the_same_embedding_and_lora_bit_for_bit(tmp_p
     whole = tmp_path / "whole"
     proc = run_cli(*ARGS, f"hydra.run.dir={whole}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "train.cache_text_embeddings is off for this run" in proc.stderr + proc.stdout
+    assert "text-embedding cache off: embedding trains new token embeddings" in proc.stderr + proc.stdout
 
     run = tmp_path / "killed"
     code = kill_when_written([*ARGS, f"hydra.run.dir={run}"], run / "checkpoints" / "step000005.ckpt")
