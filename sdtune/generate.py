@@ -5,7 +5,8 @@
         prompt="..." num_images=4 compare=true
 
 Writes every image and one grid PNG into the run folder. With ``compare=true`` the same seeds are
-rendered with the LoRAs off and on, one row each.
+rendered with the LoRAs off and on, one row each. ``init_image=`` (img2img) and ``controlnet.path=``
+(ControlNet) take pictures as input: see :mod:`sdtune.image_input`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .embedding_files import load_embeddings, parse_embeddings
 from .errors import ConfigError, exit_on_user_error
 from .families import get_family
 from .families.builder import build_parts
+from .image_input import draw, infotext_fields, load_controlnet, parse_image_input, prepare_pictures, record_fields
 from .inference import apply_loras, base_model_config, parse_loras, pick_device, read_loras
 from .io import save_image_atomic, write_text_atomic
 from .lora_apply import set_enabled
@@ -43,8 +45,10 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     embedding_refs = parse_embeddings(cfg.get("embeddings"))
     if int(cfg.num_images) < 1 or int(cfg.steps) < 1:
         raise ConfigError(f"num_images and steps must be >= 1, got {cfg.num_images} and {cfg.steps}.")
+    spec = parse_image_input(cfg)  # pictures and settings checked before anything loads
     loras = read_loras(refs)  # every file vetted (readable, finite, consistent) before the base model loads
     model_cfg = base_model_config(cfg.get("model"), refs, loras)
+    get_family(model_cfg["family"]).pipeline_class(spec.task, controlnet=spec.controlnet is not None)  # refuse early
     guidance = cfg.get("guidance")
     guidance = get_family(model_cfg["family"]).guidance(model_cfg) if guidance is None else guidance
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not guidance > 0:
@@ -54,51 +58,61 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     family, parts = build_parts(model_cfg, dtype=dtype)
     adapters = apply_loras(parts, family, refs, loras)
-    pipe = family.build_pipeline(parts).to(device)
+    controlnet = load_controlnet(spec.controlnet, dtype=dtype, unet=parts.unet) if spec.controlnet else None
+    pipe = family.build_pipeline(parts, task=spec.task, controlnet=controlnet).to(device)
     load_embeddings(pipe, parts, family, embedding_refs)  # textual-inversion words (embeddings=[...])
     pipe.set_progress_bar_config(disable=True)
     size = int(cfg.size or model_cfg.get("resolution") or family.default_resolution)
+    pictures = prepare_pictures(spec, size)  # the init image resized in memory; the file is only read
+    lead = {"input": pictures.init, "control": pictures.control}  # grid columns in front of the outputs
+    lead = {name: im for name, im in lead.items() if im is not None}
+    if pictures.control is not None:
+        save_image_atomic(pictures.control, out_dir / "control.png")
     seeds = [int(cfg.seed) + i for i in range(int(cfg.num_images))]
     rows = {"LoRA on": []} if refs else {"base": []}
     if cfg.compare and refs:
         rows = {"LoRA off": [], "LoRA on": []}
-    record = generation_record(cfg, model_cfg, refs, seeds, guidance=guidance, size=size,
-                               sampler=type(pipe.scheduler).__name__)
+    record = generation_record(cfg, model_cfg, refs, seeds, guidance=guidance, size=(pictures.width, pictures.height),
+                               sampler=type(pipe.scheduler).__name__, image_input=record_fields(spec))
     record["embeddings"] = [{"path": os.path.abspath(r.path), "token": r.token} for r in embedding_refs]
     written = []
     for label in rows:
         if refs:
             set_enabled(parts, adapters, label != "LoRA off")
         for seed in tqdm(seeds, desc=f"generating ({label})", unit="img"):
-            image = pipe(
+            image = draw(
+                pipe, spec, pictures,
+                steps=int(cfg.steps),
                 prompt=cfg.prompt,
                 negative_prompt=cfg.negative_prompt,
-                num_inference_steps=int(cfg.steps),
                 guidance_scale=guidance,
-                height=size,
-                width=size,
                 generator=torch.Generator("cpu").manual_seed(seed),
-            ).images[0]
+            )
             rows[label].append(image)
             tag = "off_" if label == "LoRA off" else ""
             path = out_dir / f"{tag}seed{seed}.png"
             save_image_atomic(image, path, text={"parameters": infotext(record, seed, loras_on=label != "LoRA off")})
             written.append(path)
-    grid = make_grid(list(rows.values()), list(rows), [f"seed {s}" for s in seeds])
+    grid = make_grid([[*lead.values(), *row] for row in rows.values()], list(rows), [*lead, *(f"seed {s}" for s in seeds)])
     save_image_atomic(grid, out_dir / "grid.png")
     write_text_atomic(out_dir / "generation.json", json.dumps(record, indent=2, ensure_ascii=False, default=str))
     log.info("wrote %d image(s) and grid.png to %s", len(written), out_dir)
     return [*written, out_dir / "grid.png"]
 
 
-def generation_record(cfg: DictConfig, model_cfg: dict, refs, seeds: list[int], *, guidance: float, size: int,
-                      sampler: str) -> dict:
-    """Everything that made the images (generation.json): rerunning it gives the same pictures."""
+def generation_record(cfg: DictConfig, model_cfg: dict, refs, seeds: list[int], *, guidance: float,
+                      size: int | tuple[int, int], sampler: str, image_input: dict | None = None) -> dict:
+    """Everything that made the images (generation.json): rerunning it gives the same pictures.
+
+    ``size`` is a square side or (width, height); ``image_input`` adds the img2img/ControlNet
+    settings (:func:`sdtune.image_input.record_fields`)."""
+    width, height = (size, size) if isinstance(size, int) else size
     return {
         "prompt": cfg.prompt, "negative_prompt": cfg.negative_prompt, "steps": int(cfg.steps), "guidance": guidance,
-        "size": [size, size], "seeds": seeds, "sampler": sampler, "model": model_cfg,
+        "size": [width, height], "seeds": seeds, "sampler": sampler, "model": model_cfg,
         "loras": [{"path": os.path.abspath(r.path), "weight": r.weight, "sha256": file_sha256(r.path),
                    "tensor_sha256": tensor_sha256(r.path)} for r in refs],
+        **(image_input or {}),
     }
 
 
@@ -126,7 +140,8 @@ def infotext(record: dict, seed: int, *, loras_on: bool = True) -> str:
         lines.append(f"Negative prompt: {record['negative_prompt']}")
     width, height = record["size"]
     settings = [f"Steps: {record['steps']}", f"Sampler: {record['sampler']}", f"CFG scale: {record['guidance']:g}",
-                f"Seed: {seed}", f"Size: {width}x{height}", f"Model: {Path(str(record['model']['path'])).name}"]
+                f"Seed: {seed}", f"Size: {width}x{height}", f"Model: {Path(str(record['model']['path'])).name}",
+                *infotext_fields(record)]
     if loras:
         hashes = ", ".join(f"{Path(lo['path']).stem}: {lo['tensor_sha256'][:12]}" for lo in loras)
         settings.append(f'Lora hashes: "{hashes}"')

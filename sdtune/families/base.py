@@ -15,7 +15,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import ConfigError, ModelLoadError
+
+#: What a pipeline is asked to do: draw from noise, or redraw an input picture (SDEdit).
+TASKS = ("text2img", "img2img")
 
 
 @dataclass
@@ -53,6 +56,10 @@ class ModelFamily(ABC):
     #: Version string written to LoRA headers (``ss_base_model_version`` in kohya's tools).
     base_model_version: ClassVar[str]
 
+    #: diffusers pipeline class names per (task, with a ControlNet); None where diffusers has none,
+    #: which :meth:`pipeline_class` refuses with a clear error. Every class takes the keyword
+    #: arguments of :meth:`pipeline_components` (plus ``controlnet=`` for the ControlNet ones).
+    pipelines: ClassVar[dict[tuple[str, bool], str | None]]
     #: diffusers pipeline class that reads this family's single-file checkpoints (None: folders only).
     single_file_pipeline: ClassVar[str | None] = None
     #: Text encoders in single-file checkpoints: (key prefix, naming), one per encoder in order;
@@ -125,8 +132,36 @@ class ModelFamily(ABC):
         """Keyword arguments for ``unet(noisy, t, **kwargs)`` built from encoded text and the batch."""
 
     @abstractmethod
-    def build_pipeline(self, parts: ModelParts):
-        """A diffusers inference pipeline over ``parts`` (sharing, not copying, the modules)."""
+    def pipeline_components(self, parts: ModelParts) -> dict[str, Any]:
+        """Constructor keyword arguments every pipeline of this family takes: the modules of
+        ``parts`` (shared, not copied), the sampling scheduler and the family's pipeline flags."""
+
+    def pipeline_class(self, task: str = "text2img", *, controlnet: bool = False) -> type:
+        """The diffusers pipeline class for ``task`` (``text2img`` or ``img2img``), with or without a
+        ControlNet; a :class:`ConfigError` naming the fix where diffusers has none for this family."""
+        import diffusers
+
+        if task not in TASKS:
+            raise ValueError(f"pipeline task must be one of {TASKS}, got {task!r}")
+        name = self.pipelines.get((task, controlnet))
+        if name is None:
+            from . import FAMILIES  # the registry imports this module: look it up only when needed
+
+            able = sorted(n for n, cls in FAMILIES.items() if cls.pipelines.get((task, controlnet)))
+            what = f"{task} with a ControlNet" if controlnet else task
+            drop = "drop controlnet.path (plain img2img with init_image, or text2img)" if controlnet else "drop init_image"
+            raise ConfigError(
+                f"model.family={self.name} has no diffusers pipeline for {what} (diffusers {diffusers.__version__} "
+                f"ships none for {self.name}). Fix: {drop}, or use a base of a family that has one: {able}."
+            )
+        return getattr(diffusers, name)
+
+    def build_pipeline(self, parts: ModelParts, *, task: str = "text2img", controlnet: torch.nn.Module | None = None):
+        """A diffusers inference pipeline over ``parts`` (sharing, not copying, the modules) for
+        ``task``; with ``controlnet`` (a ``ControlNetModel``) the family's ControlNet pipeline."""
+        cls = self.pipeline_class(task, controlnet=controlnet is not None)
+        extra = {} if controlnet is None else {"controlnet": controlnet}
+        return cls(**self.pipeline_components(parts), **extra)
 
     @abstractmethod
     def build_tiny(self, folder: Path) -> None:

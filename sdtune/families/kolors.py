@@ -104,16 +104,24 @@ class Kolors(ModelFamily):
     def unet_conditioning(self, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
         return micro_conditioning(text, batch)
 
-    def build_pipeline(self, parts: ModelParts):
-        from diffusers import EulerDiscreteScheduler, KolorsPipeline
+    # diffusers has Kolors ControlNet pipelines only among its community scripts, not in the library.
+    pipelines = {
+        ("text2img", False): "KolorsPipeline",
+        ("img2img", False): "KolorsImg2ImgPipeline",
+        ("text2img", True): None,
+        ("img2img", True): None,
+    }
 
-        return KolorsPipeline(
-            vae=parts.vae,
-            text_encoder=parts.text_encoders[0],
-            tokenizer=parts.tokenizers[0],
-            unet=parts.unet,
-            scheduler=EulerDiscreteScheduler.from_config(parts.noise_scheduler.config),
-        )
+    def pipeline_components(self, parts: ModelParts) -> dict[str, Any]:
+        from diffusers import EulerDiscreteScheduler
+
+        return {
+            "vae": parts.vae,
+            "text_encoder": parts.text_encoders[0],
+            "tokenizer": parts.tokenizers[0],
+            "unet": parts.unet,
+            "scheduler": EulerDiscreteScheduler.from_config(parts.noise_scheduler.config),
+        }
 
     def build_tiny(self, folder: Path) -> None:
         """Tiny Kolors: a 2-layer ChatGLM (original RoPE) and a UNet with a text projection (32 -> 64)."""

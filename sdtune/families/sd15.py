@@ -41,19 +41,26 @@ class SD15(ModelFamily):
     def unet_conditioning(self, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
         return {"encoder_hidden_states": text["encoder_hidden_states"]}
 
-    def build_pipeline(self, parts: ModelParts):
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+    pipelines = {
+        ("text2img", False): "StableDiffusionPipeline",
+        ("img2img", False): "StableDiffusionImg2ImgPipeline",
+        ("text2img", True): "StableDiffusionControlNetPipeline",
+        ("img2img", True): "StableDiffusionControlNetImg2ImgPipeline",
+    }
 
-        return StableDiffusionPipeline(
-            vae=parts.vae,
-            text_encoder=parts.text_encoders[0],
-            tokenizer=parts.tokenizers[0],
-            unet=parts.unet,
-            scheduler=DDIMScheduler.from_config(parts.noise_scheduler.config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+    def pipeline_components(self, parts: ModelParts) -> dict[str, Any]:
+        from diffusers import DDIMScheduler
+
+        return {
+            "vae": parts.vae,
+            "text_encoder": parts.text_encoders[0],
+            "tokenizer": parts.tokenizers[0],
+            "unet": parts.unet,
+            "scheduler": DDIMScheduler.from_config(parts.noise_scheduler.config),
+            "safety_checker": None,
+            "feature_extractor": None,
+            "requires_safety_checker": False,
+        }
 
     def build_tiny(self, folder: Path) -> None:
         """Tiny SD1.5: cross-attention dim 32, 8x8 latents, one 2-layer CLIP encoder."""

@@ -73,18 +73,27 @@ class SDXL(ModelFamily):
     def unet_conditioning(self, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
         return micro_conditioning(text, batch)
 
-    def build_pipeline(self, parts: ModelParts):
-        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    # The img2img classes' defaults (requires_aesthetics_score=False, force_zeros_for_empty_prompt=True)
+    # are the text2img class's: the same micro-conditioning (size/crop time ids) and empty negative prompt.
+    pipelines = {
+        ("text2img", False): "StableDiffusionXLPipeline",
+        ("img2img", False): "StableDiffusionXLImg2ImgPipeline",
+        ("text2img", True): "StableDiffusionXLControlNetPipeline",
+        ("img2img", True): "StableDiffusionXLControlNetImg2ImgPipeline",
+    }
 
-        return StableDiffusionXLPipeline(
-            vae=parts.vae,
-            text_encoder=parts.text_encoders[0],
-            text_encoder_2=parts.text_encoders[1],
-            tokenizer=parts.tokenizers[0],
-            tokenizer_2=parts.tokenizers[1],
-            unet=parts.unet,
-            scheduler=EulerDiscreteScheduler.from_config(parts.noise_scheduler.config),
-        )
+    def pipeline_components(self, parts: ModelParts) -> dict[str, Any]:
+        from diffusers import EulerDiscreteScheduler
+
+        return {
+            "vae": parts.vae,
+            "text_encoder": parts.text_encoders[0],
+            "text_encoder_2": parts.text_encoders[1],
+            "tokenizer": parts.tokenizers[0],
+            "tokenizer_2": parts.tokenizers[1],
+            "unet": parts.unet,
+            "scheduler": EulerDiscreteScheduler.from_config(parts.noise_scheduler.config),
+        }
 
     def build_tiny(self, folder: Path) -> None:
         """Tiny SDXL: CLIP encoders of width 32 and 48 (80-d context), pooled 48-d, text_time conditioning.
