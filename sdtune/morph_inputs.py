@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 
 from .data.images import load_rgb, resize_and_crop
@@ -33,6 +33,8 @@ class MorphInputs:
 
 
 def _pair(cfg: DictConfig, key: str) -> list[str]:
+    if OmegaConf.is_missing(cfg, key):
+        raise ConfigError(f"{key} is not set. Fix: {USAGE}")
     value = cfg.get(key)
     if value is None:
         return []

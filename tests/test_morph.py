@@ -110,6 +110,7 @@ def test_prompts_from_captions_sidecar_and_metadata(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
+    (["loras=[{l},{l}]"], "images is not set. Fix: python -m sdtune.morph 'images=[a.png,b.png]'"),
     (["images=[{a}]", "loras=[{l},{l}]"], "images needs exactly two image files"),
     (["images=[{a},{d}/missing.png]", "loras=[{l},{l}]"], "images[1]='{d}/missing.png' is not a file"),
     (["images=[{a},{b}]", "loras=[{l},{l},{l}]"], "loras needs exactly two LoRA files"),
