@@ -150,12 +150,13 @@ def test_a_gpu_preset_on_a_cpu_ends_with_one_line(tmp_path):
     ("sdtune", "python -m sdtune [key=value ...]: train a LoRA", ["lora.rank", "data.root", "experiment: "]),
     ("sdtune.generate", "python -m sdtune.generate loras=[FILE@WEIGHT,...]", ["loras=[a.safetensors@0.7", "num_images: 4"]),
     ("sdtune.merge", "python -m sdtune.merge loras=[FILE@WEIGHT,...]", ["save_dtype: fp16", "single_file: true"]),
+    ("sdtune.morph", "python -m sdtune.morph 'images=[a.png,b.png]'", ["inversion_steps: 50", "train_overrides: []"]),
 ])
 def test_help_says_what_the_command_does_and_its_own_keys(module, first, keys):
     proc = run_cli("--help", module=module)
     assert proc.returncode == 0 and proc.stdout.startswith(first), proc.stdout[:300]
     assert all(k in proc.stdout for k in keys) and "powered by Hydra" not in proc.stdout
-    if module != "sdtune":  # generate and merge list their own keys, not training's groups
+    if module != "sdtune":  # generate, merge and morph list their own keys, not training's groups
         assert "experiment:" not in proc.stdout and "lora.rank" not in proc.stdout and "\ntrainer:" not in proc.stdout
 
 
