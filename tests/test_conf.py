@@ -177,3 +177,13 @@ def test_hardware_presets_set_memory_knobs_per_family(preset):
     else:
         _check(kolors)
         assert kolors.data.batch_size == {"16gb": 1, "24gb": 2}[preset]
+
+
+@pytest.mark.parametrize("app, overrides", [("generate", ["prompt=x"]), ("merge", ["out=x"]),
+                                            ("morph", ["images=[a.png,b.png]"])])
+def test_tools_write_into_their_own_output_folder(app, overrides):
+    """hydra/default.yaml sets runs/<time> for training; each tool's own folder must win over it
+    (its ``_self_`` comes after the hydra group), as README and the tools' help promise."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(app, overrides=overrides, return_hydra_config=True)
+    assert OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"] == f"${{paths.output_root}}/{app}/${{now:%Y-%m-%d_%H-%M-%S}}"

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from PIL import Image
 
 from sdtune.errors import ConfigError
@@ -135,13 +134,6 @@ def test_bad_inputs_fail_before_any_model_loads(tmp_path, overrides, message):
     assert message.format(**fmt) in str(err.value)
     assert not (tmp_path / "out").exists()
     assert {p: _sha(p) for p in before} == before
-
-
-def test_morph_runs_get_their_own_output_folder():
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("morph", overrides=["images=[a.png,b.png]"], return_hydra_config=True)
-    # hydra/default.yaml sets runs/<time>; morph.yaml's own folder must win over it
-    assert OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"] == "${paths.output_root}/morph/${now:%Y-%m-%d_%H-%M-%S}"
 
 
 # -- DDIM inversion on the toy bases --------------------------------------------------------------
