@@ -45,10 +45,10 @@ bench-startup: $(STAMP)
 # `make test` (under 10 minutes on 2 cores) leaves out the tests marked slow;
 # `make test-slow` runs the long end-to-end runs; CI runs both (.ci/run).
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not gpu"
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m "slow and not gpu"
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q

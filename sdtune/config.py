@@ -254,7 +254,10 @@ def _check_data(cfg: DictConfig) -> None:
     if not isinstance(_get(cfg, "data.allow_outside_root") or False, bool):
         raise ConfigError(f"data.allow_outside_root must be true or false, got {_get(cfg, 'data.allow_outside_root')!r}.")
     _int(cfg, "data.batch_size", minimum=1)
-    _int(cfg, "data.num_workers", minimum=0)
+    if _get(cfg, "data.num_workers") != "auto":
+        _int(cfg, "data.num_workers", minimum=0, hint=" Fix: e.g. data.num_workers=4, or auto (4 at most on a GPU, 0 on the CPU).")
+    if _get(cfg, "data.pin_memory") not in ("auto", True, False):
+        raise ConfigError(f"data.pin_memory must be true, false or auto (true on a CUDA GPU), got {_get(cfg, 'data.pin_memory')!r}.")
     dropout = _number(cfg, "data.caption_dropout", minimum=0)
     if dropout >= 1:
         raise ConfigError(f"data.caption_dropout must be in [0, 1), got {dropout}.")
@@ -278,6 +281,8 @@ def _check_trainer(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.precision={precision!r} is not supported; use one of {list(PRECISIONS)}.")
 
     _int(cfg, "trainer.accumulate_grad_batches", minimum=1)
+    _int(cfg, "trainer.nonfinite_check_every", minimum=1,
+         hint=" Fix: e.g. trainer.nonfinite_check_every=10 (steps between reads of the NaN/Inf record).")
     _check_run_length(cfg)
     seed = _get(cfg, "seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:

@@ -144,7 +144,8 @@ def batch_latents(vae, batch: dict, *, device: torch.device, dtype: torch.dtype,
     if "latent_params" in batch:
         dist = DiagonalGaussianDistribution(batch["latent_params"].float().to(device))
     else:
-        dist = vae.encode(batch["pixel_values"].to(vae.device, dtype)).latent_dist
+        # ``device`` is the caller's (the module's): ``vae.device`` walks every VAE submodule per call
+        dist = vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist
     if deterministic:
         latents = dist.mode()
     elif eps is not None:

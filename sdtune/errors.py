@@ -36,10 +36,20 @@ class NonFiniteLossError(SdtuneError):
     """The training loss became NaN or infinite."""
 
     @classmethod
-    def at(cls, loss: float, step: int, *, lr: float | None) -> NonFiniteLossError:
-        """The error for ``loss`` at ``step``, with the known causes and what to do."""
+    def at(cls, loss: float, step: int, *, lr: float | None, noticed: int | None = None,
+           before: str | None = None) -> NonFiniteLossError:
+        """The error for ``loss`` at optimizer step ``step``, with the known causes and what to do.
+
+        ``step`` counts the optimizer steps done before the bad one (``trainer.global_step`` then).
+        ``noticed``: the steps done when the device-side record was read (:mod:`sdtune.nonfinite`);
+        ``before``: what the check came before (a checkpoint, the LoRA), which was then not written.
+        """
+        when = ""
+        if noticed is not None:
+            what = f"before {before}" if before else f"at the check after {noticed} steps"
+            when = f" (noticed {what}; no weights updated at step {step} or later were saved)"
         return cls(
-            f"training stopped: the loss is {loss} at step {step}. Known causes: the stock SDXL VAE in "
+            f"training stopped: the loss is {loss} at step {step}{when}. Known causes: the stock SDXL VAE in "
             "fp16 (set model.vae_path to the fp16-fix VAE, or trainer.precision=bf16-mixed); a learning rate "
             f"too high (optim.optimizer.lr={lr}); fp16 overflow (try "
             "trainer.precision=bf16-mixed). The last good checkpoint is kept in the run's checkpoints/ folder; "

@@ -20,7 +20,6 @@ from .data.prior import split_prior_loss
 from .data.sampler import skip_finished_batches
 from .diffusion import batch_latents, denoising_loss, latent_shape, sample_randomness, validation_randomness
 from .ema import LoraEMA, exports_ema, start_ema
-from .errors import NonFiniteLossError
 from .families import ModelParts, get_family
 from .families.builder import build_parts
 from .fit_caches import prepare_fit
@@ -31,6 +30,7 @@ from .lora import (
     spec_from_config,
     trainable_lora_parameters,
 )
+from .nonfinite import NonFiniteGuard, all_finite
 from .optimization import build_optimization
 from .text_cache import TextEmbeddingCache
 from .text_training import (
@@ -68,6 +68,9 @@ class LoRATrainingModule(L.LightningModule):
         self.text_cache: TextEmbeddingCache | None = None
         self.embeddings: token_embeddings.TrainedEmbeddings | None = None  # new words' rows (embedding.*)
         self.skipped_nonfinite = 0
+        # trainer.skip_nonfinite=false: NaN/Inf losses are recorded on the device and read every
+        # trainer.nonfinite_check_every steps and before anything is saved (sdtune.nonfinite)
+        self.nonfinite = NonFiniteGuard(int(cfg["trainer"].get("nonfinite_check_every") or 10))
         self.ema: LoraEMA | None = None  # train.ema: started in on_train_start, after a resume restored the weights
         self._saved_ema: dict[str, Any] | None = None
         # Checkpoints hold LoRA tensors only, so the frozen base weights are legitimately absent.
@@ -133,38 +136,72 @@ class LoRATrainingModule(L.LightningModule):
                               dtype=self.weight_dtype, snr_gamma=self.cfg["train"].get("snr_gamma"),
                               mask=batch_mask(batch, tuple(latents.shape[-2:])), per_sample=per_sample)
 
-    def sample_randomness(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(latent eps, noise, timesteps) from each sample's own seed (:func:`sdtune.diffusion.sample_randomness`)."""
+    def with_randomness(self, batch: dict[str, Any], *, pin: bool = False) -> dict[str, Any]:
+        """``batch`` (on the CPU) with its seeds replaced by what they draw: ``eps`` (latent
+        sampling), ``noise`` and ``timesteps`` (:func:`sdtune.diffusion.sample_randomness`), plus
+        ``prior_count``, the number of class samples as a python int. ``pin``: in pinned memory, so
+        that the copy to a CUDA device is asynchronous."""
+        batch = dict(batch)
+        seeds = batch.pop("seed")
         eps, noise, timesteps = sample_randomness(
-            batch["seed"].tolist(), latent_shape(batch, self.parts.vae.config),
+            seeds.tolist(), latent_shape(batch, self.parts.vae.config),
             num_train_timesteps=self.parts.noise_scheduler.config.num_train_timesteps,
             noise_offset=float(self.cfg["train"].get("noise_offset") or 0.0),
         )
-        return eps, noise.to(self.device), timesteps.to(self.device)
+        drawn = {"eps": eps, "noise": noise, "timesteps": timesteps}
+        batch.update({k: v.pin_memory() for k, v in drawn.items()} if pin else drawn)
+        if "prior" in batch:
+            batch["prior_count"] = int(batch["prior"].sum())
+        return batch
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches get their randomness here, on the CPU, before Lightning moves them: the
+        seeds never reach the device (reading them back from it would block every step), and eps,
+        noise and timesteps travel with the batch (pinned on CUDA, so Lightning's non_blocking copy
+        does not wait). Validation batches keep their fixed randomness (:meth:`validation_step`)."""
+        if self._trainer is not None and self.trainer.training and isinstance(batch, dict) and "seed" in batch:
+            return self.with_randomness(batch, pin=self.device.type == "cuda")
+        return batch
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        eps, noise, timesteps = self.sample_randomness(batch)
-        latents = self.batch_latents(batch, eps=eps)
+        if "noise" not in batch:  # called with a collated batch, not through fit's batch transfer
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self.with_randomness(batch).items()}
+        latents = self.batch_latents(batch, eps=batch["eps"])
         text = self.encode_text(batch["text"])
         prior = batch.get("prior")  # DreamBooth prior preservation: the class half of the batch
-        loss = self.diffusion_loss(latents, text, batch, noise=noise, timesteps=timesteps, per_sample=prior is not None)
+        loss = self.diffusion_loss(latents, text, batch, noise=batch["noise"], timesteps=batch["timesteps"],
+                                   per_sample=prior is not None)
         if prior is not None:
             loss, prior_loss = split_prior_loss(loss, prior, self.cfg["train"].get("prior_loss_weight", 1.0))
-            self.log("train/prior_loss", prior_loss, on_step=True, on_epoch=True, batch_size=int(prior.sum()))
-        # Decided together, so DDP ranks never disagree on skipping (which would hang them).
-        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
-            return self._non_finite(loss)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=latents.shape[0])
+            self.log("train/prior_loss", prior_loss, on_step=True, on_epoch=True, batch_size=batch["prior_count"])
+        if self.cfg["trainer"].get("skip_nonfinite"):
+            if not all_finite(self.trainer, loss):  # the one per-step host read this option costs
+                return self._skip_non_finite(loss)
+        else:
+            self.nonfinite.note(loss, self.trainer.global_step)  # read later: check_finite
+        # Not prog_bar=True: Lightning would read that value back (.item()) after every step. The
+        # run's bar (sdtune.progress) smooths the step's returned loss on the device instead.
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=latents.shape[0])
         return loss
 
-    def _non_finite(self, loss: torch.Tensor) -> None:
-        """Skip the step (``trainer.skip_nonfinite``: Lightning skips the optimizer step on None) or stop."""
-        if not self.cfg["trainer"].get("skip_nonfinite"):
-            raise NonFiniteLossError.at(loss.item(), self.trainer.global_step, lr=self.cfg["optim"]["optimizer"].get("lr"))
+    def _skip_non_finite(self, loss: torch.Tensor) -> None:
+        """``trainer.skip_nonfinite``: Lightning skips the optimizer step on None; count it."""
         self.skipped_nonfinite += 1
         self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), on_step=True)
         log.warning("non-finite loss (%s) at step %d skipped (%d so far)", loss.item(), self.trainer.global_step,
                     self.skipped_nonfinite)
+
+    def check_finite(self, before: str | None = None) -> None:
+        """Stop the run if a loss since the start was NaN/Inf (:mod:`sdtune.nonfinite`); every rank
+        calls it at the same point. ``before``: what is about to be written."""
+        self.nonfinite.check(self.trainer, lr=self.cfg["optim"]["optimizer"].get("lr"), before=before)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.nonfinite.due(self.trainer.global_step):
+            self.check_finite()
+
+    def on_train_end(self) -> None:
+        self.check_finite(before="writing the LoRA")  # after the last checkpoint, before on_fit_end's files
 
     def on_train_start(self) -> None:
         skip_finished_batches(self.trainer)  # resuming mid-epoch: continue where the checkpoint was
@@ -202,6 +239,8 @@ class LoRATrainingModule(L.LightningModule):
         token_embeddings.check_resume(checkpoint.get("sdtune", {}).get("embedding"), token_embeddings.spec_from_config(self.cfg))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None:  # every save, periodic, last, on a signal (sdtune.stopping)
+            self.check_finite(before=f"writing the checkpoint of step {self.trainer.global_step}")
         rows = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("embeddings.")}  # new words' rows
         keep_lora_only(checkpoint, self.spec, family=self.family.name, num_train_images=self.num_train_images,
                        data=self.data_manifest,  # what a resume compares the dataset against

@@ -125,8 +125,12 @@ class SampleGrid(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step and writes_outputs(trainer):
-            self._last_step = step
+        if not (self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step):
+            return
+        self._last_step = step  # on every rank: the check below is a collective under DDP
+        if hasattr(pl_module, "check_finite"):  # no samples from after a NaN/Inf loss (sdtune.nonfinite)
+            pl_module.check_finite(before=f"rendering the samples of step {step}")
+        if writes_outputs(trainer):
             self.write(trainer, pl_module, self.dirpath / "samples" / f"step{step:06d}.png")
 
     def on_fit_end(self, trainer, pl_module) -> None:

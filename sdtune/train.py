@@ -36,7 +36,7 @@ from .run_folder import check_fresh, check_writable, is_secondary_rank, run_fold
 from .stopping import GracefulStop
 
 log = logging.getLogger(__name__)
-SDTUNE_TRAINER_KEYS = ("skip_nonfinite",)
+SDTUNE_TRAINER_KEYS = ("skip_nonfinite", "nonfinite_check_every")
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 # The frozen VAE and text encoders are in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")

@@ -27,6 +27,7 @@ from .buckets import Size, assign_buckets
 from .captions import CaptionOptions, process_caption
 from .images import image_size, load_rgb, plan_crop, resize_and_crop, to_tensor
 from .latents import LatentCache, check_cacheable, file_sha256
+from .loader import loader_settings
 from .masks import MaskSource, load_mask, mask_digest, to_latent_grid, transform_mask
 from .prior import PriorPreservationDataset, collate_prior
 from .records import Record, dataset_root
@@ -201,10 +202,10 @@ class ImageCaptionDataModule(L.LightningDataModule):
         *,
         resolution: int,
         batch_size: int = 1,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
         center_crop: bool = True,
         random_flip: bool = False,
-        pin_memory: bool = False,
+        pin_memory: bool | str = False,
         bucketing: bool = False,
         bucket_step: int = 64,
         bucket_upscale: bool = False,
@@ -216,7 +217,9 @@ class ImageCaptionDataModule(L.LightningDataModule):
         class_records: Sequence[Record] | None = None,
     ):
         """``masks``: one mask source per record (``train.masked_loss``); ``class_records``: the class
-        images of DreamBooth prior preservation (:mod:`.prior`), each batch then doubled with them."""
+        images of DreamBooth prior preservation (:mod:`.prior`), each batch then doubled with them.
+        ``num_workers`` / ``pin_memory`` may be ``"auto"``: chosen for the trainer's device in
+        :meth:`setup` (:mod:`.loader`)."""
         super().__init__()
         sizes = targets = None
         if bucketing:
@@ -245,8 +248,8 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self.val_set = ValidationView(self.dataset, list(range(0, len(records), step))[:val_images]) if val_images else None
         self.bucketing = bucketing
         self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        self.loader_config = (num_workers, pin_memory)  # as configured, "auto" included
+        self.num_workers, self.pin_memory = loader_settings(num_workers, pin_memory, device_type="cpu")
         self.seed = seed
 
     @classmethod
@@ -275,6 +278,19 @@ class ImageCaptionDataModule(L.LightningDataModule):
             masks=masks,
             class_records=class_records,
         )
+
+    def setup(self, stage: str) -> None:
+        """Resolve ``data.num_workers`` / ``data.pin_memory`` for the device the trainer trains on."""
+        if self.trainer is None:
+            return
+        devices = self.trainer.num_devices if self.trainer.world_size > 1 else 1  # processes sharing this machine
+        self.num_workers, self.pin_memory = loader_settings(
+            *self.loader_config, device_type=self.trainer.strategy.root_device.type, processes_per_node=devices)
+        if stage == "fit":
+            auto = [k for k, v in zip(("num_workers", "pin_memory"), self.loader_config) if v == "auto"]
+            log.info("data loader: %d worker process(es)%s, pin_memory=%s%s", self.num_workers,
+                     " (persistent)" if self.num_workers else "", self.pin_memory,
+                     f" (data.{' and data.'.join(auto)}=auto on {self.trainer.strategy.root_device.type})" if auto else "")
 
     def captions(self) -> list[str] | None:
         """Every caption a training step can see (for the text-embedding cache); None if unbounded.

@@ -76,7 +76,13 @@ def collate_prior(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 def split_prior_loss(losses: torch.Tensor, prior: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(total loss, class loss) from per-sample ``losses``: mean over instance samples + ``weight`` x
-    mean over class samples, diffusers' ``loss + args.prior_loss_weight * prior_loss``."""
+    mean over class samples, diffusers' ``loss + args.prior_loss_weight * prior_loss``.
+
+    Means of masked sums, not ``losses[prior]``: boolean indexing has to read the mask back to
+    size its result, a host sync on every step on a GPU.
+    """
     prior = prior.to(losses.device)
-    class_loss = losses[prior].mean()
-    return losses[~prior].mean() + float(weight) * class_loss, class_loss
+    zero = losses.new_zeros(())
+    class_loss = torch.where(prior, losses, zero).sum() / prior.sum()
+    instance_loss = torch.where(prior, zero, losses).sum() / (~prior).sum()
+    return instance_loss + float(weight) * class_loss, class_loss
