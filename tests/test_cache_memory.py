@@ -161,3 +161,27 @@ def test_captions_encoded_every_step_are_tokenized_once(tmp_path):
     assert module.tokens.tokenized == 2
     assert torch.equal(first["encoder_hidden_states"], direct["encoder_hidden_states"])
     torch.testing.assert_close(again["encoder_hidden_states"], direct["encoder_hidden_states"][1:])
+
+
+def test_prior_preservation_batches_gather_instance_and_class_latents_from_one_store(tmp_path):
+    """Instance and class images share one device store, so a doubled batch is one gather whose
+    rows are each sample's own latent (a stand-in encoder makes each image's latent its mean colour)."""
+    from sdtune.data.latents import LatentCache
+    from sdtune.data.prior import PriorPreservationDataset, collate_prior
+
+    records = load_records(QUICKSTART)
+    dm = ImageCaptionDataModule(records[:6], resolution=32, class_records=records[6:])
+
+    def encode(pixels):  # (B, 3, 32, 32) -> (B, 8, 4, 4)
+        return torch.nn.functional.avg_pool2d(pixels, 8).repeat(1, 3, 1, 1)[:, :8]
+
+    assert dm.prepare_latents(encode, LatentCache(tmp_path, "m"), memory=CacheMemory("cpu", "device"),
+                              dtype=torch.float64) == 12
+    store = dm.latent_store
+    assert store.on_device and len(store) == 12 and len(store.groups) == 1
+    prior = PriorPreservationDataset(dm.dataset, dm.class_dataset)
+    batch = collate_prior([prior[(i, 100 + i)] for i in range(3)])
+    got = store.gather(batch["latent_group"], batch["latent_row"])["latent_params"]
+    instance = [encode(dm.dataset.pixels(i, False)[0][None])[0] for i in range(3)]
+    classes = [encode(dm.class_dataset.pixels(prior.pick(100 + i)[0], False)[0][None])[0] for i in range(3)]
+    assert got.dtype == torch.float64 and torch.equal(got, torch.stack(instance + classes).double())
