@@ -269,6 +269,10 @@ def _check_data(cfg: DictConfig) -> None:
     for folder, n in dict(repeats).items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"data.repeats.{folder} must be an integer >= 1, got {n!r}.")
+    from .cache_memory import check_config as check_cache_memory
+
+    check_cache_memory({"cache_memory": _get(cfg, "data.cache_memory") or "auto",
+                        "cache_budget_gb": _get(cfg, "data.cache_budget_gb")})
     if _get(cfg, "data.cache_latents"):
         from .data.latents import check_cacheable
 

@@ -2,7 +2,8 @@
 
 Latents (``data.cache_latents``) are encoded once per image and the VAE leaves the device; text
 embeddings (``train.cache_text_embeddings``) are encoded once per caption and the text encoders
-leave it (what frees Kolors' 12 GB ChatGLM). Sampling brings both back for a moment
+leave it (what frees Kolors' 12 GB ChatGLM). Both caches are then read once into memory in the
+training dtype, on the device while they fit ``data.cache_budget_gb`` (:mod:`sdtune.cache_memory`). Sampling brings both back for a moment
 (:func:`frozen_modules_on_device`). Kept out of the LightningModule, which only calls
 :func:`prepare_fit`.
 """
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
+from .cache_memory import CacheMemory
 from .data.latents import LatentCache
 from .text_cache import TextEmbeddingCache
 from .text_training import text_cache_blocker
@@ -29,13 +31,14 @@ def prepare_fit(module, datamodule) -> None:
     if datamodule is None:
         return
     warn_overlong(module, [c for r in datamodule.dataset.records for c in r.captions])
+    memory = CacheMemory.from_config(module.cfg["data"], module.device)  # one device budget for both caches
     if module.cfg["data"].get("cache_latents"):
-        fill_latent_cache(module, datamodule)
+        fill_latent_cache(module, datamodule, memory)
     blocker = text_cache_blocker(module.cfg)
     if blocker and module.cfg["train"].get("cache_text_embeddings", True):
         log.info(blocker)
     elif module.cfg["train"].get("cache_text_embeddings", True):
-        module.text_cache = fill_text_cache(module, datamodule)
+        module.text_cache = fill_text_cache(module, datamodule, memory)
 
 
 def warn_overlong(module, captions: list[str]) -> None:
@@ -49,7 +52,7 @@ def warn_overlong(module, captions: list[str]) -> None:
         )
 
 
-def fill_latent_cache(module, datamodule) -> None:
+def fill_latent_cache(module, datamodule, memory: CacheMemory) -> None:
     model_cfg = module.cfg["model"]
     cache = LatentCache(
         module.cfg["data"]["latent_cache_dir"],
@@ -61,12 +64,13 @@ def fill_latent_cache(module, datamodule) -> None:
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         return vae.encode(pixels.to(module.device, module.weight_dtype)).latent_dist.parameters.float().cpu()
 
-    datamodule.prepare_latents(encode, cache)
+    datamodule.prepare_latents(encode, cache, memory=memory, dtype=module.weight_dtype)
+    module.latent_store = datamodule.latent_store
     vae.to("cpu")  # not needed again until sampling
     _free_memory(module.device)
 
 
-def fill_text_cache(module, datamodule) -> TextEmbeddingCache | None:
+def fill_text_cache(module, datamodule, memory: CacheMemory) -> TextEmbeddingCache | None:
     captions = datamodule.captions()
     if captions is None:
         log.warning("captions change every step (tag shuffling): text embeddings are computed per step, not cached")
@@ -78,6 +82,7 @@ def fill_text_cache(module, datamodule) -> TextEmbeddingCache | None:
         model_key=f"{model_cfg['path']}@{model_cfg.get('revision')}",
         dtype=module.weight_dtype,
         disk_dir=module.cfg["train"].get("text_cache_dir"),
+        memory=memory,
     )
     cache.fill(captions)
     for encoder in module.parts.text_encoders:

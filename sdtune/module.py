@@ -15,6 +15,7 @@ import torch
 
 from . import embeddings as token_embeddings
 from .checkpointing import keep_lora_only
+from .data.latents import LatentStore
 from .data.masks import batch_mask
 from .data.prior import split_prior_loss
 from .data.sampler import skip_finished_batches
@@ -32,7 +33,7 @@ from .lora import (
 )
 from .nonfinite import NonFiniteGuard, all_finite
 from .optimization import build_optimization
-from .text_cache import TextEmbeddingCache
+from .text_cache import TextEmbeddingCache, TokenCache
 from .text_training import (
     attach_text_encoders,
     inject_text_encoders,
@@ -66,6 +67,8 @@ class LoRATrainingModule(L.LightningModule):
         self.data_manifest = data_manifest  # see checkpointing.data_manifest
         self.model_source = model_source  # model.path already resolved by the caller (None: resolve in setup)
         self.text_cache: TextEmbeddingCache | None = None
+        self.latent_store: LatentStore | None = None  # data.cache_latents held in memory (sdtune.fit_caches)
+        self.tokens: TokenCache | None = None  # captions encoded every step are tokenized once (encode_text)
         self.embeddings: token_embeddings.TrainedEmbeddings | None = None  # new words' rows (embedding.*)
         self.skipped_nonfinite = 0
         # trainer.skip_nonfinite=false: NaN/Inf losses are recorded on the device and read every
@@ -117,8 +120,18 @@ class LoRATrainingModule(L.LightningModule):
             return self.text_cache.lookup(captions, self.device)
         if self.embeddings is not None:
             captions = self.embeddings.spec.expand(captions)  # sks -> sks sks_1 ... (num_vectors > 1)
+        if self.tokens is None:  # created after embeddings.install added the new words to the tokenizers
+            self.tokens = TokenCache(lambda texts: self.family.tokenize(self.parts, texts))
         with text_grad(self.cfg):  # no_grad unless the encoders train
-            return self.family.encode_prompts(self.parts, captions)
+            return self.family.encode_tokens(self.parts, self.tokens(captions))
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """A batch from a device-held latent store carries its rows (``latent_group``, ``latent_row``):
+        gather its ``latent_params`` (and ``latent_mask``) here, on the device, before any step reads it."""
+        if isinstance(batch, dict) and "latent_row" in batch:
+            batch = dict(batch)
+            batch.update(self.latent_store.gather(batch.pop("latent_group"), batch.pop("latent_row")))
+        return batch
 
     @torch.no_grad()
     def batch_latents(self, batch: dict[str, Any], *, deterministic: bool = False,
@@ -143,8 +156,11 @@ class LoRATrainingModule(L.LightningModule):
         that the copy to a CUDA device is asynchronous."""
         batch = dict(batch)
         seeds = batch.pop("seed")
+        # A device-held latent store's batch carries only its rows: the store knows their shape.
+        shape = (self.latent_store.latent_shape(batch["latent_group"]) if "latent_group" in batch
+                 else latent_shape(batch, self.parts.vae.config))
         eps, noise, timesteps = sample_randomness(
-            seeds.tolist(), latent_shape(batch, self.parts.vae.config),
+            seeds.tolist(), shape,
             num_train_timesteps=self.parts.noise_scheduler.config.num_train_timesteps,
             noise_offset=float(self.cfg["train"].get("noise_offset") or 0.0),
         )

@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 
+from sdtune.cache_memory import CacheMemory
 from sdtune.data import ImageCaptionDataModule, load_records
 from sdtune.families import get_family
 from sdtune.module import LoRATrainingModule
@@ -81,14 +82,21 @@ def test_disk_cache_is_reused_and_keyed_by_what_changes_the_values(tmp_path):
     first = TextEmbeddingCache(family, parts, model_key="m@None", dtype=torch.float32, disk_dir=tmp_path)
     first.fill(caps)
     assert first.encoded == 2 and len(list(tmp_path.glob("*.safetensors"))) == 2
-    assert first.memory == {}  # with a disk cache nothing is held in RAM (Kolors rows are ~2 MiB)
+    assert first.read == 0 and set(first.rows) == set(caps)  # just encoded: held without reading back
     second = TextEmbeddingCache(family, parts, model_key="m@None", dtype=torch.float32, disk_dir=tmp_path)
     second.fill(caps)
-    assert second.encoded == 0  # read back from disk
+    assert second.encoded == 0 and second.read == 2  # read back from disk, once
     direct = family.encode_prompts(parts, caps)
-    looked_up = second.lookup(caps, torch.device("cpu"))
-    for k, v in direct.items():
-        torch.testing.assert_close(looked_up[k], v)
+    for _ in range(2):
+        looked_up = second.lookup([caps[1], caps[0], caps[1]], torch.device("cpu"))
+        for k, v in direct.items():
+            torch.testing.assert_close(looked_up[k], v[[1, 0, 1]])
+    assert second.read == 2  # lookups never open a file
+    per_use = TextEmbeddingCache(family, parts, model_key="m@None", dtype=torch.float32, disk_dir=tmp_path,
+                                 memory=CacheMemory("cpu", "disk"))
+    per_use.fill(caps)
+    assert per_use.rows == {} and per_use.lookup(caps, torch.device("cpu")).keys() == direct.keys()
+    assert per_use.read == 1 + 2  # data.cache_memory=disk: the size probe, then every lookup reads
     other_model = TextEmbeddingCache(family, parts, model_key="other@None", dtype=torch.float32, disk_dir=tmp_path)
     other_dtype = TextEmbeddingCache(family, parts, model_key="m@None", dtype=torch.float16, disk_dir=tmp_path)
     assert len({first.key("x"), other_model.key("x"), other_dtype.key("x"), first.key("y")}) == 4

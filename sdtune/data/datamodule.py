@@ -1,7 +1,9 @@
 """The training dataset and its LightningDataModule.
 
 The dataset serves either decoded images (``pixel_values``) or, once ``prepare_latents`` has
-filled the on-disk cache, VAE latent distributions (``latent_params``) without decoding anything.
+filled the on-disk cache, VAE latent distributions (``latent_params``) without decoding anything:
+from a :class:`~.latents.LatentStore` read once into memory, or, when the store is on the training
+device, only each sample's place in it (``latent_index``; the module gathers the batch there).
 Samples carry their SDXL geometry (original size, crop offset, target size) either way.
 """
 
@@ -11,7 +13,6 @@ import logging
 import os
 import random
 import re
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,15 +21,16 @@ import lightning as L
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
+from ..cache_memory import CacheMemory
 from ..errors import DataError
 from .buckets import Size, assign_buckets
 from .captions import CaptionOptions, process_caption
-from .images import image_size, load_rgb, plan_crop, resize_and_crop, to_tensor
-from .latents import LatentCache, check_cacheable, file_sha256
+from .images import load_rgb, plan_crop, record_size, resize_and_crop, to_tensor
+from .latent_fill import hold_latents, prepare_latents
+from .latents import LatentCache, LatentStore
 from .loader import loader_settings
-from .masks import MaskSource, load_mask, mask_digest, to_latent_grid, transform_mask
+from .masks import MaskSource, load_mask, transform_mask
 from .prior import PriorPreservationDataset, collate_prior
 from .records import Record, dataset_root
 from .sampler import TrainBatchSampler
@@ -92,7 +94,7 @@ class ImageCaptionDataset(Dataset):
         self.sizes = list(sizes) if sizes else None
         self.caption_options = captions
         self.index = [r for r, n in enumerate(repeats or [1] * len(self.records)) for _ in range(n)]
-        self.latents: LatentCache | None = None
+        self.latents: LatentStore | LatentCache | None = None  # set by prepare_latents; a LatentCache reads files
         self.latent_keys: dict[tuple[int, bool], str] = {}
 
     def __len__(self) -> int:
@@ -141,10 +143,7 @@ class ImageCaptionDataset(Dataset):
         samples take their instance batch's bucket)."""
         if self.latents is not None and target in (None, self.targets[r]):
             _, info = plan_crop(self.sizes[r], self.targets[r], center_crop=True)
-            entry = self.latents.load_all(self.latent_keys[(r, flip)])
-            sample = {"latent_params": entry["latent_params"]}
-            if self.masks is not None:
-                sample["latent_mask"] = entry["mask"]
+            sample = self.latents.serve(self.latent_keys[(r, flip)])  # with masks, also latent_mask
         else:
             pixels, info = self.pixels(r, flip, rng, target)
             sample = {"pixel_values": pixels}
@@ -175,19 +174,14 @@ class ValidationView(Dataset):
         return self.train.sample(r, False, self.train.records[r].text, seed=item)
 
 
-def _image_size(record: Record) -> Size:
-    """``image_size`` of a record; a file that cannot be read (unverified data) is a DataError."""
-    try:
-        return image_size(record.path)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(
-            f"cannot read training image {record.path}: {err}. Fix or remove it "
-            "(data.verify_images=true finds every such image before training)."
-        ) from err
-
-
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {"text": [s["text"] for s in samples]}
+    if "latent_index" in samples[0]:  # a device-held latent store: the module gathers these rows
+        groups = {s["latent_index"][0] for s in samples}
+        if len(groups) != 1:
+            raise ValueError(f"a batch mixes cached latents of different shapes (store groups {sorted(groups)})")
+        batch["latent_group"] = groups.pop()  # a host int: choosing the group never syncs with the device
+        batch["latent_row"] = torch.tensor([s["latent_index"][1] for s in samples])
     for key in ("pixel_values", "latent_params", "mask", "latent_mask", "seed", "original_size", "crop_top_left",
                 "target_size"):
         if key in samples[0]:
@@ -223,10 +217,10 @@ class ImageCaptionDataModule(L.LightningDataModule):
         super().__init__()
         sizes = targets = None
         if bucketing:
-            sizes = [_image_size(r) for r in records]
+            sizes = [record_size(r) for r in records]
             targets = assign_buckets(sizes, resolution, step=bucket_step, upscale=bucket_upscale)
         if not bucketing or bucket_upscale:
-            small = sum(1 for h, w in (sizes or (_image_size(r) for r in records)) if min(h, w) < resolution)
+            small = sum(1 for h, w in (sizes or (record_size(r) for r in records)) if min(h, w) < resolution)
             if small:
                 log.warning(
                     "%d of %d images are smaller than data.resolution=%d and are upscaled; "
@@ -251,6 +245,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self.loader_config = (num_workers, pin_memory)  # as configured, "auto" included
         self.num_workers, self.pin_memory = loader_settings(num_workers, pin_memory, device_type="cpu")
         self.seed = seed
+        self.latent_store: LatentStore | None = None  # the latent cache in memory (prepare_latents)
 
     @classmethod
     def from_config(cls, records: Sequence[Record], data_cfg: Mapping[str, Any], *, seed: int = 0,
@@ -302,13 +297,19 @@ class ImageCaptionDataModule(L.LightningDataModule):
         classes = self.class_dataset.records if self.class_dataset is not None else []
         return [c for r in [*self.dataset.records, *classes] for c in r.captions] + [""]
 
-    def prepare_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], cache: LatentCache, *, batch_size: int = 8) -> int:
+    def prepare_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], cache: LatentCache, *, batch_size: int = 8,
+                        memory: CacheMemory | None = None, dtype: torch.dtype = torch.float32) -> int:
         """Encode every (image, flip) the dataset (and the class images) can serve that the cache
-        lacks; serve latents after. Returns how many crops were encoded (0: all were cached)."""
-        total = sum(prepare_latents(ds, encode, cache, batch_size=batch_size)
-                    for ds in (self.dataset, self.class_dataset) if ds is not None)
+        lacks; serve latents after, read once into a :class:`LatentStore` in ``dtype`` placed by
+        ``memory`` (None: CPU memory). Returns how many crops were encoded (0: all were cached)."""
+        datasets = [ds for ds in (self.dataset, self.class_dataset) if ds is not None]
+        fresh: dict[str, dict[str, torch.Tensor]] = {}  # what was just encoded needs no read back
+        total = sum(prepare_latents(ds, encode, cache, batch_size=batch_size, fresh=fresh) for ds in datasets)
         if total:
             log.info("encoded %d latent(s) into %s", total, cache.folder)
+        self.latent_store = hold_latents(datasets, cache, fresh, memory or CacheMemory("cpu", "cpu"), dtype)
+        for ds in datasets:
+            ds.latents = self.latent_store if self.latent_store is not None else cache
         return total
 
     def train_dataloader(self) -> DataLoader:
@@ -333,39 +334,3 @@ class ImageCaptionDataModule(L.LightningDataModule):
             return []  # Lightning skips validation
         # Batch size 1: with buckets the validation images may all have different shapes.
         return DataLoader(self.val_set, batch_size=1, shuffle=False, collate_fn=collate, num_workers=0)
-
-
-@torch.no_grad()
-def prepare_latents(ds: ImageCaptionDataset, encode: Callable[[torch.Tensor], torch.Tensor], cache: LatentCache, *,
-                    batch_size: int = 8) -> int:
-    """Fill ``cache`` for every (image, flip) ``ds`` can serve, then make ``ds`` serve latents.
-
-    With masks, each entry also holds the crop's mask on the latent grid, and its key the mask's digest.
-    """
-    check_cacheable(ds.center_crop)
-    if ds.sizes is None:
-        ds.sizes = [_image_size(r) for r in ds.records]
-    hashes = [file_sha256(r.path) for r in ds.records]
-    masks = [mask_digest(m) for m in ds.masks] if ds.masks is not None else None
-    flips = (False, True) if ds.random_flip else (False,)
-    keys = {(r, f): cache.key(hashes[r], ds.targets[r], f, None if masks is None else masks[r])
-            for r in sorted(set(ds.index)) for f in flips}
-    todo: dict[Size, list[tuple[int, bool]]] = defaultdict(list)
-    for (r, f), key in keys.items():
-        if not cache.has(key):
-            todo[ds.targets[r]].append((r, f))
-    total = sum(len(v) for v in todo.values())
-    with tqdm(total=total, desc="caching latents", unit="img", disable=total == 0) as bar:
-        for _size, items in sorted(todo.items()):
-            for start in range(0, len(items), batch_size):
-                chunk = items[start : start + batch_size]
-                crops = [ds.pixels(r, f) for r, f in chunk]  # center crop: no randomness
-                for (r, f), (_, info), params in zip(chunk, crops, encode(torch.stack([c[0] for c in crops]))):
-                    mask = None
-                    if ds.masks is not None:
-                        mask = to_latent_grid(ds.mask(r, f, info)[None], tuple(params.shape[-2:]))[0]
-                    cache.save(keys[(r, f)], params, mask)
-                bar.update(len(chunk))
-    # The validation view serves unflipped crops, cached above for every record.
-    ds.latents, ds.latent_keys = cache, keys
-    return total

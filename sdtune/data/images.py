@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ..errors import DataError
+
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB with EXIF orientation applied; transparency is composited onto white."""
@@ -101,3 +103,14 @@ def to_pil(tensor: torch.Tensor) -> Image.Image:
     """Inverse of :func:`to_tensor` for a (3, H, W) tensor in [-1, 1]."""
     arr = ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(arr)
+
+
+def record_size(record) -> tuple[int, int]:
+    """``image_size`` of a record (anything with a ``path``); a file that cannot be read (unverified data) is a DataError."""
+    try:
+        return image_size(record.path)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(
+            f"cannot read training image {record.path}: {err}. Fix or remove it "
+            "(data.verify_images=true finds every such image before training)."
+        ) from err

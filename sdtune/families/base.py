@@ -121,11 +121,23 @@ class ModelFamily(ABC):
         return [c for c in captions if len(tokenizer(c, truncation=False)["input_ids"]) > limit]
 
     @abstractmethod
+    def tokenize(self, parts: ModelParts, captions: list[str]) -> dict[str, torch.Tensor]:
+        """What the text encoders take for ``captions`` (token ids, ...), on the CPU, batch-first.
+
+        Each row depends on its caption only (padded to the fixed maximum length), so the trainer may
+        tokenize a caption once and stack cached rows (:class:`sdtune.text_cache.TokenCache`).
+        """
+
+    @abstractmethod
+    def encode_tokens(self, parts: ModelParts, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Text-encoder outputs for :meth:`tokenize`'s ``tokens``, batch-first."""
+
     def encode_prompts(self, parts: ModelParts, captions: list[str]) -> dict[str, torch.Tensor]:
         """Text-encoder outputs for ``captions``, batch-first; each row depends on its caption only.
 
         Rows are independent, so the trainer may compute them once per caption and cache them.
         """
+        return self.encode_tokens(parts, self.tokenize(parts, captions))
 
     @abstractmethod
     def unet_conditioning(self, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:

@@ -87,9 +87,13 @@ class Kolors(ModelFamily):
     def text_max_length(self, parts: ModelParts) -> int:
         return MAX_LENGTH
 
-    def encode_prompts(self, parts: ModelParts, captions: list[str]) -> dict[str, torch.Tensor]:
-        tokenizer, encoder = parts.tokenizers[0], parts.text_encoders[0]
-        inputs = tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").to(encoder.device)
+    def tokenize(self, parts: ModelParts, captions: list[str]) -> dict[str, torch.Tensor]:
+        inputs = parts.tokenizers[0](captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
+        return {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids")}
+
+    def encode_tokens(self, parts: ModelParts, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        encoder = parts.text_encoders[0]
+        inputs = {k: v.to(encoder.device) for k, v in tokens.items()}
         out = encoder(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],

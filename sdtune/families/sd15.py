@@ -27,16 +27,20 @@ class SD15(ModelFamily):
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, dtype=dtype)
         return [tokenizer], [text_encoder]
 
-    def encode_prompts(self, parts: ModelParts, captions: list[str]) -> dict[str, torch.Tensor]:
-        tokenizer, encoder = parts.tokenizers[0], parts.text_encoders[0]
+    def tokenize(self, parts: ModelParts, captions: list[str]) -> dict[str, torch.Tensor]:
+        tokenizer = parts.tokenizers[0]
         ids = tokenizer(
             captions,
             padding="max_length",
             max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids.to(encoder.device)
-        return {"encoder_hidden_states": encoder(ids, return_dict=False)[0]}
+        ).input_ids
+        return {"input_ids": ids}
+
+    def encode_tokens(self, parts: ModelParts, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        encoder = parts.text_encoders[0]
+        return {"encoder_hidden_states": encoder(tokens["input_ids"].to(encoder.device), return_dict=False)[0]}
 
     def unet_conditioning(self, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
         return {"encoder_hidden_states": text["encoder_hidden_states"]}

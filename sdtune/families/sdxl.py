@@ -59,13 +59,19 @@ class SDXL(ModelFamily):
     def text_max_length(self, parts: ModelParts) -> int:
         return parts.tokenizers[0].model_max_length
 
-    def encode_prompts(self, parts: ModelParts, captions: list[str]) -> dict[str, torch.Tensor]:
-        hidden, pooled = [], None
-        for tokenizer, encoder in zip(parts.tokenizers, parts.text_encoders):
-            ids = tokenizer(
+    def tokenize(self, parts: ModelParts, captions: list[str]) -> dict[str, torch.Tensor]:
+        """``input_ids_<i>``: the ids of encoder i's tokenizer (the two may differ, e.g. added words)."""
+        return {
+            f"input_ids_{i}": tokenizer(
                 captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-            ).input_ids.to(encoder.device)
-            out = encoder(ids, output_hidden_states=True)
+            ).input_ids
+            for i, tokenizer in enumerate(parts.tokenizers)
+        }
+
+    def encode_tokens(self, parts: ModelParts, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        hidden, pooled = [], None
+        for i, encoder in enumerate(parts.text_encoders):
+            out = encoder(tokens[f"input_ids_{i}"].to(encoder.device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = out[0]  # text_embeds of the projection model (the last encoder)
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}

@@ -252,7 +252,7 @@ def test_alternative_captions_train_with_the_text_cache(dataset, tmp_path, tiny_
     dm = ImageCaptionDataModule.from_config(load_records(dataset), cfg["data"])
     L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False).fit(module, datamodule=dm)  # a caption missing from the cache is a KeyError
-    assert {*CAPTIONS, "a green square", "a square"} <= set(module.text_cache.memory)
+    assert {*CAPTIONS, "a green square", "a square"} <= set(module.text_cache.rows)
     assert _snapshot(dataset) == before
 
 

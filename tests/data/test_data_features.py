@@ -194,7 +194,7 @@ def test_latent_cache_encodes_once_and_only_changed_images(tmp_path):
     # the cached distribution is what a fresh encode gives
     pixels, _ = dm.dataset.pixels(0, False)
     fresh = module.parts.vae.to("cpu").encode(pixels[None]).latent_dist.parameters[0]
-    cached = dm.dataset.latents.load(dm.dataset.latent_keys[(0, False)])
+    cached = dm.dataset.latents.serve(dm.dataset.latent_keys[(0, False)])["latent_params"]
     torch.testing.assert_close(cached, fresh, rtol=1e-5, atol=1e-5)
 
     # change one image's bytes: exactly that one is encoded again

@@ -136,3 +136,31 @@ def test_sdxl_separate_vae_path_replaces_the_bundled_vae(tmp_path):
         assert torch.equal(parts.vae.state_dict()[k], v)
     bundled = get_family("sdxl").load(str(tiny_model("sdxl"))).vae.state_dict()
     assert any(not torch.equal(bundled[k], v) for k, v in other.state_dict().items())
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_tokenize_then_encode_is_the_pipelines_encoding_and_token_rows_can_be_cached(name):
+    """encode_prompts = encode_tokens(tokenize(...)) gives what the family's diffusers pipeline
+    encodes; ids cached per caption (TokenCache) stack to exactly the batch's ids, so the trainer's
+    tokenize-once path gives identical embeddings."""
+    from sdtune.text_cache import TokenCache
+
+    family = get_family(name)
+    parts = family.load(str(tiny_model(name)))
+    captions = ["a red circle", "二次元，一个紫色短发小女孩", "a red circle"]
+    direct = family.encode_prompts(parts, captions)
+    out = family.build_pipeline(parts).encode_prompt(captions, device=torch.device("cpu"), num_images_per_prompt=1,
+                                                     do_classifier_free_guidance=False)
+    torch.testing.assert_close(direct["encoder_hidden_states"], out[0])
+    if "text_embeds" in direct:
+        torch.testing.assert_close(direct["text_embeds"], out[2])
+    memo = TokenCache(lambda texts: family.tokenize(parts, texts), limit=2)
+    memo(captions[1:2])  # a caption tokenized alone, before the batch
+    ids = memo(captions)
+    assert memo.tokenized == 2 and list(memo.ids) == [captions[1], captions[0]]  # each caption once
+    batch_ids = family.tokenize(parts, captions)
+    assert ids.keys() == batch_ids.keys() and all(torch.equal(ids[k], v) for k, v in batch_ids.items())
+    encoded = family.encode_tokens(parts, ids)
+    assert all(torch.equal(encoded[k], v) for k, v in direct.items())
+    memo(["a blue square"])  # past the limit the oldest caption is forgotten
+    assert list(memo.ids) == [captions[0], "a blue square"] and memo.tokenized == 3
