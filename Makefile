@@ -40,10 +40,11 @@ bench: $(STAMP)
 
 # On a GPU machine: the three GPU targets (full-size SD1.5, SDXL, Kolors, random weights) one after
 # another, each writing its rows into docs/benchmarks.md ("GPU rows", between marker comments).
+# A failed preset does not stop the others; the target fails at the end if any did.
 bench-gpu: $(STAMP)
-	for preset in gpu_sd15 gpu_sdxl gpu_kolors; do \
-		$(PY) -m sdtune.bench bench/preset=$$preset bench.write_docs=true || exit 1; \
-	done
+	status=0; for preset in gpu_sd15 gpu_sdxl gpu_kolors; do \
+		$(PY) -m sdtune.bench bench/preset=$$preset bench.write_docs=true || status=1; \
+	done; exit $$status
 
 # CPU seconds from the command to one finished step: sdtune against a plain diffusers-style script.
 bench-startup: $(STAMP)

@@ -93,7 +93,9 @@ class Report:
         """One line for a failing assertion or the test log."""
         return (f"losses={[round(x, 4) for x in self.losses]} lora changed {len(self.changed_lora)}/{len(self.lora_start)} "
                 f"frozen changed {self.changed_frozen} peak={self.peak_mb:.0f} MiB ({self.memory_method}) "
-                f"encoders on {self.encoder_devices} optimizer={self.optimizer} scale={self.scaler_scale}")
+                f"encoders on {self.encoder_devices} optimizer={self.optimizer} fused={self.optimizer_defaults.get('fused')} "
+                f"scale={self.scaler_scale} attention={sorted(self.attention)} compiled={self.compiled} "
+                f"checkpointing={self.gradient_checkpointing} strategy={self.strategy}x{self.world_size}")
 
 
 class Watch(L.Callback):

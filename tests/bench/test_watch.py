@@ -13,23 +13,17 @@ import torch
 
 from sdtune.bench.watch import Report, compose, digest, frozen_digests, target, watched_run
 
-from ..gpu.scenarios import BY_NAME, SCENARIOS, TWIN_PEAK_MIB, check
+from ..gpu.scenarios import BY_NAME, SCENARIOS, TWIN_PEAK_MIB, check, isolated_distributed
 
-#: In ``make test``: one twin with the most moving parts (gradient checkpointing, text cached and
-#: the encoder freed, 256-token Kolors conditioning); the others are slow (5–35 s each on 2 cores).
-FAST = {"kolors_1024_chatglm_freed"}
-TWINS = [pytest.param(s, id=s.name, marks=() if s.name in FAST else pytest.mark.slow)
-         for s in SCENARIOS if s.twin is not None]
+#: Every scenario that needs no CUDA; about 1–2.5 s each on an idle 2-core machine.
+TWINS = [pytest.param(s, id=s.name) for s in SCENARIOS if s.twin is not None]
 
 
 @pytest.mark.parametrize("scenario", TWINS)
 def test_gpu_checks_hold_on_the_tiny_twin(scenario, tmp_path):
     cfg = compose(*scenario.twin, output_dir=tmp_path)
-    try:
+    with isolated_distributed():  # the DDP scenario's group and environment must not leak into later tests
         report = watched_run(cfg, device="cpu", steps=scenario.steps, random_init=False, root_dir=tmp_path)
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
     check(report, scenario, cfg, peak_mib=TWIN_PEAK_MIB, steps=scenario.steps)
 
 

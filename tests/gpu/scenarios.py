@@ -9,12 +9,16 @@ scenario's own facts (the optimizer it asked for, the GradScaler of 16-mixed, ..
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import torch
 
 from sdtune.bench.watch import Report, target
 from sdtune.trainable import weight_dtype
@@ -119,3 +123,19 @@ def skip_if_missing(scenario: Scenario) -> None:
     reason = scenario.missing()
     if reason:
         pytest.skip(f"{scenario.name} {reason}")
+
+
+@contextlib.contextmanager
+def isolated_distributed() -> Iterator[None]:
+    """Undo what a one-process DDP run leaves behind in this (pytest) process: its process group,
+    and the MASTER_PORT/LOCAL_RANK/WORLD_SIZE... variables Lightning's launcher sets. A leftover
+    LOCAL_RANK makes a later Lightning (or a `python -m sdtune` child inheriting the environment)
+    believe its processes were launched externally, so a 2-process DDP run would never spawn rank 1."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)

@@ -13,11 +13,10 @@ in ``make test`` (tests/bench/test_watch.py).
 from __future__ import annotations
 
 import pytest
-import torch
 
 from sdtune.bench.watch import compose, watched_run
 
-from .scenarios import SCENARIOS, check, peak_bound, skip_if_missing
+from .scenarios import SCENARIOS, check, isolated_distributed, peak_bound, skip_if_missing
 
 pytestmark = pytest.mark.gpu
 
@@ -26,10 +25,7 @@ pytestmark = pytest.mark.gpu
 def test_full_size_steps_on_cuda(scenario, tmp_path):
     skip_if_missing(scenario)
     cfg = compose(*scenario.gpu, output_dir=tmp_path)
-    try:
+    with isolated_distributed():  # the DDP scenario's group and environment must not leak into later tests
         report = watched_run(cfg, device="cuda", steps=scenario.steps, random_init=True, root_dir=tmp_path)
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()  # the DDP run's group must not leak into the next test
     print(f"{scenario.name}: {report.summary()} {report.ms_per_step:.0f} ms/step")
     check(report, scenario, cfg, peak_mib=peak_bound(scenario, cfg), steps=scenario.steps)
