@@ -10,7 +10,7 @@ MODEL ?= sd15
 RECIPE ?=
 NP ?= 2
 
-.PHONY: install demo data bench bench-startup test test-slow test-all lint clean
+.PHONY: install demo data bench bench-gpu bench-startup test test-slow test-gpu test-all lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,17 +38,29 @@ data: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m sdtune.bench
 
+# On a GPU machine: the three GPU targets (full-size SD1.5, SDXL, Kolors, random weights) one after
+# another, each writing its rows into docs/benchmarks.md ("GPU rows", between marker comments).
+# A failed preset does not stop the others; the target fails at the end if any did.
+bench-gpu: $(STAMP)
+	status=0; for preset in gpu_sd15 gpu_sdxl gpu_kolors; do \
+		$(PY) -m sdtune.bench bench/preset=$$preset bench.write_docs=true || status=1; \
+	done; exit $$status
+
 # CPU seconds from the command to one finished step: sdtune against a plain diffusers-style script.
 bench-startup: $(STAMP)
 	$(PY) -m sdtune.bench.startup --runs 5
 
 # `make test` (under 10 minutes on 2 cores) leaves out the tests marked slow;
-# `make test-slow` runs the long end-to-end runs; CI runs both (.ci/run).
+# `make test-slow` runs the long end-to-end runs; CI runs both (.ci/run). Neither runs the tests
+# marked gpu: `make test-gpu` runs those on a CUDA machine (they skip, with the reason, without one).
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m "slow and not gpu"
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q

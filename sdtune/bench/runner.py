@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,15 +71,18 @@ def random_parts(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) 
 
 
 def run_sdtune(cfg: dict[str, Any], records, *, device: torch.device, steps: int, clock: StepClock,
-               meter: MemoryMeter, random_init: bool, root_dir: Path) -> None:
+               meter: MemoryMeter, random_init: bool, root_dir: Path,
+               callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+    """Fit ``steps`` steps; ``callbacks`` (e.g. :class:`sdtune.bench.watch.Watch`) run before the timer's hooks."""
     module = LoRATrainingModule(cfg, num_train_images=len(records),
                                 model_source=None if random_init else model_source(cfg["model"]))
     if random_init:
         module.attach(random_parts(cfg, device, module.weight_dtype))
     datamodule = ImageCaptionDataModule.from_config(records, cfg["data"], seed=int(cfg.get("seed", 0)))
-    trainer = L.Trainer(**trainer_kwargs(cfg["trainer"], steps), callbacks=[StepTimer(clock, meter)],
+    trainer = L.Trainer(**trainer_kwargs(cfg["trainer"], steps), callbacks=[*callbacks, StepTimer(clock, meter)],
                         default_root_dir=str(root_dir))
     trainer.fit(module, datamodule=datamodule)
+    return trainer
 
 
 def load_reference_parts(cfg: dict[str, Any], device: torch.device, random_init: bool) -> ModelParts:

@@ -7,7 +7,11 @@ Two commands on the same tiny SD1.5 folder, interleaved ``--runs`` times, each i
   plus one step;
 * ``plain``: what diffusers' example script does before its first step (import torch, diffusers,
   transformers and peft, load the parts with ``from_pretrained``, add LoRA, one step), written out
-  in :data:`PLAIN`.
+  in :data:`PLAIN`;
+* ``plain + import lightning``: the same script importing Lightning first. Lightning's import
+  (torchmetrics, and through it matplotlib and scipy.signal when installed) is a cost any
+  Lightning-based trainer pays before its first line runs; this row shows that floor, and the
+  ratio against it is what sdtune's own start-up (Hydra, config checks, data checks, caches) adds.
 
 CPU seconds (user + system of the child, from ``resource``) are what a 2-core machine pays;
 wall time follows them. The table gives the median of each and the ratio sdtune / plain.
@@ -53,6 +57,8 @@ loss.backward()
 opt.step()
 """
 
+LIGHTNING = "plain + import lightning"
+
 
 def cpu_seconds(cmd: list[str], cwd: Path) -> tuple[float, float]:
     """(CPU seconds, wall seconds) of one child process, which must succeed."""
@@ -76,12 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args(argv)
     folder = ensure_tiny_model("sd15", tiny_cache_root() / "tiny-sd15")
-    results: dict[str, list[tuple[float, float]]] = {"plain": [], "sdtune": []}
+    results: dict[str, list[tuple[float, float]]] = {"plain": [], LIGHTNING: [], "sdtune": []}
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "plain.py"
         script.write_text(PLAIN)
+        with_lightning = Path(tmp) / "plain_lightning.py"
+        with_lightning.write_text("import lightning\n" + PLAIN)
         for i in range(args.runs):
             results["plain"].append(cpu_seconds([sys.executable, str(script), str(folder)], ROOT))
+            results[LIGHTNING].append(cpu_seconds([sys.executable, str(with_lightning), str(folder)], ROOT))
             results["sdtune"].append(cpu_seconds([
                 sys.executable, "-m", "sdtune", "model=tiny", f"data.root={ROOT / 'examples' / 'quickstart'}",
                 "trainer=cpu", "trainer.max_steps=1", "data.batch_size=4", "~callbacks", "~logger",
@@ -91,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| command | CPU s | wall s |\n|---|---|---|")
     for name, (cpu, wall) in med.items():
         print(f"| {name} | {cpu:.2f} | {wall:.2f} |")
-    print(f"sdtune / plain: {med['sdtune'][0] / med['plain'][0]:.2f}x CPU, {med['sdtune'][1] / med['plain'][1]:.2f}x wall")
+    for base in ("plain", LIGHTNING):
+        print(f"sdtune / {base}: {med['sdtune'][0] / med[base][0]:.2f}x CPU, {med['sdtune'][1] / med[base][1]:.2f}x wall")
     return 0
 
 

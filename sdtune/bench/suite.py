@@ -25,8 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import validate
 from ..data import load_records
+from ..errors import ConfigError
 from ..io import write_text_atomic
 from .cases import REFERENCE, Case, cases_from_config, missing_requirements, models_to_run, plan_for, without_model
+from .docs_rows import bench_row, write_row
 from .flops import count_step_flops
 from .measure import Timing, matmul_peak
 from .runner import first_batch, profile_case, run_case
@@ -171,6 +173,9 @@ def run_bench(cfg: DictConfig, task_overrides: Sequence[str], choices: dict[str,
     out_dir = Path(out_dir)
     bench = OmegaConf.to_container(cfg.bench, resolve=True)
     device = pick_device(str(cfg.trainer.accelerator))
+    if bench.get("write_docs") and device.type != "cuda":
+        raise ConfigError(f"bench.write_docs=true writes the GPU rows of {bench.get('docs_file')}, and this run is on "
+                          f"{device.type}. Fix: run it on a CUDA machine (make bench-gpu), or drop bench.write_docs=true.")
     base = [o for o in without_model(task_overrides) if not o.lstrip("+~").startswith("hydra")]
     models = models_to_run(bench, task_overrides, str(choices.get("model")))
     cases = cases_from_config(bench)
@@ -206,6 +211,10 @@ def run_bench(cfg: DictConfig, task_overrides: Sequence[str], choices: dict[str,
     write_text_atomic(out_dir / "bench.csv", to_csv(rows))
     write_text_atomic(out_dir / "bench.md", to_markdown(rows))
     write_text_atomic(out_dir / "bench.json", json.dumps(info, indent=2) + "\n")
+    if bench.get("write_docs"):
+        row = bench_row(str(choices.get("bench/preset")), bench, rows, info)
+        write_row(bench["docs_file"], row)
+        log.info("wrote the %s row of %s", row["preset"], bench["docs_file"])
 
     print(f"\nsdtune bench  {info['date']}  {info['device']}  matmul peak {info['matmul_peak_gflops']} GFLOP/s "
           f"({peak['dtype']})  torch {info['versions']['torch']}")
