@@ -66,8 +66,10 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     pictures = prepare_pictures(spec, size)  # the init image resized in memory; the file is only read
     lead = {"input": pictures.init, "control": pictures.control}  # grid columns in front of the outputs
     lead = {name: im for name, im in lead.items() if im is not None}
+    extra = []  # files beside the images: the control picture actually used
     if pictures.control is not None:
         save_image_atomic(pictures.control, out_dir / "control.png")
+        extra.append(out_dir / "control.png")
     seeds = [int(cfg.seed) + i for i in range(int(cfg.num_images))]
     rows = {"LoRA on": []} if refs else {"base": []}
     if cfg.compare and refs:
@@ -97,7 +99,7 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     save_image_atomic(grid, out_dir / "grid.png")
     write_text_atomic(out_dir / "generation.json", json.dumps(record, indent=2, ensure_ascii=False, default=str))
     log.info("wrote %d image(s) and grid.png to %s", len(written), out_dir)
-    return [*written, out_dir / "grid.png"]
+    return [*written, *extra, out_dir / "grid.png"]
 
 
 def generation_record(cfg: DictConfig, model_cfg: dict, refs, seeds: list[int], *, guidance: float,

@@ -35,7 +35,8 @@ def _run(out, *overrides: str) -> dict[str, np.ndarray]:
     """``python -m sdtune.generate OVERRIDES`` into ``out``; every PNG written, as float arrays."""
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("generate", overrides=[f"prompt={PROMPT}", "num_images=1", "steps=10", "device=cpu", *overrides])
-    generate(cfg, out)
+    written = generate(cfg, out)
+    assert sorted(written) == sorted(out.glob("*.png"))  # generate lists every picture it wrote, control.png too
     return {p.stem: np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) for p in out.glob("*.png")}
 
 

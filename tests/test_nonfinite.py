@@ -5,7 +5,6 @@ weights updated at step k or later."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import lightning as L
@@ -16,7 +15,7 @@ from sdtune.checkpointing import load_checkpoint
 from sdtune.errors import NonFiniteLossError
 from sdtune.nonfinite import NONE, NonFiniteGuard
 
-from .conftest import CACHE, QUICKSTART, run_main
+from .conftest import CACHE, run_main
 
 
 class _Trainer:
@@ -59,20 +58,10 @@ class NaNAt(L.Callback):
             batch["noise"] = batch["noise"] * float("nan")
 
 
-def _data(root: Path) -> Path:
-    (root / "images").mkdir(parents=True)
-    rows = ["file_name,text"]
-    for i, src in enumerate(sorted((QUICKSTART / "images").glob("*.png"))[:4]):
-        shutil.copy(src, root / "images" / f"{i}.png")
-        rows.append(f"images/{i}.png,caption {i}")
-    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
-    return root
-
-
-def _run_with_nan(capsys, tmp_path: Path, *extra: str) -> tuple[int, str, Path]:
+def _run_with_nan(capsys, tmp_path: Path, data: Path, *extra: str) -> tuple[int, str, Path]:
     run = tmp_path / "run"
     code, err = run_main(
-        capsys, "model=tiny", f"model.path={CACHE / 'tiny-sd15'}", f"data.root={_data(tmp_path / 'data')}", "trainer=cpu",
+        capsys, "model=tiny", f"model.path={CACHE / 'tiny-sd15'}", f"data.root={data}", "trainer=cpu",
         "trainer.max_steps=8", "data.resolution=64", "data.cache_latents=true", "callbacks.samples=null",
         f"paths.cache_dir={tmp_path / 'cache'}", "+callbacks.nan_at._target_=tests.test_nonfinite.NaNAt",
         "+callbacks.nan_at.step=3", f"hydra.run.dir={run}", *extra)
@@ -87,9 +76,9 @@ def _run_with_nan(capsys, tmp_path: Path, *extra: str) -> tuple[int, str, Path]:
      "noticed at the check after 5 steps"),
     ("end", ["trainer.nonfinite_check_every=100", "callbacks.model_checkpoint=null"], "noticed before writing the LoRA"),
 ])
-def test_a_nan_at_step_3_stops_the_run_naming_step_3_before_anything_later_is_saved(capsys, tmp_path, tiny_sd15,
+def test_a_nan_at_step_3_stops_the_run_naming_step_3_before_anything_later_is_saved(capsys, tmp_path, tiny_sd15, dataset,
                                                                                    when, extra, noticed):
-    code, err, run = _run_with_nan(capsys, tmp_path, *extra)
+    code, err, run = _run_with_nan(capsys, tmp_path, dataset, *extra)
     assert code == 2 and "Traceback" not in err
     assert "training stopped: the loss is nan at step 3" in err and noticed in err, err[-2000:]
     assert not (run / "lora.safetensors").exists() and not (run / "samples.png").exists()
