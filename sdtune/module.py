@@ -121,7 +121,7 @@ class LoRATrainingModule(L.LightningModule):
         if self.embeddings is not None:
             captions = self.embeddings.spec.expand(captions)  # sks -> sks sks_1 ... (num_vectors > 1)
         if self.tokens is None:  # created after embeddings.install added the new words to the tokenizers
-            self.tokens = TokenCache(lambda texts: self.family.tokenize(self.parts, texts))
+            self.tokens = TokenCache(lambda texts: self.family.tokenize(self.parts, texts), pin=self.device.type == "cuda")
         with text_grad(self.cfg):  # no_grad unless the encoders train
             return self.family.encode_tokens(self.parts, self.tokens(captions))
 

@@ -138,9 +138,11 @@ class TokenCache:
     captions' cached rows stacked.
     """
 
-    def __init__(self, tokenize: Callable[[list[str]], dict[str, torch.Tensor]], limit: int = 65536):
+    def __init__(self, tokenize: Callable[[list[str]], dict[str, torch.Tensor]], limit: int = 65536, *,
+                 pin: bool = False):
         self.tokenize = tokenize
         self.limit = limit
+        self.pin = pin  # a CUDA run: the batch's ids in pinned memory, so their copy to the GPU does not block
         self.ids: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self.tokenized = 0  # captions run through the tokenizer
 
@@ -154,4 +156,5 @@ class TokenCache:
         rows = [self.ids[c] for c in captions]
         while len(self.ids) > self.limit:
             self.ids.popitem(last=False)
-        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        return {k: v.pin_memory() for k, v in batch.items()} if self.pin else batch

@@ -93,7 +93,7 @@ class Kolors(ModelFamily):
 
     def encode_tokens(self, parts: ModelParts, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         encoder = parts.text_encoders[0]
-        inputs = {k: v.to(encoder.device) for k, v in tokens.items()}
+        inputs = {k: v.to(encoder.device, non_blocking=True) for k, v in tokens.items()}
         out = encoder(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],

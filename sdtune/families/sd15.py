@@ -40,7 +40,7 @@ class SD15(ModelFamily):
 
     def encode_tokens(self, parts: ModelParts, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         encoder = parts.text_encoders[0]
-        return {"encoder_hidden_states": encoder(tokens["input_ids"].to(encoder.device), return_dict=False)[0]}
+        return {"encoder_hidden_states": encoder(tokens["input_ids"].to(encoder.device, non_blocking=True), return_dict=False)[0]}
 
     def unet_conditioning(self, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
         return {"encoder_hidden_states": text["encoder_hidden_states"]}

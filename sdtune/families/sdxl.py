@@ -71,7 +71,7 @@ class SDXL(ModelFamily):
     def encode_tokens(self, parts: ModelParts, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         hidden, pooled = [], None
         for i, encoder in enumerate(parts.text_encoders):
-            out = encoder(tokens[f"input_ids_{i}"].to(encoder.device), output_hidden_states=True)
+            out = encoder(tokens[f"input_ids_{i}"].to(encoder.device, non_blocking=True), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = out[0]  # text_embeds of the projection model (the last encoder)
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
