@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 
+from .data.folders import read_caption
 from .data.images import load_rgb, resize_and_crop
 from .data.metadata import find_metadata, read_rows
 from .errors import ConfigError, DataError
@@ -88,10 +89,7 @@ def _caption_of(path: Path) -> str | None:
     """The caption beside ``path`` (``a.txt``), else its row in a metadata.csv/jsonl of its folder or the one above."""
     sidecar = path.with_suffix(".txt")
     if sidecar.is_file():
-        try:
-            return sidecar.read_bytes().decode("utf-8-sig").strip() or None
-        except UnicodeDecodeError:
-            raise ConfigError(f"caption file {sidecar} is not UTF-8 text. Fix: save it as UTF-8.") from None
+        return read_caption(sidecar) or None  # the training data's own sidecar rules (UTF-8, BOM, errors)
     target = path.resolve()
     for folder in (path.parent, path.parent.parent):
         try:

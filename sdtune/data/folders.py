@@ -44,7 +44,8 @@ def image_files(root: Path, skip: tuple[str, ...] = ()) -> list[Path]:
     return sorted(found)
 
 
-def _read_caption(path: Path) -> str:
+def read_caption(path: Path) -> str:
+    """A sidecar caption file's text (UTF-8, BOM allowed), stripped; a clear DataError otherwise."""
     try:
         return path.read_bytes().decode("utf-8-sig").strip()
     except UnicodeDecodeError as err:
@@ -61,7 +62,7 @@ def folder_rows(root: Path, extension: str, skip: tuple[str, ...] = ()) -> list[
     rows = []
     for n, image in enumerate(image_files(root, skip), 1):
         sidecar = image.with_suffix(extension)
-        text = _read_caption(sidecar) if sidecar.is_file() else ""
+        text = read_caption(sidecar) if sidecar.is_file() else ""
         rows.append((n, {"file_name": image.relative_to(root).as_posix(), "text": text}))
     return rows
 
