@@ -1,4 +1,5 @@
 # sdtune: `make demo` trains the quickstart LoRA, `make test` runs the tests.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,14 +11,16 @@ MODEL ?= sd15
 RECIPE ?=
 NP ?= 2
 
-.PHONY: install demo data bench bench-gpu bench-startup test test-slow test-gpu test-all lint clean
+.PHONY: install lock test-latest demo data bench bench-gpu bench-startup test test-slow test-gpu test-all lint clean
 
-$(STAMP): pyproject.toml
+# The install is the lock: every package at the exact version CI tested (requirements.lock, made
+# by `make lock` from pyproject.toml's ranges and the dev extra). torch is the local CPU wheel
+# (torch==2.13.0+cpu); an unpinned torch would pull several GB of CUDA packages.
+$(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# torch first and pinned: on CPU machines this is the local CPU wheel; an unpinned torch
-	# would pull several GB of CUDA packages.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -67,6 +70,30 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sdtune data_pipeline tests
+
+# Regenerate requirements.lock from pyproject.toml's ranges (newest versions they allow, today).
+# Upgrading is on purpose: `make lock`, `make test`, read `git diff requirements.lock`, commit both.
+UV := $(VENV)-tools/bin/uv
+$(UV):
+	$(PYTHON) -m venv $(VENV)-tools
+	$(VENV)-tools/bin/pip install -q "uv>=0.9,<1"
+lock: $(UV)
+	$(UV) pip compile pyproject.toml --extra dev --find-links /opt/wheels --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --no-header --annotation-style line -o requirements.lock.tmp
+	{ echo "# The exact set CI tests. Regenerate with 'make lock' (uv pip compile pyproject.toml --extra dev)."; \
+	  cat requirements.lock.tmp; } > requirements.lock.new && rm requirements.lock.tmp && mv requirements.lock.new requirements.lock
+
+# The newest versions pyproject.toml's ranges admit, in a venv of their own (.venv-latest), against
+# the fast suite: what `make lock` would bring in, tested before it is committed.
+LATEST := $(VENV)-latest
+test-latest:
+	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q torch==2.13.0
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST)/bin/pip freeze --exclude-editable > $(LATEST)/freeze.txt
+	@echo "versions that differ from requirements.lock:"; \
+	  grep -vxFf <(grep -o '^[^ ]*==[^ ]*' requirements.lock) $(LATEST)/freeze.txt || echo "  (none)"
+	$(LATEST)/bin/python -m pytest -q -m "not slow and not gpu" -p no:cacheprovider
 
 clean:
 	rm -rf outputs .cache .pytest_cache

@@ -89,9 +89,13 @@ def check_text_encoder_targets(encoder: torch.nn.Module, targets: Iterable[str],
 def inject_text_encoders(parts: ModelParts, spec: LoraSpec, family: ModelFamily, *, dropout: float = 0.0,
                          init: str | bool = "gaussian", gradient_checkpointing: bool = False) -> None:
     """Add trainable LoRA layers (fp32) to every text encoder of ``parts``, in train mode."""
+    from peft import inject_adapter_in_model
+
     for index, encoder in enumerate(parts.text_encoders):
         check_text_encoder_targets(encoder, spec.targets, index, family)
-        encoder.add_adapter(peft_config(spec, dropout=dropout, init=init), adapter_name=ADAPTER)
+        # peft's own injection works on any module; transformers' ``add_adapter`` wraps the same call
+        # behind a peft version check that newer transformers releases tighten past released peft.
+        inject_adapter_in_model(peft_config(spec, dropout=dropout, init=init), encoder, adapter_name=ADAPTER)
         for param in trainable_lora_parameters(encoder):
             param.data = param.data.float()  # LoRA weights train in fp32, as the UNet's
         if gradient_checkpointing and getattr(encoder, "supports_gradient_checkpointing", False):
