@@ -60,13 +60,13 @@ def class_records(cfg: Mapping[str, Any]) -> tuple[list[Record] | None, Path | N
     if not prior_enabled(data):
         return None, None
     if data.get("class_root"):
-        root = data["class_root"]
+        root, key = data["class_root"], "data.class_root"
     else:
         from .families.builder import model_source
 
-        root = ensure_class_images(cfg, model_source(cfg["model"]))
+        root, key = ensure_class_images(cfg, model_source(cfg["model"])), "the class image cache"
     records = load_records(root, verify=bool(data.get("verify_images", True)), bad_images=data.get("bad_images", "error"),
-                           caption_extension=data.get("caption_extension"))
+                           caption_extension=data.get("caption_extension"), key=key)
     log.info("prior preservation: %d class image(s) from %s, prior_loss_weight %s", len(records), root,
              cfg["train"].get("prior_loss_weight", 1.0))
     return records, Path(root)

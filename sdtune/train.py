@@ -23,6 +23,7 @@ from .class_images import class_manifest, class_records
 from .config import check_device, validate
 from .console import tidy_console
 from .data import ImageCaptionDataModule, load_records
+from .data.datamodule import folder_repeats
 from .data.masks import find_masks, mask_manifest
 from .errors import OutputError, RunStopped
 from .evaluation import evaluation_callbacks
@@ -62,6 +63,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
         caption_extension=cfg.data.get("caption_extension"),
         skip_folders=(str(cfg.data.mask_folder),) if cfg.train.get("masked_loss") else (),  # masks are not images
     )
+    folder_repeats(records, cfg.data.root, cfg.data.get("repeats"))  # repeat counts within bounds, before any list
     output_dir = Path(output_dir)
     if is_secondary_rank():  # DDP's extra processes: rank 0 owns the folder and its checks
         return _fit(cfg, output_dir, records)

@@ -95,7 +95,9 @@ def test_masked_loss_without_any_mask_or_with_a_wrong_size_mask_is_refused(datas
         find_masks(records, dataset)
     (dataset / "masks" / "images").mkdir(parents=True)
     Image.new("L", (10, 12)).save(dataset / "masks" / "images" / "0.png")
-    ds = ImageCaptionDataset(records, 64, masks=find_masks(records, dataset))
+    with pytest.raises(DataError, match=r"masks/images/0.png is 10x12 but its image 0.png is 64x64"):
+        find_masks(records, dataset)  # checked before training, before any model loads
+    ds = ImageCaptionDataset(records, 64, masks=[find_mask(r.path, dataset) for r in records])  # unchecked
     with pytest.raises(DataError, match=r"mask .*masks/images/0.png is 10x12 but its image is 64x64"):
         ds[(0, 0)]
 

@@ -38,6 +38,22 @@ from .sampler import TrainBatchSampler
 log = logging.getLogger(__name__)
 _KOHYA_REPEATS = re.compile(r"^(\d+)_")
 NO_CAPTION_CHANGES = CaptionOptions()
+#: Most samples one epoch may hold with repeats (each epoch's order is a list in memory, ~100 bytes
+#: a sample); a dataset larger than this on its own is still taken, once per epoch.
+MAX_EPOCH_SAMPLES = 1_000_000
+
+
+def check_epoch_size(repeats: Sequence[int], *, what: str = "data.repeats", fix: str = "") -> None:
+    """Refuse repeat counts that would make one epoch longer than :data:`MAX_EPOCH_SAMPLES` samples
+    (and more than the images themselves), before any list of that length is built."""
+    total = sum(int(n) for n in repeats)
+    if total > max(MAX_EPOCH_SAMPLES, len(repeats)):
+        raise DataError(
+            f"{what}: one epoch would be {total:,} samples with repeats, over sdtune's limit of "
+            f"{MAX_EPOCH_SAMPLES:,} (each epoch's order is held in memory). A repeat count only weighs "
+            f"images against the others: 10_a beside 1_b already shows a's images ten times as often. "
+            f"Fix: {fix or 'use smaller repeat counts'}."
+        )
 
 
 def folder_repeats(records: Sequence[Record], root, explicit: Mapping[str, int] | None = None) -> list[int]:
@@ -52,6 +68,7 @@ def folder_repeats(records: Sequence[Record], root, explicit: Mapping[str, int] 
     explicit = dict(explicit or {})
     root = dataset_root(root)
     out = []
+    largest: tuple[int, str, str | None] = (1, "", None)  # (count, top folder, kohya folder): for the limit
     for rec in records:
         try:
             folders = Path(os.path.abspath(rec.path)).relative_to(root).parts[:-1]
@@ -59,6 +76,7 @@ def folder_repeats(records: Sequence[Record], root, explicit: Mapping[str, int] 
             folders = ()
         if folders and folders[0] in explicit:
             out.append(int(explicit[folders[0]]))
+            largest = max(largest, (out[-1], folders[0], None))
             continue
         kohya = folders[1] if len(folders) > 1 and folders[0] == "images" else folders[0] if folders else ""
         match = _KOHYA_REPEATS.match(kohya)
@@ -66,6 +84,16 @@ def folder_repeats(records: Sequence[Record], root, explicit: Mapping[str, int] 
             raise DataError(f"folder {kohya!r} in {root} asks for {match.group(1)} repeats. Fix: rename it "
                             f"to 1{kohya[len(match.group(1)):]} or more (kohya's <N>_name, N >= 1).")
         out.append(int(match.group(1)) if match else 1)
+        if match:
+            largest = max(largest, (out[-1], folders[0], kohya))
+    count, top, kohya = largest
+    if kohya:
+        check_epoch_size(out, what=f"folder {kohya!r} in {root} asks for {count:,} repeats", fix=(
+            f"rename it to e.g. 10_{kohya.split('_', 1)[1]} (kohya's <N>_name: N repeats an epoch), or, if the "
+            f"number is part of its name, set its count: '++data.repeats={{{top}:1}}'"))
+    else:
+        check_epoch_size(out, what=f"data.repeats.{top}={count:,}" if top else "data.repeats",
+                         fix=f"set a smaller count, e.g. '++data.repeats={{{top}:10}}'" if top else "")
     return out
 
 
@@ -93,7 +121,9 @@ class ImageCaptionDataset(Dataset):
         self.targets = list(targets) if targets else [(self.resolution, self.resolution)] * len(self.records)
         self.sizes = list(sizes) if sizes else None
         self.caption_options = captions
-        self.index = [r for r, n in enumerate(repeats or [1] * len(self.records)) for _ in range(n)]
+        repeats = list(repeats or [1] * len(self.records))
+        check_epoch_size(repeats)  # before the list below, which holds one entry per sample
+        self.index = [r for r, n in enumerate(repeats) for _ in range(n)]
         self.latents: LatentStore | LatentCache | None = None  # set by prepare_latents; a LatentCache reads files
         self.latent_keys: dict[tuple[int, bool], str] = {}
 

@@ -12,12 +12,14 @@ Kolors example does on purpose); the count is reported by ``load_records``.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from ..errors import DataError
 from ..formats import IMAGE_SUFFIXES
 
+log = logging.getLogger(__name__)
 DEFAULT_CAPTION_EXTENSION = ".txt"
 
 
@@ -33,14 +35,41 @@ def parse_caption_extension(value: str | None) -> str:
     return ext
 
 
+def walk_folder(root: Path, skip: tuple[str, ...] = (), *, quiet: bool = False):
+    """``os.walk`` of ``root`` that also enters symbolically linked folders (a ``10_name`` repeat
+    folder is often a link to the images kept elsewhere), skipping hidden files and folders, the
+    folders ``skip`` names right under ``root`` and any link back into a folder it is already in
+    (a loop), in a stable (sorted) order. Yields ``(folder, file names)``; each link followed or
+    skipped is logged (unless ``quiet``)."""
+    chains = {str(root): {os.path.realpath(root)}}  # each folder's own and its ancestors' real paths
+    for dirpath, dirs, files in os.walk(root, followlinks=True):
+        chain, keep = chains.pop(dirpath, set()), []
+        for d in sorted(dirs):
+            if d.startswith(".") or (dirpath == str(root) and d in skip):
+                continue
+            full = os.path.join(dirpath, d)
+            real = os.path.realpath(full)
+            if os.path.islink(full):
+                shown = os.path.relpath(full, root)
+                if real in chain:
+                    if not quiet:
+                        log.warning("skipping %s: a symbolic link to %s, a folder it is already inside (a loop)",
+                                    shown, real)
+                    continue
+                if not quiet:
+                    log.info("following the symbolic link %s -> %s", shown, real)
+            chains[full] = chain | {real}
+            keep.append(d)
+        dirs[:] = keep
+        yield dirpath, sorted(f for f in files if not f.startswith("."))
+
+
 def image_files(root: Path, skip: tuple[str, ...] = ()) -> list[Path]:
-    """Every image below ``root``, skipping hidden files and folders and the folders ``skip`` names
-    right under ``root`` (the loss masks' folder), in a stable (sorted) order."""
-    found = []
-    for dirpath, dirs, files in os.walk(root):
-        top = Path(dirpath) == root
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (top and d in skip))
-        found.extend(Path(dirpath) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES)
+    """Every image below ``root`` (linked folders included, see :func:`walk_folder`), skipping
+    hidden files and folders and the folders ``skip`` names right under ``root`` (the loss masks'
+    folder), in a stable (sorted) order."""
+    found = [Path(dirpath) / f for dirpath, files in walk_folder(root, skip) for f in files
+             if Path(f).suffix.lower() in IMAGE_SUFFIXES]
     return sorted(found)
 
 
@@ -56,15 +85,50 @@ def read_caption(path: Path) -> str:
         raise DataError(f"cannot read caption file {path}: {err.strerror or err}. Fix: make it a readable file.") from None
 
 
+def _other_case(sidecar: Path, listings: dict[Path, list[str]]) -> Path | None:
+    """A file beside ``sidecar`` whose name differs from it only in case (``a.TXT`` for ``a.txt``)."""
+    folder = sidecar.parent
+    if folder not in listings:
+        try:
+            listings[folder] = sorted(os.listdir(folder))
+        except OSError:
+            listings[folder] = []
+    wanted = sidecar.name.lower()
+    return next((folder / n for n in listings[folder] if n.lower() == wanted and n != sidecar.name), None)
+
+
 def folder_rows(root: Path, extension: str, skip: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
     """``(n, {"file_name", "text"})`` for each image below ``root``: the n-th image found, its path
-    relative to ``root`` and the text of its sidecar caption file ("" when it has none)."""
-    rows = []
+    relative to ``root`` and the text of its sidecar caption file ("" when it has none).
+
+    A caption file whose name differs only in case (``a.TXT`` under ``data.caption_extension=.txt``)
+    is matched by neither kohya nor sdtune on a case-sensitive file system; rather than train those
+    images with the empty caption, the files are named with the fix."""
+    rows, other_case, listings = [], [], {}
     for n, image in enumerate(image_files(root, skip), 1):
         sidecar = image.with_suffix(extension)
-        text = read_caption(sidecar) if sidecar.is_file() else ""
+        if sidecar.is_file():
+            text = read_caption(sidecar)
+        else:
+            text, near = "", _other_case(sidecar, listings)
+            if near is not None:
+                other_case.append((image, near))
         rows.append((n, {"file_name": image.relative_to(root).as_posix(), "text": text}))
+    if other_case:
+        raise DataError(_other_case_message(root, extension, other_case))
     return rows
+
+
+def _other_case_message(root: Path, extension: str, found: list[tuple[Path, Path]]) -> str:
+    shown = "; ".join(f"{near.relative_to(root).as_posix()} (for {image.name})" for image, near in found[:5])
+    more = f"; and {len(found) - 5} more" if len(found) > 5 else ""
+    suffixes = {near.suffix for _, near in found}
+    same_stem = all(near.stem == image.stem for image, near in found)
+    fix = (f"data.caption_extension={suffixes.pop()} (caption file names are matched exactly, case included), "
+           f"or rename the files to end in {extension}" if len(suffixes) == 1 and same_stem
+           else f"rename them to the image's name with {extension} (caption file names are matched exactly, case included)")
+    return (f"{len(found)} image(s) in {root} have no {extension} caption file, but a file whose name differs "
+            f"only in case: {shown}{more}. They would train with the empty caption. Fix: {fix}.")
 
 
 def describe_folder(root: Path, extension: str) -> str:

@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 from ..errors import DataError
 from ..formats import IMAGE_SUFFIXES
 from .images import CropInfo, plan_crop
-from .records import dataset_root
+from .records import CHECK_THREADS, _listing, dataset_root
 
 log = logging.getLogger(__name__)
 #: A record's mask: ("file", mask path), ("alpha", image path) or None (trains unmasked).
@@ -65,7 +65,8 @@ def find_mask(image: str | os.PathLike, root: str | os.PathLike, folder: str = "
 
 
 def find_masks(records: Sequence, root: str | os.PathLike, folder: str = "masks") -> list[MaskSource]:
-    """Every record's :class:`MaskSource`, with one log line counting them; refuses a dataset with no mask."""
+    """Every record's :class:`MaskSource`, with one log line counting them; refuses a dataset with no
+    mask, and checks every mask (:func:`check_masks`) before any model is loaded."""
     sources = [find_mask(r.path, root, folder) for r in records]
     files = sum(1 for s in sources if s and s[0] == "file")
     alpha = sum(1 for s in sources if s and s[0] == "alpha")
@@ -78,23 +79,82 @@ def find_masks(records: Sequence, root: str | os.PathLike, folder: str = "masks"
         )
     log.info("masked loss: %d image(s) masked by a file under %s/, %d by their alpha channel, %d unmasked",
              files, folder, alpha, len(records) - files - alpha)
+    check_masks(records, sources)
     return sources
+
+
+def _read_mask(source: tuple[str, Path]) -> Image.Image:
+    """The mask of ``source`` as 8-bit greyscale, EXIF-rotated like its image (decoded in full)."""
+    kind, path = source
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if kind == "alpha":
+            return im.convert("RGBA").getchannel("A")
+        if im.mode in ("RGBA", "LA", "PA"):  # a mask saved with transparency: its grey level counts
+            return im.convert("LA").getchannel("L")
+        return im.convert("L")
+
+
+def _mask_state(record, source: MaskSource) -> tuple[str | None, bool]:
+    """(why ``source`` cannot mask ``record``'s image, or None; whether the mask is all zero)."""
+    from .images import image_size
+
+    if source is None:
+        return None, False
+    try:
+        mask = _read_mask(source)
+    except Exception as err:  # Pillow raises many types for files that are not images
+        return f"{source[1]}: not a readable image ({type(err).__name__}: {err})", False
+    if source[0] == "file":
+        try:
+            h, w = image_size(record.path)
+        except Exception:  # an unreadable image is reported by the image check, or at its first use
+            return None, False
+        if (mask.height, mask.width) != (h, w):
+            return f"{source[1]} is {mask.width}x{mask.height} but its image {record.path.name} is {w}x{h}", False
+    return None, mask.getextrema()[1] == 0
+
+
+def check_masks(records: Sequence, sources: Sequence[MaskSource]) -> None:
+    """Decode every mask before training: a mask file that is not an image or not its image's size
+    is an error naming it; masks that are all black (or a fully transparent alpha channel) make
+    their images add nothing to the loss: an error if every image is so, else a warning naming them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=CHECK_THREADS, thread_name_prefix="sdtune-masks") as pool:
+        states = list(pool.map(_mask_state, records, sources))
+    bad = [why for why, _ in states if why]
+    if bad:
+        raise DataError(
+            f"train.masked_loss: {len(bad)} mask(s) cannot mask their image: {_listing(bad)}. Fix: save each "
+            "mask as a greyscale image (PNG) at its image's size (white = train, black = ignore), or remove "
+            "it (the image then uses its alpha channel, or trains unmasked)."
+        )
+    empty = [_describe(s) for s, (_, zero) in zip(sources, states) if zero]
+    if not empty:
+        return
+    what = (f"masks are all black (or fully transparent): {_listing(empty)}. White trains, black is ignored, "
+            "so an image with such a mask adds nothing to the loss")
+    fix = ("Fix: invert the masks if white and black are swapped, give those images a mask with white where "
+           "they should train, or set train.masked_loss=false")
+    if len(empty) == len(records):
+        raise DataError(f"train.masked_loss: every one of the {len(records)} images' {what}, and the run would "
+                        f"train to a loss of 0 and learn nothing. {fix}.")
+    log.warning("train.masked_loss: %d of %d images' %s. %s.", len(empty), len(records), what, fix)
+
+
+def _describe(source: tuple[str, Path]) -> str:
+    kind, path = source
+    return f"{path} (its alpha channel)" if kind == "alpha" else str(path)
 
 
 def load_mask(source: MaskSource, size: tuple[int, int]) -> Image.Image | None:
     """The mask as an 8-bit greyscale image of ``size`` (h, w), EXIF-rotated like its image; None if unmasked."""
     if source is None:
         return None
-    kind, path = source
+    path = source[1]
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if kind == "alpha":
-                mask = im.convert("RGBA").getchannel("A")
-            elif im.mode in ("RGBA", "LA", "PA"):  # a mask saved with transparency: its grey level counts
-                mask = im.convert("LA").getchannel("L")
-            else:
-                mask = im.convert("L")
+        mask = _read_mask(source)
     except (OSError, ValueError) as err:
         raise DataError(f"cannot read mask {path}: {err}. Fix or remove it.") from err
     if (mask.height, mask.width) != tuple(size):

@@ -14,6 +14,7 @@ stops the run here (or is skipped, with ``data.bad_images=skip``) instead of mid
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import warnings
@@ -22,13 +23,13 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..formats import IMAGE_SUFFIXES
-from .folders import describe_folder, folder_rows, parse_caption_extension
+from .folders import describe_folder, folder_rows, parse_caption_extension, walk_folder
 from .metadata import find_metadata, read_rows, show_value
 
 log = logging.getLogger(__name__)
 _MAKE_DATA_HINT = "or build one from raw images with `make data RAW=<raw folder> OUT=<folder>`"
 _PROGRESS_OVER = 500  # images: a progress bar for the pre-flight decode of larger sets
-_CHECK_THREADS = min(4, os.cpu_count() or 1)  # Pillow decodes without the GIL; few, to bound memory
+CHECK_THREADS = min(4, os.cpu_count() or 1)  # Pillow decodes without the GIL; few, to bound memory
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,24 @@ def dataset_root(root: str | os.PathLike) -> Path:
 
 
 def _has_images(root: Path) -> bool:
-    for _dirpath, _dirs, files in os.walk(root):
+    for _dirpath, files in walk_folder(root, quiet=True):  # linked folders too, as folder_rows reads them
         if any(Path(f).suffix.lower() in IMAGE_SUFFIXES for f in files):
             return True
     return False
+
+
+def _link_problem(path: Path) -> str | None:
+    """Why ``path``, a symbolic link (or a path through one), leads to no file: a loop or a broken
+    link; None when it is something else (a file, or no file and no link)."""
+    try:
+        os.stat(path)
+        return None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        if os.path.islink(path):
+            return f"a broken symbolic link to {os.readlink(path)}"
+    return None
 
 
 def _verify_image(path: Path) -> str | None:
@@ -109,7 +124,7 @@ def _listing(items: list[str]) -> str:
 
 def load_records(
     root: str | os.PathLike, *, verify: bool = True, bad_images: str = "error", allow_outside_root: bool = False,
-    caption_extension: str | None = None, skip_folders: tuple[str, ...] = (),
+    caption_extension: str | None = None, skip_folders: tuple[str, ...] = (), key: str = "data.root",
 ) -> list[Record]:
     """Validated records for the dataset at ``root`` (``data.root``).
 
@@ -119,9 +134,10 @@ def load_records(
     left out with a warning that counts them (``"skip"``). A ``file_name`` that leads outside
     ``root`` (``../``, or an absolute path elsewhere) is refused unless ``allow_outside_root``.
     Record paths are absolute and normalised. A kohya folder's images under ``skip_folders`` (right
-    under ``root``: the masks of ``train.masked_loss``) are not training images.
+    under ``root``: the masks of ``train.masked_loss``) are not training images. ``key`` is the
+    setting ``root`` came from, named in the messages (``data.class_root`` for class images).
     """
-    root, meta = _locate(root)
+    root, meta = _locate(root, key)
     if meta is None:
         extension = parse_caption_extension(caption_extension)
         rows, meta = folder_rows(root, extension, tuple(skip_folders)), describe_folder(root, extension)
@@ -129,8 +145,9 @@ def load_records(
         rows = read_rows(meta)
     if not rows:
         raise DataError(f"{meta} lists no images. Fix: add one row per image (file_name,text).")
-    records, problems = _resolve_rows(rows, root, allow_outside_root)
-    _raise_problems(problems, meta, root)
+    folder = not isinstance(meta, Path)  # a kohya folder: no metadata file, no row numbers
+    records, problems = _resolve_rows(rows, root, allow_outside_root, folder=folder)
+    _raise_problems(problems, meta, root, folder=folder)
     if verify:
         records = _check_images(records, meta, bad_images)
     empty = sum(1 for r in records if not r.text.strip())
@@ -141,32 +158,34 @@ def load_records(
 
 
 
-def _locate(root: str | os.PathLike) -> tuple[Path, Path | None]:
+def _locate(root: str | os.PathLike, key: str = "data.root") -> tuple[Path, Path | None]:
     """(dataset folder, its metadata file or None for a kohya folder), or the error that says what
-    is wrong with ``root``."""
+    is wrong with ``root``, the value of setting ``key``."""
     given, root = os.fspath(root), dataset_root(root)
     if not root.exists():
         where = repr(given) if given == str(root) else f"{given!r} ({root})"
         raise DataError(
-            f"data.root={where} does not exist. Fix: set data.root to a folder of images with "
+            f"{key}={where} does not exist. Fix: set {key} to a folder of images with "
             f"a metadata.csv (columns file_name,text), {_MAKE_DATA_HINT}."
         )
     if not root.is_dir():
-        raise DataError(f"data.root={str(root)!r} is a file, not a folder. Fix: point it at the dataset folder.")
+        raise DataError(f"{key}={str(root)!r} is a file, not a folder. Fix: point it at the dataset folder.")
     meta = find_metadata(root)
     if meta is None and not _has_images(root):
         raise DataError(
-            f"data.root={str(root)!r} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}). "
-            f"Fix: point data.root at your image folder, {_MAKE_DATA_HINT}."
+            f"{key}={str(root)!r} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}). "
+            f"Fix: point {key} at your image folder, {_MAKE_DATA_HINT}."
         )
     return root, meta
 
 
-def _resolve_rows(rows: list[tuple[int, dict]], root: Path, allow_outside_root: bool) -> tuple[list[Record], dict[str, list[str]]]:
-    """Records for the rows that name a usable image, and every other row filed by what is wrong with it."""
+def _resolve_rows(rows: list[tuple[int, dict]], root: Path, allow_outside_root: bool, *, folder: bool = False
+                  ) -> tuple[list[Record], dict[str, list[str]]]:
+    """Records for the rows that name a usable image, and every other row filed by what is wrong
+    with it (as ``row n: 'name'``, or the name alone in a kohya ``folder``)."""
     records: list[Record] = []
     problems: dict[str, list[str]] = {k: [] for k in PROBLEMS}
-    bad_names, bad_texts, outside, missing, folders, not_images, duplicates = (problems[k] for k in PROBLEMS)
+    bad_names, bad_texts, outside, links, missing, folders, not_images, duplicates = (problems[k] for k in PROBLEMS)
     seen: dict[Path, tuple[int, str]] = {}
     for n, row in rows:
         raw = row.get("file_name")
@@ -200,8 +219,10 @@ def _resolve_rows(rows: list[tuple[int, dict]], root: Path, allow_outside_root: 
             continue
         if is_dir:
             folders.append(f"row {n}: {show_value(name)}")
+        elif not is_file and (link := _link_problem(path)):
+            links.append(f"{show_value(name)} ({link})" if folder else f"row {n}: {show_value(name)} ({link})")
         elif not is_file:
-            missing.append(f"row {n}: {show_value(name)}")
+            missing.append(show_value(name) if folder else f"row {n}: {show_value(name)}")
         elif path.suffix.lower() not in IMAGE_SUFFIXES:
             not_images.append(f"row {n}: {show_value(name)}")
         else:
@@ -210,12 +231,13 @@ def _resolve_rows(rows: list[tuple[int, dict]], root: Path, allow_outside_root: 
 
 
 #: Kinds of bad metadata rows, in the order their errors are reported.
-PROBLEMS = ("bad_names", "bad_texts", "outside", "missing", "folders", "not_images", "duplicates")
+PROBLEMS = ("bad_names", "bad_texts", "outside", "links", "missing", "folders", "not_images", "duplicates")
 
 
-def _raise_problems(problems: dict[str, list[str]], meta: Path, root: Path) -> None:
-    """One error for the first kind of bad row found, listing the rows and the fix."""
-    bad_names, bad_texts, outside, missing, folders, not_images, duplicates = (problems[k] for k in PROBLEMS)
+def _raise_problems(problems: dict[str, list[str]], meta: Path | str, root: Path, *, folder: bool = False) -> None:
+    """One error for the first kind of bad row found, listing the rows and the fix (the files, in
+    a kohya ``folder``, which has no metadata file to correct)."""
+    bad_names, bad_texts, outside, links, missing, folders, not_images, duplicates = (problems[k] for k in PROBLEMS)
     if bad_names:
         raise DataError(
             f"{meta} has {len(bad_names)} file_name value(s) that are not a path: {_listing(bad_names)}. "
@@ -233,6 +255,17 @@ def _raise_problems(problems: dict[str, list[str]], meta: Path, root: Path) -> N
             f"{meta} names {len(outside)} file(s) outside the dataset folder {root}: {_listing(outside)}. "
             "Fix: move those images into the dataset folder and give file_name relative to it, "
             "or set data.allow_outside_root=true to train on them where they are."
+        )
+    if links:
+        raise DataError(
+            f"{meta} {'has' if folder else 'names'} {len(links)} image file(s) that are symbolic links leading to "
+            f"no file: {_listing(links)}. Fix: point each link at an image file, or remove it"
+            f"{'' if folder else ' and its row'}."
+        )
+    if missing and folder:  # a file that went away while the folder was read
+        raise DataError(
+            f"{len(missing)} image file(s) in {root} went away while the folder was read: {_listing(missing)}. "
+            "Fix: leave the folder unchanged while a run starts."
         )
     if missing:
         raise DataError(
@@ -272,7 +305,7 @@ def _check_images(records: list[Record], meta: Path, bad_images: str) -> list[Re
     try:
         with (
             warnings.catch_warnings(),
-            ThreadPoolExecutor(max_workers=_CHECK_THREADS, thread_name_prefix="sdtune-check") as pool,
+            ThreadPoolExecutor(max_workers=CHECK_THREADS, thread_name_prefix="sdtune-check") as pool,
             tqdm(total=len(records), desc="checking images", unit="img", disable=len(records) <= _PROGRESS_OVER) as bar,
         ):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # _verify_image refuses those itself
