@@ -298,6 +298,7 @@ def _dora_checkpoint(path: Path, unet, dora: bool = True) -> Path:
     return path
 
 
+@pytest.mark.slow  # two exports, each an eigendecomposition per layer: ~4 s alone, up to 18 s on a busy machine
 def test_dora_as_lora_export_gives_every_tool_the_same_weight(tmp_path, capsys):
     """``--dora-as-lora RANK`` writes the DoRA's whole weight change as a plain LoRA (truncated SVD):
     A1111, ComfyUI/Forge and kohya sd-scripts then compute the same weight, equal to peft's DoRA at
