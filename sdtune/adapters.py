@@ -10,6 +10,13 @@ converts between peft's maths and what ComfyUI/Forge compute from a kohya/LyCORI
   *unpatched* ``W`` (plus float eps): ``dora_scale * (W + s·BA) / (||W||_row + eps)``. So we write
   ``dora_scale = m * (||W||_row + eps) / ||W + s·BA||_row``, computed from the base weights, and read
   a ``dora_scale`` back the same way: the file is then exact in ComfyUI, Forge and sdtune.
+  A1111 (v1.10.1, extensions-builtin/Lora/network.py ``apply_weight_decompose``) knows only
+  per-*input* DoRA: it divides ``dora_scale`` by the per-column norm ``||W + s·BA||_col`` ([1, in]),
+  so an [out, 1] ``dora_scale`` broadcasts to [out, in] and gives a wrong weight with no message.
+  No ``dora_scale`` serves both (ComfyUI needs it per row, A1111 divides it per column), so the file
+  says which tools read it how (:data:`DORA_READERS`, header ``sdtune.dora_readers``), and
+  :func:`dora_as_lora` writes a DoRA as a plain LoRA of its whole weight change, which every tool
+  applies alike.
 * **LoHa**: ``(w1a @ w1b) * (w2a @ w2b) * alpha / r`` in peft and ComfyUI alike (r = ``w1b`` rows).
 * **LoKr**: ``kron(w1, w2) * alpha / r`` in peft; ComfyUI uses ``alpha / dim`` only where a factor
   is stored decomposed (``dim`` = rows of ``w2_b``, else of ``w1_b``) and scale 1 otherwise. A
@@ -40,6 +47,34 @@ LYCORIS_SUFFIXES = tuple(f".{n}" for n in PARAM_NAMES if n.startswith(("hada_", 
 MAGNITUDE = ".lora_magnitude_vector"  # peft's DoRA magnitude (its state-dict name)
 DORA_SCALE = ".dora_scale"  # the kohya/LyCORIS name ComfyUI, Forge and A1111 read
 EPS = torch.finfo(torch.float32).eps  # ComfyUI adds finfo(weight.dtype).eps to the norm
+#: What each tool computes from a DoRA file sdtune writes, per layout, from each tool's own code:
+#: ComfyUI v0.19.3 comfy/weight_adapter/base.py ``weight_decompose`` and Forge backend/patcher/lora.py
+#: (per-output branch); A1111 v1.10.1 extensions-builtin/Lora/network.py ``apply_weight_decompose``
+#: (per-input only); kohya sd-scripts networks/lora.py ``load_weights`` (``load_state_dict(.., False)``
+#: skips ``dora_scale``); diffusers 0.42.1 lora_pipeline.py (filters ``dora_scale`` out, with a warning).
+DORA_READERS: dict[str, dict[str, tuple[str, ...]]] = {
+    "kohya": {"exact": ("ComfyUI", "Forge", "sdtune"),
+              "magnitude_dropped": ("kohya sd-scripts", "diffusers"),  # applied as the plain LoRA W + s·BA
+              "wrong": ("A1111",)},  # loads with no message, wrong weight
+    "diffusers": {"exact": ("diffusers", "sdtune"),
+                  "not_read": ("ComfyUI", "Forge", "A1111", "kohya sd-scripts")},  # they read the kohya layout
+}
+DORA_AS_LORA_FIX = ("python -m sdtune.export RUN/checkpoints/last.ckpt --dora-as-lora RANK --out FILE "
+                    "(a plain LoRA of the DoRA's whole weight change, applied alike by every tool)")
+
+
+def dora_note(format: str) -> str:
+    """What each tool computes from a DoRA file in ``format`` ('kohya', 'diffusers'/'peft'), in words."""
+    readers = DORA_READERS["diffusers" if format in ("diffusers", "peft") else "kohya"]
+    if "wrong" in readers:
+        return (f"DoRA file in the kohya layout: {', '.join(readers['exact'])} apply it exactly; "
+                f"{' and '.join(readers['magnitude_dropped'])} drop its dora_scale and apply it as a plain LoRA "
+                f"(without the DoRA magnitude); {', '.join(readers['wrong'])} loads it with no message but computes "
+                "a wrong weight (its DoRA is per input feature, this file's per output feature, and the two broadcast). "
+                f"Do not use it in A1111. For A1111 and kohya sd-scripts: {DORA_AS_LORA_FIX}.")
+    return (f"DoRA file in the diffusers layout: {', '.join(readers['exact'])} apply it exactly; "
+            f"{', '.join(readers['not_read'])} do not read it as DoRA (use the kohya layout in ComfyUI and Forge). "
+            f"For A1111 and kohya sd-scripts: {DORA_AS_LORA_FIX}.")
 
 
 def is_adapter_key(key: str) -> bool:
@@ -161,6 +196,57 @@ def to_kohya_maths(tensors: Mapping[str, torch.Tensor], rank: int, alpha: float,
         if f"{module}.lokr_w2" in tensors:
             out[key] = tensors[key] * (alpha / rank)
     return out
+
+
+def dora_weight(tensors: Mapping[str, torch.Tensor], module: str, scale: float, weight: torch.Tensor) -> torch.Tensor:
+    """The weight peft's DoRA gives ``module``: ``m * (W + s·BA) / ||W + s·BA||_row``."""
+    weight = weight.float()
+    merged = weight + lora_delta(tensors, module, scale, weight.shape)
+    return tensors[module + MAGNITUDE].float().reshape(_rows(weight).shape) * merged / _rows(merged)
+
+
+def _top_subspace(change: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) with ``up @ down`` the best rank-``rank`` approximation of ``change`` (Eckart-Young):
+    the projection onto its top singular vectors, found by ``eigh`` of the smaller Gram matrix, so
+    that at full rank the projection is the identity and the product exact. Zero-padded to ``rank``."""
+    rows, cols = change.shape
+    r = min(rank, rows, cols)
+    up = torch.zeros(rows, rank, dtype=change.dtype)
+    down = torch.zeros(rank, cols, dtype=change.dtype)
+    if rows <= cols:
+        basis = torch.linalg.eigh(change @ change.T).eigenvectors[:, -r:]  # eigenvalues ascend
+        up[:, :r], down[:r] = basis, basis.T @ change
+    else:
+        basis = torch.linalg.eigh(change.T @ change).eigenvectors[:, -r:]
+        up[:, :r], down[:r] = change @ basis, basis.T
+    return up, down
+
+
+def dora_as_lora(tensors: Mapping[str, torch.Tensor], rank: int, alpha: float, base_weights: Mapping[str, torch.Tensor],
+                 out_rank: int) -> tuple[dict[str, torch.Tensor], float]:
+    """A DoRA's peft tensors as a plain LoRA of rank ``out_rank`` and alpha ``out_rank`` (scale 1):
+    per layer, the best rank-``out_rank`` approximation (truncated SVD) of the whole change
+    ``W_dora - W`` (a layer narrower than ``out_rank`` is padded with zeros, which changes nothing). Every tool applies a plain LoRA
+    alike. Returns the tensors and the worst relative Frobenius error of a layer's change (0 when
+    ``out_rank`` reaches every layer's full rank)."""
+    if out_rank < 1:
+        raise ConfigError(f"--dora-as-lora must be a rank of at least 1, got {out_rank}.")
+    out, worst = {}, 0.0
+    for module in sorted(k[: -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")):
+        if module not in base_weights:
+            raise LoraFileError(f"a DoRA written as a plain LoRA needs the base weight of {module!r}, which is not at "
+                                "hand. Fix: make model.path reachable when exporting.")
+        weight = base_weights[module].float()
+        changed = dora_weight(tensors, module, alpha / rank, weight) if module + MAGNITUDE in tensors else \
+            weight + lora_delta(tensors, module, alpha / rank, weight.shape)
+        change = (changed - weight).reshape(weight.shape[0], -1).double()
+        up, down = _top_subspace(change, out_rank)
+        norm = change.norm().item()
+        worst = max(worst, (change - up @ down).norm().item() / norm if norm > 0 else 0.0)
+        extra = [1] * (weight.dim() - 2)  # a conv's lora_B is a 1x1 conv, its lora_A has the kernel
+        out[f"{module}.lora_B.weight"] = up.float().reshape(weight.shape[0], out_rank, *extra).contiguous()
+        out[f"{module}.lora_A.weight"] = down.float().reshape(out_rank, *weight.shape[1:]).contiguous()
+    return out, worst
 
 
 def base_weights(unet: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ otherwise taken as the standard XL layout.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .adapters import NAMES, base_weights_from, kind_of, module_of
+from .adapters import NAMES, base_weights_from, dora_as_lora, kind_of, module_of
 from .checkpointing import CHECKPOINT_FIX, load_checkpoint
 from .ema import checkpoint_export_tensors, with_ema_facts
 from .errors import LoraFileError, SdtuneError
@@ -55,9 +56,14 @@ def unet_module_names(config: Mapping[str, Any]) -> list[str]:
     return [n for n, _ in unet.named_modules()]
 
 
-def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str = DEFAULT_FORMAT) -> Path:
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str = DEFAULT_FORMAT,
+                      dora_as_lora_rank: int | None = None) -> Path:
     """Write the LoRA of a training checkpoint as a LoRA file, refusing NaN/Inf weights and tensors
-    that contradict the run config stored beside them (the header is written from that config)."""
+    that contradict the run config stored beside them (the header is written from that config).
+
+    ``dora_as_lora_rank``: write a DoRA run as a plain LoRA of that rank approximating its whole
+    weight change (:func:`sdtune.adapters.dora_as_lora`), which A1111 and kohya sd-scripts apply
+    as ComfyUI does; the header's ``sdtune.dora_as_lora`` records the rank and the error."""
     ckpt = load_checkpoint(ckpt_path)
     try:
         cfg = ckpt["hyper_parameters"]["cfg"]
@@ -90,8 +96,27 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str = D
         raise LoraFileError(f"{str(ckpt_path)!r}: its run config sets lora.text_encoder but it holds no text-encoder LoRA "
                             f"tensors. {CHECKPOINT_FIX}")
     config = unet_config_for(cfg) if format == "kohya" else None
+    if dora_as_lora_rank is not None:
+        tensors, header = _dora_as_lora(tensors, header, cfg, dora_as_lora_rank, str(ckpt_path))
     weights = base_weights_from(cfg["model"]["path"], tensors) if format == "kohya" else None  # DoRA's dora_scale
     return save_lora(out, tensors, header, format=format, unet_config=config, text_encoders=text_encoders, base_weights=weights)
+
+
+def _dora_as_lora(tensors, header: LoraHeader, cfg, out_rank: int, source: str):
+    """(plain LoRA tensors, header) of a DoRA checkpoint's ``tensors`` at rank ``out_rank``."""
+    spec = header.spec
+    if not spec.use_dora:
+        raise LoraFileError(f"--dora-as-lora converts a DoRA run, and {source!r} holds a {NAMES[spec.kind]} "
+                            "(lora.use_dora=false). Fix: drop --dora-as-lora.")
+    weights = base_weights_from(cfg["model"]["path"], tensors)
+    if weights is None:
+        raise LoraFileError(f"--dora-as-lora needs the base model's weights (the DoRA's magnitude is relative to them), and "
+                            f"model.path={cfg['model']['path']!r} from {source!r} cannot be loaded. Fix: make that path "
+                            "reachable when exporting.")
+    plain, error = dora_as_lora(tensors, spec.rank, float(spec.alpha), weights, out_rank)
+    record = {"rank": out_rank, "worst_relative_error": round(error, 6), "trained": {"rank": spec.rank, "alpha": spec.alpha}}
+    spec = replace(spec, rank=out_rank, alpha=float(out_rank), use_dora=False)
+    return plain, replace(header, spec=spec, carried={**header.carried, "sdtune.dora_as_lora": json.dumps(record)})
 
 
 def export_lora(lora_path: str | Path, out: str | Path, *, format: str, family: str | None = None) -> Path:
@@ -189,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="kohya (default: loads in ComfyUI, A1111/Forge, kohya sd-scripts and diffusers) or "
                              "diffusers (diffusers' own layout, for load_lora_weights only)")
     parser.add_argument("--out", help="output .safetensors (default: beside the source, suffixed with the format)")
+    parser.add_argument("--dora-as-lora", type=int, metavar="RANK",
+                        help="write a DoRA run as a plain LoRA of this rank (the SVD of its whole weight change), which "
+                             "A1111 and kohya sd-scripts apply as ComfyUI does; the error is printed and kept in the header")
     parser.add_argument("--family", choices=sorted(FAMILIES),
                         help="model family of a LoRA file whose header does not record it (one from another trainer)")
     args = parser.parse_args(argv)
@@ -205,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     if out.resolve() == source.resolve():
         print(f"error: --out {out} would overwrite the source; choose another name", file=sys.stderr)
         return 2
+    if args.dora_as_lora is not None and args.dora_as_lora < 1:
+        print(f"error: --dora-as-lora must be a rank of at least 1, got {args.dora_as_lora}. Fix: e.g. --dora-as-lora 32 "
+              "(higher is closer to the DoRA; each layer's full rank is exact)", file=sys.stderr)
+        return 2
     problem = _unwritable(out)
     if problem:
         print(f"error: --out {str(out)!r} {problem}", file=sys.stderr)
@@ -212,9 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         if source.suffix == ".safetensors":
+            if args.dora_as_lora is not None:
+                raise LoraFileError(f"--dora-as-lora needs the training checkpoint, not the LoRA file {str(source)!r}. "
+                                    "Fix: python -m sdtune.export RUN/checkpoints/last.ckpt --dora-as-lora RANK.")
             export_lora(source, out, format=args.format, family=args.family)
         else:
-            export_checkpoint(source, out, format=args.format)
+            export_checkpoint(source, out, format=args.format, dora_as_lora_rank=args.dora_as_lora)
     except SdtuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -223,6 +258,14 @@ def main(argv: list[str] | None = None) -> int:
               "Fix: free space or choose an --out in a folder you can write to.", file=sys.stderr)
         return 2
     print(f"wrote {out} ({args.format}) in {time.perf_counter() - start:.2f}s")
+    if args.dora_as_lora is not None:
+        from safetensors import safe_open
+
+        with safe_open(str(out), "pt") as fh:
+            record = json.loads(fh.metadata()["sdtune.dora_as_lora"])
+        print(f"the DoRA is written as a plain rank-{record['rank']} LoRA (every tool applies it alike); the worst layer's "
+              f"weight change is off by {100 * record['worst_relative_error']:.2f}% (relative Frobenius error; a higher "
+              "--dora-as-lora lowers it, 0 at each layer's full rank)")
     return 0
 
 

@@ -10,6 +10,7 @@ sit our ``sdtune.*`` keys and the common kohya ``ss_*`` keys.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .adapters import NAMES, to_kohya_maths
+from .adapters import DORA_READERS, NAMES, dora_note, to_kohya_maths
 from .errors import LoraFileError
 from .families import FAMILIES, get_family
 from .io import atomic_path
@@ -45,6 +46,7 @@ from .lora_keys import (
     text_encoders_to_kohya,
 )
 
+log = logging.getLogger(__name__)
 COMPONENT_PREFIX = DIFFUSERS_PREFIX
 FORMATS = ("diffusers", "kohya")  # what we write; we also read "peft" (diffusers' current save_lora_weights, peft)
 # What runs and export write unless told otherwise: the kohya layout loads as it is in ComfyUI,
@@ -100,6 +102,7 @@ MANAGED_KEYS = frozenset({
     "format", DIFFUSERS_METADATA_KEY, "sdtune.format", "sdtune.family", "sdtune.targets", "sdtune.rank", "sdtune.alpha",
     "sdtune.text_encoder",
     "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_output_name", "sdtune.adapter", "ss_network_args",
+    "sdtune.dora_readers",
 })
 
 
@@ -139,6 +142,9 @@ class LoraHeader:
             meta["sdtune.text_encoder"] = json.dumps({"rank": te.rank, "alpha": te.alpha, "targets": list(te.targets)})
         if spec.kind != "lora":  # how LyCORIS records its algorithm (shown by A1111's and model sites' info panels)
             meta["ss_network_args"] = json.dumps({"algo": spec.kind} if lycoris else {"dora_wd": True, "wd_on_out": True})
+        if spec.use_dora:  # which tools apply this file exactly, as a plain LoRA, or wrongly (A1111 shows the header)
+            layout = "diffusers" if format in ("diffusers", "peft") else "kohya"
+            meta["sdtune.dora_readers"] = json.dumps({k: list(v) for k, v in DORA_READERS[layout].items()})
         if format in ("diffusers", "peft"):
             adapters = {f"{COMPONENT_PREFIX}r": spec.rank, f"{COMPONENT_PREFIX}lora_alpha": spec.alpha,
                         f"{COMPONENT_PREFIX}target_modules": list(spec.targets)}
@@ -222,6 +228,8 @@ def save_lora(
     on_disk = {k: v.detach().to("cpu").contiguous() for k, v in on_disk.items()}
     with atomic_path(path) as tmp:
         save_file(on_disk, str(tmp), metadata=header.metadata(format))
+    if spec.use_dora:
+        log.warning("%s: %s", path.name, dora_note(format))
     return path
 
 

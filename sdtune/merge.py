@@ -5,6 +5,12 @@
 Writes ``<out>/``, a diffusers folder, and for SD1.5 and SDXL also ``<out>.safetensors``, a single
 file in the original layout that A1111 and ComfyUI load. Both are written to temporary names and
 renamed into place; an existing ``<out>`` is replaced only if an earlier merge wrote it.
+
+The folder's text encoders are stored in the key layout every transformers version reads: a
+``CLIPTextModel`` under ``text_model.`` (transformers 4.x's layout, which kohya sd-scripts pins;
+transformers 5 maps it onto its flattened class when loading), although transformers 5 saves a
+model it did not load from such a file without that prefix. SDXL's ``CLIPTextModelWithProjection``
+and Kolors' ChatGLM have one layout in both.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ register_resolvers()
 log = logging.getLogger(__name__)
 MARKER = "sdtune_merge.json"
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: transformers classes whose 4.x state dict nests every weight under a prefix that transformers 5
+#: flattens away (conversion_mapping.py: ``"CLIPTextModel": [PrefixChange(prefix_to_remove="text_model")]``)
+LEGACY_PREFIXES = {"CLIPTextModel": "text_model."}
 
 
 def single_file_path(out: Path) -> Path:
@@ -85,6 +94,7 @@ def merge(cfg: DictConfig) -> tuple[Path, Path | None]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         family.build_pipeline(parts).save_pretrained(tmp)
+        legacy_text_encoder_layout(tmp)
         source_scheduler = Path(parts.source) / "scheduler"
         if source_scheduler.is_dir():  # keep the base model's own scheduler, not our sampling one
             shutil.rmtree(tmp / "scheduler")
@@ -109,6 +119,33 @@ def merge(cfg: DictConfig) -> tuple[Path, Path | None]:
             save_file(state, str(tmp_file), metadata={"sdtune.merge": json.dumps(record, default=str)})
     log.info("merged %d LoRA(s) into %s%s", len(refs), out, f" and {single}" if single else "")
     return out, single
+
+
+def legacy_text_encoder_layout(folder: Path) -> list[str]:
+    """Rewrite ``folder``'s text encoders whose class :data:`LEGACY_PREFIXES` names in the key layout
+    transformers 4.x reads (``text_model.`` on every key; 4.x would load a flattened file with
+    random weights and a mere warning); transformers 5 reads both. Returns the components rewritten."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    index = json.loads((folder / "model_index.json").read_text())
+    done = []
+    for component, entry in sorted(index.items()):
+        prefix = LEGACY_PREFIXES.get(entry[1]) if isinstance(entry, list) and len(entry) == 2 else None
+        if prefix is None or not (folder / component).is_dir():
+            continue
+        for file in sorted((folder / component).glob("*.safetensors")):
+            with safe_open(str(file), "pt") as fh:
+                metadata = fh.metadata()
+                state = {k if k.startswith(prefix) else prefix + k: fh.get_tensor(k) for k in fh.keys()}
+            save_file(state, str(file), metadata=metadata)
+        for shards in (folder / component).glob("*.safetensors.index.json"):  # a sharded save's key -> file map
+            shard_index = json.loads(shards.read_text())
+            shard_index["weight_map"] = {k if k.startswith(prefix) else prefix + k: v
+                                         for k, v in shard_index["weight_map"].items()}
+            shards.write_text(json.dumps(shard_index, indent=2, sort_keys=True) + "\n")
+        done.append(component)
+    return done
 
 
 def _check_merged_finite(parts, save_dtype: str, refs) -> None:
