@@ -90,9 +90,10 @@ test-latest:
 	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q torch==2.13.0
 	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
-	$(LATEST)/bin/pip freeze --exclude-editable > $(LATEST)/freeze.txt
-	@echo "versions that differ from requirements.lock:"; \
-	  grep -vxFf <(grep -o '^[^ ]*==[^ ]*' requirements.lock) $(LATEST)/freeze.txt || echo "  (none)"
+	$(LATEST)/bin/pip freeze --all --exclude-editable > $(LATEST)/freeze.txt
+	@echo "versions that differ from requirements.lock (lock < > latest):"; \
+	  norm() { grep -o '^[^ #]*==[^ ;]*' | awk -F'==' '{n=tolower($$1); gsub(/[-_.]+/,"-",n); print n"=="$$2}' | sort; }; \
+	  diff <(norm < requirements.lock) <(norm < $(LATEST)/freeze.txt) | grep '^[<>]' || echo "  (none)"
 	$(LATEST)/bin/python -m pytest -q -m "not slow and not gpu" -p no:cacheprovider
 
 clean:
