@@ -43,8 +43,11 @@ def save_embedding(path: str | Path, family: ModelFamily, vectors: Sequence[torc
 
 
 def read_embedding(path: str | Path, family: ModelFamily) -> dict[str, torch.Tensor]:
-    """The tensors of an embedding file for ``family``, vetted: readable, the family's keys, finite."""
-    from safetensors.torch import load_file
+    """The tensors of an embedding file for ``family``, vetted: readable, the family's keys, finite.
+
+    The tensor names are checked from the header before any tensor is read, so a LoRA or a whole
+    model passed as an embedding is named as such (in a message of bounded length) at once."""
+    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -52,22 +55,41 @@ def read_embedding(path: str | Path, family: ModelFamily) -> dict[str, torch.Ten
     what = not_safetensors(path)
     if what is not None:
         raise LoraFileError(f"embedding file {str(path)!r} is not a .safetensors file ({what}).")
-    try:
-        tensors = load_file(str(path))
-    except Exception as err:
-        raise LoraFileError(f"embedding file {str(path)!r} cannot be read: {first_line(err)}.") from err
     keys = list(family.embedding_keys)
     if not keys:
         raise ConfigError(f"embeddings: the {family.name} family cannot use textual-inversion embeddings: {family.embedding_refusal}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            names = list(fh.keys())
+            if not (len(keys) == 1 and len(names) == 1) and sorted(names) != sorted(keys):
+                raise LoraFileError(not_an_embedding(path, names, family))
+            tensors = {k: fh.get_tensor(k) for k in names}
+    except LoraFileError:
+        raise
+    except Exception as err:
+        raise LoraFileError(f"embedding file {str(path)!r} cannot be read: {first_line(err)}.") from err
     if len(keys) == 1 and len(tensors) == 1:  # SD1.5: any single-tensor file (diffusers' learned_embeds too)
         tensors = {keys[0]: next(iter(tensors.values()))}
-    if sorted(tensors) != sorted(keys):
-        raise LoraFileError(
-            f"embedding file {str(path)!r} holds {sorted(tensors)}, but a {family.name} embedding holds {keys}. "
-            "Fix: use an embedding trained for this model family."
-        )
     check_finite(tensors, path)
     return {k: (t.unsqueeze(0) if t.dim() == 1 else t) for k, t in tensors.items()}
+
+
+def not_an_embedding(path: Path, names: Sequence[str], family: ModelFamily) -> str:
+    """Why a file whose tensors are ``names`` is no ``family`` embedding: a LoRA is named as one
+    (with the key it belongs under); anything else shows a few of its tensor names, never all."""
+    from .lora_keys import detect_format
+
+    try:
+        layout = detect_format(names) if names else None
+    except LoraFileError:
+        layout = None
+    if layout is not None:
+        return (f"embedding file {str(path)!r} is a LoRA file ({len(names)} LoRA tensors, {layout} layout), not an "
+                f"embedding: pass it as loras=[{str(path)}] (embeddings=[...] takes textual-inversion files).")
+    shown = [n if len(n) <= 80 else n[:77] + "..." for n in sorted(names)[:3]]
+    more = f" and {len(names) - len(shown)} more" if len(names) > len(shown) else ""
+    return (f"embedding file {str(path)!r} holds {shown}{more}, but a {family.name} embedding holds "
+            f"{list(family.embedding_keys)}. Fix: use an embedding trained for this model family.")
 
 
 @dataclass(frozen=True)
@@ -90,11 +112,18 @@ def parse_embeddings(items: Sequence[Any] | None) -> list[EmbeddingRef]:
     return refs
 
 
-def load_embeddings(pipe, parts: ModelParts, family: ModelFamily, refs: Sequence[EmbeddingRef]) -> None:
+def read_embeddings(refs: Sequence[EmbeddingRef], family: ModelFamily) -> list[dict[str, torch.Tensor]]:
+    """Every file of ``refs`` read and vetted (:func:`read_embedding`): before any model loads."""
+    return [read_embedding(ref.path, family) for ref in refs]
+
+
+def load_embeddings(pipe, parts: ModelParts, family: ModelFamily, refs: Sequence[EmbeddingRef],
+                    vetted: Sequence[dict[str, torch.Tensor]] | None = None) -> None:
     """Load each file into ``pipe`` as its token with diffusers' ``load_textual_inversion``, each
-    vector set into its own encoder and tokenizer (SDXL: clip_l -> text_encoder, clip_g -> text_encoder_2)."""
-    for ref in refs:
-        tensors = read_embedding(ref.path, family)
+    vector set into its own encoder and tokenizer (SDXL: clip_l -> text_encoder, clip_g -> text_encoder_2).
+    ``vetted``: the files already read by :func:`read_embeddings` (not read again)."""
+    for i, ref in enumerate(refs):
+        tensors = vetted[i] if vetted is not None else read_embedding(ref.path, family)
         for key, encoder, tokenizer in zip(family.embedding_keys, parts.text_encoders, parts.tokenizers, strict=True):
             vectors = tensors[key].to(encoder.dtype)
             pipe.load_textual_inversion(vectors, token=ref.token, text_encoder=encoder, tokenizer=tokenizer)

@@ -35,11 +35,10 @@ def fit_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 def load_references(paths: Sequence[Path], size: tuple[int, int]) -> list[Image.Image]:
-    out = []
-    for path in paths:
-        with Image.open(path) as im:
-            out.append(fit_image(im, size))
-    return out
+    """Each reference picture decoded as training decodes its images (:func:`sdtune.data.images.load_rgb`), then fitted."""
+    from .data.images import load_rgb
+
+    return [fit_image(load_rgb(path), size) for path in paths]
 
 
 @torch.no_grad()

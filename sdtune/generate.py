@@ -25,12 +25,12 @@ from tqdm.auto import tqdm
 from .config import register_resolvers
 from .console import tidy_console
 from .data.latents import file_sha256
-from .embedding_files import load_embeddings, parse_embeddings
+from .embedding_files import load_embeddings, parse_embeddings, read_embeddings
 from .errors import ConfigError, exit_on_user_error
 from .families import get_family
 from .families.builder import build_parts
 from .image_input import draw, infotext_fields, load_controlnet, parse_image_input, prepare_pictures, record_fields
-from .inference import apply_loras, base_model_config, parse_loras, pick_device, read_loras
+from .inference import apply_loras, base_model_config, check_families, parse_loras, pick_device, read_loras
 from .io import save_image_atomic, write_text_atomic
 from .lora_apply import set_enabled
 from .sampling import make_grid
@@ -48,7 +48,9 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     spec = parse_image_input(cfg)  # pictures and settings checked before anything loads
     loras = read_loras(refs)  # every file vetted (readable, finite, consistent) before the base model loads
     model_cfg = base_model_config(cfg.get("model"), refs, loras)
+    check_families(refs, loras, model_cfg)  # from the headers just read: mixed families fail before any load
     get_family(model_cfg["family"]).pipeline_class(spec.task, controlnet=spec.controlnet is not None)  # refuse early
+    embeddings = read_embeddings(embedding_refs, get_family(model_cfg["family"]))  # vetted before the base loads
     guidance = cfg.get("guidance")
     guidance = get_family(model_cfg["family"]).guidance(model_cfg) if guidance is None else guidance
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not guidance > 0:
@@ -60,7 +62,7 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     adapters = apply_loras(parts, family, refs, loras)
     controlnet = load_controlnet(spec.controlnet, dtype=dtype, unet=parts.unet) if spec.controlnet else None
     pipe = family.build_pipeline(parts, task=spec.task, controlnet=controlnet).to(device)
-    load_embeddings(pipe, parts, family, embedding_refs)  # textual-inversion words (embeddings=[...])
+    load_embeddings(pipe, parts, family, embedding_refs, embeddings)  # textual-inversion words (embeddings=[...])
     pipe.set_progress_bar_config(disable=True)
     size = int(cfg.size or model_cfg.get("resolution") or family.default_resolution)
     pictures = prepare_pictures(spec, size)  # the init image resized in memory; the file is only read

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .data.images import load_rgb
 from .errors import ConfigError, ModelLoadError
 
 PREPROCESSORS = ("canny", "none")
@@ -83,17 +84,19 @@ def parse_image_input(cfg) -> ImageInput:
     for key, path in (("init_image", spec.init_image), ("controlnet.image", spec.control_image)):
         if path:
             read_picture(path, key)  # fail now, not after the base model has loaded
+    if spec.controlnet:
+        check_controlnet(spec.controlnet)
     return spec
 
 
 def read_picture(path: str, key: str) -> Image.Image:
-    """The RGB picture at ``path`` (read only); a :class:`ConfigError` naming ``key`` and the path."""
+    """The RGB picture at ``path`` (read only), decoded by training's own reader
+    (:func:`sdtune.data.images.load_rgb`: 16-bit scaled, EXIF rotation applied, transparency on
+    white), so generate sees the pixels training sees; a :class:`ConfigError` naming ``key`` and the path."""
     if not os.path.isfile(path):
         raise ConfigError(f"{key}={path!r}: no such file. Fix: point {key} at a PNG/JPEG/WebP picture.")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
+        return load_rgb(path)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ConfigError(f"{key}={path!r} is not a readable picture ({type(err).__name__}: {err}). "
                           f"Fix: point {key} at a PNG/JPEG/WebP picture.") from None
@@ -148,20 +151,94 @@ def prepare_pictures(spec: ImageInput, size: int) -> Pictures:
     return pictures
 
 
+CONTROLNET_FIX = ("Fix: point controlnet.path at a diffusers ControlNet folder (config.json with _class_name "
+                  "ControlNetModel and its weights) made for this base, or set controlnet.path=null.")
+#: what a folder's ``_class_name`` is, for the message when it is not a ControlNet
+_KINDS = {"UNet2DConditionModel": "a base model's UNet", "AutoencoderKL": "a VAE",
+          "CLIPTextModel": "a text encoder", "CLIPTextModelWithProjection": "a text encoder"}
+
+
+def _config_class(config: Path) -> str | None:
+    try:
+        kind = json.loads(config.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return str(kind) if kind else None
+
+
+def _check_controlnet_config(path: str, config: Path) -> None:
+    kind = _config_class(config)
+    if kind != "ControlNetModel":
+        what = f"a {kind}" if kind else "an unreadable config.json"
+        also = f" ({_KINDS[kind]}; a ControlNet is a separate model made for a base)" if kind in _KINDS else ""
+        raise ModelLoadError(f"controlnet.path={path!r} holds {what}, not a ControlNetModel{also}. {CONTROLNET_FIX}")
+
+
+def check_controlnet(path: str) -> None:
+    """``controlnet.path``, checked before any model loads: a diffusers ControlNet folder
+    (config.json whose ``_class_name`` is ControlNetModel, and its weights), or a hub id that can be
+    reached or is in the local hub cache. A whole pipeline, a UNet, a single file or a missing path
+    is a :class:`ModelLoadError` that says what it is and what is needed."""
+    from .families.source import _looks_local
+
+    local = Path(path).expanduser()
+    if not local.exists():
+        if _looks_local(path):
+            raise ModelLoadError(f"controlnet.path={path!r} does not exist. {CONTROLNET_FIX}")
+        _check_controlnet_hub_id(path)
+        return
+    if local.is_file():
+        raise ModelLoadError(f"controlnet.path={path!r} is a file; generate loads a ControlNet from a diffusers folder "
+                             f"(config.json + diffusion_pytorch_model.safetensors), as diffusers saves one. {CONTROLNET_FIX}")
+    index = local / "model_index.json"
+    if index.is_file():
+        pipeline = _config_class(index) or "diffusers pipeline"
+        inner = local / "controlnet"
+        hint = (f"Its ControlNet is in a subfolder: controlnet.path={str(inner)!r}." if (inner / "config.json").is_file()
+                else CONTROLNET_FIX)
+        raise ModelLoadError(f"controlnet.path={path!r} is a whole pipeline ({pipeline}, with model_index.json), not a "
+                             f"ControlNet: a ControlNet folder holds a config.json whose _class_name is ControlNetModel. "
+                             f"{hint}")
+    config = local / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"controlnet.path={path!r} holds no config.json, so it is not a diffusers model folder. "
+                             f"{CONTROLNET_FIX}")
+    _check_controlnet_config(path, config)
+    if not any(local.glob("diffusion_pytorch_model*")):
+        raise ModelLoadError(f"controlnet.path={path!r} has a ControlNet config.json but no weights "
+                             f"(diffusion_pytorch_model.safetensors). {CONTROLNET_FIX}")
+
+
+def _check_controlnet_hub_id(path: str) -> None:
+    """A hub id: reachable (one quick query, as for the base model) or in the local hub cache, and
+    its config.json a ControlNet's."""
+    from huggingface_hub import hf_hub_download, model_info, try_to_load_from_cache
+
+    try:
+        model_info(path, timeout=15)
+    except Exception as err:  # offline, unknown or gated repo
+        cached = try_to_load_from_cache(path, "config.json")
+        if not isinstance(cached, str):
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelLoadError(f"controlnet.path={path!r} is not a local folder, and as a hub id it cannot be reached "
+                                 f"and is not in the local hub cache ({type(err).__name__}: {reason[:200]}). "
+                                 f"{CONTROLNET_FIX}") from None
+        config = cached
+    else:
+        try:
+            config = hf_hub_download(path, "config.json")
+        except Exception as err:
+            raise ModelLoadError(f"controlnet.path={path!r}: the hub repo has no readable config.json "
+                                 f"({type(err).__name__}), so it is not a diffusers ControlNet. {CONTROLNET_FIX}") from None
+    _check_controlnet_config(path, Path(config))
+
+
 def load_controlnet(path: str, *, dtype: torch.dtype, unet: torch.nn.Module) -> torch.nn.Module:
     """``ControlNetModel.from_pretrained(path)`` in ``dtype``, checked to fit ``unet``'s base."""
     from diffusers import ControlNetModel
 
-    fix = ("Fix: point controlnet.path at a diffusers ControlNet folder (config.json with _class_name ControlNetModel "
-           "and its weights) made for this base, or set controlnet.path=null.")
-    config = Path(path) / "config.json"
-    if config.is_file():
-        try:
-            kind = json.loads(config.read_text()).get("_class_name")
-        except (OSError, ValueError, AttributeError):
-            kind = None
-        if kind != "ControlNetModel":
-            raise ModelLoadError(f"controlnet.path={path!r} holds a {kind or 'unreadable config'}, not a ControlNetModel. {fix}")
+    fix = CONTROLNET_FIX
+    check_controlnet(path)
     try:
         model = ControlNetModel.from_pretrained(path, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as err:

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError
-from .families import ModelFamily, ModelParts
+from .errors import ConfigError, LoraFileError
+from .families import ModelFamily, ModelParts, get_family
 from .lora_apply import Component, activate, apply_lora
-from .lora_files import LoraFile, read_lora
+from .lora_files import LoraFile, check_family, read_lora
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,22 @@ def base_model_config(
         "no base model: pass one (e.g. model=sdxl model.path=/models/sdxl), or a LoRA written by sdtune, "
         "whose header records the model it was trained on."
     )
+
+
+def check_families(refs: Sequence[LoraRef], loras: Sequence[LoraFile], model_cfg: Mapping[str, Any]) -> None:
+    """Refuse LoRAs of different model families, and any LoRA of another family than the base model,
+    from the headers :func:`read_loras` already read: before any model loads, naming the files."""
+    recorded = [(ref.path, lora.family) for ref, lora in zip(refs, loras, strict=True) if lora.family]
+    for path, family in recorded[1:]:
+        first_path, first = recorded[0]
+        if family != first:
+            raise LoraFileError(
+                f"{first_path!r} is a {first} LoRA and {path!r} is a {family} LoRA: LoRAs of different model families "
+                f"cannot be used on one base model. Fix: pass only {first} LoRAs (with a {first} base model) or only "
+                f"{family} LoRAs (with a {family} base model).")
+    base = get_family(model_cfg["family"]).name
+    for ref, lora in zip(refs, loras, strict=True):
+        check_family(lora, base, ref.path)
 
 
 def pick_device(name: str = "auto") -> torch.device:

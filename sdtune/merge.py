@@ -31,7 +31,7 @@ from .console import tidy_console
 from .errors import ConfigError, LoraFileError, exit_on_user_error
 from .families import get_family
 from .families.builder import build_parts
-from .inference import apply_loras, base_model_config, parse_loras, read_loras
+from .inference import apply_loras, base_model_config, check_families, parse_loras, read_loras
 from .io import atomic_path
 from .ldm_format import pipeline_to_original
 from .lora_apply import fuse
@@ -80,6 +80,7 @@ def merge(cfg: DictConfig) -> tuple[Path, Path | None]:
     out = Path(cfg.out).expanduser()
     loras = read_loras(refs)  # every file vetted (readable, finite, consistent) before the base model loads
     model_cfg = base_model_config(cfg.get("model"), refs, loras)
+    check_families(refs, loras, model_cfg)  # from the headers just read: mixed families fail before any load
     family = get_family(model_cfg["family"])
     single = single_file_path(out) if cfg.single_file and family.single_file_pipeline else None
     _check_target(out, single)  # before loading anything

@@ -31,7 +31,7 @@ from .errors import ConfigError, exit_on_user_error
 from .families import get_family
 from .families.builder import build_parts
 from .generate import infotext
-from .inference import LoraRef, apply_loras, base_model_config, pick_device, read_loras
+from .inference import LoraRef, apply_loras, base_model_config, check_families, pick_device, read_loras
 from .inversion import (
     conditioning,
     ddim_schedulers,
@@ -79,6 +79,7 @@ def morph(cfg: DictConfig, out_dir: Path) -> list[Path]:
     refs = [LoraRef(p) for p in inputs.lora_paths]
     loras = read_loras(refs)  # every file vetted before a model loads
     model_cfg = _base_model(cfg, refs, loras)
+    check_families(refs, loras, model_cfg)  # from the headers just read: mixed families fail before any load
     family = get_family(model_cfg["family"])
     size = int(cfg.size or model_cfg.get("resolution") or family.default_resolution)
     if size % 8:

@@ -25,6 +25,9 @@ from .io import save_image_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 PRESET = "experiment=morph_single"
+#: how train_overrides is written on a command line: Hydra's grammar takes ``key=value`` inside a
+#: list only as a quoted string, and the shell's single quotes keep those double quotes
+OVERRIDES_EXAMPLE = """'train_overrides=["trainer.max_steps=100","optim.optimizer.lr=1e-4"]'"""
 
 
 def training_config(overrides: Sequence[str], *, data_root: Path, run_dir: Path, seed: int,
@@ -47,7 +50,7 @@ def training_config(overrides: Sequence[str], *, data_root: Path, run_dir: Path,
             cfg = compose("config", overrides=[PRESET, *overrides])
     except HydraException as err:  # a mistyped override: name the key and the way to write one
         raise ConfigError(f"train_overrides={list(overrides)} do not compose: {str(err).splitlines()[0]}. Fix: "
-                          "give python -m sdtune overrides, e.g. 'train_overrides=[trainer.max_steps=100]'.") from None
+                          f"give python -m sdtune overrides, each one quoted inside the list, e.g. {OVERRIDES_EXAMPLE}.") from None
     finally:
         restore_gh_from_backup(backup)
     if model:

@@ -90,15 +90,26 @@ def make_picture(target: str | Path, *, steps: int = 20) -> Path:
     return Path(target)
 
 
+def default_base() -> Path:
+    """The toy sd15 base, found from this package's own location (so the command works from any folder)."""
+    from ..config import ROOT
+
+    return ROOT / PICTURE_BASE
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sdtune.toy.controlnet", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", default=PICTURE_BASE, help="--out's base: a diffusers SD1.5/SDXL folder (default: %(default)s)")
+    parser.add_argument("--base", default=str(default_base()),
+                        help="--out's base: a diffusers SD1.5/SDXL folder (default: the toy sd15 base, %(default)s)")
     parser.add_argument("--out", help="write the toy ControlNet folder here")
     parser.add_argument("--picture", help="write the README's img2img/ControlNet picture here (on the toy sd15 base)")
     args = parser.parse_args(argv)
     if not (args.out or args.picture):
         parser.error("give --out and/or --picture")
     if args.out:
+        if not (Path(args.base) / "unet" / "config.json").is_file():
+            parser.error(f"--base {args.base!r} is not a diffusers model folder with a unet/ subfolder. Fix: point "
+                         f"--base at an SD1.5/SDXL diffusers folder, or leave it out for {default_base()}.")
         print(build_toy_controlnet(args.base, args.out))
     if args.picture:
         print(make_picture(args.picture))
