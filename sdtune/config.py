@@ -265,9 +265,10 @@ def normalize_overrides(argv: list[str]) -> list[str]:
         if arg.startswith(("-", "~")) or not sep or "." not in bare or "/" in bare or "@" in bare:
             out.append(arg)
             continue
-        check_override_key(bare)
-        if key == bare and any(bare.startswith(m + ".") for m in OPTIONAL_MAPPINGS):
-            arg = f"++{bare}={value}"
+        if key == bare:  # +key / ++key add keys: validate() names an unknown one
+            check_override_key(bare)
+            if any(bare.startswith(m + ".") for m in OPTIONAL_MAPPINGS):
+                arg = f"++{bare}={value}"
         out.append(arg)
     return out
 
