@@ -12,7 +12,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .config import CONF_DIR, expand_home, register_resolvers
+from .config import CONF_DIR, expand_home, normalize_overrides, register_resolvers
 from .errors import exit_on_user_error
 
 register_resolvers()
@@ -21,12 +21,21 @@ register_resolvers()
 # An absolute path: Hydra resolves a relative one against the package when this module is imported
 # (tests, other tools) rather than run with -m.
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     from .train import train  # heavy imports only once Hydra has parsed the command line
 
     with exit_on_user_error():
         metrics = train(cfg, HydraConfig.get().runtime.output_dir)
     return optimized_value(cfg.get("optimized_metric"), metrics)
+
+
+def main() -> None:
+    """Hydra's app on ``sys.argv``, whose overrides are first put in the form Hydra takes
+    (:func:`~sdtune.config.normalize_overrides`: documented keys of sections that are off by default,
+    our message for a key that is no setting)."""
+    with exit_on_user_error():
+        sys.argv[1:] = normalize_overrides(sys.argv[1:])
+    _hydra_main()
 
 
 def optimized_value(name: str | None, metrics: dict[str, float]) -> float | None:

@@ -18,6 +18,7 @@ A cache that does not fit in half the available CPU memory stays on disk, with a
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -39,8 +40,9 @@ def check_config(data_cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"data.cache_memory must be one of {', '.join(MODES)}, got {mode!r}. "
                           "Fix: e.g. data.cache_memory=auto (the GPU while the caches fit data.cache_budget_gb).")
     budget = data_cfg.get("cache_budget_gb")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0):
-        raise ConfigError(f"data.cache_budget_gb must be a number of GB >= 0 or null (10% of the GPU's memory), "
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not math.isfinite(budget) or budget < 0):
+        raise ConfigError(f"data.cache_budget_gb must be a finite number of GB >= 0 or null (10% of the GPU's memory), "
                           f"got {budget!r}. Fix: e.g. data.cache_budget_gb=4.")
 
 

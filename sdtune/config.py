@@ -91,28 +91,82 @@ def _gpu_requested(cfg: DictConfig) -> bool:
     return torch.cuda.is_available()
 
 
+def _preset_sets(cfg: DictConfig, *, precision: bool = True) -> str:
+    """``hardware=8gb (a GPU memory preset) sets trainer.precision=16-mixed and optim=adamw8bit ...: ``
+    when a GPU memory preset chose the settings a message is about, else ``""``."""
+    preset = _get(cfg, "hardware_preset")
+    if not preset:
+        return ""
+    optimizer = str(_get(cfg, "optim.optimizer._target_") or "")
+    what = [f"trainer.precision={_get(cfg, 'trainer.precision')}"] if precision else []
+    if optimizer.startswith("bitsandbytes."):
+        what.append("optim=adamw8bit (8-bit AdamW from bitsandbytes, CUDA only)")
+    return f"hardware={preset.get('name')} (a GPU memory preset) sets {' and '.join(what)}: "
+
+
 def check_device(cfg: DictConfig) -> None:
-    """Settings that need hardware; checked once the model is known to exist."""
+    """Settings that need hardware or an optional package; checked once the model is known to
+    exist, before it loads."""
     import torch
 
     accelerator = str(_get(cfg, "trainer.accelerator") or "auto")
+    preset = _preset_sets(cfg)
+    cpu_fix = (f" Fix: drop hardware={_get(cfg, 'hardware_preset.name')} on a machine without a GPU (the presets are "
+               "for GPUs), or add trainer=cpu trainer.precision=32 optim=adamw." if preset else "")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
-            f"trainer.accelerator={accelerator} (trainer=gpu, which the GPU presets such as experiment=kolors_lora "
-            "use) but this machine has no CUDA GPU. Fix: run it on a GPU machine, or add trainer=cpu "
-            "trainer.precision=32 to train on the CPU (very slow at full size)."
+            f"{preset}trainer.accelerator={accelerator} (trainer=gpu, which the GPU presets such as experiment=kolors_lora "
+            "use) but this machine has no CUDA GPU."
+            + (cpu_fix or " Fix: run it on a GPU machine, or add trainer=cpu trainer.precision=32 to train on the CPU "
+               "(very slow at full size).")
         )
     if str(_get(cfg, "trainer.precision")) == "16-mixed" and not _gpu_requested(cfg):
         raise ConfigError(
-            "trainer.precision=16-mixed needs a CUDA GPU and none is in use. Fix: trainer.precision=32 "
-            "(or bf16-mixed) on the CPU, e.g. with trainer=cpu."
+            f"{preset}trainer.precision=16-mixed needs a CUDA GPU and none is in use."
+            + (cpu_fix or " Fix: trainer.precision=32 (or bf16-mixed) on the CPU, e.g. with trainer=cpu.")
         )
+    check_optimizer_importable(cfg)
+
+
+#: pip commands of the optimizers' packages beyond the base install (prodigyopt is an extra of pyproject.toml).
+OPTIMIZER_PACKAGES = {**OPTIONAL_OPTIMIZERS, "bitsandbytes": "pip install bitsandbytes"}
+
+
+def check_optimizer_importable(cfg: DictConfig) -> None:
+    """``optim.optimizer._target_`` imports: a missing package (bitsandbytes for optim=adamw8bit and
+    hardware=8gb/12gb) is named with its pip command here, not by Hydra after the model loaded."""
+    import importlib
+
+    target = str(_get(cfg, "optim.optimizer._target_") or "")
+    module, _, name = target.rpartition(".")
+    if not module:
+        raise ConfigError(f"optim.optimizer._target_={target!r} is not an importable class path such as "
+                          "torch.optim.AdamW. Fix: pick an optimizer preset (optim=adamw|adamw8bit|prodigy|adafactor).")
+    package = module.split(".")[0]
+    preset = _preset_sets(cfg, precision=False) if package == "bitsandbytes" else ""
+    try:
+        found = importlib.import_module(module)
+    except ImportError as err:
+        install = OPTIMIZER_PACKAGES.get(package, f"install the package that provides {module}")
+        raise ConfigError(
+            f"{preset}optim.optimizer._target_={target} needs the package {package}, which is not installed or does "
+            f"not import ({first_line(err)}). Fix: {install}, or pick another optimizer (e.g. optim=adamw)."
+        ) from None
+    if not hasattr(found, name):
+        raise ConfigError(f"optim.optimizer._target_={target}: {module} has no {name}. Fix: check the spelling, "
+                          "or pick an optimizer preset (optim=adamw|adamw8bit|prodigy|adafactor).")
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first invalid training setting."""
     from .embeddings import check_config as _check_embedding
 
+    complete_optional_mappings(cfg)
     for check in (_check_known_keys, _check_model, _check_lora, _check_data, _check_trainer, _check_train,
                   _check_data_methods, _check_eval):
         check(cfg)
@@ -149,25 +203,113 @@ def _yaml_file(path: Path) -> dict:
     return yaml.load(path.read_text(encoding="utf-8"), Loader=loader) or {}
 
 
+#: What lora.text_encoder takes (sdtune.text_training).
+TEXT_ENCODER_KEYS = ("rank", "alpha", "targets", "lr")
+#: Mappings that default to null (off) but whose keys are documented one by one: each key is a plain
+#: dotted override (``lora.text_encoder.rank=4``, ``embedding.tokens=[olq]``), and setting one turns
+#: the mapping on (:func:`normalize_overrides`). The embedding group's full mapping is conf/embedding/ti.yaml.
+OPTIONAL_MAPPINGS = ("lora.text_encoder", "embedding")
+
+
+def nested_keys(path: str) -> frozenset[str] | None:
+    """The keys of the nested mapping ``path`` (``train.ema``, ``lora.text_encoder``) that sdtune
+    reads itself; None where ``path`` is not one of them (its keys are then not checked)."""
+    if path == "lora.text_encoder":
+        return frozenset(TEXT_ENCODER_KEYS)
+    if path == "train.ema":
+        return frozenset(_yaml_file(CONF_DIR / "config.yaml")["train"]["ema"])
+    return None
+
+
+def unknown_key_error(parent: str, key: str, known) -> ConfigError:
+    """Our "did you mean" message for ``parent.key``, which is not a setting."""
+    import difflib
+
+    close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+    hint = f"Did you mean {parent}.{close[0]}? " if close else f"Known keys: {', '.join(sorted(known))}. "
+    return ConfigError(
+        f"{parent}.{key} is not a setting of sdtune and would be ignored. {hint}"
+        f"Fix: {parent}.{close[0] if close else '<key>'}=<value> (without +), or remove {parent}.{key}."
+    )
+
+
+def check_override_key(key: str) -> None:
+    """Refuse a dotted override ``key`` that names no setting of sdtune's own sections (before Hydra
+    composes anything, so its "Key ... is not in struct" never reaches the user)."""
+    parts = key.split(".")
+    if parts[0] not in CLOSED_SECTIONS or len(parts) < 2:
+        return
+    if parts[1] not in schema_keys(parts[0]):
+        raise unknown_key_error(parts[0], parts[1], schema_keys(parts[0]))
+    for depth in range(2, len(parts)):
+        parent = ".".join(parts[:depth])
+        known = nested_keys(parent)
+        if known is not None and parts[depth] not in known:
+            raise unknown_key_error(parent, parts[depth], known)
+
+
+def normalize_overrides(argv: list[str]) -> list[str]:
+    """Command-line overrides as Hydra should get them.
+
+    * A key under one of :data:`OPTIONAL_MAPPINGS` (null by default) is passed as ``++key=value``,
+      which creates the mapping: ``lora.text_encoder.rank=4`` turns text-encoder LoRA on, and
+      ``embedding.tokens=[olq]`` without ``embedding=`` trains embeddings as ``embedding=ti`` does
+      (:func:`complete_optional_mappings` fills in the other keys).
+    * A key sdtune does not know in its own sections gets our "did you mean" :class:`ConfigError`.
+    Group choices (``embedding=ti``), deletions (``~key``) and Hydra's own keys pass unchanged.
+    """
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        bare = key.lstrip("+")
+        if arg.startswith(("-", "~")) or not sep or "." not in bare or "/" in bare or "@" in bare:
+            out.append(arg)
+            continue
+        if key == bare:  # +key / ++key add keys: validate() names an unknown one
+            check_override_key(bare)
+            if any(bare.startswith(m + ".") for m in OPTIONAL_MAPPINGS):
+                arg = f"++{bare}={value}"
+        out.append(arg)
+    return out
+
+
+def complete_optional_mappings(cfg: DictConfig) -> None:
+    """Fill in the keys a mapping of :data:`OPTIONAL_MAPPINGS` that was switched on by one of its keys
+    left out: ``embedding`` takes conf/embedding/ti.yaml's values (textual inversion unless
+    ``embedding.with_lora=true``); ``lora.text_encoder``'s alpha, targets and lr default to null."""
+    from omegaconf import open_dict
+
+    te = _get(cfg, "lora.text_encoder")
+    if isinstance(te, DictConfig):
+        with open_dict(te):
+            for key in TEXT_ENCODER_KEYS:
+                if key != "rank" and key not in te:
+                    te[key] = None
+    emb = cfg.get("embedding")
+    if isinstance(emb, DictConfig):
+        defaults = _yaml_file(CONF_DIR / "embedding" / "ti.yaml")
+        with open_dict(emb):
+            for key, value in defaults.items():
+                if key not in emb:
+                    emb[key] = value
+
+
 def _check_known_keys(cfg: DictConfig) -> None:
     """A key sdtune does not know under one of its own sections (``+lora.rnak=8``, a typo in a
     config file) would be silently ignored; refuse it, with the closest known key."""
-    import difflib
-
     for section in CLOSED_SECTIONS:
         node = cfg.get(section)
         if not isinstance(node, DictConfig):
             continue
         known = schema_keys(section)
         for key in node:
-            if key in known:
-                continue
-            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
-            hint = f"Did you mean {section}.{close[0]}? " if close else f"Known keys: {', '.join(sorted(known))}. "
-            raise ConfigError(
-                f"{section}.{key} is not a setting of sdtune and would be ignored. {hint}"
-                f"Fix: {section}.{close[0] if close else '<key>'}=<value> (without +), or remove {section}.{key}."
-            )
+            if key not in known:
+                raise unknown_key_error(section, key, known)
+    for parent in ("lora.text_encoder", "train.ema"):
+        node, known = _get(cfg, parent), nested_keys(parent)
+        for key in node if isinstance(node, DictConfig) else ():
+            if key not in known:
+                raise unknown_key_error(parent, key, known)
 
 
 def _check_model(cfg: DictConfig) -> None:
@@ -212,25 +354,27 @@ def _check_lora(cfg: DictConfig) -> None:
     _check_text_encoder_lora(cfg)
 
 
-#: What lora.text_encoder takes (sdtune.text_training).
-TEXT_ENCODER_KEYS = ("rank", "alpha", "targets", "lr")
-
-
 def _check_text_encoder_lora(cfg: DictConfig) -> None:
     te = _get(cfg, "lora.text_encoder")
     if te is None:
         return
-    example = " Fix: e.g. lora.text_encoder='{rank: 4, alpha: 4, targets: null, lr: 5e-5}', or null (off)."
+    example = " Fix: e.g. lora.text_encoder.rank=4 (and .alpha, .targets, .lr), or lora.text_encoder=null (off)."
     if not isinstance(te, DictConfig):
         raise ConfigError(f"lora.text_encoder must be a mapping with rank (and alpha, targets, lr) or null, got {te!r}.{example}")
     unknown = sorted(set(te.keys()) - set(TEXT_ENCODER_KEYS))
     if unknown:
         raise ConfigError(f"lora.text_encoder.{unknown[0]} is not a setting (it takes {', '.join(TEXT_ENCODER_KEYS)}).{example}")
-    if str(_get(cfg, "lora.type") or "lora") != "lora" or _get(cfg, "lora.use_dora"):
+    kind = str(_get(cfg, "lora.type") or "lora")
+    if kind != "lora":
+        raise ConfigError(
+            f"lora.text_encoder trains plain LoRA layers in the text encoders and is not combined with lora.type={kind} "
+            f"on the UNet. Fix: lora.type=lora, or lora.text_encoder=null (no text-encoder LoRA)."
+        )
+    if _get(cfg, "lora.use_dora"):
         raise ConfigError(
             "lora.text_encoder trains plain LoRA layers in the text encoders and is not combined with "
-            f"lora.type={_get(cfg, 'lora.type')} / lora.use_dora={_get(cfg, 'lora.use_dora')} on the UNet. Fix: "
-            "lora.text_encoder=null, or lora.type=lora lora.use_dora=false."
+            "lora.use_dora=true (DoRA) on the UNet. Fix: lora.use_dora=false, or lora.text_encoder=null "
+            "(no text-encoder LoRA)."
         )
     if "rank" not in te:
         raise ConfigError(f"lora.text_encoder has no rank.{example}")
@@ -429,6 +573,7 @@ def _check_optim_extras(cfg: DictConfig) -> None:
             f"optim.lora_plus_ratio must be a number > 0 (the LoRA B matrices learn at lr * ratio) or null (off), "
             f"got {ratio!r}. Fix: e.g. optim.lora_plus_ratio=16 (the LoRA+ paper's choice)."
         )
+    _check_one_lr_optimizer(cfg)
     target = str(_get(cfg, "optim.optimizer._target_") or "")
     package = target.split(".")[0]
     if package in OPTIONAL_OPTIMIZERS:
@@ -441,6 +586,40 @@ def _check_optim_extras(cfg: DictConfig) -> None:
                 f"optim.optimizer._target_={target} needs the package {package}, which is not installed. "
                 f"Fix: {OPTIONAL_OPTIMIZERS[package]}, or pick another optimizer (e.g. optim=adamw)."
             ) from None
+
+
+def _check_one_lr_optimizer(cfg: DictConfig) -> None:
+    """Prodigy (``optim=prodigy``) takes one lr for all parameter groups (0 freezes one): prodigyopt
+    raises a RuntimeError at the first step otherwise. LoRA+, the text encoders' own ``lr`` and the
+    embeddings' ``lr`` each make a group at another lr."""
+    target = str(_get(cfg, "optim.optimizer._target_") or "")
+    if not target.endswith(".Prodigy"):
+        return
+    lr = _get(cfg, "optim.optimizer.lr")
+    embedding = cfg.get("embedding")
+    with_lora = not isinstance(embedding, DictConfig) or embedding.get("with_lora") is not False
+    ratio = _get(cfg, "optim.lora_plus_ratio")
+    preset = f"optim.optimizer._target_={target} (optim=prodigy) uses one learning rate for every parameter group"
+    if with_lora and ratio is not None and ratio != 1 and lr:
+        raise ConfigError(
+            f"{preset}, but optim.lora_plus_ratio={ratio} trains the LoRA B matrices at optim.optimizer.lr * {ratio}; "
+            "prodigyopt would stop at the first step. Fix: optim.lora_plus_ratio=null (Prodigy sets its own step "
+            "size), or another optimizer for LoRA+ (e.g. optim=adamw)."
+        )
+    groups = {"optim.optimizer.lr": lr} if with_lora else {}
+    te_lr = _get(cfg, "lora.text_encoder.lr") if isinstance(_get(cfg, "lora.text_encoder"), DictConfig) else None
+    if te_lr is not None:
+        groups["lora.text_encoder.lr"] = te_lr
+    if isinstance(embedding, DictConfig) and embedding.get("lr") is not None:
+        groups["embedding.lr"] = embedding.get("lr")
+    used = [(key, value) for key, value in groups.items() if value != 0]  # lr 0: a frozen group, which Prodigy allows
+    if len({value for _, value in used}) > 1:
+        (first, a), (second, b) = used[0], next(item for item in used[1:] if item[1] != used[0][1])
+        raise ConfigError(
+            f"{preset}, but {second}={b} differs from {first}={a}; prodigyopt would stop at the first step. "
+            f"Fix: {second}={a} (with Prodigy an lr multiplies the step size it estimates), or another "
+            "optimizer for different learning rates (e.g. optim=adamw)."
+        )
 
 
 def _check_ema(cfg: DictConfig) -> None:
@@ -459,6 +638,35 @@ def _check_ema(cfg: DictConfig) -> None:
             "train.ema.use_for_export=true, but train.ema.enabled=false keeps no EMA weights to export. "
             "Fix: add train.ema.enabled=true, or drop use_for_export."
         )
+
+
+def check_against_base(cfg: Any, source: str, captions: list[str]) -> None:
+    """Settings checked against the base model's own configs and tokenizers, before its weights load:
+    ``lora.targets`` and ``lora.rank`` against the UNet's layers and ``lora.text_encoder.targets``
+    against the text encoders' (all built on the meta device), ``embedding.tokens`` and
+    ``embedding.num_vectors`` against the tokenizers and the captions. Only a diffusers folder has
+    the configs; for other sources the same checks run once the model has loaded."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from .bench.arch import architecture
+    from .embeddings import check_base
+    from .families import get_family
+    from .lora import check_rank_fits, check_targets, spec_from_config
+    from .text_training import check_targets_in_configs
+
+    family = get_family(cfg["model"]["family"])
+    try:
+        arch = architecture(family, source)
+    except (OSError, ValueError, KeyError):  # no diffusers folder (a hub id, a single file): checked after loading
+        return
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(arch["unet"])
+    spec = spec_from_config(cfg["lora"], family.default_lora_targets)
+    check_targets(unet, spec.targets)
+    check_rank_fits(unet, spec)
+    check_targets_in_configs(cfg, family, arch)
+    check_base(cfg, source, captions)
 
 
 def expand_home(argv: list[str]) -> list[str]:

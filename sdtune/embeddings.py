@@ -113,6 +113,75 @@ def check_config(cfg: Mapping[str, Any]) -> None:
         )
 
 
+#: Made-up words a tokenizer usually splits into pieces: the suggestion when a token is a known word.
+RARE_WORDS = ("olq", "zwq", "qxv", "sks")
+
+
+def known_word(tokenizer: Any, name: str) -> str | None:
+    """The vocabulary entry ``name`` already is (``red`` -> ``red</w>``), or None when the tokenizer
+    splits it into pieces. A new token of a known word's name would replace that word in every caption."""
+    vocab = tokenizer.get_vocab()
+    for entry in (name, f"{name}</w>"):
+        if entry in vocab:
+            return entry
+    pieces = tokenizer.tokenize(name)
+    return pieces[0] if len(pieces) == 1 and pieces[0] in vocab else None
+
+
+def check_tokenizer(spec: EmbeddingSpec, tokenizer: Any, index: int, family: str, captions: list[str] = ()) -> None:
+    """``spec`` against a real tokenizer of the base (before the model loads where it can be read):
+    every new word is new to it, and ``num_vectors`` copies of it fit in its prompt length beside
+    the other words of the captions that use it (the rest would be cut off and never trained)."""
+    for name in spec.all_names():
+        entry = known_word(tokenizer, name)
+        if entry is not None:
+            free = next((w for w in RARE_WORDS if w not in spec.tokens and known_word(tokenizer, w) is None), "olq")
+            raise ConfigError(
+                f"embedding.tokens: {name!r} is already a word of the {family} tokenizer {index + 1} ({entry!r}), so a "
+                f"new token of that name would replace the word in every caption. Fix: pick a rare made-up string "
+                f"that the tokenizer splits into pieces, e.g. embedding.tokens=[{free}]."
+            )
+    limit = int(tokenizer.model_max_length) - 2  # the tokens between the start and end tokens
+    allowed, worst = limit - 1, None  # a caption holds at least one other word
+    for token in spec.tokens:
+        pattern = re.compile(rf"(?<![\w]){re.escape(token)}(?![\w])")
+        for caption in dict.fromkeys(captions):
+            uses = len(pattern.findall(caption))
+            if not uses:
+                continue
+            other = len(tokenizer(pattern.sub(" ", caption), add_special_tokens=False).input_ids)
+            if (limit - other) // uses < allowed:
+                allowed, worst = (limit - other) // uses, (caption, other)
+    if spec.num_vectors > max(allowed, 1):
+        where = (f"the caption {worst[0][:80]!r} needs {worst[1]} for its other words" if worst else
+                 "a caption needs at least one more for its other words")
+        raise ConfigError(
+            f"embedding.num_vectors={spec.num_vectors} is more than a prompt can hold: the {family} tokenizer "
+            f"{index + 1} reads {tokenizer.model_max_length} tokens ({limit} between its start and end tokens) and "
+            f"{where}, so at most {max(allowed, 1)} vector(s) per word fit; the rest would be cut off every step "
+            f"and never trained. Fix: embedding.num_vectors={max(1, min(allowed, 8))} (1-8 is usual)."
+        )
+
+
+def check_base(cfg: Mapping[str, Any], source: str, captions: list[str]) -> None:
+    """:func:`check_tokenizer` with the tokenizers of a diffusers folder ``source``, before its
+    weights load (other sources: :func:`install` checks the loaded tokenizers)."""
+    from pathlib import Path
+
+    spec = spec_from_config(cfg)
+    if spec is None:
+        return
+    family = get_family(cfg["model"]["family"])
+    folders = [sub.replace("text_encoder", "tokenizer") for sub in family.text_encoder_subfolders]
+    if not family.embedding_keys or not all((Path(source) / f).is_dir() for f in folders):
+        return
+    from transformers import CLIPTokenizer
+
+    for index, folder in enumerate(folders):
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder=folder)
+        check_tokenizer(spec, tokenizer, index, family.name, list(captions))
+
+
 def lora_trains(cfg: Mapping[str, Any]) -> bool:
     """False for textual inversion alone (``embedding.with_lora: false``): no UNet LoRA trains or is written."""
     spec = spec_from_config(cfg)
@@ -169,12 +238,7 @@ def install(cfg: Mapping[str, Any], family: ModelFamily, parts: ModelParts) -> T
     names = spec.all_names()
     layers = []
     for i, (tokenizer, encoder) in enumerate(zip(parts.tokenizers, parts.text_encoders)):
-        known = [n for n in names if n in tokenizer.get_vocab()]
-        if known:
-            raise ConfigError(
-                f"embedding.tokens: {known[0]!r} is already a word of the {family.name} tokenizer {i + 1}, so it "
-                f"cannot become a new one. Fix: choose a new made-up word (e.g. embedding.tokens=[olq])."
-            )
+        check_tokenizer(spec, tokenizer, i, family.name)
         tokenizer.add_tokens(names)
         ids = tokenizer.convert_tokens_to_ids(names)
         if ids != list(range(ids[0], ids[0] + len(ids))):

@@ -7,6 +7,7 @@ trainable tensors consistently between the live model, Lightning checkpoints and
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,8 @@ import torch
 from .adapters import ADAPTER_TYPES, is_adapter_key, strip_adapter_name
 from .adapters import peft_config as adapter_config
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 ADAPTER = "default"  # peft's adapter name inside the training UNet
 
@@ -89,6 +92,28 @@ def check_targets(unet: torch.nn.Module, targets: tuple[str, ...]) -> None:
             f"lora.targets: {unmatched} match no linear or conv layer of this UNet. Fix: use layer names such as "
             f"[to_q,to_k,to_v,to_out.0] (attention), [proj_in,proj_out,ff.net.2], or full module paths; names here: {hint}."
         )
+
+
+def check_rank_fits(unet: torch.nn.Module, spec: LoraSpec) -> None:
+    """``lora.rank`` against the widths of the layers ``spec.targets`` selects (a meta-device UNet will
+    do): larger than every one of them is refused (it only wastes memory: a layer's update has at most
+    min(in, out) directions), larger than some of them is a warning."""
+    widths = []
+    for name, m in unet.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and any(name == t or name.endswith("." + t) for t in spec.targets):
+            widths.append(min(m.weight.shape[0], m.weight.shape[1]))
+    if not widths or spec.rank <= min(widths):
+        return
+    kind = "lora.type=" + spec.type if spec.type != "lora" else "LoRA"
+    if spec.rank > max(widths):
+        raise ConfigError(
+            f"lora.rank={spec.rank} is larger than any layer it could adapt: the widest layer lora.targets selects "
+            f"in this UNet has {max(widths)} features (a {kind} update of a layer has at most that many directions; "
+            f"a larger rank only wastes memory). Fix: lora.rank={min(16, max(widths))} (at most {max(widths)} here)."
+        )
+    narrow = sum(w < spec.rank for w in widths)
+    log.warning("lora.rank=%d is larger than %d of the %d layers lora.targets selects (the narrowest has %d "
+                "features): those layers cannot use the extra rank", spec.rank, narrow, len(widths), min(widths))
 
 
 def is_lora_key(key: str) -> bool:

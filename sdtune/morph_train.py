@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from .config import CONF_DIR
+from .config import CONF_DIR, normalize_overrides
 from .errors import ConfigError
 from .io import save_image_atomic, write_text_atomic
 
@@ -47,7 +47,7 @@ def training_config(overrides: Sequence[str], *, data_root: Path, run_dir: Path,
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=[PRESET, *overrides])
+            cfg = compose("config", overrides=[PRESET, *normalize_overrides(list(overrides))])
     except HydraException as err:  # a mistyped override: name the key and the way to write one
         raise ConfigError(f"train_overrides={list(overrides)} do not compose: {str(err).splitlines()[0]}. Fix: "
                           f"give python -m sdtune overrides, each one quoted inside the list, e.g. {OVERRIDES_EXAMPLE}.") from None

@@ -86,6 +86,18 @@ def check_text_encoder_targets(encoder: torch.nn.Module, targets: Iterable[str],
         )
 
 
+def check_targets_in_configs(cfg: Mapping[str, Any], family: ModelFamily, arch: Mapping[str, Any]) -> None:
+    """:func:`check_text_encoder_targets` before the weights load: on text encoders built on the meta
+    device from the base's configs (``arch``, :func:`sdtune.bench.arch.architecture`)."""
+    spec = text_encoder_spec(cfg, family)
+    if spec is None:
+        return
+    with torch.device("meta"):
+        _, encoders = family.random_text_parts(arch, meta=True)
+    for index, encoder in enumerate(encoders):
+        check_text_encoder_targets(encoder, spec.targets, index, family)
+
+
 def inject_text_encoders(parts: ModelParts, spec: LoraSpec, family: ModelFamily, *, dropout: float = 0.0,
                          init: str | bool = "gaussian", gradient_checkpointing: bool = False) -> None:
     """Add trainable LoRA layers (fp32) to every text encoder of ``parts``, in train mode."""

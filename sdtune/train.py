@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpointing import AtomicCheckpointIO, check_resumable, data_manifest, resolve_ckpt_path
 from .class_images import class_manifest, class_records
-from .config import check_device, validate
+from .config import check_against_base, check_device, validate
 from .console import tidy_console
 from .data import ImageCaptionDataModule, load_records
 from .data.datamodule import folder_repeats
@@ -119,6 +119,7 @@ def _fit(cfg: DictConfig, output_dir: Path, records: list) -> dict[str, Any]:
         lost = drop_rows_after(output_dir / "logs" / "csv" / "metrics.csv", int(ckpt["global_step"]))
         log.info("resuming from %s (step %d)%s", ckpt_path, ckpt["global_step"], f"; dropped {lost} log rows logged after it" if lost else "")
     source = model_source(resolved["model"])  # an unreachable model fails here, in seconds
+    check_against_base(resolved, source, [c for r in records for c in r.captions])  # configs and tokenizers only
     # kohya's ss_num_train_images counts repeats: the images one epoch trains on
     module = LoRATrainingModule(resolved, model_source=source, num_train_images=len(datamodule.dataset),
                                 data_manifest=manifest)

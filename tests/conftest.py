@@ -17,7 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from sdtune.config import register_resolvers
+from sdtune.config import normalize_overrides, register_resolvers
 from sdtune.tiny import ensure_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def compose_cfg(*overrides: str, output_dir: str | os.PathLike = "/nonexistent-output") -> DictConfig:
     """The config ``python -m sdtune OVERRIDES`` would see, with the run folder set explicitly."""
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+        cfg = compose("config", overrides=[*normalize_overrides(list(overrides)), f"paths.output_dir={output_dir}"])
     return cfg
 
 

@@ -124,7 +124,7 @@ def test_placement_shares_one_device_budget_and_refuses_bad_settings(tmp_path):
     assert CacheMemory(torch.device("cpu"), "auto").place(1, "x") == "cpu"  # a CPU run: served by the loader
     assert CacheMemory(torch.device("cpu"), "disk").place(1, "x", on_disk=False) == "cpu"  # no files to read
     for override, message in [("data.cache_memory=gpu", "data.cache_memory must be one of auto, device, cpu, disk"),
-                              ("data.cache_budget_gb=-1", "data.cache_budget_gb must be a number")]:
+                              ("data.cache_budget_gb=-1", "data.cache_budget_gb must be a finite number")]:
         with pytest.raises(ConfigError, match=message):
             validate(compose_cfg("experiment=quickstart", override, output_dir=tmp_path))
 

@@ -92,7 +92,7 @@ def test_unset_data_root_says_how_to_fix(tmp_path):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["lora.text_encoder={rank: 2}", "lora.type=loha"], r"lora.text_encoder .* not combined with lora.type=loha"),
-    (["lora.text_encoder={rank: 2}", "lora.use_dora=true"], r"lora.text_encoder .* lora.use_dora=True"),
+    (["lora.text_encoder={rank: 2}", "lora.use_dora=true"], r"lora.text_encoder .* lora.use_dora=true \(DoRA\).*Fix: lora.use_dora=false"),
     (["lora.text_encoder={rank: 2}", "embedding=ti", "embedding.tokens=[olq]", "embedding.init=blue"],
      r"embedding .* and lora.text_encoder are not combined"),
 ])
