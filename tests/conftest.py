@@ -122,9 +122,12 @@ def kill_when_written(args: list[str], marker: Path, timeout: float = 300) -> in
 
 def run_main(capsys, *args: str) -> tuple[int, str]:
     """``python -m sdtune ARGS`` in this process (no interpreter start-up): (exit code, stderr)."""
+    import logging
+
     from sdtune.__main__ import main
 
-    argv = sys.argv
+    argv, root = sys.argv, logging.getLogger()
+    handlers = root.handlers[:]
     sys.argv = ["sdtune", *args]
     try:
         main()
@@ -133,6 +136,12 @@ def run_main(capsys, *args: str) -> tuple[int, str]:
         code = exit_.code if isinstance(exit_.code, int) else 1
     finally:
         sys.argv = argv
+        # Hydra's job logging binds handlers to this test's captured streams, which close with the
+        # test; left on the root logger they turn a later test's log line into "--- Logging error ---".
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
     return code, capsys.readouterr().err
 
 
