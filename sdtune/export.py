@@ -90,7 +90,8 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str = D
         raise LoraFileError(f"{str(ckpt_path)!r}: its run config sets lora.text_encoder but it holds no text-encoder LoRA "
                             f"tensors. {CHECKPOINT_FIX}")
     config = unet_config_for(cfg) if format == "kohya" else None
-    weights = base_weights_from(cfg["model"]["path"], tensors) if format == "kohya" else None  # DoRA's dora_scale
+    weights = (base_weights_from(cfg["model"]["path"], tensors, origin=f"from the run config stored in {ckpt_path}")
+               if format == "kohya" else None)  # DoRA's dora_scale
     return save_lora(out, tensors, header, format=format, unet_config=config, text_encoders=text_encoders, base_weights=weights)
 
 

@@ -148,9 +148,14 @@ def prepare_pictures(spec: ImageInput, size: int) -> Pictures:
     return pictures
 
 
-def load_controlnet(path: str, *, dtype: torch.dtype, unet: torch.nn.Module) -> torch.nn.Module:
-    """``ControlNetModel.from_pretrained(path)`` in ``dtype``, checked to fit ``unet``'s base."""
+def load_controlnet(path: str, *, dtype: torch.dtype, unet: torch.nn.Module, allow_pickle: bool = False) -> torch.nn.Module:
+    """``ControlNetModel.from_pretrained(path)`` in ``dtype``, checked to fit ``unet``'s base; pickle
+    weights only with ``allow_pickle`` (the user's ``model.allow_pickle=true``)."""
     from diffusers import ControlNetModel
+
+    from .families.source import check_weights
+
+    check_weights(path, key="controlnet.path", allow_pickle=allow_pickle)
 
     fix = ("Fix: point controlnet.path at a diffusers ControlNet folder (config.json with _class_name ControlNetModel "
            "and its weights) made for this base, or set controlnet.path=null.")
