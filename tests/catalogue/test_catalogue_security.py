@@ -10,6 +10,7 @@ this command line. Each attack here creates a marker file (or truncates a victim
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import sys
@@ -88,14 +89,20 @@ def shared_run(tmp_path, *extra: str):
     run = tmp_path / "shared"
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*RUN_ARGS, *extra]))
+    (run / "checkpoints").mkdir()
+    torch.save(_checkpoint(), run / "checkpoints" / "last.ckpt")
+    return run
+
+
+@functools.cache
+def _checkpoint() -> dict:
+    """The least checkpoint the resume checks accept for RUN_ARGS (no weights: fitting would fail later)."""
     cfg = resolved(compose_cfg(*RUN_ARGS))
     family = get_family(cfg["model"]["family"])
     spec = spec_from_config(cfg["lora"], family.default_lora_targets)
-    (run / "checkpoints").mkdir()
-    torch.save({"sdtune": {"family": family.name, "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets),
-                           "adapter": spec.kind, "text_encoder": None},
-                "hyper_parameters": {"cfg": {}}, "global_step": 0, "state_dict": {}}, run / "checkpoints" / "last.ckpt")
-    return run
+    return {"sdtune": {"family": family.name, "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets),
+                       "adapter": spec.kind, "text_encoder": None},
+            "hyper_parameters": {"cfg": {}}, "global_step": 0, "state_dict": {}}
 
 
 @pytest.fixture
