@@ -58,7 +58,8 @@ def cli() -> None:
     from .resume import resume_argv
     from .run_folder import output_dir_problem
 
-    sys.argv[1:] = resume_argv(expand_home(sys.argv[1:]))  # ckpt_path=<run>: that run's own overrides first
+    with exit_on_user_error():  # ckpt_path=<run>: that run's own overrides first (vetted: a folder may be shared)
+        sys.argv[1:] = resume_argv(expand_home(sys.argv[1:]))
     problem = output_dir_problem(sys.argv[1:], default_root=Path.cwd() / "outputs")
     if problem:
         print(f"error: {problem}", file=sys.stderr)

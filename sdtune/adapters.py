@@ -260,11 +260,16 @@ def base_weights(unet: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> 
     return out
 
 
-def base_weights_from(model_path: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """:func:`base_weights` read from the base model's UNet at ``model_path`` (offline), or None."""
+def base_weights_from(model_path: str, tensors: Mapping[str, torch.Tensor], *, origin: str) -> dict[str, torch.Tensor] | None:
+    """:func:`base_weights` read from the base model's UNet at ``model_path`` (offline), or None.
+    ``origin``: the file that named ``model_path``; pickle weights are never loaded from such a path."""
     if not any(k.endswith(MAGNITUDE) for k in tensors):
         return {}
     from diffusers import UNet2DConditionModel
+
+    from .families.source import check_weights
+
+    check_weights(model_path, key="model.path", allow_pickle=False, origin=origin)
 
     try:
         unet = UNet2DConditionModel.from_pretrained(str(model_path), subfolder="unet", local_files_only=True)

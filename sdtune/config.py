@@ -324,6 +324,8 @@ def _check_model(cfg: DictConfig) -> None:
             f"hardware={preset.name} does not fit a {family} LoRA (it covers {list(preset.families)}; Kolors' text "
             "encoder alone needs about 12.5 GB). Fix: hardware=16gb or more, or another model."
         )
+    if not isinstance(_get(cfg, "model.allow_pickle") or False, bool):
+        raise ConfigError(f"model.allow_pickle must be true or false, got {_get(cfg, 'model.allow_pickle')!r}.")
     if not _get(cfg, "model.path"):
         raise ConfigError("model.path is not set. Fix: model.path=<diffusers folder or hub id>.")
 
@@ -479,6 +481,11 @@ def _check_eval(cfg: DictConfig) -> None:
 
     node = _get(cfg, "eval")
     spec = parse_eval(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node)
+    if spec and (spec.clip_model or spec.dino_model):  # the loading gate, before any model loads
+        from .families.source import check_weights
+
+        check_weights(spec.clip_model, key="eval.clip_model", allow_pickle=_get(cfg, "model.allow_pickle") is True)
+        check_weights(spec.dino_model, key="eval.dino_model", allow_pickle=_get(cfg, "model.allow_pickle") is True)
     metric = _get(cfg, "optimized_metric")
     if isinstance(metric, str):
         check_optimized_metric(metric, spec)

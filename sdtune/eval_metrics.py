@@ -81,7 +81,10 @@ def _on(model: torch.nn.Module, device: torch.device):
 class ClipScorer:
     """CLIP image and text embeddings from a local folder (``eval.clip_model``)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, allow_pickle: bool = False):
+        from .families.source import check_weights
+
+        check_weights(path, key="eval.clip_model", allow_pickle=allow_pickle)  # the loading gate: no pickles unless allowed
         from transformers import CLIPModel, CLIPProcessor
 
         try:
@@ -109,7 +112,10 @@ class ClipScorer:
 class DinoScorer:
     """DINO / DINOv2 image embeddings (the CLS token) from a local folder (``eval.dino_model``)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, allow_pickle: bool = False):
+        from .families.source import check_weights
+
+        check_weights(path, key="eval.dino_model", allow_pickle=allow_pickle)  # the loading gate: no pickles unless allowed
         from transformers import AutoImageProcessor, AutoModel
 
         try:

@@ -123,8 +123,9 @@ class ReferenceEval(L.Callback):
         if self._refs is not None:
             return self._refs
         spec, device = self.spec, pl_module.device
-        self._clip = ClipScorer(spec.clip_model) if spec.clip_model else None
-        self._dino = DinoScorer(spec.dino_model) if spec.dino_model else None
+        allow_pickle = (pl_module.cfg.get("model") or {}).get("allow_pickle", False) is True
+        self._clip = ClipScorer(spec.clip_model, allow_pickle=allow_pickle) if spec.clip_model else None
+        self._dino = DinoScorer(spec.dino_model, allow_pickle=allow_pickle) if spec.dino_model else None
         refs: dict[str, dict[str, torch.Tensor]] = {}
         for p in spec.prompts:
             refs[p.name] = {}

@@ -98,7 +98,8 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str = D
     config = unet_config_for(cfg) if format == "kohya" else None
     if dora_as_lora_rank is not None:
         tensors, header = _dora_as_lora(tensors, header, cfg, dora_as_lora_rank, str(ckpt_path))
-    weights = base_weights_from(cfg["model"]["path"], tensors) if format == "kohya" else None  # DoRA's dora_scale
+    weights = (base_weights_from(cfg["model"]["path"], tensors, origin=f"from the run config stored in {ckpt_path}")
+               if format == "kohya" else None)  # DoRA's dora_scale
     return save_lora(out, tensors, header, format=format, unet_config=config, text_encoders=text_encoders, base_weights=weights)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from .config import register_resolvers
@@ -29,6 +29,7 @@ from .embedding_files import load_embeddings, parse_embeddings, read_embeddings
 from .errors import ConfigError, exit_on_user_error
 from .families import get_family
 from .families.builder import build_parts
+from .families.source import check_weights
 from .image_input import draw, infotext_fields, load_controlnet, parse_image_input, prepare_pictures, record_fields
 from .inference import apply_loras, base_model_config, check_families, parse_loras, pick_device, read_loras
 from .io import save_image_atomic, write_text_atomic
@@ -46,6 +47,8 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     if int(cfg.num_images) < 1 or int(cfg.steps) < 1:
         raise ConfigError(f"num_images and steps must be >= 1, got {cfg.num_images} and {cfg.steps}.")
     spec = parse_image_input(cfg)  # pictures and settings checked before anything loads
+    allow_pickle = OmegaConf.select(cfg, "model.allow_pickle", default=False) is True  # the user's, never a header's
+    check_weights(spec.controlnet, key="controlnet.path", allow_pickle=allow_pickle)
     loras = read_loras(refs)  # every file vetted (readable, finite, consistent) before the base model loads
     model_cfg = base_model_config(cfg.get("model"), refs, loras)
     check_families(refs, loras, model_cfg)  # from the headers just read: mixed families fail before any load
@@ -60,7 +63,8 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     family, parts = build_parts(model_cfg, dtype=dtype)
     adapters = apply_loras(parts, family, refs, loras)
-    controlnet = load_controlnet(spec.controlnet, dtype=dtype, unet=parts.unet) if spec.controlnet else None
+    controlnet = (load_controlnet(spec.controlnet, dtype=dtype, unet=parts.unet, allow_pickle=allow_pickle)
+                  if spec.controlnet else None)
     pipe = family.build_pipeline(parts, task=spec.task, controlnet=controlnet).to(device)
     load_embeddings(pipe, parts, family, embedding_refs, embeddings)  # textual-inversion words (embeddings=[...])
     pipe.set_progress_bar_config(disable=True)

@@ -233,12 +233,16 @@ def _check_controlnet_hub_id(path: str) -> None:
     _check_controlnet_config(path, Path(config))
 
 
-def load_controlnet(path: str, *, dtype: torch.dtype, unet: torch.nn.Module) -> torch.nn.Module:
-    """``ControlNetModel.from_pretrained(path)`` in ``dtype``, checked to fit ``unet``'s base."""
+def load_controlnet(path: str, *, dtype: torch.dtype, unet: torch.nn.Module, allow_pickle: bool = False) -> torch.nn.Module:
+    """``ControlNetModel.from_pretrained(path)`` in ``dtype``, checked to fit ``unet``'s base; pickle
+    weights only with ``allow_pickle`` (the user's ``model.allow_pickle=true``)."""
     from diffusers import ControlNetModel
+
+    from .families.source import check_weights
 
     fix = CONTROLNET_FIX
     check_controlnet(path)
+    check_weights(path, key="controlnet.path", allow_pickle=allow_pickle)
     try:
         model = ControlNetModel.from_pretrained(path, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as err:

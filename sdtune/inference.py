@@ -66,7 +66,7 @@ def base_model_config(
         trained = (loras[i] if loras is not None else read_lora(ref.path)).config
         if trained and "model" in trained:
             log.info("base model from %s: %s", ref.path, trained["model"]["path"])
-            return dict(trained["model"])
+            return header_model(trained["model"], ref.path)
     raise ConfigError(
         "no base model: pass one (e.g. model=sdxl model.path=/models/sdxl), or a LoRA written by sdtune, "
         "whose header records the model it was trained on."
@@ -87,6 +87,27 @@ def check_families(refs: Sequence[LoraRef], loras: Sequence[LoraFile], model_cfg
     base = get_family(model_cfg["family"]).name
     for ref, lora in zip(refs, loras, strict=True):
         check_family(lora, base, ref.path)
+
+
+#: What a LoRA header may say about its base model: data only. ``allow_pickle`` (a safety switch)
+#: is never taken from a file; every other key is dropped too.
+HEADER_MODEL_KEYS = ("family", "path", "vae_path", "revision", "config", "resolution", "tiny", "guidance")
+
+
+def header_model(model: Mapping[str, Any], lora_path: str) -> dict[str, Any]:
+    """The base model a LoRA header records, as data: the known keys only, ``allow_pickle`` off,
+    and its weight paths through the pickle gate at once (a header naming a pickle is refused
+    before anything loads, whatever it says about ``allow_pickle``)."""
+    from .families.source import check_weights
+
+    if model.get("allow_pickle"):
+        log.warning("%s: its header says model.allow_pickle=%r; ignored (a safety switch is never taken from a file)",
+                    lora_path, model.get("allow_pickle"))
+    out = {k: model[k] for k in HEADER_MODEL_KEYS if k in model}
+    out["allow_pickle"] = False
+    for key in ("path", "vae_path"):
+        check_weights(out.get(key), key=f"model.{key}", allow_pickle=False, origin=f"from the header of {lora_path}")
+    return out
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -182,6 +182,8 @@ def test_sigint_at_a_random_step_saves_it_and_the_run_folder_alone_resumes_it(qu
 
     resumed = run_cli(f"ckpt_path={run}")  # no other argument: the run's own settings, in its own folder
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resume: replaying the command line of {run.resolve()} (.hydra/overrides.yaml): {' '.join(QUICKSTART_ARGS)}" \
+        in resumed.stderr  # what is replayed is said
     assert _same(run / "lora.safetensors", quickstart_run / "lora.safetensors") == 0.0, (delay, stopped)
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 30
 

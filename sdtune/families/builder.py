@@ -15,19 +15,22 @@ import torch
 
 from . import get_family
 from .base import ModelFamily, ModelParts
-from .source import resolve_model_source
+from .source import check_weights, resolve_model_source
 
 
 def model_source(model_cfg: Mapping[str, Any]) -> str:
-    """Where ``model_cfg``'s weights are: a local folder or file, or a reachable hub id."""
+    """Where ``model_cfg``'s weights are: a local folder or file, or a reachable hub id. The base
+    model and its VAE pass the pickle gate (:func:`~sdtune.families.source.check_weights`)."""
     from ..tiny import prepare_tiny
 
     prepare_tiny(model_cfg)
+    allow_pickle = model_cfg.get("allow_pickle", False) is True
+    check_weights(model_cfg.get("vae_path"), key="model.vae_path", allow_pickle=allow_pickle)
     return resolve_model_source(
         str(model_cfg["path"]),
         family=get_family(model_cfg["family"]).name,
         revision=model_cfg.get("revision"),
-        allow_pickle=bool(model_cfg.get("allow_pickle", False)),
+        allow_pickle=allow_pickle,
     )
 
 

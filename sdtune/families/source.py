@@ -17,17 +17,78 @@ _HINT = (
 )
 
 
+#: Weight formats loaded through Python's pickle, which can run any code while loading.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+SAFE_WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+
+
 def _looks_local(path: str) -> bool:
     """Hub ids are exactly ``owner/name``; anything else is meant as a file or folder."""
     return (
         path.startswith(("/", ".", "~"))
         or "\\" in path
         or path.count("/") != 1
-        or path.endswith((".safetensors", ".ckpt", ".bin", ".pt"))
+        or path.endswith((".safetensors", *PICKLE_SUFFIXES))
     )
 
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+#: Names diffusers' and transformers' ``from_pretrained`` read a part's pickle weights from
+#: (``diffusion_pytorch_model.bin``, ``pytorch_model-00001-of-00007.bin``, ...).
+PICKLE_WEIGHT_PREFIXES = ("diffusion_pytorch_model", "pytorch_model")
+SAFE_WEIGHT_PREFIXES = ("diffusion_pytorch_model", "model")
+
+
+def pickle_weights(path: str | Path) -> list[Path]:
+    """The pickle-format weight files a loader would read at ``path``: the file itself when it is
+    one, or, in a model folder, those of every part (the folder or a subfolder such as ``unet/``)
+    whose weights are only pickles (diffusers and transformers load a part's .safetensors when it
+    has one). Empty for a hub id, a missing path or a folder with safe weights."""
+    local = Path(str(path)).expanduser()
+    if local.is_file():
+        return [local] if local.suffix.lower() in PICKLE_SUFFIXES else []
+    if not local.is_dir():
+        return []
+    found: list[Path] = []
+    try:
+        parts = [local, *sorted(p for p in local.iterdir() if p.is_dir() and not p.name.startswith("."))]
+        for part in parts:
+            files = [f for f in part.iterdir() if not f.name.startswith(".") and f.is_file()]
+            weights = [f for f in files if f.name.startswith(PICKLE_WEIGHT_PREFIXES)]
+            pickles = [f for f in weights if f.suffix.lower() in PICKLE_SUFFIXES]
+            safe = [f for f in files if f.suffix.lower() in SAFE_WEIGHT_SUFFIXES and f.name.startswith(SAFE_WEIGHT_PREFIXES)]
+            if pickles and not safe:
+                found += sorted(pickles)
+    except OSError:  # unreadable: the loader reports it with its own context
+        return found
+    return found
+
+
+def check_weights(path: str | Path | None, *, key: str, allow_pickle: bool, origin: str = "") -> None:
+    """The one loading gate for every model sdtune loads (base model, VAE, ControlNet, CLIP/DINO
+    evaluators): refuse pickle-format weights (:func:`pickle_weights`) unless the user set
+    ``model.allow_pickle=true`` on the command line of this run. ``origin`` says where a path
+    came from when a file named it (a LoRA header); such a path is never loaded as a pickle."""
+    if path in (None, ""):
+        return
+    found = pickle_weights(path)
+    if not found or (allow_pickle and not origin):
+        return
+    local = Path(str(path)).expanduser()
+    what = "a pickle-based checkpoint" if local.is_file() else (
+        "a model folder whose weights are only pickles (" + ", ".join(str(f.relative_to(local)) for f in found[:3])
+        + (", ..." if len(found) > 3 else "") + ")")
+    if origin:
+        raise ModelLoadError(
+            f"{key}={str(path)!r} ({origin}) is {what}; loading one can run arbitrary code, and a path read from a "
+            "file is never loaded as a pickle. Fix: use a base model with .safetensors weights, or, if you trust "
+            "that file, give the model on the command line yourself (e.g. model=sd15 model.path=<file> "
+            "model.allow_pickle=true)."
+        )
+    raise ModelLoadError(
+        f"{key}={str(path)!r} is {what}; loading one can run arbitrary code. Fix: use .safetensors weights "
+        "(a .safetensors file, or a folder saved with safetensors), or set model.allow_pickle=true on the command "
+        "line if you trust where it came from."
+    )
 
 
 def resolve_model_source(
@@ -40,11 +101,7 @@ def resolve_model_source(
 ) -> str:
     """A local path for ``path``, or the hub id itself when the hub is reachable."""
     local = Path(path).expanduser()
-    if local.is_file() and local.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
-        raise ModelLoadError(
-            f"model.path={path!r} is a pickle-based checkpoint; loading one can run arbitrary code. "
-            "Fix: use a .safetensors file, or set model.allow_pickle=true if you trust where it came from."
-        )
+    check_weights(path, key="model.path", allow_pickle=allow_pickle)
     if local.exists():
         return str(local)
     if _looks_local(path):
@@ -55,12 +112,14 @@ def resolve_model_source(
         model_info(path, revision=revision, timeout=15)
         return path  # reachable: from_pretrained downloads just the files it needs
     except Exception as online_err:  # offline, unknown repo, gated repo
-        try:
-            return snapshot_download(path, revision=revision, local_files_only=True, cache_dir=cache_dir)
-        except Exception:
-            reason = str(online_err).splitlines()[0] if str(online_err) else type(online_err).__name__
-            raise ModelLoadError(
-                f"Could not load the {family} base model from model.path={path!r}: the hub is not reachable "
-                f"or has no such model ({type(online_err).__name__}: {reason}), and it is not in the local "
-                f"hub cache.\n{_HINT}"
-            ) from None
+        reason = str(online_err).splitlines()[0] if str(online_err) else type(online_err).__name__
+        failure = f"{type(online_err).__name__}: {reason}"
+    try:
+        cached = snapshot_download(path, revision=revision, local_files_only=True, cache_dir=cache_dir)
+    except Exception:
+        raise ModelLoadError(
+            f"Could not load the {family} base model from model.path={path!r}: the hub is not reachable "
+            f"or has no such model ({failure}), and it is not in the local hub cache.\n{_HINT}"
+        ) from None
+    check_weights(cached, key="model.path", allow_pickle=allow_pickle)
+    return cached
