@@ -6,6 +6,7 @@ it through the same ``from_pretrained`` path a real model uses.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -50,6 +51,20 @@ def run_cli(*args: str, module: str = "sdtune", timeout: int = 600, env: dict | 
         timeout=timeout,
         env=full_env,
     )
+
+
+@pytest.fixture(autouse=True)
+def _drop_job_log_handlers():
+    """A command run in-process (Hydra's job logging) leaves stream and file handlers on the root
+    logger, bound to this test's captured streams, which close with the test; left there, a later
+    test's log line turns into "--- Logging error ---" and a traceback on its stderr."""
+    root = logging.getLogger()
+    before = set(root.handlers)
+    yield
+    for handler in root.handlers[:]:
+        if type(handler) in (logging.StreamHandler, logging.FileHandler) and handler not in before:
+            root.removeHandler(handler)
+            handler.close()
 
 
 @pytest.fixture(scope="session")
@@ -122,12 +137,9 @@ def kill_when_written(args: list[str], marker: Path, timeout: float = 300) -> in
 
 def run_main(capsys, *args: str) -> tuple[int, str]:
     """``python -m sdtune ARGS`` in this process (no interpreter start-up): (exit code, stderr)."""
-    import logging
-
     from sdtune.__main__ import main
 
-    argv, root = sys.argv, logging.getLogger()
-    handlers = root.handlers[:]
+    argv = sys.argv
     sys.argv = ["sdtune", *args]
     try:
         main()
@@ -136,12 +148,6 @@ def run_main(capsys, *args: str) -> tuple[int, str]:
         code = exit_.code if isinstance(exit_.code, int) else 1
     finally:
         sys.argv = argv
-        # Hydra's job logging binds handlers to this test's captured streams, which close with the
-        # test; left on the root logger they turn a later test's log line into "--- Logging error ---".
-        for handler in root.handlers[:]:
-            if handler not in handlers:
-                root.removeHandler(handler)
-                handler.close()
     return code, capsys.readouterr().err
 
 
