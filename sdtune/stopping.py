@@ -109,8 +109,8 @@ class GracefulStop(L.Callback):
         self.requested = signum
         if self.finishing:
             self._mark(AFTER_TRAINING)
-            print(f"\n{name}: training is finished; skipping the final renders, then writing the LoRA and "
-                  "summary.json (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+            print(f"\n{name}: training is finished; skipping the final renders, keeping the checkpoint and "
+                  "writing the LoRA and summary.json (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
             if self._rendering:
                 self._rendering = False
                 raise _RenderInterrupted
