@@ -132,8 +132,8 @@ class GracefulStop(L.Callback):
 
     def restore(self) -> None:
         """Put the handlers found at ``setup`` back. Lightning re-installs the ones it found when fit
-        started (ours) in its own teardown, so this runs again in the ``teardown`` hook, after it, and
-        :func:`sdtune.train.train` calls it once ``fit`` has returned or raised."""
+        started (ours) in its own teardown, so :func:`sdtune.train.train` calls this once ``fit`` has
+        returned or raised."""
         self._active = False
         if threading.current_thread() is threading.main_thread():
             for signum, handler in self._previous.items():
@@ -190,8 +190,8 @@ class GracefulStop(L.Callback):
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         # After every on_fit_end and summary.json (RunSummary.teardown): the last word. Lightning
-        # calls it only when fit did not raise.
-        self.restore()
+        # calls it only when fit did not raise. The handlers stay ours until train() restores them
+        # once fit has returned, so a Ctrl-C while the loggers close is still ours too.
         if not (self.signal_name and trainer.is_global_zero):
             return
         step = trainer.global_step
