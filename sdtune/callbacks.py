@@ -9,8 +9,10 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from .adapters import base_weights
@@ -19,7 +21,7 @@ from .embeddings import lora_trains
 from .errors import ConfigError
 from .io import write_text_atomic
 from .lora_files import DEFAULT_FORMAT, FORMATS, run_header, save_lora
-from .stopping import GracefulStop
+from .stopping import AFTER_TRAINING, graceful_stop
 
 log = logging.getLogger(__name__)
 
@@ -90,45 +92,93 @@ class LoRAExport(L.Callback):
 class RunSummary(L.Callback):
     """Write ``summary.json``: what a sweep report needs that the metric logs do not hold.
 
-    Any callback with a ``summary_section()`` method adds its dict (computed by ``on_train_end``).
+    Written when fit is torn down, after every callback's ``on_fit_end``. Any callback with a
+    ``summary_section()`` method adds its dict (computed by ``on_train_end``, or by ``on_fit_end``
+    when a finished run is resumed). The training time, steps and final
+    metrics are also kept in each checkpoint, so resuming a finished run (which trains nothing:
+    Lightning then skips ``on_train_start``/``on_train_end``) writes the same summary again,
+    and says whether training finished and what stopped the run.
     """
 
     def __init__(self, dirpath: str, lora_filename: str = "lora.safetensors"):
         self.dirpath = Path(dirpath)
         self.lora_filename = lora_filename
+        self._trainer: L.Trainer | None = None
         self._start = None
         self._start_step = 0
+        self._wall: float | None = None
+        self._restored: dict[str, Any] = {}  # the trained run's numbers, from the checkpoint resumed
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer  # state_dict() records the metrics at each checkpoint
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._start = time.perf_counter()
         self._start_step = trainer.global_step
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._wall = time.perf_counter() - self._start if self._start is not None else None
+        self._wall = self._elapsed()
 
-    def on_fit_end(self, trainer, pl_module) -> None:
-        if not writes_outputs(trainer) or getattr(self, "_wall", None) is None:
+    def _elapsed(self) -> float | None:
+        if self._wall is not None:
+            return self._wall
+        return time.perf_counter() - self._start if self._start is not None else None
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self._trainer
+        if self._start is None or trainer is None:  # nothing trained in this fit
+            return dict(self._restored)
+        return {"wall_seconds": self._elapsed(), "steps": trainer.global_step - self._start_step,
+                "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = dict(state_dict)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        # After every callback's on_fit_end (the evaluation and concept probe of a resumed finished
+        # run add their sections there); not called when fit raised.
+        if stage != "fit":
             return
-        wall = self._wall  # training only: sampling and export at fit end are not counted
-        steps = trainer.global_step - self._start_step
+        trained = self._start is not None
+        if not trained:  # a finished run resumed: its final metrics come from the checkpoint
+            for key, value in (self._restored.get("final_metrics") or {}).items():
+                trainer.callback_metrics.setdefault(key, torch.tensor(value))
+        if not writes_outputs(trainer):
+            self._trainer = None
+            return
+        # training only: sampling and export at fit end are not counted
+        wall = self._elapsed() if trained else self._restored.get("wall_seconds")
+        steps = trainer.global_step - self._start_step if trained else self._restored.get("steps")
         # The exporter's own path, so a renamed LoRA file (callbacks.lora_export.filename) is found.
         export = next((c for c in trainer.callbacks if isinstance(c, LoRAExport)), None)
         lora = export.path if export is not None else self.dirpath / self.lora_filename
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        stop = graceful_stop(trainer)
+        stopped_by = stop.signal_name if stop is not None else None
+        stopped_in = stop.stopped_in if stopped_by else None
         summary = {
             "global_step": trainer.global_step,
             "trainable_params": pl_module.trainable_parameter_count(),
-            "wall_seconds": round(wall, 3),
-            "steps_per_second": round(steps / wall, 4) if wall > 0 else None,
+            "wall_seconds": round(wall, 3) if wall is not None else None,
+            "steps_per_second": round(steps / wall, 4) if wall and steps is not None else None,
             "lora_bytes": lora.stat().st_size if lora.is_file() else None,
             "final_metrics": metrics,
-            "stopped_by": next((c.signal_name for c in trainer.callbacks if isinstance(c, GracefulStop)), None),
+            "training_finished": stopped_in != "training",
+            "stopped_by": stopped_by,
+            "stopped_in": stopped_in,  # "training" (resume to finish it) or "final renders" (samples skipped)
         }
+        if stopped_by:
+            after = stopped_in == AFTER_TRAINING
+            summary["note"] = (f"training finished (step {trainer.global_step}); {stopped_by} skipped the final renders"
+                               if after else f"stopped by {stopped_by} at step {trainer.global_step}")
+            if stop.resumable(trainer):
+                summary["note"] += f"; resume to {'draw them' if after else 'finish'}: {stop.resume_command()}"
         for callback in trainer.callbacks:  # sections other callbacks measured (e.g. the concept probe)
             section = getattr(callback, "summary_section", None)
             if callable(section) and section():
                 summary.update(section())
         write_text_atomic(self.dirpath / "summary.json", json.dumps(summary, indent=2))
+        self._trainer = None
 
 
 class LossPlot(L.Callback):

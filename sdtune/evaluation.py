@@ -58,10 +58,17 @@ class ReferenceEval(L.Callback):
             self.run(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        from .stopping import stopped_early
+        self._final(trainer, pl_module)
 
-        if not stopped_early(trainer):  # a stopped run exits at once; resuming it evaluates later
-            self.run(trainer, pl_module)
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._final(trainer, pl_module)  # a finished run resumed (no on_train_end); else already done at this step
+
+    def _final(self, trainer, pl_module) -> None:
+        from .stopping import final_render
+
+        with final_render(trainer) as go:  # a stopped run exits at once (resuming it evaluates later)
+            if go:
+                self.run(trainer, pl_module)
 
     # -- what -----------------------------------------------------------------------------------
     def run(self, trainer, pl_module) -> dict[str, float] | None:

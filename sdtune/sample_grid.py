@@ -24,7 +24,7 @@ from .errors import ConfigError
 from .fit_caches import frozen_modules_on_device
 from .io import save_image_atomic, write_text_atomic
 from .sampling import make_grid, render
-from .stopping import stopped_early
+from .stopping import final_render
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,11 @@ class SampleGrid(L.Callback):
             self.write(trainer, pl_module, self.dirpath / "samples" / f"step{step:06d}.png")
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if writes_outputs(trainer) and not stopped_early(trainer):  # a stopped run exits without rendering
-            self.write(trainer, pl_module, self.dirpath / self.filename)
+        if not writes_outputs(trainer):
+            return
+        with final_render(trainer) as go:  # a stopped run exits without rendering; a signal ends the render
+            if go:
+                self.write(trainer, pl_module, self.dirpath / self.filename)
 
     def _layout(self, rows: list[list], samples: list[Sample]) -> tuple[list[list], list[str], list[str]]:
         labels = [f"seed {s.seed}: {s.prompt}" for s in samples]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +35,7 @@ from .module import LoRATrainingModule
 from .progress import RunProgress
 from .resume import changed_settings
 from .run_folder import check_fresh, check_writable, is_secondary_rank, run_folder_lock
-from .stopping import GracefulStop
+from .stopping import GracefulStop, StopNow
 
 log = logging.getLogger(__name__)
 SDTUNE_TRAINER_KEYS = ("skip_nonfinite", "nonfinite_check_every")
@@ -127,9 +128,15 @@ def _fit(cfg: DictConfig, output_dir: Path, records: list) -> dict[str, Any]:
     trainer, stop = _build_trainer(cfg, resolved, output_dir)
     log.info("training a rank-%d %s LoRA on %d images (%d with repeats) into %s", module.spec.rank, cfg.model.family,
              len(records), len(datamodule.dataset), output_dir)
-    _write(lambda: trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True))
+    try:
+        _write(lambda: trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
+                                   weights_only=True))
+    except StopNow:  # a second Ctrl-C
+        raise RunStopped(stop.stopped_at_once_message(trainer.global_step), 128 + signal.SIGINT) from None
+    finally:
+        stop.restore()  # the caller's handlers, whichever way fit ended
     if stop.signal_name:
-        raise RunStopped(f"run stopped by {stop.signal_name} at step {trainer.global_step}", stop.exit_code)
+        raise RunStopped(stop.stopped_message(trainer.global_step), stop.exit_code)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("done: %s", {k: round(v, 5) for k, v in metrics.items()})
     return metrics

@@ -34,14 +34,31 @@ class ConceptProbe(L.Callback):
         self.guidance = guidance
         self.size = size
         self.result: dict | None = None
+        self._tried = False
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._tried = False
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        from ..callbacks import writes_outputs
-        from ..sample_grid import Sample, render_at_scales
-        from ..stopping import stopped_early
+        self._probe(trainer, pl_module)
 
-        if not writes_outputs(trainer) or stopped_early(trainer):
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not self._tried:  # a finished run resumed: Lightning skipped training and on_train_end
+            self._probe(trainer, pl_module)
+
+    def _probe(self, trainer: L.Trainer, pl_module) -> None:
+        from ..callbacks import writes_outputs
+        from ..stopping import final_render
+
+        self._tried = True
+        if not writes_outputs(trainer):
             return
+        with final_render(trainer) as go:  # skipped after a stop; a signal ends it at once
+            if go:
+                self._render(trainer, pl_module)
+
+    def _render(self, trainer: L.Trainer, pl_module) -> None:
+        from ..sample_grid import Sample, render_at_scales
 
         report, grid_rows, labels = {}, [], []
         for trigger in self.triggers:
