@@ -17,6 +17,7 @@ NP ?= 2
 # by `make lock` from pyproject.toml's ranges and the dev extra). torch is the local CPU wheel
 # (torch==2.13.0+cpu); an unpinned torch would pull several GB of CUDA packages.
 $(STAMP): requirements.lock pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "requirements.lock is compiled for Python 3.11, the version CI runs, and $(PYTHON) is %d.%d. Fix: make PYTHON=python3.11 ..., or on another Python install from the ranges: pip install -e .[dev]" % sys.version_info[:2])'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-deps -e .
@@ -89,7 +90,7 @@ LATEST := $(VENV)-latest
 test-latest:
 	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q torch==2.13.0
-	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -c <(echo torch==2.13.0) -e ".[dev]"
 	$(LATEST)/bin/pip freeze --all --exclude-editable > $(LATEST)/freeze.txt
 	@echo "versions that differ from requirements.lock (lock < > latest):"; \
 	  norm() { grep -o '^[^ #]*==[^ ;]*' | awk -F'==' '{n=tolower($$1); gsub(/[-_.]+/,"-",n); print n"=="$$2}' | sort; }; \

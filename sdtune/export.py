@@ -109,7 +109,7 @@ def _dora_as_lora(tensors, header: LoraHeader, cfg, out_rank: int, source: str):
     if not spec.use_dora:
         raise LoraFileError(f"--dora-as-lora converts a DoRA run, and {source!r} holds a {NAMES[spec.kind]} "
                             "(lora.use_dora=false). Fix: drop --dora-as-lora.")
-    weights = base_weights_from(cfg["model"]["path"], tensors)
+    weights = base_weights_from(cfg["model"]["path"], tensors, origin=f"from the run config stored in {source}")
     if weights is None:
         raise LoraFileError(f"--dora-as-lora needs the base model's weights (the DoRA's magnitude is relative to them), and "
                             f"model.path={cfg['model']['path']!r} from {source!r} cannot be loaded. Fix: make that path "

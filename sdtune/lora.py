@@ -97,11 +97,11 @@ def check_targets(unet: torch.nn.Module, targets: tuple[str, ...]) -> None:
 def check_rank_fits(unet: torch.nn.Module, spec: LoraSpec) -> None:
     """``lora.rank`` against the widths of the layers ``spec.targets`` selects (a meta-device UNet will
     do): larger than every one of them is refused (it only wastes memory: a layer's update has at most
-    min(in, out) directions), larger than some of them is a warning."""
+    min(out, in x kernel) directions), larger than some of them is a warning."""
     widths = []
     for name, m in unet.named_modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and any(name == t or name.endswith("." + t) for t in spec.targets):
-            widths.append(min(m.weight.shape[0], m.weight.shape[1]))
+            widths.append(min(m.weight.shape[0], m.weight[0].numel()))  # a conv update spans in x kernel
     if not widths or spec.rank <= min(widths):
         return
     kind = "lora.type=" + spec.type if spec.type != "lora" else "LoRA"

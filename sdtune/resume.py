@@ -160,6 +160,27 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
+#: Leaf keys whose value is a model that gets loaded (model.path, model.vae_path, controlnet.path,
+#: eval.clip_model, eval.dino_model), wherever a saved override puts them (a dotted key or a mapping).
+MODEL_PATH_LEAVES = ("path", "vae_path", "clip_model", "dino_model")
+
+
+def _leaves(key: str, value: Any) -> list[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of an override's value (a mapping value is flattened)."""
+    if isinstance(value, Mapping):
+        return [leaf for k, v in value.items() for leaf in _leaves(f"{key}.{k}", v)]
+    return [(key, value)]
+
+
+def _interpolated_model_path(key: str, value: Any) -> str | None:
+    """The dotted key of a model path in this override whose value is an interpolation (``${...}``):
+    what it points at is known only once the config is composed, so it cannot be vetted here."""
+    for leaf, leaf_value in _leaves(key, value):
+        if leaf.rsplit(".", 1)[-1] in MODEL_PATH_LEAVES and any("${" in s for s in _strings(leaf_value)):
+            return leaf
+    return None
+
+
 def _pickle_in_folder(text: str, run: Path) -> bool:
     """Whether ``text``, read as a path, names pickle weights inside the run folder ``run``."""
     from .families.source import PICKLE_SUFFIXES, pickle_weights
@@ -206,7 +227,7 @@ def vet_replay(saved: list[str], run: Path, given: set[str]) -> Replay:
                    "sdtune's own conf/")
         elif resolvers:
             why = f"it calls the resolver {resolvers[0]}, which can build config nodes; only plain values are replayed"
-        elif key in SAFETY_SWITCHES:
+        elif key in SAFETY_SWITCHES or any(leaf in SAFETY_SWITCHES for leaf, _ in _leaves(key, value)):
             out.dropped.append((item, f"{key} is a safety switch: it counts only when given on this command line "
                                       f"(add {key}=true if you trust what it allows)"))
             continue
@@ -217,6 +238,10 @@ def vet_replay(saved: list[str], run: Path, given: set[str]) -> Replay:
                 and not key.startswith(ADDABLE):
             why = (f"it adds {key}, which sdtune's conf/ does not define (an added callback or logger entry is "
                    "code to run)")
+        elif _interpolated_model_path(key, value):
+            why = (f"it sets the model path {_interpolated_model_path(key, value)} through an interpolation (${{...}}), "
+                   "which cannot be checked for pickle weights before it is composed; a model path is replayed only "
+                   "as a plain path")
         elif any(_pickle_in_folder(text, run) for text in _strings(value)):
             why = ("it names pickle weights inside the shared run folder (loading them can run code); such a path "
                    "is never taken from a file")
@@ -256,7 +281,10 @@ def resume_argv(argv: list[str]) -> list[str]:
     shown = " ".join(replay.replayed) if replay.replayed else "(no overrides)"
     print(f"resume: replaying the command line of {run} ({OVERRIDES}): {shown}", file=sys.stderr)
     run_dir = [] if RUN_DIR_KEY in given else [f"{RUN_DIR_KEY}={hydra_quote(str(run))}"]
-    return [*replay.replayed, *argv, *run_dir]
+    # The safety switches are decided by this command line alone: off unless given now, whatever a
+    # replayed line (a mapping on model= or data=, say) tried to set.
+    switches = [f"++{key}=false" for key in SAFETY_SWITCHES if key not in given]
+    return [*replay.replayed, *switches, *argv, *run_dir]
 
 
 def _flat(cfg: Any, prefix: str = "") -> dict[str, Any]:

@@ -38,19 +38,25 @@ PICKLE_WEIGHT_PREFIXES = ("diffusion_pytorch_model", "pytorch_model")
 SAFE_WEIGHT_PREFIXES = ("diffusion_pytorch_model", "model")
 
 
+#: Parts of a pipeline folder that sdtune never loads (the pipelines are built without them), so
+#: pickle weights there are never read: an older SD1.5 folder's safety checker, for one.
+UNLOADED_PARTS = ("safety_checker", "feature_extractor", "image_encoder")
+
+
 def pickle_weights(path: str | Path) -> list[Path]:
     """The pickle-format weight files a loader would read at ``path``: the file itself when it is
     one, or, in a model folder, those of every part (the folder or a subfolder such as ``unet/``)
     whose weights are only pickles (diffusers and transformers load a part's .safetensors when it
     has one). Empty for a hub id, a missing path or a folder with safe weights."""
     local = Path(str(path)).expanduser()
-    if local.is_file():
-        return [local] if local.suffix.lower() in PICKLE_SUFFIXES else []
+    if local.is_file():  # a single file is loaded with torch.load unless it is one of the safe formats
+        return [] if local.suffix.lower() in SAFE_WEIGHT_SUFFIXES else [local]
     if not local.is_dir():
         return []
     found: list[Path] = []
     try:
-        parts = [local, *sorted(p for p in local.iterdir() if p.is_dir() and not p.name.startswith("."))]
+        parts = [local, *sorted(p for p in local.iterdir() if p.is_dir() and not p.name.startswith(".")
+                                and p.name not in UNLOADED_PARTS)]
         for part in parts:
             files = [f for f in part.iterdir() if not f.name.startswith(".") and f.is_file()]
             weights = [f for f in files if f.name.startswith(PICKLE_WEIGHT_PREFIXES)]

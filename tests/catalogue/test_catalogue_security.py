@@ -169,6 +169,33 @@ def test_a_shared_run_cannot_lift_the_pickle_refusal(tmp_path, capsys, switch_gi
     assert f"'model.path={bomb}': it names pickle weights inside the shared run folder" in err
 
 
+@pytest.mark.parametrize("line", ["model={allow_pickle: true}", "+data={allow_outside_root: true}"])
+def test_a_safety_switch_inside_a_mapping_is_not_replayed(tmp_path, capsys, line):
+    """A mapping on a section sets its keys as well as a dotted override does; the switch stays off."""
+    from sdtune.resume import resume_argv
+
+    run = shared_run(tmp_path, line)
+    argv = resume_argv([f"ckpt_path={run}"])
+    err = capsys.readouterr().err
+    assert f"resume: not replaying {line!r}" in err and "is a safety switch" in err
+    cfg = compose_cfg(*[a for a in argv if not a.startswith(("ckpt_path=", "hydra."))])
+    assert cfg.model.allow_pickle is False and cfg.data.allow_outside_root is False
+
+
+@pytest.mark.parametrize("line", ["model.path=${oc.select:paths.output_dir}/base",
+                                  "model={path: '${hydra:runtime.output_dir}/base'}",
+                                  "controlnet.path=${paths.output_dir}/cn"])
+def test_a_model_path_through_an_interpolation_is_refused(tmp_path, capsys, line):
+    """Where an interpolated path leads is known only after composing: it cannot be vetted for pickles."""
+    marker = tmp_path / "code-ran"
+    run = shared_run(tmp_path, line)
+    pickle_bomb(run / "base" / "unet" / "diffusion_pytorch_model.bin", marker)
+    code, err = run_cli_here(capsys, f"ckpt_path={run}", "model.allow_pickle=true")
+    assert code == 2, err[-3000:]
+    assert not marker.exists()
+    assert f"{line!r}: it sets the model path" in err and "through an interpolation" in err
+
+
 def test_a_legitimate_run_folder_replays_and_prints_its_command_line(tmp_path, capsys):
     from sdtune.resume import resume_argv
 
@@ -178,7 +205,8 @@ def test_a_legitimate_run_folder_replays_and_prints_its_command_line(tmp_path, c
     argv = resume_argv([f"ckpt_path={run}", "trainer.max_steps=3"])
     err = capsys.readouterr().err
     replayed = [s for s in saved if s != "trainer.max_steps=2"]  # given now: the new value wins
-    assert argv == [*replayed, f"ckpt_path={run}", "trainer.max_steps=3", f"hydra.run.dir={run}"]
+    switches = ["++model.allow_pickle=false", "++data.allow_outside_root=false"]  # decided by this command line
+    assert argv == [*replayed, *switches, f"ckpt_path={run}", "trainer.max_steps=3", f"hydra.run.dir={run}"]
     assert f"resume: replaying the command line of {run} (.hydra/overrides.yaml): {' '.join(replayed)}" in err
 
 
@@ -257,6 +285,13 @@ def test_the_gate_lets_safe_weights_through_and_pickles_only_when_allowed(tmp_pa
     shutil.copytree(tiny_sd15, mixed)
     torch.save({"w": torch.zeros(1)}, mixed / "unet" / "diffusion_pytorch_model.bin")  # beside its .safetensors
     assert pickle_weights(mixed) == []  # diffusers loads the .safetensors
+    (mixed / "safety_checker").mkdir()
+    torch.save({"w": torch.zeros(1)}, mixed / "safety_checker" / "pytorch_model.bin")
+    assert pickle_weights(mixed) == []  # a part sdtune never loads
+    renamed = pickle_bomb(tmp_path / "base.weights", tmp_path / "code-ran")
+    assert pickle_weights(renamed) == [renamed]  # any single file but .safetensors/.gguf goes to torch.load
+    with pytest.raises(ModelLoadError, match=r"base.weights' is a pickle-based checkpoint"):
+        check_weights(renamed, key="model.path", allow_pickle=False)
     ckpt = tmp_path / "base.pth"
     torch.save({"w": torch.zeros(1)}, ckpt)
     check_weights(ckpt, key="model.path", allow_pickle=True)  # the user's own switch
