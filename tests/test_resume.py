@@ -195,11 +195,12 @@ def test_resume_replays_the_runs_own_command_line(tmp_path):
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text("- experiment=quickstart\n- lora.rank=8\n- trainer.max_steps=30\n")
     ckpt = run / "checkpoints" / "step000020.ckpt"
+    switches = ["++model.allow_pickle=false", "++data.allow_outside_root=false"]  # only this command line sets them
     assert resume_argv([f"ckpt_path={run}"]) == ["experiment=quickstart", "lora.rank=8", "trainer.max_steps=30",
-                                                 f"ckpt_path={run}", f"hydra.run.dir={run}"]
+                                                 *switches, f"ckpt_path={run}", f"hydra.run.dir={run}"]
     # a later value wins, hydra.run.dir given stays, a .ckpt inside the run names the run too
     assert resume_argv([f"ckpt_path={ckpt}", "trainer.max_steps=60", "hydra.run.dir=/elsewhere"]) == [
-        "experiment=quickstart", "lora.rank=8", f"ckpt_path={ckpt}", "trainer.max_steps=60", "hydra.run.dir=/elsewhere"]
+        "experiment=quickstart", "lora.rank=8", *switches, f"ckpt_path={ckpt}", "trainer.max_steps=60", "hydra.run.dir=/elsewhere"]
     assert resume_argv(["ckpt_path=last", "lora.rank=4"]) == ["ckpt_path=last", "lora.rank=4"]  # not a run folder
     assert changed_settings({"trainer": {"max_steps": 30}, "seed": 0, "ckpt_path": None},
                             {"trainer": {"max_steps": 60}, "seed": 0, "ckpt_path": "x"}) == ["trainer.max_steps: 30 -> 60"]
@@ -216,5 +217,6 @@ def test_a_run_folder_named_like_overrides_is_quoted_for_hydra(tmp_path):
     (run / ".hydra" / "overrides.yaml").write_text("- lora.rank=8\n")
     argv = resume_argv([f"ckpt_path='{run}'"])
     parsed = OverridesParser.create().parse_overrides(argv)
-    assert [o.key_or_group for o in parsed] == ["lora.rank", "ckpt_path", "hydra.run.dir"]
+    assert [o.key_or_group for o in parsed] == ["lora.rank", "model.allow_pickle", "data.allow_outside_root", "ckpt_path",
+                                                "hydra.run.dir"]
     assert parsed[-1].value() == str(run)
