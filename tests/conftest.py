@@ -135,20 +135,26 @@ def kill_when_written(args: list[str], marker: Path, timeout: float = 300) -> in
     return proc.returncode
 
 
-def run_main(capsys, *args: str) -> tuple[int, str]:
-    """``python -m sdtune ARGS`` in this process (no interpreter start-up): (exit code, stderr)."""
-    from sdtune.__main__ import main
-
+def run_entry(capsys, entry, argv0: str, *args: str) -> tuple[int, str]:
+    """A command's entry point ``entry()`` run in this process with ``sys.argv = [argv0, *args]``
+    (no interpreter start-up): (exit code, stderr)."""
     argv = sys.argv
-    sys.argv = ["sdtune", *args]
+    sys.argv = [argv0, *args]
     try:
-        main()
+        entry()
         code = 0
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else 1
     finally:
         sys.argv = argv
     return code, capsys.readouterr().err
+
+
+def run_main(capsys, *args: str) -> tuple[int, str]:
+    """``python -m sdtune ARGS`` in this process, past resume's replay (sdtune.__main__.main)."""
+    from sdtune.__main__ import main
+
+    return run_entry(capsys, main, "sdtune", *args)
 
 
 def _snapshot(root: Path) -> dict:

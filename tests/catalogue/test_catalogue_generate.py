@@ -13,7 +13,6 @@ import importlib
 import json
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ from sdtune.lora import LoraSpec
 from sdtune.lora_files import LoraHeader, save_lora
 from sdtune.morph_inputs import load_image
 
-from ..conftest import ROOT
+from ..conftest import ROOT, run_entry
 from .test_catalogue_filesystem import snapshot
 
 
@@ -45,21 +44,15 @@ def run_module(capsys, module: str, *args: str) -> tuple[int, str]:
     import os
 
     main = importlib.import_module(module).main
-    argv, anchor = sys.argv, os.environ.get("HYDRA_MAIN_MODULE")
-    sys.argv = [module, *args]
+    anchor = os.environ.get("HYDRA_MAIN_MODULE")
     os.environ["HYDRA_MAIN_MODULE"] = "__main__"
     try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
+        return run_entry(capsys, main, module, *args)
     finally:
-        sys.argv = argv
         if anchor is None:
             os.environ.pop("HYDRA_MAIN_MODULE", None)
         else:
             os.environ["HYDRA_MAIN_MODULE"] = anchor
-    return code, capsys.readouterr().err
 
 
 def _compose(name: str, *overrides: str):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import shutil
-import sys
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from sdtune.errors import ModelLoadError
 from sdtune.families import get_family
 from sdtune.lora import spec_from_config
 
-from ..conftest import QUICKSTART, ROOT, compose_cfg, resolved, run_main
+from ..conftest import QUICKSTART, ROOT, compose_cfg, resolved, run_entry, run_main
 from .test_catalogue_filesystem import snapshot
 
 PNG = QUICKSTART / "images" / "sks_00_red_circle.png"
@@ -52,16 +51,7 @@ def run_cli_here(capsys, *args: str) -> tuple[int, str]:
     """``python -m sdtune ARGS`` in this process, through the command's own entry point (resume included)."""
     from sdtune.__main__ import cli
 
-    argv = sys.argv
-    sys.argv = ["sdtune", *args]
-    try:
-        cli()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        sys.argv = argv
-    return code, capsys.readouterr().err
+    return run_entry(capsys, cli, "sdtune", *args)
 
 
 def run_generate(capsys, out, *overrides: str) -> tuple[int, str]:
