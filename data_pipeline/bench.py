@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .recipe import DEFAULT_RECIPE
+from data_pipeline.recipe import DEFAULT_RECIPE
 
 
 def make_raw(root: Path, n: int, seed: int = 0) -> dict[str, int]:

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from sdtune.formats import IMAGE_SUFFIXES  # torch-free, shared with training
+from sdtune.utils.formats import IMAGE_SUFFIXES  # torch-free, shared with training
 
 __all__ = ["IMAGE_SUFFIXES", "Candidate"]
 

@@ -14,10 +14,17 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from sdtune.formats import strip_dj_tokens
-
-from .candidates import Candidate, clean_caption, json_kind, locate, missing_problem, not_text, rows_to_candidates
-from .errors import PipelineError
+from data_pipeline.candidates import (
+    Candidate,
+    clean_caption,
+    json_kind,
+    locate,
+    missing_problem,
+    not_text,
+    rows_to_candidates,
+)
+from data_pipeline.errors import PipelineError
+from sdtune.utils.formats import strip_dj_tokens
 
 _NOT_JSON = object()
 

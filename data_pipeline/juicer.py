@@ -25,8 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from .errors import RUN_EXIT, PipelineError
-from .recipe import build_config
+from data_pipeline.errors import RUN_EXIT, PipelineError
+from data_pipeline.recipe import build_config
 
 TRACE_PREFIXES = ("sample_trace-", "filter-")
 DUP_PREFIX = "duplicate-"
@@ -76,7 +76,7 @@ def load_data_juicer() -> None:
     before = ImageFile.LOAD_TRUNCATED_IMAGES
     import data_juicer  # noqa: F401
 
-    from . import ops  # noqa: F401
+    from data_pipeline import ops  # noqa: F401
 
     ImageFile.LOAD_TRUNCATED_IMAGES = before
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .candidates import Drop
-from .errors import RUN_EXIT, PipelineError
-from .lifeline import sibling
+from data_pipeline.candidates import Drop
+from data_pipeline.errors import RUN_EXIT, PipelineError
+from data_pipeline.lifeline import sibling
 
 MARKER = ".sdtune_dataset.json"
 MARKER_TEXT = json.dumps({"created_by": "sdtune data_pipeline", "format": 1}, indent=2) + "\n"

@@ -17,7 +17,7 @@ import warnings
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
-from .candidates import IMAGE_SUFFIXES, Candidate, Drop
+from data_pipeline.candidates import IMAGE_SUFFIXES, Candidate, Drop
 
 # Reading-time problems that make opening the file pointless.
 _FATAL = ("bad record", "missing file", "listed twice", "unsupported file type")

@@ -13,7 +13,7 @@ import inspect
 import math
 from collections.abc import Callable
 
-from .candidates import Drop
+from data_pipeline.candidates import Drop
 
 STATS = "__dj__stats__"
 NO_TRACE = "data-juicer"

@@ -21,15 +21,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .candidates import Drop
-from .errors import RUN_EXIT, PipelineError
-from .juicer import JuicerResult, run_recipe
-from .lifeline import KEPT, Lifeline, new_work_dir, recover_stale, remove_path
-from .output import KeptFile, check_out, write_dataset, write_dropped_beside
-from .precheck import run_prechecks
-from .reasons import NO_TRACE, attribute
-from .recipe import load_recipe, op_list, resolve_np, validate_recipe
-from .sources import read_raw
+from data_pipeline.candidates import Drop
+from data_pipeline.errors import RUN_EXIT, PipelineError
+from data_pipeline.juicer import JuicerResult, run_recipe
+from data_pipeline.lifeline import KEPT, Lifeline, new_work_dir, recover_stale, remove_path
+from data_pipeline.output import KeptFile, check_out, write_dataset, write_dropped_beside
+from data_pipeline.precheck import run_prechecks
+from data_pipeline.reasons import NO_TRACE, attribute
+from data_pipeline.recipe import load_recipe, op_list, resolve_np, validate_recipe
+from data_pipeline.sources import read_raw
 
 
 @dataclass

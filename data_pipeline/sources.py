@@ -18,9 +18,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .candidates import IMAGE_SUFFIXES, Candidate, clean_caption, rows_to_candidates
-from .errors import PipelineError
-from .jsonl_sources import is_dj_jsonl, read_dj_jsonl, read_metadata_jsonl
+from data_pipeline.candidates import IMAGE_SUFFIXES, Candidate, clean_caption, rows_to_candidates
+from data_pipeline.errors import PipelineError
+from data_pipeline.jsonl_sources import is_dj_jsonl, read_dj_jsonl, read_metadata_jsonl
 
 CAPTION_SUFFIXES = (".txt", ".TXT")
 LAYOUTS = (

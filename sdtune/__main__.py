@@ -12,8 +12,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .config import CONF_DIR, expand_home, normalize_overrides, register_resolvers
-from .errors import exit_on_user_error
+from sdtune.config.validate import CONF_DIR, expand_home, normalize_overrides, register_resolvers
+from sdtune.utils.errors import exit_on_user_error
 
 register_resolvers()
 
@@ -22,7 +22,7 @@ register_resolvers()
 # (tests, other tools) rather than run with -m.
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from .train import train  # heavy imports only once Hydra has parsed the command line
+    from sdtune.training.train import train  # heavy imports only once Hydra has parsed the command line
 
     with exit_on_user_error():
         metrics = train(cfg, HydraConfig.get().runtime.output_dir)
@@ -31,7 +31,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Hydra's app on ``sys.argv``, whose overrides are first put in the form Hydra takes
-    (:func:`~sdtune.config.normalize_overrides`: documented keys of sections that are off by default,
+    (:func:`~sdtune.config.validate.normalize_overrides`: documented keys of sections that are off by default,
     our message for a key that is no setting)."""
     with exit_on_user_error():
         sys.argv[1:] = normalize_overrides(sys.argv[1:])
@@ -55,8 +55,8 @@ def optimized_value(name: str | None, metrics: dict[str, float]) -> float | None
 
 def cli() -> None:
     """The command: check that the run folder can be written before Hydra tries to make it."""
-    from .resume import resume_argv
-    from .run_folder import output_dir_problem
+    from sdtune.run.folder import output_dir_problem
+    from sdtune.run.resume import resume_argv
 
     with exit_on_user_error():  # ckpt_path=<run>: that run's own overrides first (vetted: a folder may be shared)
         sys.argv[1:] = resume_argv(expand_home(sys.argv[1:]))

@@ -24,15 +24,19 @@ from typing import Any
 
 import torch
 
-from .adapters import NAMES, base_weights_from, dora_as_lora, kind_of, module_of
-from .checkpointing import CHECKPOINT_FIX, load_checkpoint
-from .ema import checkpoint_export_tensors, with_ema_facts
-from .errors import LoraFileError, SdtuneError
-from .families import FAMILIES, get_family
-from .lora import lora_tensors, spec_from_config
-from .lora_checks import TEXT_ENCODER_KEYS, check_finite, check_tensors_match, first_line
-from .lora_files import DEFAULT_FORMAT, FORMATS, LoraHeader, read_lora, run_header, save_lora
-from .text_training import check_text_encoder_tensors, checkpoint_text_encoder_state, file_text_encoder_tensors
+from sdtune.families import FAMILIES, get_family
+from sdtune.lora.adapters import NAMES, base_weights_from, dora_as_lora, kind_of, module_of
+from sdtune.lora.checks import TEXT_ENCODER_KEYS, check_finite, check_tensors_match, first_line
+from sdtune.lora.files import DEFAULT_FORMAT, FORMATS, LoraHeader, read_lora, run_header, save_lora
+from sdtune.lora.layers import lora_tensors, spec_from_config
+from sdtune.training.checkpointing import CHECKPOINT_FIX, load_checkpoint
+from sdtune.training.ema import checkpoint_export_tensors, with_ema_facts
+from sdtune.training.text_encoders import (
+    check_text_encoder_tensors,
+    checkpoint_text_encoder_state,
+    file_text_encoder_tensors,
+)
+from sdtune.utils.errors import LoraFileError, SdtuneError
 
 
 def unet_config_for(cfg: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -62,7 +66,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str = D
     that contradict the run config stored beside them (the header is written from that config).
 
     ``dora_as_lora_rank``: write a DoRA run as a plain LoRA of that rank approximating its whole
-    weight change (:func:`sdtune.adapters.dora_as_lora`), which A1111 and kohya sd-scripts apply
+    weight change (:func:`sdtune.lora.adapters.dora_as_lora`), which A1111 and kohya sd-scripts apply
     as ComfyUI does; the header's ``sdtune.dora_as_lora`` records the rank and the error."""
     ckpt = load_checkpoint(ckpt_path)
     try:
@@ -153,7 +157,7 @@ def export_lora(lora_path: str | Path, out: str | Path, *, format: str, family: 
 
 
 def _standard_unet_config(family: str) -> dict[str, Any]:
-    from .bench.arch import architecture
+    from sdtune.families.arch import architecture
 
     return architecture(family)["unet"]
 

@@ -6,7 +6,7 @@
 
 Writes every image and one grid PNG into the run folder. With ``compare=true`` the same seeds are
 rendered with the LoRAs off and on, one row each. ``init_image=`` (img2img) and ``controlnet.path=``
-(ControlNet) take pictures as input: see :mod:`sdtune.image_input`.
+(ControlNet) take pictures as input: see :mod:`sdtune.inference.image_input`.
 """
 
 from __future__ import annotations
@@ -22,19 +22,33 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from .config import register_resolvers
-from .console import tidy_console
-from .data.latents import file_sha256
-from .embedding_files import load_embeddings, parse_embeddings, read_embeddings
-from .errors import ConfigError, exit_on_user_error
-from .families import get_family
-from .families.builder import build_parts
-from .families.source import check_weights
-from .image_input import draw, infotext_fields, load_controlnet, parse_image_input, prepare_pictures, record_fields
-from .inference import apply_loras, base_model_config, check_families, parse_loras, pick_device, read_loras
-from .io import save_image_atomic, write_text_atomic
-from .lora_apply import set_enabled
-from .sampling import make_grid
+from sdtune.config.validate import register_resolvers
+from sdtune.data.latents import file_sha256
+from sdtune.families import get_family
+from sdtune.families.builder import build_parts
+from sdtune.families.source import check_weights
+from sdtune.inference.image_input import (
+    draw,
+    infotext_fields,
+    load_controlnet,
+    parse_image_input,
+    prepare_pictures,
+    record_fields,
+)
+from sdtune.inference.loading import (
+    apply_loras,
+    base_model_config,
+    check_families,
+    parse_loras,
+    pick_device,
+    read_loras,
+)
+from sdtune.inference.sampling import make_grid
+from sdtune.lora.apply import set_enabled
+from sdtune.run.embedding_files import load_embeddings, parse_embeddings, read_embeddings
+from sdtune.utils.console import tidy_console
+from sdtune.utils.errors import ConfigError, exit_on_user_error
+from sdtune.utils.io import save_image_atomic, write_text_atomic
 
 register_resolvers()
 log = logging.getLogger(__name__)
@@ -113,7 +127,7 @@ def generation_record(cfg: DictConfig, model_cfg: dict, refs, seeds: list[int], 
     """Everything that made the images (generation.json): rerunning it gives the same pictures.
 
     ``size`` is a square side or (width, height); ``image_input`` adds the img2img/ControlNet
-    settings (:func:`sdtune.image_input.record_fields`)."""
+    settings (:func:`sdtune.inference.image_input.record_fields`)."""
     width, height = (size, size) if isinstance(size, int) else size
     return {
         "prompt": cfg.prompt, "negative_prompt": cfg.negative_prompt, "steps": int(cfg.steps), "guidance": guidance,

@@ -26,16 +26,16 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from .config import register_resolvers
-from .console import tidy_console
-from .errors import ConfigError, LoraFileError, exit_on_user_error
-from .families import get_family
-from .families.builder import build_parts
-from .inference import apply_loras, base_model_config, check_families, parse_loras, read_loras
-from .io import atomic_path
-from .ldm_format import pipeline_to_original
-from .lora_apply import fuse
-from .lora_checks import nonfinite_tensors
+from sdtune.config.validate import register_resolvers
+from sdtune.families import get_family
+from sdtune.families.builder import build_parts
+from sdtune.families.ldm_format import pipeline_to_original
+from sdtune.inference.loading import apply_loras, base_model_config, check_families, parse_loras, read_loras
+from sdtune.lora.apply import fuse
+from sdtune.lora.checks import nonfinite_tensors
+from sdtune.utils.console import tidy_console
+from sdtune.utils.errors import ConfigError, LoraFileError, exit_on_user_error
+from sdtune.utils.io import atomic_path
 
 register_resolvers()
 log = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from .io import atomic_path, save_image_atomic, write_text_atomic
-from .sampling import make_grid
+from sdtune.inference.sampling import make_grid
+from sdtune.utils.io import atomic_path, save_image_atomic, write_text_atomic
 
 COLUMNS = ["final_train_loss", "min_train_loss", "final_val_loss", "trainable_params", "lora_bytes", "steps_per_second", "wall_seconds"]
 
@@ -204,7 +204,7 @@ def samples_grid(runs: list[Run], swept: list[str], path: Path) -> bool:
 def rank_rows(rows: list[dict], metric: str) -> list[dict]:
     """``rows`` best first by ``metric`` (similarities descending, losses and distances ascending),
     numbered in a ``rank`` column; runs without the metric last."""
-    from .eval_config import higher_is_better
+    from sdtune.evaluation.config import higher_is_better
 
     if not any(r.get(metric) is not None for r in rows):
         known = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))})

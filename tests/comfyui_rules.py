@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from sdtune.ldm_format import UNET_PREFIX, unet_to_original
+from sdtune.families.ldm_format import UNET_PREFIX, unet_to_original
 
 KOHYA_UNET = "lora_unet_"
 

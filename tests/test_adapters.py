@@ -16,15 +16,15 @@ from diffusers import StableDiffusionPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
-from sdtune.adapters import kind_of
-from sdtune.checkpointing import keep_lora_only
-from sdtune.config import validate
-from sdtune.errors import ConfigError, LoraFileError
+from sdtune.config.validate import validate
 from sdtune.export import export_lora
 from sdtune.families.builder import build_parts
-from sdtune.lora import LoraSpec, inject, live_lora_state, lora_tensors, trainable_lora_parameters
-from sdtune.lora_apply import apply_lora, fuse
-from sdtune.lora_files import LoraHeader, read_lora, save_lora
+from sdtune.lora.adapters import kind_of
+from sdtune.lora.apply import apply_lora, fuse
+from sdtune.lora.files import LoraHeader, read_lora, save_lora
+from sdtune.lora.layers import LoraSpec, inject, live_lora_state, lora_tensors, trainable_lora_parameters
+from sdtune.training.checkpointing import keep_lora_only
+from sdtune.utils.errors import ConfigError, LoraFileError
 
 from .comfyui_rules import merge_like_comfyui, unet_key_map
 from .conftest import compose_cfg, tiny_model, unet_inputs
@@ -60,7 +60,7 @@ def _trained(variant: str, seed: int = 0, family: str = FAMILY):
 
 
 def _save(tmp_path, variant, parts, spec, tensors, fmt="kohya", family=FAMILY):
-    from sdtune.adapters import base_weights
+    from sdtune.lora.adapters import base_weights
 
     return save_lora(tmp_path / f"{variant}_{fmt}.safetensors", tensors, LoraHeader(spec, family), format=fmt,
                      base_weights=base_weights(parts.unet, tensors), unet_config=parts.unet.config)
@@ -208,7 +208,7 @@ def test_layouts_we_cannot_write_or_apply_are_refused(tmp_path):
 def test_resume_refuses_a_checkpoint_of_another_adapter(tmp_path):
     """Lightning loads adapter tensors non-strictly, so a LoRA checkpoint resumed as a LoHa would
     silently start from scratch: the recorded adapter kind must be compared and named."""
-    from sdtune.checkpointing import check_resumable
+    from sdtune.training.checkpointing import check_resumable
 
     cfg = compose_cfg("experiment=quickstart", "lora.type=loha")
     path = tmp_path / "last.ckpt"
@@ -225,7 +225,7 @@ def test_weight_and_off_switch_act_on_lycoris_layers(variant, tmp_path):
     """``loras=[file@0.5]`` and ``compare=true`` go through diffusers' ``set_adapters`` and
     ``disable_adapters``, written for LoRA layers: a LoHa/LoKr file at weight 0.5 must add exactly
     half of peft's delta, and switched off must give the base model's output."""
-    from sdtune.lora_apply import activate, set_enabled
+    from sdtune.lora.apply import activate, set_enabled
 
     parts, spec, tensors = _trained(variant)
     path = _save(tmp_path, variant, parts, spec, tensors)

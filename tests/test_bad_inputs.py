@@ -9,12 +9,12 @@ import lightning as L
 import pytest
 from PIL import Image
 
-from sdtune.checkpointing import load_checkpoint
 from sdtune.data import ImageCaptionDataModule, load_records
-from sdtune.errors import ConfigError, DataError, LoraFileError
-from sdtune.lora_files import read_lora
-from sdtune.module import LoRATrainingModule
-from sdtune.train import train
+from sdtune.lora.files import read_lora
+from sdtune.training.checkpointing import load_checkpoint
+from sdtune.training.module import LoRATrainingModule
+from sdtune.training.train import train
+from sdtune.utils.errors import ConfigError, DataError, LoraFileError
 
 from .conftest import _snapshot, compose_cfg, resolved, run_cli
 from .data_pipeline.test_data_pipeline import bomb_png
@@ -72,7 +72,7 @@ def test_caption_over_the_token_limit_is_truncated_with_one_warning(dataset, tmp
     module = LoRATrainingModule(cfg)
     module.setup("fit")
     dm = ImageCaptionDataModule.from_config(load_records(dataset), cfg["data"])
-    with caplog.at_level(logging.WARNING, logger="sdtune.module"):
+    with caplog.at_level(logging.WARNING, logger="sdtune.training.module"):
         L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                   enable_model_summary=False).fit(module, datamodule=dm)
     warnings = [r for r in caplog.records if "longer than the 77-token limit" in r.getMessage()]

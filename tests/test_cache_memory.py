@@ -17,13 +17,13 @@ import pytest
 import safetensors.torch
 import torch
 
-from sdtune.cache_memory import CacheMemory
-from sdtune.config import validate
+from sdtune.config.validate import validate
 from sdtune.data import ImageCaptionDataModule, collate, load_records
+from sdtune.data.cache_memory import CacheMemory
 from sdtune.data.latents import LatentStore
-from sdtune.errors import ConfigError
-from sdtune.lora import live_lora_state
-from sdtune.module import LoRATrainingModule
+from sdtune.lora.layers import live_lora_state
+from sdtune.training.module import LoRATrainingModule
+from sdtune.utils.errors import ConfigError
 
 from .conftest import QUICKSTART, compose_cfg, resolved
 

@@ -12,12 +12,12 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sdtune.checkpointing import load_checkpoint
 from sdtune.export import export_checkpoint
 from sdtune.families import get_family
-from sdtune.lora import is_lora_key
-from sdtune.lora_apply import apply_lora
-from sdtune.lora_files import read_lora
+from sdtune.lora.apply import apply_lora
+from sdtune.lora.files import read_lora
+from sdtune.lora.layers import is_lora_key
+from sdtune.training.checkpointing import load_checkpoint
 
 from .comfyui_rules import load_like_comfyui, unet_key_map
 from .conftest import QUICKSTART, QUICKSTART_ARGS, run_cli
@@ -173,7 +173,7 @@ def test_kolors_rank16_config_resolves_and_fails_fast_without_a_local_model(tmp_
 
 
 def test_run_file_carries_the_true_alpha_and_converts_to_diffusers_and_back(quickstart_run, tmp_path):
-    from sdtune.lora_keys import DIFFUSERS_PREFIX, KOHYA_PREFIX
+    from sdtune.lora.keys import DIFFUSERS_PREFIX, KOHYA_PREFIX
 
     run, run_meta = _read_safetensors(quickstart_run / "lora.safetensors")
     assert run and all(k.startswith(KOHYA_PREFIX) for k in run)

@@ -15,8 +15,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from sdtune.config import validate
-from sdtune.train import SDTUNE_TRAINER_KEYS
+from sdtune.config.validate import validate
+from sdtune.training.train import SDTUNE_TRAINER_KEYS
 
 from .conftest import QUICKSTART, ROOT, run_cli
 
@@ -93,7 +93,7 @@ def test_production_presets_print_and_fail_fast_without_weights(tmp_path, preset
 @pytest.mark.slow
 def test_debug_runs_do_what_they_say(tmp_path):
     """debug=fdr: one step and no outputs but config and logs; debug=limit: 3 epochs of 3 batches."""
-    from sdtune.checkpointing import load_checkpoint
+    from sdtune.training.checkpointing import load_checkpoint
 
     fdr = tmp_path / "fdr"
     proc = run_cli("experiment=quickstart", "model=tiny", "debug=fdr", f"hydra.run.dir={fdr}")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from sdtune.diffusion import min_snr_weights, regression_target, sample_randomness, scale_latents, weighted_mse
+from sdtune.training.diffusion import min_snr_weights, regression_target, sample_randomness, scale_latents, weighted_mse
 
 T = torch.tensor([0, 10, 250, 500, 999])
 
@@ -79,7 +79,7 @@ def test_each_sample_draws_from_its_own_seed_whatever_the_batch():
 def test_the_modules_loss_is_this_maths_on_its_unet(tmp_path, tiny_sd15):
     """snr_gamma, the prediction type and the latent inputs reach the loss: recomputed by hand."""
     from sdtune.data import collate
-    from sdtune.module import LoRATrainingModule
+    from sdtune.training.module import LoRATrainingModule
 
     from .conftest import compose_cfg, resolved
 

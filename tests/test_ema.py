@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdtune.checkpointing import load_checkpoint
-from sdtune.ema import exported_weights, start_ema
 from sdtune.export import export_checkpoint
-from sdtune.lora import live_lora_state, lora_tensors
-from sdtune.lora_files import read_lora
-from sdtune.module import LoRATrainingModule
+from sdtune.lora.files import read_lora
+from sdtune.lora.layers import live_lora_state, lora_tensors
+from sdtune.training.checkpointing import load_checkpoint
+from sdtune.training.ema import exported_weights, start_ema
+from sdtune.training.module import LoRATrainingModule
 
 from .conftest import compose_cfg, kill_when_written, resolved, run_cli
 

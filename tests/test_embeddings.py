@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdtune.checkpointing import load_checkpoint
-from sdtune.config import validate
-from sdtune.errors import ConfigError, LoraFileError
+from sdtune.config.validate import validate
+from sdtune.training.checkpointing import load_checkpoint
+from sdtune.utils.errors import ConfigError, LoraFileError
 
 from .conftest import compose_cfg, resolved, run_main, tiny_model
 
@@ -65,7 +65,7 @@ def trained_module(run: Path):
     """The run's LightningModule rebuilt from its config, with the checkpoint's LoRA and new rows."""
     from omegaconf import OmegaConf
 
-    from sdtune.module import LoRATrainingModule
+    from sdtune.training.module import LoRATrainingModule
 
     cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True)
     module = LoRATrainingModule(cfg)
@@ -110,9 +110,9 @@ def test_sdxl_pivotal_file_loads_into_both_encoders_as_diffusers_documents(runs)
     written or not trained beside the embeddings (pivotal tuning)."""
     from diffusers import StableDiffusionXLPipeline
 
-    from sdtune.embedding_files import EmbeddingRef, load_embeddings
     from sdtune.families import get_family
     from sdtune.families.base import ModelParts
+    from sdtune.run.embedding_files import EmbeddingRef, load_embeddings
 
     run = runs("sdxl")
     tensors = load_file(str(run / "olq.safetensors"))
@@ -193,7 +193,7 @@ def test_pivotal_and_ti_presets_differ_only_in_with_lora():
 
 def test_a_word_the_tokenizer_knows_is_refused(tmp_path):
     """Catches: an existing vocabulary word silently becoming a trained token (its meaning replaced everywhere)."""
-    from sdtune.module import LoRATrainingModule
+    from sdtune.training.module import LoRATrainingModule
 
     cfg = resolved(compose_cfg("experiment=quickstart", "model=tiny", "embedding=ti", "embedding.tokens=['a</w>']",
                                "embedding.init=red", output_dir=tmp_path))
@@ -203,8 +203,8 @@ def test_a_word_the_tokenizer_knows_is_refused(tmp_path):
 
 
 def test_an_embedding_file_of_another_family_is_refused(runs, tmp_path):
-    from sdtune.embedding_files import read_embedding
     from sdtune.families import get_family
+    from sdtune.run.embedding_files import read_embedding
 
     with pytest.raises(LoraFileError, match=r"holds \['emb_params'\], but a sdxl embedding holds \['clip_l', 'clip_g'\]"):
         read_embedding(runs("sd15") / "olq.safetensors", get_family("sdxl"))

@@ -8,7 +8,7 @@ import signal
 import pytest
 from safetensors.torch import load_file
 
-from sdtune.checkpointing import load_checkpoint
+from sdtune.training.checkpointing import load_checkpoint
 
 from .conftest import QUICKSTART, kill_when_written, run_cli
 

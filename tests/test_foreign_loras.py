@@ -15,13 +15,13 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 from safetensors.torch import save_file
 
-from sdtune.errors import LoraFileError
 from sdtune.families import get_family
 from sdtune.families.builder import build_parts
 from sdtune.generate import generate
-from sdtune.inference import LoraRef, apply_loras
-from sdtune.lora_files import read_lora
+from sdtune.inference.loading import LoraRef, apply_loras
+from sdtune.lora.files import read_lora
 from sdtune.merge import merge
+from sdtune.utils.errors import LoraFileError
 
 from .conftest import ROOT, tiny_model
 
@@ -92,7 +92,7 @@ def _case(family: str, layout: str, tmp_path):
         model.save_pretrained(tmp_path / "peft")  # adapter_model.safetensors + adapter_config.json
         return tmp_path / "peft" / "adapter_model.safetensors", {"unet": (unet, _alphas(unet, lambda i: 6.0))}
     # kohya, with text-encoder layers and a different alpha per module (1, 2 or 3 by position)
-    from sdtune.lora_keys import kohya_module_name
+    from sdtune.lora.keys import kohya_module_name
 
     raw, expected = {}, {}
     prefixes = ["lora_te_"] if len(tes) == 1 else ["lora_te1_", "lora_te2_"]
@@ -235,9 +235,9 @@ def test_export_converts_a_headerless_kohya_sdxl_file_offline(tmp_path):
     --family alone: names resolve against SDXL's standard layout, the alpha is kept."""
     from safetensors.torch import load_file
 
-    from sdtune.bench.arch import architecture
     from sdtune.export import export_lora, unet_module_names
-    from sdtune.lora_keys import peft_to_kohya
+    from sdtune.families.arch import architecture
+    from sdtune.lora.keys import peft_to_kohya
 
     config = architecture("sdxl")["unet"]
     modules = [m for m in unet_module_names(config) if m.endswith("attn1.to_q")][:3]

@@ -12,14 +12,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from sdtune.errors import ConfigError, LoraFileError
 from sdtune.families import get_family
 from sdtune.families.builder import build_parts
 from sdtune.generate import generate
-from sdtune.inference import LoraRef, apply_loras, parse_loras
-from sdtune.lora import LoraSpec, inject, lora_tensors, trainable_lora_parameters
-from sdtune.lora_files import LoraHeader, save_lora
+from sdtune.inference.loading import LoraRef, apply_loras, parse_loras
+from sdtune.lora.files import LoraHeader, save_lora
+from sdtune.lora.layers import LoraSpec, inject, lora_tensors, trainable_lora_parameters
 from sdtune.merge import merge
+from sdtune.utils.errors import ConfigError, LoraFileError
 
 from .conftest import ROOT, run_cli, tiny_model, unet_inputs
 

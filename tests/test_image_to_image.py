@@ -16,13 +16,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from sdtune.errors import ConfigError, ModelLoadError
 from sdtune.families import get_family
 from sdtune.generate import generate
-from sdtune.image_input import canny, fit_size
+from sdtune.inference.image_input import canny, fit_size
 from sdtune.toy.build import TOY_ROOT
 from sdtune.toy.controlnet import build_toy_controlnet, input_scene
 from sdtune.toy.domain import Scene, render
+from sdtune.utils.errors import ConfigError, ModelLoadError
 
 from .conftest import ROOT, tiny_model
 from .test_generate_merge import _lora_file

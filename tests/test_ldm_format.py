@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdtune.errors import ModelLoadError
 from sdtune.families import get_family, resolve_model_source
-from sdtune.ldm_format import pipeline_to_original
-from sdtune.module import LoRATrainingModule
+from sdtune.families.ldm_format import pipeline_to_original
+from sdtune.training.module import LoRATrainingModule
+from sdtune.utils.errors import ModelLoadError
 
 from .conftest import compose_cfg, resolved, tiny_model
 

@@ -8,10 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from sdtune.errors import LoraFileError
-from sdtune.lora import LoraSpec
-from sdtune.lora_files import LoraHeader, check_family, read_lora, save_lora
-from sdtune.lora_keys import diffusers_to_peft, peft_to_diffusers
+from sdtune.lora.files import LoraHeader, check_family, read_lora, save_lora
+from sdtune.lora.keys import diffusers_to_peft, peft_to_diffusers
+from sdtune.lora.layers import LoraSpec
+from sdtune.utils.errors import LoraFileError
 
 SPEC = LoraSpec(rank=4, alpha=8.0, targets=("to_q", "to_out.0"))
 

@@ -6,12 +6,12 @@ import diffusers
 import pytest
 import torch
 
-from sdtune.errors import LoraFileError
 from sdtune.families import get_family
-from sdtune.lora import LoraSpec, inject, lora_tensors, trainable_lora_parameters
-from sdtune.lora_apply import apply_lora
-from sdtune.lora_files import LoraHeader, read_lora, save_lora
-from sdtune.lora_keys import detect_format, kohya_module_name, kohya_to_peft, peft_to_kohya
+from sdtune.lora.apply import apply_lora
+from sdtune.lora.files import LoraHeader, read_lora, save_lora
+from sdtune.lora.keys import detect_format, kohya_module_name, kohya_to_peft, peft_to_kohya
+from sdtune.lora.layers import LoraSpec, inject, lora_tensors, trainable_lora_parameters
+from sdtune.utils.errors import LoraFileError
 
 from .conftest import tiny_model, unet_inputs
 

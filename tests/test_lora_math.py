@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdtune.families import get_family
-from sdtune.lora import LoraSpec, inject, lora_tensors, spec_from_config, trainable_lora_parameters
+from sdtune.lora.layers import LoraSpec, inject, lora_tensors, spec_from_config, trainable_lora_parameters
 
 
 @pytest.mark.parametrize(("rank", "alpha"), [(4, 4.0), (2, 16.0)])

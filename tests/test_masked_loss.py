@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from sdtune.checkpointing import data_manifest, describe_data_change
 from sdtune.data.buckets import assign_buckets
 from sdtune.data.datamodule import ImageCaptionDataModule, ImageCaptionDataset, collate
 from sdtune.data.latents import LatentCache
 from sdtune.data.masks import find_mask, find_masks, mask_manifest, to_latent_grid
 from sdtune.data.records import load_records
-from sdtune.diffusion import weighted_mse
-from sdtune.errors import DataError
+from sdtune.training.checkpointing import data_manifest, describe_data_change
+from sdtune.training.diffusion import weighted_mse
+from sdtune.utils.errors import DataError
 
 
 def _noise_image(h: int, w: int, seed: int, mode: str = "RGB") -> Image.Image:

@@ -1,6 +1,6 @@
 """python -m sdtune.morph: slerp, DDIM inversion on the toy bases, the whole train=true flow, bad inputs.
 
-Errors are mean absolute pixel differences on a 0-1 scale (:func:`sdtune.inversion.pixel_error`)
+Errors are mean absolute pixel differences on a 0-1 scale (:func:`sdtune.morph.inversion.pixel_error`)
 at 64 px, between a red circle on blue and a green square on yellow (0.581 apart).
 """
 
@@ -17,9 +17,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from sdtune.errors import ConfigError
 from sdtune.families.builder import build_parts
-from sdtune.inversion import (
+from sdtune.morph.command import morph
+from sdtune.morph.inputs import resolve_prompts
+from sdtune.morph.inversion import (
     conditioning,
     ddim_schedulers,
     decode_latent,
@@ -29,9 +30,8 @@ from sdtune.inversion import (
     sample,
     slerp,
 )
-from sdtune.morph import morph
-from sdtune.morph_inputs import resolve_prompts
 from sdtune.toy.domain import Scene, render
+from sdtune.utils.errors import ConfigError
 
 from .conftest import ROOT
 

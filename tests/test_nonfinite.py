@@ -1,4 +1,4 @@
-"""The NaN/Inf guard without a per-step host read (sdtune.nonfinite): a non-finite loss at step k
+"""The NaN/Inf guard without a per-step host read (sdtune.training.nonfinite): a non-finite loss at step k
 is recorded on the device, the run fails at the next read (every trainer.nonfinite_check_every
 steps, before any checkpoint, samples or the LoRA are written) naming step k, and no file holds
 weights updated at step k or later."""
@@ -11,9 +11,9 @@ import lightning as L
 import pytest
 import torch
 
-from sdtune.checkpointing import load_checkpoint
-from sdtune.errors import NonFiniteLossError
-from sdtune.nonfinite import NONE, NonFiniteGuard
+from sdtune.training.checkpointing import load_checkpoint
+from sdtune.training.nonfinite import NONE, NonFiniteGuard
+from sdtune.utils.errors import NonFiniteLossError
 
 from .conftest import CACHE, run_main
 

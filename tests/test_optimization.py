@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-from sdtune.config import validate
-from sdtune.errors import ConfigError
-from sdtune.lora import named_trainable_lora_parameters
-from sdtune.module import LoRATrainingModule
-from sdtune.optimization import build_optimization
+from sdtune.config.validate import validate
+from sdtune.lora.layers import named_trainable_lora_parameters
+from sdtune.training.module import LoRATrainingModule
+from sdtune.training.optimization import build_optimization
+from sdtune.utils.errors import ConfigError
 
 from .conftest import compose_cfg, resolved
 

@@ -9,11 +9,11 @@ import shutil
 import pytest
 import torch
 
-from sdtune.class_images import class_image_folder, ensure_class_images
 from sdtune.data.datamodule import ImageCaptionDataModule
 from sdtune.data.prior import class_seed, split_prior_loss
 from sdtune.data.records import load_records
-from sdtune.errors import ConfigError
+from sdtune.training.class_images import class_image_folder, ensure_class_images
+from sdtune.utils.errors import ConfigError
 
 from .conftest import CACHE, _snapshot, compose_cfg, resolved, run_main, tiny_model
 
@@ -65,7 +65,7 @@ def test_prior_loss_is_instance_mean_plus_weight_times_class_mean():
 
 
 def test_config_refuses_both_class_sources_and_an_empty_prompt(tmp_path):
-    from sdtune.config import validate
+    from sdtune.config.validate import validate
 
     base = ["model=tiny", f"data.root={tmp_path}"]
     with pytest.raises(ConfigError, match=r"data.class_root=.* and data.class_prompt=.* are both set"):
@@ -96,7 +96,7 @@ def test_class_images_are_rendered_once_into_the_cache_and_reused(tmp_path, capl
         "file_name,text", *(f"images/{n},a red circle" for n in files)]
     stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
     caplog.clear()  # only the second call's lines
-    with caplog.at_level(logging.INFO, logger="sdtune.class_images"):
+    with caplog.at_level(logging.INFO, logger="sdtune.training.class_images"):
         assert ensure_class_images(cfg, source) == folder
     assert "reusing 3 class image(s)" in caplog.text and "rendering" not in caplog.text
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == stamps
@@ -104,7 +104,7 @@ def test_class_images_are_rendered_once_into_the_cache_and_reused(tmp_path, capl
     (folder / "metadata.csv").unlink()
     (folder / "images" / "00001.png").unlink()
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="sdtune.class_images"):
+    with caplog.at_level(logging.INFO, logger="sdtune.training.class_images"):
         ensure_class_images(cfg, source)
     assert "rendering 1 class image(s)" in caplog.text and (folder / "images" / "00001.png").is_file()
     kept = [folder / "images" / n for n in ("00000.png", "00002.png")]

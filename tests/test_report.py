@@ -33,7 +33,7 @@ def _metrics(run):
 
 
 def test_multirun_trains_each_rank_in_its_own_folder(sweep):
-    from sdtune.lora_files import read_lora
+    from sdtune.lora.files import read_lora
 
     for job, rank in enumerate(RANKS):
         assert (sweep / str(job) / ".hydra" / "config.yaml").is_file()

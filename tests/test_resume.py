@@ -11,10 +11,10 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from sdtune.checkpointing import load_checkpoint
-from sdtune.errors import ConfigError
-from sdtune.lora_files import read_lora
-from sdtune.train import train
+from sdtune.lora.files import read_lora
+from sdtune.training.checkpointing import load_checkpoint
+from sdtune.training.train import train
+from sdtune.utils.errors import ConfigError
 
 from .conftest import QUICKSTART_ARGS, ROOT, compose_cfg, kill_when_written, run_cli
 
@@ -189,7 +189,7 @@ def test_sigint_at_a_random_step_saves_it_and_the_run_folder_alone_resumes_it(qu
 
 
 def test_resume_replays_the_runs_own_command_line(tmp_path):
-    from sdtune.resume import changed_settings, resume_argv
+    from sdtune.run.resume import changed_settings, resume_argv
 
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
@@ -210,7 +210,7 @@ def test_a_run_folder_named_like_overrides_is_quoted_for_hydra(tmp_path):
     """Sweep folders named by override_dirname (lora.rank=8,seed=1) must reach Hydra as one value."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from sdtune.resume import resume_argv
+    from sdtune.run.resume import resume_argv
 
     run = tmp_path / "lora.rank=8,seed=1"
     (run / ".hydra").mkdir(parents=True)

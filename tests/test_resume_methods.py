@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from sdtune.checkpointing import load_checkpoint
 from sdtune.toy.domain import random_scene, render
+from sdtune.training.checkpointing import load_checkpoint
 
 from .conftest import QUICKSTART, kill_when_written, run_cli
 

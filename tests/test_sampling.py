@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from sdtune.families import get_family
-from sdtune.lora import LoraSpec, inject, trainable_lora_parameters
-from sdtune.sampling import make_grid, render
+from sdtune.inference.sampling import make_grid, render
+from sdtune.lora.layers import LoraSpec, inject, trainable_lora_parameters
 
 
 def test_grid_layout_places_every_tile():
@@ -50,7 +50,7 @@ def test_grid_labels_draw_chinese_glyphs_not_boxes():
     """Pillow's own font has no CJK glyphs (every character the same empty box); ours does."""
     from PIL import Image
 
-    from sdtune.sampling import has_cjk_font, make_grid
+    from sdtune.inference.sampling import has_cjk_font, make_grid
 
     assert has_cjk_font()
     tile = [[Image.new("RGB", (32, 32), "white")]]
@@ -66,8 +66,8 @@ def test_grid_labels_draw_chinese_glyphs_not_boxes():
 def test_per_sample_prompts_seeds_negatives_and_a_wrapped_sheet():
     from PIL import Image
 
-    from sdtune.errors import ConfigError
-    from sdtune.sample_grid import Sample, SampleGrid, parse_samples
+    from sdtune.evaluation.sample_grid import Sample, SampleGrid, parse_samples
+    from sdtune.utils.errors import ConfigError
 
     samples = parse_samples(["a", {"prompt": "b", "seed": 7, "negative_prompt": "ugly"}, "c"], [0, 1], "blurry")
     assert samples == [Sample("a", 0, "blurry"), Sample("b", 7, "ugly"), Sample("c", 0, "blurry")]

@@ -15,8 +15,8 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from sdtune.data import ImageCaptionDataModule, load_records
-from sdtune.errors import ConfigError
-from sdtune.module import LoRATrainingModule
+from sdtune.training.module import LoRATrainingModule
+from sdtune.utils.errors import ConfigError
 
 from .conftest import compose_cfg, resolved
 

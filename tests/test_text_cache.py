@@ -6,11 +6,11 @@ import lightning as L
 import pytest
 import torch
 
-from sdtune.cache_memory import CacheMemory
 from sdtune.data import ImageCaptionDataModule, load_records
+from sdtune.data.cache_memory import CacheMemory
+from sdtune.data.text_cache import TextEmbeddingCache
 from sdtune.families import get_family
-from sdtune.module import LoRATrainingModule
-from sdtune.text_cache import TextEmbeddingCache
+from sdtune.training.module import LoRATrainingModule
 
 from .conftest import QUICKSTART, compose_cfg, resolved, tiny_model
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdtune.errors import ConfigError, LoraFileError
 from sdtune.families import ModelParts, get_family
 from sdtune.families.builder import build_parts
-from sdtune.inference import LoraRef, apply_loras
-from sdtune.lora_files import read_lora
-from sdtune.lora_keys import te_live_module
-from sdtune.module import LoRATrainingModule
+from sdtune.inference.loading import LoraRef, apply_loras
+from sdtune.lora.files import read_lora
+from sdtune.lora.keys import te_live_module
+from sdtune.training.module import LoRATrainingModule
+from sdtune.utils.errors import ConfigError, LoraFileError
 
 from .comfyui_rules import clip_key_map, load_clip_like_comfyui
 from .conftest import compose_cfg, resolved, tiny_model, unet_inputs
@@ -198,14 +198,14 @@ def test_text_encoder_lora_trains_with_gradients_and_its_own_lr(tmp_path):
     ("4", r"lora.text_encoder must be a mapping"),
 ])
 def test_bad_text_encoder_settings_are_refused_early(value, message):
-    from sdtune.config import validate
+    from sdtune.config.validate import validate
 
     with pytest.raises(ConfigError, match=message):
         validate(compose_cfg("experiment=quickstart", f"lora.text_encoder={value}"))
 
 
 def test_unet_lr_zero_needs_a_text_encoder_lr():
-    from sdtune.config import validate
+    from sdtune.config.validate import validate
 
     validate(compose_cfg("experiment=quickstart", "optim.optimizer.lr=0", "lora.text_encoder={rank: 4, lr: 1e-3}"))
     with pytest.raises(ConfigError, match="optim.optimizer.lr must be > 0"):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdtune.checkpointing import load_checkpoint
+from sdtune.training.checkpointing import load_checkpoint
 
 from .conftest import QUICKSTART_ARGS, kill_when_written, run_cli
 
@@ -52,8 +52,8 @@ def test_sigkill_then_resume_gives_the_same_text_encoder_lora(tmp_path):
 def test_resume_refuses_a_checkpoint_trained_without_the_text_encoder_lora(quickstart_run, tmp_path):
     """A checkpoint of a UNet-only run resumed with lora.text_encoder on would silently restart the
     encoders' LoRA (and break the optimizer's param groups): refused, naming the setting."""
-    from sdtune.errors import ConfigError
-    from sdtune.train import train
+    from sdtune.training.train import train
+    from sdtune.utils.errors import ConfigError
 
     from .conftest import compose_cfg
 

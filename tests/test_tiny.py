@@ -8,8 +8,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from sdtune.families import get_family
+from sdtune.families.tiny import TINY_FORMAT_VERSION, ensure_tiny_model
 from sdtune.families.tiny_parts import train_clip_bpe
-from sdtune.tiny import TINY_FORMAT_VERSION, ensure_tiny_model
 
 
 def test_tiny_folder_has_diffusers_layout_and_loads_with_pipeline(tiny_sd15):

@@ -6,8 +6,8 @@ import lightning as L
 import torch
 
 from sdtune.data import ImageCaptionDataModule, collate, load_records
-from sdtune.lora import is_lora_key
-from sdtune.module import LoRATrainingModule
+from sdtune.lora.layers import is_lora_key
+from sdtune.training.module import LoRATrainingModule
 
 from .conftest import compose_cfg, resolved
 

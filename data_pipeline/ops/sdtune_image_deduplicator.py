@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from data_juicer.ops.base_op import OPERATORS, Deduplicator
 
-from .image_hash import METHODS, dhash_file, plan_duplicates, sha256_file
+from data_pipeline.ops.image_hash import METHODS, dhash_file, plan_duplicates, sha256_file
 
 OP_NAME = "sdtune_image_deduplicator"
 HASH_FIELD = "__sdtune_imagehash__"

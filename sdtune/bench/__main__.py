@@ -11,15 +11,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ..config import register_resolvers
-from ..errors import exit_on_user_error
+from sdtune.config.validate import register_resolvers
+from sdtune.utils.errors import exit_on_user_error
 
 register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
-    from .suite import run_bench  # heavy imports only once Hydra has parsed the command line
+    from sdtune.bench.suite import run_bench  # heavy imports only once Hydra has parsed the command line
 
     hydra_cfg = HydraConfig.get()
     with exit_on_user_error():

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from sdtune.utils.errors import ConfigError
 
 BEGIN = "<!-- bench:gpu-rows:begin -->"
 END = "<!-- bench:gpu-rows:end -->"
@@ -96,7 +96,7 @@ def read_text(path: str | os.PathLike) -> str:
 
 def write_row(path: str | os.PathLike, row: Mapping[str, Any]) -> None:
     """Replace ``row``'s preset row of the GPU table in ``path`` (atomically)."""
-    from ..io import atomic_path
+    from sdtune.utils.io import atomic_path
 
     path = Path(path)
     text = update_rows(read_text(path), row, source=str(path))

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..families import get_family
-from .arch import architecture, build_parts
+from sdtune.families import get_family
+from sdtune.families.arch import architecture, build_parts
 
 
 def _batch_geometry(batch: dict[str, Any], vae_factor: int) -> tuple[int, int, int]:
@@ -37,7 +37,7 @@ def count_step_flops(cfg: dict[str, Any], batch: dict[str, Any], *, folder: str 
     ``folder`` is a diffusers folder whose configs describe the model (the tiny models); None uses
     the shipped full-size configs. Returns ``{"fwd": ..., "fwd_bwd": ..., "images": B}``.
     """
-    from ..module import LoRATrainingModule
+    from sdtune.training.module import LoRATrainingModule
 
     cfg = copy.deepcopy(cfg)
     cfg["train"]["gradient_checkpointing"] = False

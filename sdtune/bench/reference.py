@@ -1,7 +1,7 @@
 """The plain PyTorch loop a user would otherwise write, timed the same way as sdtune.
 
 It follows diffusers' ``train_text_to_image_lora.py``: freeze the base, inject LoRA with peft
-(through ``sdtune.lora.inject``, so the UNet is the same), keep LoRA weights in fp32, then per
+(through ``sdtune.lora.layers.inject``, so the UNet is the same), keep LoRA weights in fp32, then per
 step encode the images with the VAE and the captions with the text encoder(s), noise the latents,
 predict, take the MSE, ``backward``, clip, ``AdamW.step``, ``zero_grad``. Autocast is on when the
 precision asks for it (``bf16-mixed``/``16-mixed``, the latter with a GradScaler on CUDA). The
@@ -19,11 +19,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data import ImageCaptionDataModule
-from ..families import ModelParts, get_family
-from ..lora import inject, spec_from_config, trainable_lora_parameters
-from ..trainable import WEIGHT_DTYPES
-from .measure import MemoryMeter, StepClock, batch_size_of
+from sdtune.bench.measure import MemoryMeter, StepClock, batch_size_of
+from sdtune.data import ImageCaptionDataModule
+from sdtune.families import ModelParts, get_family
+from sdtune.lora.layers import inject, spec_from_config, trainable_lora_parameters
+from sdtune.training.trainable import WEIGHT_DTYPES
 
 
 def _batches(loader) -> Iterator[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """Run one case: sdtune's LoRATrainingModule under a real ``lightning.Trainer``, or the reference loop.
 
-sdtune cases are wired as ``sdtune.train`` wires a run (module, datamodule from the config,
+sdtune cases are wired as ``sdtune.training.train`` wires a run (module, datamodule from the config,
 Trainer from the ``trainer`` config) with the bench's timing callback in place of the run's
 callbacks and loggers (checkpoints, LoRA export, sample grids, CSV/TensorBoard logs), since those
 write files rather than train. With ``bench.random_init`` the module gets random full-size parts
@@ -18,15 +18,15 @@ from typing import Any
 import lightning as L
 import torch
 
-from ..data import ImageCaptionDataModule
-from ..families import ModelParts
-from ..families.builder import build_parts as build_base
-from ..families.builder import model_source
-from ..module import LoRATrainingModule
-from .arch import build_parts
-from .cases import REFERENCE, Case
-from .measure import MemoryMeter, StepClock, batch_size_of, release_memory
-from .reference import run_reference
+from sdtune.bench.cases import REFERENCE, Case
+from sdtune.bench.measure import MemoryMeter, StepClock, batch_size_of, release_memory
+from sdtune.bench.reference import run_reference
+from sdtune.data import ImageCaptionDataModule
+from sdtune.families import ModelParts
+from sdtune.families.arch import build_parts
+from sdtune.families.builder import build_parts as build_base
+from sdtune.families.builder import model_source
+from sdtune.training.module import LoRATrainingModule
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def run_sdtune(cfg: dict[str, Any], records, *, device: torch.device, steps: int
 
 def load_reference_parts(cfg: dict[str, Any], device: torch.device, random_init: bool) -> ModelParts:
     """The same base model sdtune loads: the same loader, or the same random architecture."""
-    from ..trainable import WEIGHT_DTYPES
+    from sdtune.training.trainable import WEIGHT_DTYPES
 
     dtype = WEIGHT_DTYPES.get(str(cfg["trainer"].get("precision", "32")), torch.float32)
     if random_init:
@@ -144,6 +144,6 @@ def profile_case(case: Case, cfg: dict[str, Any], records, *, device: torch.devi
     text.write(f"cProfile of {case.name} ({steps} steps, model loading included)\n")
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumulative").print_stats(top)
-    from ..io import write_text_atomic
+    from sdtune.utils.io import write_text_atomic
 
     write_text_atomic(out, text.getvalue())

@@ -23,16 +23,24 @@ import torch
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import validate
-from ..data import load_records
-from ..errors import ConfigError
-from ..io import write_text_atomic
-from .cases import REFERENCE, Case, cases_from_config, missing_requirements, models_to_run, plan_for, without_model
-from .docs_rows import bench_row, write_row
-from .flops import count_step_flops
-from .measure import Timing, matmul_peak
-from .runner import first_batch, profile_case, run_case
-from .table import check_targets, make_row, to_console, to_csv, to_markdown
+from sdtune.bench.cases import (
+    REFERENCE,
+    Case,
+    cases_from_config,
+    missing_requirements,
+    models_to_run,
+    plan_for,
+    without_model,
+)
+from sdtune.bench.docs_rows import bench_row, write_row
+from sdtune.bench.flops import count_step_flops
+from sdtune.bench.measure import Timing, matmul_peak
+from sdtune.bench.runner import first_batch, profile_case, run_case
+from sdtune.bench.table import check_targets, make_row, to_console, to_csv, to_markdown
+from sdtune.config.validate import validate
+from sdtune.data import load_records
+from sdtune.utils.errors import ConfigError
+from sdtune.utils.io import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +78,7 @@ def model_folder(cfg: dict[str, Any], random_init: bool) -> str | None:
     """Where FLOP counting reads the architecture: a tiny/local diffusers folder, or None (shipped configs)."""
     if random_init:
         return None
-    from ..families.builder import model_source
+    from sdtune.families.builder import model_source
 
     source = model_source(cfg["model"])
     return source if Path(source, "unet", "config.json").is_file() else None

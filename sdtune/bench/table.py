@@ -11,8 +11,8 @@ import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .cases import REFERENCE, Case
-from .measure import Timing, shared_round_ratio
+from sdtune.bench.cases import REFERENCE, Case
+from sdtune.bench.measure import Timing, shared_round_ratio
 
 COLUMNS = [
     "family", "model", "case", "variant", "device", "precision", "batch", "resolution", "steps_timed",

@@ -4,7 +4,7 @@
 and asserts that training is healthy; the CPU twins in ``make test`` run the same checks on the
 tiny models. Both go through :func:`watched_run`, which trains exactly as the bench does
 (:func:`sdtune.bench.runner.run_sdtune`: ``LoRATrainingModule`` under a real ``lightning.Trainer``,
-``random_init`` parts from :mod:`sdtune.bench.arch`) with a :class:`Watch` callback that records:
+``random_init`` parts from :mod:`sdtune.families.arch`) with a :class:`Watch` callback that records:
 
 * the loss of every step (finite or not);
 * every trainable LoRA tensor at the start of training and at the end (did each one move?);
@@ -28,8 +28,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from ..lora import named_trainable_lora_parameters
-from .measure import MemoryMeter, StepClock, release_memory
+from sdtune.bench.measure import MemoryMeter, StepClock, release_memory
+from sdtune.lora.layers import named_trainable_lora_parameters
 
 #: Frozen tensors hashed per model: the first, middle and last of its parameters.
 PICKS = 3
@@ -137,8 +137,8 @@ class Watch(L.Callback):
 def watched_run(cfg: dict[str, Any], *, device: str | torch.device, steps: int, random_init: bool,
                 root_dir: str | Path) -> Report:
     """Train ``steps`` steps of ``cfg`` (a composed bench config, see :func:`compose`) and report."""
-    from ..data import load_records
-    from .runner import run_sdtune
+    from sdtune.bench.runner import run_sdtune
+    from sdtune.data import load_records
 
     device = torch.device(device)
     report = Report()
@@ -163,7 +163,7 @@ def compose(*overrides: str, output_dir: str | Path) -> dict[str, Any]:
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from ..config import CONF_DIR, register_resolvers, validate
+    from sdtune.config.validate import CONF_DIR, register_resolvers, validate
 
     register_resolvers()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

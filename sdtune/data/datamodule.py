@@ -22,18 +22,18 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from ..cache_memory import CacheMemory
-from ..errors import DataError
-from .buckets import Size, assign_buckets
-from .captions import CaptionOptions, process_caption
-from .images import load_rgb, plan_crop, record_size, resize_and_crop, to_tensor
-from .latent_fill import hold_latents, prepare_latents
-from .latents import LatentCache, LatentStore
-from .loader import loader_settings
-from .masks import MaskSource, load_mask, transform_mask
-from .prior import PriorPreservationDataset, collate_prior
-from .records import Record, dataset_root
-from .sampler import TrainBatchSampler
+from sdtune.data.buckets import Size, assign_buckets
+from sdtune.data.cache_memory import CacheMemory
+from sdtune.data.captions import CaptionOptions, process_caption
+from sdtune.data.images import load_rgb, plan_crop, record_size, resize_and_crop, to_tensor
+from sdtune.data.latent_fill import hold_latents, prepare_latents
+from sdtune.data.latents import LatentCache, LatentStore
+from sdtune.data.loader import loader_settings
+from sdtune.data.masks import MaskSource, load_mask, transform_mask
+from sdtune.data.prior import PriorPreservationDataset, collate_prior
+from sdtune.data.records import Record, dataset_root
+from sdtune.data.sampler import TrainBatchSampler
+from sdtune.utils.errors import DataError
 
 log = logging.getLogger(__name__)
 _KOHYA_REPEATS = re.compile(r"^(\d+)_")

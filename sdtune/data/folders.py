@@ -16,8 +16,8 @@ import logging
 import os
 from pathlib import Path
 
-from ..errors import DataError
-from ..formats import IMAGE_SUFFIXES
+from sdtune.utils.errors import DataError
+from sdtune.utils.formats import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 DEFAULT_CAPTION_EXTENSION = ".txt"

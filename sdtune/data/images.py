@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..errors import DataError
+from sdtune.utils.errors import DataError
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -2,7 +2,7 @@
 
 :func:`prepare_latents` encodes what the on-disk cache lacks; :func:`hold_latents` then reads every
 entry the run serves exactly once into a :class:`~.latents.LatentStore` in the training dtype,
-placed by :class:`~sdtune.cache_memory.CacheMemory`, so no training step opens a file.
+placed by :class:`~sdtune.data.cache_memory.CacheMemory`, so no training step opens a file.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..cache_memory import CacheMemory
-from .buckets import Size
-from .images import record_size
-from .latents import LatentCache, LatentStore, check_cacheable, file_sha256
-from .masks import mask_digest, to_latent_grid
+from sdtune.data.buckets import Size
+from sdtune.data.cache_memory import CacheMemory
+from sdtune.data.images import record_size
+from sdtune.data.latents import LatentCache, LatentStore, check_cacheable, file_sha256
+from sdtune.data.masks import mask_digest, to_latent_grid
 
 
 @torch.no_grad()

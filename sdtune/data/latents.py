@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import ConfigError
-from ..io import atomic_path
+from sdtune.utils.errors import ConfigError
+from sdtune.utils.io import atomic_path
 
 
 def check_cacheable(center_crop: bool) -> None:

@@ -9,7 +9,7 @@ alpha channel; an image with neither trains unmasked (a mask of ones).
 The mask follows its image through the very same geometry (EXIF rotation, mirror, resize to cover
 the target, crop at the same offset, :func:`transform_mask`), and is then averaged down to the
 latent grid by area (:func:`to_latent_grid`) to weight the per-pixel MSE
-(:func:`sdtune.diffusion.weighted_mse`, normalised by the mean over all pixels as kohya does).
+(:func:`sdtune.training.diffusion.weighted_mse`, normalised by the mean over all pixels as kohya does).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from ..errors import DataError
-from ..formats import IMAGE_SUFFIXES
-from .images import CropInfo, plan_crop
-from .records import CHECK_THREADS, _listing, dataset_root
+from sdtune.data.images import CropInfo, plan_crop
+from sdtune.data.records import CHECK_THREADS, _listing, dataset_root
+from sdtune.utils.errors import DataError
+from sdtune.utils.formats import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 #: A record's mask: ("file", mask path), ("alpha", image path) or None (trains unmasked).
@@ -97,7 +97,7 @@ def _read_mask(source: tuple[str, Path]) -> Image.Image:
 
 def _mask_state(record, source: MaskSource) -> tuple[str | None, bool]:
     """(why ``source`` cannot mask ``record``'s image, or None; whether the mask is all zero)."""
-    from .images import image_size
+    from sdtune.data.images import image_size
 
     if source is None:
         return None, False
@@ -196,7 +196,7 @@ def batch_mask(batch: dict, latent_size: tuple[int, int]) -> torch.Tensor | None
 def mask_digest(source: MaskSource) -> str:
     """What a cached latent's mask depends on: the mask file's content (the alpha channel is part of
     the image, whose hash the cache key already holds)."""
-    from .latents import file_sha256
+    from sdtune.data.latents import file_sha256
 
     if source is None:
         return "unmasked"
@@ -205,7 +205,7 @@ def mask_digest(source: MaskSource) -> str:
 
 
 def mask_manifest(sources: Sequence[MaskSource] | None, root: str | os.PathLike) -> dict[str, str]:
-    """Manifest entries (see :func:`sdtune.checkpointing.data_manifest`) for the mask files, under
+    """Manifest entries (see :func:`sdtune.training.checkpointing.data_manifest`) for the mask files, under
     ``mask/``, so a resume notices masks added, removed or replaced (sizes and names only)."""
     base = dataset_root(root)
     return {f"mask/{os.path.relpath(os.path.abspath(path), base)}": f"{Path(path).stat().st_size}:mask"

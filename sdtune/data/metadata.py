@@ -7,8 +7,8 @@ import csv
 import json
 from pathlib import Path
 
-from ..errors import DataError
-from ..formats import strip_dj_tokens
+from sdtune.utils.errors import DataError
+from sdtune.utils.formats import strip_dj_tokens
 
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
 REQUIRED_COLUMNS = ("file_name", "text")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .sampler import sample_seed
+from sdtune.data.sampler import sample_seed
 
 #: Mixed into an instance sample's seed to get its class sample's seed (any fixed number).
 CLASS_STREAM = 0x0C1A55
@@ -67,7 +67,7 @@ class PriorPreservationDataset(Dataset):
 
 def collate_prior(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """One batch of the instance samples followed by their class samples; ``prior`` marks the class half."""
-    from .datamodule import collate
+    from sdtune.data.datamodule import collate
 
     batch = collate([s["instance"] for s in samples] + [s["class"] for s in samples])
     batch["prior"] = torch.tensor([False] * len(samples) + [True] * len(samples))

@@ -21,10 +21,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DataError
-from ..formats import IMAGE_SUFFIXES
-from .folders import describe_folder, folder_rows, parse_caption_extension, walk_folder
-from .metadata import find_metadata, read_rows, show_value
+from sdtune.data.folders import describe_folder, folder_rows, parse_caption_extension, walk_folder
+from sdtune.data.metadata import find_metadata, read_rows, show_value
+from sdtune.utils.errors import DataError
+from sdtune.utils.formats import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 _MAKE_DATA_HINT = "or build one from raw images with `make data RAW=<raw folder> OUT=<folder>`"

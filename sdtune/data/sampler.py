@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from .buckets import Size
+from sdtune.data.buckets import Size
 
 _SEED_MOD = 2**63 - 1
 

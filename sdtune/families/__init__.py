@@ -7,12 +7,12 @@ family is one such file plus :func:`register_family`.
 
 from __future__ import annotations
 
-from ..errors import ConfigError
-from .base import ModelFamily, ModelParts
-from .kolors import Kolors
-from .sd15 import SD15
-from .sdxl import SDXL
-from .source import resolve_model_source
+from sdtune.families.base import ModelFamily, ModelParts
+from sdtune.families.kolors import Kolors
+from sdtune.families.sd15 import SD15
+from sdtune.families.sdxl import SDXL
+from sdtune.families.source import resolve_model_source
+from sdtune.utils.errors import ConfigError
 
 FAMILIES: dict[str, type[ModelFamily]] = {cls.name: cls for cls in (SD15, SDXL, Kolors)}
 

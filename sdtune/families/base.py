@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import ConfigError, ModelLoadError
+from sdtune.utils.errors import ConfigError, ModelLoadError
 
 #: What a pipeline is asked to do: draw from noise, or redraw an input picture (SDEdit).
 TASKS = ("text2img", "img2img")
@@ -125,7 +125,7 @@ class ModelFamily(ABC):
         """What the text encoders take for ``captions`` (token ids, ...), on the CPU, batch-first.
 
         Each row depends on its caption only (padded to the fixed maximum length), so the trainer may
-        tokenize a caption once and stack cached rows (:class:`sdtune.text_cache.TokenCache`).
+        tokenize a caption once and stack cached rows (:class:`sdtune.data.text_cache.TokenCache`).
         """
 
     @abstractmethod
@@ -157,7 +157,7 @@ class ModelFamily(ABC):
             raise ValueError(f"pipeline task must be one of {TASKS}, got {task!r}")
         name = self.pipelines.get((task, controlnet))
         if name is None:
-            from . import FAMILIES  # the registry imports this module: look it up only when needed
+            from sdtune.families import FAMILIES  # the registry imports this module: look it up only when needed
 
             able = sorted(n for n, cls in FAMILIES.items() if cls.pipelines.get((task, controlnet)))
             what = f"{task} with a ControlNet" if controlnet else task

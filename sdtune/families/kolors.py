@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from .base import ModelFamily, ModelParts
-from .sdxl import micro_conditioning
-from .tiny_parts import CORPUS, hf_config, sdxl_noise_scheduler, tiny_vae, tiny_xl_unet
+from sdtune.families.base import ModelFamily, ModelParts
+from sdtune.families.sdxl import micro_conditioning
+from sdtune.families.tiny_parts import CORPUS, hf_config, sdxl_noise_scheduler, tiny_vae, tiny_xl_unet
 
 MAX_LENGTH = 256  # KolorsPipeline's max_sequence_length
 #: Chinese lines for the tiny ChatGLM tokenizer (Kolors prompts are mostly Chinese).

@@ -7,8 +7,14 @@ from typing import Any
 
 import torch
 
-from .base import ModelFamily, ModelParts
-from .tiny_parts import build_clip_tokenizer, clip_config, sd_noise_scheduler, tiny_clip_text_encoder, tiny_vae
+from sdtune.families.base import ModelFamily, ModelParts
+from sdtune.families.tiny_parts import (
+    build_clip_tokenizer,
+    clip_config,
+    sd_noise_scheduler,
+    tiny_clip_text_encoder,
+    tiny_vae,
+)
 
 
 class SD15(ModelFamily):

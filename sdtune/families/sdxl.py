@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from .base import ModelFamily, ModelParts
-from .tiny_parts import (
+from sdtune.families.base import ModelFamily, ModelParts
+from sdtune.families.tiny_parts import (
     build_clip_tokenizer,
     clip_config,
     sdxl_noise_scheduler,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ModelLoadError
+from sdtune.utils.errors import ModelLoadError
 
 _HINT = (
     "Fix: set model.path to a local diffusers folder (the one holding model_index.json) or a hub id "

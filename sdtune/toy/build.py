@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import ROOT
-from ..families import get_family
-from .evaluate import evaluate_pipeline
-from .pretrain import Recipe, build_toy, encode_scenes, train_vae
+from sdtune.config.validate import ROOT
+from sdtune.families import get_family
+from sdtune.toy.evaluate import evaluate_pipeline
+from sdtune.toy.pretrain import Recipe, build_toy, encode_scenes, train_vae
 
 FAMILIES = ("sd15", "sdxl", "kolors")
 #: The report's headline figures are at the toy model configs' ``guidance`` (2); the sweep shows why.

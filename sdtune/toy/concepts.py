@@ -22,9 +22,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..io import atomic_path, write_text_atomic
-from .domain import SHAPES, Scene, random_scene, render
-from .probe import read
+from sdtune.toy.domain import SHAPES, Scene, random_scene, render
+from sdtune.toy.probe import read
+from sdtune.utils.io import atomic_path, write_text_atomic
 
 #: trigger word -> concept colour (from domain.CONCEPT_COLOURS)
 TRIGGERS: dict[str, str] = {"sks": "pink", "olq": "cyan"}

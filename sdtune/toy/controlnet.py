@@ -48,7 +48,7 @@ def build_toy_controlnet(base: str | Path, out: str | Path, *, seed: int = 0, st
 
 def input_scene(side: int = 64):
     """The picture the README redraws: a green square on a yellow ground (the prompt asks for a red circle on blue)."""
-    from .domain import Scene, render
+    from sdtune.toy.domain import Scene, render
 
     return render(Scene("square", "green", "yellow", size=0.3), side=side)
 
@@ -60,10 +60,10 @@ def make_picture(target: str | Path, *, steps: int = 20) -> Path:
     from hydra import compose, initialize_config_dir
     from PIL import Image
 
-    from ..config import ROOT
-    from ..generate import generate
-    from ..io import save_image_atomic
-    from ..sampling import make_grid
+    from sdtune.config.validate import ROOT
+    from sdtune.generate import generate
+    from sdtune.inference.sampling import make_grid
+    from sdtune.utils.io import save_image_atomic
 
     rows, labels = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,7 +92,7 @@ def make_picture(target: str | Path, *, steps: int = 20) -> Path:
 
 def default_base() -> Path:
     """The toy sd15 base, found from this package's own location (so the command works from any folder)."""
-    from ..config import ROOT
+    from sdtune.config.validate import ROOT
 
     return ROOT / PICTURE_BASE
 

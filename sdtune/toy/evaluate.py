@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from ..sampling import make_grid, render
-from .domain import COLOURS, SHAPES
-from .probe import Reading, read
+from sdtune.inference.sampling import make_grid, render
+from sdtune.toy.domain import COLOURS, SHAPES
+from sdtune.toy.probe import Reading, read
 
 
 @dataclass

@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 
-from ..data.images import to_tensor
-from ..families import ModelParts, get_family
-from .domain import random_colour_image, random_scene, render
+from sdtune.data.images import to_tensor
+from sdtune.families import ModelParts, get_family
+from sdtune.toy.domain import random_colour_image, random_scene, render
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .domain import ALL_COLOURS, SHAPES
+from sdtune.toy.domain import ALL_COLOURS, SHAPES
 
 #: A pixel belongs to the foreground when its colour is this far (L2, 0-255 RGB) from the background.
 FOREGROUND_DISTANCE = 70.0

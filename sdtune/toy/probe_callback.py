@@ -14,9 +14,9 @@ from pathlib import Path
 
 import lightning as L
 
-from ..io import save_image_atomic
-from ..sampling import make_grid
-from .concepts import TRIGGERS, concept_shares, probe_prompts
+from sdtune.inference.sampling import make_grid
+from sdtune.toy.concepts import TRIGGERS, concept_shares, probe_prompts
+from sdtune.utils.io import save_image_atomic
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,8 @@ class ConceptProbe(L.Callback):
             self._probe(trainer, pl_module)
 
     def _probe(self, trainer: L.Trainer, pl_module) -> None:
-        from ..callbacks import writes_outputs
-        from ..stopping import final_render
+        from sdtune.run.callbacks import writes_outputs
+        from sdtune.run.stopping import final_render
 
         self._tried = True
         if not writes_outputs(trainer):
@@ -58,7 +58,7 @@ class ConceptProbe(L.Callback):
                 self._render(trainer, pl_module)
 
     def _render(self, trainer: L.Trainer, pl_module) -> None:
-        from ..sample_grid import Sample, render_at_scales
+        from sdtune.evaluation.sample_grid import Sample, render_at_scales
 
         report, grid_rows, labels = {}, [], []
         for trigger in self.triggers:

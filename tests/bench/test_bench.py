@@ -14,13 +14,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sdtune.bench.arch import build_parts, parameter_count
 from sdtune.bench.cases import Case, cases_from_config, models_to_run, plan_for
 from sdtune.bench.flops import count_step_flops
 from sdtune.bench.measure import MemoryMeter
 from sdtune.bench.runner import first_batch
 from sdtune.bench.table import COLUMNS, check_targets
 from sdtune.data import load_records
+from sdtune.families.arch import build_parts, parameter_count
 
 from ..conftest import ROOT, run_cli
 

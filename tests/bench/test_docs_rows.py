@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sdtune.bench.docs_rows import BEGIN, END, bench_row, read_text, update_rows, write_row
-from sdtune.errors import ConfigError
+from sdtune.utils.errors import ConfigError
 
 from ..conftest import ROOT
 

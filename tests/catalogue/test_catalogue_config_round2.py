@@ -1,7 +1,7 @@
 """Catalogue round 2, config (issue 25): documented keys as dotted overrides, sizes bounded by what they
 can mean, our message instead of a raw traceback, and every check before the model loads.
 
-Runs that must stop before loading patch sdtune's own model loader (``sdtune.module.build_parts``) to
+Runs that must stop before loading patch sdtune's own model loader (``sdtune.training.module.build_parts``) to
 fail loudly, so a check that only fires after the load fails the test instead of training."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise ModelLoaded("the base model was loaded before the settings were refused")
 
-    monkeypatch.setattr("sdtune.module.build_parts", refuse)
+    monkeypatch.setattr("sdtune.training.module.build_parts", refuse)
 
 
 def _refused(capsys, tmp_path, overrides, message):
@@ -63,7 +63,7 @@ def _refused(capsys, tmp_path, overrides, message):
     (["train.ema.decay=0.9", "train.ema.enabled=true"], {"train.ema.decay": 0.9, "train.ema.enabled": True}),
 ])
 def test_documented_keys_are_plain_dotted_overrides(tmp_path, overrides, expected):
-    from sdtune.config import validate
+    from sdtune.config.validate import validate
 
     cfg = compose_cfg("experiment=quickstart", *overrides, output_dir=tmp_path)
     validate(cfg)  # fills in the keys a dotted override left out, and accepts the result
@@ -124,7 +124,7 @@ def test_prodigy_with_several_learning_rates_is_refused(capsys, tmp_path, no_mod
 
 
 def test_prodigy_with_one_learning_rate_is_accepted(tmp_path):
-    from sdtune.config import validate
+    from sdtune.config.validate import validate
 
     for overrides in (["optim.lora_plus_ratio=1"], ["lora.text_encoder={rank: 2, lr: 1.0}"], TI,
                       ["optim.optimizer.lr=0", "lora.text_encoder={rank: 2, lr: 1.0}"]):
@@ -166,8 +166,8 @@ def test_a_new_token_that_is_already_a_word_is_refused(capsys, tmp_path, no_mode
 def test_known_word_reads_the_tokenizer_output():
     from transformers import CLIPTokenizer
 
-    from sdtune.config import ROOT
-    from sdtune.embeddings import known_word
+    from sdtune.config.validate import ROOT
+    from sdtune.training.embeddings import known_word
 
     tokenizer = CLIPTokenizer.from_pretrained(str(ROOT / "models" / "toy" / "sd15"), subfolder="tokenizer")
     assert known_word(tokenizer, "red") == "red</w>"
@@ -176,8 +176,8 @@ def test_known_word_reads_the_tokenizer_output():
 
 # -- 5. messages -------------------------------------------------------------------------------------
 def test_text_encoder_lora_with_dora_names_use_dora(tmp_path):
-    from sdtune.config import validate
-    from sdtune.errors import ConfigError
+    from sdtune.config.validate import validate
+    from sdtune.utils.errors import ConfigError
 
     cfg = compose_cfg("experiment=quickstart", "lora.text_encoder={rank: 2}", "lora.use_dora=true", output_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"not combined with lora.use_dora=true \(DoRA\) on the UNet. Fix: "

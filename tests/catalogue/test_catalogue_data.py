@@ -18,8 +18,8 @@ from PIL import Image, ImageFile
 from sdtune.data import ImageCaptionDataModule, load_records
 from sdtune.data.datamodule import folder_repeats
 from sdtune.data.sampler import TrainBatchSampler
-from sdtune.errors import ConfigError, DataError, ModelLoadError
-from sdtune.train import train
+from sdtune.training.train import train
+from sdtune.utils.errors import ConfigError, DataError, ModelLoadError
 
 from ..conftest import QUICKSTART, _snapshot, compose_cfg, resolved
 
@@ -241,7 +241,7 @@ def test_alternative_captions_are_picked_per_sample_and_seen_everywhere(dataset,
 def test_alternative_captions_train_with_the_text_cache(dataset, tmp_path, tiny_sd15):
     import lightning as L
 
-    from sdtune.module import LoRATrainingModule
+    from sdtune.training.module import LoRATrainingModule
 
     _jsonl(dataset, texts=[CAPTIONS, ["a green square", "a square"], "caption 2", "caption 3"])
     before = _snapshot(dataset)

@@ -19,7 +19,7 @@ from PIL import Image
 from sdtune.data import ImageCaptionDataModule, load_records
 from sdtune.data.datamodule import MAX_EPOCH_SAMPLES, ImageCaptionDataset, check_epoch_size, folder_repeats
 from sdtune.data.masks import find_masks
-from sdtune.errors import DataError
+from sdtune.utils.errors import DataError
 
 from ..conftest import QUICKSTART, compose_cfg, run_main
 from .test_catalogue_filesystem import snapshot

@@ -14,12 +14,12 @@ import time
 import pytest
 from safetensors.torch import save_file
 
-from sdtune.errors import ConfigError, ModelLoadError, OutputError
 from sdtune.families.builder import build_parts
-from sdtune.inference import base_model_config, parse_loras
-from sdtune.run_folder import LOCK_NAME
-from sdtune.tiny import ensure_tiny_model, in_tiny_cache
-from sdtune.train import train
+from sdtune.families.tiny import ensure_tiny_model, in_tiny_cache
+from sdtune.inference.loading import base_model_config, parse_loras
+from sdtune.run.folder import LOCK_NAME
+from sdtune.training.train import train
+from sdtune.utils.errors import ConfigError, ModelLoadError, OutputError
 
 from ..conftest import ROOT, compose_cfg, run_cli
 
@@ -109,7 +109,7 @@ def test_two_runs_in_one_folder_the_second_names_the_first(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from sdtune.run_folder import run_folder_lock\n"
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from sdtune.run.folder import run_folder_lock\n"
          "with run_folder_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)", str(run)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )
@@ -159,7 +159,7 @@ def test_read_only_run_folder_is_our_error_before_any_model_loads(small_fs, tmp_
 def test_full_disk_mid_run_is_our_error_and_the_last_checkpoint_stays_good(small_fs):
     """Once the first checkpoint is written the disk fills up: exit 2, our message, no half-written
     file, and every checkpoint left loads."""
-    from sdtune.checkpointing import load_checkpoint
+    from sdtune.training.checkpointing import load_checkpoint
 
     run = small_fs / "run"
     proc = subprocess.Popen(

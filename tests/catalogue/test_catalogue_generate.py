@@ -24,15 +24,15 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from sdtune.data.images import load_rgb, resize_and_crop
-from sdtune.embedding_files import read_embedding
-from sdtune.errors import ConfigError, LoraFileError
-from sdtune.eval_metrics import fit_image, load_references
+from sdtune.evaluation.metrics import fit_image, load_references
 from sdtune.families import get_family
-from sdtune.image_input import parse_image_input, prepare_pictures, read_picture
-from sdtune.inference import parse_loras
-from sdtune.lora import LoraSpec
-from sdtune.lora_files import LoraHeader, save_lora
-from sdtune.morph_inputs import load_image
+from sdtune.inference.image_input import parse_image_input, prepare_pictures, read_picture
+from sdtune.inference.loading import parse_loras
+from sdtune.lora.files import LoraHeader, save_lora
+from sdtune.lora.layers import LoraSpec
+from sdtune.morph.inputs import load_image
+from sdtune.run.embedding_files import read_embedding
+from sdtune.utils.errors import ConfigError, LoraFileError
 
 from ..conftest import ROOT, run_entry
 from .test_catalogue_filesystem import snapshot
@@ -255,7 +255,7 @@ def test_a_file_that_is_neither_lora_nor_embedding_shows_a_few_names_only(tmp_pa
 
 # -- morph: the suggested train_overrides form is one Hydra parses -----------------------------------------
 def test_morph_train_overrides_fix_is_an_override_hydras_grammar_accepts(tmp_path):
-    from sdtune.morph_train import training_config
+    from sdtune.morph.train import training_config
 
     with pytest.raises(ConfigError) as err:
         training_config(["trainer.max_stepz=100"], data_root=tmp_path, run_dir=tmp_path, seed=0)

@@ -29,14 +29,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdtune import export
-from sdtune.adapters import base_weights
 from sdtune.families import get_family
 from sdtune.families.builder import build_parts
-from sdtune.inference import LoraRef, apply_loras
-from sdtune.lora import LoraSpec, inject, live_lora_state, trainable_lora_parameters
-from sdtune.lora_apply import fuse
-from sdtune.lora_files import LoraHeader, save_lora
-from sdtune.lora_keys import kohya_module_name, te_file_module, te_kohya_prefix
+from sdtune.inference.loading import LoraRef, apply_loras
+from sdtune.lora.adapters import base_weights
+from sdtune.lora.apply import fuse
+from sdtune.lora.files import LoraHeader, save_lora
+from sdtune.lora.keys import kohya_module_name, te_file_module, te_kohya_prefix
+from sdtune.lora.layers import LoraSpec, inject, live_lora_state, trainable_lora_parameters
 from sdtune.merge import merge
 
 from ..comfyui_rules import merge_like_comfyui, unet_key_map

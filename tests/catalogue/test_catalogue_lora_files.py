@@ -25,15 +25,15 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import save_file
 
 from sdtune import export
-from sdtune.errors import LoraFileError
 from sdtune.families.builder import build_parts
 from sdtune.generate import generate
-from sdtune.inference import LoraRef, apply_loras
-from sdtune.lora import LoraSpec
-from sdtune.lora_checks import check_finite
-from sdtune.lora_files import LoraHeader, read_lora, save_lora
-from sdtune.lora_keys import peft_to_diffusers, peft_to_kohya
+from sdtune.inference.loading import LoraRef, apply_loras
+from sdtune.lora.checks import check_finite
+from sdtune.lora.files import LoraHeader, read_lora, save_lora
+from sdtune.lora.keys import peft_to_diffusers, peft_to_kohya
+from sdtune.lora.layers import LoraSpec
 from sdtune.merge import merge
+from sdtune.utils.errors import LoraFileError
 
 from ..conftest import QUICKSTART, ROOT, run_cli
 

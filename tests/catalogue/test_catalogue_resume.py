@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdtune.checkpointing import load_checkpoint
-from sdtune.errors import ConfigError, LoraFileError
-from sdtune.train import train
+from sdtune.training.checkpointing import load_checkpoint
+from sdtune.training.train import train
+from sdtune.utils.errors import ConfigError, LoraFileError
 
 from ..conftest import QUICKSTART, ROOT, compose_cfg
 from .test_catalogue_filesystem import snapshot

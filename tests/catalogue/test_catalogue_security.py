@@ -19,9 +19,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from sdtune.errors import ModelLoadError
 from sdtune.families import get_family
-from sdtune.lora import spec_from_config
+from sdtune.lora.layers import spec_from_config
+from sdtune.utils.errors import ModelLoadError
 
 from ..conftest import QUICKSTART, ROOT, compose_cfg, resolved, run_entry, run_main
 from .test_catalogue_filesystem import snapshot
@@ -58,8 +58,8 @@ def run_generate(capsys, out, *overrides: str) -> tuple[int, str]:
     """``python -m sdtune.generate OVERRIDES`` in this process: (exit code, stderr)."""
     from hydra import compose, initialize_config_dir
 
-    from sdtune.errors import exit_on_user_error
     from sdtune.generate import generate
+    from sdtune.utils.errors import exit_on_user_error
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("generate", overrides=list(overrides))
@@ -162,7 +162,7 @@ def test_a_shared_run_cannot_lift_the_pickle_refusal(tmp_path, capsys, switch_gi
 @pytest.mark.parametrize("line", ["model={allow_pickle: true}", "+data={allow_outside_root: true}"])
 def test_a_safety_switch_inside_a_mapping_is_not_replayed(tmp_path, capsys, line):
     """A mapping on a section sets its keys as well as a dotted override does; the switch stays off."""
-    from sdtune.resume import resume_argv
+    from sdtune.run.resume import resume_argv
 
     run = shared_run(tmp_path, line)
     argv = resume_argv([f"ckpt_path={run}"])
@@ -187,7 +187,7 @@ def test_a_model_path_through_an_interpolation_is_refused(tmp_path, capsys, line
 
 
 def test_a_legitimate_run_folder_replays_and_prints_its_command_line(tmp_path, capsys):
-    from sdtune.resume import resume_argv
+    from sdtune.run.resume import resume_argv
 
     saved = [*RUN_ARGS, "lora.rank=8", "+optim.scheduler.num_cycles=3", "paths.output_root=${sdtune_cwd:}/out",
              "~callbacks.lr_monitor", "model=toy", "seed=${oc.env:NO_SUCH_VARIABLE,7}"]

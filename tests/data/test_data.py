@@ -9,7 +9,7 @@ from PIL import Image
 
 from sdtune.data import ImageCaptionDataModule, ImageCaptionDataset, load_records
 from sdtune.data.images import load_rgb, resize_and_crop, to_pil, to_tensor
-from sdtune.errors import DataError
+from sdtune.utils.errors import DataError
 
 from ..conftest import QUICKSTART
 

@@ -8,10 +8,10 @@ import logging
 import lightning as L
 import pytest
 
-from sdtune.config import validate
+from sdtune.config.validate import validate
 from sdtune.data import ImageCaptionDataModule, load_records
 from sdtune.data.loader import loader_settings
-from sdtune.errors import ConfigError
+from sdtune.utils.errors import ConfigError
 
 from ..conftest import QUICKSTART, compose_cfg
 

@@ -206,7 +206,7 @@ def test_training_reader_accepts_output(acceptance_raw, tmp_path):
     proc = run_cli(f"data.root={out}", "experiment=quickstart", "trainer.max_steps=3", "callbacks.samples=null",
                    "data.val_images=0", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from sdtune.lora_files import read_lora
+    from sdtune.lora.files import read_lora
 
     assert read_lora(tmp_path / "run" / "lora.safetensors").metadata["ss_num_train_images"] == str(len(KEPT))
 

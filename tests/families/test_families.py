@@ -7,11 +7,11 @@ import torch
 from PIL import Image
 
 from sdtune.data import ImageCaptionDataset, collate, load_records
-from sdtune.errors import LoraFileError
 from sdtune.families import FAMILIES, get_family
-from sdtune.lora import LoraSpec, inject, lora_tensors, trainable_lora_parameters
-from sdtune.lora_apply import apply_lora
-from sdtune.lora_files import LoraHeader, read_lora, save_lora
+from sdtune.lora.apply import apply_lora
+from sdtune.lora.files import LoraHeader, read_lora, save_lora
+from sdtune.lora.layers import LoraSpec, inject, lora_tensors, trainable_lora_parameters
+from sdtune.utils.errors import LoraFileError
 
 from ..conftest import tiny_model, unet_inputs
 
@@ -143,7 +143,7 @@ def test_tokenize_then_encode_is_the_pipelines_encoding_and_token_rows_can_be_ca
     """encode_prompts = encode_tokens(tokenize(...)) gives what the family's diffusers pipeline
     encodes; ids cached per caption (TokenCache) stack to exactly the batch's ids, so the trainer's
     tokenize-once path gives identical embeddings."""
-    from sdtune.text_cache import TokenCache
+    from sdtune.data.text_cache import TokenCache
 
     family = get_family(name)
     parts = family.load(str(tiny_model(name)))

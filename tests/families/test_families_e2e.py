@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sdtune.families import get_family
-from sdtune.lora_apply import apply_lora
-from sdtune.lora_files import read_lora
+from sdtune.lora.apply import apply_lora
+from sdtune.lora.files import read_lora
 
 from ..conftest import run_cli, tiny_model, unet_inputs
 

@@ -13,8 +13,8 @@ from safetensors import safe_open
 
 from sdtune.families import FAMILIES, get_family, register_family
 from sdtune.families.sd15 import SD15
-from sdtune.lora_files import read_lora
-from sdtune.tiny import ensure_tiny_model
+from sdtune.families.tiny import ensure_tiny_model
+from sdtune.lora.files import read_lora
 
 from ..conftest import CACHE, run_main
 

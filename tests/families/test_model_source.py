@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from sdtune.errors import ModelLoadError
 from sdtune.families import get_family, resolve_model_source
+from sdtune.utils.errors import ModelLoadError
 
 
 def test_local_folder_is_used_as_is(tiny_sd15):

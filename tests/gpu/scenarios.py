@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from sdtune.bench.watch import Report, target
-from sdtune.trainable import weight_dtype
+from sdtune.training.trainable import weight_dtype
 
 #: SD1.5 512² batch 4 without gradient checkpointing, latents and text cached: what
 #: ``hardware=12gb`` promises to fit in 12 GB (11444 MiB); bf16-mixed unless the scenario says.

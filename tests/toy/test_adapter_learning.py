@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdtune.lora_files import read_lora
+from sdtune.lora.files import read_lora
 from sdtune.toy.concepts import TRIGGERS
 
 from ..conftest import run_cli

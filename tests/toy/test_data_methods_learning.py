@@ -113,7 +113,7 @@ def toy_pipeline():
 
 
 def draw(pipe, prompts, seeds) -> list[Image.Image]:
-    from sdtune.sampling import render
+    from sdtune.inference.sampling import render
 
     return render(pipe, [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds],
                   steps=20, guidance=2.0, size=64)  # conf/model/toy.yaml's guidance

@@ -93,7 +93,7 @@ def test_the_two_concept_test_fails_when_captions_are_misaligned(capsys, tmp_pat
     """Test of the test: each family's two-concept run with a text cache that hands each sample its
     batch neighbour's embedding must be caught. (Dropping the latent scale is not: the toy VAE's
     factor is 0.69, and a LoRA learns a background colour just as well from latents 1.44x too large.)"""
-    from sdtune.text_cache import TextEmbeddingCache
+    from sdtune.data.text_cache import TextEmbeddingCache
 
     lookup = TextEmbeddingCache.lookup
 
@@ -173,8 +173,8 @@ def test_the_runs_kohya_file_teaches_the_concept_through_diffusers(trained, tmp_
     into the toy pipeline, draws the concept."""
     from diffusers import StableDiffusionPipeline
 
-    from sdtune.lora_files import read_lora
-    from sdtune.sampling import render
+    from sdtune.inference.sampling import render
+    from sdtune.lora.files import read_lora
 
     kohya = trained("sd15") / "lora.safetensors"
     assert read_lora(kohya).format == "kohya"

@@ -62,7 +62,7 @@ def run(tmp_path_factory) -> Path:
 
 
 def colour_share(pipe) -> float:
-    from sdtune.sampling import render as draw
+    from sdtune.inference.sampling import render as draw
 
     prompts = [f"a {c} {s} on a {TRIGGER} background" for s in SHAPES for c in FOREGROUNDS[:2]]
     images = draw(pipe, [p for p in prompts for _ in (0, 1)], [s for _ in prompts for s in (0, 1)],

@@ -53,7 +53,7 @@ def green_share(pipe, word: str) -> float:
 
     Red and black shapes: neither is the init word's colour (a blue shape on a blue ground is a
     contradiction the base resolves at random, green a third of the time)."""
-    from sdtune.sampling import render
+    from sdtune.inference.sampling import render
     from sdtune.toy.concepts import concept_shares
     from sdtune.toy.domain import SHAPES
 

@@ -1,0 +1,183 @@
+"""The ``eval:`` section: which prompts are evaluated against which reference images, checked early.
+
+Light on purpose (no torch): :func:`sdtune.config.validate.validate` reads it before any model is loaded,
+so a missing reference image or a wrong model folder costs a second. Also says which way each
+evaluation metric is better (:func:`higher_is_better`), for sweeps (``hparams_search=optuna``
+picks its ``direction`` from ``optimized_metric``) and for ``python -m sdtune.report --sort``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdtune.utils.errors import ConfigError
+from sdtune.utils.formats import IMAGE_SUFFIXES
+
+#: Metrics where larger is better (cosine similarities); every other metric (losses, distances) is
+#: better when smaller.
+SIMILARITIES = ("clip_t", "clip_i", "dino")
+DISTANCES = ("latent_dist",)
+ENTRY_KEYS = {"prompt", "references", "negative_prompt", "name"}
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    name: str  # in metric names: eval/<name>/latent_dist
+    prompt: str
+    references: tuple[Path, ...] = ()
+    negative_prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    prompts: tuple[EvalPrompt, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    guidance: float | None
+    every_n_steps: int | None
+    clip_model: Path | None
+    dino_model: Path | None
+
+    def metrics(self) -> set[str]:
+        """The averaged metric names (``eval/...``) a run with this spec logs."""
+        refs = any(p.references for p in self.prompts)
+        names = {"latent_dist"} if refs else set()
+        if self.clip_model:
+            names |= {"clip_t", "clip_i"} if refs else {"clip_t"}
+        if self.dino_model and refs:
+            names.add("dino")
+        return {f"eval/{n}" for n in names}
+
+
+def higher_is_better(metric: str) -> bool:
+    """True for similarities (``eval/clip_t``, ``eval/<name>/dino``), False for losses and distances."""
+    return str(metric).rsplit("/", 1)[-1] in SIMILARITIES
+
+
+def sweep_direction(metric: str | None) -> str:
+    """The Optuna direction for ``optimized_metric``: maximize similarities, minimize the rest."""
+    return "maximize" if metric and higher_is_better(metric) else "minimize"
+
+
+def slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit].strip("_") or "prompt"
+
+
+def reference_images(value: Any, key: str) -> tuple[Path, ...]:
+    """The image files ``value`` names (image paths and/or folders of images), each checked to open."""
+    from PIL import Image, UnidentifiedImageError
+
+    items = [value] if isinstance(value, (str, Path)) else value
+    if not isinstance(items, Sequence) or isinstance(items, (bytes, Mapping)):
+        raise ConfigError(f"{key} = {value!r}: give a list of image files or folders, e.g. references: [refs/a.png, refs/]")
+    files: list[Path] = []
+    for item in items:
+        path = Path(str(item)).expanduser().resolve()
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+            if not found:
+                raise ConfigError(f"{key}: the folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}). "
+                                  "Fix: put the reference images there, or name the files.")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ConfigError(f"{key}: reference image {path} does not exist. Fix: correct the path (relative paths "
+                              "count from the folder the command runs in), or remove it.")
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except (OSError, UnidentifiedImageError) as err:
+            raise ConfigError(f"{key}: {path} is not a readable image ({err}). Fix: replace or remove it.") from None
+    return tuple(files)
+
+
+def _entry(item: Any, i: int) -> EvalPrompt:
+    key = f"eval.prompts[{i}]"
+    if isinstance(item, str):
+        if not item.strip():
+            raise ConfigError(f"{key} is empty. Fix: a prompt, or remove the entry.")
+        return EvalPrompt(slug(item), item)
+    if not isinstance(item, Mapping) or not isinstance(item.get("prompt"), str) or set(item) - ENTRY_KEYS:
+        extra = sorted(set(item) - ENTRY_KEYS) if isinstance(item, Mapping) else []
+        raise ConfigError(
+            f"{key} = {item!r}{f' has unknown key(s) {extra}' if extra else ''}: each entry is a prompt, or "
+            "{prompt: ..., references: [image files or folders], negative_prompt: ..., name: ...} (all but prompt optional)."
+        )
+    name = item.get("name") or slug(item["prompt"])
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ConfigError(f"{key}.name = {name!r}: use letters, digits, _ . or - (it becomes part of metric names "
+                          "such as eval/<name>/latent_dist).")
+    refs = reference_images(item["references"], f"{key}.references") if item.get("references") is not None else ()
+    negative = item.get("negative_prompt")
+    if negative is not None and not isinstance(negative, str):
+        raise ConfigError(f"{key}.negative_prompt must be text or null, got {negative!r}.")
+    return EvalPrompt(name, item["prompt"], refs, negative)
+
+
+def _model_folder(value: Any, key: str, what: str) -> Path | None:
+    if value in (None, ""):
+        return None
+    path = Path(str(value)).expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{key}={value}: {path} is no local {what} folder (no config.json there). Fix: the folder "
+                          f"a transformers save_pretrained (or a downloaded hub snapshot) wrote, or {key}=null.")
+    return path
+
+
+def parse_eval(section: Mapping[str, Any] | None) -> EvalSpec | None:
+    """The checked ``eval:`` section, or None when it lists no prompts (evaluation off)."""
+    section = dict(section or {})
+    prompts = section.get("prompts") or []
+    if not isinstance(prompts, Sequence) or isinstance(prompts, str):
+        raise ConfigError(f"eval.prompts must be a list of prompts or {{prompt, references}} entries, got {prompts!r}.")
+    if not prompts:
+        return None
+    entries = [_entry(item, i) for i, item in enumerate(prompts)]
+    seen: dict[str, int] = {}
+    for j, e in enumerate(entries):  # two prompts with the same slug: the second gets _2
+        seen[e.name] = seen.get(e.name, 0) + 1
+        if seen[e.name] > 1:
+            entries[j] = EvalPrompt(f"{e.name}_{seen[e.name]}", e.prompt, e.references, e.negative_prompt)
+    if len({e.name for e in entries}) != len(entries):
+        raise ConfigError(f"eval.prompts: names {[e.name for e in entries]} repeat. Fix: give each entry its own name.")
+    seeds = section.get("seeds")
+    if not isinstance(seeds, Sequence) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise ConfigError(f"eval.seeds must be a non-empty list of integers >= 0, got {seeds!r}. Fix: e.g. eval.seeds=[0,1].")
+    steps, every = section.get("steps"), section.get("every_n_steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"eval.steps must be an integer >= 1 (sampling steps), got {steps!r}.")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ConfigError(f"eval.every_n_steps must be an integer >= 1 or null (evaluate at each validation), got {every!r}.")
+    guidance = section.get("guidance")
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not guidance > 0):
+        raise ConfigError(f"eval.guidance must be a number > 0 or null (the base model's own scale), got {guidance!r}.")
+    spec = EvalSpec(tuple(entries), tuple(int(s) for s in seeds), steps, None if guidance is None else float(guidance),
+                    every, _model_folder(section.get("clip_model"), "eval.clip_model", "CLIP model"),
+                    _model_folder(section.get("dino_model"), "eval.dino_model", "DINO model"))
+    for i, p in enumerate(entries):
+        if not p.references and not spec.clip_model:
+            raise ConfigError(f"eval.prompts[{i}] ({p.prompt!r}) has no references and eval.clip_model is null: nothing "
+                              "would be measured for it. Fix: {prompt: ..., references: [image files or a folder]}, or "
+                              "set eval.clip_model for the prompt-image score (CLIP-T).")
+    return spec
+
+
+def check_optimized_metric(metric: str, spec: EvalSpec | None) -> None:
+    """``optimized_metric=eval/...`` must be a metric this config's evaluation logs."""
+    if not metric.startswith("eval/"):
+        return
+    if spec is None:
+        raise ConfigError(f"optimized_metric={metric}, but eval.prompts is empty, so nothing logs it. Fix: set "
+                          "eval.prompts with references (README: Evaluation against reference images).")
+    names = spec.metrics() | {f"eval/{p.name}/{m.split('/')[-1]}" for p in spec.prompts for m in spec.metrics()
+                              if p.references or m == "eval/clip_t"}
+    if metric not in names:
+        raise ConfigError(f"optimized_metric={metric} is not logged by this evaluation; it logs {sorted(names)}. "
+                          "Fix: choose one of those (clip_* needs eval.clip_model, dino eval.dino_model).")

@@ -1,0 +1,93 @@
+"""Full-size SD1.5 / SDXL / Kolors architectures with random weights, built from shipped configs.
+
+The bench must count FLOPs and (on a GPU) time the real architectures without downloading
+weights, so ``configs/`` holds the published ``config.json`` of each UNet, VAE, text encoder and
+scheduler. ``build_parts`` turns them (or a diffusers folder's own configs, e.g. a tiny model's)
+into :class:`~sdtune.families.ModelParts`. On ``torch.device("meta")`` nothing is allocated, so
+an SDXL or a 6B-parameter ChatGLM costs no memory; the FLOP counter still sees every operation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdtune.families import ModelFamily, ModelParts, as_family
+
+CONFIGS = Path(__file__).resolve().parent / "arch_configs"
+#: Component -> (diffusers subfolder, config file name inside it).
+SUBFOLDERS = {
+    "unet": ("unet", "config.json"),
+    "vae": ("vae", "config.json"),
+    "text_encoder": ("text_encoder", "config.json"),
+    "text_encoder_2": ("text_encoder_2", "config.json"),
+    "scheduler": ("scheduler", "scheduler_config.json"),
+}
+
+
+def architecture(family: str | ModelFamily, folder: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """The component configs of ``family``: shipped JSON files, or those of a diffusers ``folder``."""
+    family = as_family(family)
+    names = ("unet", "vae", *family.text_encoder_subfolders, "scheduler")
+    out = {}
+    for name in names:
+        if folder is None:
+            path = CONFIGS / f"{family.name}_{name}.json"
+        else:
+            sub, file = SUBFOLDERS[name]
+            path = Path(folder) / sub / file
+        out[name] = json.loads(path.read_text(encoding="utf-8"))
+    return out
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Create parameters directly in ``dtype`` (a 6B encoder in fp32 first would need 24 GB)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def build_parts(
+    family: str | ModelFamily,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    folder: str | Path | None = None,
+    seed: int = 0,
+) -> ModelParts:
+    """Random-initialised parts of ``family`` (shipped configs, or ``folder``'s) on ``device``.
+
+    On the meta device no tokenizers are built: meta tensors have shapes but no values to encode.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    family = as_family(family)
+    arch = architecture(family, folder)
+    device = torch.device(device)
+    meta = device.type == "meta"
+    torch.manual_seed(seed)
+    with torch.device(device), _default_dtype(dtype):
+        unet = UNet2DConditionModel.from_config(arch["unet"])
+        vae = AutoencoderKL.from_config(arch["vae"])
+        tokenizers, encoders = family.random_text_parts(arch, meta=meta)
+    return ModelParts(
+        unet=unet,
+        vae=vae,
+        text_encoders=encoders,
+        tokenizers=tokenizers,
+        noise_scheduler=DDPMScheduler.from_config(arch["scheduler"]),
+        source=f"random-init:{family.name}" if folder is None else str(folder),
+    )
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

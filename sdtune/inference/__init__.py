@@ -1,0 +1,3 @@
+"""Using LoRAs: loading weighted LoRA files onto a base model, rendering prompts, and the input
+pictures of img2img and ControlNet.
+"""

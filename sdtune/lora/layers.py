@@ -1,0 +1,161 @@
+"""LoRA layers on the UNet, through peft.
+
+peft does the injection and the maths (``W x + (alpha / r) · B A x``; DoRA, LoHa and LoKr through
+:mod:`sdtune.lora.adapters`); this module only turns our config into a peft config and names the
+trainable tensors consistently between the live model, Lightning checkpoints and exported files.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sdtune.lora.adapters import ADAPTER_TYPES, is_adapter_key, strip_adapter_name
+from sdtune.lora.adapters import peft_config as adapter_config
+from sdtune.utils.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ADAPTER = "default"  # peft's adapter name inside the training UNet
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """What a LoRA is, independent of its weights: written to every file and checkpoint."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    type: str = "lora"  # lora | loha | lokr (lora.type)
+    use_dora: bool = False  # weight-decomposed LoRA (lora.use_dora)
+
+    @property
+    def kind(self) -> str:
+        """'lora', 'dora', 'loha' or 'lokr': what a file of this spec holds."""
+        return "dora" if self.use_dora else self.type
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def spec_from_config(lora_cfg: Mapping[str, Any], default_targets: tuple[str, ...]) -> LoraSpec:
+    targets = lora_cfg.get("targets") or default_targets
+    alpha = lora_cfg.get("alpha")
+    return LoraSpec(
+        rank=int(lora_cfg["rank"]),
+        alpha=float(lora_cfg["rank"] if alpha is None else alpha),
+        targets=tuple(targets),
+        type=str(lora_cfg.get("type") or "lora"),
+        use_dora=bool(lora_cfg.get("use_dora", False)),
+    )
+
+
+def peft_config(spec: LoraSpec, *, dropout: float = 0.0, init: str | bool = "gaussian"):
+    if spec.type not in ADAPTER_TYPES:
+        raise ConfigError(f"lora.type must be one of {list(ADAPTER_TYPES)}, got {spec.type!r}.")
+    return adapter_config(spec.rank, spec.alpha, spec.targets, kind=spec.type, use_dora=spec.use_dora,
+                          dropout=dropout, init=init)
+
+
+def inject(
+    unet: torch.nn.Module,
+    spec: LoraSpec,
+    *,
+    dropout: float = 0.0,
+    init: str | bool = "gaussian",
+    adapter_name: str = ADAPTER,
+) -> None:
+    """Add trainable LoRA layers to ``unet`` in place (diffusers' peft integration).
+
+    Every target must name at least one linear or conv layer: peft would silently skip a target that
+    matches nothing (when another one matches) and so train less than the config says.
+    """
+    check_targets(unet, spec.targets)
+    unet.add_adapter(peft_config(spec, dropout=dropout, init=init), adapter_name=adapter_name)
+
+
+def check_targets(unet: torch.nn.Module, targets: tuple[str, ...]) -> None:
+    """Refuse ``lora.targets`` entries that match no adaptable UNet layer, as peft matches names."""
+    # Once an adapter is in, a target is a peft wrapper around ``<name>.base_layer``.
+    layers = {name.replace(".base_layer", ""): m for name, m in unet.named_modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not is_adapter_key(name)}
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in layers)]
+    if unmatched:
+        names = sorted({n.rsplit(".", 2)[-1] if n.endswith(".0") else n.rsplit(".", 1)[-1] for n in layers})
+        hint = ", ".join(n for n in names if not n.isdigit())[:300]
+        raise ConfigError(
+            f"lora.targets: {unmatched} match no linear or conv layer of this UNet. Fix: use layer names such as "
+            f"[to_q,to_k,to_v,to_out.0] (attention), [proj_in,proj_out,ff.net.2], or full module paths; names here: {hint}."
+        )
+
+
+def check_rank_fits(unet: torch.nn.Module, spec: LoraSpec) -> None:
+    """``lora.rank`` against the widths of the layers ``spec.targets`` selects (a meta-device UNet will
+    do): larger than every one of them is refused (it only wastes memory: a layer's update has at most
+    min(out, in x kernel) directions), larger than some of them is a warning."""
+    widths = []
+    for name, m in unet.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and any(name == t or name.endswith("." + t) for t in spec.targets):
+            widths.append(min(m.weight.shape[0], m.weight[0].numel()))  # a conv update spans in x kernel
+    if not widths or spec.rank <= min(widths):
+        return
+    kind = "lora.type=" + spec.type if spec.type != "lora" else "LoRA"
+    if spec.rank > max(widths):
+        raise ConfigError(
+            f"lora.rank={spec.rank} is larger than any layer it could adapt: the widest layer lora.targets selects "
+            f"in this UNet has {max(widths)} features (a {kind} update of a layer has at most that many directions; "
+            f"a larger rank only wastes memory). Fix: lora.rank={min(16, max(widths))} (at most {max(widths)} here)."
+        )
+    narrow = sum(w < spec.rank for w in widths)
+    log.warning("lora.rank=%d is larger than %d of the %d layers lora.targets selects (the narrowest has %d "
+                "features): those layers cannot use the extra rank", spec.rank, narrow, len(widths), min(widths))
+
+
+def is_lora_key(key: str) -> bool:
+    """A trainable adapter tensor: LoRA's A/B, DoRA's magnitude, LoHa's hada_*, LoKr's lokr_*."""
+    return is_adapter_key(key)
+
+
+def module_key_to_peft(key: str, prefix: str = "unet.") -> str:
+    """``unet.<m>.lora_A.default.weight`` (a module's state dict) -> ``<m>.lora_A.weight`` (peft's);
+    likewise ``.hada_w1_a.default`` -> ``.hada_w1_a`` and DoRA's magnitude -> ``.lora_magnitude_vector``."""
+    if key.startswith(prefix):
+        key = key[len(prefix):]
+    return strip_adapter_name(key, ADAPTER)
+
+
+def lora_tensors(module_state: Mapping[str, torch.Tensor], prefix: str = "unet.") -> dict[str, torch.Tensor]:
+    """peft-named LoRA tensors from a (LightningModule) state dict, contiguous and on the CPU.
+
+    Used both for the live model at the end of ``fit`` and for a checkpoint's ``state_dict``, so the
+    two exports agree key for key and value for value.
+    """
+    return {
+        module_key_to_peft(k, prefix): v.detach().to("cpu", copy=True).contiguous()
+        for k, v in module_state.items()
+        if k.startswith(prefix) and is_lora_key(k)
+    }
+
+
+def named_trainable_lora_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(module path, parameter) of every trainable LoRA tensor, in ``named_parameters`` order."""
+    return [(n, p) for n, p in module.named_parameters() if is_lora_key(n) and p.requires_grad]
+
+
+def trainable_lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for _, p in named_trainable_lora_parameters(module)]
+
+
+def live_lora_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained LoRA of a live ``unet`` as peft-named CPU tensors: peft's own adapter state dict
+    (a checkpoint's tensors are renamed to the same keys by :func:`lora_tensors`)."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+

@@ -1,0 +1,47 @@
+"""Speed switches applied to the loaded model: memory format, attention kernel, TF32, compile.
+
+Each is a plain config switch under ``speed:`` and each is measured in ``make bench``
+(docs/benchmarks.md). They change how the UNet runs, never what it computes beyond float
+rounding, so the loss stays within tolerance of the default path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from sdtune.families import ModelParts
+from sdtune.utils.errors import ConfigError
+
+log = logging.getLogger(__name__)
+ATTENTION = ("sdpa", "xformers")
+
+
+def apply_speed(parts: ModelParts, speed: Mapping[str, Any]) -> None:
+    """Apply the ``speed`` settings to ``parts`` in place (after the LoRA layers are added)."""
+    if speed.get("tf32"):
+        # Ampere and newer: TF32 tensor cores for fp32 matmuls and convolutions.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    attention = speed.get("attention", "sdpa")
+    if attention not in ATTENTION:
+        raise ConfigError(f"speed.attention={attention!r}; choose one of {list(ATTENTION)}.")
+    if attention == "xformers":
+        try:
+            parts.unet.enable_xformers_memory_efficient_attention()
+        except (ImportError, ModuleNotFoundError, ValueError) as err:
+            raise ConfigError(f"speed.attention=xformers needs the xformers package and a GPU ({err}). Fix: speed.attention=sdpa.") from None
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        parts.unet.set_attn_processor(AttnProcessor2_0())  # PyTorch's fused scaled-dot-product attention
+    if speed.get("channels_last"):
+        parts.unet.to(memory_format=torch.channels_last)
+        parts.vae.to(memory_format=torch.channels_last)
+    if speed.get("compile"):
+        # In place (nn.Module.compile), so parameter names and checkpoints stay the same.
+        parts.unet.compile(mode=speed.get("compile_mode") or None)
+        log.info("UNet compiled with torch.compile (first steps are slow while it compiles)")
