@@ -22,7 +22,7 @@ register_resolvers()
 # (tests, other tools) rather than run with -m.
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from sdtune.training.train import train  # heavy imports only once Hydra has parsed the command line
+    from sdtune.run.train import train  # heavy imports only once Hydra has parsed the command line
 
     with exit_on_user_error():
         metrics = train(cfg, HydraConfig.get().runtime.output_dir)

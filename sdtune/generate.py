@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from sdtune.config.validate import register_resolvers
+from sdtune.config.validate import CONF_DIR, register_resolvers
 from sdtune.data.latents import file_sha256
 from sdtune.families import get_family
 from sdtune.families.builder import build_parts
@@ -171,7 +171,7 @@ def infotext(record: dict, seed: int, *, loras_on: bool = True) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
         generate(cfg, Path(HydraConfig.get().runtime.output_dir))

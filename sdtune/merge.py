@@ -26,7 +26,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from sdtune.config.validate import register_resolvers
+from sdtune.config.validate import CONF_DIR, register_resolvers
 from sdtune.families import get_family
 from sdtune.families.builder import build_parts
 from sdtune.families.ldm_format import pipeline_to_original
@@ -167,7 +167,7 @@ def _check_merged_finite(parts, save_dtype: str, refs) -> None:
             )
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="merge")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="merge")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
         merge(cfg)

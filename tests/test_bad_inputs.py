@@ -11,9 +11,9 @@ from PIL import Image
 
 from sdtune.data import ImageCaptionDataModule, load_records
 from sdtune.lora.files import read_lora
+from sdtune.run.train import train
 from sdtune.training.checkpointing import load_checkpoint
 from sdtune.training.module import LoRATrainingModule
-from sdtune.training.train import train
 from sdtune.utils.errors import ConfigError, DataError, LoraFileError
 
 from .conftest import _snapshot, compose_cfg, resolved, run_cli

@@ -9,6 +9,9 @@ validation a run does, and every trainer key must be an argument of ``lightning.
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -16,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from sdtune.config.validate import validate
-from sdtune.training.train import SDTUNE_TRAINER_KEYS
+from sdtune.run.train import SDTUNE_TRAINER_KEYS
 
 from .conftest import QUICKSTART, ROOT, run_cli
 
@@ -146,17 +149,23 @@ def test_a_gpu_preset_on_a_cpu_ends_with_one_line(tmp_path):
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize(("module", "first", "keys"), [
+@pytest.mark.parametrize(("script", "first", "keys"), [
     ("sdtune", "python -m sdtune [key=value ...]: train a LoRA", ["lora.rank", "data.root", "experiment: "]),
-    ("sdtune.generate", "python -m sdtune.generate loras=[FILE@WEIGHT,...]", ["loras=[a.safetensors@0.7", "num_images: 4"]),
-    ("sdtune.merge", "python -m sdtune.merge loras=[FILE@WEIGHT,...]", ["save_dtype: fp16", "single_file: true"]),
-    ("sdtune.morph", "python -m sdtune.morph 'images=[a.png,b.png]'", ["inversion_steps: 50", "train_overrides: []"]),
+    ("sdtune-generate", "python -m sdtune.generate loras=[FILE@WEIGHT,...]", ["loras=[a.safetensors@0.7", "num_images: 4"]),
+    ("sdtune-merge", "python -m sdtune.merge loras=[FILE@WEIGHT,...]", ["save_dtype: fp16", "single_file: true"]),
+    ("sdtune-morph", "python -m sdtune.morph 'images=[a.png,b.png]'", ["inversion_steps: 50", "train_overrides: []"]),
+    ("sdtune-export", "usage: python -m sdtune.export", ["--format {diffusers,kohya}", "--dora-as-lora"]),
+    ("sdtune-report", "usage: python -m sdtune.report", ["--sort METRIC", "sweep"]),
 ])
-def test_help_says_what_the_command_does_and_its_own_keys(module, first, keys):
-    proc = run_cli("--help", module=module)
-    assert proc.returncode == 0 and proc.stdout.startswith(first), proc.stdout[:300]
+def test_console_scripts_say_what_the_command_does_and_its_own_keys(script, first, keys, tmp_path):
+    """pyproject's [project.scripts], run from another folder (the Hydra tools find conf/ by an
+    absolute path, not relative to the working directory). The ``python -m`` forms run in the
+    tests of each command."""
+    proc = subprocess.run([str(Path(sys.executable).parent / script), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith(first), proc.stdout[:300] + proc.stderr[-2000:]
     assert all(k in proc.stdout for k in keys) and "powered by Hydra" not in proc.stdout
-    if module != "sdtune":  # generate, merge and morph list their own keys, not training's groups
+    if script in ("sdtune-generate", "sdtune-merge", "sdtune-morph"):  # their own keys, not training's groups
         assert "experiment:" not in proc.stdout and "lora.rank" not in proc.stdout and "\ntrainer:" not in proc.stdout
 
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from sdtune.training.train import train
+from sdtune.run.train import train
 from sdtune.utils.errors import ConfigError, DataError
 
 from .conftest import QUICKSTART, compose_cfg, run_cli

@@ -12,8 +12,8 @@ import pytest
 from safetensors.torch import load_file
 
 from sdtune.lora.files import read_lora
+from sdtune.run.train import train
 from sdtune.training.checkpointing import load_checkpoint
-from sdtune.training.train import train
 from sdtune.utils.errors import ConfigError
 
 from .conftest import QUICKSTART_ARGS, ROOT, compose_cfg, kill_when_written, run_cli

@@ -52,7 +52,7 @@ def test_sigkill_then_resume_gives_the_same_text_encoder_lora(tmp_path):
 def test_resume_refuses_a_checkpoint_trained_without_the_text_encoder_lora(quickstart_run, tmp_path):
     """A checkpoint of a UNet-only run resumed with lora.text_encoder on would silently restart the
     encoders' LoRA (and break the optimizer's param groups): refused, naming the setting."""
-    from sdtune.training.train import train
+    from sdtune.run.train import train
     from sdtune.utils.errors import ConfigError
 
     from .conftest import compose_cfg

@@ -11,13 +11,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from sdtune.config.validate import register_resolvers
+from sdtune.config.validate import CONF_DIR, register_resolvers
 from sdtune.utils.errors import exit_on_user_error
 
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench")
 def main(cfg: DictConfig) -> None:
     from sdtune.bench.suite import run_bench  # heavy imports only once Hydra has parsed the command line
 

@@ -1,6 +1,6 @@
 """Run one case: sdtune's LoRATrainingModule under a real ``lightning.Trainer``, or the reference loop.
 
-sdtune cases are wired as ``sdtune.training.train`` wires a run (module, datamodule from the config,
+sdtune cases are wired as ``sdtune.run.train`` wires a run (module, datamodule from the config,
 Trainer from the ``trainer`` config) with the bench's timing callback in place of the run's
 callbacks and loggers (checkpoints, LoRA export, sample grids, CSV/TensorBoard logs), since those
 write files rather than train. With ``bench.random_init`` the module gets random full-size parts

@@ -64,7 +64,7 @@ class ReferenceEval(L.Callback):
         self._final(trainer, pl_module)  # a finished run resumed (no on_train_end); else already done at this step
 
     def _final(self, trainer, pl_module) -> None:
-        from sdtune.run.stopping import final_render
+        from sdtune.training.stopping import final_render
 
         with final_render(trainer) as go:  # a stopped run exits at once (resuming it evaluates later)
             if go:

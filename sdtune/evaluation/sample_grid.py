@@ -20,9 +20,9 @@ import torch
 
 from sdtune.inference.sampling import make_grid, render
 from sdtune.run.callbacks import writes_outputs
-from sdtune.run.stopping import final_render
 from sdtune.training.ema import exported_weights
 from sdtune.training.fit_caches import frozen_modules_on_device
+from sdtune.training.stopping import final_render
 from sdtune.utils.errors import ConfigError
 from sdtune.utils.io import save_image_atomic, write_text_atomic
 

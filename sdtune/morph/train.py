@@ -2,7 +2,7 @@
 
 Each image (already cut to the morph's size) is written with its prompt as a one-image dataset
 (``image.png`` + ``metadata.csv``) under the morph's output folder, and trained in this process
-with the ``experiment=morph_single`` preset: the same composed config and :func:`sdtune.training.train.train`
+with the ``experiment=morph_single`` preset: the same composed config and :func:`sdtune.run.train.train`
 that ``python -m sdtune`` runs, so every training check and file (config.yaml, logs, loss.png,
 lora.safetensors) is the usual one.
 """
@@ -77,7 +77,7 @@ def train_single_loras(images: Sequence[Image.Image], prompts: Sequence[str], ou
 
     On the CPU ``trainer=cpu`` comes first (fp32, no CUDA), so the user's overrides still win.
     """
-    from sdtune.training.train import train
+    from sdtune.run.train import train
 
     loras = []
     for name, image, prompt in zip("ab", images, prompts):

@@ -17,9 +17,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sdtune.lora.adapters import base_weights
 from sdtune.lora.files import DEFAULT_FORMAT, FORMATS, run_header, save_lora
-from sdtune.run.stopping import AFTER_TRAINING, graceful_stop
 from sdtune.training.ema import with_ema_facts
 from sdtune.training.embeddings import lora_trains
+from sdtune.training.stopping import AFTER_TRAINING, graceful_stop
 from sdtune.utils.errors import ConfigError
 from sdtune.utils.io import write_text_atomic
 

@@ -48,7 +48,7 @@ class ConceptProbe(L.Callback):
 
     def _probe(self, trainer: L.Trainer, pl_module) -> None:
         from sdtune.run.callbacks import writes_outputs
-        from sdtune.run.stopping import final_render
+        from sdtune.training.stopping import final_render
 
         self._tried = True
         if not writes_outputs(trainer):

@@ -261,7 +261,7 @@ class LoRATrainingModule(L.LightningModule):
         token_embeddings.check_resume(checkpoint.get("sdtune", {}).get("embedding"), token_embeddings.spec_from_config(self.cfg))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self._trainer is not None:  # every save, periodic, last, on a signal (sdtune.run.stopping)
+        if self._trainer is not None:  # every save, periodic, last, on a signal (sdtune.training.stopping)
             self.check_finite(before=f"writing the checkpoint of step {self.trainer.global_step}")
         rows = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("embeddings.")}  # new words' rows
         keep_lora_only(checkpoint, self.spec, family=self.family.name, num_train_images=self.num_train_images,

@@ -58,7 +58,7 @@ class NonFiniteLossError(SdtuneError):
 
 
 class RunStopped(SdtuneError):
-    """The run was stopped by a signal after saving its state (see :mod:`sdtune.run.stopping`)."""
+    """The run was stopped by a signal after saving its state (see :mod:`sdtune.training.stopping`)."""
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)

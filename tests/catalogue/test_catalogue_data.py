@@ -18,7 +18,7 @@ from PIL import Image, ImageFile
 from sdtune.data import ImageCaptionDataModule, load_records
 from sdtune.data.datamodule import folder_repeats
 from sdtune.data.sampler import TrainBatchSampler
-from sdtune.training.train import train
+from sdtune.run.train import train
 from sdtune.utils.errors import ConfigError, DataError, ModelLoadError
 
 from ..conftest import QUICKSTART, _snapshot, compose_cfg, resolved

@@ -18,7 +18,7 @@ from sdtune.families.builder import build_parts
 from sdtune.families.tiny import ensure_tiny_model, in_tiny_cache
 from sdtune.inference.loading import base_model_config, parse_loras
 from sdtune.run.folder import LOCK_NAME
-from sdtune.training.train import train
+from sdtune.run.train import train
 from sdtune.utils.errors import ConfigError, ModelLoadError, OutputError
 
 from ..conftest import ROOT, compose_cfg, run_cli

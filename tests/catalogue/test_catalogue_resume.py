@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sdtune.run.train import train
 from sdtune.training.checkpointing import load_checkpoint
-from sdtune.training.train import train
 from sdtune.utils.errors import ConfigError, LoraFileError
 
 from ..conftest import QUICKSTART, ROOT, compose_cfg

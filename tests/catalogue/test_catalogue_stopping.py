@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from sdtune.training.train import train
+from sdtune.run.train import train
 
 from ..conftest import QUICKSTART, ROOT, compose_cfg, run_cli
 from .test_catalogue_filesystem import snapshot

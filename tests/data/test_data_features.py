@@ -17,8 +17,8 @@ from sdtune.data.captions import CaptionOptions, process_caption
 from sdtune.data.datamodule import folder_repeats
 from sdtune.data.images import plan_crop
 from sdtune.data.sampler import TrainBatchSampler, sample_seed
+from sdtune.run.train import train
 from sdtune.training.module import LoRATrainingModule
-from sdtune.training.train import train
 from sdtune.utils.errors import ConfigError
 
 from ..conftest import QUICKSTART, compose_cfg, resolved

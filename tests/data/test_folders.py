@@ -117,7 +117,7 @@ def test_kohya_folder_trains_directly_and_through_make_data_with_the_same_epoch(
     """Acceptance: the folder trains as it is, and after `make data MODEL=sd15`, on the same
     repeat-weighted epoch (10_photos stays a repeat folder under OUT/images/)."""
     from data_pipeline.__main__ import main as stage
-    from sdtune.training.train import train
+    from sdtune.run.train import train
 
     from ..conftest import compose_cfg
 

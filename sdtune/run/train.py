@@ -29,10 +29,10 @@ from sdtune.run.folder import check_fresh, check_writable, is_secondary_rank, ru
 from sdtune.run.loggers import drop_rows_after
 from sdtune.run.progress import RunProgress
 from sdtune.run.resume import changed_settings
-from sdtune.run.stopping import GracefulStop, StopNow
 from sdtune.training.checkpointing import AtomicCheckpointIO, check_resumable, data_manifest, resolve_ckpt_path
 from sdtune.training.class_images import class_manifest, class_records
 from sdtune.training.module import LoRATrainingModule
+from sdtune.training.stopping import GracefulStop, StopNow
 from sdtune.utils.console import tidy_console
 from sdtune.utils.errors import OutputError, RunStopped
 from sdtune.utils.io import write_text_atomic

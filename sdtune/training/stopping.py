@@ -35,7 +35,7 @@ AFTER_TRAINING = "final renders"  # GracefulStop.stopped_in when a signal came o
 class StopNow(BaseException):
     """A second Ctrl-C: leave at once. A BaseException, like KeyboardInterrupt, so that no
     ``except Exception`` on the way swallows it; not a KeyboardInterrupt, which Lightning turns
-    into its own message and exit status 1. :func:`sdtune.training.train.train` reports it."""
+    into its own message and exit status 1. :func:`sdtune.run.train.train` reports it."""
 
 
 class _RenderInterrupted(BaseException):
@@ -132,7 +132,7 @@ class GracefulStop(L.Callback):
 
     def restore(self) -> None:
         """Put the handlers found at ``setup`` back. Lightning re-installs the ones it found when fit
-        started (ours) in its own teardown, so :func:`sdtune.training.train.train` calls this once ``fit`` has
+        started (ours) in its own teardown, so :func:`sdtune.run.train.train` calls this once ``fit`` has
         returned or raised."""
         self._active = False
         if threading.current_thread() is threading.main_thread():
@@ -215,7 +215,7 @@ class GracefulStop(L.Callback):
               f"that step are in {self.run_dir}. Continue with:\n  {self.resume_command()}", file=sys.stderr, flush=True)
 
     def stopped_message(self, step: int) -> str:
-        """What :func:`sdtune.training.train.train` reports (exit status :attr:`exit_code`) for a stop that saved."""
+        """What :func:`sdtune.run.train.train` reports (exit status :attr:`exit_code`) for a stop that saved."""
         if self.stopped_in == AFTER_TRAINING:
             return f"run stopped by {self.signal_name} during the final renders; training finished (step {step})"
         return f"run stopped by {self.signal_name} at step {step}"
