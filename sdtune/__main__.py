@@ -12,7 +12,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from sdtune.config.validate import CONF_DIR, expand_home, normalize_overrides, register_resolvers
+from sdtune.config.overrides import expand_home, normalize_overrides
+from sdtune.config.paths import CONF_DIR
+from sdtune.config.resolvers import register_resolvers
 from sdtune.utils.errors import exit_on_user_error
 
 register_resolvers()
@@ -31,7 +33,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Hydra's app on ``sys.argv``, whose overrides are first put in the form Hydra takes
-    (:func:`~sdtune.config.validate.normalize_overrides`: documented keys of sections that are off by default,
+    (:func:`~sdtune.config.overrides.normalize_overrides`: documented keys of sections that are off by default,
     our message for a key that is no setting)."""
     with exit_on_user_error():
         sys.argv[1:] = normalize_overrides(sys.argv[1:])

@@ -22,7 +22,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from sdtune.config.validate import CONF_DIR, register_resolvers
+from sdtune.config.paths import CONF_DIR
+from sdtune.config.resolvers import register_resolvers
+from sdtune.config.values import guidance as check_guidance
 from sdtune.data.latents import file_sha256
 from sdtune.families import get_family
 from sdtune.families.builder import build_parts
@@ -70,9 +72,7 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     embeddings = read_embeddings(embedding_refs, get_family(model_cfg["family"]))  # vetted before the base loads
     guidance = cfg.get("guidance")
     guidance = get_family(model_cfg["family"]).guidance(model_cfg) if guidance is None else guidance
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not guidance > 0:
-        raise ConfigError(f"guidance must be a number > 0, got {guidance!r}. Fix: e.g. guidance=5 (1 turns guidance off).")
-    guidance = float(guidance)
+    guidance = check_guidance("guidance", guidance, fix="e.g. guidance=5 (1 turns guidance off).")
     device = pick_device(cfg.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     family, parts = build_parts(model_cfg, dtype=dtype)

@@ -26,7 +26,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from sdtune.config.validate import CONF_DIR, register_resolvers
+from sdtune.config.paths import CONF_DIR
+from sdtune.config.resolvers import register_resolvers
+from sdtune.config.values import choice
 from sdtune.families import get_family
 from sdtune.families.builder import build_parts
 from sdtune.families.ldm_format import pipeline_to_original
@@ -75,8 +77,7 @@ def merge(cfg: DictConfig) -> tuple[Path, Path | None]:
     refs = parse_loras(cfg.loras)
     if not refs:
         raise ConfigError("loras is empty: name at least one LoRA to merge, e.g. 'loras=[my_lora.safetensors@0.8]'.")
-    if cfg.save_dtype not in SAVE_DTYPES:
-        raise ConfigError(f"save_dtype must be one of {list(SAVE_DTYPES)}, got {cfg.save_dtype!r}.")
+    choice("save_dtype", cfg.save_dtype, SAVE_DTYPES)
     out = Path(cfg.out).expanduser()
     loras = read_loras(refs)  # every file vetted (readable, finite, consistent) before the base model loads
     model_cfg = base_model_config(cfg.get("model"), refs, loras)

@@ -18,7 +18,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from sdtune.config.validate import normalize_overrides, register_resolvers
+from sdtune.config.overrides import normalize_overrides
+from sdtune.config.resolvers import register_resolvers
 from sdtune.families.tiny import ensure_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,13 +16,13 @@ from diffusers import StableDiffusionPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
-from sdtune.config.validate import validate
 from sdtune.export import export_lora
 from sdtune.families.builder import build_parts
 from sdtune.lora.adapters import kind_of
 from sdtune.lora.apply import apply_lora, fuse
 from sdtune.lora.files import LoraHeader, read_lora, save_lora
 from sdtune.lora.layers import LoraSpec, inject, live_lora_state, lora_tensors, trainable_lora_parameters
+from sdtune.run.checks import validate
 from sdtune.training.checkpointing import keep_lora_only
 from sdtune.utils.errors import ConfigError, LoraFileError
 

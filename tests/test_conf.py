@@ -18,7 +18,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from sdtune.config.validate import validate
+from sdtune.run.checks import validate
 from sdtune.run.train import SDTUNE_TRAINER_KEYS
 
 from .conftest import QUICKSTART, ROOT, run_cli

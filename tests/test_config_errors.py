@@ -99,7 +99,7 @@ def test_unset_data_root_says_how_to_fix(tmp_path):
 def test_method_combinations_without_a_loadable_file_are_refused(overrides, message):
     """Text-encoder LoRA beside DoRA/LoHa/LoKr, or beside new token embeddings, would write files no
     tool loads as trained: refused before anything loads, naming both keys."""
-    from sdtune.config.validate import validate
+    from sdtune.run.checks import validate
 
     cfg = compose_cfg("experiment=quickstart", *overrides)
     with pytest.raises(ConfigError, match=message):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdtune.config.validate import validate
+from sdtune.run.checks import validate
 from sdtune.training.checkpointing import load_checkpoint
 from sdtune.utils.errors import ConfigError, LoraFileError
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sdtune.config.validate import validate
 from sdtune.evaluation.config import parse_eval
 from sdtune.evaluation.metrics import ClipScorer, DinoScorer, mean_cosine, nearest_rms, vae_latents
+from sdtune.run.checks import validate
 from sdtune.toy.domain import Scene, render
 from sdtune.utils.errors import ConfigError
 
@@ -149,7 +149,7 @@ def test_the_optuna_sweep_direction_follows_the_metric(references, metric, direc
     """Catches a sweep that minimises a similarity (it would pick the worst run)."""
     from hydra import compose, initialize_config_dir
 
-    from sdtune.config.validate import CONF_DIR
+    from sdtune.config.paths import CONF_DIR
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["hparams_search=optuna", f"optimized_metric={metric}"], return_hydra_config=True)

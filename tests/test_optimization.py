@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from sdtune.config.validate import validate
 from sdtune.lora.layers import named_trainable_lora_parameters
+from sdtune.run.checks import validate
 from sdtune.training.module import LoRATrainingModule
 from sdtune.training.optimization import build_optimization
 from sdtune.utils.errors import ConfigError

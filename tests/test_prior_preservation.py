@@ -65,7 +65,7 @@ def test_prior_loss_is_instance_mean_plus_weight_times_class_mean():
 
 
 def test_config_refuses_both_class_sources_and_an_empty_prompt(tmp_path):
-    from sdtune.config.validate import validate
+    from sdtune.run.checks import validate
 
     base = ["model=tiny", f"data.root={tmp_path}"]
     with pytest.raises(ConfigError, match=r"data.class_root=.* and data.class_prompt=.* are both set"):

@@ -198,14 +198,14 @@ def test_text_encoder_lora_trains_with_gradients_and_its_own_lr(tmp_path):
     ("4", r"lora.text_encoder must be a mapping"),
 ])
 def test_bad_text_encoder_settings_are_refused_early(value, message):
-    from sdtune.config.validate import validate
+    from sdtune.run.checks import validate
 
     with pytest.raises(ConfigError, match=message):
         validate(compose_cfg("experiment=quickstart", f"lora.text_encoder={value}"))
 
 
 def test_unet_lr_zero_needs_a_text_encoder_lr():
-    from sdtune.config.validate import validate
+    from sdtune.run.checks import validate
 
     validate(compose_cfg("experiment=quickstart", "optim.optimizer.lr=0", "lora.text_encoder={rank: 4, lr: 1e-3}"))
     with pytest.raises(ConfigError, match="optim.optimizer.lr must be > 0"):

@@ -11,7 +11,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from sdtune.config.validate import CONF_DIR, register_resolvers
+from sdtune.config.paths import CONF_DIR
+from sdtune.config.resolvers import register_resolvers
 from sdtune.utils.errors import exit_on_user_error
 
 register_resolvers()

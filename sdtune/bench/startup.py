@@ -75,7 +75,7 @@ def cpu_seconds(cmd: list[str], cwd: Path) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sdtune.config.validate import ROOT
+    from sdtune.config.paths import ROOT
     from sdtune.families.tiny import ensure_tiny_model, tiny_cache_root
 
     parser = argparse.ArgumentParser(prog="python -m sdtune.bench.startup", description=__doc__.partition("\n")[0])

@@ -37,18 +37,13 @@ from sdtune.bench.flops import count_step_flops
 from sdtune.bench.measure import Timing, matmul_peak
 from sdtune.bench.runner import first_batch, profile_case, run_case
 from sdtune.bench.table import check_targets, make_row, to_console, to_csv, to_markdown
-from sdtune.config.validate import validate
 from sdtune.data import load_records
+from sdtune.inference.loading import pick_device
+from sdtune.run.checks import validate
 from sdtune.utils.errors import ConfigError
 from sdtune.utils.io import write_text_atomic
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(accelerator: str) -> torch.device:
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def describe_device(device: torch.device) -> str:

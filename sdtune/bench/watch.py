@@ -163,7 +163,9 @@ def compose(*overrides: str, output_dir: str | Path) -> dict[str, Any]:
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from sdtune.config.validate import CONF_DIR, register_resolvers, validate
+    from sdtune.config.paths import CONF_DIR
+    from sdtune.config.resolvers import register_resolvers
+    from sdtune.run.checks import validate
 
     register_resolvers()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

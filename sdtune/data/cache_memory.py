@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from sdtune.config.values import choice
 from sdtune.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,12 @@ DEVICE_SHARE = 0.10  # auto budget: this share of the device's memory
 RAM_SHARE = 0.5  # a CPU-held cache may take at most this share of the available RAM
 
 
-def check_config(data_cfg: Mapping[str, Any]) -> None:
-    """``data.cache_memory`` and ``data.cache_budget_gb`` are well formed (config.validate's check)."""
-    mode = data_cfg.get("cache_memory", "auto")
-    if mode not in MODES:
-        raise ConfigError(f"data.cache_memory must be one of {', '.join(MODES)}, got {mode!r}. "
-                          "Fix: e.g. data.cache_memory=auto (the GPU while the caches fit data.cache_budget_gb).")
+def check_config(cfg: Mapping[str, Any]) -> None:
+    """``data.cache_memory`` (null: auto) and ``data.cache_budget_gb`` are well formed (part of
+    :func:`sdtune.data.config.check_config`)."""
+    data_cfg = cfg.get("data") or {}
+    choice("data.cache_memory", data_cfg.get("cache_memory") or "auto", MODES, said=f"one of {', '.join(MODES)}",
+           fix="e.g. data.cache_memory=auto (the GPU while the caches fit data.cache_budget_gb).")
     budget = data_cfg.get("cache_budget_gb")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
                                or not math.isfinite(budget) or budget < 0):

@@ -1,9 +1,9 @@
 """The ``eval:`` section: which prompts are evaluated against which reference images, checked early.
 
-Light on purpose (no torch): :func:`sdtune.config.validate.validate` reads it before any model is loaded,
-so a missing reference image or a wrong model folder costs a second. Also says which way each
-evaluation metric is better (:func:`higher_is_better`), for sweeps (``hparams_search=optuna``
-picks its ``direction`` from ``optimized_metric``) and for ``python -m sdtune.report --sort``.
+Light on purpose (no torch): :func:`check_config` runs with the other sections' checks
+(:func:`sdtune.run.checks.validate`) before any model is loaded, so a missing reference image or a
+wrong model folder costs a second. Which way each metric is better (:func:`higher_is_better`, for
+sweeps and ``python -m sdtune.report --sort``) is :mod:`sdtune.utils.metrics`'s, re-exported here.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
+from sdtune.config.values import guidance, integer, setting
 from sdtune.utils.errors import ConfigError
 from sdtune.utils.formats import IMAGE_SUFFIXES
+from sdtune.utils.metrics import higher_is_better  # noqa: F401 (re-exported: report --sort reads it here)
 
-#: Metrics where larger is better (cosine similarities); every other metric (losses, distances) is
-#: better when smaller.
-SIMILARITIES = ("clip_t", "clip_i", "dino")
 DISTANCES = ("latent_dist",)
 ENTRY_KEYS = {"prompt", "references", "negative_prompt", "name"}
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -52,16 +53,6 @@ class EvalSpec:
         if self.dino_model and refs:
             names.add("dino")
         return {f"eval/{n}" for n in names}
-
-
-def higher_is_better(metric: str) -> bool:
-    """True for similarities (``eval/clip_t``, ``eval/<name>/dino``), False for losses and distances."""
-    return str(metric).rsplit("/", 1)[-1] in SIMILARITIES
-
-
-def sweep_direction(metric: str | None) -> str:
-    """The Optuna direction for ``optimized_metric``: maximize similarities, minimize the rest."""
-    return "maximize" if metric and higher_is_better(metric) else "minimize"
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -150,16 +141,10 @@ def parse_eval(section: Mapping[str, Any] | None) -> EvalSpec | None:
     seeds = section.get("seeds")
     if not isinstance(seeds, Sequence) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise ConfigError(f"eval.seeds must be a non-empty list of integers >= 0, got {seeds!r}. Fix: e.g. eval.seeds=[0,1].")
-    steps, every = section.get("steps"), section.get("every_n_steps")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"eval.steps must be an integer >= 1 (sampling steps), got {steps!r}.")
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise ConfigError(f"eval.every_n_steps must be an integer >= 1 or null (evaluate at each validation), got {every!r}.")
-    guidance = section.get("guidance")
-    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not guidance > 0):
-        raise ConfigError(f"eval.guidance must be a number > 0 or null (the base model's own scale), got {guidance!r}.")
-    spec = EvalSpec(tuple(entries), tuple(int(s) for s in seeds), steps, None if guidance is None else float(guidance),
-                    every, _model_folder(section.get("clip_model"), "eval.clip_model", "CLIP model"),
+    steps = integer("eval.steps", section.get("steps"), ge=1, full=True, fix="e.g. eval.steps=20 (sampling steps).")
+    every = integer("eval.every_n_steps", section.get("every_n_steps"), ge=1, optional="evaluate at each validation")
+    scale = guidance("eval.guidance", section.get("guidance"), optional="the base model's own scale")
+    spec = EvalSpec(tuple(entries), tuple(int(s) for s in seeds), steps, scale, every, _model_folder(section.get("clip_model"), "eval.clip_model", "CLIP model"),
                     _model_folder(section.get("dino_model"), "eval.dino_model", "DINO model"))
     for i, p in enumerate(entries):
         if not p.references and not spec.clip_model:
@@ -181,3 +166,20 @@ def check_optimized_metric(metric: str, spec: EvalSpec | None) -> None:
     if metric not in names:
         raise ConfigError(f"optimized_metric={metric} is not logged by this evaluation; it logs {sorted(names)}. "
                           "Fix: choose one of those (clip_* needs eval.clip_model, dino eval.dino_model).")
+
+
+def check_config(cfg: Any) -> None:
+    """The ``eval:`` section: reference images exist and open, the metric models pass the loading
+    gate, and an ``optimized_metric=eval/...`` is one this evaluation logs."""
+    from sdtune.families.source import check_weights  # here: the families package imports torch
+
+
+    node = setting(cfg, "eval")
+    spec = parse_eval(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node)
+    if spec and (spec.clip_model or spec.dino_model):  # the loading gate, before any model loads
+        allow_pickle = setting(cfg, "model.allow_pickle") is True
+        check_weights(spec.clip_model, key="eval.clip_model", allow_pickle=allow_pickle)
+        check_weights(spec.dino_model, key="eval.dino_model", allow_pickle=allow_pickle)
+    metric = setting(cfg, "optimized_metric")
+    if isinstance(metric, str):
+        check_optimized_metric(metric, spec)

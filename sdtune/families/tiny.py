@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from sdtune.config.paths import ROOT
 from sdtune.utils.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,6 @@ _MARKER = "sdtune_tiny.json"
 def tiny_cache_root() -> Path:
     """The only folder tiny models are ever built in: ``$SDTUNE_CACHE``, else ``<repo>/.cache``
     (the same rule as ``paths.cache_dir`` in ``conf/paths/default.yaml``)."""
-    from sdtune.config.validate import ROOT
-
     return Path(os.path.realpath(os.environ.get("SDTUNE_CACHE") or ROOT / ".cache"))
 
 

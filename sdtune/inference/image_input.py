@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from sdtune.config.values import number
 from sdtune.data.images import load_rgb
 from sdtune.utils.errors import ConfigError, ModelLoadError
 
@@ -47,26 +48,21 @@ class ImageInput:
         return "img2img" if self.init_image else "text2img"
 
 
-def _number(value: Any, key: str, low: float, high: float, fix: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ConfigError(f"{key} must be a number from {low:g} to {high:g}, got {value!r}. Fix: {fix}")
-    return float(value)
-
-
 def parse_image_input(cfg) -> ImageInput:
     """``init_image``, ``strength`` and ``controlnet.*`` of a generate config, checked before any model loads."""
     cn = cfg.get("controlnet") or {}
     init = cfg.get("init_image")
     spec = ImageInput(
         init_image=str(init) if init else None,
-        strength=_number(cfg.get("strength", 0.5), "strength", 0, 1,
-                         "e.g. strength=0.5 (0 keeps the input, 1 ignores it)."),
+        strength=number("strength", cfg.get("strength", 0.5), ge=0, le=1,
+                        fix="e.g. strength=0.5 (0 keeps the input, 1 ignores it)."),
         controlnet=str(cn["path"]) if cn.get("path") else None,
-        conditioning_scale=_number(cn.get("conditioning_scale", 0.5), "controlnet.conditioning_scale", 0, 10,
-                                   "e.g. controlnet.conditioning_scale=0.5 (0 turns the ControlNet off)."),
+        conditioning_scale=number("controlnet.conditioning_scale", cn.get("conditioning_scale", 0.5), ge=0, le=10,
+                                  fix="e.g. controlnet.conditioning_scale=0.5 (0 turns the ControlNet off)."),
         preprocess=str(cn.get("preprocess", "canny")),
-        low_threshold=int(_number(cn.get("low_threshold", 100), "controlnet.low_threshold", 0, 10000, "e.g. 100.")),
-        high_threshold=int(_number(cn.get("high_threshold", 200), "controlnet.high_threshold", 0, 10000, "e.g. 200.")),
+        low_threshold=int(number("controlnet.low_threshold", cn.get("low_threshold", 100), ge=0, le=10000, fix="e.g. 100.")),
+        high_threshold=int(number("controlnet.high_threshold", cn.get("high_threshold", 200), ge=0, le=10000,
+                                  fix="e.g. 200.")),
         control_image=str(cn["image"]) if cn.get("image") else None,
     )
     if spec.preprocess not in PREPROCESSORS:

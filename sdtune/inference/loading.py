@@ -111,9 +111,11 @@ def header_model(model: Mapping[str, Any], lora_path: str) -> dict[str, Any]:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The device ``name`` says: ``auto`` is the CUDA GPU when there is one, else the CPU; ``gpu``
+    (Lightning's word, ``trainer.accelerator=gpu``) is ``cuda``; anything else as torch names it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device("cuda" if name == "gpu" else name)
 
 
 def apply_loras(

@@ -111,8 +111,9 @@ def kind_of(keys) -> str:
 
 
 # -- config --------------------------------------------------------------------------------------
-def check_config(lora_cfg: Mapping[str, Any], export_format: str | None = None) -> None:
-    """Refuse adapter settings that do not go together, naming the keys and the fix."""
+def check_adapter_config(lora_cfg: Mapping[str, Any], export_format: str | None = None) -> None:
+    """Refuse adapter settings that do not go together, naming the keys and the fix (part of
+    :func:`sdtune.lora.layers.check_config`, the ``lora:`` section's check)."""
     kind = lora_cfg.get("type", "lora")
     if kind not in ADAPTER_TYPES:
         raise ConfigError(f"lora.type must be one of {list(ADAPTER_TYPES)}, got {kind!r}.")

@@ -13,14 +13,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
-from sdtune.lora.adapters import ADAPTER_TYPES, is_adapter_key, strip_adapter_name
+from sdtune.config.values import Settings
+from sdtune.lora.adapters import ADAPTER_TYPES, check_adapter_config, is_adapter_key, strip_adapter_name
 from sdtune.lora.adapters import peft_config as adapter_config
 from sdtune.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 ADAPTER = "default"  # peft's adapter name inside the training UNet
+# pissa/olora also rewrite the base weights, which a plain LoRA file cannot carry: not offered.
+LORA_INITS = ("gaussian", True, False)
+#: The largest rank offered: the widest attention layer of any supported family has 1280 features.
+MAX_RANK = 1024
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,35 @@ def spec_from_config(lora_cfg: Mapping[str, Any], default_targets: tuple[str, ..
         type=str(lora_cfg.get("type") or "lora"),
         use_dora=bool(lora_cfg.get("use_dora", False)),
     )
+
+
+def check_config(cfg: DictConfig) -> None:
+    """The ``lora:`` section (rank, alpha, dropout, init, targets, adapter kind), before anything
+    loads; :func:`check_base` checks rank and targets against the base's layers later."""
+    s = Settings(cfg)
+    rank = s.integer("lora.rank", ge=1, fix="e.g. lora.rank=16.")
+    if rank > MAX_RANK:
+        raise ConfigError(
+            f"lora.rank={rank} is larger than any layer it could adapt (the widest attention layer of the supported "
+            f"families has 1280 features; ranks above {MAX_RANK} only waste memory). Fix: e.g. lora.rank=16 (4-128 "
+            "is usual)."
+        )
+    s.number("lora.alpha", gt=0, optional=True)
+    s.number("lora.dropout", ge=0, lt=1)
+    s.choice("lora.init", LORA_INITS)
+    targets = s.get("lora.targets")
+    if targets is not None and (
+        not OmegaConf.is_list(targets) or not targets or not all(isinstance(t, str) and t for t in targets)
+    ):
+        raise ConfigError(f"lora.targets must be a non-empty list of module names like [to_q,to_k], got {targets!r}.")
+    check_adapter_config(OmegaConf.to_container(cfg.lora, resolve=True), s.get("callbacks.lora_export.format"))
+
+
+def check_base(cfg: Mapping[str, Any], unet: torch.nn.Module, default_targets: tuple[str, ...]) -> None:
+    """``lora.targets`` and ``lora.rank`` against ``unet``'s layers (a meta-device UNet will do)."""
+    spec = spec_from_config(cfg["lora"], default_targets)
+    check_targets(unet, spec.targets)
+    check_rank_fits(unet, spec)
 
 
 def peft_config(spec: LoraSpec, *, dropout: float = 0.0, init: str | bool = "gaussian"):

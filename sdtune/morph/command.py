@@ -25,7 +25,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from sdtune.config.validate import CONF_DIR, register_resolvers
+from sdtune.config.paths import CONF_DIR
+from sdtune.config.resolvers import register_resolvers
+from sdtune.config.values import guidance as check_guidance
 from sdtune.families import get_family
 from sdtune.families.builder import build_parts
 from sdtune.generate import infotext
@@ -51,14 +53,6 @@ register_resolvers()
 log = logging.getLogger(__name__)
 
 
-def _guidance(cfg: DictConfig) -> float:
-    value = cfg.get("guidance")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"guidance must be a number > 0, got {value!r}. Fix: guidance=1 (the default: DDIM "
-                          "inversion is exact only without classifier-free guidance).")
-    return float(value)
-
-
 def _base_model(cfg: DictConfig, refs: list[LoraRef], loras) -> dict:
     """``model=`` as given, else the first LoRA's recorded base; with train=true and neither, the
     model the training preset composes (``train_overrides`` may name it)."""
@@ -74,7 +68,8 @@ def morph(cfg: DictConfig, out_dir: Path) -> list[Path]:
     """Run the morph ``cfg`` describes into ``out_dir``; the frame files."""
     tidy_console()
     inputs = check_inputs(cfg)
-    guidance = _guidance(cfg)
+    guidance = check_guidance("guidance", cfg.get("guidance"), fix="guidance=1 (the default: DDIM inversion is exact "
+                              "only without classifier-free guidance).")
     prompts, prompt_sources = resolve_prompts(cfg.prompt, inputs.images)
     refs = [LoraRef(p) for p in inputs.lora_paths]
     loras = read_loras(refs)  # every file vetted before a model loads

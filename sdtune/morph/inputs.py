@@ -16,6 +16,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 
+from sdtune.config.values import integer
+from sdtune.config.values import path as check_path
 from sdtune.data.folders import read_caption
 from sdtune.data.images import load_rgb, resize_and_crop
 from sdtune.data.metadata import find_metadata, read_rows
@@ -45,10 +47,7 @@ def _pair(cfg: DictConfig, key: str) -> list[str]:
 
 
 def _positive(cfg: DictConfig, key: str, example: str) -> int:
-    value = cfg.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be a whole number >= 1, got {value!r}. Fix: e.g. {key}={example}.")
-    return value
+    return integer(key, cfg.get(key), ge=1, full=True, kind="a whole number", fix=f"e.g. {key}={example}.")
 
 
 def check_inputs(cfg: DictConfig) -> MorphInputs:
@@ -57,9 +56,8 @@ def check_inputs(cfg: DictConfig) -> MorphInputs:
     if len(images) != 2:
         raise ConfigError(f"images needs exactly two image files (the start and the end), got {len(images)}: "
                           f"{images}. Fix: {USAGE}")
-    for i, path in enumerate(images):
-        if not Path(path).is_file():
-            raise ConfigError(f"images[{i}]={path!r} is not a file. Fix: give the path of an existing image.")
+    for i, image in enumerate(images):
+        check_path(f"images[{i}]", image, must="file", fix="give the path of an existing image.")
     loras, train = _pair(cfg, "loras"), bool(cfg.get("train"))
     if train and loras:
         raise ConfigError(f"loras={loras} and train=true both given: morph either uses two LoRA files or trains "
@@ -68,9 +66,8 @@ def check_inputs(cfg: DictConfig) -> MorphInputs:
         raise ConfigError(f"loras needs exactly two LoRA files, one per image (lora 0 for images[0]), got "
                           f"{len(loras)}: {loras}. Fix: 'loras=[a.safetensors,b.safetensors]', or train=true to "
                           "train one single-image LoRA per image first.")
-    for i, path in enumerate(loras):
-        if not Path(path).is_file():
-            raise ConfigError(f"loras[{i}]={path!r} is not a file. Fix: give the path of a .safetensors LoRA.")
+    for i, lora in enumerate(loras):
+        check_path(f"loras[{i}]", lora, must="file", fix="give the path of a .safetensors LoRA.")
     frames = _positive(cfg, "frames", "10")
     steps = _positive(cfg, "inversion_steps", "50")
     return MorphInputs(images=[Path(p) for p in images], lora_paths=loras, train=train, frames=frames, steps=steps)

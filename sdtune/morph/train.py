@@ -19,7 +19,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from sdtune.config.validate import CONF_DIR, normalize_overrides
+from sdtune.config.overrides import normalize_overrides
+from sdtune.config.paths import CONF_DIR
 from sdtune.utils.errors import ConfigError
 from sdtune.utils.io import save_image_atomic, write_text_atomic
 

@@ -41,7 +41,7 @@ class TrainingCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, *args, keep_last: int | None = None, **kwargs):
-        if keep_last is not None:  # validated with the config (sdtune.config.validate.validate)
+        if keep_last is not None:  # validated with the config (sdtune.run.checks.check_run)
             # Lightning's own top-k, ranked by the global step: the newest N periodic checkpoints
             # survive (last.ckpt is saved apart from the top-k and always kept).
             kwargs.update(monitor="step", mode="max", save_top_k=keep_last)

@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from sdtune.config.overrides import hydra_quote
+from sdtune.config.paths import CONF_DIR
 from sdtune.utils.errors import ConfigError
 
 RUN_DIR_KEY = "hydra.run.dir"
@@ -34,7 +36,7 @@ OVERRIDES = Path(".hydra") / "overrides.yaml"
 #: Safety switches: they count only when given on the command line of the run being started.
 SAFETY_SWITCHES = ("model.allow_pickle", "data.allow_outside_root")
 #: Where a replayed ``+key``/``++key`` may add a key: sdtune's own sections (whose keys
-#: :func:`sdtune.config.validate.validate` checks against conf/), and the keyword arguments of the optimizer,
+#: :func:`sdtune.config.schema.check_known_keys` checks against conf/), and the keyword arguments of the optimizer,
 #: schedule and Lightning Trainer that conf/ chose. A new callback or logger entry is never added.
 ADDABLE = ("model.", "lora.", "data.", "train.", "speed.", "resume.", "eval.", "embedding.",
            "optim.optimizer.", "optim.scheduler.", "optim.lora_plus_ratio", "trainer.")
@@ -52,14 +54,6 @@ def override_key(arg: str) -> str | None:
     if arg.startswith("-") or "=" not in arg:
         return None
     return arg.split("=", 1)[0].lstrip("+~")
-
-
-def hydra_quote(value: str) -> str:
-    """``value`` as a Hydra override value: as is when plain, else single-quoted with escapes
-    (a run folder like ``lora.rank=8,seed=1`` would otherwise be parsed as a list)."""
-    if all(c.isalnum() or c in "/._-:" for c in value):
-        return value
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def run_folder_of(value: str) -> Path | None:
@@ -198,8 +192,6 @@ def _pickle_in_folder(text: str, run: Path) -> bool:
 
 
 def _group(key: str) -> Path | None:
-    from sdtune.config.validate import CONF_DIR
-
     folder = CONF_DIR / key.replace(".", "/")
     return folder if key and folder.is_dir() else None
 

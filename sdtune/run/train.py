@@ -19,12 +19,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from sdtune.config.validate import check_against_base, check_device, validate
 from sdtune.data import ImageCaptionDataModule, load_records
 from sdtune.data.datamodule import folder_repeats
 from sdtune.data.masks import find_masks, mask_manifest
 from sdtune.evaluation.reference import evaluation_callbacks
 from sdtune.families.builder import model_source
+from sdtune.run.checks import check_against_base, check_device, validate
 from sdtune.run.folder import check_fresh, check_writable, is_secondary_rank, run_folder_lock
 from sdtune.run.loggers import drop_rows_after
 from sdtune.run.progress import RunProgress

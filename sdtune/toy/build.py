@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from sdtune.config.validate import ROOT
+from sdtune.config.paths import ROOT
 from sdtune.families import get_family
 from sdtune.toy.evaluate import evaluate_pipeline
 from sdtune.toy.pretrain import Recipe, build_toy, encode_scenes, train_vae

@@ -60,7 +60,7 @@ def make_picture(target: str | Path, *, steps: int = 20) -> Path:
     from hydra import compose, initialize_config_dir
     from PIL import Image
 
-    from sdtune.config.validate import ROOT
+    from sdtune.config.paths import ROOT
     from sdtune.generate import generate
     from sdtune.inference.sampling import make_grid
     from sdtune.utils.io import save_image_atomic
@@ -92,7 +92,7 @@ def make_picture(target: str | Path, *, steps: int = 20) -> Path:
 
 def default_base() -> Path:
     """The toy sd15 base, found from this package's own location (so the command works from any folder)."""
-    from sdtune.config.validate import ROOT
+    from sdtune.config.paths import ROOT
 
     return ROOT / PICTURE_BASE
 

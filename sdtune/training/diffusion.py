@@ -3,7 +3,8 @@
 Kept apart from the LightningModule so that each piece can be checked by number: the regression
 target per prediction type, the min-SNR-gamma weights (against diffusers' ``compute_snr``), the
 VAE latent scaling, and the per-sample randomness that makes resumed and multi-process runs
-reproduce one uninterrupted run.
+reproduce one uninterrupted run. :func:`check_config` checks the ``train:`` settings these
+functions take (prediction type, min-SNR gamma, noise offset).
 """
 
 from __future__ import annotations
@@ -12,8 +13,21 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from sdtune.config.values import Settings
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """``train.prediction_type`` (null: the model's), ``train.snr_gamma`` (null: off) and
+    ``train.noise_offset``."""
+    s = Settings(cfg)
+    s.choice("train.prediction_type", (None, *PREDICTION_TYPES),
+             said=", ".join(PREDICTION_TYPES) + " or null (use the model's)")
+    s.number("train.snr_gamma", gt=0, optional=True)
+    s.number("train.noise_offset", ge=0)
 
 
 def regression_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

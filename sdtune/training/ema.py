@@ -21,9 +21,11 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 
+from sdtune.config.values import Settings
 from sdtune.lora.layers import module_key_to_peft, named_trainable_lora_parameters
-from sdtune.utils.errors import LoraFileError
+from sdtune.utils.errors import ConfigError, LoraFileError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,23 @@ def ema_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def exports_ema(cfg: Mapping[str, Any]) -> bool:
     settings = ema_settings(cfg)
     return settings["enabled"] and settings["use_for_export"]
+
+
+def check_config(cfg: DictConfig) -> None:
+    """``train.ema``: switches that are true or false, a decay in (0, 1), ``use_for_export`` only
+    with the EMA on."""
+    s = Settings(cfg)
+    if s.get("train.ema") is None:
+        return
+    s.boolean("train.ema.enabled")
+    s.boolean("train.ema.use_for_export")
+    s.number("train.ema.decay", gt=0)  # 0 is "must be > 0", the upper bound next
+    s.number("train.ema.decay", gt=0, lt=1, fix="e.g. train.ema.decay=0.999.")
+    if s.get("train.ema.use_for_export") and not s.get("train.ema.enabled"):
+        raise ConfigError(
+            "train.ema.use_for_export=true, but train.ema.enabled=false keeps no EMA weights to export. "
+            "Fix: add train.ema.enabled=true, or drop use_for_export."
+        )
 
 
 class LoraEMA:

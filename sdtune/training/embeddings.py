@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdtune.config.values import boolean, integer, number
 from sdtune.families import ModelFamily, ModelParts, get_family
 from sdtune.utils.errors import ConfigError
 
@@ -84,19 +85,15 @@ def spec_from_config(cfg: Mapping[str, Any]) -> EmbeddingSpec | None:
             f"embedding.init must be a word the model knows, whose embedding starts the new token(s); got {init!r}. "
             "Fix: e.g. embedding.init=shape (a neutral word), or the class of the concept (dog, style, ...)."
         )
-    num = values["num_vectors"]
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ConfigError(f"embedding.num_vectors must be an integer >= 1, got {num!r}. Fix: e.g. embedding.num_vectors=1.")
-    lr = values["lr"]
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ConfigError(f"embedding.lr must be a number > 0, got {lr!r}. Fix: e.g. embedding.lr=5e-3.")
-    if not isinstance(values["with_lora"], bool):
-        raise ConfigError(f"embedding.with_lora must be true or false, got {values['with_lora']!r}.")
-    return EmbeddingSpec(tuple(tokens), init.strip(), num, float(lr), values["with_lora"])
+    num = integer("embedding.num_vectors", values["num_vectors"], ge=1, full=True, fix="e.g. embedding.num_vectors=1.")
+    lr = number("embedding.lr", values["lr"], gt=0, full=True, fix="e.g. embedding.lr=5e-3.")
+    with_lora = boolean("embedding.with_lora", values["with_lora"])
+    return EmbeddingSpec(tuple(tokens), init.strip(), num, lr, with_lora)
 
 
 def check_config(cfg: Mapping[str, Any]) -> None:
-    """config.validate's check: the ``embedding`` section is well formed and the family supports it."""
+    """The ``embedding`` section's check (:data:`sdtune.run.checks.SECTION_CHECKS`): it is well
+    formed, the family supports it, and it is not combined with text-encoder LoRA."""
     spec = spec_from_config(cfg)
     if spec is None:
         return

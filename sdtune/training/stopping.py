@@ -25,7 +25,7 @@ from pathlib import Path
 
 import lightning as L
 
-from sdtune.run.resume import hydra_quote
+from sdtune.config.overrides import hydra_quote
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)

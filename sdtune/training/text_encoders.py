@@ -26,11 +26,15 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
+from sdtune.config import schema
+from sdtune.config.values import Settings
 from sdtune.families import ModelFamily, ModelParts
 from sdtune.lora.keys import te_file_module
 from sdtune.lora.layers import (
     ADAPTER,
+    MAX_RANK,
     LoraSpec,
     is_lora_key,
     lora_tensors,
@@ -56,6 +60,48 @@ def encoders_train(cfg: Mapping[str, Any]) -> bool:
     """Whether anything in the text encoders trains in this run (their outputs then change every
     step): text-encoder LoRA (``lora.text_encoder``) or new token embeddings (``embedding``)."""
     return bool((cfg.get("lora") or {}).get("text_encoder")) or bool(cfg.get("embedding"))
+
+
+def check_config(cfg: DictConfig) -> None:
+    """``lora.text_encoder`` (null: off): a mapping with a rank, and alpha, targets, lr; plain LoRA on
+    the UNet beside it. Its targets are checked against the encoders by :func:`check_targets_in_configs`."""
+    s = Settings(cfg)
+    te = s.get("lora.text_encoder")
+    if te is None:
+        return
+    example = "e.g. lora.text_encoder.rank=4 (and .alpha, .targets, .lr), or lora.text_encoder=null (off)."
+    if not isinstance(te, DictConfig):
+        raise ConfigError(f"lora.text_encoder must be a mapping with rank (and alpha, targets, lr) or null, got {te!r}. "
+                          f"Fix: {example}")
+    unknown = sorted(set(te.keys()) - set(schema.TEXT_ENCODER_KEYS))
+    if unknown:
+        raise ConfigError(f"lora.text_encoder.{unknown[0]} is not a setting (it takes {', '.join(schema.TEXT_ENCODER_KEYS)}). "
+                          f"Fix: {example}")
+    kind = str(s.get("lora.type") or "lora")
+    if kind != "lora":
+        raise ConfigError(
+            f"lora.text_encoder trains plain LoRA layers in the text encoders and is not combined with lora.type={kind} "
+            f"on the UNet. Fix: lora.type=lora, or lora.text_encoder=null (no text-encoder LoRA)."
+        )
+    if s.get("lora.use_dora"):
+        raise ConfigError(
+            "lora.text_encoder trains plain LoRA layers in the text encoders and is not combined with "
+            "lora.use_dora=true (DoRA) on the UNet. Fix: lora.use_dora=false, or lora.text_encoder=null "
+            "(no text-encoder LoRA)."
+        )
+    if "rank" not in te:
+        raise ConfigError(f"lora.text_encoder has no rank. Fix: {example}")
+    rank = s.integer("lora.text_encoder.rank", ge=1, fix=example)
+    if rank > MAX_RANK:
+        raise ConfigError(f"lora.text_encoder.rank={rank} is larger than any text-encoder layer needs (max {MAX_RANK}). "
+                          f"Fix: {example}")
+    s.number("lora.text_encoder.alpha", gt=0, optional=True)
+    s.number("lora.text_encoder.lr", gt=0, optional=True)
+    targets = te.get("targets")
+    if targets is not None and (not OmegaConf.is_list(targets) or not targets
+                                or not all(isinstance(t, str) and t for t in targets)):
+        raise ConfigError(f"lora.text_encoder.targets must be null (the family's default) or a non-empty list of module "
+                          f"names like [q_proj,v_proj], got {targets!r}.")
 
 
 def text_cache_blocker(cfg: Mapping[str, Any]) -> str | None:

@@ -70,7 +70,7 @@ def test_summary_counts_the_bytes_of_a_renamed_lora_file(capsys, tmp_path):
 
 def test_home_folder_in_an_override_reaches_our_checks(tmp_path):
     """`data.root=~/set` is no shell assignment (no ~ expansion) and Hydra's grammar refuses a bare ~."""
-    from sdtune.config.validate import expand_home
+    from sdtune.config.overrides import expand_home
 
     home = tmp_path / "home dir"
     (home / "set").mkdir(parents=True)

@@ -63,7 +63,7 @@ def _refused(capsys, tmp_path, overrides, message):
     (["train.ema.decay=0.9", "train.ema.enabled=true"], {"train.ema.decay": 0.9, "train.ema.enabled": True}),
 ])
 def test_documented_keys_are_plain_dotted_overrides(tmp_path, overrides, expected):
-    from sdtune.config.validate import validate
+    from sdtune.run.checks import validate
 
     cfg = compose_cfg("experiment=quickstart", *overrides, output_dir=tmp_path)
     validate(cfg)  # fills in the keys a dotted override left out, and accepts the result
@@ -124,7 +124,7 @@ def test_prodigy_with_several_learning_rates_is_refused(capsys, tmp_path, no_mod
 
 
 def test_prodigy_with_one_learning_rate_is_accepted(tmp_path):
-    from sdtune.config.validate import validate
+    from sdtune.run.checks import validate
 
     for overrides in (["optim.lora_plus_ratio=1"], ["lora.text_encoder={rank: 2, lr: 1.0}"], TI,
                       ["optim.optimizer.lr=0", "lora.text_encoder={rank: 2, lr: 1.0}"]):
@@ -166,7 +166,7 @@ def test_a_new_token_that_is_already_a_word_is_refused(capsys, tmp_path, no_mode
 def test_known_word_reads_the_tokenizer_output():
     from transformers import CLIPTokenizer
 
-    from sdtune.config.validate import ROOT
+    from sdtune.config.paths import ROOT
     from sdtune.training.embeddings import known_word
 
     tokenizer = CLIPTokenizer.from_pretrained(str(ROOT / "models" / "toy" / "sd15"), subfolder="tokenizer")
@@ -176,7 +176,7 @@ def test_known_word_reads_the_tokenizer_output():
 
 # -- 5. messages -------------------------------------------------------------------------------------
 def test_text_encoder_lora_with_dora_names_use_dora(tmp_path):
-    from sdtune.config.validate import validate
+    from sdtune.run.checks import validate
     from sdtune.utils.errors import ConfigError
 
     cfg = compose_cfg("experiment=quickstart", "lora.text_encoder={rank: 2}", "lora.use_dora=true", output_dir=tmp_path)

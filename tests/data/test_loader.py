@@ -8,9 +8,9 @@ import logging
 import lightning as L
 import pytest
 
-from sdtune.config.validate import validate
 from sdtune.data import ImageCaptionDataModule, load_records
 from sdtune.data.loader import loader_settings
+from sdtune.run.checks import validate
 from sdtune.utils.errors import ConfigError
 
 from ..conftest import QUICKSTART, compose_cfg
