@@ -160,7 +160,7 @@ def check_optimized_metric(metric: str, spec: EvalSpec | None) -> None:
         return
     if spec is None:
         raise ConfigError(f"optimized_metric={metric}, but eval.prompts is empty, so nothing logs it. Fix: set "
-                          "eval.prompts with references (README: Evaluation against reference images).")
+                          "eval.prompts with references (docs/training_methods.md: Evaluation against reference images).")
     names = spec.metrics() | {f"eval/{p.name}/{m.split('/')[-1]}" for p in spec.prompts for m in spec.metrics()
                               if p.references or m == "eval/clip_t"}
     if metric not in names:

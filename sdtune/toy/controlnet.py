@@ -1,4 +1,4 @@
-"""A toy ControlNet for the tests and the README picture, and the picture itself.
+"""A toy ControlNet for the tests and the docs picture (docs/tools.md), and the picture itself.
 
     python -m sdtune.toy.controlnet --out /tmp/toy-controlnet           # a ControlNet folder for models/toy/sd15
     python -m sdtune.toy.controlnet --picture docs/images/img2img_toy.png
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-#: The toy base of the README picture and its prompt and input scene.
+#: The toy base of the docs picture (docs/tools.md) and its prompt and input scene.
 PICTURE_BASE = "models/toy/sd15"
 PICTURE_PROMPT = "a red circle on a blue background"
 PICTURE_STRENGTHS = (0.0, 0.3, 0.6, 0.9)
@@ -47,7 +47,7 @@ def build_toy_controlnet(base: str | Path, out: str | Path, *, seed: int = 0, st
 
 
 def input_scene(side: int = 64):
-    """The picture the README redraws: a green square on a yellow ground (the prompt asks for a red circle on blue)."""
+    """The picture docs/tools.md shows: a green square on a yellow ground (the prompt asks for a red circle on blue)."""
     from sdtune.toy.domain import Scene, render
 
     return render(Scene("square", "green", "yellow", size=0.3), side=side)
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", default=str(default_base()),
                         help="--out's base: a diffusers SD1.5/SDXL folder (default: the toy sd15 base, %(default)s)")
     parser.add_argument("--out", help="write the toy ControlNet folder here")
-    parser.add_argument("--picture", help="write the README's img2img/ControlNet picture here (on the toy sd15 base)")
+    parser.add_argument("--picture", help="write the docs img2img/ControlNet picture here (on the toy sd15 base)")
     args = parser.parse_args(argv)
     if not (args.out or args.picture):
         parser.error("give --out and/or --picture")

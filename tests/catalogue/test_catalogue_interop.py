@@ -131,7 +131,7 @@ def test_merged_text_encoders_are_in_the_layout_transformers_4_and_5_read(family
 # -- DoRA: what each tool computes from a file we write ------------------------------------------
 DORA_TARGETS = ("to_q", "to_v", "proj_in")  # proj_in: a 1x1 conv in the tiny SD1.5 UNet
 DORA_SPEC = LoraSpec(4, 3.0, DORA_TARGETS, use_dora=True)
-README = ROOT / "README.md"
+README = ROOT / "docs" / "lora_files.md"  # the LoRA-files page holds the DoRA table
 
 
 def a1111_merge(lora: dict[str, torch.Tensor], key_map: dict[str, str], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

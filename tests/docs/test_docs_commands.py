@@ -43,7 +43,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 # The same override handling `python -m sdtune` applies before Hydra composes (sdtune.__main__).
-from sdtune.config.validate import check_override_key, normalize_overrides, register_resolvers
+from sdtune.config.overrides import check_override_key, normalize_overrides
+from sdtune.config.resolvers import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
