@@ -18,9 +18,9 @@ from sdtune.lora.apply import apply_lora
 from sdtune.lora.files import read_lora
 from sdtune.lora.layers import is_lora_key
 from sdtune.training.checkpointing import load_checkpoint
-
-from .comfyui_rules import load_like_comfyui, unet_key_map
-from .conftest import QUICKSTART, QUICKSTART_ARGS, run_cli
+from tests.helpers.cli import QUICKSTART_ARGS, run_cli
+from tests.helpers.comfyui import load_like_comfyui, unet_key_map
+from tests.helpers.paths import QUICKSTART
 
 pytestmark = pytest.mark.slow
 
@@ -204,7 +204,7 @@ def test_sweeps_work_for_every_family(tmp_path):
 
 
 def test_tracking_logger_preset_adds_wandb_and_mlflow():
-    from .conftest import compose_cfg
+    from tests.helpers.config import compose_cfg
 
     cfg = compose_cfg("experiment=quickstart", "logger=tracking")
     targets = sorted(node["_target_"].rsplit(".", 1)[1] for node in cfg.logger.values())

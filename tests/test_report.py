@@ -9,7 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from .conftest import run_cli
+from tests.helpers.cli import run_cli
 
 pytestmark = pytest.mark.slow
 RANKS = [2, 4, 8, 16]

@@ -38,10 +38,10 @@ from sdtune.lora.files import LoraHeader, save_lora
 from sdtune.lora.keys import kohya_module_name, te_file_module, te_kohya_prefix
 from sdtune.lora.layers import LoraSpec, inject, live_lora_state, trainable_lora_parameters
 from sdtune.merge import merge
-
-from ..comfyui_rules import merge_like_comfyui, unet_key_map
-from ..conftest import ROOT, tiny_model
-from .test_catalogue_filesystem import snapshot
+from tests.helpers.comfyui import merge_like_comfyui, unet_key_map
+from tests.helpers.files import snapshot
+from tests.helpers.models import tiny_model
+from tests.helpers.paths import ROOT
 
 MODEL = {"sd15": "tiny", "sdxl": "tiny_sdxl", "kolors": "tiny_kolors"}
 

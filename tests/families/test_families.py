@@ -12,8 +12,7 @@ from sdtune.lora.apply import apply_lora
 from sdtune.lora.files import LoraHeader, read_lora, save_lora
 from sdtune.lora.layers import LoraSpec, inject, lora_tensors, trainable_lora_parameters
 from sdtune.utils.errors import LoraFileError
-
-from ..conftest import tiny_model, unet_inputs
+from tests.helpers.models import tiny_model, unet_inputs
 
 FAMILY_NAMES = ["sd15", "sdxl", "kolors"]
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "kolors": "KolorsPipeline"}
