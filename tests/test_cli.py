@@ -78,7 +78,7 @@ def test_lora_file_loads_in_diffusers_and_matches_our_unet(quickstart_run, tiny_
         ours = parts.unet.eval()(x, t, ctx).sample
     assert (theirs - base).abs().max() > 1e-3
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
-    # ComfyUI (its key rules, tests/comfyui_rules.py): every key consumed, each patch at alpha/rank = 2
+    # ComfyUI (its key rules, tests/helpers/comfyui.py): every key consumed, each patch at alpha/rank = 2
     deltas, not_loaded = load_like_comfyui(lora.raw, unet_key_map(parts.unet))
     assert not not_loaded and len(deltas) == len(lora.raw) // 3
     module, delta = next(iter(sorted(deltas.items())))

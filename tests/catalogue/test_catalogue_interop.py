@@ -5,7 +5,7 @@
   below from their sources: A1111 v1.10.1 extensions-builtin/Lora/network.py
   (``NetworkModule.finalize_updown`` -> ``apply_weight_decompose``: per-input norm only) and
   network_lora.py (``calc_updown``: ``up @ down``); ComfyUI v0.19.3 comfy/weight_adapter/base.py
-  ``weight_decompose`` (tests/comfyui_rules.py), which Forge copies (lllyasviel/stable-diffusion-webui-forge
+  ``weight_decompose`` (tests/helpers/comfyui.py), which Forge copies (lllyasviel/stable-diffusion-webui-forge
   @dfdcbab backend/patcher/lora.py ``weight_decompose``); kohya sd-scripts @48d368fa networks/lora.py
   ``load_weights`` (``load_state_dict(weights_sd, False)``: ``dora_scale`` is an unexpected key, skipped)
   applies a plain LoRA; diffusers runs as itself.

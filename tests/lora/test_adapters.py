@@ -3,7 +3,7 @@
 Each adapter is injected by peft into a tiny SD1.5 UNet (attention linears and the 1x1 conv
 ``proj_in``) and given random weights, standing in for a trained one. Its kohya file must then
 give, under a line-by-line re-implementation of ComfyUI's weight adapters
-(``tests/comfyui_rules.py``), the very weights peft merges; our own generate/merge path must
+(``tests/helpers/comfyui.py``), the very weights peft merges; our own generate/merge path must
 give the live model's outputs; diffusers must load the DoRA peft-layout file; and checkpoints
 must keep all of the adapter's tensors and nothing else.
 """

@@ -181,7 +181,7 @@ def test_generate_renders_a_kohya_file_with_text_encoder_layers_as_the_hand_merg
     (".lora_mid.weight", r"LyCORIS LoCon with Tucker decomposition \(lora_mid\)"), (".oft_blocks", "OFT"),
 ])
 def test_other_layouts_are_refused_by_name(tmp_path, marker, name):
-    """Layouts sdtune cannot apply (plain LoRA, DoRA, LoHa and LoKr it can: tests/test_adapters.py) are named."""
+    """Layouts sdtune cannot apply (plain LoRA, DoRA, LoHa and LoKr it can: tests/lora/test_adapters.py) are named."""
     path = tmp_path / "lycoris.safetensors"
     save_file({f"lora_unet_down_blocks_0_attentions_0_proj_in{marker}": torch.zeros(2, 2)}, str(path))
     with pytest.raises(LoraFileError, match=rf"this is a {name} file .*sdtune applies LoRA, DoRA, LoHa and LoKr "

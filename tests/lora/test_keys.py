@@ -82,7 +82,7 @@ def test_diffusers_loads_our_kohya_file_like_our_diffusers_file(family, tmp_path
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "kolors"])
 def test_comfyui_key_rules_load_every_key_of_our_kohya_file(family, tmp_path):
-    """Every key of our kohya file is consumed under ComfyUI's rules (tests/comfyui_rules.py), each
+    """Every key of our kohya file is consumed under ComfyUI's rules (tests/helpers/comfyui.py), each
     patch is alpha/rank * up @ down of the trained layer, and nothing of the diffusers layout loads."""
     from safetensors.torch import load_file
 
