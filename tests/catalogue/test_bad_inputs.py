@@ -1,5 +1,8 @@
 """The bad-input catalogue: each case gives its clear error, or its documented skip with a count,
-and never changes a file the user gave us."""
+and never changes a file the user gave us.
+
+Truncated images and decompression bombs are in ``test_catalogue_data.py`` (every image is decoded
+before training), with the other cases of unreadable data."""
 
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ from sdtune.utils.errors import ConfigError, DataError, LoraFileError
 from tests.helpers.cli import run_cli
 from tests.helpers.config import compose_cfg, resolved
 from tests.helpers.files import snapshot
-from tests.helpers.images import bomb_png
 
 
 class RunsCodeWhenUnpickled:
@@ -34,18 +36,6 @@ def _fails(cfg_overrides, root, tmp_path, error, message):
     with pytest.raises(error, match=message):
         train(cfg, tmp_path / "run")
     assert snapshot(root) == before
-
-
-def test_truncated_image_is_an_error_or_a_counted_skip(dataset, tmp_path, caplog):
-    img = dataset / "images" / "2.png"
-    img.write_bytes(img.read_bytes()[:300])
-    _fails([], dataset, tmp_path, DataError, r"1 image\(s\) listed in .*metadata.csv cannot be read: 2.png: unreadable or truncated.*data.bad_images=skip")
-    before = snapshot(dataset)
-    with caplog.at_level(logging.WARNING):
-        records = load_records(dataset, bad_images="skip")
-    assert [r.path.name for r in records] == ["0.png", "1.png", "3.png"]
-    assert "leaving out 1 unreadable image(s): 2.png" in caplog.text
-    assert snapshot(dataset) == before
 
 
 def test_missing_file_named_in_metadata(dataset, tmp_path):
@@ -93,11 +83,6 @@ def test_images_smaller_than_the_resolution_are_upscaled_with_a_count(dataset, c
         ImageCaptionDataModule(load_records(dataset), resolution=64, bucketing=True, bucket_step=16)
     assert "upscaled" not in caplog.text  # buckets keep small images small
     assert snapshot(dataset) == before
-
-
-def test_decompression_bomb_keeps_pillows_limit(dataset, tmp_path):
-    (dataset / "images" / "0.png").write_bytes(bomb_png(20000, 20000))
-    _fails([], dataset, tmp_path, DataError, r"cannot be read: 0.png: decompression bomb")
 
 
 def test_metadata_that_is_not_utf8(dataset, tmp_path):

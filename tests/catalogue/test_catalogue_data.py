@@ -22,6 +22,7 @@ from sdtune.run.train import train
 from sdtune.utils.errors import ConfigError, DataError, ModelLoadError
 from tests.helpers.config import compose_cfg, resolved
 from tests.helpers.files import snapshot
+from tests.helpers.images import bomb_png
 from tests.helpers.paths import QUICKSTART
 
 CAPTIONS = ["a red circle", "a round red shape"]
@@ -95,8 +96,14 @@ def test_cut_off_image_is_an_error_naming_it_or_a_counted_skip(dataset, tmp_path
 
 
 def test_image_over_pillows_pixel_limit_is_refused_without_decoding(dataset, tmp_path, monkeypatch):
+    # over twice the limit Pillow refuses to open the file itself (a PNG that claims 20000x20000 pixels)
+    image = dataset / "images" / "0.png"
+    good = image.read_bytes()
+    image.write_bytes(bomb_png(20000, 20000))
+    _fails(dataset, tmp_path, r"1 image\(s\) listed in .*cannot be read: 0.png: decompression bomb \(Image size \(400000000 pixels\) exceeds limit")
     # between 1x and 2x the limit Pillow only warns; we still refuse, so one file cannot exhaust memory
-    with Image.open(dataset / "images" / "0.png") as im:
+    image.write_bytes(good)
+    with Image.open(image) as im:
         pixels = im.size[0] * im.size[1]
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pixels - 1)
     _fails(dataset, tmp_path, rf"4 image\(s\) listed in .*cannot be read: 0.png: decompression bomb \(Image size \({pixels} pixels\)")
