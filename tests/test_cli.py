@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors import safe_open
@@ -18,9 +19,9 @@ from sdtune.lora.apply import apply_lora
 from sdtune.lora.files import read_lora
 from sdtune.lora.layers import is_lora_key
 from sdtune.training.checkpointing import load_checkpoint
-
-from .comfyui_rules import load_like_comfyui, unet_key_map
-from .conftest import QUICKSTART, QUICKSTART_ARGS, run_cli
+from tests.helpers.cli import QUICKSTART_ARGS, run_cli
+from tests.helpers.comfyui import load_like_comfyui, unet_key_map
+from tests.helpers.paths import QUICKSTART
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +31,34 @@ def _read_safetensors(path):
         return {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata()
 
 
+def _val_loss_by_hand(run) -> float:
+    """The run's validation loss with its final LoRA file, computed here from the diffusion maths:
+    each validation image's VAE mean latent, noised with the run's fixed validation noise and
+    timesteps, against the epsilon or v target from the scheduler's alphas; the mean over images."""
+    from sdtune.data import ImageCaptionDataModule, load_records
+    from sdtune.training.diffusion import validation_randomness
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    family = get_family(cfg["model"]["family"])
+    parts = family.load(cfg["model"]["path"])
+    apply_lora(parts, read_lora(run / "lora.safetensors"), family=family, path=run / "lora.safetensors", adapter_name="run")
+    scheduler = parts.noise_scheduler
+    data = ImageCaptionDataModule.from_config(load_records(cfg["data"]["root"]), cfg["data"], seed=cfg["seed"])
+    losses = []
+    with torch.no_grad():
+        for i, batch in enumerate(data.val_dataloader()):
+            latents = parts.vae.encode(batch["pixel_values"]).latent_dist.mean * parts.vae.config.scaling_factor
+            noise, t = validation_randomness(cfg["seed"], i, tuple(latents.shape), scheduler.config.num_train_timesteps)
+            a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+            noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+            target = noise if scheduler.config.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
+            text = family.encode_prompts(parts, batch["text"])["encoder_hidden_states"]
+            pred = parts.unet(noisy, t, encoder_hidden_states=text).sample
+            losses.append(((pred - target) ** 2).mean().item())
+    assert len(losses) == cfg["data"]["val_images"]
+    return sum(losses) / len(losses)
+
+
 def test_quickstart_run_folder(quickstart_run):
     for rel in (".hydra/config.yaml", "config.yaml", "lora.safetensors", "samples.png", "checkpoints/last.ckpt"):
         assert (quickstart_run / rel).is_file(), rel
@@ -37,6 +66,11 @@ def test_quickstart_run_folder(quickstart_run):
     rows = list(csv.DictReader(open(quickstart_run / "logs" / "csv" / "metrics.csv")))
     losses = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
     assert len(losses) >= 5 and all(0 < v < 10 for v in losses)
+    # the logged loss is the diffusion loss: the last validation loss is the MSE of the run's own
+    # LoRA file's prediction against the scheduler's target, recomputed here by hand; and it falls
+    val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+    assert val[-1] == pytest.approx(_val_loss_by_hand(quickstart_run), rel=1e-4)
+    assert val[-1] < 0.5 * val[0]  # the toy base learns the quickstart concept in 30 steps
     assert list((quickstart_run / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     # the grid: 2 rows (LoRA x0, x1) by 4 prompts, and the LoRA visibly changes the pictures
     grid = Image.open(quickstart_run / "samples.png").convert("RGB")
@@ -78,7 +112,7 @@ def test_lora_file_loads_in_diffusers_and_matches_our_unet(quickstart_run, tiny_
         ours = parts.unet.eval()(x, t, ctx).sample
     assert (theirs - base).abs().max() > 1e-3
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
-    # ComfyUI (its key rules, tests/comfyui_rules.py): every key consumed, each patch at alpha/rank = 2
+    # ComfyUI (its key rules, tests/helpers/comfyui.py): every key consumed, each patch at alpha/rank = 2
     deltas, not_loaded = load_like_comfyui(lora.raw, unet_key_map(parts.unet))
     assert not not_loaded and len(deltas) == len(lora.raw) // 3
     module, delta = next(iter(sorted(deltas.items())))
@@ -204,7 +238,7 @@ def test_sweeps_work_for_every_family(tmp_path):
 
 
 def test_tracking_logger_preset_adds_wandb_and_mlflow():
-    from .conftest import compose_cfg
+    from tests.helpers.config import compose_cfg
 
     cfg = compose_cfg("experiment=quickstart", "logger=tracking")
     targets = sorted(node["_target_"].rsplit(".", 1)[1] for node in cfg.logger.values())

@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-from .conftest import run_cli
+from tests.helpers.cli import run_cli
 
 pytestmark = pytest.mark.slow
 RANKS = [2, 4, 8, 16]
@@ -108,15 +109,31 @@ def test_smoothing_is_debiased_and_follows_the_trend():
     assert wiggle < 0.05 and s[-1] < s[20]  # the zig-zag is gone, the decline stays
 
 
-def test_every_run_writes_its_loss_plot(quickstart_run):
-    from PIL import Image
+def _columns_with(image: Image.Image, rgb: tuple[int, int, int]) -> int:
+    """How many pixel columns of ``image`` hold the colour ``rgb`` (within anti-aliasing's rounding)."""
+    pixels = np.asarray(image.convert("RGB"), dtype=int)
+    return int((np.abs(pixels - np.array(rgb)).sum(axis=-1) <= 6).any(axis=0).sum())
 
-    from sdtune.report import read_metrics
+
+def test_every_run_writes_its_loss_plot(quickstart_run, tmp_path):
+    """loss.png draws the run's own losses: the smoothed train loss (matplotlib's C0) across the
+    plot, the validation points (C1), and exactly the picture metrics.csv gives (a blank or
+    half-drawn plot, or one of other numbers, fails)."""
+    from sdtune.lora.files import read_lora
+    from sdtune.report import plot_run_loss, read_metrics
 
     train, val = read_metrics(quickstart_run / "logs" / "csv" / "metrics.csv")
     assert len(train) >= 5 and val  # what the plot draws
     with Image.open(quickstart_run / "loss.png") as im:
         assert im.format == "PNG" and im.size == (700, 400)
+        drawn = im.convert("RGB")
+    assert len(set(drawn.getdata())) > 20  # not a uniform picture
+    assert _columns_with(drawn, (31, 119, 180)) > 0.6 * drawn.width  # the train curve runs across the axes
+    assert _columns_with(drawn, (255, 127, 14)) >= 6 * len(val)  # each validation point has its dot
+    header = read_lora(quickstart_run / "lora.safetensors")
+    plot_run_loss(train, val, tmp_path / "again.png", title=f"{header.family} LoRA rank {header.spec.rank}: loss")
+    with Image.open(tmp_path / "again.png") as again:
+        assert np.array_equal(np.asarray(drawn), np.asarray(again.convert("RGB")))  # the CSV's numbers, no others
 
 
 def test_report_reads_a_single_run_folder(quickstart_run, tmp_path):

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from sdtune.bench.cases import Case, cases_from_config, models_to_run, plan_for
 from sdtune.bench.flops import count_step_flops
@@ -21,16 +20,8 @@ from sdtune.bench.runner import first_batch
 from sdtune.bench.table import COLUMNS, check_targets
 from sdtune.data import load_records
 from sdtune.families.arch import build_parts, parameter_count
-
-from ..conftest import ROOT, run_cli
-
-
-def _bench_cfg(*overrides: str) -> dict:
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("bench", overrides=[*overrides, "paths.output_dir=/nonexistent-output"])
-    return OmegaConf.to_container(cfg, resolve=True)
+from tests.helpers.cli import run_cli
+from tests.helpers.config import bench_cfg
 
 
 @pytest.mark.parametrize(
@@ -38,7 +29,7 @@ def _bench_cfg(*overrides: str) -> dict:
     [("sd15", 512, 1.72), ("sdxl", 1024, 14.2)],
 )
 def test_full_size_step_flops_on_the_meta_device(model, resolution, expected_tflop):
-    cfg = _bench_cfg(f"model={model}", "bench.random_init=true", "data.batch_size=1", "lora.rank=16")
+    cfg = bench_cfg(f"model={model}", "bench.random_init=true", "data.batch_size=1", "lora.rank=16")
     assert cfg["data"]["resolution"] == resolution
     batch = first_batch(cfg, load_records(cfg["data"]["root"]))
     meter = MemoryMeter(torch.device("cpu"))
@@ -56,7 +47,7 @@ def test_full_size_step_flops_on_the_meta_device(model, resolution, expected_tfl
 
 
 def test_flops_scale_with_lora_rank_and_batch():
-    base = _bench_cfg("model=sd15", "bench.random_init=true", "data.batch_size=1", "data.resolution=256")
+    base = bench_cfg("model=sd15", "bench.random_init=true", "data.batch_size=1", "data.resolution=256")
     batch = first_batch(base, load_records(base["data"]["root"]))
     r16 = count_step_flops(base, batch)
     r64 = count_step_flops({**base, "lora": {**base["lora"], "rank": 64, "alpha": 64}}, batch)
@@ -88,7 +79,7 @@ def test_shipped_configs_are_the_published_architectures(family, unet_params, en
 
 
 def test_cases_models_and_targets_from_the_config():
-    cfg = _bench_cfg()
+    cfg = bench_cfg()
     cases = cases_from_config(cfg["bench"])
     names = [c.name for c in cases]
     assert names[:3] == ["reference", "cache_off", "cache_on"] and "compile" in names

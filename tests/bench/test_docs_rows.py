@@ -11,8 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from sdtune.bench.docs_rows import BEGIN, END, bench_row, read_text, update_rows, write_row
 from sdtune.utils.errors import ConfigError
-
-from ..conftest import ROOT
+from tests.helpers.paths import ROOT
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from sdtune.bench.watch import Report, compose, digest, frozen_digests, target, watched_run
-
-from ..gpu.scenarios import BY_NAME, SCENARIOS, TWIN_PEAK_MIB, check, isolated_distributed
+from tests.helpers.gpu_scenarios import BY_NAME, SCENARIOS, TWIN_PEAK_MIB, check, isolated_distributed
 
 #: Every scenario that needs no CUDA; about 1–2.5 s each on an idle 2-core machine.
 TWINS = [pytest.param(s, id=s.name) for s in SCENARIOS if s.twin is not None]

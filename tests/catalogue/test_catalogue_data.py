@@ -20,8 +20,10 @@ from sdtune.data.datamodule import folder_repeats
 from sdtune.data.sampler import TrainBatchSampler
 from sdtune.run.train import train
 from sdtune.utils.errors import ConfigError, DataError, ModelLoadError
-
-from ..conftest import QUICKSTART, _snapshot, compose_cfg, resolved
+from tests.helpers.config import compose_cfg, resolved
+from tests.helpers.files import snapshot
+from tests.helpers.images import bomb_png
+from tests.helpers.paths import QUICKSTART
 
 CAPTIONS = ["a red circle", "a round red shape"]
 
@@ -38,10 +40,10 @@ def _train(root_value, tmp_path, *overrides):
 
 def _fails(root, tmp_path, message, *overrides, error=DataError):
     """``train`` stops with ``error`` matching ``message``, and no file under ``root`` changed."""
-    before = _snapshot(root)
+    before = snapshot(root)
     with pytest.raises(error, match=message):
         _train(root, tmp_path, *overrides)
-    assert _snapshot(root) == before
+    assert snapshot(root) == before
 
 
 def _jsonl(root, *extra_rows, texts=None):
@@ -82,7 +84,7 @@ def test_cut_off_image_is_an_error_naming_it_or_a_counted_skip(dataset, tmp_path
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", truncated_flag)
     name = cut(dataset)
     _fails(dataset, tmp_path, rf"1 image\(s\) listed in .*metadata.csv cannot be read: {name}: unreadable or truncated.*data.bad_images=skip")
-    before = _snapshot(dataset)
+    before = snapshot(dataset)
     with caplog.at_level(logging.WARNING):
         records = load_records(dataset, bad_images="skip")
     assert [r.path.name for r in records] == ["0.png", "1.png", "3.png"]
@@ -90,12 +92,18 @@ def test_cut_off_image_is_an_error_naming_it_or_a_counted_skip(dataset, tmp_path
     dm = ImageCaptionDataModule(records, resolution=64)
     assert all(dm.dataset[(i, 0)]["pixel_values"].shape == (3, 64, 64) for i in range(len(dm.dataset)))
     assert ImageFile.LOAD_TRUNCATED_IMAGES is truncated_flag  # the user's setting is given back
-    assert _snapshot(dataset) == before
+    assert snapshot(dataset) == before
 
 
 def test_image_over_pillows_pixel_limit_is_refused_without_decoding(dataset, tmp_path, monkeypatch):
+    # over twice the limit Pillow refuses to open the file itself (a PNG that claims 20000x20000 pixels)
+    image = dataset / "images" / "0.png"
+    good = image.read_bytes()
+    image.write_bytes(bomb_png(20000, 20000))
+    _fails(dataset, tmp_path, r"1 image\(s\) listed in .*cannot be read: 0.png: decompression bomb \(Image size \(400000000 pixels\) exceeds limit")
     # between 1x and 2x the limit Pillow only warns; we still refuse, so one file cannot exhaust memory
-    with Image.open(dataset / "images" / "0.png") as im:
+    image.write_bytes(good)
+    with Image.open(image) as im:
         pixels = im.size[0] * im.size[1]
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pixels - 1)
     _fails(dataset, tmp_path, rf"4 image\(s\) listed in .*cannot be read: 0.png: decompression bomb \(Image size \({pixels} pixels\)")
@@ -128,14 +136,14 @@ def test_root_spellings_train_up_to_the_model(tmp_path, monkeypatch, spelling):
     shutil.copy(QUICKSTART / "images" / "sks_00_red_circle.png", root / "b.png")
     (root / "metadata.csv").write_text("file_name,text\n3_red/a.png,red\nb.png,blue\n")
     monkeypatch.chdir(tmp_path if spelling.startswith("'~") else home)
-    before = _snapshot(root)
+    before = snapshot(root)
     with pytest.raises(ModelLoadError, match="no-model' does not exist"):  # every data step passed
         _train(spelling, tmp_path)
     cfg = resolved(compose_cfg("experiment=quickstart", f"data.root={spelling}"))
     records = load_records(cfg["data"]["root"])
     assert records[0].path == root / "3_red" / "a.png"
     assert len(ImageCaptionDataModule.from_config(records, cfg["data"]).dataset) == 4  # 3 + 1
-    assert _snapshot(root) == before
+    assert snapshot(root) == before
 
 
 # -- 3, 4, 7. file_name values, and metadata that is odd ----------------------------------------
@@ -199,14 +207,14 @@ def test_odd_metadata_is_named_before_the_model_loads(dataset, tmp_path, case):
 @pytest.mark.parametrize("absolute", [False, True], ids=["dotdot", "absolute"])
 def test_outside_root_is_used_when_allowed(dataset, tmp_path, absolute):
     _outside(dataset, absolute)
-    before = _snapshot(dataset)
+    before = snapshot(dataset)
     cfg = resolved(compose_cfg("experiment=quickstart", f"data.root={dataset}", "data.allow_outside_root=true"))
     records = load_records(dataset, allow_outside_root=cfg["data"]["allow_outside_root"])
     assert records[-1].path == tmp_path / "elsewhere" / "x.png" and records[-1].text == "outside"
     assert folder_repeats(records, dataset, {"images": 2}) == [2, 2, 2, 2, 1]  # outside: no top folder
     dm = ImageCaptionDataModule.from_config(records, cfg["data"])
     assert dm.dataset[(len(dm.dataset) - 1, 0)]["text"] == "outside"
-    assert _snapshot(dataset) == before
+    assert snapshot(dataset) == before
 
 
 def test_allow_outside_root_must_be_a_boolean(dataset, tmp_path):
@@ -218,7 +226,7 @@ def test_allow_outside_root_must_be_a_boolean(dataset, tmp_path):
 
 def test_alternative_captions_are_picked_per_sample_and_seen_everywhere(dataset, tmp_path):
     _jsonl(dataset, texts=[CAPTIONS, None, "caption 2", ["only one"]])
-    before = _snapshot(dataset)
+    before = snapshot(dataset)
     cfg = resolved(compose_cfg("experiment=quickstart", f"data.root={dataset}", "data.batch_size=2"))
     records = load_records(dataset)
     assert records[0].text == CAPTIONS[0] and records[0].captions == tuple(CAPTIONS)
@@ -235,7 +243,7 @@ def test_alternative_captions_are_picked_per_sample_and_seen_everywhere(dataset,
     assert len(picks) == 8 and set(picks) == set(CAPTIONS)  # a new pick each epoch
     seeds = [s for batch in sampler for i, s in batch if i == 0]
     assert dm.dataset[(0, seeds[0])]["text"] == dm.dataset[(0, seeds[0])]["text"] == picks[-1]  # resume: same pick
-    assert _snapshot(dataset) == before
+    assert snapshot(dataset) == before
 
 
 def test_alternative_captions_train_with_the_text_cache(dataset, tmp_path, tiny_sd15):
@@ -244,7 +252,7 @@ def test_alternative_captions_train_with_the_text_cache(dataset, tmp_path, tiny_
     from sdtune.training.module import LoRATrainingModule
 
     _jsonl(dataset, texts=[CAPTIONS, ["a green square", "a square"], "caption 2", "caption 3"])
-    before = _snapshot(dataset)
+    before = snapshot(dataset)
     cfg = resolved(compose_cfg("experiment=quickstart", f"data.root={dataset}", "data.batch_size=4", "data.val_images=0",
                                output_dir=tmp_path))
     module = LoRATrainingModule(cfg)
@@ -253,7 +261,7 @@ def test_alternative_captions_train_with_the_text_cache(dataset, tmp_path, tiny_
     L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False).fit(module, datamodule=dm)  # a caption missing from the cache is a KeyError
     assert {*CAPTIONS, "a green square", "a square"} <= set(module.text_cache.rows)
-    assert _snapshot(dataset) == before
+    assert snapshot(dataset) == before
 
 
 # -- 6. a UTF-8 byte-order mark -------------------------------------------------------------------
@@ -264,10 +272,10 @@ def test_metadata_with_a_byte_order_mark_is_read(dataset, kind):
         _jsonl(dataset)
     meta = dataset / f"metadata.{kind}"
     meta.write_bytes(b"\xef\xbb\xbf" + meta.read_bytes())
-    before = _snapshot(dataset)
+    before = snapshot(dataset)
     records = load_records(dataset)
     assert [r.text for r in records] == [f"caption {i}" for i in range(4)]
-    assert _snapshot(dataset) == before
+    assert snapshot(dataset) == before
 
 
 def test_unverified_unreadable_image_is_a_data_error_not_a_traceback(dataset, tmp_path):

@@ -20,9 +20,10 @@ from sdtune.data import ImageCaptionDataModule, load_records
 from sdtune.data.datamodule import MAX_EPOCH_SAMPLES, ImageCaptionDataset, check_epoch_size, folder_repeats
 from sdtune.data.masks import find_masks
 from sdtune.utils.errors import DataError
-
-from ..conftest import QUICKSTART, compose_cfg, run_main
-from .test_catalogue_filesystem import snapshot
+from tests.helpers.cli import run_main
+from tests.helpers.config import compose_cfg
+from tests.helpers.files import snapshot
+from tests.helpers.paths import QUICKSTART
 
 
 def _image(path, size=(64, 64), color=(200, 30, 30), mode="RGB"):

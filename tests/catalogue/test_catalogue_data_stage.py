@@ -38,9 +38,9 @@ from data_pipeline.errors import RUN_EXIT, USAGE_EXIT
 from data_pipeline.lifeline import KEPT, WORK_PREFIX, sibling
 from data_pipeline.output import MARKER, MARKER_TEXT
 from data_pipeline.recipe import RECIPES, check_min_max, load_recipe
-
-from ..conftest import ROOT
-from ..data_pipeline.test_data_pipeline import SMALL_OK, add, listing, read_csv, recipe, textured
+from tests.helpers.files import SMALL_OK, listing, read_csv, recipe
+from tests.helpers.images import add, textured
+from tests.helpers.paths import ROOT
 
 # ----------------------------------------------------------------------------- helpers
 

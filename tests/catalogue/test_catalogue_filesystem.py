@@ -3,7 +3,6 @@ folder; unwritable and full disks give our message, and the files already writte
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,12 +19,10 @@ from sdtune.inference.loading import base_model_config, parse_loras
 from sdtune.run.folder import LOCK_NAME
 from sdtune.run.train import train
 from sdtune.utils.errors import ConfigError, ModelLoadError, OutputError
-
-from ..conftest import ROOT, compose_cfg, run_cli
-
-
-def snapshot(root):
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+from tests.helpers.cli import run_cli
+from tests.helpers.config import compose_cfg
+from tests.helpers.files import snapshot
+from tests.helpers.paths import ROOT
 
 
 @pytest.fixture

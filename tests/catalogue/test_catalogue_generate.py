@@ -33,9 +33,9 @@ from sdtune.lora.layers import LoraSpec
 from sdtune.morph.inputs import load_image
 from sdtune.run.embedding_files import read_embedding
 from sdtune.utils.errors import ConfigError, LoraFileError
-
-from ..conftest import ROOT, run_entry
-from .test_catalogue_filesystem import snapshot
+from tests.helpers.cli import run_entry
+from tests.helpers.files import snapshot
+from tests.helpers.paths import ROOT
 
 
 def run_module(capsys, module: str, *args: str) -> tuple[int, str]:

@@ -5,7 +5,7 @@
   below from their sources: A1111 v1.10.1 extensions-builtin/Lora/network.py
   (``NetworkModule.finalize_updown`` -> ``apply_weight_decompose``: per-input norm only) and
   network_lora.py (``calc_updown``: ``up @ down``); ComfyUI v0.19.3 comfy/weight_adapter/base.py
-  ``weight_decompose`` (tests/comfyui_rules.py), which Forge copies (lllyasviel/stable-diffusion-webui-forge
+  ``weight_decompose`` (tests/helpers/comfyui.py), which Forge copies (lllyasviel/stable-diffusion-webui-forge
   @dfdcbab backend/patcher/lora.py ``weight_decompose``); kohya sd-scripts @48d368fa networks/lora.py
   ``load_weights`` (``load_state_dict(weights_sd, False)``: ``dora_scale`` is an unexpected key, skipped)
   applies a plain LoRA; diffusers runs as itself.
@@ -38,10 +38,10 @@ from sdtune.lora.files import LoraHeader, save_lora
 from sdtune.lora.keys import kohya_module_name, te_file_module, te_kohya_prefix
 from sdtune.lora.layers import LoraSpec, inject, live_lora_state, trainable_lora_parameters
 from sdtune.merge import merge
-
-from ..comfyui_rules import merge_like_comfyui, unet_key_map
-from ..conftest import ROOT, tiny_model
-from .test_catalogue_filesystem import snapshot
+from tests.helpers.comfyui import merge_like_comfyui, unet_key_map
+from tests.helpers.files import snapshot
+from tests.helpers.models import tiny_model
+from tests.helpers.paths import ROOT
 
 MODEL = {"sd15": "tiny", "sdxl": "tiny_sdxl", "kolors": "tiny_kolors"}
 

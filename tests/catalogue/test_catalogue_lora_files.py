@@ -34,8 +34,8 @@ from sdtune.lora.keys import peft_to_diffusers, peft_to_kohya
 from sdtune.lora.layers import LoraSpec
 from sdtune.merge import merge
 from sdtune.utils.errors import LoraFileError
-
-from ..conftest import QUICKSTART, ROOT, run_cli
+from tests.helpers.cli import run_cli
+from tests.helpers.paths import QUICKSTART, ROOT
 
 TARGETS = ("to_q", "to_out.0")
 SPEC = LoraSpec(rank=4, alpha=8.0, targets=TARGETS)

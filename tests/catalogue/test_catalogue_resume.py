@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from sdtune.run.train import train
 from sdtune.training.checkpointing import load_checkpoint
 from sdtune.utils.errors import ConfigError, LoraFileError
-
-from ..conftest import QUICKSTART, ROOT, compose_cfg
-from .test_catalogue_filesystem import snapshot
+from tests.helpers.config import compose_cfg
+from tests.helpers.files import snapshot
+from tests.helpers.paths import QUICKSTART, ROOT
 
 pytestmark = pytest.mark.slow
 # 12 images, batch 4: 3 batches an epoch; flips and caption dropout make every epoch's draws differ.

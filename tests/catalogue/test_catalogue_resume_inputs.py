@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .test_catalogue_filesystem import snapshot
-from .test_catalogue_security import run_cli_here
+from tests.helpers.cli import run_cli_here
+from tests.helpers.files import snapshot
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -22,9 +22,10 @@ from safetensors.torch import save_file
 from sdtune.families import get_family
 from sdtune.lora.layers import spec_from_config
 from sdtune.utils.errors import ModelLoadError
-
-from ..conftest import QUICKSTART, ROOT, compose_cfg, resolved, run_entry, run_main
-from .test_catalogue_filesystem import snapshot
+from tests.helpers.cli import run_cli_here, run_main
+from tests.helpers.config import compose_cfg, resolved
+from tests.helpers.files import snapshot
+from tests.helpers.paths import QUICKSTART, ROOT
 
 PNG = QUICKSTART / "images" / "sks_00_red_circle.png"
 RUN_ARGS = ["experiment=quickstart", "callbacks.samples=null", "callbacks.concept_probe=null", "data.val_images=0",
@@ -45,13 +46,6 @@ def pickle_bomb(path, marker):
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": {"w": torch.zeros(1)}, "x": WritesMarker(marker)}, path)
     return path
-
-
-def run_cli_here(capsys, *args: str) -> tuple[int, str]:
-    """``python -m sdtune ARGS`` in this process, through the command's own entry point (resume included)."""
-    from sdtune.__main__ import cli
-
-    return run_entry(capsys, cli, "sdtune", *args)
 
 
 def run_generate(capsys, out, *overrides: str) -> tuple[int, str]:

@@ -20,9 +20,10 @@ import time
 import pytest
 
 from sdtune.run.train import train
-
-from ..conftest import QUICKSTART, ROOT, compose_cfg, run_cli
-from .test_catalogue_filesystem import snapshot
+from tests.helpers.cli import run_cli
+from tests.helpers.config import compose_cfg
+from tests.helpers.files import snapshot
+from tests.helpers.paths import QUICKSTART, ROOT
 
 pytestmark = pytest.mark.slow
 TINY = ["experiment=quickstart", "trainer.max_steps=2", "data.val_images=0"]

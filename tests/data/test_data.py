@@ -10,8 +10,7 @@ from PIL import Image
 from sdtune.data import ImageCaptionDataModule, ImageCaptionDataset, load_records
 from sdtune.data.images import load_rgb, resize_and_crop, to_pil, to_tensor
 from sdtune.utils.errors import DataError
-
-from ..conftest import QUICKSTART
+from tests.helpers.paths import QUICKSTART
 
 
 def _img(path, size=(40, 30), colour=(200, 10, 10), mode="RGB"):

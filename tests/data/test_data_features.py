@@ -20,8 +20,8 @@ from sdtune.data.sampler import TrainBatchSampler, sample_seed
 from sdtune.run.train import train
 from sdtune.training.module import LoRATrainingModule
 from sdtune.utils.errors import ConfigError
-
-from ..conftest import QUICKSTART, compose_cfg, resolved
+from tests.helpers.config import compose_cfg, resolved
+from tests.helpers.paths import QUICKSTART
 
 
 def _dataset(root, sizes: dict[str, tuple[int, int]]):

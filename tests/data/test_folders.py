@@ -12,8 +12,7 @@ from safetensors import safe_open
 from sdtune.data import ImageCaptionDataModule, load_records
 from sdtune.data.datamodule import folder_repeats
 from sdtune.utils.errors import DataError
-
-from ..data_pipeline.test_data_pipeline import add, textured
+from tests.helpers.images import add, textured
 
 # 10_photos: 3 captioned images; 2_style: one captioned, one without a caption file; loose: 1
 KOHYA = {
@@ -118,8 +117,7 @@ def test_kohya_folder_trains_directly_and_through_make_data_with_the_same_epoch(
     repeat-weighted epoch (10_photos stays a repeat folder under OUT/images/)."""
     from data_pipeline.__main__ import main as stage
     from sdtune.run.train import train
-
-    from ..conftest import compose_cfg
+    from tests.helpers.config import compose_cfg
 
     raw = make_kohya(tmp_path / "raw", size=512)  # 512 px: what the sd15 recipe keeps
     assert stage([str(raw), str(tmp_path / "clean"), "--model", "sd15", "--np", "1"]) == 0

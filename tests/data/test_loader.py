@@ -12,8 +12,8 @@ from sdtune.data import ImageCaptionDataModule, load_records
 from sdtune.data.loader import loader_settings
 from sdtune.run.checks import validate
 from sdtune.utils.errors import ConfigError
-
-from ..conftest import QUICKSTART, compose_cfg
+from tests.helpers.config import compose_cfg
+from tests.helpers.paths import QUICKSTART
 
 
 @pytest.mark.parametrize("device, cores, processes, expected", [

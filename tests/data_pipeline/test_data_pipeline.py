@@ -7,11 +7,7 @@ run ``python -m data_pipeline`` in a fresh process.
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,69 +18,20 @@ from data_pipeline.__main__ import main as cli_main
 from data_pipeline.errors import PipelineError
 from data_pipeline.ops.image_hash import dhash_file, hamming, plan_duplicates, sha256_file
 from data_pipeline.sources import read_raw
-
-from ..conftest import run_cli
+from tests.helpers.cli import run_cli
+from tests.helpers.files import SMALL_OK, listing, read_csv, recipe
+from tests.helpers.images import add, bomb_png, textured
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def textured(seed: int, w: int, h: int) -> Image.Image:
-    """A smooth random picture: distinct per seed, with gradients a difference hash can see."""
-    grid = np.random.default_rng(seed).integers(0, 256, (6, 6, 3), dtype=np.uint8)
-    return Image.fromarray(grid).resize((w, h), Image.Resampling.BICUBIC)
-
-
-def add(root: Path, name: str, image: Image.Image | bytes | None, caption: str | None, **save) -> Path:
-    """Write ``root/name`` (an image, raw bytes, or nothing) and its sidecar caption."""
-    path = root / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(image, bytes):
-        path.write_bytes(image)
-    elif image is not None:
-        image.save(path, **save)
-    if caption is not None:
-        path.with_suffix(".txt").write_text(caption, encoding="utf-8")
-    return path
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A PNG that claims ``width x height`` pixels (Pillow checks the size before decoding)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
-def listing(root: Path, with_mtime: bool = False) -> list[tuple]:
-    """Every file below ``root`` (hidden ones too): relative path, sha256 and optionally mtime."""
-    rows = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        row = (path.relative_to(root).as_posix(), hashlib.sha256(path.read_bytes()).hexdigest())
-        rows.append(row + ((path.stat().st_mtime_ns,) if with_mtime else ()))
-    return rows
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def run_stage(raw: Path, out: Path, *args: str) -> int:
     return cli_main([str(raw), str(out), *args])
 
 
-def recipe(tmp_path: Path, name: str, text: str) -> Path:
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 DEDUP_SHA = "process:\n  - sdtune_image_deduplicator:\n      method: sha256\n"
 DEDUP_DHASH = "process:\n  - sdtune_image_deduplicator:\n      method: dhash\n      max_distance: 4\n"
 FULL_RECIPE = Path(__file__).resolve().parents[2] / "data_pipeline" / "recipes" / "full.yaml"
-SMALL_OK = "process:\n  - image_shape_filter:\n      min_width: 32\n      min_height: 32\n"
 
 # ----------------------------------------------------------------------------- acceptance
 

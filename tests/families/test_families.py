@@ -12,8 +12,7 @@ from sdtune.lora.apply import apply_lora
 from sdtune.lora.files import LoraHeader, read_lora, save_lora
 from sdtune.lora.layers import LoraSpec, inject, lora_tensors, trainable_lora_parameters
 from sdtune.utils.errors import LoraFileError
-
-from ..conftest import tiny_model, unet_inputs
+from tests.helpers.models import tiny_model, unet_inputs
 
 FAMILY_NAMES = ["sd15", "sdxl", "kolors"]
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "kolors": "KolorsPipeline"}
@@ -78,7 +77,9 @@ def test_kolors_encodes_chinese_captions_to_the_shapes_the_unet_expects():
     assert long["encoder_hidden_states"].shape == (1, 256, hidden)
 
 
-def _lora_for(name: str, tmp_path, *, with_family: bool = True):
+def _trained_unet(name: str) -> tuple[torch.nn.Module, LoraSpec]:
+    """A tiny UNet of ``name`` with peft LoRA layers (alpha 4, rank 2: scale 2) holding fixed random
+    weights, standing in for a trained one; the same weights on every call."""
     parts = get_family(name).load(str(tiny_model(name)))
     spec = LoraSpec(rank=2, alpha=4.0, targets=("to_q", "to_k", "to_v", "to_out.0"))
     inject(parts.unet, spec)
@@ -86,8 +87,14 @@ def _lora_for(name: str, tmp_path, *, with_family: bool = True):
     with torch.no_grad():
         for p in trainable_lora_parameters(parts.unet):
             p.normal_(std=0.1)
+    return parts.unet, spec
+
+
+def _lora_for(name: str, tmp_path, *, with_family: bool = True, trained: tuple | None = None):
+    """The LoRA file of ``trained`` (default: a fresh ``_trained_unet(name)``), saved in the diffusers layout."""
+    unet, spec = trained or _trained_unet(name)
     wrapper = torch.nn.Module()
-    wrapper.unet = parts.unet
+    wrapper.unet = unet
     header = LoraHeader(spec, family=name, base_model="tiny", base_model_version="x", resolution=64)
     path = save_lora(tmp_path / f"{name}.safetensors", lora_tensors(wrapper.state_dict()), header, format="diffusers")
     if not with_family:  # as another trainer writes it: diffusers' header, none of ours
@@ -115,14 +122,21 @@ def test_headerless_mismatch_is_a_fit_error_not_a_family_error(tmp_path):
 
 
 def test_apply_lora_reproduces_the_trained_unet(tmp_path):
-    path = _lora_for("kolors", tmp_path)
+    """The saved file applied to a fresh base gives the trained (peft) UNet's own output: every
+    layer found, at scale alpha/rank and weight 1. A wrong scale (alpha/rank twice, a weight of 0.5)
+    or a layer left out moves the output by far more than the tolerance."""
+    trained, spec = _trained_unet("kolors")
+    path = _lora_for("kolors", tmp_path, trained=(trained, spec))
     parts = get_family("kolors").load(str(tiny_model("kolors")))
     x, t, kw = unet_inputs("kolors")
     with torch.no_grad():
         base = parts.unet(x, t, **kw).sample
+        expected = trained(x, t, **kw).sample
         apply_lora(parts, read_lora(path), family="kolors", path=path, adapter_name="mine")
         with_lora = parts.unet(x, t, **kw).sample
-    assert (with_lora - base).abs().max() > 1e-4
+    effect = (expected - base).abs().max().item()
+    assert effect > 1e-2  # the LoRA moves the output 1000x the tolerance: a wrong scale cannot hide in it
+    torch.testing.assert_close(with_lora, expected, rtol=0, atol=1e-5)
 
 
 def test_sdxl_separate_vae_path_replaces_the_bundled_vae(tmp_path):

@@ -9,8 +9,8 @@ import torch
 from sdtune.families import get_family
 from sdtune.lora.apply import apply_lora
 from sdtune.lora.files import read_lora
-
-from ..conftest import run_cli, tiny_model, unet_inputs
+from tests.helpers.cli import run_cli
+from tests.helpers.models import tiny_model, unet_inputs
 
 pytestmark = pytest.mark.slow
 

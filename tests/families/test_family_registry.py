@@ -15,8 +15,8 @@ from sdtune.families import FAMILIES, get_family, register_family
 from sdtune.families.sd15 import SD15
 from sdtune.families.tiny import ensure_tiny_model
 from sdtune.lora.files import read_lora
-
-from ..conftest import CACHE, run_main
+from tests.helpers.cli import run_main
+from tests.helpers.paths import CACHE
 
 
 class SGMNamedSD15(SD15):
@@ -79,9 +79,9 @@ def test_a_fourth_family_trains_exports_and_is_benchmarked_through_the_registry(
     assert all(torch.equal(resolved[k], trained[k]) for k in resolved)
 
     # the bench counts its step FLOPs (same architecture as SD1.5: the same count)
-    from ..bench.test_bench import _bench_cfg
+    from tests.helpers.config import bench_cfg
 
-    cfg = _bench_cfg("model=tiny", f"model.family={fourth_family.name}", f"model.path={folder}", "data.batch_size=1")
+    cfg = bench_cfg("model=tiny", f"model.family={fourth_family.name}", f"model.path={folder}", "data.batch_size=1")
     batch = {"pixel_values": torch.zeros(1, 3, 64, 64)}
     twin = count_step_flops(cfg, batch, folder=folder)
     plain = count_step_flops({**cfg, "model": {**cfg["model"], "family": "sd15"}}, batch, folder=folder)

@@ -15,8 +15,7 @@ from __future__ import annotations
 import pytest
 
 from sdtune.bench.watch import compose, watched_run
-
-from .scenarios import SCENARIOS, check, isolated_distributed, peak_bound, skip_if_missing
+from tests.helpers.gpu_scenarios import SCENARIOS, check, isolated_distributed, peak_bound, skip_if_missing
 
 pytestmark = pytest.mark.gpu
 

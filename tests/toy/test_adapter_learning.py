@@ -21,8 +21,7 @@ from safetensors.torch import load_file
 
 from sdtune.lora.files import read_lora
 from sdtune.toy.concepts import TRIGGERS
-
-from ..conftest import run_cli
+from tests.helpers.cli import run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -24,8 +24,7 @@ from PIL import Image
 from sdtune.toy.concepts import FOREGROUNDS, write_concept_dataset
 from sdtune.toy.domain import SHAPES
 from sdtune.toy.probe import read
-
-from ..conftest import ROOT
+from tests.helpers.paths import ROOT
 
 pytestmark = pytest.mark.slow
 LEARN = ["experiment=quickstart", "callbacks.samples=null", "data.val_images=0", "lora.rank=8", "lora.alpha=8"]

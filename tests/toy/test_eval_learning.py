@@ -18,8 +18,7 @@ import pytest
 
 from sdtune.toy.concepts import concept_scenes
 from sdtune.toy.domain import render
-
-from ..conftest import run_cli
+from tests.helpers.cli import run_cli
 
 pytestmark = pytest.mark.slow
 PROMPT = "a red circle on a sks background"

@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 from sdtune.toy.concepts import TRIGGERS, concept_shares, probe_prompts, write_concept_dataset
-
-from ..conftest import ROOT, kill_when_written, run_cli, run_main
+from tests.helpers.cli import kill_when_written, run_cli, run_main
+from tests.helpers.paths import ROOT
 
 pytestmark = pytest.mark.slow
 

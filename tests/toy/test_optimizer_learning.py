@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from ..conftest import ROOT, run_cli
+from tests.helpers.cli import run_cli
+from tests.helpers.paths import ROOT
 
 pytestmark = pytest.mark.slow
 

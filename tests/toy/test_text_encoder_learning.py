@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 
 from sdtune.toy.domain import SHAPES, Scene, render
 from sdtune.toy.probe import read
-
-from ..conftest import ROOT, run_cli
+from tests.helpers.cli import run_cli
+from tests.helpers.paths import ROOT
 
 pytestmark = pytest.mark.slow
 COLOUR = "yellow"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ..conftest import run_main
+from tests.helpers.cli import run_main
 
 pytestmark = pytest.mark.slow
 

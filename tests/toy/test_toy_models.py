@@ -16,8 +16,7 @@ from sdtune.families import get_family
 from sdtune.families.builder import build_parts
 from sdtune.toy.build import FAMILIES, TOY_ROOT
 from sdtune.toy.evaluate import evaluate_pipeline
-
-from ..conftest import compose_cfg, resolved
+from tests.helpers.config import compose_cfg, resolved
 
 
 def test_toy_folders_are_small_half_precision_diffusers_folders():

@@ -63,7 +63,7 @@ def test_concept_dataset_binds_the_trigger_word_to_its_colour(tmp_path):
 
 def test_bundled_quickstart_is_the_concept_generator_output(tmp_path):
     """examples/quickstart is what `python -m sdtune.toy.concepts` writes, pixel for pixel."""
-    from ..conftest import QUICKSTART
+    from tests.helpers.paths import QUICKSTART
 
     fresh = write_concept_dataset(tmp_path / "q", triggers=("sks",), per_trigger=12)
     assert (fresh / "metadata.csv").read_text() == (QUICKSTART / "metadata.csv").read_text()

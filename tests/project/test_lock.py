@@ -1,0 +1,47 @@
+"""requirements.lock is the install CI tests: it must pin every package pyproject.toml asks for
+(dev extra included), each inside its range, and torch must stay the CPU wheel."""
+
+from __future__ import annotations
+
+import re
+
+import tomllib
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+from tests.helpers.paths import ROOT
+
+
+def lock_pins() -> dict[str, Version]:
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;#]+)", line)
+        if match:
+            pins[canonicalize_name(match[1])] = Version(match[2])
+    return pins
+
+
+def wanted() -> list[Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
+
+
+def test_every_dependency_is_pinned_inside_its_range():
+    pins = lock_pins()
+    assert len(pins) > 100  # the transitive closure, not only the direct dependencies
+    problems = []
+    for req in wanted():
+        pin = pins.get(canonicalize_name(req.name))
+        if pin is None:
+            problems.append(f"{req.name}: not in requirements.lock")
+        elif not req.specifier.contains(pin, prereleases=True):
+            problems.append(f"{req.name}=={pin} is outside pyproject.toml's {req.specifier}")
+    assert not problems, "run `make lock`: " + "; ".join(problems)
+
+
+def test_torch_is_the_cpu_wheel_and_no_cuda_package_is_locked():
+    pins = lock_pins()
+    assert str(pins["torch"]).endswith("+cpu")
+    assert not [name for name in pins if name.startswith("nvidia-")]
+
