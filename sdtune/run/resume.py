@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from sdtune.utils.errors import ConfigError
+from sdtune.utils.quoting import hydra_quote
 
 RUN_DIR_KEY = "hydra.run.dir"
 OVERRIDES = Path(".hydra") / "overrides.yaml"
@@ -52,14 +53,6 @@ def override_key(arg: str) -> str | None:
     if arg.startswith("-") or "=" not in arg:
         return None
     return arg.split("=", 1)[0].lstrip("+~")
-
-
-def hydra_quote(value: str) -> str:
-    """``value`` as a Hydra override value: as is when plain, else single-quoted with escapes
-    (a run folder like ``lora.rank=8,seed=1`` would otherwise be parsed as a list)."""
-    if all(c.isalnum() or c in "/._-:" for c in value):
-        return value
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def run_folder_of(value: str) -> Path | None:
