@@ -16,7 +16,9 @@ from pathlib import Path
 
 import yaml
 
+from data_pipeline.dj import load_data_juicer
 from data_pipeline.errors import PipelineError
+from data_pipeline.reasons import effective_params
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 DEFAULT_MODEL = "sd15"  # as training's default model
@@ -64,8 +66,6 @@ def load_recipe(path: str | os.PathLike) -> dict:
 
 def validate_recipe(recipe: dict, path: str | os.PathLike) -> None:
     """Check op names, parameter names and types with data-juicer's own preflight check."""
-    from data_pipeline.juicer import load_data_juicer
-
     load_data_juicer()  # registers sdtune's operators before the check
     from data_juicer.core.preflight import PipelineConfigError, pre_instantiation_check
 
@@ -98,8 +98,6 @@ def _as_number(value) -> float | None:
 
 def check_min_max(recipe: dict, path: str | os.PathLike) -> None:
     """Refuse an op whose ``min_X`` exceeds its ``max_X`` (e.g. ``min_ratio: 2.0, max_ratio: 0.5``)."""
-    from data_pipeline.reasons import effective_params
-
     for n, (name, params) in enumerate(op_list(recipe), 1):
         values = effective_params(name, params)
         for low_key in [k for k in values if k.startswith("min_")]:

@@ -16,7 +16,6 @@ import torch
 import sdtune.training.embeddings as token_embeddings
 from sdtune.data.latents import LatentStore
 from sdtune.data.masks import batch_mask
-from sdtune.data.prior import split_prior_loss
 from sdtune.data.sampler import skip_finished_batches
 from sdtune.data.text_cache import TextEmbeddingCache, TokenCache
 from sdtune.families import ModelParts, get_family
@@ -34,6 +33,7 @@ from sdtune.training.diffusion import (
     denoising_loss,
     latent_shape,
     sample_randomness,
+    split_prior_loss,
     validation_randomness,
 )
 from sdtune.training.ema import LoraEMA, exports_ema, start_ema
