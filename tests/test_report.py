@@ -98,7 +98,7 @@ def test_optuna_search_minimises_validation_loss(tmp_path):
 
 
 def test_smoothing_is_debiased_and_follows_the_trend():
-    from sdtune.report import smooth
+    from sdtune.run.plots import smooth
 
     assert smooth([2.0] * 50) == pytest.approx([2.0] * 50)  # no pull towards 0 at the start
     noisy = [1.0 / (1 + i / 20) + (0.3 if i % 2 else -0.3) for i in range(200)]
@@ -111,7 +111,7 @@ def test_smoothing_is_debiased_and_follows_the_trend():
 def test_every_run_writes_its_loss_plot(quickstart_run):
     from PIL import Image
 
-    from sdtune.report import read_metrics
+    from sdtune.run.plots import read_metrics
 
     train, val = read_metrics(quickstart_run / "logs" / "csv" / "metrics.csv")
     assert len(train) >= 5 and val  # what the plot draws

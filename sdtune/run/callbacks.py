@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sdtune.lora.adapters import base_weights
 from sdtune.lora.files import DEFAULT_FORMAT, FORMATS, run_header, save_lora
+from sdtune.run.plots import plot_run_loss, read_metrics
 from sdtune.training.ema import with_ema_facts
 from sdtune.training.embeddings import lora_trains
 from sdtune.training.stopping import AFTER_TRAINING, graceful_stop, writes_outputs
@@ -188,8 +189,6 @@ class LossPlot(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         if not writes_outputs(trainer):
             return
-        from sdtune.report import plot_run_loss, read_metrics
-
         for logger in trainer.loggers:
             logger.save()  # flush rows the CSV logger still holds
         train, val = read_metrics(self.metrics)
