@@ -21,7 +21,17 @@ from data_pipeline.errors import PipelineError
 from data_pipeline.reasons import effective_params
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
-DEFAULT_MODEL = "sd15"  # as training's default model
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def training_default_model() -> str:
+    """The model family training uses when none is given (``model:`` in conf/config.yaml's defaults):
+    the stage cleans for the same family unless told otherwise."""
+    defaults = yaml.safe_load((CONF / "config.yaml").read_text(encoding="utf-8"))["defaults"]
+    return next(d["model"] for d in defaults if isinstance(d, dict) and "model" in d)
+
+
+DEFAULT_MODEL = training_default_model()
 
 
 def model_recipe(model: str) -> Path:
@@ -30,7 +40,7 @@ def model_recipe(model: str) -> Path:
     if not path.is_file():
         shipped = sorted(p.stem for p in RECIPES.glob("*.yaml") if p.stem not in ("full", "ray"))
         raise PipelineError(f"no recipe for MODEL={model!r}; shipped: {', '.join(shipped)}. "
-                            "Fix: MODEL=sd15|sdxl|kolors, or name a recipe with RECIPE=<file>.")
+                            f"Fix: MODEL={'|'.join(shipped)}, or name a recipe with RECIPE=<file>.")
     return path
 
 

@@ -4,7 +4,7 @@ sdtune cases are wired as ``sdtune.run.train`` wires a run (module, datamodule f
 Trainer from the ``trainer`` config) with the bench's timing callback in place of the run's
 callbacks and loggers (checkpoints, LoRA export, sample grids, CSV/TensorBoard logs), since those
 write files rather than train. With ``bench.random_init`` the module gets random full-size parts
-(``arch.build_parts``) instead of loading ``model.path``.
+(``arch.build_random_parts``) instead of loading ``model.path``.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from sdtune.bench.measure import MemoryMeter, StepClock, batch_size_of, release_
 from sdtune.bench.reference import run_reference
 from sdtune.data import ImageCaptionDataModule
 from sdtune.families import ModelParts
-from sdtune.families.arch import build_parts
-from sdtune.families.builder import build_parts as build_base
-from sdtune.families.builder import model_source
+from sdtune.families.arch import build_random_parts
+from sdtune.families.builder import build_parts, model_source
 from sdtune.training.module import LoRATrainingModule
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ def trainer_kwargs(trainer_cfg: dict[str, Any], max_steps: int) -> dict[str, Any
 
 
 def random_parts(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) -> ModelParts:
-    return build_parts(cfg["model"]["family"], device=device, dtype=dtype, seed=int(cfg.get("seed", 0)))
+    return build_random_parts(cfg["model"]["family"], device=device, dtype=dtype, seed=int(cfg.get("seed", 0)))
 
 
 def run_sdtune(cfg: dict[str, Any], records, *, device: torch.device, steps: int, clock: StepClock,
@@ -92,7 +91,7 @@ def load_reference_parts(cfg: dict[str, Any], device: torch.device, random_init:
     dtype = WEIGHT_DTYPES.get(str(cfg["trainer"].get("precision", "32")), torch.float32)
     if random_init:
         return random_parts(cfg, device, dtype)
-    return build_base(cfg["model"], dtype=dtype)[1]  # the loader sdtune uses (a tiny model is built if needed)
+    return build_parts(cfg["model"], dtype=dtype)[1]  # the loader sdtune uses (a tiny model is built if needed)
 
 
 def run_case(case: Case, cfg: dict[str, Any], records, *, device: torch.device, warmup: int, steps: int,

@@ -28,6 +28,7 @@ from sdtune.data.images import CropInfo, plan_crop
 from sdtune.data.records import CHECK_THREADS, _listing, dataset_root
 from sdtune.utils.errors import DataError
 from sdtune.utils.formats import IMAGE_SUFFIXES
+from sdtune.utils.io import file_sha256
 
 log = logging.getLogger(__name__)
 #: A record's mask: ("file", mask path), ("alpha", image path) or None (trains unmasked).
@@ -196,8 +197,6 @@ def batch_mask(batch: dict, latent_size: tuple[int, int]) -> torch.Tensor | None
 def mask_digest(source: MaskSource) -> str:
     """What a cached latent's mask depends on: the mask file's content (the alpha channel is part of
     the image, whose hash the cache key already holds)."""
-    from sdtune.data.latents import file_sha256
-
     if source is None:
         return "unmasked"
     kind, path = source

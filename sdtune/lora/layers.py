@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from sdtune.families import ModelFamily
 from sdtune.lora.adapters import ADAPTER_TYPES, is_adapter_key, strip_adapter_name
 from sdtune.lora.adapters import peft_config as adapter_config
 from sdtune.utils.errors import ConfigError
@@ -53,6 +54,15 @@ def spec_from_config(lora_cfg: Mapping[str, Any], default_targets: tuple[str, ..
         type=str(lora_cfg.get("type") or "lora"),
         use_dora=bool(lora_cfg.get("use_dora", False)),
     )
+
+
+def text_encoder_spec(cfg: Mapping[str, Any], family: ModelFamily) -> LoraSpec | None:
+    """The text-encoder LoRA of run config ``cfg`` (``lora.text_encoder``), None when it is off; its
+    targets default to the family's (written into every LoRA header, so kept beside the UNet's spec)."""
+    te = (cfg.get("lora") or {}).get("text_encoder")
+    if not te:
+        return None
+    return spec_from_config(te, family.default_text_encoder_lora_targets)
 
 
 def peft_config(spec: LoraSpec, *, dropout: float = 0.0, init: str | bool = "gaussian"):

@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 from sdtune.config.validate import CONF_DIR, register_resolvers
 from sdtune.families import get_family
 from sdtune.families.builder import build_parts
-from sdtune.generate import infotext
 from sdtune.inference.loading import LoraRef, apply_loras, base_model_config, check_families, pick_device, read_loras
 from sdtune.lora.apply import activate
 from sdtune.morph.inputs import check_inputs, load_image, resolve_prompts
@@ -45,6 +44,7 @@ from sdtune.morph.inversion import (
 from sdtune.morph.outputs import morph_record, reconstruction, write_animations, write_record, write_strip
 from sdtune.utils.console import tidy_console
 from sdtune.utils.errors import ConfigError, exit_on_user_error
+from sdtune.utils.infotext import infotext
 from sdtune.utils.io import save_image_atomic
 
 register_resolvers()

@@ -25,6 +25,7 @@ from sdtune.lora.layers import (
     live_lora_state,
     named_trainable_lora_parameters,
     spec_from_config,
+    text_encoder_spec,
     trainable_lora_parameters,
 )
 from sdtune.training.checkpointing import keep_lora_only
@@ -45,7 +46,6 @@ from sdtune.training.text_encoders import (
     inject_text_encoders,
     spec_dict,
     text_encoder_param_group,
-    text_encoder_spec,
     text_encoder_state,
     text_grad,
 )
