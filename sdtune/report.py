@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
+from sdtune.evaluation.config import higher_is_better
 from sdtune.inference.sampling import make_grid
 from sdtune.run.plots import pyplot, read_metrics, save_figure
 from sdtune.utils.io import save_image_atomic, write_text_atomic
@@ -144,8 +145,6 @@ def samples_grid(runs: list[Run], swept: list[str], path: Path) -> bool:
 def rank_rows(rows: list[dict], metric: str) -> list[dict]:
     """``rows`` best first by ``metric`` (similarities descending, losses and distances ascending),
     numbered in a ``rank`` column; runs without the metric last."""
-    from sdtune.evaluation.config import higher_is_better
-
     if not any(r.get(metric) is not None for r in rows):
         known = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))})
         raise SystemExit(f"error: --sort {metric}: no run has that metric; sortable: {', '.join(known)}")

@@ -26,6 +26,8 @@ from sdtune.families import ModelParts
 from sdtune.families.arch import build_random_parts
 from sdtune.families.builder import build_parts, model_source
 from sdtune.training.module import LoRATrainingModule
+from sdtune.training.trainable import WEIGHT_DTYPES
+from sdtune.utils.io import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +88,6 @@ def run_sdtune(cfg: dict[str, Any], records, *, device: torch.device, steps: int
 
 def load_reference_parts(cfg: dict[str, Any], device: torch.device, random_init: bool) -> ModelParts:
     """The same base model sdtune loads: the same loader, or the same random architecture."""
-    from sdtune.training.trainable import WEIGHT_DTYPES
-
     dtype = WEIGHT_DTYPES.get(str(cfg["trainer"].get("precision", "32")), torch.float32)
     if random_init:
         return random_parts(cfg, device, dtype)
@@ -143,6 +143,5 @@ def profile_case(case: Case, cfg: dict[str, Any], records, *, device: torch.devi
     text.write(f"cProfile of {case.name} ({steps} steps, model loading included)\n")
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumulative").print_stats(top)
-    from sdtune.utils.io import write_text_atomic
 
     write_text_atomic(out, text.getvalue())

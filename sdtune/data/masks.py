@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from sdtune.data.images import CropInfo, plan_crop
+from sdtune.data.images import CropInfo, image_size, plan_crop
 from sdtune.data.records import CHECK_THREADS, _listing, dataset_root
 from sdtune.utils.errors import DataError
 from sdtune.utils.formats import IMAGE_SUFFIXES
@@ -98,8 +98,6 @@ def _read_mask(source: tuple[str, Path]) -> Image.Image:
 
 def _mask_state(record, source: MaskSource) -> tuple[str | None, bool]:
     """(why ``source`` cannot mask ``record``'s image, or None; whether the mask is all zero)."""
-    from sdtune.data.images import image_size
-
     if source is None:
         return None, False
     try:

@@ -19,6 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from sdtune.config.validate import ROOT
+from sdtune.families import get_family
 from sdtune.utils.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -31,8 +33,6 @@ _MARKER = "sdtune_tiny.json"
 def tiny_cache_root() -> Path:
     """The only folder tiny models are ever built in: ``$SDTUNE_CACHE``, else ``<repo>/.cache``
     (the same rule as ``paths.cache_dir`` in ``conf/paths/default.yaml``)."""
-    from sdtune.config.validate import ROOT
-
     return Path(os.path.realpath(os.environ.get("SDTUNE_CACHE") or ROOT / ".cache"))
 
 
@@ -62,7 +62,6 @@ def ensure_tiny_model(family: str, folder: str | os.PathLike) -> Path:
     marker = read_marker(folder)
     if marker == expected:
         return folder
-    from sdtune.families import get_family
 
     builder = get_family(family).build_tiny  # an unknown family fails here, naming the known ones
     if folder.exists() and (marker is None or not folder.is_dir()) and not _is_empty_dir(folder):

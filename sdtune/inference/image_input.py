@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from sdtune.data.images import load_rgb
+from sdtune.families.source import _looks_local, check_weights
 from sdtune.utils.errors import ConfigError, ModelLoadError
 from sdtune.utils.io import file_sha256
 
@@ -181,8 +182,6 @@ def check_controlnet(path: str) -> None:
     (config.json whose ``_class_name`` is ControlNetModel, and its weights), or a hub id that can be
     reached or is in the local hub cache. A whole pipeline, a UNet, a single file or a missing path
     is a :class:`ModelLoadError` that says what it is and what is needed."""
-    from sdtune.families.source import _looks_local
-
     local = Path(path).expanduser()
     if not local.exists():
         if _looks_local(path):
@@ -239,8 +238,6 @@ def load_controlnet(path: str, *, dtype: torch.dtype, unet: torch.nn.Module, all
     """``ControlNetModel.from_pretrained(path)`` in ``dtype``, checked to fit ``unet``'s base; pickle
     weights only with ``allow_pickle`` (the user's ``model.allow_pickle=true``)."""
     from diffusers import ControlNetModel
-
-    from sdtune.families.source import check_weights
 
     fix = CONTROLNET_FIX
     check_controlnet(path)

@@ -42,6 +42,7 @@ from sdtune.morph.inversion import (
     slerp,
 )
 from sdtune.morph.outputs import morph_record, reconstruction, write_animations, write_record, write_strip
+from sdtune.morph.train import train_single_loras, training_config
 from sdtune.utils.console import tidy_console
 from sdtune.utils.errors import ConfigError, exit_on_user_error
 from sdtune.utils.infotext import infotext
@@ -64,7 +65,6 @@ def _base_model(cfg: DictConfig, refs: list[LoraRef], loras) -> dict:
     model the training preset composes (``train_overrides`` may name it)."""
     if refs or cfg.get("model"):
         return base_model_config(cfg.get("model"), refs, loras)
-    from sdtune.morph.train import training_config
 
     composed = training_config(list(cfg.train_overrides or []), data_root=Path("."), run_dir=Path("."), seed=0)
     return dict(OmegaConf.to_container(composed.model, resolve=True))
@@ -88,8 +88,6 @@ def morph(cfg: DictConfig, out_dir: Path) -> list[Path]:
     device = pick_device(cfg.device)
     trained = []
     if inputs.train:
-        from sdtune.morph.train import train_single_loras
-
         paths = train_single_loras(images, prompts, out_dir, overrides=list(cfg.train_overrides or []),
                                    seed=int(cfg.seed), model=model_cfg, cpu=device.type == "cpu")
         trained = [str(p.parent) for p in paths]

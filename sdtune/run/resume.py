@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from sdtune.config.validate import CONF_DIR
 from sdtune.utils.errors import ConfigError
 from sdtune.utils.quoting import hydra_quote
 
@@ -176,6 +177,8 @@ def _interpolated_model_path(key: str, value: Any) -> str | None:
 
 def _pickle_in_folder(text: str, run: Path) -> bool:
     """Whether ``text``, read as a path, names pickle weights inside the run folder ``run``."""
+    # deferred: the sdtune.families package (torch, diffusers: seconds); resume_argv runs before Hydra
+    # on every `python -m sdtune`, and only a replayed path needs this
     from sdtune.families.source import PICKLE_SUFFIXES, pickle_weights
 
     for ref in _RUN_FOLDER_REFS:
@@ -191,8 +194,6 @@ def _pickle_in_folder(text: str, run: Path) -> bool:
 
 
 def _group(key: str) -> Path | None:
-    from sdtune.config.validate import CONF_DIR
-
     folder = CONF_DIR / key.replace(".", "/")
     return folder if key and folder.is_dir() else None
 

@@ -21,6 +21,11 @@ from pathlib import Path
 
 import torch
 
+from sdtune.config.validate import ROOT
+from sdtune.inference.sampling import make_grid
+from sdtune.toy.domain import Scene, render
+from sdtune.utils.io import save_image_atomic
+
 #: The toy base of the README picture and its prompt and input scene.
 PICTURE_BASE = "models/toy/sd15"
 PICTURE_PROMPT = "a red circle on a blue background"
@@ -50,8 +55,6 @@ def build_toy_controlnet(base: str | Path, out: str | Path, *, seed: int = 0, st
 
 def input_scene(side: int = 64):
     """The picture the README redraws: a green square on a yellow ground (the prompt asks for a red circle on blue)."""
-    from sdtune.toy.domain import Scene, render
-
     return render(Scene("square", "green", "yellow", size=0.3), side=side)
 
 
@@ -62,10 +65,6 @@ def make_picture(target: str | Path, *, steps: int = 20) -> Path:
     scale, in a child process: toy/ sits below the commands and imports none of them), so the
     picture shows what the command does."""
     from PIL import Image
-
-    from sdtune.config.validate import ROOT
-    from sdtune.inference.sampling import make_grid
-    from sdtune.utils.io import save_image_atomic
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -93,8 +92,6 @@ def make_picture(target: str | Path, *, steps: int = 20) -> Path:
 
 def default_base() -> Path:
     """The toy sd15 base, found from this package's own location (so the command works from any folder)."""
-    from sdtune.config.validate import ROOT
-
     return ROOT / PICTURE_BASE
 
 
