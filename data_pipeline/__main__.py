@@ -12,7 +12,9 @@ import argparse
 import sys
 
 from data_pipeline.errors import PipelineError
+from data_pipeline.lifeline import Lifeline
 from data_pipeline.recipe import DEFAULT_MODEL, model_recipe
+from data_pipeline.runner import NothingKept, format_table, run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
         except PipelineError as err:
             print(f"error: {err}", file=sys.stderr)
             return err.code
-    from data_pipeline.lifeline import Lifeline
-    from data_pipeline.runner import NothingKept, format_table, run
 
     with Lifeline(args.out) as lifeline:
         try:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from data_pipeline.dj import load_data_juicer
 from data_pipeline.errors import RUN_EXIT, PipelineError
 from data_pipeline.recipe import build_config
 
@@ -63,22 +64,6 @@ def _data_juicer_logging(log_file: Path, verbose: bool):
         datasets.logging.set_verbosity(ds_level)
         for handler in handlers:
             logger.remove(handler)
-
-
-def load_data_juicer() -> None:
-    """Import data-juicer and register sdtune's ops, undoing the import's global Pillow change.
-
-    ``import data_juicer`` sets ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` for the whole process;
-    the stage already drops truncated files, and whoever else uses Pillow here keeps its default.
-    """
-    from PIL import ImageFile
-
-    before = ImageFile.LOAD_TRUNCATED_IMAGES
-    import data_juicer  # noqa: F401
-
-    from data_pipeline import ops  # noqa: F401
-
-    ImageFile.LOAD_TRUNCATED_IMAGES = before
 
 
 @contextlib.contextmanager

@@ -16,10 +16,22 @@ from pathlib import Path
 
 import yaml
 
+from data_pipeline.dj import load_data_juicer
 from data_pipeline.errors import PipelineError
+from data_pipeline.reasons import effective_params
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
-DEFAULT_MODEL = "sd15"  # as training's default model
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def training_default_model() -> str:
+    """The model family training uses when none is given (``model:`` in conf/config.yaml's defaults):
+    the stage cleans for the same family unless told otherwise."""
+    defaults = yaml.safe_load((CONF / "config.yaml").read_text(encoding="utf-8"))["defaults"]
+    return next(d["model"] for d in defaults if isinstance(d, dict) and "model" in d)
+
+
+DEFAULT_MODEL = training_default_model()
 
 
 def model_recipe(model: str) -> Path:
@@ -28,7 +40,7 @@ def model_recipe(model: str) -> Path:
     if not path.is_file():
         shipped = sorted(p.stem for p in RECIPES.glob("*.yaml") if p.stem not in ("full", "ray"))
         raise PipelineError(f"no recipe for MODEL={model!r}; shipped: {', '.join(shipped)}. "
-                            "Fix: MODEL=sd15|sdxl|kolors, or name a recipe with RECIPE=<file>.")
+                            f"Fix: MODEL={'|'.join(shipped)}, or name a recipe with RECIPE=<file>.")
     return path
 
 
@@ -64,8 +76,6 @@ def load_recipe(path: str | os.PathLike) -> dict:
 
 def validate_recipe(recipe: dict, path: str | os.PathLike) -> None:
     """Check op names, parameter names and types with data-juicer's own preflight check."""
-    from data_pipeline.juicer import load_data_juicer
-
     load_data_juicer()  # registers sdtune's operators before the check
     from data_juicer.core.preflight import PipelineConfigError, pre_instantiation_check
 
@@ -98,8 +108,6 @@ def _as_number(value) -> float | None:
 
 def check_min_max(recipe: dict, path: str | os.PathLike) -> None:
     """Refuse an op whose ``min_X`` exceeds its ``max_X`` (e.g. ``min_ratio: 2.0, max_ratio: 0.5``)."""
-    from data_pipeline.reasons import effective_params
-
     for n, (name, params) in enumerate(op_list(recipe), 1):
         values = effective_params(name, params)
         for low_key in [k for k in values if k.startswith("min_")]:

@@ -15,6 +15,8 @@ from omegaconf import DictConfig
 from sdtune.config.overrides import expand_home, normalize_overrides
 from sdtune.config.paths import CONF_DIR
 from sdtune.config.resolvers import register_resolvers
+from sdtune.run.folder import output_dir_problem
+from sdtune.run.resume import resume_argv
 from sdtune.utils.errors import exit_on_user_error
 
 register_resolvers()
@@ -24,7 +26,9 @@ register_resolvers()
 # (tests, other tools) rather than run with -m.
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from sdtune.run.train import train  # heavy imports only once Hydra has parsed the command line
+    # deferred: torch, Lightning, diffusers and the training stack (seconds), until Hydra has parsed the
+    # command line, so --help and --cfg job answer at once
+    from sdtune.run.train import train
 
     with exit_on_user_error():
         metrics = train(cfg, HydraConfig.get().runtime.output_dir)
@@ -57,9 +61,6 @@ def optimized_value(name: str | None, metrics: dict[str, float]) -> float | None
 
 def cli() -> None:
     """The command: check that the run folder can be written before Hydra tries to make it."""
-    from sdtune.run.folder import output_dir_problem
-    from sdtune.run.resume import resume_argv
-
     with exit_on_user_error():  # ckpt_path=<run>: that run's own overrides first (vetted: a folder may be shared)
         sys.argv[1:] = resume_argv(expand_home(sys.argv[1:]))
     problem = output_dir_problem(sys.argv[1:], default_root=Path.cwd() / "outputs")

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from sdtune.families import FAMILIES, get_family
+from sdtune.families.arch import architecture
 from sdtune.lora.adapters import NAMES, base_weights_from, dora_as_lora, kind_of, module_of
 from sdtune.lora.checks import TEXT_ENCODER_KEYS, check_finite, check_tensors_match, first_line
 from sdtune.lora.files import DEFAULT_FORMAT, FORMATS, LoraHeader, read_lora, run_header, save_lora
@@ -157,8 +158,6 @@ def export_lora(lora_path: str | Path, out: str | Path, *, format: str, family: 
 
 
 def _standard_unet_config(family: str) -> dict[str, Any]:
-    from sdtune.families.arch import architecture
-
     return architecture(family)["unet"]
 
 

@@ -25,13 +25,11 @@ from tqdm.auto import tqdm
 from sdtune.config.paths import CONF_DIR
 from sdtune.config.resolvers import register_resolvers
 from sdtune.config.values import guidance as check_guidance
-from sdtune.data.latents import file_sha256
 from sdtune.families import get_family
 from sdtune.families.builder import build_parts
 from sdtune.families.source import check_weights
 from sdtune.inference.image_input import (
     draw,
-    infotext_fields,
     load_controlnet,
     parse_image_input,
     prepare_pictures,
@@ -50,7 +48,8 @@ from sdtune.lora.apply import set_enabled
 from sdtune.run.embedding_files import load_embeddings, parse_embeddings, read_embeddings
 from sdtune.utils.console import tidy_console
 from sdtune.utils.errors import ConfigError, exit_on_user_error
-from sdtune.utils.io import save_image_atomic, write_text_atomic
+from sdtune.utils.infotext import infotext
+from sdtune.utils.io import file_sha256, save_image_atomic, tensor_sha256, write_text_atomic
 
 register_resolvers()
 log = logging.getLogger(__name__)
@@ -136,39 +135,6 @@ def generation_record(cfg: DictConfig, model_cfg: dict, refs, seeds: list[int], 
                    "tensor_sha256": tensor_sha256(r.path)} for r in refs],
         **(image_input or {}),
     }
-
-
-def tensor_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a .safetensors file's tensor bytes (after its header): what A1111 and model sites
-    show as a LoRA's hash ("addnet" hash; the first 12 digits in ``Lora hashes``), so it does not
-    change when only the header does."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        fh.seek(8 + int.from_bytes(fh.read(8), "little"))
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def infotext(record: dict, seed: int, *, loras_on: bool = True) -> str:
-    """A1111's ``parameters`` text for one image: prompt (with ``<lora:name:weight>`` tags, as A1111
-    writes and reads them), negative prompt, then the settings line."""
-    loras = record["loras"] if loras_on else []
-    prompt = " ".join([str(record["prompt"]), *(f"<lora:{Path(lo['path']).stem}:{lo['weight']:g}>" for lo in loras)])
-    lines = [prompt]
-    if record["negative_prompt"]:
-        lines.append(f"Negative prompt: {record['negative_prompt']}")
-    width, height = record["size"]
-    settings = [f"Steps: {record['steps']}", f"Sampler: {record['sampler']}", f"CFG scale: {record['guidance']:g}",
-                f"Seed: {seed}", f"Size: {width}x{height}", f"Model: {Path(str(record['model']['path'])).name}",
-                *infotext_fields(record)]
-    if loras:
-        hashes = ", ".join(f"{Path(lo['path']).stem}: {lo['tensor_sha256'][:12]}" for lo in loras)
-        settings.append(f'Lora hashes: "{hashes}"')
-    lines.append(", ".join([*settings, "Version: sdtune"]))
-    return "\n".join(lines)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")

@@ -26,7 +26,9 @@ import yaml
 from PIL import Image
 
 from sdtune.inference.sampling import make_grid
-from sdtune.utils.io import atomic_path, save_image_atomic, write_text_atomic
+from sdtune.run.plots import pyplot, read_metrics, save_figure
+from sdtune.utils.io import save_image_atomic, write_text_atomic
+from sdtune.utils.metrics import higher_is_better
 
 COLUMNS = ["final_train_loss", "min_train_loss", "final_val_loss", "trainable_params", "lora_bytes", "steps_per_second", "wall_seconds"]
 
@@ -55,20 +57,6 @@ class Run:
         """The last evaluation against reference images (``summary.json``'s ``eval.final``), by metric name."""
         final = (self.summary.get("eval") or {}).get("final") or {}
         return {k: v for k, v in final.items() if k.startswith("eval/")}
-
-
-def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    train, val = [], []
-    if not path.is_file():
-        return train, val
-    with open(path, newline="", encoding="utf-8") as fh:
-        for rec in csv.DictReader(fh):
-            step = int(rec["step"])
-            if rec.get("train/loss_step"):
-                train.append((step, float(rec["train/loss_step"])))
-            if rec.get("val/loss"):
-                val.append((step, float(rec["val/loss"])))
-    return train, val
 
 
 def load_runs(sweep: Path) -> list[Run]:
@@ -117,12 +105,7 @@ def write_table(rows: list[dict], out: Path) -> None:
 
 
 def plot_losses(runs: list[Run], swept: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(8, 5), dpi=100)
     for i, run in enumerate(runs):
         label = ", ".join(f"{k}={run.overrides.get(k)}" for k in swept) or run.name
         colour = f"C{i % 10}"
@@ -136,49 +119,7 @@ def plot_losses(runs: list[Run], swept: list[str], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
-def smooth(values: list[float], weight: float | None = None) -> list[float]:
-    """TensorBoard-style exponential smoothing, debiased so the first points are not pulled to 0.
-
-    The default weight grows with the number of points (0.6 for 10, 0.9 for 100, 0.97 for 1000).
-    """
-    if weight is None:
-        weight = min(0.97, max(0.0, 1.0 - 4.0 / max(len(values), 1)))
-    out, avg = [], 0.0
-    for i, v in enumerate(values, 1):
-        avg = weight * avg + (1 - weight) * v
-        out.append(avg / (1 - weight**i) if weight else v)
-    return out
-
-
-def plot_run_loss(train: list[tuple[int, float]], val: list[tuple[int, float]], path: Path, title: str = "loss") -> None:
-    """One run's loss: raw train loss faint, smoothed solid, validation loss as dots."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        steps, values = zip(*train)
-        ax.plot(steps, values, color="C0", alpha=0.25, linewidth=0.8, label="train loss")
-        ax.plot(steps, smooth(list(values)), color="C0", linewidth=1.8, label="train loss (smoothed)")
-    if val:
-        ax.plot(*zip(*val), color="C1", marker="o", markersize=4, linewidth=1.2, label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if train or val:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def samples_grid(runs: list[Run], swept: list[str], path: Path) -> bool:
@@ -204,8 +145,6 @@ def samples_grid(runs: list[Run], swept: list[str], path: Path) -> bool:
 def rank_rows(rows: list[dict], metric: str) -> list[dict]:
     """``rows`` best first by ``metric`` (similarities descending, losses and distances ascending),
     numbered in a ``rank`` column; runs without the metric last."""
-    from sdtune.evaluation.config import higher_is_better
-
     if not any(r.get(metric) is not None for r in rows):
         known = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))})
         raise SystemExit(f"error: --sort {metric}: no run has that metric; sortable: {', '.join(known)}")

@@ -99,7 +99,7 @@ def test_optuna_search_minimises_validation_loss(tmp_path):
 
 
 def test_smoothing_is_debiased_and_follows_the_trend():
-    from sdtune.report import smooth
+    from sdtune.run.plots import smooth
 
     assert smooth([2.0] * 50) == pytest.approx([2.0] * 50)  # no pull towards 0 at the start
     noisy = [1.0 / (1 + i / 20) + (0.3 if i % 2 else -0.3) for i in range(200)]

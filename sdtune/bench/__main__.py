@@ -20,7 +20,8 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench")
 def main(cfg: DictConfig) -> None:
-    from sdtune.bench.suite import run_bench  # heavy imports only once Hydra has parsed the command line
+    # deferred: torch, Lightning and the models (seconds), until Hydra has parsed the command line (--help, --cfg job)
+    from sdtune.bench.suite import run_bench
 
     hydra_cfg = HydraConfig.get()
     with exit_on_user_error():

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtune.utils.errors import ConfigError
+from sdtune.utils.io import atomic_path
 
 BEGIN = "<!-- bench:gpu-rows:begin -->"
 END = "<!-- bench:gpu-rows:end -->"
@@ -96,8 +97,6 @@ def read_text(path: str | os.PathLike) -> str:
 
 def write_row(path: str | os.PathLike, row: Mapping[str, Any]) -> None:
     """Replace ``row``'s preset row of the GPU table in ``path`` (atomically)."""
-    from sdtune.utils.io import atomic_path
-
     path = Path(path)
     text = update_rows(read_text(path), row, source=str(path))
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:

@@ -19,7 +19,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sdtune.families import get_family
-from sdtune.families.arch import architecture, build_parts
+from sdtune.families.arch import architecture, build_random_parts
+from sdtune.training.module import LoRATrainingModule
 
 
 def _batch_geometry(batch: dict[str, Any], vae_factor: int) -> tuple[int, int, int]:
@@ -37,14 +38,12 @@ def count_step_flops(cfg: dict[str, Any], batch: dict[str, Any], *, folder: str 
     ``folder`` is a diffusers folder whose configs describe the model (the tiny models); None uses
     the shipped full-size configs. Returns ``{"fwd": ..., "fwd_bwd": ..., "images": B}``.
     """
-    from sdtune.training.module import LoRATrainingModule
-
     cfg = copy.deepcopy(cfg)
     cfg["train"]["gradient_checkpointing"] = False
     cfg["speed"] = {**(cfg.get("speed") or {}), "compile": False, "attention": "sdpa", "channels_last": False}
     family = get_family(cfg["model"]["family"])
     module = LoRATrainingModule(cfg)
-    module.attach(build_parts(family, device="meta", dtype=module.weight_dtype, folder=folder))
+    module.attach(build_random_parts(family, device="meta", dtype=module.weight_dtype, folder=folder))
     arch = architecture(family, folder)
     vae_factor = 2 ** (len(arch["vae"]["block_out_channels"]) - 1)
     images, h, w = _batch_geometry(batch, vae_factor)

@@ -4,7 +4,7 @@ sdtune cases are wired as ``sdtune.run.train`` wires a run (module, datamodule f
 Trainer from the ``trainer`` config) with the bench's timing callback in place of the run's
 callbacks and loggers (checkpoints, LoRA export, sample grids, CSV/TensorBoard logs), since those
 write files rather than train. With ``bench.random_init`` the module gets random full-size parts
-(``arch.build_parts``) instead of loading ``model.path``.
+(``arch.build_random_parts``) instead of loading ``model.path``.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from sdtune.bench.measure import MemoryMeter, StepClock, batch_size_of, release_
 from sdtune.bench.reference import run_reference
 from sdtune.data import ImageCaptionDataModule
 from sdtune.families import ModelParts
-from sdtune.families.arch import build_parts
-from sdtune.families.builder import build_parts as build_base
-from sdtune.families.builder import model_source
+from sdtune.families.arch import build_random_parts
+from sdtune.families.builder import build_parts, model_source
 from sdtune.training.module import LoRATrainingModule
+from sdtune.training.trainable import WEIGHT_DTYPES
+from sdtune.utils.io import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def trainer_kwargs(trainer_cfg: dict[str, Any], max_steps: int) -> dict[str, Any
 
 
 def random_parts(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) -> ModelParts:
-    return build_parts(cfg["model"]["family"], device=device, dtype=dtype, seed=int(cfg.get("seed", 0)))
+    return build_random_parts(cfg["model"]["family"], device=device, dtype=dtype, seed=int(cfg.get("seed", 0)))
 
 
 def run_sdtune(cfg: dict[str, Any], records, *, device: torch.device, steps: int, clock: StepClock,
@@ -87,12 +88,10 @@ def run_sdtune(cfg: dict[str, Any], records, *, device: torch.device, steps: int
 
 def load_reference_parts(cfg: dict[str, Any], device: torch.device, random_init: bool) -> ModelParts:
     """The same base model sdtune loads: the same loader, or the same random architecture."""
-    from sdtune.training.trainable import WEIGHT_DTYPES
-
     dtype = WEIGHT_DTYPES.get(str(cfg["trainer"].get("precision", "32")), torch.float32)
     if random_init:
         return random_parts(cfg, device, dtype)
-    return build_base(cfg["model"], dtype=dtype)[1]  # the loader sdtune uses (a tiny model is built if needed)
+    return build_parts(cfg["model"], dtype=dtype)[1]  # the loader sdtune uses (a tiny model is built if needed)
 
 
 def run_case(case: Case, cfg: dict[str, Any], records, *, device: torch.device, warmup: int, steps: int,
@@ -144,6 +143,5 @@ def profile_case(case: Case, cfg: dict[str, Any], records, *, device: torch.devi
     text.write(f"cProfile of {case.name} ({steps} steps, model loading included)\n")
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumulative").print_stats(top)
-    from sdtune.utils.io import write_text_atomic
 
     write_text_atomic(out, text.getvalue())

@@ -27,6 +27,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from sdtune.config.paths import ROOT
+from sdtune.families.sd15 import SD15
+from sdtune.families.tiny import ensure_tiny_model, tiny_cache_root
+
 PLAIN = """
 import sys, torch, torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -75,13 +79,10 @@ def cpu_seconds(cmd: list[str], cwd: Path) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sdtune.config.paths import ROOT
-    from sdtune.families.tiny import ensure_tiny_model, tiny_cache_root
-
     parser = argparse.ArgumentParser(prog="python -m sdtune.bench.startup", description=__doc__.partition("\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args(argv)
-    folder = ensure_tiny_model("sd15", tiny_cache_root() / "tiny-sd15")
+    folder = ensure_tiny_model(SD15.name, tiny_cache_root() / f"tiny-{SD15.name}")  # what model=tiny loads; PLAIN is SD1.5's
     results: dict[str, list[tuple[float, float]]] = {"plain": [], LIGHTNING: [], "sdtune": []}
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "plain.py"

@@ -38,6 +38,7 @@ from sdtune.bench.measure import Timing, matmul_peak
 from sdtune.bench.runner import first_batch, profile_case, run_case
 from sdtune.bench.table import check_targets, make_row, to_console, to_csv, to_markdown
 from sdtune.data import load_records
+from sdtune.families.builder import model_source
 from sdtune.inference.loading import pick_device
 from sdtune.run.checks import validate
 from sdtune.utils.errors import ConfigError
@@ -73,7 +74,6 @@ def model_folder(cfg: dict[str, Any], random_init: bool) -> str | None:
     """Where FLOP counting reads the architecture: a tiny/local diffusers folder, or None (shipped configs)."""
     if random_init:
         return None
-    from sdtune.families.builder import model_source
 
     source = model_source(cfg["model"])
     return source if Path(source, "unet", "config.json").is_file() else None

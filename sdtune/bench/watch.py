@@ -29,7 +29,12 @@ import lightning as L
 import torch
 
 from sdtune.bench.measure import MemoryMeter, StepClock, release_memory
+from sdtune.bench.runner import run_sdtune
+from sdtune.config.paths import CONF_DIR
+from sdtune.config.resolvers import register_resolvers
+from sdtune.data import load_records
 from sdtune.lora.layers import named_trainable_lora_parameters
+from sdtune.run.checks import validate
 
 #: Frozen tensors hashed per model: the first, middle and last of its parameters.
 PICKS = 3
@@ -137,9 +142,6 @@ class Watch(L.Callback):
 def watched_run(cfg: dict[str, Any], *, device: str | torch.device, steps: int, random_init: bool,
                 root_dir: str | Path) -> Report:
     """Train ``steps`` steps of ``cfg`` (a composed bench config, see :func:`compose`) and report."""
-    from sdtune.bench.runner import run_sdtune
-    from sdtune.data import load_records
-
     device = torch.device(device)
     report = Report()
     meter, clock = MemoryMeter(device), StepClock(device)
@@ -162,10 +164,6 @@ def compose(*overrides: str, output_dir: str | Path) -> dict[str, Any]:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
-
-    from sdtune.config.paths import CONF_DIR
-    from sdtune.config.resolvers import register_resolvers
-    from sdtune.run.checks import validate
 
     register_resolvers()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

@@ -25,12 +25,13 @@ from torch.utils.data import DataLoader, Dataset
 from sdtune.data.buckets import Size, assign_buckets
 from sdtune.data.cache_memory import CacheMemory
 from sdtune.data.captions import CaptionOptions, process_caption
+from sdtune.data.collate import collate, collate_prior
 from sdtune.data.images import load_rgb, plan_crop, record_size, resize_and_crop, to_tensor
 from sdtune.data.latent_fill import hold_latents, prepare_latents
 from sdtune.data.latents import LatentCache, LatentStore
 from sdtune.data.loader import loader_settings
 from sdtune.data.masks import MaskSource, load_mask, transform_mask
-from sdtune.data.prior import PriorPreservationDataset, collate_prior
+from sdtune.data.prior import PriorPreservationDataset
 from sdtune.data.records import Record, dataset_root
 from sdtune.data.sampler import TrainBatchSampler
 from sdtune.utils.errors import DataError
@@ -202,21 +203,6 @@ class ValidationView(Dataset):
     def __getitem__(self, item: int) -> dict[str, Any]:
         r = self.records[item]
         return self.train.sample(r, False, self.train.records[r].text, seed=item)
-
-
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    batch: dict[str, Any] = {"text": [s["text"] for s in samples]}
-    if "latent_index" in samples[0]:  # a device-held latent store: the module gathers these rows
-        groups = {s["latent_index"][0] for s in samples}
-        if len(groups) != 1:
-            raise ValueError(f"a batch mixes cached latents of different shapes (store groups {sorted(groups)})")
-        batch["latent_group"] = groups.pop()  # a host int: choosing the group never syncs with the device
-        batch["latent_row"] = torch.tensor([s["latent_index"][1] for s in samples])
-    for key in ("pixel_values", "latent_params", "mask", "latent_mask", "seed", "original_size", "crop_top_left",
-                "target_size"):
-        if key in samples[0]:
-            batch[key] = torch.stack([s[key] for s in samples])
-    return batch
 
 
 class ImageCaptionDataModule(L.LightningDataModule):

@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 from sdtune.data.buckets import Size
 from sdtune.data.cache_memory import CacheMemory
 from sdtune.data.images import record_size
-from sdtune.data.latents import LatentCache, LatentStore, check_cacheable, file_sha256
+from sdtune.data.latents import LatentCache, LatentStore, check_cacheable
 from sdtune.data.masks import mask_digest, to_latent_grid
+from sdtune.utils.io import file_sha256
 
 
 @torch.no_grad()

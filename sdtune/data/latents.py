@@ -36,14 +36,6 @@ def check_cacheable(center_crop: bool) -> None:
         )
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class LatentCache:
     def __init__(self, folder: str | Path, model_key: str):
         self.folder = Path(folder)

@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from sdtune.data.images import CropInfo, plan_crop
+from sdtune.data.images import CropInfo, image_size, plan_crop
 from sdtune.data.records import CHECK_THREADS, _listing, dataset_root
 from sdtune.utils.errors import DataError
 from sdtune.utils.formats import IMAGE_SUFFIXES
+from sdtune.utils.io import file_sha256
 
 log = logging.getLogger(__name__)
 #: A record's mask: ("file", mask path), ("alpha", image path) or None (trains unmasked).
@@ -97,8 +98,6 @@ def _read_mask(source: tuple[str, Path]) -> Image.Image:
 
 def _mask_state(record, source: MaskSource) -> tuple[str | None, bool]:
     """(why ``source`` cannot mask ``record``'s image, or None; whether the mask is all zero)."""
-    from sdtune.data.images import image_size
-
     if source is None:
         return None, False
     try:
@@ -196,8 +195,6 @@ def batch_mask(batch: dict, latent_size: tuple[int, int]) -> torch.Tensor | None
 def mask_digest(source: MaskSource) -> str:
     """What a cached latent's mask depends on: the mask file's content (the alpha channel is part of
     the image, whose hash the cache key already holds)."""
-    from sdtune.data.latents import file_sha256
-
     if source is None:
         return "unmasked"
     kind, path = source

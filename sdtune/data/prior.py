@@ -4,7 +4,8 @@ As in diffusers' ``train_dreambooth_lora.py`` (``DreamBoothDataset`` + ``collate
 and kohya's regularisation images, each instance sample brings one class sample; the batch holds
 the N instance samples first, then the N class samples, and ``batch["prior"]`` marks the latter.
 The training step then takes ``instance loss + train.prior_loss_weight * class loss``
-(:func:`split_prior_loss`).
+(:func:`sdtune.training.diffusion.split_prior_loss`); the batch is built by
+:func:`sdtune.data.collate.collate_prior`.
 
 Which class image comes with an instance sample, and all of that class sample's own randomness
 (flip, caption pick, noise, timestep), come from the instance sample's seed, which the training
@@ -18,7 +19,6 @@ from __future__ import annotations
 import random
 from typing import Any
 
-import torch
 from torch.utils.data import Dataset
 
 from sdtune.data.sampler import sample_seed
@@ -63,26 +63,3 @@ class PriorPreservationDataset(Dataset):
         text = rng.choice(record.alternatives) if record.alternatives else record.text
         cls = self.classes.sample(r, flip, text, seed=cseed, rng=rng, target=self.instance.bucket_of(item))
         return {"instance": instance, "class": cls}
-
-
-def collate_prior(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """One batch of the instance samples followed by their class samples; ``prior`` marks the class half."""
-    from sdtune.data.datamodule import collate
-
-    batch = collate([s["instance"] for s in samples] + [s["class"] for s in samples])
-    batch["prior"] = torch.tensor([False] * len(samples) + [True] * len(samples))
-    return batch
-
-
-def split_prior_loss(losses: torch.Tensor, prior: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total loss, class loss) from per-sample ``losses``: mean over instance samples + ``weight`` x
-    mean over class samples, diffusers' ``loss + args.prior_loss_weight * prior_loss``.
-
-    Means of masked sums, not ``losses[prior]``: boolean indexing has to read the mask back to
-    size its result, a host sync on every step on a GPU.
-    """
-    prior = prior.to(losses.device)
-    zero = losses.new_zeros(())
-    class_loss = torch.where(prior, losses, zero).sum() / prior.sum()
-    instance_loss = torch.where(prior, zero, losses).sum() / (~prior).sum()
-    return instance_loss + float(weight) * class_loss, class_loss

@@ -17,9 +17,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sdtune.config.values import guidance, integer, setting
+from sdtune.families.source import check_weights
 from sdtune.utils.errors import ConfigError
 from sdtune.utils.formats import IMAGE_SUFFIXES
-from sdtune.utils.metrics import higher_is_better  # noqa: F401 (re-exported: report --sort reads it here)
 
 DISTANCES = ("latent_dist",)
 ENTRY_KEYS = {"prompt", "references", "negative_prompt", "name"}
@@ -171,9 +171,6 @@ def check_optimized_metric(metric: str, spec: EvalSpec | None) -> None:
 def check_config(cfg: Any) -> None:
     """The ``eval:`` section: reference images exist and open, the metric models pass the loading
     gate, and an ``optimized_metric=eval/...`` is one this evaluation logs."""
-    from sdtune.families.source import check_weights  # here: the families package imports torch
-
-
     node = setting(cfg, "eval")
     spec = parse_eval(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node)
     if spec and (spec.clip_model or spec.dino_model):  # the loading gate, before any model loads

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from sdtune.data.images import load_rgb
+from sdtune.families.source import check_weights
 from sdtune.utils.errors import ConfigError
 
 
@@ -36,8 +38,6 @@ def fit_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 def load_references(paths: Sequence[Path], size: tuple[int, int]) -> list[Image.Image]:
     """Each reference picture decoded as training decodes its images (:func:`sdtune.data.images.load_rgb`), then fitted."""
-    from sdtune.data.images import load_rgb
-
     return [fit_image(load_rgb(path), size) for path in paths]
 
 
@@ -82,8 +82,6 @@ class ClipScorer:
     """CLIP image and text embeddings from a local folder (``eval.clip_model``)."""
 
     def __init__(self, path: Path, *, allow_pickle: bool = False):
-        from sdtune.families.source import check_weights
-
         check_weights(path, key="eval.clip_model", allow_pickle=allow_pickle)  # the loading gate: no pickles unless allowed
         from transformers import CLIPModel, CLIPProcessor
 
@@ -113,8 +111,6 @@ class DinoScorer:
     """DINO / DINOv2 image embeddings (the CLS token) from a local folder (``eval.dino_model``)."""
 
     def __init__(self, path: Path, *, allow_pickle: bool = False):
-        from sdtune.families.source import check_weights
-
         check_weights(path, key="eval.dino_model", allow_pickle=allow_pickle)  # the loading gate: no pickles unless allowed
         from transformers import AutoImageProcessor, AutoModel
 

@@ -23,7 +23,9 @@ import torch
 
 from sdtune.evaluation.config import EvalSpec, parse_eval
 from sdtune.evaluation.metrics import ClipScorer, DinoScorer, load_references, mean_cosine, nearest_rms, vae_latents
+from sdtune.evaluation.sample_grid import Sample, render_at_scales
 from sdtune.training.fit_caches import frozen_modules_on_device
+from sdtune.training.stopping import final_render, writes_outputs
 from sdtune.utils.io import save_image_atomic
 
 log = logging.getLogger(__name__)
@@ -64,8 +66,6 @@ class ReferenceEval(L.Callback):
         self._final(trainer, pl_module)  # a finished run resumed (no on_train_end); else already done at this step
 
     def _final(self, trainer, pl_module) -> None:
-        from sdtune.training.stopping import final_render
-
         with final_render(trainer) as go:  # a stopped run exits at once (resuming it evaluates later)
             if go:
                 self.run(trainer, pl_module)
@@ -73,8 +73,6 @@ class ReferenceEval(L.Callback):
     # -- what -----------------------------------------------------------------------------------
     def run(self, trainer, pl_module) -> dict[str, float] | None:
         """Evaluate now (once per step: gradient accumulation and validation may repeat a step)."""
-        from sdtune.run.callbacks import writes_outputs
-
         step = trainer.global_step
         if not writes_outputs(trainer) or (self.history and self.history[-1]["step"] == step):
             return None
@@ -89,8 +87,6 @@ class ReferenceEval(L.Callback):
     @torch.no_grad()
     def evaluate(self, pl_module, folder: Path | None = None) -> dict[str, float]:
         """Render every prompt at every seed with the LoRA at full scale and score the images."""
-        from sdtune.evaluation.sample_grid import Sample, render_at_scales
-
         spec = self.spec
         samples = [Sample(p.prompt, seed, p.negative_prompt) for p in spec.prompts for seed in spec.seeds]
         images = render_at_scales(pl_module, samples, (1.0,), steps=spec.steps, guidance=spec.guidance)[0]

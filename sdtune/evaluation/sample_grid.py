@@ -19,10 +19,9 @@ import numpy as np
 import torch
 
 from sdtune.inference.sampling import make_grid, render
-from sdtune.run.callbacks import writes_outputs
 from sdtune.training.ema import exported_weights
 from sdtune.training.fit_caches import frozen_modules_on_device
-from sdtune.training.stopping import final_render
+from sdtune.training.stopping import final_render, writes_outputs
 from sdtune.utils.errors import ConfigError
 from sdtune.utils.io import save_image_atomic, write_text_atomic
 

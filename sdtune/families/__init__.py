@@ -7,22 +7,15 @@ family is one such file plus :func:`register_family`.
 
 from __future__ import annotations
 
-from sdtune.families.base import ModelFamily, ModelParts
+from sdtune.families.base import FAMILIES, ModelFamily, ModelParts, register_family
 from sdtune.families.kolors import Kolors
 from sdtune.families.sd15 import SD15
 from sdtune.families.sdxl import SDXL
 from sdtune.families.source import resolve_model_source
 from sdtune.utils.errors import ConfigError
 
-FAMILIES: dict[str, type[ModelFamily]] = {cls.name: cls for cls in (SD15, SDXL, Kolors)}
-
-
-def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
-    """Make ``cls`` available as ``model.family=<cls.name>`` (usable as a class decorator)."""
-    if cls.name in FAMILIES and FAMILIES[cls.name] is not cls:
-        raise ValueError(f"a model family named {cls.name!r} is already registered ({FAMILIES[cls.name].__qualname__})")
-    FAMILIES[cls.name] = cls
-    return cls
+for _builtin in (SD15, SDXL, Kolors):
+    register_family(_builtin)
 
 
 def as_family(family: str | ModelFamily) -> ModelFamily:

@@ -2,7 +2,7 @@
 
 The bench must count FLOPs and (on a GPU) time the real architectures without downloading
 weights, so ``configs/`` holds the published ``config.json`` of each UNet, VAE, text encoder and
-scheduler. ``build_parts`` turns them (or a diffusers folder's own configs, e.g. a tiny model's)
+scheduler. ``build_random_parts`` turns them (or a diffusers folder's own configs, e.g. a tiny model's)
 into :class:`~sdtune.families.ModelParts`. On ``torch.device("meta")`` nothing is allocated, so
 an SDXL or a 6B-parameter ChatGLM costs no memory; the FLOP counter still sees every operation.
 """
@@ -56,7 +56,7 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(before)
 
 
-def build_parts(
+def build_random_parts(
     family: str | ModelFamily,
     *,
     device: str | torch.device = "cpu",

@@ -157,8 +157,6 @@ class ModelFamily(ABC):
             raise ValueError(f"pipeline task must be one of {TASKS}, got {task!r}")
         name = self.pipelines.get((task, controlnet))
         if name is None:
-            from sdtune.families import FAMILIES  # the registry imports this module: look it up only when needed
-
             able = sorted(n for n, cls in FAMILIES.items() if cls.pipelines.get((task, controlnet)))
             what = f"{task} with a ControlNet" if controlnet else task
             drop = "drop controlnet.path (plain img2img with init_image, or text2img)" if controlnet else "drop init_image"
@@ -250,3 +248,18 @@ class ModelFamily(ABC):
             "hub id you can download, or run `python -m sdtune experiment=quickstart` to try sdtune "
             "on a tiny built-in model."
         )
+
+
+#: The registry, family name -> class: :func:`sdtune.families.get_family` is the only lookup by name.
+#: It lives beside the interface (``sdtune.families`` fills it with the built-in families) so that
+#: the interface can ask about every family (which ones have a pipeline for a task) without
+#: importing the family modules, which import this one.
+FAMILIES: dict[str, type[ModelFamily]] = {}
+
+
+def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
+    """Make ``cls`` available as ``model.family=<cls.name>`` (usable as a class decorator)."""
+    if cls.name in FAMILIES and FAMILIES[cls.name] is not cls:
+        raise ValueError(f"a model family named {cls.name!r} is already registered ({FAMILIES[cls.name].__qualname__})")
+    FAMILIES[cls.name] = cls
+    return cls

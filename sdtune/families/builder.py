@@ -16,13 +16,12 @@ import torch
 from sdtune.families import get_family
 from sdtune.families.base import ModelFamily, ModelParts
 from sdtune.families.source import check_weights, resolve_model_source
+from sdtune.families.tiny import prepare_tiny
 
 
 def model_source(model_cfg: Mapping[str, Any]) -> str:
     """Where ``model_cfg``'s weights are: a local folder or file, or a reachable hub id. The base
     model and its VAE pass the pickle gate (:func:`~sdtune.families.source.check_weights`)."""
-    from sdtune.families.tiny import prepare_tiny
-
     prepare_tiny(model_cfg)
     allow_pickle = model_cfg.get("allow_pickle", False) is True
     check_weights(model_cfg.get("vae_path"), key="model.vae_path", allow_pickle=allow_pickle)

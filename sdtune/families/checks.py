@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from sdtune.config.values import Settings
 from sdtune.families import FAMILIES, ModelFamily, get_family
+from sdtune.families.arch import architecture
 from sdtune.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,6 @@ def base_on_meta(cfg: Any, source: str) -> BaseLayout | None:
     diffusers cannot build the UNet config (the loader then names the problem with its fix)."""
     import torch
     from diffusers import UNet2DConditionModel
-
-    from sdtune.families.arch import architecture
 
     family = get_family(cfg["model"]["family"])
     try:

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from sdtune.config.paths import ROOT
+from sdtune.families import get_family
 from sdtune.utils.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,6 @@ def ensure_tiny_model(family: str, folder: str | os.PathLike) -> Path:
     marker = read_marker(folder)
     if marker == expected:
         return folder
-    from sdtune.families import get_family
 
     builder = get_family(family).build_tiny  # an unknown family fails here, naming the known ones
     if folder.exists() and (marker is None or not folder.is_dir()) and not _is_empty_dir(folder):

@@ -8,7 +8,8 @@ edge map: the seed article's style transfer (ControlNet canny + img2img + a styl
 The input is read, never written; it is resized (keeping its aspect, area about ``size``², sides
 multiples of 8) in memory, and the control picture actually used is saved as ``control.png``.
 This module reads and checks the settings, loads the ControlNet, builds the pictures and the
-pipeline arguments, and writes the settings into generation.json and A1111's infotext.
+pipeline arguments, and writes the settings into generation.json (A1111's infotext reads them from
+there: :func:`sdtune.utils.infotext.infotext_fields`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from PIL import Image
 
 from sdtune.config.values import number
 from sdtune.data.images import load_rgb
+from sdtune.families.source import _looks_local, check_weights
 from sdtune.utils.errors import ConfigError, ModelLoadError
+from sdtune.utils.io import file_sha256
 
 PREPROCESSORS = ("canny", "none")
 
@@ -175,8 +178,6 @@ def check_controlnet(path: str) -> None:
     (config.json whose ``_class_name`` is ControlNetModel, and its weights), or a hub id that can be
     reached or is in the local hub cache. A whole pipeline, a UNet, a single file or a missing path
     is a :class:`ModelLoadError` that says what it is and what is needed."""
-    from sdtune.families.source import _looks_local
-
     local = Path(path).expanduser()
     if not local.exists():
         if _looks_local(path):
@@ -233,8 +234,6 @@ def load_controlnet(path: str, *, dtype: torch.dtype, unet: torch.nn.Module, all
     """``ControlNetModel.from_pretrained(path)`` in ``dtype``, checked to fit ``unet``'s base; pickle
     weights only with ``allow_pickle`` (the user's ``model.allow_pickle=true``)."""
     from diffusers import ControlNetModel
-
-    from sdtune.families.source import check_weights
 
     fix = CONTROLNET_FIX
     check_controlnet(path)
@@ -295,8 +294,6 @@ def draw(pipe, spec: ImageInput, pictures: Pictures, *, steps: int, **call) -> I
 
 def record_fields(spec: ImageInput) -> dict[str, Any]:
     """generation.json's image-input settings (empty for plain text2img)."""
-    from sdtune.data.latents import file_sha256
-
     out: dict[str, Any] = {}
     if spec.init_image:
         out["init_image"] = {"path": os.path.abspath(spec.init_image), "sha256": file_sha256(spec.init_image)}
@@ -310,19 +307,3 @@ def record_fields(spec: ImageInput) -> dict[str, Any]:
             "image": {"path": os.path.abspath(image), "sha256": file_sha256(image)} if image else None,
         }
     return out
-
-
-def infotext_fields(record: dict[str, Any]) -> list[str]:
-    """A1111's settings-line fields for ``record``'s image inputs: ``Denoising strength`` (A1111's
-    img2img name), ``ControlNet 0`` (sd-webui-controlnet's quoted unit), and the input's path and hash."""
-    fields = []
-    if record.get("init_image"):
-        fields += [f"Denoising strength: {record['strength']:g}", f"Init image: {json.dumps(record['init_image']['path'])}",
-                   f"Init image hash: {record['init_image']['sha256'][:12]}"]
-    cn = record.get("controlnet")
-    if cn:
-        unit = [f"Module: {cn['preprocess']}", f"Model: {Path(str(cn['path'])).name}", f"Weight: {cn['conditioning_scale']:g}"]
-        if cn["preprocess"] == "canny":
-            unit += [f"Threshold A: {cn['low_threshold']}", f"Threshold B: {cn['high_threshold']}"]
-        fields.append(f"ControlNet 0: {json.dumps(', '.join(unit))}")
-    return fields

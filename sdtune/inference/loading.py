@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sdtune.families import ModelFamily, ModelParts, get_family
+from sdtune.families.source import check_weights
 from sdtune.lora.apply import Component, activate, apply_lora
 from sdtune.lora.files import LoraFile, check_family, read_lora
 from sdtune.utils.errors import ConfigError, LoraFileError
@@ -98,8 +99,6 @@ def header_model(model: Mapping[str, Any], lora_path: str) -> dict[str, Any]:
     """The base model a LoRA header records, as data: the known keys only, ``allow_pickle`` off,
     and its weight paths through the pickle gate at once (a header naming a pickle is refused
     before anything loads, whatever it says about ``allow_pickle``)."""
-    from sdtune.families.source import check_weights
-
     if model.get("allow_pickle"):
         log.warning("%s: its header says model.allow_pickle=%r; ignored (a safety switch is never taken from a file)",
                     lora_path, model.get("allow_pickle"))

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from sdtune.families.source import check_weights
 from sdtune.utils.errors import ConfigError, LoraFileError
 
 ADAPTER_TYPES = ("lora", "loha", "lokr")
@@ -267,8 +268,6 @@ def base_weights_from(model_path: str, tensors: Mapping[str, torch.Tensor], *, o
     if not any(k.endswith(MAGNITUDE) for k in tensors):
         return {}
     from diffusers import UNet2DConditionModel
-
-    from sdtune.families.source import check_weights
 
     check_weights(model_path, key="model.path", allow_pickle=False, origin=origin)
 

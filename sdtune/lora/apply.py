@@ -20,8 +20,8 @@ import torch
 
 from sdtune.families import ModelFamily, ModelParts, as_family
 from sdtune.lora.adapters import is_adapter_key, kind_of, load_plan, module_of
-from sdtune.lora.checks import DIFFUSERS_METADATA_KEY
 from sdtune.lora.files import LoraFile, check_family
+from sdtune.lora.header import DIFFUSERS_METADATA_KEY
 from sdtune.lora.keys import (
     PEFT_PREFIXES,
     diffusers_text_encoders,

@@ -19,10 +19,8 @@ from sdtune.lora.keys import DIFFUSERS_PREFIX, KOHYA_ALPHA
 from sdtune.lora.layers import LoraSpec
 from sdtune.utils.errors import LoraFileError
 
-COMPONENT_PREFIX = DIFFUSERS_PREFIX
 #: Text-encoder layers of other tools' files (kohya lora_te*, diffusers text_encoder*): own ranks, not checked
 TEXT_ENCODER_KEYS = ("lora_te", "text_encoder")
-DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 
 
 # -- finite values ------------------------------------------------------------------------------

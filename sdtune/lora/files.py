@@ -22,16 +22,20 @@ import torch
 from sdtune.families import FAMILIES, get_family
 from sdtune.lora.adapters import DORA_READERS, NAMES, dora_note, to_kohya_maths
 from sdtune.lora.checks import (
-    DIFFUSERS_METADATA_KEY,
     NONFINITE_FIX,
     check_finite,
     first_line,
     nonfinite_tensors,
     not_safetensors,
 )
-from sdtune.lora.header import run_config, spec_from_header, text_encoder_spec_from_header
+from sdtune.lora.header import (
+    COMPONENT_PREFIX,
+    DIFFUSERS_METADATA_KEY,
+    run_config,
+    spec_from_header,
+    text_encoder_spec_from_header,
+)
 from sdtune.lora.keys import (
-    DIFFUSERS_PREFIX,
     detect_format,
     diffusers_to_peft,
     kohya_to_peft,
@@ -42,12 +46,11 @@ from sdtune.lora.keys import (
     text_encoders_to_diffusers,
     text_encoders_to_kohya,
 )
-from sdtune.lora.layers import LoraSpec
+from sdtune.lora.layers import LoraSpec, text_encoder_spec
 from sdtune.utils.errors import LoraFileError
 from sdtune.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
-COMPONENT_PREFIX = DIFFUSERS_PREFIX
 FORMATS = ("diffusers", "kohya")  # what we write; we also read "peft" (diffusers' current save_lora_weights, peft)
 # What runs and export write unless told otherwise: the kohya layout loads as it is in ComfyUI,
 # A1111/Forge, kohya sd-scripts and diffusers; the diffusers layout loads in diffusers only.
@@ -169,8 +172,6 @@ class LoraHeader:
 def run_header(cfg: Mapping[str, Any], spec: LoraSpec, *, steps: int | None, num_train_images: int | None,
                output_name: str) -> LoraHeader:
     """The header of a LoRA trained with run config ``cfg``."""
-    from sdtune.training.text_encoders import text_encoder_spec
-
     family = get_family(cfg["model"]["family"])
     return LoraHeader(spec, family.name, base_model=str(cfg["model"]["path"]), base_model_version=family.base_model_version,
                       resolution=int(cfg["data"]["resolution"]), config=cfg, output_name=output_name,

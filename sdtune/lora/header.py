@@ -16,15 +16,19 @@ import torch
 
 from sdtune.lora.adapters import kind_of
 from sdtune.lora.checks import (
-    COMPONENT_PREFIX,
-    DIFFUSERS_METADATA_KEY,
     HEADER_FIX,
     TEXT_ENCODER_KEYS,
     check_tensors_match,
 )
-from sdtune.lora.keys import KOHYA_ALPHA
+from sdtune.lora.keys import DIFFUSERS_PREFIX, KOHYA_ALPHA
 from sdtune.lora.layers import LoraSpec
 from sdtune.utils.errors import LoraFileError
+
+#: The header key of diffusers' adapter config (a JSON dict), as diffusers' ``save_lora_weights`` writes
+#: it (``diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY``) ...
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+#: ... whose keys carry the component's prefix: ``unet.r``, ``unet.lora_alpha``, ``unet.target_modules``.
+COMPONENT_PREFIX = DIFFUSERS_PREFIX
 
 
 def _shown(value: Any, limit: int = 80) -> str:

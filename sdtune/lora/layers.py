@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sdtune.config.values import Settings
+from sdtune.families import ModelFamily
 from sdtune.lora.adapters import ADAPTER_TYPES, check_adapter_config, is_adapter_key, strip_adapter_name
 from sdtune.lora.adapters import peft_config as adapter_config
 from sdtune.utils.errors import ConfigError
@@ -88,6 +89,13 @@ def check_base(cfg: Mapping[str, Any], unet: torch.nn.Module, default_targets: t
     spec = spec_from_config(cfg["lora"], default_targets)
     check_targets(unet, spec.targets)
     check_rank_fits(unet, spec)
+def text_encoder_spec(cfg: Mapping[str, Any], family: ModelFamily) -> LoraSpec | None:
+    """The text-encoder LoRA of run config ``cfg`` (``lora.text_encoder``), None when it is off; its
+    targets default to the family's (written into every LoRA header, so kept beside the UNet's spec)."""
+    te = (cfg.get("lora") or {}).get("text_encoder")
+    if not te:
+        return None
+    return spec_from_config(te, family.default_text_encoder_lora_targets)
 
 
 def peft_config(spec: LoraSpec, *, dropout: float = 0.0, init: str | bool = "gaussian"):

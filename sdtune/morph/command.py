@@ -30,7 +30,6 @@ from sdtune.config.resolvers import register_resolvers
 from sdtune.config.values import guidance as check_guidance
 from sdtune.families import get_family
 from sdtune.families.builder import build_parts
-from sdtune.generate import infotext
 from sdtune.inference.loading import LoraRef, apply_loras, base_model_config, check_families, pick_device, read_loras
 from sdtune.lora.apply import activate
 from sdtune.morph.inputs import check_inputs, load_image, resolve_prompts
@@ -45,8 +44,10 @@ from sdtune.morph.inversion import (
     slerp,
 )
 from sdtune.morph.outputs import morph_record, reconstruction, write_animations, write_record, write_strip
+from sdtune.morph.train import train_single_loras, training_config
 from sdtune.utils.console import tidy_console
 from sdtune.utils.errors import ConfigError, exit_on_user_error
+from sdtune.utils.infotext import infotext
 from sdtune.utils.io import save_image_atomic
 
 register_resolvers()
@@ -58,7 +59,6 @@ def _base_model(cfg: DictConfig, refs: list[LoraRef], loras) -> dict:
     model the training preset composes (``train_overrides`` may name it)."""
     if refs or cfg.get("model"):
         return base_model_config(cfg.get("model"), refs, loras)
-    from sdtune.morph.train import training_config
 
     composed = training_config(list(cfg.train_overrides or []), data_root=Path("."), run_dir=Path("."), seed=0)
     return dict(OmegaConf.to_container(composed.model, resolve=True))
@@ -83,8 +83,6 @@ def morph(cfg: DictConfig, out_dir: Path) -> list[Path]:
     device = pick_device(cfg.device)
     trained = []
     if inputs.train:
-        from sdtune.morph.train import train_single_loras
-
         paths = train_single_loras(images, prompts, out_dir, overrides=list(cfg.train_overrides or []),
                                    seed=int(cfg.seed), model=model_cfg, cpu=device.type == "cpu")
         trained = [str(p.parent) for p in paths]

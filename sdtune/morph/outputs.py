@@ -13,11 +13,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from sdtune.data.latents import file_sha256
-from sdtune.generate import tensor_sha256
 from sdtune.inference.sampling import make_grid
 from sdtune.morph.inversion import pixel_error
-from sdtune.utils.io import atomic_path, save_image_atomic, write_text_atomic
+from sdtune.utils.io import atomic_path, file_sha256, save_image_atomic, tensor_sha256, write_text_atomic
 
 log = logging.getLogger(__name__)
 

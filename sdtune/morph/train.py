@@ -21,6 +21,7 @@ from PIL import Image
 
 from sdtune.config.overrides import normalize_overrides
 from sdtune.config.paths import CONF_DIR
+from sdtune.run.train import train
 from sdtune.utils.errors import ConfigError
 from sdtune.utils.io import save_image_atomic, write_text_atomic
 
@@ -78,8 +79,6 @@ def train_single_loras(images: Sequence[Image.Image], prompts: Sequence[str], ou
 
     On the CPU ``trainer=cpu`` comes first (fp32, no CUDA), so the user's overrides still win.
     """
-    from sdtune.run.train import train
-
     loras = []
     for name, image, prompt in zip("ab", images, prompts):
         base = out_dir / "train" / name

@@ -17,19 +17,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sdtune.lora.adapters import base_weights
 from sdtune.lora.files import DEFAULT_FORMAT, FORMATS, run_header, save_lora
+from sdtune.run.plots import plot_run_loss, read_metrics
 from sdtune.training.ema import with_ema_facts
 from sdtune.training.embeddings import lora_trains
-from sdtune.training.stopping import AFTER_TRAINING, graceful_stop
+from sdtune.training.stopping import AFTER_TRAINING, graceful_stop, writes_outputs
 from sdtune.utils.errors import ConfigError
 from sdtune.utils.io import write_text_atomic
 
 log = logging.getLogger(__name__)
-
-
-def writes_outputs(trainer: L.Trainer) -> bool:
-    """Whether this process writes the run's files: rank 0 only, and never in a ``fast_dev_run``
-    (Lightning's smoke test writes no checkpoints; nor do we write LoRAs, samples or reports)."""
-    return trainer.is_global_zero and not trainer.fast_dev_run
 
 
 class TrainingCheckpoint(ModelCheckpoint):
@@ -194,8 +189,6 @@ class LossPlot(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         if not writes_outputs(trainer):
             return
-        from sdtune.report import plot_run_loss, read_metrics
-
         for logger in trainer.loggers:
             logger.save()  # flush rows the CSV logger still holds
         train, val = read_metrics(self.metrics)

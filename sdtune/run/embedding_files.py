@@ -21,6 +21,8 @@ from omegaconf import DictConfig
 
 from sdtune.families import ModelFamily, ModelParts
 from sdtune.lora.checks import check_finite, first_line, not_safetensors
+from sdtune.lora.keys import detect_format
+from sdtune.training.stopping import writes_outputs
 from sdtune.utils.errors import ConfigError, LoraFileError
 from sdtune.utils.io import atomic_path
 
@@ -77,8 +79,6 @@ def read_embedding(path: str | Path, family: ModelFamily) -> dict[str, torch.Ten
 def not_an_embedding(path: Path, names: Sequence[str], family: ModelFamily) -> str:
     """Why a file whose tensors are ``names`` is no ``family`` embedding: a LoRA is named as one
     (with the key it belongs under); anything else shows a few of its tensor names, never all."""
-    from sdtune.lora.keys import detect_format
-
     try:
         layout = detect_format(names) if names else None
     except LoraFileError:
@@ -138,8 +138,6 @@ class EmbeddingExport(L.Callback):
         self.dirpath = Path(dirpath)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
-        from sdtune.run.callbacks import writes_outputs
-
         embeddings = getattr(pl_module, "embeddings", None)
         if embeddings is None or not writes_outputs(trainer):
             return

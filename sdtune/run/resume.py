@@ -177,6 +177,8 @@ def _interpolated_model_path(key: str, value: Any) -> str | None:
 
 def _pickle_in_folder(text: str, run: Path) -> bool:
     """Whether ``text``, read as a path, names pickle weights inside the run folder ``run``."""
+    # deferred: the sdtune.families package (torch, diffusers: seconds); resume_argv runs before Hydra
+    # on every `python -m sdtune`, and only a replayed path needs this
     from sdtune.families.source import PICKLE_SUFFIXES, pickle_weights
 
     for ref in _RUN_FOLDER_REFS:

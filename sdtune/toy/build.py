@@ -25,11 +25,13 @@ from pathlib import Path
 import torch
 
 from sdtune.config.paths import ROOT
+from sdtune.families import FAMILIES as REGISTRY
 from sdtune.families import get_family
 from sdtune.toy.evaluate import evaluate_pipeline
 from sdtune.toy.pretrain import Recipe, build_toy, encode_scenes, train_vae
 
-FAMILIES = ("sd15", "sdxl", "kolors")
+#: Every registered family gets a toy base (built through the family interface alone).
+FAMILIES = tuple(REGISTRY)
 #: The report's headline figures are at the toy model configs' ``guidance`` (2); the sweep shows why.
 GUIDANCE = 2.0
 GUIDANCE_SWEEP = (1.0, 2.0, 4.0, 7.5)

@@ -14,10 +14,17 @@ visibly changes the picture, which is what the tests and the picture need to sho
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+from sdtune.config.paths import ROOT
+from sdtune.inference.sampling import make_grid
+from sdtune.toy.domain import Scene, render
+from sdtune.utils.io import save_image_atomic
 
 #: The toy base of the docs picture (docs/tools.md) and its prompt and input scene.
 PICTURE_BASE = "models/toy/sd15"
@@ -48,42 +55,35 @@ def build_toy_controlnet(base: str | Path, out: str | Path, *, seed: int = 0, st
 
 def input_scene(side: int = 64):
     """The picture docs/tools.md shows: a green square on a yellow ground (the prompt asks for a red circle on blue)."""
-    from sdtune.toy.domain import Scene, render
-
     return render(Scene("square", "green", "yellow", size=0.3), side=side)
 
 
 def make_picture(target: str | Path, *, steps: int = 20) -> Path:
     """docs/images/img2img_toy.png: the input, its Canny map, then the toy sd15 base's img2img at a
     few strengths, one row per ControlNet conditioning scale (seed 0, guidance 2). Every tile is
-    drawn by ``sdtune.generate`` itself, so the picture shows what the command does."""
-    from hydra import compose, initialize_config_dir
+    drawn by the ``python -m sdtune.generate`` command itself (one Hydra sweep over strength and
+    scale, in a child process: toy/ sits below the commands and imports none of them), so the
+    picture shows what the command does."""
     from PIL import Image
 
-    from sdtune.config.paths import ROOT
-    from sdtune.generate import generate
-    from sdtune.inference.sampling import make_grid
-    from sdtune.utils.io import save_image_atomic
-
-    rows, labels = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         source = tmp / "input.png"
         input_scene().save(source)
         controlnet = build_toy_controlnet(ROOT / PICTURE_BASE, tmp / "controlnet")
+        sweep = tmp / "sweep"
+        subprocess.run([
+            sys.executable, "-m", "sdtune.generate", "-m", "model=toy", f"prompt={PICTURE_PROMPT}", "num_images=1",
+            f"steps={steps}", f"init_image={source}", f"strength={','.join(map(str, PICTURE_STRENGTHS))}",
+            f"controlnet.path={controlnet}", f"controlnet.conditioning_scale={','.join(map(str, PICTURE_SCALES))}",
+            "device=cpu", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${controlnet.conditioning_scale}_${strength}",
+        ], cwd=ROOT, check=True)
+        rows, labels = [], []
         for scale in PICTURE_SCALES:
-            row = []
-            for i, strength in enumerate(PICTURE_STRENGTHS):
-                out = tmp / f"s{scale}_{i}"
-                with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-                    cfg = compose("generate", overrides=[
-                        "model=toy", f"prompt={PICTURE_PROMPT}", "num_images=1", f"steps={steps}", f"init_image={source}",
-                        f"strength={strength}", f"controlnet.path={controlnet}",
-                        f"controlnet.conditioning_scale={scale}", "device=cpu"])
-                generate(cfg, out)
-                row.append(Image.open(out / "seed0.png").convert("RGB"))
-            control = Image.open(out / "control.png").convert("RGB")
-            rows.append([Image.open(source).convert("RGB"), control, *row])
+            tiles = [sweep / f"{scale}_{strength}" for strength in PICTURE_STRENGTHS]
+            control = Image.open(tiles[-1] / "control.png").convert("RGB")
+            rows.append([Image.open(source).convert("RGB"), control,
+                         *(Image.open(t / "seed0.png").convert("RGB") for t in tiles)])
             labels.append(f"ControlNet {scale:g}")
     grid = make_grid(rows, labels, ["input", "canny", *(f"strength {s:g}" for s in PICTURE_STRENGTHS)], min_tile=96)
     save_image_atomic(grid, target)
@@ -92,8 +92,6 @@ def make_picture(target: str | Path, *, steps: int = 20) -> Path:
 
 def default_base() -> Path:
     """The toy sd15 base, found from this package's own location (so the command works from any folder)."""
-    from sdtune.config.paths import ROOT
-
     return ROOT / PICTURE_BASE
 
 

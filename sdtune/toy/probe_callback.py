@@ -14,8 +14,10 @@ from pathlib import Path
 
 import lightning as L
 
+from sdtune.evaluation.sample_grid import Sample, render_at_scales
 from sdtune.inference.sampling import make_grid
 from sdtune.toy.concepts import TRIGGERS, concept_shares, probe_prompts
+from sdtune.training.stopping import final_render, writes_outputs
 from sdtune.utils.io import save_image_atomic
 
 log = logging.getLogger(__name__)
@@ -47,9 +49,6 @@ class ConceptProbe(L.Callback):
             self._probe(trainer, pl_module)
 
     def _probe(self, trainer: L.Trainer, pl_module) -> None:
-        from sdtune.run.callbacks import writes_outputs
-        from sdtune.training.stopping import final_render
-
         self._tried = True
         if not writes_outputs(trainer):
             return
@@ -58,8 +57,6 @@ class ConceptProbe(L.Callback):
                 self._render(trainer, pl_module)
 
     def _render(self, trainer: L.Trainer, pl_module) -> None:
-        from sdtune.evaluation.sample_grid import Sample, render_at_scales
-
         report, grid_rows, labels = {}, [], []
         for trigger in self.triggers:
             prompts = [p for p in probe_prompts(trigger) for _ in self.seeds]

@@ -23,7 +23,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from sdtune.data.records import dataset_root
 from sdtune.families import get_family
 from sdtune.lora.checks import check_finite, file_kind, first_line
-from sdtune.lora.layers import LoraSpec, is_lora_key, lora_tensors, spec_from_config
+from sdtune.lora.layers import LoraSpec, is_lora_key, lora_tensors, spec_from_config, text_encoder_spec
+from sdtune.training.text_encoders import spec_dict
 from sdtune.utils.errors import ConfigError, LoraFileError
 from sdtune.utils.io import atomic_path
 
@@ -171,8 +172,6 @@ def check_resumable(path: Path, cfg: Mapping[str, Any], manifest: Mapping[str, s
     saved = ckpt["sdtune"]
     family = get_family(cfg["model"]["family"])
     spec = spec_from_config(cfg["lora"], family.default_lora_targets)
-    from sdtune.training.text_encoders import spec_dict, text_encoder_spec
-
     now = {"family": family.name, "rank": spec.rank, "alpha": spec.alpha, "targets": sorted(spec.targets), "adapter": spec.kind,
            "text_encoder": spec_dict(text_encoder_spec(cfg, family))}
     then = {"family": saved["family"], "rank": saved["rank"], "alpha": float(saved["alpha"]), "targets": sorted(saved["targets"]),

@@ -24,6 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from sdtune.data.records import Record, load_records
+from sdtune.families import get_family
+from sdtune.families.builder import build_parts, model_source
+from sdtune.inference.sampling import render
+from sdtune.training.checkpointing import data_manifest
+from sdtune.training.trainable import weight_dtype
 from sdtune.utils.io import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -36,9 +41,6 @@ def prior_enabled(data_cfg: Mapping[str, Any]) -> bool:
 
 def render_settings(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Everything a rendered class image depends on (the cache folder's hash covers all of it)."""
-    from sdtune.families import get_family
-    from sdtune.training.trainable import weight_dtype
-
     model, data = cfg["model"], cfg["data"]
     return {
         "model": source, "revision": model.get("revision"), "vae": model.get("vae_path"), "family": model["family"],
@@ -62,8 +64,6 @@ def class_records(cfg: Mapping[str, Any]) -> tuple[list[Record] | None, Path | N
     if data.get("class_root"):
         root, key = data["class_root"], "data.class_root"
     else:
-        from sdtune.families.builder import model_source
-
         root, key = ensure_class_images(cfg, model_source(cfg["model"])), "the class image cache"
     records = load_records(root, verify=bool(data.get("verify_images", True)), bad_images=data.get("bad_images", "error"),
                            caption_extension=data.get("caption_extension"), key=key)
@@ -95,9 +95,6 @@ def _render(cfg: Mapping[str, Any], source: str, folder: Path, indices: Sequence
     import torch
     from tqdm.auto import tqdm
 
-    from sdtune.families.builder import build_parts
-    from sdtune.inference.sampling import render
-
     settings = render_settings(cfg, source)
     accelerator = str(cfg["trainer"].get("accelerator", "auto"))
     device = torch.device("cuda" if torch.cuda.is_available() and accelerator != "cpu" else "cpu")
@@ -126,8 +123,6 @@ def _render(cfg: Mapping[str, Any], source: str, folder: Path, indices: Sequence
 def class_manifest(records: Sequence[Record] | None, root: str | os.PathLike | None) -> dict[str, str]:
     """Manifest entries (see :func:`sdtune.training.checkpointing.data_manifest`) for the class images, under
     ``class/``, so a resume notices class images added, removed or replaced."""
-    from sdtune.training.checkpointing import data_manifest
-
     if not records:
         return {}
     return {f"class/{k}": v for k, v in data_manifest(records, root).items()}

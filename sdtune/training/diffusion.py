@@ -4,7 +4,9 @@ Kept apart from the LightningModule so that each piece can be checked by number:
 target per prediction type, the min-SNR-gamma weights (against diffusers' ``compute_snr``), the
 VAE latent scaling, and the per-sample randomness that makes resumed and multi-process runs
 reproduce one uninterrupted run. :func:`check_config` checks the ``train:`` settings these
-functions take (prediction type, min-SNR gamma, noise offset).
+functions take (prediction type, min-SNR gamma, noise offset). The split of a DreamBooth batch's loss
+into its instance and class halves (:func:`split_prior_loss`) is here too: the data side only marks
+which half is which.
 """
 
 from __future__ import annotations
@@ -167,3 +169,17 @@ def batch_latents(vae, batch: dict, *, device: torch.device, dtype: torch.dtype,
     else:
         latents = dist.sample()
     return scale_latents(latents, vae.config).to(device)
+
+
+def split_prior_loss(losses: torch.Tensor, prior: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss, class loss) from per-sample ``losses``: mean over instance samples + ``weight`` x
+    mean over class samples, diffusers' ``loss + args.prior_loss_weight * prior_loss``.
+
+    Means of masked sums, not ``losses[prior]``: boolean indexing has to read the mask back to
+    size its result, a host sync on every step on a GPU.
+    """
+    prior = prior.to(losses.device)
+    zero = losses.new_zeros(())
+    class_loss = torch.where(prior, losses, zero).sum() / prior.sum()
+    instance_loss = torch.where(prior, zero, losses).sum() / (~prior).sum()
+    return instance_loss + float(weight) * class_loss, class_loss

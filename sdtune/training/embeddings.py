@@ -27,6 +27,7 @@ from torch import nn
 
 from sdtune.config.values import boolean, integer, number
 from sdtune.families import ModelFamily, ModelParts, get_family
+from sdtune.lora.layers import trainable_lora_parameters
 from sdtune.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -249,8 +250,6 @@ def install(cfg: Mapping[str, Any], family: ModelFamily, parts: ModelParts) -> T
         encoder.set_input_embeddings(layer)
         layers.append(layer)
     if not spec.with_lora:
-        from sdtune.lora.layers import trainable_lora_parameters
-
         for param in trainable_lora_parameters(parts.unet):  # zero start (B = 0): the UNet stays the base
             param.requires_grad_(False)
     log.info("embedding: training %d new vector(s) per encoder for %s (init %r)%s", len(names), list(spec.tokens),

@@ -16,7 +16,6 @@ import torch
 import sdtune.training.embeddings as token_embeddings
 from sdtune.data.latents import LatentStore
 from sdtune.data.masks import batch_mask
-from sdtune.data.prior import split_prior_loss
 from sdtune.data.sampler import skip_finished_batches
 from sdtune.data.text_cache import TextEmbeddingCache, TokenCache
 from sdtune.families import ModelParts, get_family
@@ -26,6 +25,7 @@ from sdtune.lora.layers import (
     live_lora_state,
     named_trainable_lora_parameters,
     spec_from_config,
+    text_encoder_spec,
     trainable_lora_parameters,
 )
 from sdtune.training.checkpointing import keep_lora_only
@@ -34,6 +34,7 @@ from sdtune.training.diffusion import (
     denoising_loss,
     latent_shape,
     sample_randomness,
+    split_prior_loss,
     validation_randomness,
 )
 from sdtune.training.ema import LoraEMA, exports_ema, start_ema
@@ -45,7 +46,6 @@ from sdtune.training.text_encoders import (
     inject_text_encoders,
     spec_dict,
     text_encoder_param_group,
-    text_encoder_spec,
     text_encoder_state,
     text_grad,
 )

@@ -12,6 +12,10 @@ last evaluation: each runs inside :func:`final_render`) at once; the checkpoint,
 draw the samples (resuming a finished run trains nothing and renders them). A second Ctrl-C
 stops at once, saving nothing more. The exit status is the shell's for the signal: 130 for
 SIGINT, 143 for SIGTERM.
+
+Every callback that writes an end-of-run file asks :func:`writes_outputs` first (rank 0 only, never
+in a ``fast_dev_run``), and renders inside :func:`final_render`; both live here, below evaluation/
+and run/, so that those callbacks need nothing from the modules that wire a run.
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ class StopNow(BaseException):
 
 class _RenderInterrupted(BaseException):
     """Raised by the handler into the end-of-run render that is running (see :func:`final_render`)."""
+
+
+def writes_outputs(trainer: L.Trainer) -> bool:
+    """Whether this process writes the run's files: rank 0 only, and never in a ``fast_dev_run``
+    (Lightning's smoke test writes no checkpoints; nor do we write LoRAs, samples or reports)."""
+    return trainer.is_global_zero and not trainer.fast_dev_run
 
 
 def graceful_stop(trainer: L.Trainer) -> GracefulStop | None:

@@ -22,6 +22,7 @@ sdtune asks, and :func:`text_grad` turns gradients through the encoders on when 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -30,8 +31,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdtune.config import schema
 from sdtune.config.values import Settings
-from sdtune.families import ModelFamily, ModelParts
-from sdtune.lora.keys import te_file_module
+from sdtune.families import ModelFamily, ModelParts, get_family
+from sdtune.families.arch import architecture
+from sdtune.lora.checks import TEXT_ENCODER_KEYS
+from sdtune.lora.keys import diffusers_text_encoders, kohya_text_encoder_tensors, te_file_module
 from sdtune.lora.layers import (
     ADAPTER,
     MAX_RANK,
@@ -39,21 +42,13 @@ from sdtune.lora.layers import (
     is_lora_key,
     lora_tensors,
     peft_config,
-    spec_from_config,
+    text_encoder_spec,
     trainable_lora_parameters,
 )
 from sdtune.utils.errors import ConfigError, LoraFileError
 
 #: The LightningModule attribute that holds the text encoders while they train.
 ATTRIBUTE = "text_encoders"
-
-
-def text_encoder_spec(cfg: Mapping[str, Any], family: ModelFamily) -> LoraSpec | None:
-    """The text-encoder LoRA of run config ``cfg`` (``lora.text_encoder``), None when it is off."""
-    te = (cfg.get("lora") or {}).get("text_encoder")
-    if not te:
-        return None
-    return spec_from_config(te, family.default_text_encoder_lora_targets)
 
 
 def encoders_train(cfg: Mapping[str, Any]) -> bool:
@@ -220,8 +215,6 @@ def spec_dict(spec: LoraSpec | None) -> dict[str, Any] | None:
 def text_encoder_module_names(family: ModelFamily, config_folder: str | None = None) -> dict[int, list[str]]:
     """Module paths of the family's text encoders, built on the meta device from the base model's
     configs (``config_folder``) when readable, else the family's full-size ones (no weights loaded)."""
-    from sdtune.families.arch import architecture
-
     try:
         arch = architecture(family, config_folder) if config_folder else architecture(family)
     except Exception:  # the base is not reachable offline: its published architecture names the same layers
@@ -233,9 +226,6 @@ def text_encoder_module_names(family: ModelFamily, config_folder: str | None = N
 
 def file_text_encoder_tensors(lora, family_name: str) -> dict[int, dict[str, torch.Tensor]]:
     """peft-named text-encoder tensors (file module paths) per encoder index of an sdtune LoRA file."""
-    from sdtune.families import get_family
-    from sdtune.lora.keys import diffusers_text_encoders, kohya_text_encoder_tensors
-
     family = get_family(family_name)
     if lora.format == "diffusers":
         return diffusers_text_encoders(lora.raw)
@@ -247,10 +237,6 @@ def file_text_encoder_tensors(lora, family_name: str) -> dict[int, dict[str, tor
 def check_text_encoder_tensors(lora, source: str) -> None:
     """The text-encoder tensors of an sdtune file must agree with its ``sdtune.text_encoder`` header
     (rank, and alpha for kohya files): a converted file would otherwise carry the wrong scale."""
-    import math
-
-    from sdtune.lora.checks import TEXT_ENCODER_KEYS
-
     spec = lora.text_encoder
     for key, value in sorted(lora.raw.items()):
         if not key.startswith(TEXT_ENCODER_KEYS):

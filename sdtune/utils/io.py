@@ -1,4 +1,4 @@
-"""Crash-safe file writing.
+"""Crash-safe file writing, and the file hashes sdtune records (``generation.json``, the latent cache).
 
 Everything sdtune writes goes to a temporary file in the destination folder and is renamed over
 the target only when complete, so a kill at any moment leaves either the old file or the new one,
@@ -8,6 +8,7 @@ never a truncated mix. ``os.replace`` is atomic on POSIX and Windows within one 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -59,3 +60,24 @@ def save_image_atomic(image, target: str | os.PathLike, *, text: dict[str, str] 
         extra["pnginfo"] = info
     with atomic_path(target) as tmp:
         image.save(tmp, format=fmt, **extra)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a whole file, read in ``chunk``-byte blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tensor_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a .safetensors file's tensor bytes (after its header): what A1111 and model sites
+    show as a LoRA's hash ("addnet" hash; the first 12 digits in ``Lora hashes``), so it does not
+    change when only the header does."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(8 + int.from_bytes(fh.read(8), "little"))
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

@@ -19,7 +19,7 @@ from sdtune.bench.measure import MemoryMeter
 from sdtune.bench.runner import first_batch
 from sdtune.bench.table import COLUMNS, check_targets
 from sdtune.data import load_records
-from sdtune.families.arch import build_parts, parameter_count
+from sdtune.families.arch import build_random_parts, parameter_count
 from tests.helpers.cli import run_cli
 from tests.helpers.config import bench_cfg
 
@@ -66,12 +66,12 @@ def test_flops_scale_with_lora_rank_and_batch():
     ],
 )
 def test_shipped_configs_are_the_published_architectures(family, unet_params, encoder_params):
-    parts = build_parts(family, device="meta")
+    parts = build_random_parts(family, device="meta")
     assert all(p.is_meta for p in parts.unet.parameters())
     if unet_params is not None:
         assert parameter_count(parts.unet) == unet_params
     else:  # Kolors: SDXL's UNet plus a 4096 -> 2048 text projection and a wider pooled input
-        sdxl = build_parts("sdxl", device="meta").unet
+        sdxl = build_random_parts("sdxl", device="meta").unet
         extra = parameter_count(parts.unet) - parameter_count(sdxl)
         assert extra == (4096 * 2048 + 2048) + (5632 - 2816) * 1280
     assert [parameter_count(e) for e in parts.text_encoders] == encoder_params

@@ -166,8 +166,9 @@ def test_captions_encoded_every_step_are_tokenized_once(tmp_path):
 def test_prior_preservation_batches_gather_instance_and_class_latents_from_one_store(tmp_path):
     """Instance and class images share one device store, so a doubled batch is one gather whose
     rows are each sample's own latent (a stand-in encoder makes each image's latent its mean colour)."""
+    from sdtune.data.collate import collate_prior
     from sdtune.data.latents import LatentCache
-    from sdtune.data.prior import PriorPreservationDataset, collate_prior
+    from sdtune.data.prior import PriorPreservationDataset
 
     records = load_records(QUICKSTART)
     dm = ImageCaptionDataModule(records[:6], resolution=32, class_records=records[6:])

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from sdtune.data.buckets import assign_buckets
-from sdtune.data.datamodule import ImageCaptionDataModule, ImageCaptionDataset, collate
+from sdtune.data.collate import collate
+from sdtune.data.datamodule import ImageCaptionDataModule, ImageCaptionDataset
 from sdtune.data.latents import LatentCache
 from sdtune.data.masks import find_mask, find_masks, mask_manifest, to_latent_grid
 from sdtune.data.records import load_records

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from sdtune.data.datamodule import ImageCaptionDataModule
-from sdtune.data.prior import class_seed, split_prior_loss
+from sdtune.data.prior import class_seed
 from sdtune.data.records import load_records
 from sdtune.training.class_images import class_image_folder, ensure_class_images
+from sdtune.training.diffusion import split_prior_loss
 from sdtune.utils.errors import ConfigError
 from tests.helpers.cli import run_main
 from tests.helpers.config import compose_cfg, resolved
