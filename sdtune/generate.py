@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from sdtune.config.paths import CONF_DIR
 from sdtune.config.resolvers import register_resolvers
 from sdtune.config.values import guidance as check_guidance
+from sdtune.config.values import integer
 from sdtune.families import get_family
 from sdtune.families.builder import build_parts
 from sdtune.families.source import check_weights
@@ -47,7 +48,7 @@ from sdtune.inference.sampling import make_grid
 from sdtune.lora.apply import set_enabled
 from sdtune.run.embedding_files import load_embeddings, parse_embeddings, read_embeddings
 from sdtune.utils.console import tidy_console
-from sdtune.utils.errors import ConfigError, exit_on_user_error
+from sdtune.utils.errors import exit_on_user_error
 from sdtune.utils.infotext import infotext
 from sdtune.utils.io import file_sha256, save_image_atomic, tensor_sha256, write_text_atomic
 
@@ -59,8 +60,8 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     tidy_console()
     refs = parse_loras(cfg.loras)
     embedding_refs = parse_embeddings(cfg.get("embeddings"))
-    if int(cfg.num_images) < 1 or int(cfg.steps) < 1:
-        raise ConfigError(f"num_images and steps must be >= 1, got {cfg.num_images} and {cfg.steps}.")
+    integer("num_images", cfg.num_images, ge=1, fix="e.g. num_images=4.")
+    integer("steps", cfg.steps, ge=1, fix="e.g. steps=30.")
     spec = parse_image_input(cfg)  # pictures and settings checked before anything loads
     allow_pickle = OmegaConf.select(cfg, "model.allow_pickle", default=False) is True  # the user's, never a header's
     check_weights(spec.controlnet, key="controlnet.path", allow_pickle=allow_pickle)

@@ -1,9 +1,10 @@
 """The ``eval:`` section: which prompts are evaluated against which reference images, checked early.
 
-Light on purpose (no torch): :func:`check_config` runs with the other sections' checks
+No model loads here: :func:`check_config` runs with the other sections' checks
 (:func:`sdtune.run.checks.validate`) before any model is loaded, so a missing reference image or a
-wrong model folder costs a second. Which way each metric is better (:func:`higher_is_better`, for
-sweeps and ``python -m sdtune.report --sort``) is :mod:`sdtune.utils.metrics`'s, re-exported here.
+wrong model folder costs a second (the metric models pass the loading gate of
+:mod:`sdtune.families.source`). Which way each metric is better, for sweeps and
+``python -m sdtune.report --sort``, is :func:`sdtune.utils.metrics.higher_is_better`.
 """
 
 from __future__ import annotations

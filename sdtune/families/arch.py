@@ -1,7 +1,7 @@
 """Full-size SD1.5 / SDXL / Kolors architectures with random weights, built from shipped configs.
 
 The bench must count FLOPs and (on a GPU) time the real architectures without downloading
-weights, so ``configs/`` holds the published ``config.json`` of each UNet, VAE, text encoder and
+weights, so ``arch_configs/`` holds the published ``config.json`` of each UNet, VAE, text encoder and
 scheduler. ``build_random_parts`` turns them (or a diffusers folder's own configs, e.g. a tiny model's)
 into :class:`~sdtune.families.ModelParts`. On ``torch.device("meta")`` nothing is allocated, so
 an SDXL or a 6B-parameter ChatGLM costs no memory; the FLOP counter still sees every operation.

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sdtune.config.values import number
 from sdtune.families import ModelFamily, ModelParts, get_family
 from sdtune.families.source import check_weights
 from sdtune.lora.apply import Component, activate, apply_lora
@@ -42,10 +43,12 @@ def parse_loras(items: Sequence[Any] | None) -> list[LoraRef]:
         else:
             path, _, w = str(item).partition("@")
             weight = w or 1.0
-        try:
-            refs.append(LoraRef(path=path, weight=float(weight)))
-        except (TypeError, ValueError):
-            raise ConfigError(f"loras[{i}] weight must be a number, got {weight!r}.") from None
+        try:  # "a.safetensors@0.7" gives a text
+            weight = float(weight) if isinstance(weight, str) else weight
+        except ValueError:
+            pass  # refused below with the value as given
+        refs.append(LoraRef(path=path, weight=number(f"loras[{i}] weight", weight,
+                                                     fix=f"e.g. {path}@0.8 (a finite number; 0 turns the LoRA off).")))
     return refs
 
 

@@ -295,3 +295,17 @@ def test_toy_controlnet_with_a_base_that_is_no_model_folder_exits_2_with_the_fix
     assert "--base 'nowhere' is not a diffusers model folder with a unet/ subfolder" in err
     assert str(ROOT / "models" / "toy" / "sd15") in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("override", "words"), [
+    ("num_images=abc", "num_images must be an integer"),
+    ("num_images=0", "num_images must be >= 1, got 0"),
+    ("steps=2.5", "steps must be an integer"),
+])
+def test_a_count_that_is_no_whole_number_is_refused_by_name_without_a_traceback(tmp_path, capsys, override, words):
+    """``num_images`` and ``steps`` go through the shared value checks (``int("abc")`` once ended
+    in a ValueError traceback)."""
+    code, err = run_module(capsys, "sdtune.generate", "model=sd15", f"model.path={tmp_path / 'no-base'}", "prompt=x",
+                           override, "device=cpu", f"hydra.run.dir={tmp_path / 'out'}")
+    assert code == 2, err
+    assert words in err and "Fix: e.g." in err and "Traceback" not in err, err

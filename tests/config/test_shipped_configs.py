@@ -154,8 +154,8 @@ def test_a_gpu_preset_on_a_cpu_ends_with_one_line(tmp_path):
     ("sdtune-generate", "python -m sdtune.generate loras=[FILE@WEIGHT,...]", ["loras=[a.safetensors@0.7", "num_images: 4"]),
     ("sdtune-merge", "python -m sdtune.merge loras=[FILE@WEIGHT,...]", ["save_dtype: fp16", "single_file: true"]),
     ("sdtune-morph", "python -m sdtune.morph 'images=[a.png,b.png]'", ["inversion_steps: 50", "train_overrides: []"]),
-    ("sdtune-export", "usage: python -m sdtune.export", ["--format {diffusers,kohya}", "--dora-as-lora"]),
-    ("sdtune-report", "usage: python -m sdtune.report", ["--sort METRIC", "sweep"]),
+    pytest.param("sdtune-export", "usage: python -m sdtune.export", ["--format {diffusers,kohya}", "--dora-as-lora"], marks=pytest.mark.slow),
+    pytest.param("sdtune-report", "usage: python -m sdtune.report", ["--sort METRIC", "sweep"], marks=pytest.mark.slow),
 ])
 def test_console_scripts_say_what_the_command_does_and_its_own_keys(script, first, keys, tmp_path):
     """pyproject's [project.scripts], run from another folder (the Hydra tools find conf/ by an

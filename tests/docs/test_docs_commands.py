@@ -22,6 +22,7 @@ that reason (``pytest -rs``).
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import functools
@@ -291,8 +292,26 @@ def test_the_command_table_matches_the_console_scripts():
     scripts = dict(re.findall(r'^([\w-]+)\s*=\s*"([^"]+)"', section, re.M))  # (tomllib is Python 3.11+)
     assert set(scripts) == set(SCRIPTS)
     for script, entry in scripts.items():
-        module = entry.split(":")[0]
-        assert module == SCRIPTS[script] or module.startswith(SCRIPTS[script] + "."), (script, entry)
+        assert entry == main_guard_target(SCRIPTS[script]), (script, entry, SCRIPTS[script])
+
+
+def main_guard_target(module: str) -> str:
+    """``module:function`` that ``python -m MODULE`` calls in its ``if __name__ == "__main__":``
+    block (through ``sys.exit(...)`` too; a name imported from elsewhere resolves to its module)."""
+    spec = importlib.util.find_spec(module)
+    origin = Path(spec.origin)
+    if spec.submodule_search_locations:  # a package: python -m runs its __main__.py
+        module, origin = f"{module}.__main__", origin.parent / "__main__.py"
+    tree = ast.parse(origin.read_text(encoding="utf-8"))
+    guard = next(n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test))
+    call = guard.body[-1].value
+    while isinstance(call.args[:1] and call.args[0], ast.Call):  # sys.exit(main())
+        call = call.args[0]
+    name = call.func.id
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and any((a.asname or a.name) == name for a in node.names):
+            return f"{node.module}:{next(a.name for a in node.names if (a.asname or a.name) == name)}"
+    return f"{module}:{name}"
 
 
 @pytest.mark.parametrize("line, expected", [

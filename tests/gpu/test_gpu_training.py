@@ -1,6 +1,6 @@
 """A few training steps of each full-size architecture on a CUDA GPU (``make test-gpu``).
 
-Random weights built from the shipped configs (``sdtune/bench/configs``, no download), the
+Random weights built from the shipped configs (``sdtune/families/arch_configs``, no download), the
 bench's own presets and runner (``sdtune.bench.watch.watched_run``), the quickstart images. Each
 run asserts a finite loss, every LoRA tensor moved, frozen weights bit-identical, the dtypes
 of mixed precision and peak memory under its bound (SDXL 10 GB and Kolors 12 GB: the bench

@@ -75,7 +75,10 @@ class Graph:
 
 
 def _is_type_checking(node: ast.If) -> bool:
-    return "TYPE_CHECKING" in ast.unparse(node.test)
+    """``if TYPE_CHECKING:`` or ``if typing.TYPE_CHECKING:`` exactly (``if not TYPE_CHECKING:`` runs)."""
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def _resolve(name: str, modules: dict[str, str]) -> str | None:
@@ -220,7 +223,7 @@ def layer_of(module: str) -> str | None:
         return "commands"
     if parts[1] in LAYERS:
         return parts[1]
-    raise AssertionError(f"{module} is in no layer of tests/test_architecture.py: put it in a package of {LAYERS} "
+    raise AssertionError(f"{module} is in no layer of tests/project/test_architecture.py: put it in a package of {LAYERS} "
                          f"or add it to COMMANDS (a command module at the top of sdtune/)")
 
 
@@ -393,3 +396,15 @@ def test_checker_reports_a_function_level_import_without_the_deferred_comment():
     found = undeferred_imports(graph)
     assert len(found) == 2 and all("rule (e)" in f for f in found)
     assert "sdtune/run/a.py:2" in found[0] and "sdtune/run/a.py:10" in found[1]
+
+
+def test_the_top_of_the_package_holds_only_the_commands_and_the_folders():
+    """``ls sdtune``: the commands users run and one folder per concern; a library module dropped
+    at the top (say ``sdtune/helpers.py``) fails here."""
+    top = ROOT / "sdtune"
+    files = {p.stem for p in top.glob("*.py")} - {"__init__"}
+    assert {f"sdtune.{name}" for name in files} == COMMANDS - {"sdtune.morph.command"}, sorted(files)
+    folders = {p.name for p in top.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders == set(LAYERS) - {"commands"} | {"toy"}, sorted(folders)
+    assert all((top / name / "__init__.py").is_file() for name in folders)
+    assert not [p.name for p in top.iterdir() if p.is_file() and p.suffix != ".py"]

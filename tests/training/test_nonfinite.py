@@ -63,7 +63,7 @@ def _run_with_nan(capsys, tmp_path: Path, data: Path, *extra: str) -> tuple[int,
     code, err = run_main(
         capsys, "model=tiny", f"model.path={CACHE / 'tiny-sd15'}", f"data.root={data}", "trainer=cpu",
         "trainer.max_steps=8", "data.resolution=64", "data.cache_latents=true", "callbacks.samples=null",
-        f"paths.cache_dir={tmp_path / 'cache'}", "+callbacks.nan_at._target_=tests.test_nonfinite.NaNAt",
+        f"paths.cache_dir={tmp_path / 'cache'}", "+callbacks.nan_at._target_=tests.training.test_nonfinite.NaNAt",
         "+callbacks.nan_at.step=3", f"hydra.run.dir={run}", *extra)
     return code, err, run
 

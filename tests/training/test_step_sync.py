@@ -127,7 +127,7 @@ def _run(capsys, tmp_path: Path, *extra: str, accelerator: str = "cpu", masks: b
             f"trainer.accelerator={accelerator}", f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1000",
             "trainer.nonfinite_check_every=1000", "+trainer.enable_progress_bar=false", "data.resolution=64",
             "callbacks.model_checkpoint.every_n_train_steps=1000", "callbacks.samples=null", "callbacks.loss_plot=null",
-            f"paths.cache_dir={tmp_path / 'cache'}", "+callbacks.sync_probe._target_=tests.test_step_sync.StepSyncProbe",
+            f"paths.cache_dir={tmp_path / 'cache'}", "+callbacks.sync_probe._target_=tests.training.test_step_sync.StepSyncProbe",
             f"hydra.run.dir={tmp_path / 'run'}", *extra]
     code, err = run_main(capsys, *args)
     assert code == 0, err[-3000:]
