@@ -29,6 +29,7 @@ from sdtune.config.values import integer
 from sdtune.families import get_family
 from sdtune.families.builder import build_parts
 from sdtune.families.source import check_weights
+from sdtune.inference.embedding_files import load_embeddings, parse_embeddings, read_embeddings
 from sdtune.inference.image_input import (
     draw,
     load_controlnet,
@@ -46,7 +47,6 @@ from sdtune.inference.loading import (
 )
 from sdtune.inference.sampling import make_grid
 from sdtune.lora.apply import set_enabled
-from sdtune.run.embedding_files import load_embeddings, parse_embeddings, read_embeddings
 from sdtune.utils.console import tidy_console
 from sdtune.utils.errors import exit_on_user_error
 from sdtune.utils.infotext import infotext

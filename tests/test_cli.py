@@ -35,7 +35,8 @@ def _val_loss_by_hand(run) -> float:
     """The run's validation loss with its final LoRA file, computed here from the diffusion maths:
     each validation image's VAE mean latent, noised with the run's fixed validation noise and
     timesteps, against the epsilon or v target from the scheduler's alphas; the mean over images."""
-    from sdtune.data import ImageCaptionDataModule, load_records
+    from sdtune.data.datamodule import ImageCaptionDataModule
+    from sdtune.data.records import load_records
     from sdtune.training.diffusion import validation_randomness
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())

@@ -5,7 +5,7 @@ It follows diffusers' ``train_text_to_image_lora.py``: freeze the base, inject L
 step encode the images with the VAE and the captions with the text encoder(s), noise the latents,
 predict, take the MSE, ``backward``, clip, ``AdamW.step``, ``zero_grad``. Autocast is on when the
 precision asks for it (``bf16-mixed``/``16-mixed``, the latter with a GradScaler on CUDA). The
-batches come from the same :class:`~sdtune.data.ImageCaptionDataModule` as sdtune's, so data
+batches come from the same :class:`~sdtune.data.datamodule.ImageCaptionDataModule` as sdtune's, so data
 loading costs the same; only the model-specific conditioning (which encoders, which UNet
 keyword arguments) is borrowed from the family, as a user would copy it from diffusers.
 """
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sdtune.bench.measure import MemoryMeter, StepClock, batch_size_of
-from sdtune.data import ImageCaptionDataModule
+from sdtune.data.datamodule import ImageCaptionDataModule
 from sdtune.families import ModelParts, get_family
 from sdtune.lora.layers import inject, spec_from_config, trainable_lora_parameters
 from sdtune.training.trainable import WEIGHT_DTYPES

@@ -21,7 +21,7 @@ import torch
 from sdtune.bench.cases import REFERENCE, Case
 from sdtune.bench.measure import MemoryMeter, StepClock, batch_size_of, release_memory
 from sdtune.bench.reference import run_reference
-from sdtune.data import ImageCaptionDataModule
+from sdtune.data.datamodule import ImageCaptionDataModule
 from sdtune.families import ModelParts
 from sdtune.families.arch import build_random_parts
 from sdtune.families.builder import build_parts, model_source

@@ -37,7 +37,7 @@ from sdtune.bench.flops import count_step_flops
 from sdtune.bench.measure import Timing, matmul_peak
 from sdtune.bench.runner import first_batch, profile_case, run_case
 from sdtune.bench.table import check_targets, make_row, to_console, to_csv, to_markdown
-from sdtune.data import load_records
+from sdtune.data.records import load_records
 from sdtune.families.builder import model_source
 from sdtune.inference.loading import pick_device
 from sdtune.run.checks import validate

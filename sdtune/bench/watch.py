@@ -32,7 +32,7 @@ from sdtune.bench.measure import MemoryMeter, StepClock, release_memory
 from sdtune.bench.runner import run_sdtune
 from sdtune.config.paths import CONF_DIR
 from sdtune.config.resolvers import register_resolvers
-from sdtune.data import load_records
+from sdtune.data.records import load_records
 from sdtune.lora.layers import named_trainable_lora_parameters
 from sdtune.run.checks import validate
 

@@ -1,7 +1,7 @@
-"""Training data: folder validation, image transforms, dataset and datamodule."""
+"""Training data: folder and metadata reading (``records``), image decoding and transforms, buckets,
+captions, masks, prior-preservation batches, the batch sampler, collate, the latent and text caches
+and where they live, and the dataset and datamodule.
 
-from sdtune.data.collate import collate
-from sdtune.data.datamodule import ImageCaptionDataModule, ImageCaptionDataset
-from sdtune.data.records import Record, load_records
-
-__all__ = ["ImageCaptionDataModule", "ImageCaptionDataset", "Record", "collate", "load_records"]
+Import from the module that holds a name (``sdtune.data.records.load_records``): this package
+imports nothing, so reading a dataset or a picture does not import Lightning (``datamodule``).
+"""

@@ -19,9 +19,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from sdtune.data import ImageCaptionDataModule, load_records
-from sdtune.data.datamodule import folder_repeats
+from sdtune.data.datamodule import ImageCaptionDataModule, folder_repeats
 from sdtune.data.masks import find_masks, mask_manifest
+from sdtune.data.records import load_records
 from sdtune.evaluation.reference import evaluation_callbacks
 from sdtune.families.builder import model_source
 from sdtune.run.checks import check_against_base, check_device, validate

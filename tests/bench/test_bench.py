@@ -18,7 +18,7 @@ from sdtune.bench.flops import count_step_flops
 from sdtune.bench.measure import MemoryMeter
 from sdtune.bench.runner import first_batch
 from sdtune.bench.table import COLUMNS, check_targets
-from sdtune.data import load_records
+from sdtune.data.records import load_records
 from sdtune.families.arch import build_random_parts, parameter_count
 from tests.helpers.cli import run_cli
 from tests.helpers.config import bench_cfg

@@ -12,7 +12,8 @@ import lightning as L
 import pytest
 from PIL import Image
 
-from sdtune.data import ImageCaptionDataModule, load_records
+from sdtune.data.datamodule import ImageCaptionDataModule
+from sdtune.data.records import load_records
 from sdtune.lora.files import read_lora
 from sdtune.run.train import train
 from sdtune.training.checkpointing import load_checkpoint

@@ -15,8 +15,8 @@ import shutil
 import pytest
 from PIL import Image, ImageFile
 
-from sdtune.data import ImageCaptionDataModule, load_records
-from sdtune.data.datamodule import folder_repeats
+from sdtune.data.datamodule import ImageCaptionDataModule, folder_repeats
+from sdtune.data.records import load_records
 from sdtune.data.sampler import TrainBatchSampler
 from sdtune.run.train import train
 from sdtune.utils.errors import ConfigError, DataError, ModelLoadError

@@ -16,9 +16,15 @@ import re
 import pytest
 from PIL import Image
 
-from sdtune.data import ImageCaptionDataModule, load_records
-from sdtune.data.datamodule import MAX_EPOCH_SAMPLES, ImageCaptionDataset, check_epoch_size, folder_repeats
+from sdtune.data.datamodule import (
+    MAX_EPOCH_SAMPLES,
+    ImageCaptionDataModule,
+    ImageCaptionDataset,
+    check_epoch_size,
+    folder_repeats,
+)
 from sdtune.data.masks import find_masks
+from sdtune.data.records import load_records
 from sdtune.utils.errors import DataError
 from tests.helpers.cli import run_main
 from tests.helpers.config import compose_cfg

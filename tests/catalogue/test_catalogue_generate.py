@@ -26,12 +26,12 @@ from safetensors.torch import save_file
 from sdtune.data.images import load_rgb, resize_and_crop
 from sdtune.evaluation.metrics import fit_image, load_references
 from sdtune.families import get_family
+from sdtune.inference.embedding_files import read_embedding
 from sdtune.inference.image_input import parse_image_input, prepare_pictures, read_picture
 from sdtune.inference.loading import parse_loras
 from sdtune.lora.files import LoraHeader, save_lora
 from sdtune.lora.layers import LoraSpec
 from sdtune.morph.inputs import load_image
-from sdtune.run.embedding_files import read_embedding
 from sdtune.utils.errors import ConfigError, LoraFileError
 from tests.helpers.cli import run_entry
 from tests.helpers.files import snapshot

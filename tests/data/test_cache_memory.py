@@ -17,9 +17,11 @@ import pytest
 import safetensors.torch
 import torch
 
-from sdtune.data import ImageCaptionDataModule, collate, load_records
 from sdtune.data.cache_memory import CacheMemory
+from sdtune.data.collate import collate
+from sdtune.data.datamodule import ImageCaptionDataModule
 from sdtune.data.latents import LatentStore
+from sdtune.data.records import load_records
 from sdtune.lora.layers import live_lora_state
 from sdtune.run.checks import validate
 from sdtune.training.module import LoRATrainingModule

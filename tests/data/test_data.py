@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sdtune.data import ImageCaptionDataModule, ImageCaptionDataset, load_records
+from sdtune.data.datamodule import ImageCaptionDataModule, ImageCaptionDataset
 from sdtune.data.images import load_rgb, resize_and_crop, to_pil, to_tensor
+from sdtune.data.records import load_records
 from sdtune.utils.errors import DataError
 from tests.helpers.paths import QUICKSTART
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sdtune.data import ImageCaptionDataModule, load_records
 from sdtune.data.buckets import assign_buckets
 from sdtune.data.captions import CaptionOptions, process_caption
-from sdtune.data.datamodule import folder_repeats
+from sdtune.data.datamodule import ImageCaptionDataModule, folder_repeats
 from sdtune.data.images import plan_crop
+from sdtune.data.records import load_records
 from sdtune.data.sampler import TrainBatchSampler, sample_seed
 from sdtune.run.train import train
 from sdtune.training.module import LoRATrainingModule

@@ -9,8 +9,8 @@ import logging
 import pytest
 from safetensors import safe_open
 
-from sdtune.data import ImageCaptionDataModule, load_records
-from sdtune.data.datamodule import folder_repeats
+from sdtune.data.datamodule import ImageCaptionDataModule, folder_repeats
+from sdtune.data.records import load_records
 from sdtune.utils.errors import DataError
 from tests.helpers.images import add, textured
 

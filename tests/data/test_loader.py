@@ -8,8 +8,9 @@ import logging
 import lightning as L
 import pytest
 
-from sdtune.data import ImageCaptionDataModule, load_records
+from sdtune.data.datamodule import ImageCaptionDataModule
 from sdtune.data.loader import loader_settings
+from sdtune.data.records import load_records
 from sdtune.run.checks import validate
 from sdtune.utils.errors import ConfigError
 from tests.helpers.config import compose_cfg

@@ -6,8 +6,9 @@ import lightning as L
 import pytest
 import torch
 
-from sdtune.data import ImageCaptionDataModule, load_records
 from sdtune.data.cache_memory import CacheMemory
+from sdtune.data.datamodule import ImageCaptionDataModule
+from sdtune.data.records import load_records
 from sdtune.data.text_cache import TextEmbeddingCache
 from sdtune.families import get_family
 from sdtune.training.module import LoRATrainingModule

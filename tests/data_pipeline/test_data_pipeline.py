@@ -139,8 +139,8 @@ def test_acceptance_kolors_recipe(acceptance_raw, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_training_reader_accepts_output(acceptance_raw, tmp_path):
-    from sdtune.data import load_records
     from sdtune.data.images import load_rgb
+    from sdtune.data.records import load_records
 
     out = tmp_path / "clean"
     assert run_stage(acceptance_raw, out, "--model", "kolors", "--np", "1", "--link", "hardlink") == 0
@@ -414,7 +414,7 @@ def test_cli_errors_exit_2_without_traceback(tmp_path):
 def test_several_captions_per_image_survive_the_stage_as_alternatives(tmp_path):
     """A jsonl text list stays a list (never its string form): OUT gets metadata.jsonl, which
     training reads as alternative captions, one picked per epoch from the sample's seed."""
-    from sdtune.data import load_records
+    from sdtune.data.records import load_records
 
     root = _forms_raw(tmp_path)
     rows = [{"file_name": "images/a.png", "text": ["一只猫", "a cat on a mat"]}, {"file_name": "images/b.png", "text": "one"}]

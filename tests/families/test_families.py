@@ -6,7 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sdtune.data import ImageCaptionDataset, collate, load_records
+from sdtune.data.collate import collate
+from sdtune.data.datamodule import ImageCaptionDataset
+from sdtune.data.records import load_records
 from sdtune.families import FAMILIES, get_family
 from sdtune.lora.apply import apply_lora
 from sdtune.lora.files import LoraHeader, read_lora, save_lora

@@ -78,7 +78,7 @@ def test_each_sample_draws_from_its_own_seed_whatever_the_batch():
 
 def test_the_modules_loss_is_this_maths_on_its_unet(tmp_path, tiny_sd15):
     """snr_gamma, the prediction type and the latent inputs reach the loss: recomputed by hand."""
-    from sdtune.data import collate
+    from sdtune.data.collate import collate
     from sdtune.training.module import LoRATrainingModule
     from tests.helpers.config import compose_cfg, resolved
 

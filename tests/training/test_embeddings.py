@@ -113,7 +113,7 @@ def test_sdxl_pivotal_file_loads_into_both_encoders_as_diffusers_documents(runs)
 
     from sdtune.families import get_family
     from sdtune.families.base import ModelParts
-    from sdtune.run.embedding_files import EmbeddingRef, load_embeddings
+    from sdtune.inference.embedding_files import EmbeddingRef, load_embeddings
 
     run = runs("sdxl")
     tensors = load_file(str(run / "olq.safetensors"))
@@ -204,7 +204,7 @@ def test_a_word_the_tokenizer_knows_is_refused(tmp_path):
 
 def test_an_embedding_file_of_another_family_is_refused(runs, tmp_path):
     from sdtune.families import get_family
-    from sdtune.run.embedding_files import read_embedding
+    from sdtune.inference.embedding_files import read_embedding
 
     with pytest.raises(LoraFileError, match=r"holds \['emb_params'\], but a sdxl embedding holds \['clip_l', 'clip_g'\]"):
         read_embedding(runs("sd15") / "olq.safetensors", get_family("sdxl"))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from sdtune.data import ImageCaptionDataModule, collate, load_records
+from sdtune.data.collate import collate
+from sdtune.data.datamodule import ImageCaptionDataModule
+from sdtune.data.records import load_records
 from sdtune.lora.layers import is_lora_key
 from sdtune.training.module import LoRATrainingModule
 from tests.helpers.config import compose_cfg, resolved
@@ -48,7 +50,7 @@ def test_single_image_overfit_changes_only_lora(tmp_path, tiny_sd15, one_image_d
     module = _module(tmp_path, one_image_data, "optim.optimizer.lr=3e-2")
     before = {k: v.clone() for k, v in module.state_dict().items()}
     records = load_records(one_image_data)
-    from sdtune.data import ImageCaptionDataset
+    from sdtune.data.datamodule import ImageCaptionDataset
 
     item = ImageCaptionDataset(records, 64)[0]
     batch = collate([item] * 8)

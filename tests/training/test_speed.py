@@ -14,7 +14,8 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from sdtune.data import ImageCaptionDataModule, load_records
+from sdtune.data.datamodule import ImageCaptionDataModule
+from sdtune.data.records import load_records
 from sdtune.training.module import LoRATrainingModule
 from sdtune.utils.errors import ConfigError
 from tests.helpers.config import compose_cfg, resolved
