@@ -40,25 +40,27 @@ from sdtune.training.text_encoders import (
 from sdtune.utils.errors import LoraFileError, SdtuneError
 
 
-def unet_config_for(cfg: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The base UNet's config.json (no weights), or None when it cannot be read offline."""
+def denoiser_config_for(cfg: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The base denoiser's config.json (no weights), or None when it cannot be read offline."""
     if not cfg:
         return None
-    from diffusers import UNet2DConditionModel
+    import diffusers
 
     try:
-        return dict(UNet2DConditionModel.load_config(str(cfg["model"]["path"]), subfolder="unet", local_files_only=True))
+        family = get_family(cfg["model"]["family"])
+        cls = getattr(diffusers, family.denoiser_class)
+        return dict(cls.load_config(str(cfg["model"]["path"]), subfolder=family.denoiser_subfolder, local_files_only=True))
     except Exception:
         return None
 
 
-def unet_module_names(config: Mapping[str, Any]) -> list[str]:
-    """Module paths of a UNet built from ``config`` on the meta device (no memory, no weights)."""
-    from diffusers import UNet2DConditionModel
+def denoiser_module_names(config: Mapping[str, Any], family: str) -> list[str]:
+    """Module paths of ``family``'s denoiser built from ``config`` on the meta device (no memory, no weights)."""
+    import diffusers
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    return [n for n, _ in unet.named_modules()]
+        denoiser = getattr(diffusers, get_family(family).denoiser_class).from_config(config)
+    return [n for n, _ in denoiser.named_modules()]
 
 
 def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str = DEFAULT_FORMAT,
@@ -100,7 +102,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str = D
     if header.text_encoder is not None and not text_encoders:
         raise LoraFileError(f"{str(ckpt_path)!r}: its run config sets lora.text_encoder but it holds no text-encoder LoRA "
                             f"tensors. {CHECKPOINT_FIX}")
-    config = unet_config_for(cfg) if format == "kohya" else None
+    config = denoiser_config_for(cfg) if format == "kohya" else None
     if dora_as_lora_rank is not None:
         tensors, header = _dora_as_lora(tensors, header, cfg, dora_as_lora_rank, str(ckpt_path))
     weights = (base_weights_from(cfg["model"]["path"], tensors, origin=f"from the run config stored in {ckpt_path}")
@@ -142,13 +144,13 @@ def export_lora(lora_path: str | Path, out: str | Path, *, format: str, family: 
             f"header), and kohya names differ per family. Fix: pass --family ({'|'.join(sorted(FAMILIES))})."
         )
     _check_convertible(lora, str(lora_path))
-    # The base model's own UNet config when its header names a reachable one, else the family's
+    # The base model's own denoiser config when its header names a reachable one, else the family's
     # standard full-size layout (what every public checkpoint of the family shares).
-    config = unet_config_for(lora.config) or _standard_unet_config(family)
+    config = denoiser_config_for(lora.config) or _standard_denoiser_config(family)
     if lora.format != "kohya":
         tensors = lora.tensors
     else:
-        tensors = lora.peft_tensors(unet_module_names(config), config, family=family)
+        tensors = lora.peft_tensors(denoiser_module_names(config, family), config, family=family)
         if lora.spec.targets:  # kohya names are resolved only now: check the header targets against them
             check_tensors_match(lora.spec, tensors, str(lora_path), origin="header (sdtune.*)")
     spec = lora.spec if lora.spec.targets else replace(lora.spec, targets=_targets_of(tensors))
@@ -157,8 +159,8 @@ def export_lora(lora_path: str | Path, out: str | Path, *, format: str, family: 
     return save_lora(out, tensors, header, format=format, unet_config=config, text_encoders=text_encoders)
 
 
-def _standard_unet_config(family: str) -> dict[str, Any]:
-    return architecture(family)["unet"]
+def _standard_denoiser_config(family: str) -> dict[str, Any]:
+    return architecture(family)[get_family(family).denoiser_subfolder]
 
 
 def _check_convertible(lora, source: str) -> None:

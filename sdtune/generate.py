@@ -77,7 +77,8 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     family, parts = build_parts(model_cfg, dtype=dtype)
     adapters = apply_loras(parts, family, refs, loras)
-    controlnet = (load_controlnet(spec.controlnet, dtype=dtype, unet=parts.unet, allow_pickle=allow_pickle)
+    controlnet = (load_controlnet(spec.controlnet, dtype=dtype, family=family, denoiser=parts.denoiser,
+                                  allow_pickle=allow_pickle)
                   if spec.controlnet else None)
     pipe = family.build_pipeline(parts, task=spec.task, controlnet=controlnet).to(device)
     load_embeddings(pipe, parts, family, embedding_refs, embeddings)  # textual-inversion words (embeddings=[...])
@@ -107,8 +108,8 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
                 steps=int(cfg.steps),
                 prompt=cfg.prompt,
                 negative_prompt=cfg.negative_prompt,
-                guidance_scale=guidance,
                 generator=torch.Generator("cpu").manual_seed(seed),
+                **family.pipeline_call_kwargs(guidance, None, parts),
             )
             rows[label].append(image)
             tag = "off_" if label == "LoRA off" else ""

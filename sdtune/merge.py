@@ -88,9 +88,9 @@ def merge(cfg: DictConfig) -> tuple[Path, Path | None]:
     family, parts = build_parts(model_cfg, dtype=torch.float32)  # fuse in fp32, cast when saving
     fuse(parts, apply_loras(parts, family, refs, loras))  # UNet and, where a LoRA has layers for them, text encoders
     dtype = SAVE_DTYPES[cfg.save_dtype]
-    for module in (parts.unet, *parts.frozen_modules()):
+    for module in (parts.denoiser, *parts.frozen_modules()):
         module.to(dtype)
-    _check_merged_finite(parts, cfg.save_dtype, refs)  # before anything is written
+    _check_merged_finite(parts, family, cfg.save_dtype, refs)  # before anything is written
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -116,7 +116,7 @@ def merge(cfg: DictConfig) -> tuple[Path, Path | None]:
     if single is not None:
         from safetensors.torch import save_file
 
-        state = pipeline_to_original(family, parts.unet, parts.vae, parts.text_encoders)
+        state = pipeline_to_original(family, parts.denoiser, parts.vae, parts.text_encoders)
         with atomic_path(single) as tmp_file:
             save_file(state, str(tmp_file), metadata={"sdtune.merge": json.dumps(record, default=str)})
     log.info("merged %d LoRA(s) into %s%s", len(refs), out, f" and {single}" if single else "")
@@ -150,13 +150,13 @@ def legacy_text_encoder_layout(folder: Path) -> list[str]:
     return done
 
 
-def _check_merged_finite(parts, save_dtype: str, refs) -> None:
+def _check_merged_finite(parts, family, save_dtype: str, refs) -> None:
     """Refuse to save a merged model with NaN/Inf weights (e.g. a fused delta beyond fp16's 65504).
 
     The LoRAs themselves were checked on reading; what remains is overflow when fusing large
     weights or casting to ``save_dtype``, and a base model that was already broken.
     """
-    for label, module in (("unet", parts.unet), *((type(m).__name__, m) for m in parts.frozen_modules())):
+    for label, module in ((family.denoiser_subfolder, parts.denoiser), *((type(m).__name__, m) for m in parts.frozen_modules())):
         bad = nonfinite_tensors(module.state_dict())
         if bad:
             names, count = bad

@@ -37,6 +37,7 @@ def _val_loss_by_hand(run) -> float:
     timesteps, against the epsilon or v target from the scheduler's alphas; the mean over images."""
     from sdtune.data.datamodule import ImageCaptionDataModule
     from sdtune.data.records import load_records
+    from sdtune.families.objectives import DDPMObjective
     from sdtune.training.diffusion import validation_randomness
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -49,7 +50,7 @@ def _val_loss_by_hand(run) -> float:
     with torch.no_grad():
         for i, batch in enumerate(data.val_dataloader()):
             latents = parts.vae.encode(batch["pixel_values"]).latent_dist.mean * parts.vae.config.scaling_factor
-            noise, t = validation_randomness(cfg["seed"], i, tuple(latents.shape), scheduler.config.num_train_timesteps)
+            noise, t = validation_randomness(cfg["seed"], i, tuple(latents.shape), DDPMObjective(scheduler))
             a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
             noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
             target = noise if scheduler.config.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents

@@ -236,7 +236,7 @@ def test_bad_picture_inputs_name_the_key_and_the_fix(tmp_path, pictures):
 def test_a_controlnet_for_another_base_is_refused(tmp_path, pictures):
     cn = build_toy_controlnet(tiny_model("sdxl"), tmp_path / "xl-cn")
     with pytest.raises(ModelLoadError, match=r"was made for another base: its cross_attention_dim is 80, the base "
-                                             r"model's UNet has 32"):
+                                             r"model's UNet2DConditionModel has 32"):
         _run(tmp_path / "out", f"model={MODEL['sd15']}", f"init_image={pictures / 'square.png'}", f"controlnet.path={cn}")
 
 

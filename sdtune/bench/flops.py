@@ -48,10 +48,10 @@ def count_step_flops(cfg: dict[str, Any], batch: dict[str, Any], *, folder: str 
     vae_factor = 2 ** (len(arch["vae"]["block_out_channels"]) - 1)
     images, h, w = _batch_geometry(batch, vae_factor)
     meta = torch.device("meta")
-    latents = torch.zeros(images, arch["unet"]["in_channels"], h, w, device=meta)
+    latents = torch.zeros(images, arch["vae"]["latent_channels"], h, w, device=meta)
     text = {k: torch.zeros(images, *shape, device=meta, dtype=module.weight_dtype) for k, shape in family.text_shapes(arch).items()}
     noise = torch.zeros_like(latents)
-    timesteps = torch.zeros(images, dtype=torch.long, device=meta)
+    timesteps = module.objective.dummy_timesteps(images, meta)
 
     with torch.no_grad(), FlopCounterMode(display=False) as fwd_counter:
         module.diffusion_loss(latents, text, batch, noise=noise, timesteps=timesteps)

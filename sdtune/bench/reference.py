@@ -42,22 +42,22 @@ def _to_device(value: Any, device: torch.device) -> Any:
 def prepare(parts: ModelParts, cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) -> list[torch.nn.Parameter]:
     """Freeze and cast the base, add LoRA (fp32) to the UNet, move everything to ``device``."""
     family = get_family(cfg["model"]["family"])
-    for module in (parts.unet, parts.vae, *parts.text_encoders):
+    for module in (parts.denoiser, parts.vae, *parts.text_encoders):
         module.requires_grad_(False)
         if next(module.parameters()).dtype != dtype:  # (diffusers warns about any .to(dtype) on a VAE)
             module.to(dtype=dtype)
         module.to(device)
     for module in (parts.vae, *parts.text_encoders):
         module.eval()
-    parts.unet.train()
+    parts.denoiser.train()
     lora_cfg = cfg["lora"]
-    inject(parts.unet, spec_from_config(lora_cfg, family.default_lora_targets), init=lora_cfg.get("init", "gaussian"))
-    params = trainable_lora_parameters(parts.unet)
+    inject(parts.denoiser, spec_from_config(lora_cfg, family.default_lora_targets), init=lora_cfg.get("init", "gaussian"))
+    params = trainable_lora_parameters(parts.denoiser)
     if not str(cfg["trainer"].get("precision", "32")).endswith("-true") or dtype == torch.float32:
         for p in params:  # LoRA trains in fp32 unless the precision is pure low precision (bf16-true)
             p.data = p.data.float()
     if cfg["train"].get("gradient_checkpointing"):
-        parts.unet.enable_gradient_checkpointing()
+        parts.denoiser.enable_gradient_checkpointing()
     return params
 
 
@@ -92,7 +92,8 @@ def run_reference(
     params = prepare(parts, cfg, device, dtype)
     optimizer, lr_schedule, autocast, scaler = _optimization(cfg, params, device, precision, dtype)
     clip = cfg["trainer"].get("gradient_clip_val")
-    unet, vae, scheduler = parts.unet, parts.vae, parts.noise_scheduler
+    denoiser, vae, scheduler = parts.denoiser, parts.vae, parts.noise_scheduler
+    objective = family.objective(parts, cfg["train"])
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     datamodule = ImageCaptionDataModule.from_config(records, cfg["data"], seed=int(cfg.get("seed", 0)))
 
@@ -107,11 +108,11 @@ def run_reference(
             text = family.encode_prompts(parts, batch["text"])
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-        cond = _to_device(family.unet_conditioning(text, batch), device)
+        noisy = objective.noisy(latents, noise, timesteps)
+        target = objective.target(latents, noise, timesteps)
+        cond = _to_device(family.conditioning(text, batch), device)
         with autocast:
-            pred = unet(noisy.to(dtype), timesteps, **cond, return_dict=False)[0]
+            pred = family.predict(denoiser, noisy.to(dtype), objective.model_timestep(timesteps), cond)
         loss = F.mse_loss(pred.float(), target.float())
         if scaler is not None:
             scaler.scale(loss).backward()

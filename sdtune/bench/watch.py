@@ -48,7 +48,7 @@ def digest(tensor: torch.Tensor) -> str:
 
 def frozen_picks(parts) -> dict[str, torch.Tensor]:
     """A few frozen parameters of every model of ``parts`` (UNet base weights, VAE, each text encoder)."""
-    models = {"unet": parts.unet, "vae": parts.vae, **{f"text_encoder_{i}": m for i, m in enumerate(parts.text_encoders)}}
+    models = {"unet": parts.denoiser, "vae": parts.vae, **{f"text_encoder_{i}": m for i, m in enumerate(parts.text_encoders)}}
     out = {}
     for name, model in models.items():
         frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
@@ -112,18 +112,18 @@ class Watch(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         r, parts = self.report, pl_module.parts
-        r.lora_start = {n: p.detach().float().cpu().clone() for n, p in named_trainable_lora_parameters(parts.unet)}
-        r.lora_dtypes = {str(p.dtype) for _, p in named_trainable_lora_parameters(parts.unet)}
+        r.lora_start = {n: p.detach().float().cpu().clone() for n, p in named_trainable_lora_parameters(parts.denoiser)}
+        r.lora_dtypes = {str(p.dtype) for _, p in named_trainable_lora_parameters(parts.denoiser)}
         r.frozen_start = frozen_digests(parts)
-        r.frozen_dtypes = {str(p.dtype) for m in (parts.unet, parts.vae) for p in m.parameters() if not p.requires_grad}
-        r.unet_device = str(next(parts.unet.parameters()).device.type)
+        r.frozen_dtypes = {str(p.dtype) for m in (parts.denoiser, parts.vae) for p in m.parameters() if not p.requires_grad}
+        r.unet_device = str(next(parts.denoiser.parameters()).device.type)
         r.encoder_devices = [str(next(m.parameters()).device.type) for m in parts.text_encoders]
         optimizer = trainer.optimizers[0]
         r.optimizer = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
         r.optimizer_defaults = dict(optimizer.defaults)
-        r.attention = {type(p).__name__ for p in parts.unet.attn_processors.values()}
-        r.compiled = getattr(parts.unet, "_compiled_call_impl", None) is not None
-        r.gradient_checkpointing = bool(getattr(parts.unet, "is_gradient_checkpointing", False))
+        r.attention = {type(p).__name__ for p in parts.denoiser.attn_processors.values()}
+        r.compiled = getattr(parts.denoiser, "_compiled_call_impl", None) is not None
+        r.gradient_checkpointing = bool(getattr(parts.denoiser, "is_gradient_checkpointing", False))
         r.strategy = type(trainer.strategy).__name__
         r.world_size = int(trainer.world_size)
 
@@ -133,7 +133,7 @@ class Watch(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         r, parts = self.report, pl_module.parts
-        r.lora_end = {n: p.detach().float().cpu().clone() for n, p in named_trainable_lora_parameters(parts.unet)}
+        r.lora_end = {n: p.detach().float().cpu().clone() for n, p in named_trainable_lora_parameters(parts.denoiser)}
         r.frozen_end = frozen_digests(parts)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         r.scaler_scale = float(scaler.get_scale()) if scaler is not None else None

@@ -64,7 +64,7 @@ def render_at_scales(pl_module, samples: Sequence[Sample], scales: Sequence[floa
         guidance = pl_module.family.guidance(pl_module.cfg["model"])
     pipe = pl_module.family.build_pipeline(pl_module.parts)
     pipe.set_progress_bar_config(disable=True)
-    trained = [pl_module.parts.unet, *pl_module.parts.text_encoders]  # text encoders train with lora.text_encoder
+    trained = [pl_module.parts.denoiser, *pl_module.parts.text_encoders]  # text encoders train with lora.text_encoder
     was_training = [m.training for m in trained]
     for m in trained:
         m.eval()  # no LoRA dropout in samples
@@ -72,7 +72,8 @@ def render_at_scales(pl_module, samples: Sequence[Sample], scales: Sequence[floa
     negatives = [s.negative_prompt for s in samples]
     try:
         with frozen_modules_on_device(pl_module), exported_weights(pl_module):  # draw what the run exports
-            return [render(pipe, prompts, seeds, steps=steps, guidance=guidance, size=size, lora_scale=scale,
+            return [render(pipe, prompts, seeds, steps=steps, size=size,
+                           call_kwargs=pl_module.family.pipeline_call_kwargs(guidance, scale, pl_module.parts),
                            negative_prompt=negatives if any(negatives) else None) for scale in scales]
     finally:
         for m, mode in zip(trained, was_training):

@@ -23,6 +23,7 @@ CONFIGS = Path(__file__).resolve().parent / "arch_configs"
 #: Component -> (diffusers subfolder, config file name inside it).
 SUBFOLDERS = {
     "unet": ("unet", "config.json"),
+    "transformer": ("transformer", "config.json"),
     "vae": ("vae", "config.json"),
     "text_encoder": ("text_encoder", "config.json"),
     "text_encoder_2": ("text_encoder_2", "config.json"),
@@ -31,9 +32,10 @@ SUBFOLDERS = {
 
 
 def architecture(family: str | ModelFamily, folder: str | Path | None = None) -> dict[str, dict[str, Any]]:
-    """The component configs of ``family``: shipped JSON files, or those of a diffusers ``folder``."""
+    """The component configs of ``family``: shipped JSON files, or those of a diffusers ``folder``;
+    keyed by component (the denoiser under :attr:`~sdtune.families.base.ModelFamily.denoiser_subfolder`)."""
     family = as_family(family)
-    names = ("unet", "vae", *family.text_encoder_subfolders, "scheduler")
+    names = (family.denoiser_subfolder, "vae", *family.text_encoder_subfolders, "scheduler")
     out = {}
     for name in names:
         if folder is None:
@@ -68,7 +70,8 @@ def build_random_parts(
 
     On the meta device no tokenizers are built: meta tensors have shapes but no values to encode.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    import diffusers
+    from diffusers import AutoencoderKL
 
     family = as_family(family)
     arch = architecture(family, folder)
@@ -76,15 +79,15 @@ def build_random_parts(
     meta = device.type == "meta"
     torch.manual_seed(seed)
     with torch.device(device), _default_dtype(dtype):
-        unet = UNet2DConditionModel.from_config(arch["unet"])
+        denoiser = getattr(diffusers, family.denoiser_class).from_config(arch[family.denoiser_subfolder])
         vae = AutoencoderKL.from_config(arch["vae"])
         tokenizers, encoders = family.random_text_parts(arch, meta=meta)
     return ModelParts(
-        unet=unet,
+        denoiser=denoiser,
         vae=vae,
         text_encoders=encoders,
         tokenizers=tokenizers,
-        noise_scheduler=DDPMScheduler.from_config(arch["scheduler"]),
+        noise_scheduler=getattr(diffusers, family.training_scheduler).from_config(arch["scheduler"]),
         source=f"random-init:{family.name}" if folder is None else str(folder),
     )
 

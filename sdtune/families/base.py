@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from sdtune.families.objectives import DDPMObjective, Objective
 from sdtune.utils.errors import ConfigError, ModelLoadError
 
 #: What a pipeline is asked to do: draw from noise, or redraw an input picture (SDEdit).
@@ -23,9 +24,10 @@ TASKS = ("text2img", "img2img")
 
 @dataclass
 class ModelParts:
-    """The loaded pieces of a base model. Only the UNet gets LoRA layers."""
+    """The loaded pieces of a base model. Only the denoiser (a UNet or a transformer) and, when
+    asked, the text encoders get LoRA layers."""
 
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module
     vae: torch.nn.Module
     text_encoders: list[torch.nn.Module]
     tokenizers: list[Any]
@@ -36,11 +38,36 @@ class ModelParts:
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [self.vae, *self.text_encoders]
 
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The denoiser under its old name, read-only, while call sites move to :attr:`denoiser`."""
+        return self.denoiser
+
 
 class ModelFamily(ABC):
     """What the trainer needs to know about one family of Stable Diffusion models."""
 
     name: ClassVar[str]
+    #: The denoiser's diffusers subfolder, which is also its attribute on pipelines and on the
+    #: training module (so the checkpoint key prefix) and diffusers' LoRA key prefix.
+    denoiser_subfolder: ClassVar[str] = "unet"
+    #: diffusers class name of the denoiser.
+    denoiser_class: ClassVar[str] = "UNet2DConditionModel"
+    #: diffusers class name of the scheduler the training objective noises with.
+    training_scheduler: ClassVar[str] = "DDPMScheduler"
+    #: The training objective's class (its ``check_config`` runs before anything loads).
+    objective_class: ClassVar[type[Objective]] = DDPMObjective
+    #: diffusers class name of this family's ControlNets.
+    controlnet_class: ClassVar[str] = "ControlNetModel"
+    #: Image sides are multiples of this many pixels: the VAE's 8 times the denoiser's downsampling
+    #: (4 UNet levels: 8) or patching.
+    pixel_multiple: ClassVar[int] = 64
+    #: The layout of the run's LoRA file when ``callbacks.lora_export.format`` is left out.
+    default_export_format: ClassVar[str] = "kohya"
+    #: Indices of the text encoders that can get LoRA layers (None: all of them).
+    lora_text_encoders: ClassVar[tuple[int, ...] | None] = None
+    #: Why ``sdtune.morph`` cannot work on this family ("": it can).
+    morph_refusal: ClassVar[str] = ""
     #: Square training resolution the family was trained at.
     default_resolution: ClassVar[int]
     #: Classifier-free guidance scale the family's pipelines draw best at (its model card's default);
@@ -51,7 +78,8 @@ class ModelFamily(ABC):
     #: Text-encoder modules that get LoRA layers with ``lora.text_encoder.targets: null`` (CLIP: the
     #: attention projections, kohya's and diffusers' training scripts' choice).
     default_text_encoder_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
-    #: The kind of each text encoder, in order: "clip" (LoRA files name its layers under ``text_model.``) or "chatglm".
+    #: The kind of each text encoder, in order: "clip" (LoRA files name its layers under ``text_model.``),
+    #: "chatglm" or "t5".
     text_encoder_kinds: ClassVar[tuple[str, ...]] = ("clip",)
     #: Version string written to LoRA headers (``ss_base_model_version`` in kohya's tools).
     base_model_version: ClassVar[str]
@@ -90,7 +118,8 @@ class ModelFamily(ABC):
         ``config`` names a diffusers folder or hub id whose configs describe a single-file
         checkpoint; diffusers guesses one from the hub when it is left out.
         """
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        import diffusers
+        from diffusers import AutoencoderKL
 
         if Path(path).is_file():
             return self._load_single_file(path, config=config, dtype=dtype, vae_path=vae_path)
@@ -99,12 +128,15 @@ class ModelFamily(ABC):
             tokenizers, text_encoders = self.load_text_parts(path, dtype=dtype, revision=revision)
             if vae is None:
                 vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, torch_dtype=dtype)
-            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, torch_dtype=dtype)
-            scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
+            denoiser = getattr(diffusers, self.denoiser_class).from_pretrained(
+                path, subfolder=self.denoiser_subfolder, revision=revision, torch_dtype=dtype)
+            scheduler = getattr(diffusers, self.training_scheduler).from_pretrained(
+                path, subfolder="scheduler", revision=revision)
         except (OSError, ValueError) as err:
             raise self._load_error(path, err) from err
         return ModelParts(
-            unet=unet, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers, noise_scheduler=scheduler, source=path
+            denoiser=denoiser, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers, noise_scheduler=scheduler,
+            source=path,
         )
 
     @abstractmethod
@@ -140,8 +172,44 @@ class ModelFamily(ABC):
         return self.encode_tokens(parts, self.tokenize(parts, captions))
 
     @abstractmethod
+    def conditioning(self, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
+        """The conditioning :meth:`predict` takes, built from encoded text and the batch (for a
+        UNet: the keyword arguments of ``unet(noisy, t, **kwargs)``)."""
+
     def unet_conditioning(self, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
-        """Keyword arguments for ``unet(noisy, t, **kwargs)`` built from encoded text and the batch."""
+        """:meth:`conditioning` under its old name, while call sites move."""
+        return self.conditioning(text, batch)
+
+    def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                cond: dict[str, Any]) -> torch.Tensor:
+        """The denoiser's prediction (B, C, h, w) for ``noisy`` latents at the model's ``timesteps``
+        (:meth:`Objective.model_timestep`) under :meth:`conditioning`'s ``cond``."""
+        return denoiser(noisy, timesteps, **cond, return_dict=False)[0]
+
+    def objective(self, parts: ModelParts, train_cfg: Mapping[str, Any]) -> Objective:
+        """The training objective over ``parts``' training scheduler, set up from ``train:``.
+        Building it draws no random numbers."""
+        return DDPMObjective(parts.noise_scheduler, snr_gamma=train_cfg.get("snr_gamma"),
+                             prediction_type=train_cfg.get("prediction_type"))
+
+    def enable_sdpa(self, denoiser: torch.nn.Module) -> None:
+        """Run the denoiser's attention through PyTorch's fused scaled-dot-product attention."""
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        denoiser.set_attn_processor(AttnProcessor2_0())
+
+    def pipeline_call_kwargs(self, guidance: float, lora_scale: float | None = None,
+                             parts: ModelParts | None = None) -> dict[str, Any]:
+        """The pipeline call's keyword arguments for a guidance scale and (not None) the LoRA's scale."""
+        extra: dict[str, Any] = {"guidance_scale": float(guidance)}
+        if lora_scale is not None:
+            extra["cross_attention_kwargs"] = {"scale": float(lora_scale)}
+        return extra
+
+    def controlnet_fits(self, denoiser_config: Mapping[str, Any], controlnet_config: Mapping[str, Any]) -> list[str]:
+        """The config keys in which a ControlNet does not fit this base's denoiser ([]: it fits)."""
+        keys = ("cross_attention_dim", "addition_embed_type", "projection_class_embeddings_input_dim")
+        return [k for k in keys if controlnet_config.get(k) != denoiser_config.get(k)]
 
     @abstractmethod
     def pipeline_components(self, parts: ModelParts) -> dict[str, Any]:
@@ -207,7 +275,6 @@ class ModelFamily(ABC):
     def _load_single_file(self, path: str, *, config: str | None, dtype: torch.dtype, vae_path: str | None) -> ModelParts:
         """Parts of an A1111/ComfyUI-style single ``.safetensors`` file, via diffusers' reader."""
         import diffusers
-        from diffusers import DDPMScheduler
 
         if self.single_file_pipeline is None:
             raise ModelLoadError(
@@ -232,11 +299,11 @@ class ModelFamily(ABC):
         encoders = [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
         tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
         return ModelParts(
-            unet=pipe.unet,
+            denoiser=getattr(pipe, self.denoiser_subfolder),
             vae=vae,
             text_encoders=encoders,
             tokenizers=tokenizers,
-            noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+            noise_scheduler=getattr(diffusers, self.training_scheduler).from_config(pipe.scheduler.config),
             source=path,
         )
 

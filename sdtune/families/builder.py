@@ -47,6 +47,6 @@ def build_parts(model_cfg: Mapping[str, Any], *, dtype: torch.dtype = torch.floa
         revision=model_cfg.get("revision"),
         config=model_cfg.get("config"),
     )
-    for module in (parts.unet, *parts.frozen_modules()):
+    for module in (parts.denoiser, *parts.frozen_modules()):
         module.requires_grad_(False).eval()
     return family, parts

@@ -45,19 +45,19 @@ def check_config(cfg: DictConfig) -> None:
 
 @dataclass(frozen=True)
 class BaseLayout:
-    """A base model's family, component configs (``unet``, ``text_encoder``...) and meta-device UNet."""
+    """A base model's family, component configs (``unet``, ``text_encoder``...) and meta-device denoiser."""
 
     family: ModelFamily
     arch: dict[str, dict[str, Any]]
-    unet: Any
+    denoiser: Any
 
 
 def base_on_meta(cfg: Any, source: str) -> BaseLayout | None:
     """The layout of the base at ``source`` (a diffusers folder) without its weights; None where
     there are no configs to read (a hub id, a single file: those are checked once loaded) or
-    diffusers cannot build the UNet config (the loader then names the problem with its fix)."""
+    diffusers cannot build the denoiser's config (the loader then names the problem with its fix)."""
+    import diffusers
     import torch
-    from diffusers import UNet2DConditionModel
 
     family = get_family(cfg["model"]["family"])
     try:
@@ -66,8 +66,8 @@ def base_on_meta(cfg: Any, source: str) -> BaseLayout | None:
         return None
     try:
         with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(arch["unet"])
+            denoiser = getattr(diffusers, family.denoiser_class).from_config(arch[family.denoiser_subfolder])
     except Exception as err:  # a config diffusers cannot build (another class, say)
-        log.debug("settings checked after loading: the UNet config does not build (%s)", err)
+        log.debug("settings checked after loading: the %s config does not build (%s)", family.denoiser_class, err)
         return None
-    return BaseLayout(family, arch, unet)
+    return BaseLayout(family, arch, denoiser)

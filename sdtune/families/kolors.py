@@ -105,7 +105,7 @@ class Kolors(ModelFamily):
             "text_embeds": out.hidden_states[-1][-1, :, :].clone(),
         }
 
-    def unet_conditioning(self, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
+    def conditioning(self, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
         return micro_conditioning(text, batch)
 
     # diffusers has Kolors ControlNet pipelines only among its community scripts, not in the library.
@@ -123,7 +123,7 @@ class Kolors(ModelFamily):
             "vae": parts.vae,
             "text_encoder": parts.text_encoders[0],
             "tokenizer": parts.tokenizers[0],
-            "unet": parts.unet,
+            "unet": parts.denoiser,
             "scheduler": EulerDiscreteScheduler.from_config(parts.noise_scheduler.config),
         }
 

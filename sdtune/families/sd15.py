@@ -48,7 +48,7 @@ class SD15(ModelFamily):
         encoder = parts.text_encoders[0]
         return {"encoder_hidden_states": encoder(tokens["input_ids"].to(encoder.device, non_blocking=True), return_dict=False)[0]}
 
-    def unet_conditioning(self, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
+    def conditioning(self, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
         return {"encoder_hidden_states": text["encoder_hidden_states"]}
 
     pipelines = {
@@ -65,7 +65,7 @@ class SD15(ModelFamily):
             "vae": parts.vae,
             "text_encoder": parts.text_encoders[0],
             "tokenizer": parts.tokenizers[0],
-            "unet": parts.unet,
+            "unet": parts.denoiser,
             "scheduler": DDIMScheduler.from_config(parts.noise_scheduler.config),
             "safety_checker": None,
             "feature_extractor": None,

@@ -76,7 +76,7 @@ class SDXL(ModelFamily):
             pooled = out[0]  # text_embeds of the projection model (the last encoder)
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
 
-    def unet_conditioning(self, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
+    def conditioning(self, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
         return micro_conditioning(text, batch)
 
     # The img2img classes' defaults (requires_aesthetics_score=False, force_zeros_for_empty_prompt=True)
@@ -97,7 +97,7 @@ class SDXL(ModelFamily):
             "text_encoder_2": parts.text_encoders[1],
             "tokenizer": parts.tokenizers[0],
             "tokenizer_2": parts.tokenizers[1],
-            "unet": parts.unet,
+            "unet": parts.denoiser,
             "scheduler": EulerDiscreteScheduler.from_config(parts.noise_scheduler.config),
         }
 

@@ -26,6 +26,7 @@ from PIL import Image
 
 from sdtune.config.values import number
 from sdtune.data.images import load_rgb
+from sdtune.families.base import ModelFamily
 from sdtune.families.source import _looks_local, check_weights
 from sdtune.utils.errors import ConfigError, ModelLoadError
 from sdtune.utils.io import file_sha256
@@ -230,24 +231,25 @@ def _check_controlnet_hub_id(path: str) -> None:
     _check_controlnet_config(path, Path(config))
 
 
-def load_controlnet(path: str, *, dtype: torch.dtype, unet: torch.nn.Module, allow_pickle: bool = False) -> torch.nn.Module:
-    """``ControlNetModel.from_pretrained(path)`` in ``dtype``, checked to fit ``unet``'s base; pickle
-    weights only with ``allow_pickle`` (the user's ``model.allow_pickle=true``)."""
-    from diffusers import ControlNetModel
+def load_controlnet(path: str, *, dtype: torch.dtype, family: ModelFamily, denoiser: torch.nn.Module,
+                    allow_pickle: bool = False) -> torch.nn.Module:
+    """The family's ControlNet class (``ControlNetModel`` for the UNet families) ``.from_pretrained(path)``
+    in ``dtype``, checked to fit the base's ``denoiser``; pickle weights only with ``allow_pickle``
+    (the user's ``model.allow_pickle=true``)."""
+    import diffusers
 
     fix = CONTROLNET_FIX
     check_controlnet(path)
     check_weights(path, key="controlnet.path", allow_pickle=allow_pickle)
     try:
-        model = ControlNetModel.from_pretrained(path, torch_dtype=dtype)
+        model = getattr(diffusers, family.controlnet_class).from_pretrained(path, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as err:
         raise ModelLoadError(f"Could not load the ControlNet from controlnet.path={path!r}: {type(err).__name__}: "
                              f"{str(err).splitlines()[0] if str(err) else ''}\n{fix}") from err
-    for key in ("cross_attention_dim", "addition_embed_type", "projection_class_embeddings_input_dim"):
-        ours, theirs = unet.config.get(key), model.config.get(key)
-        if ours != theirs:
-            raise ModelLoadError(f"controlnet.path={path!r} was made for another base: its {key} is {theirs!r}, the base "
-                                 f"model's UNet has {ours!r}. {fix}")
+    for key in family.controlnet_fits(denoiser.config, model.config)[:1]:
+        ours, theirs = denoiser.config.get(key), model.config.get(key)
+        raise ModelLoadError(f"controlnet.path={path!r} was made for another base: its {key} is {theirs!r}, the base "
+                             f"model's {family.denoiser_class} has {ours!r}. {fix}")
     return model.requires_grad_(False).eval()
 
 

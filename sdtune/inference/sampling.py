@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -23,9 +24,8 @@ def render(
     seeds: Sequence[int],
     *,
     steps: int,
-    guidance: float,
     size: int,
-    lora_scale: float | None = None,
+    call_kwargs: Mapping[str, Any],
     negative_prompt: str | Sequence[str | None] | None = None,
     batch_size: int = 8,
 ) -> list[Image.Image]:
@@ -33,10 +33,10 @@ def render(
 
     Pairs are drawn ``batch_size`` at a time with one generator per image, so an image's starting
     noise depends on its seed alone, not on what else shares its batch. ``negative_prompt`` is
-    one for all, or one per prompt.
+    one for all, or one per prompt. ``call_kwargs`` are the family's guidance and LoRA-scale
+    arguments (:meth:`sdtune.families.base.ModelFamily.pipeline_call_kwargs`).
     """
     images: list[Image.Image] = []
-    extra = {} if lora_scale is None else {"cross_attention_kwargs": {"scale": float(lora_scale)}}
     prompts, seeds = list(prompts), list(seeds)
     negatives = [negative_prompt] * len(prompts) if negative_prompt is None or isinstance(negative_prompt, str) else list(negative_prompt)
     if len(prompts) != len(seeds):
@@ -47,11 +47,10 @@ def render(
             prompt=chunk,
             negative_prompt=None if negative_prompt is None else [n or "" for n in negatives[i : i + len(chunk)]],
             num_inference_steps=steps,
-            guidance_scale=guidance,
             height=size,
             width=size,
             generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i : i + len(chunk)]],
-            **extra,
+            **call_kwargs,
         )
         images.extend(out.images)
     return images

@@ -40,7 +40,7 @@ _HEADER_PREFIX = {c: p for p, c in PEFT_PREFIXES if p.startswith(("unet.", "text
 
 
 def _model(parts: ModelParts, component: Component) -> torch.nn.Module:
-    return parts.unet if component == "unet" else parts.text_encoders[component]
+    return parts.denoiser if component == "unet" else parts.text_encoders[component]
 
 
 def _names(model: torch.nn.Module) -> list[str]:
@@ -71,7 +71,7 @@ def _header_alphas(lora: LoraFile, component: Component, modules: Sequence[str])
 def components(lora: LoraFile, parts: ModelParts, family: ModelFamily) -> dict[Component, Weights]:
     """The file's peft tensors and per-module alphas for each model they belong to."""
     if lora.format == "kohya":
-        tensors, alphas = kohya_to_peft(lora.raw, _names(parts.unet), lora.family or family.name, parts.unet.config)
+        tensors, alphas = kohya_to_peft(lora.raw, _names(parts.denoiser), lora.family or family.name, parts.denoiser.config)
         out: dict[Component, Weights] = {"unet": (tensors, alphas)} if tensors else {}
         out.update(kohya_text_encoder_tensors(lora.raw, {i: _names(te) for i, te in enumerate(parts.text_encoders)}))
         return out
@@ -162,7 +162,7 @@ def apply_lora(parts: ModelParts, lora: LoraFile, *, family: str | ModelFamily, 
     except LoraFileError as err:
         raise LoraFileError(f"{str(path)!r} does not match this {family.name} model: {err}") from None
     if "unet" in found and lora.spec.targets:  # a header that names its targets promises all of those layers
-        absent = _absent_layers(parts.unet, lora.spec.targets, found["unet"][0])
+        absent = _absent_layers(parts.denoiser, lora.spec.targets, found["unet"][0])
         if absent:
             raise LoraFileError(f"{str(path)!r} does not match this {family.name} UNet: {len(absent)} LoRA layer(s) "
                                 f"of its targets are absent from the file, e.g. {absent[:3]}. The file is incomplete.")
@@ -191,7 +191,7 @@ def activate(parts: ModelParts, adapters: Mapping[Component, Sequence[str]], wei
 
     for component, names in adapters.items():
         if component == "unet":
-            parts.unet.set_adapters(list(names), weights=[weights[n] for n in names])
+            parts.denoiser.set_adapters(list(names), weights=[weights[n] for n in names])
         else:
             set_adapters_for_text_encoder(list(names), parts.text_encoders[component], [weights[n] for n in names])
 
@@ -202,7 +202,7 @@ def set_enabled(parts: ModelParts, adapters: Mapping[Component, Sequence[str]], 
 
     for component in adapters:
         if component == "unet":
-            parts.unet.enable_adapters() if enabled else parts.unet.disable_adapters()
+            parts.denoiser.enable_adapters() if enabled else parts.denoiser.disable_adapters()
         else:
             (enable_lora_for_text_encoder if enabled else disable_lora_for_text_encoder)(parts.text_encoders[component])
 
@@ -214,8 +214,8 @@ def fuse(parts: ModelParts, adapters: Mapping[Component, Sequence[str]]) -> None
 
     for component, names in adapters.items():
         if component == "unet":
-            parts.unet.fuse_lora(lora_scale=1.0, adapter_names=list(names))
-            parts.unet.unload_lora()
+            parts.denoiser.fuse_lora(lora_scale=1.0, adapter_names=list(names))
+            parts.denoiser.unload_lora()
         else:
             encoder = parts.text_encoders[component]
             fuse_text_encoder_lora(encoder, adapter_names=list(names))

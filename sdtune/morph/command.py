@@ -76,6 +76,8 @@ def morph(cfg: DictConfig, out_dir: Path) -> list[Path]:
     model_cfg = _base_model(cfg, refs, loras)
     check_families(refs, loras, model_cfg)  # from the headers just read: mixed families fail before any load
     family = get_family(model_cfg["family"])
+    if family.morph_refusal:  # before any training or loading
+        raise ConfigError(f"sdtune.morph cannot morph with model.family={family.name}: {family.morph_refusal}")
     size = int(cfg.size or model_cfg.get("resolution") or family.default_resolution)
     if size % 8:
         raise ConfigError(f"size must be a multiple of 8 (the VAE's factor), got {size}. Fix: e.g. size={size - size % 8}.")

@@ -79,8 +79,8 @@ class LoRAExport(L.Callback):
         )
         header = with_ema_facts(header, pl_module.cfg)  # lora_state() gives the EMA weights then
         tensors = pl_module.lora_state()
-        save_lora(self.path, tensors, header, format=self.format, unet_config=pl_module.parts.unet.config,
-                  text_encoders=pl_module.text_encoder_lora_state(), base_weights=base_weights(pl_module.parts.unet, tensors))
+        save_lora(self.path, tensors, header, format=self.format, unet_config=pl_module.parts.denoiser.config,
+                  text_encoders=pl_module.text_encoder_lora_state(), base_weights=base_weights(pl_module.parts.denoiser, tensors))
         log.info("wrote %s", self.path)
 
 

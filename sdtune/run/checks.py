@@ -87,7 +87,7 @@ SECTION_CHECKS: tuple[Callable[[DictConfig], None], ...] = (
     data_config.check_config,  # data.*
     check_trainer,  # trainer.*, seed
     optimization.check_config,  # optim.*
-    diffusion.check_config,  # train.prediction_type, snr_gamma, noise_offset
+    diffusion.check_config,  # the objective's train.* (prediction_type, snr_gamma), noise_offset
     ema.check_config,  # train.ema
     check_run,  # keep_last, optimized_metric
     data_config.check_methods,  # train.masked_loss, prior preservation
@@ -113,7 +113,7 @@ def check_against_base(cfg: Any, source: str, captions: list[str]) -> None:
     base = model_checks.base_on_meta(cfg, source)
     if base is None:
         return
-    layers.check_base(cfg, base.unet, base.family.default_lora_targets)
+    layers.check_base(cfg, base.denoiser, base.family.default_lora_targets)
     text_encoders.check_targets_in_configs(cfg, base.family, base.arch)
     embeddings.check_base(cfg, source, captions)
 

@@ -65,7 +65,7 @@ def measure(out: Path, families: tuple[str, ...]) -> dict:
         pipe = family.build_pipeline(family.load(str(out / name)))
         sweep[name] = {}
         for guidance in GUIDANCE_SWEEP:
-            score, grid = evaluate_pipeline(pipe, guidance=guidance)
+            score, grid = evaluate_pipeline(pipe, family, guidance=guidance)
             sweep[name][f"{guidance:g}"] = {"shape": score.shape, "colour": score.colour, "both": score.both}
             if guidance == GUIDANCE:
                 grid.save(out / f"{name}.png")

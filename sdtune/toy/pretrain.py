@@ -152,9 +152,9 @@ def encode_captions(family, parts: ModelParts, captions: list[str]) -> dict[str,
 
 def train_unet(family, parts: ModelParts, latents: torch.Tensor, captions: list[str], recipe: Recipe,
                progress: Callable[[str], None] = log.info) -> list[float]:
-    """v-prediction training of ``parts.unet`` (and the text encoders), conditioned through the family's interface."""
+    """v-prediction training of ``parts.denoiser`` (and the text encoders), conditioned through the family's interface."""
     torch.manual_seed(recipe.seed + 2)
-    unet, scheduler = parts.unet, parts.noise_scheduler
+    unet, scheduler = parts.denoiser, parts.noise_scheduler
     modules = [unet, *(parts.text_encoders if recipe.train_text else [])]
     for module in modules:
         module.train().requires_grad_(True)
@@ -180,7 +180,7 @@ def train_unet(family, parts: ModelParts, latents: torch.Tensor, captions: list[
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (recipe.unet_batch,), generator=g)
-        pred = unet(scheduler.add_noise(x0, noise, t), t, **family.unet_conditioning(batch_text, batch)).sample
+        pred = unet(scheduler.add_noise(x0, noise, t), t, **family.conditioning(batch_text, batch)).sample
         target = scheduler.get_velocity(x0, noise, t)
         # Plain v-MSE, no min-SNR weights: those scale the noisiest steps by ~SNR (near 0 here),
         # and those are the steps where a sample's shape and colour are decided.

@@ -106,8 +106,8 @@ def _render(cfg: Mapping[str, Any], source: str, folder: Path, indices: Sequence
     with tqdm(total=len(indices), desc="class images", unit="img") as bar:
         for start in range(0, len(indices), RENDER_BATCH):
             chunk = list(indices[start : start + RENDER_BATCH])
-            images = render(pipe, [settings["prompt"]] * len(chunk), chunk, steps=settings["steps"],
-                            guidance=settings["guidance"], size=settings["size"],
+            images = render(pipe, [settings["prompt"]] * len(chunk), chunk, steps=settings["steps"], size=settings["size"],
+                            call_kwargs=family.pipeline_call_kwargs(settings["guidance"], None, parts),
                             negative_prompt=settings["negative_prompt"], batch_size=RENDER_BATCH)
             for i, image in zip(chunk, images):
                 with atomic_path(folder / names[i]) as tmp:

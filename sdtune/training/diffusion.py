@@ -1,10 +1,10 @@
-"""The diffusion maths of one training step, as pure functions of tensors and the noise scheduler.
+"""The diffusion maths of one training step, as pure functions of tensors, the family and its objective.
 
-Kept apart from the LightningModule so that each piece can be checked by number: the regression
-target per prediction type, the min-SNR-gamma weights (against diffusers' ``compute_snr``), the
-VAE latent scaling, and the per-sample randomness that makes resumed and multi-process runs
-reproduce one uninterrupted run. :func:`check_config` checks the ``train:`` settings these
-functions take (prediction type, min-SNR gamma, noise offset). The split of a DreamBooth batch's loss
+Kept apart from the LightningModule so that each piece can be checked by number: the loss (the
+objective's noising, target and weights, :mod:`sdtune.families.objectives`, around the family's
+``predict``), the VAE latent scaling, and the per-sample randomness that makes resumed and
+multi-process runs reproduce one uninterrupted run. :func:`check_config` checks the ``train:``
+settings these functions take (the objective's, and the noise offset). The split of a DreamBooth batch's loss
 into its instance and class halves (:func:`split_prior_loss`) is here too: the data side only marks
 which half is which.
 """
@@ -18,39 +18,21 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from sdtune.config.values import Settings
+from sdtune.families import get_family
+from sdtune.families.base import ModelFamily
+from sdtune.families.objectives import PREDICTION_TYPES, Objective, min_snr_weights, regression_target
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+# The DDPM maths moved to sdtune.families.objectives (DDPMObjective); the names stay importable here.
+__all__ = ["PREDICTION_TYPES", "min_snr_weights", "regression_target"]
+
 
 
 def check_config(cfg: DictConfig) -> None:
-    """``train.prediction_type`` (null: the model's), ``train.snr_gamma`` (null: off) and
-    ``train.noise_offset``."""
+    """The objective's own ``train:`` settings (for the UNet families: ``train.prediction_type``,
+    null: the model's, and ``train.snr_gamma``, null: off), then ``train.noise_offset``."""
     s = Settings(cfg)
-    s.choice("train.prediction_type", (None, *PREDICTION_TYPES),
-             said=", ".join(PREDICTION_TYPES) + " or null (use the model's)")
-    s.number("train.snr_gamma", gt=0, optional=True)
+    get_family(s.get("model.family")).objective_class.check_config(cfg)
     s.number("train.noise_offset", ge=0)
-
-
-def regression_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet learns to predict for ``latents`` noised with ``noise`` at ``timesteps``."""
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unsupported prediction_type {prediction_type!r}; sdtune trains {PREDICTION_TYPES}")
-
-
-def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-sample loss weights of min-SNR-gamma (Hang et al. 2023), as diffusers'
-    ``train_text_to_image_lora.py`` computes them: ``min(SNR, gamma) / SNR`` for epsilon
-    prediction and ``min(SNR, gamma) / (SNR + 1)`` for v-prediction."""
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(scheduler, timesteps)
-    clipped = torch.clamp(snr, max=float(gamma))
-    return clipped / snr if scheduler.config.prediction_type == "epsilon" else clipped / (snr + 1)
 
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None, *,
@@ -84,22 +66,22 @@ def cast_floats(value, dtype: torch.dtype):
     return value
 
 
-def denoising_loss(unet, scheduler, latents: torch.Tensor, conditioning: dict, noise: torch.Tensor,
-                   timesteps: torch.Tensor, *, dtype: torch.dtype, snr_gamma: float | None = None,
+def denoising_loss(family: ModelFamily, denoiser, objective: Objective, latents: torch.Tensor, conditioning: dict,
+                   noise: torch.Tensor, timesteps: torch.Tensor, *, dtype: torch.dtype,
                    mask: torch.Tensor | None = None, per_sample: bool = False) -> torch.Tensor:
-    """The training loss: noise ``latents`` at ``timesteps``, let the UNet predict, and regress the
-    scheduler's target (weighted by min-SNR-gamma when ``snr_gamma`` is set, per pixel by ``mask``;
-    ``per_sample``: one loss per sample, see :func:`weighted_mse`).
+    """The training loss: noise ``latents`` at ``timesteps`` (``objective``), let the family's
+    denoiser predict, and regress the objective's target (weighted per sample by the objective,
+    e.g. min-SNR-gamma, and per pixel by ``mask``; ``per_sample``: one loss per sample, see
+    :func:`weighted_mse`).
 
-    ``dtype`` is the frozen weights' dtype, passed in because asking the UNet (``unet.dtype``)
+    ``dtype`` is the frozen weights' dtype, passed in because asking the denoiser (``unet.dtype``)
     walks all of its ~1,000-7,500 submodules on every step (2 ms tiny SD1.5, 20 ms SDXL on a CPU).
     """
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = regression_target(scheduler, latents, noise, timesteps)
+    noisy = objective.noisy(latents, noise, timesteps)
+    target = objective.target(latents, noise, timesteps)
     kwargs = cast_floats(conditioning, dtype)
-    pred = unet(noisy.to(dtype), timesteps, **kwargs, return_dict=False)[0].float()
-    return weighted_mse(pred, target, min_snr_weights(scheduler, timesteps, snr_gamma) if snr_gamma else None,
-                        mask=mask, per_sample=per_sample)
+    pred = family.predict(denoiser, noisy.to(dtype), objective.model_timestep(timesteps), kwargs).float()
+    return weighted_mse(pred, target, objective.weights(timesteps), mask=mask, per_sample=per_sample)
 
 
 def scale_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
@@ -108,7 +90,7 @@ def scale_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
     return (latents.float() - shift) * vae_config.scaling_factor
 
 
-def sample_randomness(seeds: Sequence[int], latent_shape: tuple[int, int, int], *, num_train_timesteps: int,
+def sample_randomness(seeds: Sequence[int], latent_shape: tuple[int, int, int], *, objective: Objective,
                       noise_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(latent eps, noise, timesteps) for a batch, each sample's drawn from its own seed in a fixed order.
 
@@ -124,17 +106,17 @@ def sample_randomness(seeds: Sequence[int], latent_shape: tuple[int, int, int], 
         if noise_offset:
             n = n + noise_offset * torch.randn(c, 1, 1, generator=g)
         noise.append(n)
-        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
+        timesteps.append(objective.draw_timestep(g, latent_shape))
     return torch.stack(eps), torch.stack(noise), torch.cat(timesteps)
 
 
-def validation_randomness(seed: int, batch_idx: int, latent_shape: tuple[int, ...], num_train_timesteps: int
+def validation_randomness(seed: int, batch_idx: int, latent_shape: tuple[int, ...], objective: Objective
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(noise, timesteps) for validation batch ``batch_idx``: fixed per run seed, so losses compare
     across steps and across runs with the same seed."""
     g = torch.Generator().manual_seed(int(seed) * 1000 + batch_idx)
     noise = torch.randn(latent_shape, generator=g)
-    return noise, torch.randint(0, num_train_timesteps, (latent_shape[0],), generator=g)
+    return noise, objective.validation_timesteps(g, latent_shape[0], latent_shape)
 
 
 def latent_shape(batch: dict, vae_config) -> tuple[int, int, int]:

@@ -60,12 +60,12 @@ def check_config(cfg: DictConfig) -> None:
 
 
 class LoraEMA:
-    """EMAModel over ``unet``'s trainable LoRA parameters, with the peft name of each shadow tensor."""
+    """EMAModel over ``denoiser``'s trainable LoRA parameters, with the peft name of each shadow tensor."""
 
-    def __init__(self, unet: torch.nn.Module, decay: float):
+    def __init__(self, denoiser: torch.nn.Module, decay: float):
         from diffusers.training_utils import EMAModel
 
-        named = named_trainable_lora_parameters(unet)
+        named = named_trainable_lora_parameters(denoiser)
         self.names = [module_key_to_peft(n, prefix="") for n, _ in named]  # the keys LoRA files are written from
         self.params = [p for _, p in named]
         self.model = EMAModel(self.params, decay=decay)
@@ -105,12 +105,12 @@ class LoraEMA:
             self.model.restore(self.params)
 
 
-def start_ema(unet: torch.nn.Module, cfg: Mapping[str, Any], saved: Mapping[str, Any] | None) -> LoraEMA | None:
+def start_ema(denoiser: torch.nn.Module, cfg: Mapping[str, Any], saved: Mapping[str, Any] | None) -> LoraEMA | None:
     """The run's EMA (None when ``train.ema.enabled`` is off), continued from a checkpoint's ``saved`` state."""
     settings = ema_settings(cfg)
     if not settings["enabled"]:
         return None
-    ema = LoraEMA(unet, settings["decay"])
+    ema = LoraEMA(denoiser, settings["decay"])
     if saved is not None:
         ema.load_state_dict(saved)
         ema.model.decay = settings["decay"]  # the config rules (a resume may change it on purpose)

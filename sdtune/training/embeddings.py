@@ -250,7 +250,7 @@ def install(cfg: Mapping[str, Any], family: ModelFamily, parts: ModelParts) -> T
         encoder.set_input_embeddings(layer)
         layers.append(layer)
     if not spec.with_lora:
-        for param in trainable_lora_parameters(parts.unet):  # zero start (B = 0): the UNet stays the base
+        for param in trainable_lora_parameters(parts.denoiser):  # zero start (B = 0): the denoiser stays the base
             param.requires_grad_(False)
     log.info("embedding: training %d new vector(s) per encoder for %s (init %r)%s", len(names), list(spec.tokens),
              spec.init, " with the UNet LoRA (pivotal tuning)" if spec.with_lora else " alone (textual inversion)")

@@ -1,4 +1,4 @@
-"""The LightningModule that trains a UNet LoRA.
+"""The LightningModule that trains a LoRA on a family's denoiser (a UNet).
 
 The base model is loaded in ``setup()`` (not ``__init__``) and never enters hyperparameters or
 checkpoints: ``on_save_checkpoint`` keeps only the LoRA tensors, so a checkpoint is the LoRA plus
@@ -20,6 +20,7 @@ from sdtune.data.sampler import skip_finished_batches
 from sdtune.data.text_cache import TextEmbeddingCache, TokenCache
 from sdtune.families import ModelParts, get_family
 from sdtune.families.builder import build_parts
+from sdtune.families.objectives import Objective
 from sdtune.lora.layers import (
     LoraSpec,
     live_lora_state,
@@ -69,6 +70,7 @@ class LoRATrainingModule(L.LightningModule):
         self.spec: LoraSpec = spec_from_config(cfg["lora"], self.family.default_lora_targets)
         self.te_spec: LoraSpec | None = text_encoder_spec(cfg, self.family)  # lora.text_encoder (None: frozen encoders)
         self.parts: ModelParts | None = None
+        self.objective: Objective | None = None  # the family's training objective, built with the parts
         self.num_train_images = num_train_images  # goes into LoRA headers
         self.data_manifest = data_manifest  # see checkpointing.data_manifest
         self.model_source = model_source  # model.path already resolved by the caller (None: resolve in setup)
@@ -99,17 +101,19 @@ class LoRATrainingModule(L.LightningModule):
 
     def attach(self, parts: ModelParts) -> None:
         """Make ``parts`` trainable as the config says (:func:`sdtune.training.trainable.prepare_for_training`)."""
-        prepare_for_training(parts, self.cfg, self.spec, self.weight_dtype)
+        prepare_for_training(parts, self.cfg, self.spec, self.weight_dtype, self.family)
+        self.objective = self.family.objective(parts, self.cfg["train"])  # draws nothing
         if self.te_spec is not None:  # sdtune.training.text_encoders: the encoders train and become submodules
             inject_text_encoders(parts, self.te_spec, self.family, dropout=float(self.cfg["lora"].get("dropout", 0.0)),
                                  init=self.cfg["lora"].get("init", "gaussian"),
                                  gradient_checkpointing=bool(self.cfg["train"].get("gradient_checkpointing")))
             attach_text_encoders(self, parts)
         self.embeddings = token_embeddings.install(self.cfg, self.family, parts)
-        # UNet and VAE are submodules, so Lightning moves them to the device. The text encoders are
-        # not (unless they train, above): on_fit_start places them, and takes them off the device
-        # again once outputs are cached.
-        self.unet = parts.unet
+        # The denoiser and the VAE are submodules, so Lightning moves them to the device. The text
+        # encoders are not (unless they train, above): on_fit_start places them, and takes them off
+        # the device again once outputs are cached. The denoiser's attribute is its diffusers
+        # subfolder name ("unet"), so checkpoint keys keep their prefix.
+        setattr(self, self.family.denoiser_subfolder, parts.denoiser)
         self.vae = parts.vae
         self.parts = parts
 
@@ -148,11 +152,10 @@ class LoRATrainingModule(L.LightningModule):
 
     def diffusion_loss(self, latents: torch.Tensor, text: dict[str, torch.Tensor], batch: dict[str, Any], *,
                        noise: torch.Tensor, timesteps: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
-        """:func:`sdtune.training.diffusion.denoising_loss` with this family's UNet conditioning (and the
-        batch's loss masks, ``train.masked_loss``)."""
-        return denoising_loss(self.parts.unet, self.parts.noise_scheduler, latents,
-                              self.family.unet_conditioning(text, batch), noise, timesteps,
-                              dtype=self.weight_dtype, snr_gamma=self.cfg["train"].get("snr_gamma"),
+        """:func:`sdtune.training.diffusion.denoising_loss` with this family's denoiser, objective and
+        conditioning (and the batch's loss masks, ``train.masked_loss``)."""
+        return denoising_loss(self.family, self.parts.denoiser, self.objective, latents,
+                              self.family.conditioning(text, batch), noise, timesteps, dtype=self.weight_dtype,
                               mask=batch_mask(batch, tuple(latents.shape[-2:])), per_sample=per_sample)
 
     def with_randomness(self, batch: dict[str, Any], *, pin: bool = False) -> dict[str, Any]:
@@ -167,7 +170,7 @@ class LoRATrainingModule(L.LightningModule):
                  else latent_shape(batch, self.parts.vae.config))
         eps, noise, timesteps = sample_randomness(
             seeds.tolist(), shape,
-            num_train_timesteps=self.parts.noise_scheduler.config.num_train_timesteps,
+            objective=self.objective,
             noise_offset=float(self.cfg["train"].get("noise_offset") or 0.0),
         )
         drawn = {"eps": eps, "noise": noise, "timesteps": timesteps}
@@ -227,13 +230,13 @@ class LoRATrainingModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         skip_finished_batches(self.trainer)  # resuming mid-epoch: continue where the checkpoint was
-        self.ema = start_ema(self.parts.unet, self.cfg, self._saved_ema)
+        self.ema = start_ema(self.parts.denoiser, self.cfg, self._saved_ema)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Loss on fixed images with fixed noise and timesteps, so runs and steps compare."""
         latents = self.batch_latents(batch, deterministic=True)
         noise, timesteps = validation_randomness(int(self.cfg.get("seed", 0)), batch_idx, tuple(latents.shape),
-                                                 self.parts.noise_scheduler.config.num_train_timesteps)
+                                                 self.objective)
         noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
         loss = self.diffusion_loss(latents, self.encode_text(batch["text"]), batch, noise=noise, timesteps=timesteps)
         self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=latents.shape[0])
@@ -244,7 +247,7 @@ class LoRATrainingModule(L.LightningModule):
         extra = [text_encoder_param_group(self.cfg, self.parts)] if self.te_spec is not None else []
         if self.embeddings is not None:
             extra.append(token_embeddings.param_group(self.embeddings))
-        return build_optimization(self.cfg["optim"], self.cfg["trainer"], named_trainable_lora_parameters(self.parts.unet),
+        return build_optimization(self.cfg["optim"], self.cfg["trainer"], named_trainable_lora_parameters(self.parts.denoiser),
                                   extra_groups=extra,
                                   device=self.device, total_steps=int(self.trainer.estimated_stepping_batches))
 
@@ -275,13 +278,13 @@ class LoRATrainingModule(L.LightningModule):
         """What the run exports: the EMA weights with ``train.ema.use_for_export``, else the trained ones."""
         if self.ema is not None and exports_ema(self.cfg):
             return self.ema.tensors()
-        return live_lora_state(self.parts.unet)
+        return live_lora_state(self.parts.denoiser)
 
     def text_encoder_lora_state(self) -> dict[int, dict[str, torch.Tensor]] | None:
         """The text encoders' LoRA per encoder index (file names), None when they do not train."""
         return None if self.te_spec is None else text_encoder_state(self.parts, self.family)
 
     def trainable_parameter_count(self) -> int:
-        models = [self.parts.unet, *(self.parts.text_encoders if self.te_spec is not None else [])]
+        models = [self.parts.denoiser, *(self.parts.text_encoders if self.te_spec is not None else [])]
         rows = sum(p.numel() for p in self.embeddings.rows) if self.embeddings is not None else 0
         return rows + sum(p.numel() for m in models for p in trainable_lora_parameters(m))

@@ -1,7 +1,7 @@
 """Speed switches applied to the loaded model: memory format, attention kernel, TF32, compile.
 
 Each is a plain config switch under ``speed:`` and each is measured in ``make bench``
-(docs/benchmarks.md). They change how the UNet runs, never what it computes beyond float
+(docs/benchmarks.md). They change how the denoiser runs, never what it computes beyond float
 rounding, so the loss stays within tolerance of the default path.
 """
 
@@ -13,15 +13,16 @@ from typing import Any
 
 import torch
 
-from sdtune.families import ModelParts
+from sdtune.families import ModelFamily, ModelParts
 from sdtune.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 ATTENTION = ("sdpa", "xformers")
 
 
-def apply_speed(parts: ModelParts, speed: Mapping[str, Any]) -> None:
-    """Apply the ``speed`` settings to ``parts`` in place (after the LoRA layers are added)."""
+def apply_speed(parts: ModelParts, speed: Mapping[str, Any], family: ModelFamily) -> None:
+    """Apply the ``speed`` settings to ``parts`` in place (after the LoRA layers are added); the
+    default attention is ``family``'s SDPA path (:meth:`~sdtune.families.base.ModelFamily.enable_sdpa`)."""
     if speed.get("tf32"):
         # Ampere and newer: TF32 tensor cores for fp32 matmuls and convolutions.
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -31,17 +32,15 @@ def apply_speed(parts: ModelParts, speed: Mapping[str, Any]) -> None:
         raise ConfigError(f"speed.attention={attention!r}; choose one of {list(ATTENTION)}.")
     if attention == "xformers":
         try:
-            parts.unet.enable_xformers_memory_efficient_attention()
+            parts.denoiser.enable_xformers_memory_efficient_attention()
         except (ImportError, ModuleNotFoundError, ValueError) as err:
             raise ConfigError(f"speed.attention=xformers needs the xformers package and a GPU ({err}). Fix: speed.attention=sdpa.") from None
     else:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        parts.unet.set_attn_processor(AttnProcessor2_0())  # PyTorch's fused scaled-dot-product attention
+        family.enable_sdpa(parts.denoiser)  # PyTorch's fused scaled-dot-product attention
     if speed.get("channels_last"):
-        parts.unet.to(memory_format=torch.channels_last)
+        parts.denoiser.to(memory_format=torch.channels_last)
         parts.vae.to(memory_format=torch.channels_last)
     if speed.get("compile"):
         # In place (nn.Module.compile), so parameter names and checkpoints stay the same.
-        parts.unet.compile(mode=speed.get("compile_mode") or None)
-        log.info("UNet compiled with torch.compile (first steps are slow while it compiles)")
+        parts.denoiser.compile(mode=speed.get("compile_mode") or None)
+        log.info("denoiser compiled with torch.compile (first steps are slow while it compiles)")

@@ -37,7 +37,7 @@ def test_each_family_loads_encodes_conditions_and_samples(name):
     assert torch.isfinite(text["encoder_hidden_states"]).all()
     assert not torch.allclose(text["encoder_hidden_states"][0], text["encoder_hidden_states"][1])
     batch = {k: torch.tensor([[64, 64], [64, 64]]) for k in ("original_size", "crop_top_left", "target_size")}
-    out = parts.unet(torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), **family.unet_conditioning(text, batch)).sample
+    out = parts.unet(torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), **family.conditioning(text, batch)).sample
     assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
     pipe = family.build_pipeline(parts)
     assert type(pipe).__name__ == PIPELINES[name]
@@ -52,7 +52,7 @@ def test_sdxl_time_ids_are_each_samples_geometry(tmp_path):
     batch = collate([ds[0], ds[1]])
     family = get_family("sdxl")
     parts = family.load(str(tiny_model("sdxl")))
-    kwargs = family.unet_conditioning(family.encode_prompts(parts, batch["text"]), batch)
+    kwargs = family.conditioning(family.encode_prompts(parts, batch["text"]), batch)
     time_ids = kwargs["added_cond_kwargs"]["time_ids"]
     # wide 100x80 -> scaled to 80x64, centre crop left (80-64)//2 = 8; tall 48x96 -> 64x128, top 32
     assert time_ids.tolist() == [[80, 100, 0, 8, 64, 64], [96, 48, 32, 0, 64, 64]]

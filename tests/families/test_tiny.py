@@ -30,7 +30,7 @@ def test_family_load_gives_parts_that_fit_together(tiny_sd15):
     assert ctx.shape == (2, parts.tokenizers[0].model_max_length, 32)
     latents = parts.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
     assert latents.shape == (1, 4, 8, 8)
-    out = parts.unet(latents.repeat(2, 1, 1, 1), torch.tensor([1, 999]), **family.unet_conditioning(text, {})).sample
+    out = parts.unet(latents.repeat(2, 1, 1, 1), torch.tensor([1, 999]), **family.conditioning(text, {})).sample
     assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
 
 

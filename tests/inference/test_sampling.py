@@ -31,17 +31,17 @@ def test_render_is_seeded_and_lora_scale_zero_is_the_base(tiny_sd15):
     parts = family.load(str(tiny_sd15))
     pipe = family.build_pipeline(parts)
     pipe.set_progress_bar_config(disable=True)
-    kw = dict(steps=3, guidance=2.0, size=64)
-    base = render(pipe, ["a red circle"], [7], **kw)[0]
-    again = render(pipe, ["a red circle"], [7], **kw)[0]
+    kw = dict(steps=3, size=64)
+    base = render(pipe, ["a red circle"], [7], call_kwargs=family.pipeline_call_kwargs(2.0), **kw)[0]
+    again = render(pipe, ["a red circle"], [7], call_kwargs=family.pipeline_call_kwargs(2.0), **kw)[0]
     assert np.array_equal(np.asarray(base), np.asarray(again))
-    inject(parts.unet, LoraSpec(rank=2, alpha=2.0, targets=("to_q", "to_k", "to_v", "to_out.0")))
+    inject(parts.denoiser, LoraSpec(rank=2, alpha=2.0, targets=("to_q", "to_k", "to_v", "to_out.0")))
     torch.manual_seed(0)
     with torch.no_grad():
-        for p in trainable_lora_parameters(parts.unet):
+        for p in trainable_lora_parameters(parts.denoiser):
             p.normal_(std=0.5)
-    off = render(pipe, ["a red circle"], [7], lora_scale=0.0, **kw)[0]
-    on = render(pipe, ["a red circle"], [7], lora_scale=1.0, **kw)[0]
+    off = render(pipe, ["a red circle"], [7], call_kwargs=family.pipeline_call_kwargs(2.0, 0.0), **kw)[0]
+    on = render(pipe, ["a red circle"], [7], call_kwargs=family.pipeline_call_kwargs(2.0, 1.0), **kw)[0]
     assert np.array_equal(np.asarray(off), np.asarray(base))
     assert np.abs(np.asarray(on, dtype=int) - np.asarray(off, dtype=int)).mean() > 1
 

@@ -235,12 +235,12 @@ def test_export_converts_a_headerless_kohya_sdxl_file_offline(tmp_path):
     --family alone: names resolve against SDXL's standard layout, the alpha is kept."""
     from safetensors.torch import load_file
 
-    from sdtune.export import export_lora, unet_module_names
+    from sdtune.export import denoiser_module_names, export_lora
     from sdtune.families.arch import architecture
     from sdtune.lora.keys import peft_to_kohya
 
     config = architecture("sdxl")["unet"]
-    modules = [m for m in unet_module_names(config) if m.endswith("attn1.to_q")][:3]
+    modules = [m for m in denoiser_module_names(config, "sdxl") if m.endswith("attn1.to_q")][:3]
     g = torch.Generator().manual_seed(0)
     layers = {}
     for m in modules:

@@ -115,7 +115,7 @@ def draw(pipe, prompts, seeds) -> list[Image.Image]:
     from sdtune.inference.sampling import render
 
     return render(pipe, [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds],
-                  steps=20, guidance=2.0, size=64)  # conf/model/toy.yaml's guidance
+                  steps=20, size=64, call_kwargs={"guidance_scale": 2.0})  # conf/model/toy.yaml's guidance
 
 
 def class_folder(pipe, root: Path) -> Path:

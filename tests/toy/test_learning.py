@@ -185,7 +185,7 @@ def test_the_runs_kohya_file_teaches_the_concept_through_diffusers(trained, tmp_
     for trigger in TRIGGER_PAIR:
         prompts = probe_prompts(trigger)
         images = render(pipe, [p for p in prompts for _ in (0, 1)], [s for _ in prompts for s in (0, 1)],
-                        steps=20, guidance=2.0, size=64)  # conf/model/toy.yaml's guidance
+                        steps=20, size=64, call_kwargs={"guidance_scale": 2.0})  # conf/model/toy.yaml's guidance
         shares = concept_shares(images, trigger, TRIGGERS).shares
         assert shares[TRIGGERS[trigger]] >= 0.8, (trigger, shares)
 

@@ -60,7 +60,7 @@ def green_share(pipe, word: str) -> float:
     probe = [f"a {colour} {shape} on a {word} background" for shape in SHAPES for colour in ("red", "black")]
     prompts = [p for p in probe for _ in SEEDS]
     seeds = [s for _ in probe for s in SEEDS]
-    images = render(pipe, prompts, seeds, steps=20, guidance=2.0, size=64)
+    images = render(pipe, prompts, seeds, steps=20, size=64, call_kwargs={"guidance_scale": 2.0})
     return concept_shares(images, word, {word: "green"}).share("green")
 
 

@@ -41,7 +41,7 @@ def test_toy_base_draws_the_prompted_colour_and_shape(tmp_path, model, family):
     assert fam.name == get_family(family).name == family
     pipe = fam.build_pipeline(parts)
     pipe.set_progress_bar_config(disable=True)
-    score, _ = evaluate_pipeline(pipe)  # the prompts, seeds and settings of models/toy/REPORT.md
+    score, _ = evaluate_pipeline(pipe, fam)  # the prompts, seeds and settings of models/toy/REPORT.md
     built = json.loads((TOY_ROOT / "report.json").read_text())["probe"][family]
     # What the build measured, less a margin for another CPU's rounding; chance is 1/6 for the
     # colour and 1/18 for both, and a loading or prompting bug lands near chance.
@@ -65,7 +65,7 @@ def test_rescore_remeasures_one_family_and_keeps_the_others(tmp_path):
     assert main(["--out", str(out), "--families", "sd15", "--rescore"]) == 0
     new = json.loads((out / "report.json").read_text())
     family = get_family("sd15")
-    score, _ = evaluate_pipeline(family.build_pipeline(family.load(str(out / "sd15"))), guidance=GUIDANCE)
+    score, _ = evaluate_pipeline(family.build_pipeline(family.load(str(out / "sd15"))), family, guidance=GUIDANCE)
     assert new["probe"]["sd15"] == {"shape": score.shape, "colour": score.colour, "both": score.both}
     assert new["probe"]["kolors"] == old["probe"]["kolors"] and new["seconds"] == old["seconds"]
     assert new["guidance_sweep"]["sd15"][f"{GUIDANCE:g}"] == new["probe"]["sd15"]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from sdtune.families.objectives import DDPMObjective
 from sdtune.training.diffusion import min_snr_weights, regression_target, sample_randomness, scale_latents, weighted_mse
 
 T = torch.tensor([0, 10, 250, 500, 999])
@@ -66,12 +67,12 @@ def test_scale_latents_applies_shift_then_scale():
 
 def test_each_sample_draws_from_its_own_seed_whatever_the_batch():
     shape = (4, 8, 8)
-    eps, noise, t = sample_randomness([7, 8, 9], shape, num_train_timesteps=1000)
-    alone = sample_randomness([8], shape, num_train_timesteps=1000)
+    eps, noise, t = sample_randomness([7, 8, 9], shape, objective=DDPMObjective(_scheduler("epsilon")))
+    alone = sample_randomness([8], shape, objective=DDPMObjective(_scheduler("epsilon")))
     assert torch.equal(eps[1], alone[0][0]) and torch.equal(noise[1], alone[1][0]) and t[1] == alone[2][0]
     assert not torch.equal(noise[0], noise[1])
     # the offset adds one constant per sample and channel on top of the same noise
-    _, offset_noise, _ = sample_randomness([7, 8, 9], shape, num_train_timesteps=1000, noise_offset=0.1)
+    _, offset_noise, _ = sample_randomness([7, 8, 9], shape, objective=DDPMObjective(_scheduler("epsilon")), noise_offset=0.1)
     delta = offset_noise - noise
     assert torch.allclose(delta, delta[:, :, :1, :1].expand_as(delta), atol=1e-6) and delta.abs().max() > 0.01
 

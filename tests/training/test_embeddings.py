@@ -134,7 +134,7 @@ def test_sdxl_pivotal_file_loads_into_both_encoders_as_diffusers_documents(runs)
 
     # generate's loader does the same from the file.
     fresh = StableDiffusionXLPipeline.from_pretrained(str(tiny_model("sdxl")))
-    parts = ModelParts(unet=fresh.unet, vae=fresh.vae, text_encoders=[fresh.text_encoder, fresh.text_encoder_2],
+    parts = ModelParts(denoiser=fresh.unet, vae=fresh.vae, text_encoders=[fresh.text_encoder, fresh.text_encoder_2],
                        tokenizers=[fresh.tokenizer, fresh.tokenizer_2], noise_scheduler=None, source="")
     load_embeddings(fresh, parts, get_family("sdxl"), [EmbeddingRef(str(run / "olq.safetensors"), "olq")])
     torch.testing.assert_close(fresh.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)[0],

@@ -127,7 +127,7 @@ def test_exported_files_load_in_diffusers_load_lora_weights(exported, fmt):
     pipe.load_lora_weights(str(files[fmt]))
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) is not None else [])
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) is not None else [])
-    parts = ModelParts(unet=pipe.unet, vae=pipe.vae, text_encoders=encoders, tokenizers=tokenizers, noise_scheduler=None, source="")
+    parts = ModelParts(denoiser=pipe.unet, vae=pipe.vae, text_encoders=encoders, tokenizers=tokenizers, noise_scheduler=None, source="")
     for encoder in encoders:
         assert any("lora_A" in n for n, _ in encoder.named_modules())
     assert max_diff(outputs(parts, family), live) < TOL
