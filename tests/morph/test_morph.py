@@ -135,6 +135,26 @@ def test_bad_inputs_fail_before_any_model_loads(tmp_path, overrides, message):
     assert {p: _sha(p) for p in before} == before
 
 
+def test_a_family_that_cannot_morph_is_refused_before_anything_trains(tmp_path):
+    """``ModelFamily.morph_refusal``: the reason, before any training or loading."""
+    from sdtune.families import FAMILIES, register_family
+    from sdtune.families.sd15 import SD15
+
+    class NoMorph(SD15):
+        name = "sd15_nomorph"
+        morph_refusal = "its scheduler has no DDIM inversion (a test family)."
+
+    a, b = _inputs(tmp_path / "in")
+    register_family(NoMorph)
+    try:
+        cfg = _compose(f"images=[{a},{b}]", "train=true", "model=toy", f"model.family={NoMorph.name}")
+        with pytest.raises(ConfigError, match=r"cannot morph with model.family=sd15_nomorph: its scheduler has no DDIM"):
+            morph(cfg, tmp_path / "out")
+    finally:
+        FAMILIES.pop(NoMorph.name)
+    assert not (tmp_path / "out").exists()
+
+
 # -- DDIM inversion on the toy bases --------------------------------------------------------------
 
 def _round_trip(family: str, steps: int) -> dict:
