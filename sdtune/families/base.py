@@ -59,10 +59,12 @@ class ModelFamily(ABC):
     objective_class: ClassVar[type[Objective]] = DDPMObjective
     #: diffusers class name of this family's ControlNets.
     controlnet_class: ClassVar[str] = "ControlNetModel"
+    # Declared for the flow-matching families (issue 27); the data checks, the LoRA export and the
+    # text-encoder LoRA read them as those families arrive.
     #: Image sides are multiples of this many pixels: the VAE's 8 times the denoiser's downsampling
     #: (4 UNet levels: 8) or patching.
     pixel_multiple: ClassVar[int] = 64
-    #: The layout of the run's LoRA file when ``callbacks.lora_export.format`` is left out.
+    #: The layout of the run's LoRA file by default (``callbacks.lora_export.format``).
     default_export_format: ClassVar[str] = "kohya"
     #: Indices of the text encoders that can get LoRA layers (None: all of them).
     lora_text_encoders: ClassVar[tuple[int, ...] | None] = None

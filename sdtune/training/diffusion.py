@@ -26,7 +26,6 @@ from sdtune.families.objectives import PREDICTION_TYPES, Objective, min_snr_weig
 __all__ = ["PREDICTION_TYPES", "min_snr_weights", "regression_target"]
 
 
-
 def check_config(cfg: DictConfig) -> None:
     """The objective's own ``train:`` settings (for the UNet families: ``train.prediction_type``,
     null: the model's, and ``train.snr_gamma``, null: off), then ``train.noise_offset``."""
