@@ -120,7 +120,7 @@ def test_every_run_writes_its_loss_plot(quickstart_run, tmp_path):
     plot, the validation points (C1), and exactly the picture metrics.csv gives (a blank or
     half-drawn plot, or one of other numbers, fails)."""
     from sdtune.lora.files import read_lora
-    from sdtune.report import plot_run_loss, read_metrics
+    from sdtune.run.plots import plot_run_loss, read_metrics
 
     train, val = read_metrics(quickstart_run / "logs" / "csv" / "metrics.csv")
     assert len(train) >= 5 and val  # what the plot draws

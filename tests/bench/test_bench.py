@@ -26,7 +26,7 @@ from tests.helpers.config import bench_cfg
 
 @pytest.mark.parametrize(
     ("model", "resolution", "expected_tflop"),
-    [("sd15", 512, 1.72), ("sdxl", 1024, 14.2)],
+    [("sd15", 512, 1.72), pytest.param("sdxl", 1024, 14.2, marks=pytest.mark.slow)],  # SDXL on meta: ~9 s
 )
 def test_full_size_step_flops_on_the_meta_device(model, resolution, expected_tflop):
     cfg = bench_cfg(f"model={model}", "bench.random_init=true", "data.batch_size=1", "lora.rank=16")
@@ -46,6 +46,7 @@ def test_full_size_step_flops_on_the_meta_device(model, resolution, expected_tfl
         assert flops["fwd"] / 1e9 == pytest.approx(808, rel=0.02)
 
 
+@pytest.mark.slow  # four meta-device FLOP counts, ~8 s
 def test_flops_scale_with_lora_rank_and_batch():
     base = bench_cfg("model=sd15", "bench.random_init=true", "data.batch_size=1", "data.resolution=256")
     batch = first_batch(base, load_records(base["data"]["root"]))

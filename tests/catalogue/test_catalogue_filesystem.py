@@ -122,6 +122,7 @@ def test_two_runs_in_one_folder_the_second_names_the_first(tmp_path):
     assert (run / LOCK_NAME).exists()  # a killed holder's lock is released by the kernel: the folder is usable
 
 
+@pytest.mark.slow  # shares the quickstart run of the slow CLI tests (alone it pays ~15 s for it)
 def test_a_new_run_on_top_of_a_finished_one_is_refused(quickstart_run, tmp_path):
     run = tmp_path / "again"
     shutil.copytree(quickstart_run, run)

@@ -378,6 +378,7 @@ def test_nothing_survives_exits_1_but_reports_why(tmp_path, capsys):
     ]
 
 
+@pytest.mark.slow  # five data-stage subprocesses, ~10 s
 def test_cli_errors_exit_2_without_traceback(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -28,6 +28,7 @@ import copy
 import functools
 import importlib.util
 import io
+import itertools
 import logging
 import os
 import re
@@ -70,6 +71,7 @@ HYDRA_FLAGS = {"-m": False, "--multirun": False, "--cfg": True, "-c": True, "--r
                "-h": False, "--hydra-help": False, "--info": False, "-i": False, "--package": True, "-p": True}
 PRINT_ONLY = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i"}
 #: What makes a documented command cheap on the toy bases; added only when the command does not set the key.
+RUN_NUMBER = itertools.count()
 SHORTER = {
     "sdtune": {"trainer.max_steps": "2", "callbacks.samples": "null", "callbacks.concept_probe": "null"},
     "sdtune.generate": {"steps": "2"},
@@ -412,6 +414,10 @@ def runnable_args(command: Command, toy_run: Path | None) -> tuple[str, list[str
     if not PRINT_ONLY & set(args):
         given = {a.partition("=")[0].lstrip("+~") for a in args}
         args += [f"{k}={v}" for k, v in SHORTER.get(module, {}).items() if k not in given]
+        if module == "sdtune" and not {"hydra.run.dir", "ckpt_path"} & given and not {"-m", "--multirun"} & set(args):
+            # Runs are named by the second they start; three 2-step runs of one block can start in one
+            # second, where a user's (minutes long) never do. Each gets its own folder instead.
+            args.append(f"hydra.run.dir=outputs/runs/docs-{next(RUN_NUMBER)}")
         if module == "sdtune.morph" and "train=true" in args and "train_overrides" not in given:
             args.append('train_overrides=["trainer.max_steps=2"]')
     return module, args
