@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from sdtune.config.values import Settings
+from sdtune.utils.errors import ConfigError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -58,6 +59,10 @@ class Objective(ABC):
     def dummy_timesteps(self, batch: int, device: torch.device | str) -> torch.Tensor:
         """Timesteps of the right dtype for a step whose values do not matter (the FLOP counter)."""
 
+    def conditioning(self, cond: dict[str, Any], batch: int) -> dict[str, Any]:
+        """The family's conditioning plus what the objective itself feeds the denoiser (none here)."""
+        return cond
+
 
 class DDPMObjective(Objective):
     """Noise (epsilon) or velocity regression on a DDPM schedule, diffusers' text-to-image recipe.
@@ -81,6 +86,13 @@ class DDPMObjective(Objective):
         s.choice("train.prediction_type", (None, *PREDICTION_TYPES),
                  said=", ".join(PREDICTION_TYPES) + " or null (use the model's)")
         s.number("train.snr_gamma", gt=0, optional=True)
+        flow = s.get("train.flow") or {}
+        for key, default in FLOW_DEFAULTS.items():
+            if key in flow and flow[key] != default:
+                raise ConfigError(
+                    f"train.flow.{key}={flow[key]!r} applies to flow-matching bases only, and "
+                    f"model.family={s.get('model.family')} trains on a DDPM schedule, so it would do nothing. "
+                    f"Fix: drop it (train.flow.{key}={'null' if default is None else default}).")
 
     def draw_timestep(self, g: torch.Generator, latent_shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randint(0, self.num_train_timesteps, (1,), generator=g)
@@ -120,3 +132,119 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     snr = compute_snr(scheduler, timesteps)
     clipped = torch.clamp(snr, max=float(gamma))
     return clipped / snr if scheduler.config.prediction_type == "epsilon" else clipped / (snr + 1)
+
+
+#: ``train.flow.*`` as shipped (conf/config.yaml); the DDPM objective refuses any other value,
+#: which would silently do nothing there.
+FLOW_DEFAULTS = {"timestep_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
+                 "shift": None, "loss_weighting": "none", "guidance": 1.0}
+TIMESTEP_SAMPLING = ("logit_normal", "uniform", "mode")
+LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
+
+
+class FlowMatchObjective(Objective):
+    """Rectified flow matching (SD3 paper; diffusers' ``train_dreambooth_lora_{sd3,flux}.py``).
+
+    A sample's "timestep" is its continuous sigma in [0, 1]: the input is ``(1-σ)·x + σ·noise`` and
+    the target the velocity ``noise - x``. σ is drawn by diffusers'
+    ``compute_density_for_timestep_sampling`` (logit-normal, uniform or mode) and then shifted
+    towards noise: with ``shift: null`` by the scheduler's own rule, which for FLUX
+    (``use_dynamic_shifting``) is the resolution-dependent shift its sampler uses
+    (``calculate_shift`` over the image's token count, then ``time_shift``), and otherwise the
+    static ``s·u / (1 + (s-1)·u)`` with the scheduler's ``shift``; a number forces the static shift.
+    σ is continuous (no 1000-entry table), as kohya's and SimpleTuner's trainers draw it.
+    Loss weights are diffusers' ``compute_loss_weighting_for_sd3``.
+    """
+
+    def __init__(self, scheduler: Any, flow: dict[str, Any] | None = None, *, guidance: float | None = None,
+                 patch_size: int = 2):
+        settings = {**FLOW_DEFAULTS, **(flow or {})}
+        self.scheduler = scheduler
+        self.sampling = settings["timestep_sampling"]
+        self.logit_mean, self.logit_std = float(settings["logit_mean"]), float(settings["logit_std"])
+        self.mode_scale = float(settings["mode_scale"])
+        self.shift = None if settings["shift"] is None else float(settings["shift"])
+        self.loss_weighting = settings["loss_weighting"]
+        #: The guidance-embedding value the denoiser is trained at (FLUX-dev); None: it has none.
+        self.guidance = None if guidance is None else float(guidance)
+        self.patch_size = int(patch_size)
+        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        """``train.flow.*``, and the DDPM settings a flow-matching base has no use for, refused with the reason."""
+        s = Settings(cfg)
+        reasons = {
+            "train.snr_gamma": (None, "min-SNR weights are defined through a DDPM schedule's alphas_cumprod; "
+                                      "use train.flow.loss_weighting (none, sigma_sqrt or cosmap)"),
+            "train.prediction_type": (None, "a flow-matching base predicts the velocity noise - latents, the only "
+                                            "target it was trained on"),
+            "train.noise_offset": (0.0, "offset noise makes up for DDPM's non-zero terminal SNR; at sigma=1 flow "
+                                        "matching's input is already pure noise"),
+        }
+        for key, (default, why) in reasons.items():
+            value = s.get(key)
+            if value not in (None, default) and not (default == 0.0 and value == 0):
+                raise ConfigError(f"{key}={value!r} does not apply to model.family={s.get('model.family')}: {why}. "
+                                  f"Fix: {key}={'null' if default is None else default}.")
+        s.choice("train.flow.timestep_sampling", TIMESTEP_SAMPLING)
+        s.number("train.flow.logit_mean")
+        s.number("train.flow.logit_std", gt=0)
+        s.number("train.flow.mode_scale")
+        s.number("train.flow.shift", gt=0, optional=True)
+        s.choice("train.flow.loss_weighting", LOSS_WEIGHTING)
+        s.number("train.flow.guidance", ge=0)
+
+    def _sigmas(self, g: torch.Generator, batch: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        u = compute_density_for_timestep_sampling(self.sampling, batch, self.logit_mean, self.logit_std,
+                                                  self.mode_scale, generator=g)
+        config = self.scheduler.config
+        if self.shift is None and config.get("use_dynamic_shifting"):
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            h, w = latent_shape[-2:]
+            tokens = (h // self.patch_size) * (w // self.patch_size)
+            mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                 config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+            return self.scheduler.time_shift(mu, 1.0, u)
+        s = self.shift if self.shift is not None else float(config.get("shift", 1.0))
+        return s * u / (1 + (s - 1) * u)
+
+    def draw_timestep(self, g: torch.Generator, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        return self._sigmas(g, 1, latent_shape)
+
+    def validation_timesteps(self, g: torch.Generator, batch: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        return self._sigmas(g, batch, latent_shape)
+
+    @staticmethod
+    def _expand(sigmas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return sigmas.to(like.device, torch.float32).reshape(-1, *([1] * (like.ndim - 1)))
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        sigma = self._expand(timesteps, latents)
+        return (1.0 - sigma) * latents + sigma * noise
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return noise - latents
+
+    def model_timestep(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """σ on the scheduler's 0-1000 timestep scale, which the pipelines pass the transformer."""
+        return timesteps * self.num_train_timesteps
+
+    def weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        if self.loss_weighting == "none":
+            return None
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        return compute_loss_weighting_for_sd3(self.loss_weighting, timesteps.float())
+
+    def dummy_timesteps(self, batch: int, device: torch.device | str) -> torch.Tensor:
+        return torch.full((batch,), 0.5, device=device)
+
+    def conditioning(self, cond: dict[str, Any], batch: int) -> dict[str, Any]:
+        """``cond`` plus FLUX-dev's guidance embedding input, when the denoiser has one."""
+        if self.guidance is None:
+            return cond
+        return {**cond, "guidance": torch.full((batch,), self.guidance)}

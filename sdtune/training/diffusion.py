@@ -78,7 +78,7 @@ def denoising_loss(family: ModelFamily, denoiser, objective: Objective, latents:
     """
     noisy = objective.noisy(latents, noise, timesteps)
     target = objective.target(latents, noise, timesteps)
-    kwargs = cast_floats(conditioning, dtype)
+    kwargs = cast_floats(objective.conditioning(conditioning, latents.shape[0]), dtype)
     pred = family.predict(denoiser, noisy.to(dtype), objective.model_timestep(timesteps), kwargs).float()
     return weighted_mse(pred, target, objective.weights(timesteps), mask=mask, per_sample=per_sample)
 

@@ -1,0 +1,52 @@
+"""What the flow-matching transformer families (FLUX.1, SD3.5) share.
+
+Their denoiser is a diffusers transformer in the ``transformer`` subfolder, trained by rectified
+flow matching (:class:`sdtune.families.objectives.FlowMatchObjective`) on 16-channel latents that
+the denoiser cuts into 2x2 patches, so image sides are multiples of 16 pixels. A family module
+subclasses :class:`FlowFamily` and adds its text encoders, conditioning and key tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from sdtune.families.base import ModelFamily, ModelParts
+from sdtune.families.objectives import FlowMatchObjective, Objective
+
+
+class FlowFamily(ModelFamily):
+    """A transformer trained by flow matching; subclasses set the rest of :class:`ModelFamily`."""
+
+    denoiser_subfolder = "transformer"
+    training_scheduler = "FlowMatchEulerDiscreteScheduler"
+    objective_class = FlowMatchObjective
+    pixel_multiple = 16
+    #: Side of the latent patches the transformer takes as tokens (FLUX packs 2x2, SD3 patches 2x2).
+    latent_patch: ClassVar[int] = 2
+    morph_refusal = (
+        "sdtune.morph inverts an image with DDIM over a DDPM noise schedule; a flow-matching base needs its ODE "
+        "run backwards (flow inversion), which sdtune does not have yet. Fix: morph with an sd15, sdxl or kolors base"
+    )
+
+    def objective(self, parts: ModelParts, train_cfg: Mapping[str, Any]) -> Objective:
+        flow = dict(train_cfg.get("flow") or {})
+        return FlowMatchObjective(parts.noise_scheduler, flow, guidance=self.training_guidance(parts, flow),
+                                  patch_size=self.latent_patch)
+
+    def training_guidance(self, parts: ModelParts, flow: Mapping[str, Any]) -> float | None:
+        """The guidance-embedding value to train at (None: the denoiser has no guidance input)."""
+        return None
+
+    def enable_sdpa(self, denoiser: torch.nn.Module) -> None:
+        """Nothing to switch: diffusers' FLUX and joint-attention processors already call
+        ``F.scaled_dot_product_attention``."""
+
+    def pipeline_call_kwargs(self, guidance: float, lora_scale: float | None = None,
+                             parts: ModelParts | None = None) -> dict[str, Any]:
+        extra: dict[str, Any] = {"guidance_scale": float(guidance)}
+        if lora_scale is not None:
+            extra["joint_attention_kwargs"] = {"scale": float(lora_scale)}
+        return extra
