@@ -247,6 +247,11 @@ class ModelFamily(ABC):
     def build_tiny(self, folder: Path) -> None:
         """Save a random-initialised miniature of this family (real classes, toy sizes, seeded) to ``folder``."""
 
+    def build_toy_folder(self, folder: Path) -> None:
+        """Save the random-initialised architecture of this family's pretrained toy base
+        (:mod:`sdtune.toy`) to ``folder``: by default :meth:`build_tiny`'s."""
+        self.build_tiny(folder)
+
     @abstractmethod
     def random_text_parts(self, arch: Mapping[str, Any], *, meta: bool) -> tuple[list[Any], list[torch.nn.Module]]:
         """(tokenizers, text encoders) with random weights from ``arch``'s encoder configs

@@ -9,6 +9,7 @@ subclasses :class:`FlowFamily` and adds its text encoders, conditioning and key 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -30,6 +31,23 @@ class FlowFamily(ModelFamily):
         "sdtune.morph inverts an image with DDIM over a DDPM noise schedule; a flow-matching base needs its ODE "
         "run backwards (flow inversion), which sdtune does not have yet. Fix: morph with an sd15, sdxl or kolors base"
     )
+
+    #: Config values that turn :meth:`build_tiny`'s transformer into the toy base's (:mod:`sdtune.toy`):
+    #: the tiny one (~0.1 M parameters) is too small to learn the toy domain's shapes and colours.
+    toy_denoiser: ClassVar[dict[str, Any]] = {}
+
+    def build_toy_folder(self, folder: Path) -> None:
+        """The tiny model with its transformer rebuilt from its config updated by :attr:`toy_denoiser` (seeded)."""
+        import diffusers
+
+        self.build_tiny(folder)
+        if not self.toy_denoiser:
+            return
+        cls = getattr(diffusers, self.denoiser_class)
+        subfolder = Path(folder) / self.denoiser_subfolder
+        config = {k: v for k, v in cls.load_config(subfolder).items() if not k.startswith("_")}
+        torch.manual_seed(1)
+        cls.from_config({**config, **self.toy_denoiser}).save_pretrained(subfolder)
 
     def objective(self, parts: ModelParts, train_cfg: Mapping[str, Any]) -> Objective:
         flow = dict(train_cfg.get("flow") or {})

@@ -39,21 +39,48 @@ TOY_ROOT = ROOT / "models" / "toy"
 log = logging.getLogger("sdtune.toy")
 
 
+def latent_channels(family_name: str) -> int:
+    """Latent channels of ``family_name``'s VAE (4: SD's layout; 16: FLUX's and SD3's), read off its toy architecture."""
+    from diffusers import AutoencoderKL
+
+    with tempfile.TemporaryDirectory() as tmp:
+        get_family(family_name).build_toy_folder(Path(tmp))
+        return int(AutoencoderKL.load_config(Path(tmp) / "vae")["latent_channels"])
+
+
 def build_all(out: Path, families: tuple[str, ...], recipe: Recipe) -> dict:
+    """Train one toy VAE per latent-channel count the ``families`` need, then each family's toy on it."""
     torch.set_num_threads(recipe.threads)
     torch.use_deterministic_algorithms(True)
     out.mkdir(parents=True, exist_ok=True)
+    groups: dict[int, list[str]] = {}
+    for name in families:
+        groups.setdefault(latent_channels(name), []).append(name)
     timings = {}
     start = time.perf_counter()
-    vae = train_vae(recipe, log.info)
-    latents, captions = encode_scenes(vae, recipe)
-    timings["vae"] = round(time.perf_counter() - start, 1)
-    for name in families:
+    for channels in sorted(groups):
         clock = time.perf_counter()
-        build_toy(name, out / name, vae, latents, captions, recipe, log.info)
-        timings[name] = round(time.perf_counter() - clock, 1)
+        vae = train_vae(recipe, log.info, latent_channels=channels)
+        latents, captions = encode_scenes(vae, recipe)
+        timings["vae" if channels == 4 else f"vae{channels}"] = round(time.perf_counter() - clock, 1)
+        for name in groups[channels]:
+            clock = time.perf_counter()
+            build_toy(name, out / name, vae, latents, captions, recipe, log.info)
+            timings[name] = round(time.perf_counter() - clock, 1)
     timings["total"] = round(time.perf_counter() - start, 1)
     return {"recipe": asdict(recipe), "seconds": timings, "torch": torch.__version__, **measure(out, families)}
+
+
+def merge_results(old: dict, fresh: dict) -> dict:
+    """``old``'s report with ``fresh``'s figures in: the families (and stages) not in ``fresh`` keep theirs;
+    ``total`` becomes the sum of the stages."""
+    result = dict(old)
+    for key, value in fresh.items():
+        result[key] = {**old.get(key, {}), **value} if isinstance(value, dict) and key != "recipe" else value
+    seconds = {k: v for k, v in result.get("seconds", {}).items() if k != "total"}
+    if seconds:
+        result["seconds"] = {**seconds, "total": round(sum(seconds.values()), 1)}
+    return result
 
 
 def measure(out: Path, families: tuple[str, ...]) -> dict:
@@ -62,10 +89,11 @@ def measure(out: Path, families: tuple[str, ...]) -> dict:
     probe, sweep = {}, {}
     for name in families:
         family = get_family(name)
-        pipe = family.build_pipeline(family.load(str(out / name)))
+        parts = family.load(str(out / name))
+        pipe = family.build_pipeline(parts)
         sweep[name] = {}
         for guidance in GUIDANCE_SWEEP:
-            score, grid = evaluate_pipeline(pipe, family, guidance=guidance)
+            score, grid = evaluate_pipeline(pipe, family, guidance=guidance, parts=parts)
             sweep[name][f"{guidance:g}"] = {"shape": score.shape, "colour": score.colour, "both": score.both}
             if guidance == GUIDANCE:
                 grid.save(out / f"{name}.png")
@@ -119,12 +147,17 @@ def write_report(out: Path, result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdtune.toy.build", description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--out", type=Path, default=TOY_ROOT)
-    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), metavar="FAMILY",
+                        help=f"families to build, space- or comma-separated (default: all of {', '.join(FAMILIES)})")
     parser.add_argument("--seed", type=int, default=Recipe.seed)
     parser.add_argument("--check", action="store_true", help="rebuild in a temporary folder and compare with --out")
     parser.add_argument("--rescore", action="store_true",
                         help="re-measure the models already in --out and rewrite its report (no training)")
     args = parser.parse_args(argv)
+    args.families = [f for item in args.families for f in item.split(",") if f]
+    unknown = sorted(set(args.families) - set(FAMILIES))
+    if unknown:
+        parser.error(f"--families: unknown {unknown}; choose from {', '.join(FAMILIES)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     recipe = Recipe(seed=args.seed)
     if args.check:
@@ -137,13 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         report = args.out / "report.json"
         if not report.is_file():
             parser.error(f"--rescore: {report} not found; build the models first (without --rescore)")
-        result, fresh = json.loads(report.read_text()), measure(args.out, tuple(args.families))
-        for key in fresh:  # the families not re-measured keep their figures
-            result[key] = {**result.get(key, {}), **fresh[key]}
+        result = merge_results(json.loads(report.read_text()), measure(args.out, tuple(args.families)))
         write_report(args.out, result)
         print(json.dumps({"probe": result["probe"]}, indent=2))
         return 0
     result = build_all(args.out, tuple(args.families), recipe)
+    report = args.out / "report.json"
+    if report.is_file():  # the families not built this time keep their figures
+        result = merge_results(json.loads(report.read_text()), result)
     write_report(args.out, result)
     print(json.dumps({"seconds": result["seconds"], "probe": result["probe"]}, indent=2))
     return 0

@@ -41,7 +41,9 @@ from diffusers.training_utils import EMAModel
 
 from sdtune.data.images import to_tensor
 from sdtune.families import ModelParts, get_family
+from sdtune.families.objectives import DDPMObjective
 from sdtune.toy.domain import random_colour_image, random_scene, render
+from sdtune.toy.objective_train import train_denoiser
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +66,19 @@ class Recipe:
     train_text: bool = True
     token_embedding_std: float | None = 0.3
     threads: int = 2
+    # The 16-channel VAE (FLUX, SD3) sees a quarter of the 4-channel one's images: the build's time, not its need.
+    vae16_steps: int = 1500
+    vae16_batch: int = 8
+    # The families trained through their own objective (flow matching): sdtune.toy.objective_train.
+    flow_steps: int = 2200
+    flow_lr: float = 1e-3
 
 
 def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def toy_vae():
+def toy_vae(latent_channels: int = 4):
     """An AutoencoderKL sized for 64 px flat-colour images, initialised so it can learn colours fast.
 
     GroupNorm removes each sample's mean and scale, which in a small network erases the very
@@ -79,18 +87,24 @@ def toy_vae():
     fixed affine map and absolute colour survives to the latents and back. One norm group over all
     channels keeps that true everywhere. The log-variance starts at -8, so the encoder starts
     nearly deterministic rather than drowning its latents in unit noise.
+
+    ``latent_channels=16`` is the FLUX / SD3 layout: no quant convs, so the log-variance half of
+    the encoder's ``conv_out`` starts at -8 instead of ``quant_conv``'s.
     """
     from diffusers import AutoencoderKL
 
+    sd_layout = latent_channels == 4  # SD's 4-channel VAE has quant convs, FLUX's and SD3's 16-channel one none
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 16, 16, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=1, sample_size=64, scaling_factor=1.0,
+        latent_channels=latent_channels, norm_num_groups=1, sample_size=64, scaling_factor=1.0,
+        **({} if sd_layout else {"use_quant_conv": False, "use_post_quant_conv": False}),
     )
     with torch.no_grad():
         latent = vae.config.latent_channels
-        vae.quant_conv.weight[latent:].zero_()
-        vae.quant_conv.bias[latent:].fill_(-8.0)
+        moments = vae.quant_conv if sd_layout else vae.encoder.conv_out
+        moments.weight[latent:].zero_()
+        moments.bias[latent:].fill_(-8.0)
         for conv in (vae.encoder.conv_in, vae.decoder.conv_in):
             conv.weight[-2:].zero_()
             conv.bias[-2].fill_(20.0)
@@ -98,16 +112,18 @@ def toy_vae():
     return vae
 
 
-def train_vae(recipe: Recipe, progress: Callable[[str], None] = log.info):
-    """The toy AutoencoderKL, trained to reconstruct shapes in any colour; scaling factor set."""
+def train_vae(recipe: Recipe, progress: Callable[[str], None] = log.info, latent_channels: int = 4):
+    """The toy AutoencoderKL, trained to reconstruct shapes in any colour; scaling factor set (and,
+    for the 16-channel layout, the shift factor, as FLUX's and SD3's VAEs have)."""
     torch.manual_seed(recipe.seed)
-    vae = toy_vae().train()
+    vae = toy_vae(latent_channels).train()
     rng = random.Random(recipe.seed)
+    steps, batch = (recipe.vae_steps, recipe.vae_batch) if latent_channels == 4 else (recipe.vae16_steps, recipe.vae16_batch)
     opt = torch.optim.Adam(vae.parameters(), lr=recipe.vae_lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, recipe.vae_steps)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     start = time.perf_counter()
-    for step in range(recipe.vae_steps):
-        x = torch.stack([to_tensor(random_colour_image(rng, recipe.side)) for _ in range(recipe.vae_batch)])
+    for step in range(steps):
+        x = torch.stack([to_tensor(random_colour_image(rng, recipe.side)) for _ in range(batch)])
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.mean).sample  # the small std it keeps adds nothing but noise here
         loss = F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
@@ -115,13 +131,16 @@ def train_vae(recipe: Recipe, progress: Callable[[str], None] = log.info):
         loss.backward()
         opt.step()
         sched.step()
-        if step % 250 == 0 or step == recipe.vae_steps - 1:
-            progress(f"vae step {step}/{recipe.vae_steps} loss {loss.item():.5f} ({time.perf_counter() - start:.0f}s)")
+        if step % 100 == 0 or step == steps - 1:
+            progress(f"vae{latent_channels} step {step}/{steps} loss {loss.item():.5f} ({time.perf_counter() - start:.0f}s)")
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         x = torch.stack([to_tensor(random_colour_image(rng, recipe.side)) for _ in range(256)])
-        std = vae.encode(x).latent_dist.mean.std().item()
-    vae.register_to_config(scaling_factor=round(1.0 / std, 5))  # latents of unit variance, as SD does
+        mean = vae.encode(x).latent_dist.mean
+    if latent_channels == 4:
+        vae.register_to_config(scaling_factor=round(1.0 / mean.std().item(), 5))  # latents of unit variance, as SD does
+    else:  # zero mean too, as FLUX's and SD3's shift_factor does
+        vae.register_to_config(shift_factor=round(mean.mean().item(), 5), scaling_factor=round(1.0 / mean.std().item(), 5))
     return vae
 
 
@@ -133,7 +152,10 @@ def encode_scenes(vae, recipe: Recipe) -> tuple[torch.Tensor, list[str]]:
     latents = []
     for i in range(0, len(scenes), 64):
         x = torch.stack([to_tensor(render(s, recipe.side)) for s in scenes[i : i + 64]])
-        latents.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+        mean = vae.encode(x).latent_dist.mean
+        if vae.config.shift_factor is not None:
+            mean = mean - vae.config.shift_factor
+        latents.append(mean * vae.config.scaling_factor)
     return torch.cat(latents), [s.caption() for s in scenes]
 
 
@@ -218,16 +240,24 @@ def _set_toy_schedule(folder: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def uses_toy_schedule(family) -> bool:
+    """Whether ``family``'s toy is a UNet trained by :func:`train_unet` on :data:`TOY_SCHEDULE`
+    (DDPM families), rather than through the family's own objective (:mod:`sdtune.toy.objective_train`)."""
+    return issubclass(family.objective_class, DDPMObjective)
+
+
 def build_toy(family_name: str, out: Path, vae, latents: torch.Tensor, captions: list[str], recipe: Recipe,
               progress: Callable[[str], None] = log.info) -> Path:
-    """Build ``family_name``'s tiny architecture, train its UNet, save the toy model folder at ``out``."""
+    """Build ``family_name``'s toy architecture, train its denoiser, save the toy model folder at ``out``."""
     import shutil
     import tempfile
 
     family = get_family(family_name)
+    ddpm = uses_toy_schedule(family)
     with tempfile.TemporaryDirectory() as tmp:
-        family.build_tiny(Path(tmp))  # random weights, real layout (seeded inside)
-        _set_toy_schedule(Path(tmp))
+        family.build_toy_folder(Path(tmp))  # random weights, real layout (seeded inside)
+        if ddpm:
+            _set_toy_schedule(Path(tmp))
         parts = family.load(tmp)
         parts.vae = vae
         for i, encoder in enumerate(parts.text_encoders):
@@ -237,7 +267,7 @@ def build_toy(family_name: str, out: Path, vae, latents: torch.Tensor, captions:
                     weight = encoder.get_input_embeddings().weight
                     g = _generator(recipe.seed + 10 + i)
                     weight.copy_(torch.randn(weight.shape, generator=g) * recipe.token_embedding_std)
-        train_unet(family, parts, latents, captions, recipe, progress)
+        (train_unet if ddpm else train_denoiser)(family, parts, latents, captions, recipe, progress)
         staging = out.with_name(f".{out.name}.building")
         shutil.rmtree(staging, ignore_errors=True)
         pipe = family.build_pipeline(parts)
