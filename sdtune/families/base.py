@@ -141,6 +141,11 @@ class ModelFamily(ABC):
             source=path,
         )
 
+    def configure_parts(self, parts: ModelParts, model_cfg: Mapping[str, Any]) -> None:
+        """Record family-specific ``model.*`` settings on loaded ``parts`` (in ``parts.extra``); called by
+        :func:`sdtune.families.builder.build_parts` after :meth:`load`. Nothing by default."""
+        return None
+
     @abstractmethod
     def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None) -> tuple[list[Any], list[torch.nn.Module]]:
         """(tokenizers, text encoders) from a diffusers folder or hub id."""
