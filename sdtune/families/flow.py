@@ -8,6 +8,7 @@ subclasses :class:`FlowFamily` and adds its text encoders, conditioning and key 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -16,6 +17,11 @@ import torch
 
 from sdtune.families.base import ModelFamily, ModelParts
 from sdtune.families.objectives import FlowMatchObjective, Objective
+
+#: CLIP prompt length of the toy bases (:meth:`FlowFamily.build_toy_folder`): every toy caption,
+#: trigger words included, is at most 18 of the tiny CLIP tokenizer's tokens, and SD3 puts the CLIP
+#: tokens into the transformer's context, whose 77 padded tokens would be most of the toy's training time.
+TOY_CLIP_TOKENS = 24
 
 
 class FlowFamily(ModelFamily):
@@ -37,14 +43,22 @@ class FlowFamily(ModelFamily):
     toy_denoiser: ClassVar[dict[str, Any]] = {}
 
     def build_toy_folder(self, folder: Path) -> None:
-        """The tiny model with its transformer rebuilt from its config updated by :attr:`toy_denoiser` (seeded)."""
+        """The tiny model with its transformer rebuilt from its config updated by :attr:`toy_denoiser`
+        (seeded), and CLIP prompts of :data:`TOY_CLIP_TOKENS` tokens."""
         import diffusers
 
         self.build_tiny(folder)
+        folder = Path(folder)
+        for subfolder, kind in zip(self.text_encoder_subfolders, self.text_encoder_kinds):
+            path = folder / subfolder.replace("text_encoder", "tokenizer") / "tokenizer_config.json"
+            if kind == "clip" and path.is_file():
+                config = json.loads(path.read_text())
+                config["model_max_length"] = TOY_CLIP_TOKENS
+                path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if not self.toy_denoiser:
             return
         cls = getattr(diffusers, self.denoiser_class)
-        subfolder = Path(folder) / self.denoiser_subfolder
+        subfolder = folder / self.denoiser_subfolder
         config = {k: v for k, v in cls.load_config(subfolder).items() if not k.startswith("_")}
         torch.manual_seed(1)
         cls.from_config({**config, **self.toy_denoiser}).save_pretrained(subfolder)

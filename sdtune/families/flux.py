@@ -64,6 +64,9 @@ class Flux(FlowFamily):
         "FluxPipeline.load_textual_inversion adds the new words to the CLIP tokenizer only, while a prompt's tokens "
         "reach the FLUX transformer through T5; an embedding would move CLIP's one pooled vector and nothing else."
     )
+    #: The toy base's transformer (sdtune.toy): 2 double and 2 single blocks of 4 heads of 32 (1.9 M parameters).
+    toy_denoiser = {"num_layers": 2, "num_single_layers": 2, "attention_head_dim": 32, "num_attention_heads": 4,
+                    "axes_dims_rope": [8, 12, 12]}
     pipelines = {
         ("text2img", False): "FluxPipeline",
         ("img2img", False): "FluxImg2ImgPipeline",

@@ -28,7 +28,9 @@ from sdtune.config.paths import ROOT
 from sdtune.families import FAMILIES as REGISTRY
 from sdtune.families import get_family
 from sdtune.toy.evaluate import evaluate_pipeline
+from sdtune.toy.objective_train import FLOW
 from sdtune.toy.pretrain import Recipe, build_toy, encode_scenes, train_vae
+from sdtune.toy.widen import widen_vae
 
 #: Every registered family gets a toy base (built through the family interface alone).
 FAMILIES = tuple(REGISTRY)
@@ -48,9 +50,21 @@ def latent_channels(family_name: str) -> int:
         return int(AutoencoderKL.load_config(Path(tmp) / "vae")["latent_channels"])
 
 
+def committed_vae4(out: Path):
+    """The 4-channel toy VAE of the first UNet toy folder in ``out`` (or :data:`TOY_ROOT`)."""
+    from diffusers import AutoencoderKL
+
+    for root in (out, TOY_ROOT):
+        for name in FAMILIES:
+            config = root / name / "vae" / "config.json"
+            if config.is_file() and json.loads(config.read_text()).get("latent_channels") == 4:
+                return AutoencoderKL.from_pretrained(config.parent, torch_dtype=torch.float32)
+    raise FileNotFoundError(f"no 4-channel toy VAE under {out} or {TOY_ROOT}: the 16-channel one starts from it; "
+                            "build a UNet toy first (python -m sdtune.toy.build --families sd15)")
+
+
 def build_all(out: Path, families: tuple[str, ...], recipe: Recipe) -> dict:
     """Train one toy VAE per latent-channel count the ``families`` need, then each family's toy on it."""
-    torch.set_num_threads(recipe.threads)
     torch.use_deterministic_algorithms(True)
     out.mkdir(parents=True, exist_ok=True)
     groups: dict[int, list[str]] = {}
@@ -58,9 +72,15 @@ def build_all(out: Path, families: tuple[str, ...], recipe: Recipe) -> dict:
         groups.setdefault(latent_channels(name), []).append(name)
     timings = {}
     start = time.perf_counter()
+    vae4 = None
     for channels in sorted(groups):
+        torch.set_num_threads(recipe.threads if channels == 4 else recipe.flow_threads)  # see Recipe
         clock = time.perf_counter()
-        vae = train_vae(recipe, log.info, latent_channels=channels)
+        if channels == 4:
+            vae = vae4 = train_vae(recipe, log.info)
+        else:  # widened from the 4-channel VAE (sdtune.toy.widen): this run's, else the committed one
+            init = widen_vae(vae4 if vae4 is not None else committed_vae4(out), channels, recipe.seed)
+            vae = train_vae(recipe, log.info, latent_channels=channels, init=init)
         latents, captions = encode_scenes(vae, recipe)
         timings["vae" if channels == 4 else f"vae{channels}"] = round(time.perf_counter() - clock, 1)
         for name in groups[channels]:
@@ -83,24 +103,34 @@ def merge_results(old: dict, fresh: dict) -> dict:
     return result
 
 
+def headline_guidance(family, parts) -> float:
+    """The guidance of the report's headline figures: the embedded guidance a guidance-distilled
+    denoiser (FLUX.1-dev's) was trained at, which its pipeline feeds the embedding instead of doing
+    classifier-free guidance; else :data:`GUIDANCE`."""
+    trained = getattr(family.objective(parts, {"flow": dict(FLOW)}), "guidance", None)
+    return GUIDANCE if trained is None else float(trained)
+
+
 def measure(out: Path, families: tuple[str, ...]) -> dict:
-    """Probe accuracy of each built model at :data:`GUIDANCE` (and across :data:`GUIDANCE_SWEEP`),
-    saving what it drew at :data:`GUIDANCE` as ``<family>.png``."""
-    probe, sweep = {}, {}
+    """Probe accuracy of each built model at its :func:`headline_guidance` (and across
+    :data:`GUIDANCE_SWEEP`), saving what it drew there as ``<family>.png``."""
+    probe, sweep, headlines = {}, {}, {}
     for name in families:
         family = get_family(name)
         parts = family.load(str(out / name))
         pipe = family.build_pipeline(parts)
+        pipe.set_progress_bar_config(disable=True)
+        headline = headlines[name] = headline_guidance(family, parts)
         sweep[name] = {}
-        for guidance in GUIDANCE_SWEEP:
+        for guidance in sorted({*GUIDANCE_SWEEP, headline}):
             score, grid = evaluate_pipeline(pipe, family, guidance=guidance, parts=parts)
             sweep[name][f"{guidance:g}"] = {"shape": score.shape, "colour": score.colour, "both": score.both}
-            if guidance == GUIDANCE:
+            if guidance == headline:
                 grid.save(out / f"{name}.png")
                 probe[name] = sweep[name][f"{guidance:g}"]
         log.info("%s: probe shape %.0f%%, colour %.0f%% (guidance %g)", name, 100 * probe[name]["shape"],
-                 100 * probe[name]["colour"], GUIDANCE)
-    return {"probe": probe, "guidance_sweep": sweep}
+                 100 * probe[name]["colour"], headline)
+    return {"probe": probe, "guidance_sweep": sweep, "headline_guidance": headlines}
 
 
 def compare(a: Path, b: Path) -> float:
@@ -117,17 +147,19 @@ def compare(a: Path, b: Path) -> float:
 def write_report(out: Path, result: dict) -> None:
     lines = ["# Toy base models", "", "Built by `python -m sdtune.toy.build` "
              f"(torch {result['torch']}); seconds per stage: {json.dumps(result['seconds'])}.", "",
-             "| family | probe: shape right | probe: colour right | both |", "|---|---|---|---|"]
+             "| family | guidance | probe: shape right | probe: colour right | both |", "|---|---|---|---|---|"]
+    headlines = result.get("headline_guidance", {})
     for name, s in result["probe"].items():
-        lines.append(f"| {name} | {s['shape']:.0%} | {s['colour']:.0%} | {s['both']:.0%} |")
+        lines.append(f"| {name} | {headlines.get(name, GUIDANCE):g} | {s['shape']:.0%} | {s['colour']:.0%} | {s['both']:.0%} |")
     sweep = result.get("guidance_sweep", {})
     if sweep:
-        scales = list(next(iter(sweep.values())))
+        scales = sorted({g for row in sweep.values() for g in row}, key=float)
         lines += ["", "Colour right / both right by guidance scale (why the toy model configs sample at "
                   f"`guidance: {GUIDANCE:g}`: past it, guidance overshoots the colours):", "",
                   "| family | " + " | ".join(f"guidance {g}" for g in scales) + " |", "|---|" + "---|" * len(scales)]
         for name, row in sweep.items():
-            lines.append(f"| {name} | " + " | ".join(f"{row[g]['colour']:.0%} / {row[g]['both']:.0%}" for g in scales) + " |")
+            lines.append(f"| {name} | " + " | ".join(
+                f"{row[g]['colour']:.0%} / {row[g]['both']:.0%}" if g in row else "-" for g in scales) + " |")
     lines += [
         "", "The probe (`sdtune/toy/probe.py`) reads the shape and colour of every image drawn for the "
         "18 palette prompts (each shape in each colour, on a fixed other background) at seeds 0 and 1, "

@@ -66,9 +66,13 @@ class Recipe:
     train_text: bool = True
     token_embedding_std: float | None = 0.3
     threads: int = 2
-    # The 16-channel VAE (FLUX, SD3) sees a quarter of the 4-channel one's images: the build's time, not its need.
-    vae16_steps: int = 1500
+    # The 16-channel VAE (FLUX, SD3) is the 4-channel one widened (sdtune.toy.widen), then fine-tuned.
+    vae16_steps: int = 300
     vae16_batch: int = 8
+    vae16_lr: float = 2e-4
+    # It and the flow toys train on one thread: they were built on a 2-core machine shared with other
+    # jobs, where two threads ran 7x slower than one (each waits on the other at every op).
+    flow_threads: int = 1
     # The families trained through their own objective (flow matching): sdtune.toy.objective_train.
     flow_steps: int = 2200
     flow_lr: float = 1e-3
@@ -112,14 +116,15 @@ def toy_vae(latent_channels: int = 4):
     return vae
 
 
-def train_vae(recipe: Recipe, progress: Callable[[str], None] = log.info, latent_channels: int = 4):
-    """The toy AutoencoderKL, trained to reconstruct shapes in any colour; scaling factor set (and,
-    for the 16-channel layout, the shift factor, as FLUX's and SD3's VAEs have)."""
+def train_vae(recipe: Recipe, progress: Callable[[str], None] = log.info, latent_channels: int = 4, init=None):
+    """The toy AutoencoderKL, trained to reconstruct shapes in any colour (from ``init``'s weights if
+    given); scaling factor set (and, for the 16-channel layout, the shift factor, as FLUX's and SD3's VAEs have)."""
     torch.manual_seed(recipe.seed)
-    vae = toy_vae(latent_channels).train()
+    vae = (toy_vae(latent_channels) if init is None else init).train().requires_grad_(True)
     rng = random.Random(recipe.seed)
-    steps, batch = (recipe.vae_steps, recipe.vae_batch) if latent_channels == 4 else (recipe.vae16_steps, recipe.vae16_batch)
-    opt = torch.optim.Adam(vae.parameters(), lr=recipe.vae_lr)
+    steps, batch, lr = ((recipe.vae_steps, recipe.vae_batch, recipe.vae_lr) if latent_channels == 4
+                        else (recipe.vae16_steps, recipe.vae16_batch, recipe.vae16_lr))
+    opt = torch.optim.Adam(vae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     start = time.perf_counter()
     for step in range(steps):

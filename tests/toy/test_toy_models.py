@@ -16,6 +16,7 @@ from sdtune.families import get_family
 from sdtune.families.builder import build_parts
 from sdtune.toy.build import FAMILIES, TOY_ROOT
 from sdtune.toy.evaluate import evaluate_pipeline
+from sdtune.toy.pretrain import uses_toy_schedule
 from tests.helpers.config import compose_cfg, resolved
 
 
@@ -23,13 +24,16 @@ def test_toy_folders_are_small_half_precision_diffusers_folders():
     files = [p for p in TOY_ROOT.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 20 * 2**20
     for family in FAMILIES:
-        folder = TOY_ROOT / family
+        folder, denoiser = TOY_ROOT / family, get_family(family).denoiser_subfolder
         assert json.loads((folder / "sdtune_toy.json").read_text())["family"] == family
-        assert (folder / "model_index.json").is_file() and (folder / "unet" / "config.json").is_file()
-        with safe_open(str(folder / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert (folder / "model_index.json").is_file() and (folder / denoiser / "config.json").is_file()
+        with safe_open(str(folder / denoiser / "diffusion_pytorch_model.safetensors"), "pt") as f:
             assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F16"}
         schedule = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-        assert (schedule["prediction_type"], schedule["timestep_spacing"]) == ("v_prediction", "trailing")
+        if uses_toy_schedule(get_family(family)):
+            assert (schedule["prediction_type"], schedule["timestep_spacing"]) == ("v_prediction", "trailing")
+        else:  # flow matching keeps the family's own scheduler
+            assert schedule["_class_name"] == "FlowMatchEulerDiscreteScheduler"
 
 
 @pytest.mark.parametrize(("model", "family"), [("toy", "sd15"), ("toy_sdxl", "sdxl"), ("toy_kolors", "kolors")])
