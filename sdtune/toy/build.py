@@ -92,14 +92,14 @@ def build_all(out: Path, families: tuple[str, ...], recipe: Recipe) -> dict:
 
 
 def merge_results(old: dict, fresh: dict) -> dict:
-    """``old``'s report with ``fresh``'s figures in: the families (and stages) not in ``fresh`` keep theirs;
-    ``total`` becomes the sum of the stages."""
+    """``old``'s report with ``fresh``'s figures in: the families (and stages) not in ``fresh`` keep
+    theirs; when ``fresh`` timed stages, ``total`` becomes the sum of all stages."""
     result = dict(old)
     for key, value in fresh.items():
         result[key] = {**old.get(key, {}), **value} if isinstance(value, dict) and key != "recipe" else value
-    seconds = {k: v for k, v in result.get("seconds", {}).items() if k != "total"}
-    if seconds:
-        result["seconds"] = {**seconds, "total": round(sum(seconds.values()), 1)}
+    if "seconds" in fresh:
+        stages = {k: v for k, v in result["seconds"].items() if k != "total"}
+        result["seconds"] = {**stages, "total": round(sum(stages.values()), 1)}
     return result
 
 
@@ -154,8 +154,9 @@ def write_report(out: Path, result: dict) -> None:
     sweep = result.get("guidance_sweep", {})
     if sweep:
         scales = sorted({g for row in sweep.values() for g in row}, key=float)
-        lines += ["", "Colour right / both right by guidance scale (why the toy model configs sample at "
-                  f"`guidance: {GUIDANCE:g}`: past it, guidance overshoots the colours):", "",
+        lines += ["", "Colour right / both right by guidance scale (why the UNet and SD3.5 toy model configs sample "
+                  f"at `guidance: {GUIDANCE:g}`: past it, guidance overshoots the colours; FLUX's pipeline feeds the "
+                  "scale to its guidance embedding instead of guiding, and the toy was trained at 1):", "",
                   "| family | " + " | ".join(f"guidance {g}" for g in scales) + " |", "|---|" + "---|" * len(scales)]
         for name, row in sweep.items():
             lines.append(f"| {name} | " + " | ".join(
@@ -163,13 +164,19 @@ def write_report(out: Path, result: dict) -> None:
     lines += [
         "", "The probe (`sdtune/toy/probe.py`) reads the shape and colour of every image drawn for the "
         "18 palette prompts (each shape in each colour, on a fixed other background) at seeds 0 and 1, "
-        f"20 sampling steps, guidance {GUIDANCE:g}. `<family>.png` shows those images: one row per colour. "
+        "20 sampling steps, at the guidance in the first table. `<family>.png` shows those images: one row per colour. "
         "Shape is the harder half: at 64 px the models round the corners of squares, and the probe's "
         "template fit calls most of those squares circles.", "",
         "What the models are: the real SD1.5 / SDXL / Kolors classes at toy size (64 px images, 8x8 "
         "latents); one VAE shared by all three; each UNet trained together with its text encoder(s) "
         "with v-prediction on DDPM's linear schedule (near-zero terminal SNR) and trailing timestep "
         "spacing. Why each choice: `sdtune/toy/pretrain.py`.", "",
+        "The FLUX.1-dev and SD3.5 toys: the real FLUX / SD3 classes (transformer sizes in each family's "
+        "`toy_denoiser`), on one 16-channel VAE (FLUX's and SD3's layout, with a latent shift) widened "
+        "from the 4-channel one and fine-tuned (`sdtune/toy/widen.py`); each transformer trained with its "
+        "text encoders by the family's own flow-matching objective and `predict` (uniform sigmas, the "
+        "scheduler's shift; FLUX at a constant embedded guidance of 1, so it is sampled at 1 with no "
+        "classifier-free guidance, as FLUX.1-dev is). Why: `sdtune/toy/objective_train.py`.", "",
         *[f"![{name}]({name}.png)" for name in result["probe"]], "",
         "Recipe:", "", "```json", json.dumps(result["recipe"], indent=2), "```", ""]
     (out / "REPORT.md").write_text("\n".join(lines))

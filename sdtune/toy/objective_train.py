@@ -9,10 +9,10 @@ guidance value included) and ``family.predict`` runs the denoiser, all through
 :func:`sdtune.training.diffusion.denoising_loss`. So a toy trains exactly as a LoRA run on it
 later does, and a new flow family gets a toy without code here.
 
-Timesteps are drawn uniformly rather than logit-normally (``FLOW``): the toy's colours and shapes
-are decided in the noisiest steps, which the logit-normal density (made for 1024 px images whose
-fine detail needs the middle) gives few samples; the family scheduler's shift still applies, as it
-does when sampling.
+Timesteps are drawn uniformly rather than logit-normally (``FLOW``), the family scheduler's shift
+still applied, as it is when sampling: in the UNet toys the noisiest steps decided a sample's
+colour and shape, and the logit-normal density (made for 1024 px images, whose detail needs the
+middle steps) gives those few samples. The two were not compared on the flow toys.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def train_denoiser(family: ModelFamily, parts: ModelParts, latents: torch.Tensor
     for module in modules:
         module.train().requires_grad_(True)
     params = [p for m in modules for p in m.parameters()]
-    steps, batch_size, lr = recipe.flow_steps, recipe.unet_batch, recipe.flow_lr
+    steps, batch_size, lr = recipe.flow_steps, recipe.flow_batch, recipe.flow_lr
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     ema = EMAModel(params, decay=recipe.ema_decay, use_ema_warmup=True)

@@ -75,6 +75,7 @@ class Recipe:
     flow_threads: int = 1
     # The families trained through their own objective (flow matching): sdtune.toy.objective_train.
     flow_steps: int = 2200
+    flow_batch: int = 16
     flow_lr: float = 1e-3
 
 
