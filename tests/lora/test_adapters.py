@@ -17,6 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
 from sdtune.export import export_lora
+from sdtune.families import get_family
 from sdtune.families.builder import build_parts
 from sdtune.lora.adapters import kind_of
 from sdtune.lora.apply import apply_lora, fuse
@@ -212,7 +213,7 @@ def test_resume_refuses_a_checkpoint_of_another_adapter(tmp_path):
 
     cfg = compose_cfg("experiment=quickstart", "lora.type=loha")
     path = tmp_path / "last.ckpt"
-    saved = {"family": "sd15", "rank": 4, "alpha": 4.0, "targets": list(cfg.lora.targets), "adapter": "dora"}
+    saved = {"family": "sd15", "rank": 4, "alpha": 4.0, "targets": sorted(get_family("sd15").default_lora_targets), "adapter": "dora"}
     torch.save({"sdtune": saved, "hyper_parameters": {}, "state_dict": {}}, path)
     with pytest.raises(ConfigError, match="adapter: checkpoint 'dora', config 'loha'"):
         check_resumable(path, cfg)
