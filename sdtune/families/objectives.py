@@ -184,7 +184,7 @@ class FlowMatchObjective(Objective):
         }
         for key, (default, why) in reasons.items():
             value = s.get(key)
-            if value not in (None, default) and not (default == 0.0 and value == 0):
+            if value is not None and value != default:  # 0 == 0.0: an integer zero offset is no offset
                 raise ConfigError(f"{key}={value!r} does not apply to model.family={s.get('model.family')}: {why}. "
                                   f"Fix: {key}={'null' if default is None else default}.")
         s.choice("train.flow.timestep_sampling", TIMESTEP_SAMPLING)
@@ -247,4 +247,5 @@ class FlowMatchObjective(Objective):
         """``cond`` plus FLUX-dev's guidance embedding input, when the denoiser has one."""
         if self.guidance is None:
             return cond
-        return {**cond, "guidance": torch.full((batch,), self.guidance)}
+        device = next((v.device for v in cond.values() if torch.is_tensor(v)), None)  # the text's: the step's device
+        return {**cond, "guidance": torch.full((batch,), self.guidance, device=device)}
