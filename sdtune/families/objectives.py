@@ -39,6 +39,13 @@ class Objective(ABC):
     def validation_timesteps(self, g: torch.Generator, batch: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """(B,) fixed timesteps for a validation batch of latents of ``latent_shape`` (B, C, h, w)."""
 
+    def batch_timesteps(self, batch: int, latent_shape: tuple[int, ...],
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B,) training timesteps drawn for a whole batch at once from ``generator`` (None: torch's
+        global one), as a plain training loop draws them (the bench's reference loop); sdtune's own
+        step draws per sample (:meth:`draw_timestep`)."""
+        return self.validation_timesteps(generator, batch, latent_shape)
+
     @abstractmethod
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The denoiser's input: ``latents`` noised with ``noise`` at ``timesteps``."""
