@@ -94,6 +94,9 @@ def test_the_objective_draws_what_randint_drew_and_building_it_draws_nothing():
     g = torch.Generator().manual_seed(42 * 1000 + 3)
     assert torch.equal(noise, torch.randn(2, 4, 8, 8, generator=g))
     assert torch.equal(t, torch.randint(0, 1000, (2,), generator=g))
+    # the bench's plain loop draws a whole batch at once, as diffusers' script does
+    batch = objective.batch_timesteps(3, (3, 4, 8, 8), torch.Generator().manual_seed(9))
+    assert torch.equal(batch, torch.randint(0, 1000, (3,), generator=torch.Generator().manual_seed(9)))
 
 
 # --- flow matching (diffusers' train_dreambooth_lora_sd3.py / _flux.py maths) -------------------------------------
@@ -163,6 +166,7 @@ def test_flux_dynamic_shift_is_its_samplers_at_the_same_resolution():
         u = torch.sigmoid(torch.normal(0.0, 1.0, (5,), generator=torch.Generator().manual_seed(7)))
         scheduler = objective.scheduler
         assert torch.equal(sigma, scheduler.time_shift(sampler_mu, 1.0, u))
+        assert torch.equal(sigma, objective.batch_timesteps(5, (5, 16, h, w), torch.Generator().manual_seed(7)))
         sampler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
         sampler.set_timesteps(sigmas=u.numpy(), mu=sampler_mu)  # FluxPipeline.__call__'s retrieve_timesteps
         torch.testing.assert_close(sigma, sampler.sigmas[:-1])
