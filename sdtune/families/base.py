@@ -59,17 +59,23 @@ class ModelFamily(ABC):
     objective_class: ClassVar[type[Objective]] = DDPMObjective
     #: diffusers class name of this family's ControlNets.
     controlnet_class: ClassVar[str] = "ControlNetModel"
-    # Declared for the flow-matching families (issue 27); the data checks, the LoRA export and the
-    # text-encoder LoRA read them as those families arrive.
-    #: Image sides are multiples of this many pixels: the VAE's 8 times the denoiser's downsampling
-    #: (4 UNet levels: 8) or patching.
-    pixel_multiple: ClassVar[int] = 64
+    #: Image sides (``data.resolution``, ``data.bucket_step``) are multiples of this many pixels,
+    #: for :attr:`pixel_multiple_reason`. A diffusers UNet takes any latent size (it upsamples to
+    #: its skip connections' sizes), so the UNet families need only the VAE's 8; a transformer that
+    #: cuts latents into 2x2 patches needs 16.
+    pixel_multiple: ClassVar[int] = 8
+    pixel_multiple_reason: ClassVar[str] = "the VAE downsamples by 8"
+    # Declared for the flow-matching families (issue 27); the LoRA export and the text-encoder LoRA
+    # read them as those families arrive.
     #: The layout of the run's LoRA file by default (``callbacks.lora_export.format``).
     default_export_format: ClassVar[str] = "kohya"
     #: Indices of the text encoders that can get LoRA layers (None: all of them).
     lora_text_encoders: ClassVar[tuple[int, ...] | None] = None
     #: Why ``sdtune.morph`` cannot work on this family ("": it can).
     morph_refusal: ClassVar[str] = ""
+    #: ``speed.*`` settings refused for this family's denoiser, as written on the command line
+    #: (``"speed.channels_last=true"``), each with its reason and fix; checked before anything loads.
+    speed_refusals: ClassVar[dict[str, str]] = {}
     #: Square training resolution the family was trained at.
     default_resolution: ClassVar[int]
     #: Classifier-free guidance scale the family's pipelines draw best at (its model card's default);
