@@ -134,7 +134,7 @@ def check_tensors_match(
     ``spec.targets`` and every target matches a layer, by peft's rule (``name == t`` or
     ``name.endswith("." + t)``). Text-encoder layers (``lora_te*``, ``text_encoder*``) are skipped.
     The message names ``source``, both values and ``fix``. A fused kohya module of k parts
-    (``kohya_parts``, :func:`sdtune.lora.keys.kohya_part_counts`) has k * rank and k * alpha.
+    (``kohya_parts``, :func:`sdtune.lora.keys.kohya_fused_parts`) has k * rank and k * alpha.
     """
 
     stems: set[str] = set()

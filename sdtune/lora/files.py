@@ -32,6 +32,8 @@ from sdtune.lora.header import (
     ALPHA_IN_TENSORS,
     COMPONENT_PREFIX,
     DIFFUSERS_METADATA_KEY,
+    KOHYA_PARTS,
+    kohya_parts_header,
     run_config,
     spec_from_header,
     text_encoder_spec_from_header,
@@ -42,7 +44,7 @@ from sdtune.lora.keys import (
     denoiser_prefixes,
     detect_format,
     diffusers_to_peft,
-    kohya_part_counts,
+    kohya_fused_parts,
     kohya_to_peft,
     peft_components,
     peft_to_diffusers,
@@ -133,7 +135,7 @@ MANAGED_KEYS = frozenset({
     "format", DIFFUSERS_METADATA_KEY, "sdtune.format", "sdtune.family", "sdtune.targets", "sdtune.rank", "sdtune.alpha",
     "sdtune.text_encoder",
     "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_output_name", "sdtune.adapter", "ss_network_args",
-    "sdtune.dora_readers", ALPHA_IN_TENSORS, "modelspec.architecture",
+    "sdtune.dora_readers", ALPHA_IN_TENSORS, "modelspec.architecture", KOHYA_PARTS,
 })
 
 
@@ -161,8 +163,9 @@ class LoraHeader:
     carried: Mapping[str, str] = field(default_factory=dict)  # a source file's other keys, kept on re-export
     text_encoder: LoraSpec | None = None  # the text encoders' LoRA (lora.text_encoder), when the file has one
 
-    def metadata(self, format: str) -> dict[str, str]:
-        """The header as safetensors stores it (every value a string) for a ``format`` file."""
+    def metadata(self, format: str, kohya_parts: Mapping[str, int] | None = None) -> dict[str, str]:
+        """The header as safetensors stores it (every value a string) for a ``format`` file
+        (``kohya_parts``: its fused kohya modules, :func:`sdtune.lora.keys.kohya_fused_parts`)."""
         spec = self.spec
         meta = {k: v for k, v in self.carried.items() if k not in MANAGED_KEYS}
         lycoris = spec.kind in ("loha", "lokr")
@@ -191,6 +194,8 @@ class LoraHeader:
             meta[DIFFUSERS_METADATA_KEY] = json.dumps(adapters, sort_keys=True)
         elif spec.targets:  # diffusers refuses a kohya file that carries peft adapter metadata
             meta["sdtune.targets"] = json.dumps(list(spec.targets))
+        if kohya_parts:
+            meta[KOHYA_PARTS] = json.dumps(dict(kohya_parts), sort_keys=True)
         optional = {"sdtune.base_model": self.base_model, "ss_base_model_version": self.base_model_version,
                     "modelspec.architecture": self.architecture,
                     "sdtune.resolution": self.resolution, "ss_num_train_images": self.num_train_images, "ss_steps": self.steps}
@@ -269,8 +274,9 @@ def save_lora(
     else:
         raise LoraFileError(f"unknown LoRA format {format!r}; choose one of {list(FORMATS)}")
     on_disk = {k: v.detach().to("cpu").contiguous() for k, v in on_disk.items()}
+    fused = kohya_fused_parts(tensors, header.family, denoiser_config) if format == "kohya" else None
     with atomic_path(path) as tmp:
-        save_file(on_disk, str(tmp), metadata=header.metadata(format))
+        save_file(on_disk, str(tmp), metadata=header.metadata(format, fused))
     if spec.use_dora:
         log.warning("%s: %s", path.name, dora_note(format))
     return path
@@ -318,8 +324,7 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     if fmt == "peft" and DIFFUSERS_METADATA_KEY not in metadata:
         metadata.update(peft_adapter_config(path))
     run_config(metadata, str(path))  # refuse a garbled run config now, not halfway through a command
-    family = metadata.get("sdtune.family")
-    parts = kohya_part_counts(family) if fmt == "kohya" and family in FAMILIES else {}
+    parts = kohya_parts_header(metadata, path) if fmt == "kohya" else {}
     spec = spec_from_header(metadata, raw, fmt, path, kohya_parts=parts)
     adapter = json.loads(metadata.get(DIFFUSERS_METADATA_KEY) or "{}")
     declared = "sdtune.alpha" in metadata or any(f"{p}lora_alpha" in adapter for p in denoiser_prefixes())

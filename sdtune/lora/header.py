@@ -31,6 +31,8 @@ DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 #: (``transformer.`` for a transformer denoiser: :func:`denoiser_header_prefix`).
 COMPONENT_PREFIX = DIFFUSERS_PREFIX
 ALPHA_IN_TENSORS = "sdtune.alpha_in_tensors"
+#: How many diffusers modules each fused kohya module stacks ({"lora_unet_double_blocks_#_img_attn_qkv": 3}).
+KOHYA_PARTS = "sdtune.kohya_parts"
 
 
 def denoiser_header_prefix(adapter_metadata: Mapping[str, Any]) -> str:
@@ -206,6 +208,16 @@ def spec_from_header(metadata: Mapping[str, str], raw: Mapping[str, torch.Tensor
     origin = "sdtune.*" if ours else DIFFUSERS_METADATA_KEY  # the key a user would look at first
     check_tensors_match(spec, raw, str(path), origin=f"header ({origin})", kohya_parts=kohya_parts)
     return spec
+
+
+def kohya_parts_header(metadata: Mapping[str, str], path: str | os.PathLike) -> dict[str, int]:
+    """The fused kohya modules a header records (``sdtune.kohya_parts``), {} when absent."""
+    value = _header_json(metadata, KOHYA_PARTS, path, dict, 'a JSON object like {"lora_unet_double_blocks_#_img_attn_qkv": 3}')
+    if value is None:
+        return {}
+    if not all(isinstance(k, str) and isinstance(n, int) and not isinstance(n, bool) and n >= 2 for k, n in value.items()):
+        raise _bad_header(path, KOHYA_PARTS, metadata[KOHYA_PARTS], "a JSON object of kohya names to part counts >= 2")
+    return value
 
 
 def text_encoder_spec_from_header(metadata: Mapping[str, str], path: str | os.PathLike) -> LoraSpec | None:

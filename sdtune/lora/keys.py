@@ -257,16 +257,24 @@ def kohya_to_peft(
     return out, alphas
 
 
-def kohya_part_counts(family: str | ModelFamily) -> dict[str, int]:
-    """How many diffusers modules each fused kohya module of ``family`` stacks, keyed by its
-    ``lora_unet_`` name with block numbers as ``#`` (:func:`block_pattern`): a header's rank and
-    alpha are read per part (alpha / k, rows / k) without the base model at hand."""
+def kohya_fused_parts(tensors: Iterable[str], family: str | ModelFamily,
+                      denoiser_config: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """How many diffusers modules each fused kohya module of a file of peft ``tensors`` stacks, keyed
+    by its ``lora_unet_`` name with block numbers as ``#`` (:func:`block_pattern`): the header records
+    it (``sdtune.kohya_parts``) so that rank and alpha are read per part without the base model."""
     family = as_family(family)
-    counts: dict[str, int] = {}
-    for km in family.kohya_modules(None).values():
-        if km.fused:
-            counts[block_pattern(kohya_stem(km))] = len(km.parts)
-    return counts
+    table = family.kohya_modules(denoiser_config)
+    out: dict[str, int] = {}
+    for key in tensors:
+        km = table.get(module_of_key(key))
+        if km is not None and km.fused:
+            out[block_pattern(kohya_stem(km))] = len(km.parts)
+    return out
+
+
+def module_of_key(key: str) -> str:
+    """The module path of a peft tensor name (``<module>.lora_A.weight`` -> ``<module>``)."""
+    return _swap_suffix(key, KOHYA_SUFFIXES)[0]
 
 
 def block_pattern(stem: str) -> str:
