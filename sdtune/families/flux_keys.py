@@ -64,3 +64,17 @@ def kohya_modules(config: Mapping[str, Any] | None = None) -> dict[str, KohyaMod
     t.add("final_layer.linear", "proj_out")
     t.add("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True)
     return t.table
+
+
+# -- header facts (kohya sd-scripts: flux_utils.MODEL_VERSION_FLUX_V1, library/sai_model_spec.py) ----------
+def base_model_version(config: Mapping[str, Any] | None = None) -> str:
+    """``ss_base_model_version``: kohya writes ``flux1`` for every FLUX.1."""
+    return "flux1"
+
+
+def architecture(config: Mapping[str, Any] | None = None) -> str:
+    """``modelspec.architecture`` as kohya writes it for a LoRA: dev (a guidance embedding), schnell
+    (none), ``flux-1`` when the base's config is not at hand."""
+    if config is None:
+        return "flux-1/lora"
+    return f"flux-1-{'dev' if config.get('guidance_embeds', True) else 'schnell'}/lora"

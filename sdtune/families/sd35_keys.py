@@ -59,3 +59,21 @@ def kohya_modules(config: Mapping[str, Any] | None = None) -> dict[str, KohyaMod
     t.add("final_layer.linear", "proj_out")
     t.add("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True)
     return t.table
+
+
+# -- header facts (kohya sd-scripts: sd3_utils.analyze_state_dict_state, library/sai_model_spec.py) --------
+def base_model_version(config: Mapping[str, Any] | None = None) -> str:
+    """``ss_base_model_version`` as kohya writes it: its model type, ``3-5-large`` (qk norm, no
+    MMDiT-X), ``3-5-medium`` (MMDiT-X second attention) or ``3-medium`` (no qk norm); ``sd3`` when the
+    base's config is not at hand."""
+    if config is None:
+        return "sd3"
+    if not config.get("qk_norm"):
+        return "3-medium"
+    return "3-5-medium" if config.get("dual_attention_layers") else "3-5-large"
+
+
+def architecture(config: Mapping[str, Any] | None = None) -> str:
+    """``modelspec.architecture`` as kohya writes it for a LoRA: ``stable-diffusion-3-`` + the model
+    type + ``/lora`` (so ``stable-diffusion-3-3-5-large/lora``); ``stable-diffusion-3/lora`` unknown."""
+    return "stable-diffusion-3/lora" if config is None else f"stable-diffusion-3-{base_model_version(config)}/lora"

@@ -203,3 +203,22 @@ def test_foreign_fused_files_split_as_diffusers_does_and_variants_are_refused():
             "transformer_blocks.0.attn.to_q.dora_scale": torch.ones(1, 32)}
     with pytest.raises(LoraFileError, match=r"fuses .*img_attn.qkv.*Fix: write the diffusers layout"):
         peft_to_kohya(dora, 4.0, family, model.config)
+
+
+def test_run_header_takes_version_and_architecture_from_the_family():
+    from sdtune.lora.files import run_header
+
+    family = keys_family(flux_keys, name="flux_header_test", text_encoder_kinds=("clip", "t5"),
+                         lora_base_model_version=lambda self, c=None: flux_keys.base_model_version(c),
+                         lora_architecture=lambda self, c=None: flux_keys.architecture(c))
+    register_family(type(family))
+    try:
+        cfg = {"model": {"family": family.name, "path": "base"}, "data": {"resolution": 64}, "lora": {"rank": RANK}}
+        meta = run_header(cfg, LoraSpec(RANK, ALPHA, ATTENTION), steps=1, num_train_images=1, output_name="x",
+                          denoiser_config=TINY_FLUX).metadata("kohya")
+        assert (meta["ss_base_model_version"], meta["modelspec.architecture"]) == ("flux1", "flux-1-dev/lora")
+    finally:
+        FAMILIES.pop(family.name)
+    cfg = {"model": {"family": "sd15", "path": "base"}, "data": {"resolution": 64}, "lora": {"rank": RANK}}
+    meta = run_header(cfg, LoraSpec(RANK, ALPHA, ATTENTION), steps=1, num_train_images=1, output_name="x").metadata("kohya")
+    assert meta["ss_base_model_version"] == "sd_v1" and "modelspec.architecture" not in meta  # UNet headers unchanged

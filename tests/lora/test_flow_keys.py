@@ -103,3 +103,14 @@ def test_diffusers_reads_our_kohya_flux_file_at_full_width():
         assert a.shape[0] == rank  # the exact per-part path, not the whole fused rank
         expected = alpha / rank * tensors[f"{m}.lora_B.weight"] @ tensors[f"{m}.lora_A.weight"]
         torch.testing.assert_close(b @ a, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_header_strings_are_kohyas():
+    """kohya sd-scripts' ss_base_model_version and sai_model_spec architecture for each base."""
+    from tests.helpers.flow_families import TINY_SD3
+
+    assert (flux_keys.base_model_version(FLUX_DEV), flux_keys.architecture(FLUX_DEV)) == ("flux1", "flux-1-dev/lora")
+    assert flux_keys.architecture({**FLUX_DEV, "guidance_embeds": False}) == "flux-1-schnell/lora"
+    assert sd35_keys.architecture(SD35_LARGE) == "stable-diffusion-3-3-5-large/lora"
+    assert [sd35_keys.base_model_version(c) for c in (SD35_LARGE, SD35_MEDIUM, TINY_SD3, None)] == [
+        "3-5-large", "3-5-medium", "3-5-medium", "sd3"]
