@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from sdtune.families.kohya import STANDARD_XL_UNET, KohyaModule, PerModuleNames
 from sdtune.families.objectives import DDPMObjective, Objective
 from sdtune.utils.errors import ConfigError, ModelLoadError
 
@@ -91,6 +92,10 @@ class ModelFamily(ABC):
     text_encoder_kinds: ClassVar[tuple[str, ...]] = ("clip",)
     #: Version string written to LoRA headers (``ss_base_model_version`` in kohya's tools).
     base_model_version: ClassVar[str]
+    #: The diffusers layout holds alpha in its tensors: with alpha != rank, alpha/rank is folded into
+    #: ``lora_B`` and the header's ``lora_alpha`` is the rank (ComfyUI reads that layout and applies
+    #: no header alpha; the true alpha is kept as ``sdtune.alpha``).
+    bake_diffusers_alpha: ClassVar[bool] = False
 
     #: diffusers pipeline class names per (task, with a ControlNet); None where diffusers has none,
     #: which :meth:`pipeline_class` refuses with a clear error. Every class takes the keyword
@@ -213,6 +218,20 @@ class ModelFamily(ABC):
         if lora_scale is not None:
             extra["cross_attention_kwargs"] = {"scale": float(lora_scale)}
         return extra
+
+    def kohya_modules(self, denoiser_config: Mapping[str, Any] | None = None) -> Mapping[str, KohyaModule]:
+        """diffusers module path -> the kohya module it is written to (``lora_unet_`` + its name),
+        for a denoiser of ``denoiser_config`` (None: the family's standard layout). Default: each
+        module its own, under its SGM path when :attr:`kohya_sgm_names`."""
+        return PerModuleNames((denoiser_config or STANDARD_XL_UNET) if self.kohya_sgm_names else None)
+
+    def lora_base_model_version(self, denoiser_config: Mapping[str, Any] | None = None) -> str:
+        """``ss_base_model_version`` of a LoRA for a denoiser of ``denoiser_config`` (None: unknown)."""
+        return self.base_model_version
+
+    def lora_architecture(self, denoiser_config: Mapping[str, Any] | None = None) -> str | None:
+        """``modelspec.architecture`` of such a LoRA (kohya's ``sai_model_spec`` strings); None: not written."""
+        return None
 
     def controlnet_fits(self, denoiser_config: Mapping[str, Any], controlnet_config: Mapping[str, Any]) -> list[str]:
         """The config keys in which a ControlNet does not fit this base's denoiser ([]: it fits)."""
