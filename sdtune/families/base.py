@@ -323,8 +323,10 @@ class ModelFamily(ABC):
             ) from err
         if vae_path:
             vae = self._load_vae(vae_path, dtype)
-        encoders = [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
-        tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+        subfolders = self.text_encoder_subfolders
+        encoders = [m for m in (getattr(pipe, sub, None) for sub in subfolders) if m is not None]
+        tokenizers = [t for t in (getattr(pipe, sub.replace("text_encoder", "tokenizer"), None) for sub in subfolders)
+                      if t is not None]
         return ModelParts(
             denoiser=getattr(pipe, self.denoiser_subfolder),
             vae=vae,
