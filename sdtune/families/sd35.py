@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from sdtune.families.base import ModelParts
+from sdtune.families import sd35_keys
 from sdtune.families.flow import FlowFamily
 from sdtune.families.tiny_flow_parts import build_t5_tokenizer, t5_config, tiny_t5, tiny_vae16
 from sdtune.families.tiny_parts import build_clip_tokenizer, clip_config, tiny_clip_text_encoder
@@ -42,7 +43,7 @@ class SD35(FlowFamily):
     default_resolution = 1024
     # The SD3.5 Large model card samples at 3.5 (28 steps); Medium's at 4.5 (40 steps): model.guidance.
     default_guidance = 3.5
-    # The plan's header value; kohya's own SD3 trainer writes its model type ("5-large", "5-medium").
+    # Without the base's config at hand; with it, kohya's own model type (lora_base_model_version).
     base_model_version = "sd3"
     default_export_format = "diffusers"
     text_encoder_subfolders = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -61,6 +62,16 @@ class SD35(FlowFamily):
         ("text2img", True): "StableDiffusion3ControlNetPipeline",
         ("img2img", True): None,  # diffusers 0.42 has no SD3 ControlNet img2img pipeline
     }
+
+    # -- LoRA files: MMDiT names in kohya files (sd35_keys.py holds the table) ---------------
+    def kohya_modules(self, denoiser_config=None):
+        return sd35_keys.kohya_modules(denoiser_config)
+
+    def lora_base_model_version(self, denoiser_config=None) -> str:
+        return sd35_keys.base_model_version(denoiser_config)
+
+    def lora_architecture(self, denoiser_config=None) -> str | None:
+        return sd35_keys.architecture(denoiser_config)
 
     def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None):
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
