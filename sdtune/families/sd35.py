@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from sdtune.families.base import ModelParts
 from sdtune.families import sd35_keys
+from sdtune.families.base import ModelParts
 from sdtune.families.flow import FlowFamily
 from sdtune.families.tiny_flow_parts import build_t5_tokenizer, t5_config, tiny_t5, tiny_vae16
 from sdtune.families.tiny_parts import build_clip_tokenizer, clip_config, tiny_clip_text_encoder
