@@ -140,3 +140,15 @@ def test_quickstart_trains_a_flux_lora(tmp_path):
     ups = {k: v for k, v in state.items() if k.startswith("transformer.") and ".lora_B." in k}
     assert ups and all(v.abs().max() > 0 for v in ups.values())  # B starts at zero: every one has moved
     assert (run_dir / "samples.png").is_file()
+
+
+def test_text_encoder_lora_adapts_clip_and_never_t5():
+    from sdtune.lora.layers import LoraSpec, trainable_lora_parameters
+    from sdtune.training.text_encoders import inject_text_encoders, text_encoder_state
+
+    family = get_family("flux")
+    parts = family.load(str(tiny_model("flux")))
+    inject_text_encoders(parts, LoraSpec(rank=2, alpha=2.0, targets=family.default_text_encoder_lora_targets), family)
+    clip, t5 = parts.text_encoders
+    assert len(trainable_lora_parameters(clip)) == 2 * 4 * 2 and trainable_lora_parameters(t5) == []
+    assert not t5.training and list(text_encoder_state(parts, family)) == [0]
