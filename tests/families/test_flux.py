@@ -11,10 +11,14 @@ import torch
 from diffusers import FluxControlNetModel
 
 from sdtune.families import get_family
+from sdtune.families.builder import build_parts
 from sdtune.families.flux import flux_t5_length
 from sdtune.families.objectives import FlowMatchObjective
+from sdtune.inference.loading import LoraRef, apply_loras
+from sdtune.merge import merge
 from sdtune.utils.errors import ConfigError
 from tests.helpers.cli import run_cli
+from tests.helpers.config import compose_tool
 from tests.helpers.models import tiny_model
 
 CAPTIONS = ["a red circle on a blue background", "a small orange cat sitting on a wooden table, high quality"]
@@ -140,6 +144,24 @@ def test_quickstart_trains_a_flux_lora(tmp_path):
     ups = {k: v for k, v in state.items() if k.startswith("transformer.") and ".lora_B." in k}
     assert ups and all(v.abs().max() > 0 for v in ups.values())  # B starts at zero: every one has moved
     assert (run_dir / "samples.png").is_file()
+    # merged into a diffusers folder (no single file: sdtune writes none for FLUX), it predicts as the
+    # LoRA applied live does
+    lora = str(run_dir / "lora.safetensors")
+    folder, single = merge(compose_tool("merge", f"loras=[{lora}]", f"out={tmp_path / 'merged'}", "save_dtype=fp32"))
+    assert single is None
+    family, live = build_parts({"family": "flux", "path": str(tiny_model("flux"))})
+    apply_loras(live, family, [LoraRef(lora)])
+    merged = family.load(str(folder))
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.randn(1, 16, 8, 8, generator=g)
+    cond = {"encoder_hidden_states": torch.randn(1, 32, 32, generator=g), "pooled_projections": torch.randn(1, 32, generator=g),
+            "guidance": torch.ones(1)}
+    with torch.no_grad():
+        expected = family.predict(live.denoiser, noisy, torch.tensor([500.0]), cond)
+        base = family.predict(family.load(str(tiny_model("flux"))).denoiser, noisy, torch.tensor([500.0]), cond)
+        assert (expected - base).abs().max() > 1e-4  # the trained LoRA moves the output 10x the tolerance
+        torch.testing.assert_close(family.predict(merged.denoiser, noisy, torch.tensor([500.0]), cond), expected,
+                                   rtol=0, atol=1e-5)
 
 
 def test_text_encoder_lora_adapts_clip_and_never_t5():
