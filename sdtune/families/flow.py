@@ -26,6 +26,9 @@ class FlowFamily(ModelFamily):
     pixel_multiple = 16
     #: Side of the latent patches the transformer takes as tokens (FLUX packs 2x2, SD3 patches 2x2).
     latent_patch: ClassVar[int] = 2
+    #: FluxImg2ImgPipeline and StableDiffusion3Img2ImgPipeline resize the init picture to 1024 px
+    #: unless given ``height``/``width``.
+    img2img_takes_size = True
     morph_refusal = (
         "sdtune.morph inverts an image with DDIM over a DDPM noise schedule; a flow-matching base needs its ODE "
         "run backwards (flow inversion), which sdtune does not have yet. Fix: morph with an sd15, sdxl or kolors base"

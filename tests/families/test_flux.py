@@ -174,3 +174,21 @@ def test_text_encoder_lora_adapts_clip_and_never_t5():
     clip, t5 = parts.text_encoders
     assert len(trainable_lora_parameters(clip)) == 2 * 4 * 2 and trainable_lora_parameters(t5) == []
     assert not t5.training and list(text_encoder_state(parts, family)) == [0]
+
+
+def test_generate_img2img_draws_at_the_init_pictures_size(tmp_path):
+    """FluxImg2ImgPipeline resizes the init picture to 1024 px unless told the size: generate passes it."""
+    from hydra import compose, initialize_config_dir
+    from PIL import Image
+
+    from sdtune.generate import generate
+    from tests.helpers.paths import QUICKSTART, ROOT
+
+    tiny_model("flux")
+    init = QUICKSTART / "images" / "sks_00_red_circle.png"
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("generate", overrides=["model=tiny_flux", "prompt=a red circle", "num_images=1", "steps=2",
+                                             "device=cpu", f"init_image={init}", "strength=0.5"])
+    written = generate(cfg, tmp_path)
+    assert Image.open(tmp_path / "seed0.png").size == Image.open(init).size == (64, 64)
+    assert tmp_path / "grid.png" in written
