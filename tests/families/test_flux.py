@@ -192,3 +192,19 @@ def test_generate_img2img_draws_at_the_init_pictures_size(tmp_path):
     written = generate(cfg, tmp_path)
     assert Image.open(tmp_path / "seed0.png").size == Image.open(init).size == (64, 64)
     assert tmp_path / "grid.png" in written
+
+
+@pytest.mark.slow  # the full-size step on the meta device under the FLOP counter: ~10 s
+def test_full_size_step_flops_on_meta():
+    """One 1024 px FLUX.1-dev training step through the family's predict (4096 packed image tokens, 512 T5
+    tokens, rank-16 LoRA on the 12 default targets), as the plan counted it with the transformer alone."""
+    from sdtune.bench.flops import count_step_flops
+    from sdtune.bench.runner import first_batch
+    from sdtune.data.records import load_records
+    from tests.helpers.config import bench_cfg
+
+    cfg = bench_cfg("model=flux", "bench.random_init=true", "data.batch_size=1", "data.resolution=1024",
+                    "lora.targets=null", "lora.rank=16", "lora.alpha=16", "trainer.precision=bf16-mixed")
+    flops = count_step_flops(cfg, first_batch(cfg, load_records(cfg["data"]["root"])))
+    assert flops["lora_params"] == 44_826_624
+    assert (round(flops["fwd"] / 1e12, 1), round(flops["fwd_bwd"] / 1e12, 1)) == (74.6, 164.1)
