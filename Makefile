@@ -46,7 +46,7 @@ bench: $(STAMP)
 # another, each writing its rows into docs/benchmarks.md ("GPU rows", between marker comments).
 # A failed preset does not stop the others; the target fails at the end if any did.
 bench-gpu: $(STAMP)
-	status=0; for preset in gpu_sd15 gpu_sdxl gpu_kolors; do \
+	status=0; for preset in gpu_sd15 gpu_sdxl gpu_kolors gpu_flux gpu_sd35; do \
 		$(PY) -m sdtune.bench bench/preset=$$preset bench.write_docs=true || status=1; \
 	done; exit $$status
 

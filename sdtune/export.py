@@ -5,9 +5,10 @@
 
 No base weights are loaded. A checkpoint holds the LoRA tensors and the run's resolved config,
 which is all a LoRA file needs; the same :func:`run_header` and tensor naming are used when a
-run writes its own ``lora.safetensors``, so both files are identical. SDXL/Kolors kohya names need
-the UNet's block layout, read from the base model's ``unet/config.json`` when it is reachable and
-otherwise taken as the standard XL layout.
+run writes its own ``lora.safetensors``, so both files are identical. The layout defaults to the
+family's (``default_export_format``). kohya names of SDXL and the flow transformers need the
+denoiser's block layout, read from the base model's denoiser ``config.json`` when it is reachable
+and otherwise taken as the family's standard layout.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from sdtune.families import FAMILIES, get_family
 from sdtune.families.arch import architecture
 from sdtune.lora.adapters import NAMES, base_weights_from, dora_as_lora, kind_of, module_of
 from sdtune.lora.checks import TEXT_ENCODER_KEYS, check_finite, check_tensors_match, first_line
-from sdtune.lora.files import DEFAULT_FORMAT, FORMATS, LoraHeader, read_lora, run_header, save_lora
+from sdtune.lora.files import FORMATS, LoraHeader, default_format, read_lora, run_header, save_lora
 from sdtune.lora.layers import lora_tensors, spec_from_config
 from sdtune.training.checkpointing import CHECKPOINT_FIX, load_checkpoint
 from sdtune.training.ema import checkpoint_export_tensors, with_ema_facts
@@ -63,10 +64,11 @@ def denoiser_module_names(config: Mapping[str, Any], family: str) -> list[str]:
     return [n for n, _ in denoiser.named_modules()]
 
 
-def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str = DEFAULT_FORMAT,
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str | None = None,
                       dora_as_lora_rank: int | None = None) -> Path:
-    """Write the LoRA of a training checkpoint as a LoRA file, refusing NaN/Inf weights and tensors
-    that contradict the run config stored beside them (the header is written from that config).
+    """Write the LoRA of a training checkpoint as a LoRA file (``format`` None: the family's
+    layout), refusing NaN/Inf weights and tensors that contradict the run config stored beside
+    them (the header is written from that config).
 
     ``dora_as_lora_rank``: write a DoRA run as a plain LoRA of that rank approximating its whole
     weight change (:func:`sdtune.lora.adapters.dora_as_lora`), which A1111 and kohya sd-scripts apply
@@ -77,12 +79,14 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str = D
         family = get_family(cfg["model"]["family"])
         spec = spec_from_config(cfg["lora"], family.default_lora_targets)
         tensors = lora_tensors(ckpt["state_dict"])
+        config = denoiser_config_for(cfg)
         header = run_header(
             cfg,
             spec,
             steps=int(ckpt.get("global_step", 0)),
             num_train_images=ckpt["sdtune"].get("num_train_images"),
             output_name=Path(out).stem,
+            denoiser_config=config,
         )
         tensors, header = checkpoint_export_tensors(ckpt, cfg, tensors, str(ckpt_path)), with_ema_facts(header, cfg)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -102,12 +106,13 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str = D
     if header.text_encoder is not None and not text_encoders:
         raise LoraFileError(f"{str(ckpt_path)!r}: its run config sets lora.text_encoder but it holds no text-encoder LoRA "
                             f"tensors. {CHECKPOINT_FIX}")
-    config = denoiser_config_for(cfg) if format == "kohya" else None
+    format = format or family.default_export_format
     if dora_as_lora_rank is not None:
         tensors, header = _dora_as_lora(tensors, header, cfg, dora_as_lora_rank, str(ckpt_path))
     weights = (base_weights_from(cfg["model"]["path"], tensors, origin=f"from the run config stored in {ckpt_path}")
                if format == "kohya" else None)  # DoRA's dora_scale
-    return save_lora(out, tensors, header, format=format, unet_config=config, text_encoders=text_encoders, base_weights=weights)
+    return save_lora(out, tensors, header, format=format, denoiser_config=config, text_encoders=text_encoders,
+                     base_weights=weights)
 
 
 def _dora_as_lora(tensors, header: LoraHeader, cfg, out_rank: int, source: str):
@@ -127,8 +132,8 @@ def _dora_as_lora(tensors, header: LoraHeader, cfg, out_rank: int, source: str):
     return plain, replace(header, spec=spec, carried={**header.carried, "sdtune.dora_as_lora": json.dumps(record)})
 
 
-def export_lora(lora_path: str | Path, out: str | Path, *, format: str, family: str | None = None) -> Path:
-    """Re-write a LoRA file in ``format`` (diffusers <-> kohya), keeping its header.
+def export_lora(lora_path: str | Path, out: str | Path, *, format: str | None = None, family: str | None = None) -> Path:
+    """Re-write a LoRA file in ``format`` (diffusers <-> kohya; None: the family's layout), keeping its header.
 
     ``family`` names the model family of a file whose header does not record it (a LoRA from
     another trainer); kohya names differ per family, so it is never guessed.
@@ -144,6 +149,7 @@ def export_lora(lora_path: str | Path, out: str | Path, *, format: str, family: 
             f"header), and kohya names differ per family. Fix: pass --family ({'|'.join(sorted(FAMILIES))})."
         )
     _check_convertible(lora, str(lora_path))
+    format = format or default_format(family)
     # The base model's own denoiser config when its header names a reachable one, else the family's
     # standard full-size layout (what every public checkpoint of the family shares).
     config = denoiser_config_for(lora.config) or _standard_denoiser_config(family)
@@ -156,7 +162,7 @@ def export_lora(lora_path: str | Path, out: str | Path, *, format: str, family: 
     spec = lora.spec if lora.spec.targets else replace(lora.spec, targets=_targets_of(tensors))
     header = LoraHeader(spec, family, output_name=Path(out).stem, carried=lora.metadata, text_encoder=lora.text_encoder)
     text_encoders = file_text_encoder_tensors(lora, family) if lora.text_encoder is not None else None
-    return save_lora(out, tensors, header, format=format, unet_config=config, text_encoders=text_encoders)
+    return save_lora(out, tensors, header, format=format, denoiser_config=config, text_encoders=text_encoders)
 
 
 def _standard_denoiser_config(family: str) -> dict[str, Any]:
@@ -191,6 +197,19 @@ def _check_convertible(lora, source: str) -> None:
         )
 
 
+def _default_layout(path: Path, family: str | None) -> str:
+    """The layout a LoRA file of ``path``'s family (its header's, else ``family``) is written in by
+    default: its name goes into the default output name, before anything is read in full."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            family = (fh.metadata() or {}).get("sdtune.family") or family
+    except Exception:  # a checkpoint, or not readable (the export itself then says why)
+        pass
+    return default_format(family if family in FAMILIES else None)
+
+
 def _targets_of(tensors: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
     return tuple(sorted({module_of(k) for k in tensors}))
 
@@ -216,9 +235,9 @@ def _unwritable(out: Path) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdtune.export", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("source", help="a .ckpt written by `python -m sdtune`, or a LoRA .safetensors")
-    parser.add_argument("--format", choices=FORMATS, default=DEFAULT_FORMAT,
-                        help="kohya (default: loads in ComfyUI, A1111/Forge, kohya sd-scripts and diffusers) or "
-                             "diffusers (diffusers' own layout, for load_lora_weights only)")
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="kohya (loads in ComfyUI, A1111/Forge, kohya sd-scripts and, for SD1.5/SDXL/Kolors, "
+                             "diffusers) or diffusers (diffusers' own layout); default: the model family's layout")
     parser.add_argument("--out", help="output .safetensors (default: beside the source, suffixed with the format)")
     parser.add_argument("--dora-as-lora", type=int, metavar="RANK",
                         help="write a DoRA run as a plain LoRA of this rank (the SVD of its whole weight change), which "
@@ -232,10 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
     elif source.name:
-        plain = args.format == DEFAULT_FORMAT and source.suffix == ".ckpt"
-        out = source.with_name(f"{source.stem}{'' if plain else '_' + args.format}.safetensors")
+        plain = args.format is None and source.suffix == ".ckpt"
+        fmt = args.format or _default_layout(source, args.family)
+        out = source.with_name(f"{source.stem}{'' if plain else '_' + fmt}.safetensors")
     else:  # the root folder: refused below as a folder, before anything is written
-        out = Path(f"lora_{args.format}.safetensors")
+        out = Path(f"lora_{args.format or 'export'}.safetensors")
     if out.resolve() == source.resolve():
         print(f"error: --out {out} would overwrite the source; choose another name", file=sys.stderr)
         return 2
@@ -263,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: could not write --out {str(out)!r}: {err.strerror or first_line(err)}. "
               "Fix: free space or choose an --out in a folder you can write to.", file=sys.stderr)
         return 2
-    print(f"wrote {out} ({args.format}) in {time.perf_counter() - start:.2f}s")
+    print(f"wrote {out} ({args.format or _default_layout(out, None)}) in {time.perf_counter() - start:.2f}s")
     if args.dora_as_lora is not None:
         from safetensors import safe_open
 

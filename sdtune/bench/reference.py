@@ -1,12 +1,14 @@
 """The plain PyTorch loop a user would otherwise write, timed the same way as sdtune.
 
-It follows diffusers' ``train_text_to_image_lora.py``: freeze the base, inject LoRA with peft
-(through ``sdtune.lora.layers.inject``, so the UNet is the same), keep LoRA weights in fp32, then per
-step encode the images with the VAE and the captions with the text encoder(s), noise the latents,
-predict, take the MSE, ``backward``, clip, ``AdamW.step``, ``zero_grad``. Autocast is on when the
+It follows diffusers' ``train_text_to_image_lora.py`` (and, for the flow-matching families,
+``train_dreambooth_lora_{flux,sd3}.py``): freeze the base, inject LoRA with peft (through
+``sdtune.lora.layers.inject``, so the denoiser is the same), keep LoRA weights in fp32, then per step
+encode the images with the VAE and the captions with the text encoder(s), draw the batch's timesteps
+at once, noise the latents, predict, take the (weighted) MSE, ``backward``, clip, ``AdamW.step``,
+``zero_grad``. The maths (noising, target, timestep draw, weights) is the family's objective's. Autocast is on when the
 precision asks for it (``bf16-mixed``/``16-mixed``, the latter with a GradScaler on CUDA). The
 batches come from the same :class:`~sdtune.data.datamodule.ImageCaptionDataModule` as sdtune's, so data
-loading costs the same; only the model-specific conditioning (which encoders, which UNet
+loading costs the same; only the model-specific conditioning (which encoders, which denoiser
 keyword arguments) is borrowed from the family, as a user would copy it from diffusers.
 """
 
@@ -40,7 +42,7 @@ def _to_device(value: Any, device: torch.device) -> Any:
 
 
 def prepare(parts: ModelParts, cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) -> list[torch.nn.Parameter]:
-    """Freeze and cast the base, add LoRA (fp32) to the UNet, move everything to ``device``."""
+    """Freeze and cast the base, add LoRA (fp32) to the denoiser, move everything to ``device``."""
     family = get_family(cfg["model"]["family"])
     for module in (parts.denoiser, parts.vae, *parts.text_encoders):
         module.requires_grad_(False)
@@ -92,7 +94,7 @@ def run_reference(
     params = prepare(parts, cfg, device, dtype)
     optimizer, lr_schedule, autocast, scaler = _optimization(cfg, params, device, precision, dtype)
     clip = cfg["trainer"].get("gradient_clip_val")
-    denoiser, vae, scheduler = parts.denoiser, parts.vae, parts.noise_scheduler
+    denoiser, vae = parts.denoiser, parts.vae
     objective = family.objective(parts, cfg["train"])
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     datamodule = ImageCaptionDataModule.from_config(records, cfg["data"], seed=int(cfg.get("seed", 0)))
@@ -107,13 +109,17 @@ def run_reference(
             latents = (vae.encode(pixels).latent_dist.sample().float() - shift) * vae.config.scaling_factor
             text = family.encode_prompts(parts, batch["text"])
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+        timesteps = objective.batch_timesteps(latents.shape[0], tuple(latents.shape)).to(device)
         noisy = objective.noisy(latents, noise, timesteps)
         target = objective.target(latents, noise, timesteps)
-        cond = _to_device(family.conditioning(text, batch), device)
+        cond = _to_device(objective.conditioning(family.conditioning(text, batch), latents.shape[0]), device)
         with autocast:
             pred = family.predict(denoiser, noisy.to(dtype), objective.model_timestep(timesteps), cond)
-        loss = F.mse_loss(pred.float(), target.float())
+        weights = objective.weights(timesteps)
+        if weights is None:
+            loss = F.mse_loss(pred.float(), target.float())
+        else:  # per-sample weights (min-SNR, SD3's sigma weightings): each sample's mean error, weighted
+            loss = (F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1) * weights).mean()
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)

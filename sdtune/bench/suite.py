@@ -38,6 +38,7 @@ from sdtune.bench.measure import Timing, matmul_peak
 from sdtune.bench.runner import first_batch, profile_case, run_case
 from sdtune.bench.table import check_targets, make_row, to_console, to_csv, to_markdown
 from sdtune.data.records import load_records
+from sdtune.families import get_family
 from sdtune.families.builder import model_source
 from sdtune.inference.loading import pick_device
 from sdtune.run.checks import validate
@@ -76,7 +77,8 @@ def model_folder(cfg: dict[str, Any], random_init: bool) -> str | None:
         return None
 
     source = model_source(cfg["model"])
-    return source if Path(source, "unet", "config.json").is_file() else None
+    denoiser = get_family(cfg["model"]["family"]).denoiser_subfolder
+    return source if Path(source, denoiser, "config.json").is_file() else None
 
 
 def bench_model(model: str, base: list[str], cases: list[Case], bench: dict[str, Any], device: torch.device,
@@ -86,14 +88,22 @@ def bench_model(model: str, base: list[str], cases: list[Case], bench: dict[str,
     random_init = bool(bench.get("random_init"))
     switches_here = model in (bench.get("switch_models") or [])
     cases = [c for c in cases if not c.switch or switches_here]
-    cfgs = {c.name: _compose([*base, f"model={model}", *c.overrides]) for c in cases}
+    cfgs, refused = {}, {}
+    for c in cases:
+        try:
+            cfgs[c.name] = _compose([*base, f"model={model}", *c.overrides])
+        except ConfigError as err:
+            if not c.switch:
+                raise
+            refused[c.name] = f"refused for this family: {str(err).splitlines()[0]}"  # e.g. channels_last on FLUX
     first = cfgs[cases[0].name]
+    cfgs.update({name: first for name in refused})  # the row's model, batch and resolution
     records = load_records(first["data"]["root"])
     flops = count_step_flops(first, first_batch(first, records), folder=model_folder(first, random_init))
     log.info("%s: %.4g GFLOP per image (fwd+bwd), %.4g fwd", model, flops["fwd_bwd"] / 1e9, flops["fwd"] / 1e9)
 
     timings = {c.name: Timing(batch_size=int(cfgs[c.name]["data"]["batch_size"])) for c in cases}
-    skipped = {c.name: missing_requirements(c, device) for c in cases}
+    skipped = {c.name: refused.get(c.name) or missing_requirements(c, device) for c in cases}
     errors: dict[str, str] = {}
     if plan.timed and bench.get("prime", True):
         # An untimed first pass: process-wide one-off costs (thread pools, kernel selection, lazy
@@ -146,8 +156,8 @@ def _row(case, cfg, model, device, plan, timings, note, missing, flops, peak_flo
             "precision": cfg["trainer"]["precision"], "batch": cfg["data"]["batch_size"],
             "resolution": cfg["data"]["resolution"], "note": note}
     missing = missing or ""
-    unavailable = (plan.reason if not plan.timed else "n/a (CUDA only)" if "CUDA" in missing
-                   else "n/a (not installed)" if missing else "error")
+    unavailable = (plan.reason if not plan.timed else "n/a (refused)" if missing.startswith("refused")
+                   else "n/a (CUDA only)" if "CUDA" in missing else "n/a (not installed)" if missing else "error")
     return make_row(
         case=case, meta=meta, timing=timings[case.name], flops_per_image=flops["fwd_bwd"],
         fwd_flops_per_image=flops["fwd"], peak_flops=peak_flops,

@@ -47,8 +47,8 @@ def digest(tensor: torch.Tensor) -> str:
 
 
 def frozen_picks(parts) -> dict[str, torch.Tensor]:
-    """A few frozen parameters of every model of ``parts`` (UNet base weights, VAE, each text encoder)."""
-    models = {"unet": parts.denoiser, "vae": parts.vae, **{f"text_encoder_{i}": m for i, m in enumerate(parts.text_encoders)}}
+    """A few frozen parameters of every model of ``parts`` (denoiser base weights, VAE, each text encoder)."""
+    models = {"denoiser": parts.denoiser, "vae": parts.vae, **{f"text_encoder_{i}": m for i, m in enumerate(parts.text_encoders)}}
     out = {}
     for name, model in models.items():
         frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from sdtune.config.values import Settings, integer
 from sdtune.data.cache_memory import check_config as check_cache_memory
 from sdtune.data.latents import check_cacheable
+from sdtune.families import get_family
 from sdtune.utils.errors import ConfigError
 
 #: What data.bad_images takes: stop at the first bad image, or skip it with a warning.
@@ -19,19 +20,20 @@ BAD_IMAGES = ("error", "skip")
 
 
 def check_config(cfg: DictConfig) -> None:
-    """``data.*``: the root is set, the sizes fit the VAE, the loader settings and the caches."""
+    """``data.*``: the root is set, the image sizes are multiples of the family's
+    :attr:`~sdtune.families.base.ModelFamily.pixel_multiple`, the loader settings and the caches."""
     s = Settings(cfg)
     if s.get("data.root") in (None, ""):
         raise ConfigError(
             "data.root is not set. Fix: data.root=<folder with images and metadata.csv>, "
             "or try experiment=quickstart."
         )
-    res = s.integer("data.resolution", ge=8)
-    if res % 8:
-        lower, upper = res - res % 8, res - res % 8 + 8
-        raise ConfigError(
-            f"data.resolution={res} is not divisible by 8 (the VAE downsamples by 8). Fix: use {lower} or {upper}."
-        )
+    family = get_family(s.get("model.family"))
+    multiple, why = family.pixel_multiple, f"{family.pixel_multiple_reason}, model.family={family.name}"
+    res = s.integer("data.resolution", ge=multiple)
+    if res % multiple:
+        lower, upper = res - res % multiple, res - res % multiple + multiple
+        raise ConfigError(f"data.resolution={res} is not divisible by {multiple} ({why}). Fix: use {lower} or {upper}.")
     s.choice("data.bad_images", BAD_IMAGES, said=" or ".join(BAD_IMAGES))
     s.boolean("data.allow_outside_root", optional=True)
     s.integer("data.batch_size", ge=1)
@@ -40,9 +42,10 @@ def check_config(cfg: DictConfig) -> None:
     s.choice("data.pin_memory", ("auto", True, False), said="true, false or auto (true on a CUDA GPU)")
     s.number("data.caption_dropout", ge=0, lt=1)
     s.integer("data.keep_tags", ge=0)
-    step = s.integer("data.bucket_step", ge=8)
-    if step % 8:
-        raise ConfigError(f"data.bucket_step={step} must be a multiple of 8 (the VAE downsamples by 8).")
+    step = s.integer("data.bucket_step", ge=multiple)
+    if step % multiple:
+        raise ConfigError(f"data.bucket_step={step} must be a multiple of {multiple} ({why}). "
+                          f"Fix: data.bucket_step={max(multiple, step - step % multiple)}.")
     for folder, n in dict(s.get("data.repeats") or {}).items():
         integer(f"data.repeats.{folder}", n, ge=1, full=True)
     check_cache_memory(cfg)

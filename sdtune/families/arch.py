@@ -1,10 +1,12 @@
-"""Full-size SD1.5 / SDXL / Kolors architectures with random weights, built from shipped configs.
+"""Full-size SD1.5 / SDXL / Kolors / SD3.5 architectures with random weights, built from shipped configs.
 
 The bench must count FLOPs and (on a GPU) time the real architectures without downloading
-weights, so ``arch_configs/`` holds the published ``config.json`` of each UNet, VAE, text encoder and
-scheduler. ``build_random_parts`` turns them (or a diffusers folder's own configs, e.g. a tiny model's)
-into :class:`~sdtune.families.ModelParts`. On ``torch.device("meta")`` nothing is allocated, so
-an SDXL or a 6B-parameter ChatGLM costs no memory; the FLOP counter still sees every operation.
+weights, so ``arch_configs/`` holds the published ``config.json`` of each denoiser, VAE, text encoder and
+scheduler (``<family>_<component>.json``; a variant of a family, such as SD3.5 Medium beside Large,
+adds ``<family>_<variant>_<component>.json`` for the components that differ). ``build_random_parts``
+turns them (or a diffusers folder's own configs, e.g. a tiny model's) into
+:class:`~sdtune.families.ModelParts`. On ``torch.device("meta")`` nothing is allocated, so an SDXL
+or a 6B-parameter ChatGLM costs no memory; the FLOP counter still sees every operation.
 """
 
 from __future__ import annotations
@@ -27,24 +29,42 @@ SUBFOLDERS = {
     "vae": ("vae", "config.json"),
     "text_encoder": ("text_encoder", "config.json"),
     "text_encoder_2": ("text_encoder_2", "config.json"),
+    "text_encoder_3": ("text_encoder_3", "config.json"),
     "scheduler": ("scheduler", "scheduler_config.json"),
 }
 
 
-def architecture(family: str | ModelFamily, folder: str | Path | None = None) -> dict[str, dict[str, Any]]:
+def architecture(family: str | ModelFamily, folder: str | Path | None = None, *,
+                 variant: str | None = None) -> dict[str, dict[str, Any]]:
     """The component configs of ``family``: shipped JSON files, or those of a diffusers ``folder``;
-    keyed by component (the denoiser under :attr:`~sdtune.families.base.ModelFamily.denoiser_subfolder`)."""
+    keyed by component (the denoiser under :attr:`~sdtune.families.base.ModelFamily.denoiser_subfolder`).
+
+    ``variant`` picks a shipped variant's own files where it has them (``variant="medium"`` reads
+    ``sd35_medium_transformer.json`` and SD3.5's shared VAE, encoders and scheduler).
+    """
     family = as_family(family)
     names = (family.denoiser_subfolder, "vae", *family.text_encoder_subfolders, "scheduler")
+    if variant is not None and folder is None and variant not in variants(family):
+        raise ValueError(f"architecture variant={variant!r}: {family.name} has no shipped variant of that name "
+                         f"(arch_configs/{family.name}_{variant}_*.json); its variants: {variants(family) or 'none'}")
     out = {}
     for name in names:
         if folder is None:
             path = CONFIGS / f"{family.name}_{name}.json"
+            if variant is not None and (CONFIGS / f"{family.name}_{variant}_{name}.json").is_file():
+                path = CONFIGS / f"{family.name}_{variant}_{name}.json"
         else:
             sub, file = SUBFOLDERS[name]
             path = Path(folder) / sub / file
         out[name] = json.loads(path.read_text(encoding="utf-8"))
     return out
+
+
+def variants(family: str | ModelFamily) -> list[str]:
+    """The named variants of ``family`` with shipped configs (each has its own denoiser config)."""
+    family = as_family(family)
+    prefix, suffix = f"{family.name}_", f"_{family.denoiser_subfolder}.json"
+    return sorted(p.name[len(prefix):-len(suffix)] for p in CONFIGS.glob(f"{prefix}*{suffix}"))
 
 
 @contextlib.contextmanager
@@ -65,8 +85,9 @@ def build_random_parts(
     dtype: torch.dtype = torch.float32,
     folder: str | Path | None = None,
     seed: int = 0,
+    variant: str | None = None,
 ) -> ModelParts:
-    """Random-initialised parts of ``family`` (shipped configs, or ``folder``'s) on ``device``.
+    """Random-initialised parts of ``family`` (shipped configs of its ``variant``, or ``folder``'s) on ``device``.
 
     On the meta device no tokenizers are built: meta tensors have shapes but no values to encode.
     """
@@ -74,7 +95,7 @@ def build_random_parts(
     from diffusers import AutoencoderKL
 
     family = as_family(family)
-    arch = architecture(family, folder)
+    arch = architecture(family, folder, variant=variant)
     device = torch.device(device)
     meta = device.type == "meta"
     torch.manual_seed(seed)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from sdtune.families.kohya import STANDARD_XL_UNET, KohyaModule, PerModuleNames
 from sdtune.families.objectives import DDPMObjective, Objective
 from sdtune.utils.errors import ConfigError, ModelLoadError
 
@@ -59,11 +60,14 @@ class ModelFamily(ABC):
     objective_class: ClassVar[type[Objective]] = DDPMObjective
     #: diffusers class name of this family's ControlNets.
     controlnet_class: ClassVar[str] = "ControlNetModel"
-    # Declared for the flow-matching families (issue 27); the data checks, the LoRA export and the
-    # text-encoder LoRA read them as those families arrive.
-    #: Image sides are multiples of this many pixels: the VAE's 8 times the denoiser's downsampling
-    #: (4 UNet levels: 8) or patching.
-    pixel_multiple: ClassVar[int] = 64
+    #: Image sides (``data.resolution``, ``data.bucket_step``) are multiples of this many pixels,
+    #: for :attr:`pixel_multiple_reason`. A diffusers UNet takes any latent size (it upsamples to
+    #: its skip connections' sizes), so the UNet families need only the VAE's 8; a transformer that
+    #: cuts latents into 2x2 patches needs 16.
+    pixel_multiple: ClassVar[int] = 8
+    pixel_multiple_reason: ClassVar[str] = "the VAE downsamples by 8"
+    # Declared for the flow-matching families (issue 27); the LoRA export and the text-encoder LoRA
+    # read them as those families arrive.
     #: The layout of the run's LoRA file by default (``callbacks.lora_export.format``).
     default_export_format: ClassVar[str] = "kohya"
     #: Indices of the text encoders that can get LoRA layers (None: all of them).
@@ -73,6 +77,9 @@ class ModelFamily(ABC):
     img2img_takes_size: ClassVar[bool] = False
     #: Why ``sdtune.morph`` cannot work on this family ("": it can).
     morph_refusal: ClassVar[str] = ""
+    #: ``speed.*`` settings refused for this family's denoiser, as written on the command line
+    #: (``"speed.channels_last=true"``), each with its reason and fix; checked before anything loads.
+    speed_refusals: ClassVar[dict[str, str]] = {}
     #: Square training resolution the family was trained at.
     default_resolution: ClassVar[int]
     #: Classifier-free guidance scale the family's pipelines draw best at (its model card's default);
@@ -88,6 +95,10 @@ class ModelFamily(ABC):
     text_encoder_kinds: ClassVar[tuple[str, ...]] = ("clip",)
     #: Version string written to LoRA headers (``ss_base_model_version`` in kohya's tools).
     base_model_version: ClassVar[str]
+    #: The diffusers layout holds alpha in its tensors: with alpha != rank, alpha/rank is folded into
+    #: ``lora_B`` and the header's ``lora_alpha`` is the rank (ComfyUI reads that layout and applies
+    #: no header alpha; the true alpha is kept as ``sdtune.alpha``).
+    bake_diffusers_alpha: ClassVar[bool] = False
 
     #: diffusers pipeline class names per (task, with a ControlNet); None where diffusers has none,
     #: which :meth:`pipeline_class` refuses with a clear error. Every class takes the keyword
@@ -216,6 +227,20 @@ class ModelFamily(ABC):
             extra["cross_attention_kwargs"] = {"scale": float(lora_scale)}
         return extra
 
+    def kohya_modules(self, denoiser_config: Mapping[str, Any] | None = None) -> Mapping[str, KohyaModule]:
+        """diffusers module path -> the kohya module it is written to (``lora_unet_`` + its name),
+        for a denoiser of ``denoiser_config`` (None: the family's standard layout). Default: each
+        module its own, under its SGM path when :attr:`kohya_sgm_names`."""
+        return PerModuleNames((denoiser_config or STANDARD_XL_UNET) if self.kohya_sgm_names else None)
+
+    def lora_base_model_version(self, denoiser_config: Mapping[str, Any] | None = None) -> str:
+        """``ss_base_model_version`` of a LoRA for a denoiser of ``denoiser_config`` (None: unknown)."""
+        return self.base_model_version
+
+    def lora_architecture(self, denoiser_config: Mapping[str, Any] | None = None) -> str | None:
+        """``modelspec.architecture`` of such a LoRA (kohya's ``sai_model_spec`` strings); None: not written."""
+        return None
+
     def controlnet_fits(self, denoiser_config: Mapping[str, Any], controlnet_config: Mapping[str, Any]) -> list[str]:
         """The config keys in which a ControlNet does not fit this base's denoiser ([]: it fits)."""
         keys = ("cross_attention_dim", "addition_embed_type", "projection_class_embeddings_input_dim")
@@ -306,8 +331,10 @@ class ModelFamily(ABC):
             ) from err
         if vae_path:
             vae = self._load_vae(vae_path, dtype)
-        encoders = [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
-        tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+        subfolders = self.text_encoder_subfolders
+        encoders = [m for m in (getattr(pipe, sub, None) for sub in subfolders) if m is not None]
+        tokenizers = [t for t in (getattr(pipe, sub.replace("text_encoder", "tokenizer"), None) for sub in subfolders)
+                      if t is not None]
         return ModelParts(
             denoiser=getattr(pipe, self.denoiser_subfolder),
             vae=vae,

@@ -39,6 +39,13 @@ class Objective(ABC):
     def validation_timesteps(self, g: torch.Generator, batch: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """(B,) fixed timesteps for a validation batch of latents of ``latent_shape`` (B, C, h, w)."""
 
+    def batch_timesteps(self, batch: int, latent_shape: tuple[int, ...],
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B,) training timesteps drawn for a whole batch at once from ``generator`` (None: torch's
+        global one), as a plain training loop draws them (the bench's reference loop); sdtune's own
+        step draws per sample (:meth:`draw_timestep`)."""
+        return self.validation_timesteps(generator, batch, latent_shape)
+
     @abstractmethod
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The denoiser's input: ``latents`` noised with ``noise`` at ``timesteps``."""
@@ -184,7 +191,7 @@ class FlowMatchObjective(Objective):
         }
         for key, (default, why) in reasons.items():
             value = s.get(key)
-            if value not in (None, default) and not (default == 0.0 and value == 0):
+            if value is not None and value != default:  # 0 == 0.0: an integer zero offset is no offset
                 raise ConfigError(f"{key}={value!r} does not apply to model.family={s.get('model.family')}: {why}. "
                                   f"Fix: {key}={'null' if default is None else default}.")
         s.choice("train.flow.timestep_sampling", TIMESTEP_SAMPLING)
@@ -247,4 +254,5 @@ class FlowMatchObjective(Objective):
         """``cond`` plus FLUX-dev's guidance embedding input, when the denoiser has one."""
         if self.guidance is None:
             return cond
-        return {**cond, "guidance": torch.full((batch,), self.guidance)}
+        device = next((v.device for v in cond.values() if torch.is_tensor(v)), None)  # the text's: the step's device
+        return {**cond, "guidance": torch.full((batch,), self.guidance, device=device)}

@@ -1,10 +1,10 @@
-"""Put LoRA files onto a loaded base model, UNet and text encoders, mix several, and fuse them.
+"""Put LoRA files onto a loaded base model, denoiser and text encoders, mix several, and fuse them.
 
 What ``generate`` and ``merge`` do with LoRAs, for files of any layout :mod:`sdtune.lora.keys`
 reads: ours, diffusers' (old and current ``save_lora_weights``), peft's and kohya's, including
 kohya's text-encoder layers (``lora_te*``) and per-module ranks and alphas. Each file becomes one
 peft adapter per model it touches; the adapters are mixed with diffusers' own helpers
-(``set_adapters`` on the UNet, ``set_adapters_for_text_encoder`` on the text encoders), as
+(``set_adapters`` on the denoiser (UNet or transformer), ``set_adapters_for_text_encoder`` on the text encoders), as
 diffusers' pipelines and A1111's ``<lora:name:0.7>`` do. A key that matches nothing is an error
 that names it, never a silent skip.
 """
@@ -21,9 +21,11 @@ import torch
 from sdtune.families import ModelFamily, ModelParts, as_family
 from sdtune.lora.adapters import is_adapter_key, kind_of, load_plan, module_of
 from sdtune.lora.files import LoraFile, check_family
-from sdtune.lora.header import DIFFUSERS_METADATA_KEY
+from sdtune.lora.header import DIFFUSERS_METADATA_KEY, denoiser_header_prefix
 from sdtune.lora.keys import (
+    DENOISER,
     PEFT_PREFIXES,
+    denoiser_word,
     diffusers_text_encoders,
     diffusers_to_peft,
     kohya_text_encoder_tensors,
@@ -33,14 +35,18 @@ from sdtune.lora.keys import (
 )
 from sdtune.utils.errors import LoraFileError
 
-Component = str | int  # "unet", or the index of a text encoder
+Component = str | int  # DENOISER ("denoiser"), or the index of a text encoder
 Weights = tuple[dict[str, torch.Tensor], dict[str, float]]  # peft tensors, alpha per module
-# diffusers' header prefixes per component (its save_lora_weights key prefixes), for a peft-layout file's alphas
-_HEADER_PREFIX = {c: p for p, c in PEFT_PREFIXES if p.startswith(("unet.", "text_encoder"))}
+# diffusers' header prefixes per text encoder (its save_lora_weights key prefixes), for a peft-layout file's alphas
+_HEADER_PREFIX = {c: p for p, c in PEFT_PREFIXES if p.startswith("text_encoder")}
 
 
 def _model(parts: ModelParts, component: Component) -> torch.nn.Module:
-    return parts.denoiser if component == "unet" else parts.text_encoders[component]
+    return parts.denoiser if component == DENOISER else parts.text_encoders[component]
+
+
+def _where(component: Component, family: ModelFamily) -> str:
+    return denoiser_word(family) if component == DENOISER else f"text encoder {component + 1}"
 
 
 def _names(model: torch.nn.Module) -> list[str]:
@@ -54,10 +60,10 @@ def _header_alphas(lora: LoraFile, component: Component, modules: Sequence[str])
     from peft.utils.other import get_pattern_key
 
     meta = json.loads(lora.metadata.get(DIFFUSERS_METADATA_KEY) or "{}")
-    prefix = _HEADER_PREFIX.get(component, "")
+    prefix = denoiser_header_prefix(meta) if component == DENOISER else _HEADER_PREFIX.get(component, "")
     alpha, pattern = meta.get(f"{prefix}lora_alpha"), meta.get(f"{prefix}alpha_pattern") or {}
-    if component == "unet" and lora.spec_declared:
-        alpha = lora.spec.alpha
+    if component == DENOISER and lora.spec_declared:  # a file holding alpha/rank in lora_B applies at alpha = rank
+        alpha = lora.spec.rank if lora.alpha_in_tensors else lora.spec.alpha
     out = {}
     for m in modules:
         key = get_pattern_key(pattern.keys(), m) if pattern else None
@@ -71,20 +77,21 @@ def _header_alphas(lora: LoraFile, component: Component, modules: Sequence[str])
 def components(lora: LoraFile, parts: ModelParts, family: ModelFamily) -> dict[Component, Weights]:
     """The file's peft tensors and per-module alphas for each model they belong to."""
     if lora.format == "kohya":
-        tensors, alphas = kohya_to_peft(lora.raw, _names(parts.denoiser), lora.family or family.name, parts.denoiser.config)
-        out: dict[Component, Weights] = {"unet": (tensors, alphas)} if tensors else {}
+        tensors, alphas = kohya_to_peft(lora.raw, _names(parts.denoiser), lora.family or family.name, parts.denoiser.config,
+                                        lora.spec.targets)
+        out: dict[Component, Weights] = {DENOISER: (tensors, alphas)} if tensors else {}
         out.update(kohya_text_encoder_tensors(lora.raw, {i: _names(te) for i, te in enumerate(parts.text_encoders)}))
         return out
     if lora.format == "diffusers":
-        split = {"unet": diffusers_to_peft(lora.raw), **diffusers_text_encoders(lora.raw)}
+        split = {DENOISER: diffusers_to_peft(lora.raw), **diffusers_text_encoders(lora.raw)}
     else:
         split = peft_components(lora.raw)
     out = {}
     for component, tensors in split.items():
-        if component != "unet" and component >= len(parts.text_encoders):
+        if component != DENOISER and component >= len(parts.text_encoders):
             raise LoraFileError(f"it has layers for text encoder {component + 1} but a {family.name} model has "
                                 f"{len(parts.text_encoders)}")
-        if component != "unet":  # files name CLIP layers under text_model.; a flattened CLIPTextModel does not
+        if component != DENOISER:  # files name CLIP layers under text_model.; a flattened CLIPTextModel does not
             encoder = parts.text_encoders[component]
             tensors = {te_live_module(k, encoder): v for k, v in tensors.items()}
         modules = sorted({module_of(k) for k in tensors})
@@ -109,15 +116,16 @@ def lora_config(tensors: Mapping[str, torch.Tensor], alphas: Mapping[str, float]
     )
 
 
-def _absent_layers(unet: torch.nn.Module, targets: Sequence[str], tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    """UNet layers a header's targets name (by peft's rule) that the file has no weights for."""
+def _absent_layers(denoiser: torch.nn.Module, targets: Sequence[str], tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Denoiser layers a header's targets name (by peft's rule) that the file has no weights for."""
     have = {module_of(k) for k in tensors}
-    want = {n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    want = {n for n, m in denoiser.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
             and any(n == t or n.endswith("." + t) for t in targets)}
     return sorted(want - have)
 
 
-def _load_into(model: torch.nn.Module, component: Component, weights: Weights, adapter_name: str) -> list[str]:
+def _load_into(model: torch.nn.Module, component: Component, weights: Weights, adapter_name: str,
+               where: str = "UNet") -> list[str]:
     """Add one adapter to ``model``; what did not fit (the adapter is removed again then)."""
     from peft import inject_adapter_in_model
     from peft.utils import set_peft_model_state_dict
@@ -128,7 +136,7 @@ def _load_into(model: torch.nn.Module, component: Component, weights: Weights, a
     except (KeyError, RuntimeError) as err:  # a layer lacks one of its tensors, or shapes disagree
         return [f"its adapter layers are incomplete or do not fit ({err})"]
     try:
-        if component == "unet":
+        if component == DENOISER:
             model.add_adapter(config, adapter_name=adapter_name)
         else:
             inject_adapter_in_model(config, model, adapter_name=adapter_name)
@@ -145,14 +153,14 @@ def _load_into(model: torch.nn.Module, component: Component, weights: Weights, a
                      and (k.endswith(f".{adapter_name}") or f".{adapter_name}." in k))
     if unexpected or missing:
         _remove(model, adapter_name)
-    where = "UNet" if component == "unet" else "text encoder"
+    where = where if component == DENOISER else "text encoder"
     return [f"{len(unexpected)} tensor(s) match no module of this {where}, e.g. {unexpected[:3]}"] * bool(unexpected) + \
         [f"{len(missing)} LoRA layer(s) lack a tensor, e.g. {missing[:3]}"] * bool(missing)
 
 
 def apply_lora(parts: ModelParts, lora: LoraFile, *, family: str | ModelFamily, path: str | os.PathLike,
                adapter_name: str) -> list[Component]:
-    """Add ``lora`` to the UNet and text encoders it has layers for, as adapter ``adapter_name``;
+    """Add ``lora`` to the denoiser and text encoders it has layers for, as adapter ``adapter_name``;
     the components it landed on. The family is checked from the header first, so an SD1.5 LoRA
     on SDXL is named as such rather than surfacing as a tensor shape error."""
     family = as_family(family)
@@ -161,19 +169,18 @@ def apply_lora(parts: ModelParts, lora: LoraFile, *, family: str | ModelFamily, 
         found = components(lora, parts, family)
     except LoraFileError as err:
         raise LoraFileError(f"{str(path)!r} does not match this {family.name} model: {err}") from None
-    if "unet" in found and lora.spec.targets:  # a header that names its targets promises all of those layers
-        absent = _absent_layers(parts.denoiser, lora.spec.targets, found["unet"][0])
+    if DENOISER in found and lora.spec.targets:  # a header that names its targets promises all of those layers
+        absent = _absent_layers(parts.denoiser, lora.spec.targets, found[DENOISER][0])
         if absent:
-            raise LoraFileError(f"{str(path)!r} does not match this {family.name} UNet: {len(absent)} LoRA layer(s) "
+            raise LoraFileError(f"{str(path)!r} does not match this {family.name} {denoiser_word(family)}: {len(absent)} LoRA layer(s) "
                                 f"of its targets are absent from the file, e.g. {absent[:3]}. The file is incomplete.")
     loaded: list[Component] = []
     for component, weights in found.items():
-        problems = _load_into(_model(parts, component), component, weights, adapter_name)
+        problems = _load_into(_model(parts, component), component, weights, adapter_name, denoiser_word(family))
         if problems:
             for done in loaded:  # all or nothing: no half-applied LoRA stays behind
                 _remove(_model(parts, done), adapter_name)
-            where = "UNet" if component == "unet" else f"text encoder {component + 1}"
-            raise LoraFileError(f"{str(path)!r} does not match this {family.name} {where}: " + "; ".join(problems)
+            raise LoraFileError(f"{str(path)!r} does not match this {family.name} {_where(component, family)}: " + "; ".join(problems)
                                 + ". Was it trained on a different base model?")
         loaded.append(component)
     return loaded
@@ -190,7 +197,7 @@ def activate(parts: ModelParts, adapters: Mapping[Component, Sequence[str]], wei
     from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 
     for component, names in adapters.items():
-        if component == "unet":
+        if component == DENOISER:
             parts.denoiser.set_adapters(list(names), weights=[weights[n] for n in names])
         else:
             set_adapters_for_text_encoder(list(names), parts.text_encoders[component], [weights[n] for n in names])
@@ -201,7 +208,7 @@ def set_enabled(parts: ModelParts, adapters: Mapping[Component, Sequence[str]], 
     from diffusers.loaders.lora_base import disable_lora_for_text_encoder, enable_lora_for_text_encoder
 
     for component in adapters:
-        if component == "unet":
+        if component == DENOISER:
             parts.denoiser.enable_adapters() if enabled else parts.denoiser.disable_adapters()
         else:
             (enable_lora_for_text_encoder if enabled else disable_lora_for_text_encoder)(parts.text_encoders[component])
@@ -213,7 +220,7 @@ def fuse(parts: ModelParts, adapters: Mapping[Component, Sequence[str]]) -> None
     from diffusers.utils.peft_utils import recurse_remove_peft_layers
 
     for component, names in adapters.items():
-        if component == "unet":
+        if component == DENOISER:
             parts.denoiser.fuse_lora(lora_scale=1.0, adapter_names=list(names))
             parts.denoiser.unload_lora()
         else:

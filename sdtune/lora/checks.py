@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sdtune.lora.keys import DIFFUSERS_PREFIX, KOHYA_ALPHA
+from sdtune.lora.keys import KOHYA_ALPHA, denoiser_prefixes, kohya_parts_of
 from sdtune.lora.layers import LoraSpec
 from sdtune.utils.errors import LoraFileError
 
@@ -123,7 +123,8 @@ _DOWN_UP = (
 
 
 def check_tensors_match(
-    spec: LoraSpec, tensors: Mapping[str, torch.Tensor], source: str, *, origin: str, fix: str = HEADER_FIX
+    spec: LoraSpec, tensors: Mapping[str, torch.Tensor], source: str, *, origin: str, fix: str = HEADER_FIX,
+    kohya_parts: Mapping[str, int] | None = None,
 ) -> None:
     """Refuse LoRA tensors that contradict ``spec`` (from ``origin``: a header or a run config).
 
@@ -132,8 +133,10 @@ def check_tensors_match(
     diffusers-named tensors, whose module paths are explicit) every layer matches one of
     ``spec.targets`` and every target matches a layer, by peft's rule (``name == t`` or
     ``name.endswith("." + t)``). Text-encoder layers (``lora_te*``, ``text_encoder*``) are skipped.
-    The message names ``source``, both values and ``fix``.
+    The message names ``source``, both values and ``fix``. A fused kohya module of k parts
+    (``kohya_parts``, :func:`sdtune.lora.keys.kohya_fused_parts`) has k * rank and k * alpha.
     """
+
     stems: set[str] = set()
     halves: dict[str, set[str]] = {}
     for key, value in sorted(tensors.items()):
@@ -142,7 +145,7 @@ def check_tensors_match(
         if key.endswith(KOHYA_ALPHA):
             if value.numel() != 1:
                 raise LoraFileError(f"{source!r}: tensor {key!r} should be one scalar alpha but has shape {list(value.shape)}")
-            if not math.isclose(float(value), spec.alpha, rel_tol=1e-6):
+            if not math.isclose(float(value) / kohya_parts_of(key, kohya_parts or {}), spec.alpha, rel_tol=1e-6):
                 raise LoraFileError(
                     f"{source!r}: the {origin} says alpha {spec.alpha!r} but tensor {key!r} holds alpha {float(value)!r}. {fix}"
                 )
@@ -153,14 +156,14 @@ def check_tensors_match(
                     continue
                 stem = key[: -len(suffix)]
                 halves.setdefault(stem, set()).add(half)
-                rank = int(value.shape[dim]) if value.ndim >= 2 else None
+                rank = int(value.shape[dim]) // kohya_parts_of(key, kohya_parts or {}) if value.ndim >= 2 else None
                 if rank != spec.rank:
                     raise LoraFileError(
                         f"{source!r}: the {origin} says rank {spec.rank} but tensor {key!r} has "
                         f"{'rank ' + str(rank) if rank is not None else 'shape ' + str(list(value.shape))}. {fix}"
                     )
                 if suffix in (".lora_A.weight", ".lora.down.weight"):
-                    stems.add(stem.removeprefix(DIFFUSERS_PREFIX))
+                    stems.add(next((stem[len(p):] for p in denoiser_prefixes() if stem.startswith(p)), stem))
     unpaired = sorted(stem for stem, got in halves.items() if len(got) != 2)
     if unpaired:
         raise LoraFileError(

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from sdtune.families import FAMILIES, get_family
+from sdtune.families import FAMILIES, ModelFamily, get_family
 from sdtune.lora.adapters import DORA_READERS, NAMES, dora_note, to_kohya_maths
 from sdtune.lora.checks import (
     NONFINITE_FIX,
@@ -29,15 +29,22 @@ from sdtune.lora.checks import (
     not_safetensors,
 )
 from sdtune.lora.header import (
+    ALPHA_IN_TENSORS,
     COMPONENT_PREFIX,
     DIFFUSERS_METADATA_KEY,
+    KOHYA_PARTS,
+    kohya_parts_header,
     run_config,
     spec_from_header,
     text_encoder_spec_from_header,
 )
 from sdtune.lora.keys import (
+    DENOISER,
+    denoiser_prefix,
+    denoiser_prefixes,
     detect_format,
     diffusers_to_peft,
+    kohya_fused_parts,
     kohya_to_peft,
     peft_components,
     peft_to_diffusers,
@@ -52,9 +59,21 @@ from sdtune.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
 FORMATS = ("diffusers", "kohya")  # what we write; we also read "peft" (diffusers' current save_lora_weights, peft)
-# What runs and export write unless told otherwise: the kohya layout loads as it is in ComfyUI,
-# A1111/Forge, kohya sd-scripts and diffusers; the diffusers layout loads in diffusers only.
+# What runs and export write unless told otherwise, per family (ModelFamily.default_export_format):
+# for the UNet families the kohya layout, which loads as it is in ComfyUI, A1111/Forge, kohya
+# sd-scripts and diffusers (their diffusers layout loads in diffusers only).
 DEFAULT_FORMAT = "kohya"
+
+
+def default_format(family: str | ModelFamily | None) -> str:
+    """The layout a run or export of ``family`` writes when no format is named."""
+    return DEFAULT_FORMAT if family is None else (family if isinstance(family, ModelFamily) else get_family(family)
+                                                   ).default_export_format
+
+
+def alpha_in_tensors(family: str, spec: LoraSpec, format: str) -> bool:
+    """Whether a ``format`` file of ``family`` holds ``spec``'s alpha/rank in its lora_B tensors."""
+    return format in ("diffusers", "peft") and get_family(family).bake_diffusers_alpha and spec.alpha != spec.rank
 
 
 @dataclass
@@ -71,16 +90,27 @@ class LoraFile:
     text_encoder: LoraSpec | None = None  # sdtune's text-encoder LoRA header (sdtune.text_encoder), if any
 
     @property
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """peft-named UNet tensors; kohya names need the UNet to resolve (see :meth:`peft_tensors`)."""
-        if self.format == "diffusers":
-            return diffusers_to_peft(self.raw)
-        if self.format == "peft":
-            return peft_components(self.raw).get("unet", {})
-        raise LoraFileError("kohya tensor names are resolved against a UNet; use peft_tensors(module_names, ...)")
+    def alpha_in_tensors(self) -> bool:
+        """The file's lora_B tensors hold alpha/rank (its diffusers header says alpha = rank)."""
+        return self.metadata.get(ALPHA_IN_TENSORS) == "true"
 
-    def peft_tensors(self, module_names, unet_config=None, family: str | None = None) -> dict[str, torch.Tensor]:
-        """peft names; a kohya file's names resolve against ``module_names`` of a ``family`` UNet
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """peft-named denoiser tensors as trained (alpha/rank taken back out of lora_B where the file
+        holds it there); kohya names need the denoiser to resolve (see :meth:`peft_tensors`)."""
+        if self.format == "diffusers":
+            tensors = diffusers_to_peft(self.raw)
+        elif self.format == "peft":
+            tensors = peft_components(self.raw).get(DENOISER, {})
+        else:
+            raise LoraFileError("kohya tensor names are resolved against a denoiser; use peft_tensors(module_names, ...)")
+        if self.alpha_in_tensors:
+            scale = self.spec.rank / self.spec.alpha
+            tensors = {k: v * scale if k.endswith(".lora_B.weight") else v for k, v in tensors.items()}
+        return tensors
+
+    def peft_tensors(self, module_names, denoiser_config=None, family: str | None = None) -> dict[str, torch.Tensor]:
+        """peft names; a kohya file's names resolve against ``module_names`` of a ``family`` denoiser
         (its header's family, else the one it is being loaded into)."""
         if self.format != "kohya":
             return self.tensors
@@ -91,7 +121,7 @@ class LoraFile:
                 f"in its header), and kohya names differ per family. Fix: name the family (export: --family "
                 f"{'|'.join(sorted(FAMILIES))})."
             )
-        return kohya_to_peft(self.raw, module_names, family, unet_config)[0]
+        return kohya_to_peft(self.raw, module_names, family, denoiser_config, self.spec.targets)[0]
 
     @property
     def config(self) -> dict[str, Any] | None:
@@ -105,7 +135,7 @@ MANAGED_KEYS = frozenset({
     "format", DIFFUSERS_METADATA_KEY, "sdtune.format", "sdtune.family", "sdtune.targets", "sdtune.rank", "sdtune.alpha",
     "sdtune.text_encoder",
     "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_output_name", "sdtune.adapter", "ss_network_args",
-    "sdtune.dora_readers",
+    "sdtune.dora_readers", ALPHA_IN_TENSORS, "modelspec.architecture", KOHYA_PARTS,
 })
 
 
@@ -124,6 +154,7 @@ class LoraHeader:
     family: str
     base_model: str | None = None
     base_model_version: str | None = None
+    architecture: str | None = None  # modelspec.architecture (kohya's sai_model_spec string), when known
     resolution: int | None = None
     config: Mapping[str, Any] | None = None
     output_name: str = "lora"
@@ -132,8 +163,9 @@ class LoraHeader:
     carried: Mapping[str, str] = field(default_factory=dict)  # a source file's other keys, kept on re-export
     text_encoder: LoraSpec | None = None  # the text encoders' LoRA (lora.text_encoder), when the file has one
 
-    def metadata(self, format: str) -> dict[str, str]:
-        """The header as safetensors stores it (every value a string) for a ``format`` file."""
+    def metadata(self, format: str, kohya_parts: Mapping[str, int] | None = None) -> dict[str, str]:
+        """The header as safetensors stores it (every value a string) for a ``format`` file
+        (``kohya_parts``: its fused kohya modules, :func:`sdtune.lora.keys.kohya_fused_parts`)."""
         spec = self.spec
         meta = {k: v for k, v in self.carried.items() if k not in MANAGED_KEYS}
         lycoris = spec.kind in ("loha", "lokr")
@@ -149,17 +181,25 @@ class LoraHeader:
             layout = "diffusers" if format in ("diffusers", "peft") else "kohya"
             meta["sdtune.dora_readers"] = json.dumps({k: list(v) for k, v in DORA_READERS[layout].items()})
         if format in ("diffusers", "peft"):
-            adapters = {f"{COMPONENT_PREFIX}r": spec.rank, f"{COMPONENT_PREFIX}lora_alpha": spec.alpha,
-                        f"{COMPONENT_PREFIX}target_modules": list(spec.targets)}
+            prefix, baked = denoiser_prefix(self.family), alpha_in_tensors(self.family, spec, format)
+            adapters = {f"{prefix}r": spec.rank, f"{prefix}lora_alpha": spec.rank if baked else spec.alpha,
+                        f"{prefix}target_modules": list(spec.targets)}
+            if baked:  # lora_B holds alpha/rank; the true alpha for sdtune and re-export
+                meta.update({"sdtune.alpha": repr(float(spec.alpha)), ALPHA_IN_TENSORS: "true"})
             if spec.use_dora:
-                adapters[f"{COMPONENT_PREFIX}use_dora"] = True
-            for index in range(len(get_family(self.family).text_encoder_kinds) if te is not None else 0):
+                adapters[f"{prefix}use_dora"] = True
+            family = get_family(self.family)  # the encoders that take LoRA layers (never a T5)
+            indices = family.lora_text_encoders if family.lora_text_encoders is not None else range(len(family.text_encoder_kinds))
+            for index in indices if te is not None else ():
                 prefix = te_diffusers_prefix(index)  # what load_lora_weights reads per text encoder
                 adapters.update({f"{prefix}r": te.rank, f"{prefix}lora_alpha": te.alpha, f"{prefix}target_modules": list(te.targets)})
             meta[DIFFUSERS_METADATA_KEY] = json.dumps(adapters, sort_keys=True)
         elif spec.targets:  # diffusers refuses a kohya file that carries peft adapter metadata
             meta["sdtune.targets"] = json.dumps(list(spec.targets))
+        if kohya_parts:
+            meta[KOHYA_PARTS] = json.dumps(dict(kohya_parts), sort_keys=True)
         optional = {"sdtune.base_model": self.base_model, "ss_base_model_version": self.base_model_version,
+                    "modelspec.architecture": self.architecture,
                     "sdtune.resolution": self.resolution, "ss_num_train_images": self.num_train_images, "ss_steps": self.steps}
         meta.update({k: str(v) for k, v in optional.items() if v is not None})
         if self.resolution is not None:
@@ -170,11 +210,13 @@ class LoraHeader:
 
 
 def run_header(cfg: Mapping[str, Any], spec: LoraSpec, *, steps: int | None, num_train_images: int | None,
-               output_name: str) -> LoraHeader:
-    """The header of a LoRA trained with run config ``cfg``."""
+               output_name: str, denoiser_config: Mapping[str, Any] | None = None) -> LoraHeader:
+    """The header of a LoRA trained with run config ``cfg`` on a denoiser of ``denoiser_config``
+    (None: not at hand; the family's version and architecture strings may depend on it)."""
     family = get_family(cfg["model"]["family"])
-    return LoraHeader(spec, family.name, base_model=str(cfg["model"]["path"]), base_model_version=family.base_model_version,
-                      resolution=int(cfg["data"]["resolution"]), config=cfg, output_name=output_name,
+    return LoraHeader(spec, family.name, base_model=str(cfg["model"]["path"]),
+                      base_model_version=family.lora_base_model_version(denoiser_config),
+                      architecture=family.lora_architecture(denoiser_config), resolution=int(cfg["data"]["resolution"]), config=cfg, output_name=output_name,
                       num_train_images=num_train_images, steps=steps, text_encoder=text_encoder_spec(cfg, family))
 
 
@@ -184,13 +226,16 @@ def save_lora(
     header: LoraHeader,
     *,
     format: str,
-    unet_config: Mapping[str, Any] | None = None,
+    denoiser_config: Mapping[str, Any] | None = None,
     text_encoders: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
     base_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write peft-named ``tensors`` in ``format`` with ``header``, atomically. kohya names of
-    SDXL-layout UNets follow ``unet_config``'s blocks (the standard XL layout when None).
+    """Write peft-named ``tensors`` in ``format`` with ``header``, atomically. kohya names follow
+    the family's table for a denoiser of ``denoiser_config`` (its standard layout when None).
     ``text_encoders``: peft-named text-encoder tensors per encoder index (``header.text_encoder``'s).
+
+    Families with :attr:`~sdtune.families.base.ModelFamily.bake_diffusers_alpha` fold alpha/rank into
+    the diffusers layout's lora_B when alpha != rank (:func:`alpha_in_tensors`).
 
     DoRA: ``format="diffusers"`` writes diffusers' peft layout (``unet.<m>.lora_magnitude_vector``,
     what ``load_lora_weights`` reads); kohya's ``dora_scale`` is relative to the frozen weights, so
@@ -215,20 +260,25 @@ def save_lora(
             "(lora.type), which diffusers' load_lora_weights cannot load. Nothing was written. Fix: write the kohya "
             "layout (--format kohya, callbacks.lora_export.format=kohya), which ComfyUI, Forge and A1111 load."
         )
+    prefix = denoiser_prefix(header.family)
+    if alpha_in_tensors(header.family, spec, format):
+        scale = float(spec.alpha) / spec.rank
+        tensors = {k: v * scale if k.endswith(".lora_B.weight") else v for k, v in tensors.items()}
     if format == "diffusers" and spec.use_dora:
-        on_disk, format = {COMPONENT_PREFIX + k: v for k, v in tensors.items()}, "peft"
+        on_disk, format = {prefix + k: v for k, v in tensors.items()}, "peft"
     elif format == "diffusers":
-        on_disk = {**peft_to_diffusers(tensors), **text_encoders_to_diffusers(text_encoders)}
+        on_disk = {**peft_to_diffusers(tensors, prefix), **text_encoders_to_diffusers(text_encoders)}
     elif format == "kohya":
         tensors = to_kohya_maths(tensors, spec.rank, float(spec.alpha), base_weights) if spec.kind != "lora" else tensors
         count = len(get_family(header.family).text_encoder_kinds)
-        on_disk = {**peft_to_kohya(tensors, float(spec.alpha), header.family, unet_config),
+        on_disk = {**peft_to_kohya(tensors, float(spec.alpha), header.family, denoiser_config),
                    **(text_encoders_to_kohya(text_encoders, float(header.text_encoder.alpha), count) if text_encoders else {})}
     else:
         raise LoraFileError(f"unknown LoRA format {format!r}; choose one of {list(FORMATS)}")
     on_disk = {k: v.detach().to("cpu").contiguous() for k, v in on_disk.items()}
+    fused = kohya_fused_parts(tensors, header.family, denoiser_config) if format == "kohya" else None
     with atomic_path(path) as tmp:
-        save_file(on_disk, str(tmp), metadata=header.metadata(format))
+        save_file(on_disk, str(tmp), metadata=header.metadata(format, fused))
     if spec.use_dora:
         log.warning("%s: %s", path.name, dora_note(format))
     return path
@@ -276,8 +326,10 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     if fmt == "peft" and DIFFUSERS_METADATA_KEY not in metadata:
         metadata.update(peft_adapter_config(path))
     run_config(metadata, str(path))  # refuse a garbled run config now, not halfway through a command
-    spec = spec_from_header(metadata, raw, fmt, path)
-    declared = "sdtune.alpha" in metadata or f"{COMPONENT_PREFIX}lora_alpha" in json.loads(metadata.get(DIFFUSERS_METADATA_KEY) or "{}")
+    parts = kohya_parts_header(metadata, path) if fmt == "kohya" else {}
+    spec = spec_from_header(metadata, raw, fmt, path, kohya_parts=parts)
+    adapter = json.loads(metadata.get(DIFFUSERS_METADATA_KEY) or "{}")
+    declared = "sdtune.alpha" in metadata or any(f"{p}lora_alpha" in adapter for p in denoiser_prefixes())
     return LoraFile(raw=raw, format=fmt, spec=spec, family=metadata.get("sdtune.family"), metadata=metadata, path=str(path),
                     text_encoder=text_encoder_spec_from_header(metadata, path),
                     spec_declared=declared)

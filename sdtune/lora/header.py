@@ -20,15 +20,24 @@ from sdtune.lora.checks import (
     TEXT_ENCODER_KEYS,
     check_tensors_match,
 )
-from sdtune.lora.keys import DIFFUSERS_PREFIX, KOHYA_ALPHA
+from sdtune.lora.keys import DIFFUSERS_PREFIX, KOHYA_ALPHA, KOHYA_PREFIX, denoiser_prefixes, kohya_parts_of
 from sdtune.lora.layers import LoraSpec
 from sdtune.utils.errors import LoraFileError
 
 #: The header key of diffusers' adapter config (a JSON dict), as diffusers' ``save_lora_weights`` writes
 #: it (``diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY``) ...
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
-#: ... whose keys carry the component's prefix: ``unet.r``, ``unet.lora_alpha``, ``unet.target_modules``.
+#: ... whose keys carry the component's prefix: ``unet.r``, ``unet.lora_alpha``, ``unet.target_modules``
+#: (``transformer.`` for a transformer denoiser: :func:`denoiser_header_prefix`).
 COMPONENT_PREFIX = DIFFUSERS_PREFIX
+ALPHA_IN_TENSORS = "sdtune.alpha_in_tensors"
+#: How many diffusers modules each fused kohya module stacks ({"lora_unet_double_blocks_#_img_attn_qkv": 3}).
+KOHYA_PARTS = "sdtune.kohya_parts"
+
+
+def denoiser_header_prefix(adapter_metadata: Mapping[str, Any]) -> str:
+    """The denoiser prefix diffusers' adapter metadata uses (``unet.`` when it has none)."""
+    return next((p for p in denoiser_prefixes() if any(k.startswith(p) for k in adapter_metadata)), COMPONENT_PREFIX)
 
 
 def _shown(value: Any, limit: int = 80) -> str:
@@ -115,45 +124,54 @@ def _diffusers_spec(metadata: Mapping[str, str], path: Path) -> LoraSpec | None:
     """
     key = DIFFUSERS_METADATA_KEY
     meta = _header_json(metadata, key, path, dict, "a JSON object (diffusers' LoRA adapter config)")
-    if not meta or not any(k.startswith(COMPONENT_PREFIX) for k in meta):
+    prefix = denoiser_header_prefix(meta or {})
+    if not meta or not any(k.startswith(prefix) for k in meta):
         return None
     for name in ("r", "lora_alpha"):
-        if f"{COMPONENT_PREFIX}{name}" not in meta:
-            raise _bad_header(path, key, metadata[key], f"an adapter config with {COMPONENT_PREFIX}{name}")
-    rank = _rank_value(meta[f"{COMPONENT_PREFIX}r"], f"{key}.{COMPONENT_PREFIX}r", path)
-    alpha = _alpha_value(meta[f"{COMPONENT_PREFIX}lora_alpha"], f"{key}.{COMPONENT_PREFIX}lora_alpha", path)
-    targets = meta.get(f"{COMPONENT_PREFIX}target_modules")
+        if f"{prefix}{name}" not in meta:
+            raise _bad_header(path, key, metadata[key], f"an adapter config with {prefix}{name}")
+    rank = _rank_value(meta[f"{prefix}r"], f"{key}.{prefix}r", path)
+    alpha = _alpha_value(meta[f"{prefix}lora_alpha"], f"{key}.{prefix}lora_alpha", path)
+    targets = meta.get(f"{prefix}target_modules")
     if targets is None or isinstance(targets, str):
         return LoraSpec(rank, alpha, ())
-    return LoraSpec(rank, alpha, _targets_value(targets, f"{key}.{COMPONENT_PREFIX}target_modules", path))
+    return LoraSpec(rank, alpha, _targets_value(targets, f"{key}.{prefix}target_modules", path))
 
 
-def _tensor_spec(raw: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> LoraSpec:
+def _tensor_spec(raw: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None,
+                 kohya_parts: Mapping[str, int] | None = None) -> LoraSpec:
     """What the tensors alone say: the rank of the first down weight, alpha from kohya ``.alpha``
-    scalars (diffusers' convention without a header is alpha = rank), no targets."""
-    downs = [v for k, v in raw.items() if k.endswith((".lora.down.weight", ".lora_down.weight", ".lora_A.weight",
-                                                       ".hada_w1_b", ".lokr_w2_b", ".lokr_w1_b"))
-             and not k.startswith(TEXT_ENCODER_KEYS)]
+    scalars (diffusers' convention without a header is alpha = rank), no targets; a fused kohya
+    module's (``kohya_parts``) per part."""
+    parts = kohya_parts or {}
+    downs = [int(v.shape[0]) // kohya_parts_of(k, parts) for k, v in raw.items()
+             if k.endswith((".lora.down.weight", ".lora_down.weight", ".lora_A.weight", ".hada_w1_b", ".lokr_w2_b",
+                            ".lokr_w1_b")) and not k.startswith(TEXT_ENCODER_KEYS)]
     declared = str((metadata or {}).get("ss_network_dim", ""))
     if downs:
-        rank = int(downs[0].shape[0])
+        rank = downs[0]
     elif any(k.endswith(".lokr_w2") for k in raw):  # a LoKr of whole factors has no rank in its tensors
         rank = int(declared) if declared.isdigit() and int(declared) > 0 else 1
     else:
         raise LoraFileError(f"{str(path)!r} holds no UNet LoRA down weights")
-    alphas = [float(v) for k, v in raw.items() if k.endswith(KOHYA_ALPHA) and k.startswith("lora_unet_") and v.numel() == 1]
+    alphas = [float(v) / kohya_parts_of(k, parts) for k, v in raw.items()
+              if k.endswith(KOHYA_ALPHA) and k.startswith(KOHYA_PREFIX) and v.numel() == 1]
     kind = kind_of(raw)
     return LoraSpec(rank=rank, alpha=alphas[0] if alphas else float(rank), targets=(),
                     type=kind if kind in ("loha", "lokr") else "lora", use_dora=kind == "dora")
 
 
-def spec_from_header(metadata: Mapping[str, str], raw: Mapping[str, torch.Tensor], fmt: str, path: Path) -> LoraSpec:
+def spec_from_header(metadata: Mapping[str, str], raw: Mapping[str, torch.Tensor], fmt: str, path: Path,
+                     kohya_parts: Mapping[str, int] | None = None) -> LoraSpec:
     """The file's LoRA spec: diffusers' adapter header (diffusers files) or the tensors (kohya and
     headerless files), with whatever our ``sdtune.*`` keys add.
 
     When a header gives the spec it must agree with the other header and with the tensors: a file
     whose header says one rank and whose weights have another would load differently (or not at
-    all) in each tool, so it is refused here with both values named.
+    all) in each tool, so it is refused here with both values named. A diffusers file that holds
+    alpha/rank in its tensors (``sdtune.alpha_in_tensors``) declares alpha = rank to diffusers and
+    its true alpha as ``sdtune.alpha``. ``kohya_parts``: the family's fused kohya modules (a fused
+    module's down has k * rank rows and its alpha is k * alpha).
     """
     declared = metadata.get("sdtune.format")
     if declared is not None and declared != fmt:
@@ -162,6 +180,16 @@ def spec_from_header(metadata: Mapping[str, str], raw: Mapping[str, torch.Tensor
         )
     ours = _sdtune_fields(metadata, path)
     theirs = _diffusers_spec(metadata, path)
+    baked = metadata.get(ALPHA_IN_TENSORS)
+    if baked not in (None, "true", "false"):
+        raise _bad_header(path, ALPHA_IN_TENSORS, baked, '"true" or "false"')
+    if baked == "true":
+        if theirs is None or theirs.alpha != theirs.rank or "alpha" not in ours:
+            raise LoraFileError(
+                f"{str(path)!r}: header key {ALPHA_IN_TENSORS!r} says its tensors hold alpha/rank, so "
+                f"{DIFFUSERS_METADATA_KEY} must give lora_alpha = r and sdtune.alpha the true alpha, but it gives "
+                f"{theirs and (theirs.rank, theirs.alpha)!r} and sdtune.alpha {ours.get('alpha')!r}. {HEADER_FIX}")
+        theirs = replace(theirs, alpha=ours["alpha"])
     if theirs is not None:
         for name, value in ours.items():
             other = getattr(theirs, name)
@@ -174,12 +202,22 @@ def spec_from_header(metadata: Mapping[str, str], raw: Mapping[str, torch.Tensor
     if theirs is not None and fmt in ("diffusers", "peft"):
         spec = replace(theirs, use_dora=kind_of(raw) == "dora", **ours)
     elif ours:
-        spec = replace(_tensor_spec(raw, path, metadata), **ours)
+        spec = replace(_tensor_spec(raw, path, metadata, kohya_parts), **ours)
     else:
-        return _tensor_spec(raw, path, metadata)
+        return _tensor_spec(raw, path, metadata, kohya_parts)
     origin = "sdtune.*" if ours else DIFFUSERS_METADATA_KEY  # the key a user would look at first
-    check_tensors_match(spec, raw, str(path), origin=f"header ({origin})")
+    check_tensors_match(spec, raw, str(path), origin=f"header ({origin})", kohya_parts=kohya_parts)
     return spec
+
+
+def kohya_parts_header(metadata: Mapping[str, str], path: str | os.PathLike) -> dict[str, int]:
+    """The fused kohya modules a header records (``sdtune.kohya_parts``), {} when absent."""
+    value = _header_json(metadata, KOHYA_PARTS, path, dict, 'a JSON object like {"lora_unet_double_blocks_#_img_attn_qkv": 3}')
+    if value is None:
+        return {}
+    if not all(isinstance(k, str) and isinstance(n, int) and not isinstance(n, bool) and n >= 2 for k, n in value.items()):
+        raise _bad_header(path, KOHYA_PARTS, metadata[KOHYA_PARTS], "a JSON object of kohya names to part counts >= 2")
+    return value
 
 
 def text_encoder_spec_from_header(metadata: Mapping[str, str], path: str | os.PathLike) -> LoraSpec | None:

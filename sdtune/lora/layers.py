@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sdtune.config.values import Settings
-from sdtune.families import ModelFamily
+from sdtune.families import FAMILIES, ModelFamily
 from sdtune.lora.adapters import ADAPTER_TYPES, check_adapter_config, is_adapter_key, strip_adapter_name
 from sdtune.lora.adapters import peft_config as adapter_config
 from sdtune.utils.errors import ConfigError
@@ -81,7 +81,10 @@ def check_config(cfg: DictConfig) -> None:
         not OmegaConf.is_list(targets) or not targets or not all(isinstance(t, str) and t for t in targets)
     ):
         raise ConfigError(f"lora.targets must be a non-empty list of module names like [to_q,to_k], got {targets!r}.")
-    check_adapter_config(OmegaConf.to_container(cfg.lora, resolve=True), s.get("callbacks.lora_export.format"))
+    export_format = s.get("callbacks.lora_export.format")
+    if export_format is None and s.get("callbacks.lora_export") is not None and s.get("model.family") in FAMILIES:
+        export_format = FAMILIES[s.get("model.family")].default_export_format  # null: the family's layout
+    check_adapter_config(OmegaConf.to_container(cfg.lora, resolve=True), export_format)
 
 
 def check_base(cfg: Mapping[str, Any], unet: torch.nn.Module, default_targets: tuple[str, ...]) -> None:

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sdtune.lora.adapters import base_weights
-from sdtune.lora.files import DEFAULT_FORMAT, FORMATS, run_header, save_lora
+from sdtune.lora.files import FORMATS, default_format, run_header, save_lora
 from sdtune.run.plots import plot_run_loss, read_metrics
 from sdtune.training.ema import with_ema_facts
 from sdtune.training.embeddings import lora_trains
@@ -56,10 +56,11 @@ class TrainingCheckpoint(ModelCheckpoint):
 
 class LoRAExport(L.Callback):
     """Write ``<dirpath>/<filename>`` with its header at the end of ``fit``, in ``format``: kohya
-    (the default, one file for ComfyUI, A1111/Forge, kohya sd-scripts and diffusers) or diffusers."""
+    (one file for ComfyUI, A1111/Forge, kohya sd-scripts and, for the UNet families, diffusers) or
+    diffusers; None: the family's layout (``default_export_format``)."""
 
-    def __init__(self, dirpath: str, filename: str = "lora.safetensors", format: str = DEFAULT_FORMAT):
-        if format not in FORMATS:
+    def __init__(self, dirpath: str, filename: str = "lora.safetensors", format: str | None = None):
+        if format is not None and format not in FORMATS:
             raise ConfigError(f"callbacks.lora_export.format={format!r} is not a LoRA layout; choose one of {list(FORMATS)}.")
         self.path = Path(dirpath) / filename
         self.format = format
@@ -70,17 +71,20 @@ class LoRAExport(L.Callback):
         if not lora_trains(pl_module.cfg):
             log.info("embedding.with_lora=false (textual inversion alone): no LoRA trained, %s not written", self.path.name)
             return
+        denoiser = pl_module.parts.denoiser
         header = run_header(
             pl_module.cfg,
             pl_module.spec,
             steps=trainer.global_step,
             num_train_images=pl_module.num_train_images,
             output_name=self.path.stem,
+            denoiser_config=denoiser.config,
         )
         header = with_ema_facts(header, pl_module.cfg)  # lora_state() gives the EMA weights then
         tensors = pl_module.lora_state()
-        save_lora(self.path, tensors, header, format=self.format, unet_config=pl_module.parts.denoiser.config,
-                  text_encoders=pl_module.text_encoder_lora_state(), base_weights=base_weights(pl_module.parts.denoiser, tensors))
+        format = self.format or default_format(pl_module.cfg["model"]["family"])
+        save_lora(self.path, tensors, header, format=format, denoiser_config=denoiser.config,
+                  text_encoders=pl_module.text_encoder_lora_state(), base_weights=base_weights(denoiser, tensors))
         log.info("wrote %s", self.path)
 
 

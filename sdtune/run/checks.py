@@ -15,18 +15,22 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 
 from sdtune.config.overrides import complete_optional_mappings
+from sdtune.config.paths import CONF_DIR, yaml_file
 from sdtune.config.schema import check_known_keys
 from sdtune.config.values import Settings
 from sdtune.data import config as data_config
 from sdtune.evaluation import config as eval_config
 from sdtune.families import checks as model_checks
+from sdtune.families import get_family
 from sdtune.lora import layers
 from sdtune.lora.checks import first_line
-from sdtune.training import diffusion, ema, embeddings, optimization, text_encoders
+from sdtune.training import diffusion, ema, embeddings, optimization, speed, text_encoders
 from sdtune.training.optimization import OPTIONAL_OPTIMIZERS
+from sdtune.training.trainable import WEIGHT_DTYPES
 from sdtune.utils.errors import ConfigError
 
 PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "bf16-true")
@@ -78,10 +82,57 @@ def check_run(cfg: DictConfig) -> None:
         )
 
 
+#: The share of a GPU memory preset's card (``hardware_preset.memory_gib``) that the frozen weights
+#: staying on it may take; the rest holds the CUDA context, the activations (checkpointed), the LoRA
+#: weights with their gradients and optimizer states, and a sample's VAE decode. At 85%, FLUX.1's
+#: 23.8 GB transformer needs more than a 24 GiB card (21.9 GB), and SD3.5 Large's 16.3 GB fits one.
+WEIGHT_SHARE = 0.85
+
+
+def check_hardware(cfg: DictConfig) -> None:
+    """A GPU memory preset (``hardware=<N>gb``) fits the base: the frozen weights that stay on the
+    GPU through training (the denoiser; the VAE without ``data.cache_latents``; the text encoders
+    unless their outputs are cached), counted on the meta device in the precision's weight dtype,
+    take at most :data:`WEIGHT_SHARE` of the card."""
+    s = Settings(cfg)
+    preset = s.get("hardware_preset")
+    if not preset or preset.get("memory_gib") is None:
+        return
+    family = get_family(s.get("model.family"))
+    parts = ["denoiser"]
+    if not s.get("data.cache_latents"):
+        parts.append("vae")
+    if not s.get("train.cache_text_embeddings") or text_encoders.encoders_train(cfg) or s.get("data.shuffle_tags"):
+        parts.append("text_encoders")
+    dtype = WEIGHT_DTYPES.get(str(s.get("trainer.precision")), torch.float32)
+    sizes = model_checks.frozen_weight_bytes(family, s.get("model.path"), parts, dtype)
+    budget = WEIGHT_SHARE * float(preset.memory_gib) * 2**30
+    if sizes is None or sum(sizes.values()) <= budget:
+        return
+    total = sum(sizes.values())
+    each = ", ".join(f"{part} {size / 1e9:.1f} GB" for part, size in sizes.items())
+    bigger = sorted((gib, name) for name, gib in hardware_presets().items() if WEIGHT_SHARE * gib * 2**30 >= total)
+    fix = f"hardware={bigger[0][1]} (a bigger card)" if bigger else "a base with fewer parameters (no preset fits it)"
+    if "text_encoders" in parts:
+        fix += ", or cache the captions' embeddings (train.cache_text_embeddings=true) so the text encoders leave the GPU"
+    raise ConfigError(
+        f"hardware={preset.name} does not fit this {family.name} base ({s.get('model.path')}): the frozen weights that "
+        f"stay on the GPU take {total / 1e9:.1f} GB in {str(dtype).removeprefix('torch.')} ({each}), over the "
+        f"{budget / 1e9:.1f} GB a {preset.memory_gib} GiB card leaves them ({WEIGHT_SHARE:.0%}; the rest holds the "
+        f"activations, the LoRA with its optimizer states and the CUDA context). Fix: {fix}.")
+
+
+def hardware_presets() -> dict[str, float]:
+    """``conf/hardware/<name>.yaml``'s card memory (GiB) by preset name."""
+    return {file.stem: float(yaml_file(file)["hardware_preset"]["memory_gib"])
+            for file in sorted((CONF_DIR / "hardware").glob("*.yaml"))}
+
+
 #: The checks :func:`validate` runs, in order: the first problem found is the one reported.
 SECTION_CHECKS: tuple[Callable[[DictConfig], None], ...] = (
     check_known_keys,  # a typo in a key first: its value would be ignored
     model_checks.check_config,  # model.*
+    check_hardware,  # hardware=<N>gb against the base's weights
     layers.check_config,  # lora.*
     text_encoders.check_config,  # lora.text_encoder
     data_config.check_config,  # data.*
@@ -93,6 +144,7 @@ SECTION_CHECKS: tuple[Callable[[DictConfig], None], ...] = (
     data_config.check_methods,  # train.masked_loss, prior preservation
     eval_config.check_config,  # eval
     embeddings.check_config,  # embedding
+    speed.check_config,  # speed.*
 )
 
 

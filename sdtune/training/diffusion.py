@@ -27,11 +27,12 @@ __all__ = ["PREDICTION_TYPES", "min_snr_weights", "regression_target"]
 
 
 def check_config(cfg: DictConfig) -> None:
-    """The objective's own ``train:`` settings (for the UNet families: ``train.prediction_type``,
-    null: the model's, and ``train.snr_gamma``, null: off), then ``train.noise_offset``."""
+    """``train.noise_offset``, then the objective's own ``train:`` settings (for the UNet families:
+    ``train.prediction_type``, null: the model's, and ``train.snr_gamma``, null: off; a flow-matching
+    objective refuses those and the offset)."""
     s = Settings(cfg)
-    get_family(s.get("model.family")).objective_class.check_config(cfg)
     s.number("train.noise_offset", ge=0)
+    get_family(s.get("model.family")).objective_class.check_config(cfg)
 
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None, *,

@@ -1,7 +1,8 @@
 """Speed switches applied to the loaded model: memory format, attention kernel, TF32, compile.
 
 Each is a plain config switch under ``speed:`` and each is measured in ``make bench``
-(docs/benchmarks.md). They change how the denoiser runs, never what it computes beyond float
+(docs/benchmarks.md); :func:`check_config` checks them, and refuses those a family's denoiser has
+no use for, before anything loads. They change how the denoiser runs, never what it computes beyond float
 rounding, so the loss stays within tolerance of the default path.
 """
 
@@ -12,12 +13,30 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 
-from sdtune.families import ModelFamily, ModelParts
+from sdtune.config.values import Settings
+from sdtune.families import ModelFamily, ModelParts, get_family
 from sdtune.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 ATTENTION = ("sdpa", "xformers")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """``speed.*``: the attention kernel is one sdtune has, the switches are switches, and none is
+    one the family refuses for its denoiser (:attr:`~sdtune.families.base.ModelFamily.speed_refusals`)."""
+    s = Settings(cfg)
+    if s.get("speed.attention") is not None:
+        s.choice("speed.attention", ATTENTION, fix="speed.attention=sdpa (PyTorch's fused attention, the default).")
+    for key in ("speed.channels_last", "speed.tf32", "speed.compile"):
+        s.boolean(key, optional=True)
+    family = get_family(s.get("model.family"))
+    for setting, why in family.speed_refusals.items():
+        key, _, value = setting.partition("=")
+        current = s.get(key)
+        if str(current).lower() == value.lower():
+            raise ConfigError(f"{setting} does not apply to model.family={family.name}: {why}.")
 
 
 def apply_speed(parts: ModelParts, speed: Mapping[str, Any], family: ModelFamily) -> None:

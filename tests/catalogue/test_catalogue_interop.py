@@ -231,7 +231,7 @@ def test_kohya_dora_file_says_what_each_reader_computes(tmp_path, caplog):
     before = snapshot(tiny_model("sd15"))
     with caplog.at_level("WARNING", logger="sdtune"):
         path = save_lora(tmp_path / "dora.safetensors", tensors, LoraHeader(DORA_SPEC, "sd15"), format="kohya",
-                         base_weights=base_weights(unet, tensors), unet_config=unet.config)
+                         base_weights=base_weights(unet, tensors), denoiser_config=unet.config)
     from safetensors.torch import load_file
 
     raw = load_file(str(path))

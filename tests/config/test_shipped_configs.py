@@ -169,9 +169,9 @@ def test_console_scripts_say_what_the_command_does_and_its_own_keys(script, firs
         assert "experiment:" not in proc.stdout and "lora.rank" not in proc.stdout and "\ntrainer:" not in proc.stdout
 
 
-@pytest.mark.parametrize("preset", ["8gb", "12gb", "16gb", "24gb"])
+@pytest.mark.parametrize("preset", ["8gb", "12gb", "16gb", "24gb", "48gb"])
 def test_hardware_presets_set_memory_knobs_per_family(preset):
-    expected_batch = {"8gb": (2, 1), "12gb": (4, 1), "16gb": (8, 2), "24gb": (16, 4)}[preset]
+    expected_batch = {"8gb": (2, 1), "12gb": (4, 1), "16gb": (8, 2), "24gb": (16, 4), "48gb": (32, 8)}[preset]
     for model, batch in zip(("sd15", "sdxl"), expected_batch):
         cfg = _compose("config", f"hardware={preset}", f"model={model}")
         _check(cfg)
@@ -185,7 +185,7 @@ def test_hardware_presets_set_memory_knobs_per_family(preset):
             validate(kolors)
     else:
         _check(kolors)
-        assert kolors.data.batch_size == {"16gb": 1, "24gb": 2}[preset]
+        assert kolors.data.batch_size == {"16gb": 1, "24gb": 2, "48gb": 4}[preset]
 
 
 @pytest.mark.parametrize("app, overrides", [("generate", ["prompt=x"]), ("merge", ["out=x"]),

@@ -21,8 +21,9 @@ PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeli
 
 
 def test_registry_and_defaults():
-    assert {*FAMILY_NAMES, "flux"} <= set(FAMILIES)
-    assert {n: get_family(n).default_resolution for n in FAMILY_NAMES} == {"sd15": 512, "sdxl": 1024, "kolors": 1024}
+    assert sorted(FAMILIES) == sorted([*FAMILY_NAMES, "flux", "sd35"])  # the UNet families here; test_flux.py, test_sd35.py
+    assert {n: get_family(n).default_resolution for n in FAMILIES} == {"sd15": 512, "sdxl": 1024, "kolors": 1024,
+                                                                       "flux": 1024, "sd35": 1024}
     for n in FAMILY_NAMES:
         assert get_family(n).default_lora_targets == ("to_q", "to_k", "to_v", "to_out.0")
 

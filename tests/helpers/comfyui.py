@@ -45,19 +45,123 @@ def unet_key_map(unet) -> dict[str, str]:
     return key_map
 
 
-def load_like_comfyui(lora: dict[str, torch.Tensor], key_map: dict[str, str]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(diffusers module -> weight delta ComfyUI adds, keys it would report "lora key not loaded")."""
+#: comfy/weight_adapter/lora.py ``LoRAAdapter.load``: the (up, down) suffixes it tries, in order.
+LORA_SUFFIXES = ((".lora_up.weight", ".lora_down.weight"), ("_lora.up.weight", "_lora.down.weight"),
+                 (".lora_B.weight", ".lora_A.weight"), (".lora.up.weight", ".lora.down.weight"),
+                 (".lora_B", ".lora_A"), (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"))
+
+
+def load_like_comfyui(lora: dict[str, torch.Tensor], key_map: dict[str, object]) -> tuple[dict[object, torch.Tensor], list[str]]:
+    """(target -> weight delta ComfyUI adds, keys it would report "lora key not loaded").
+
+    A key-map value is a module (the UNet maps) or ``(module, offset, function)`` (the transformer
+    maps): ComfyUI then patches ``weight.narrow(*offset)`` and adds ``function(delta)``; the result
+    is keyed by ``module``, or ``(module, offset)`` for a slice."""
     deltas, loaded = {}, set()
-    for stem, module in key_map.items():
-        up, down, alpha = f"{stem}.lora_up.weight", f"{stem}.lora_down.weight", f"{stem}.alpha"
-        if up not in lora:
+    for stem, target in key_map.items():
+        found = next(((f"{stem}{u}", f"{stem}{d}") for u, d in LORA_SUFFIXES if f"{stem}{u}" in lora), None)
+        if found is None:
             continue
+        up, down = found
+        alpha = f"{stem}.alpha"
         rank = lora[down].shape[0]
         scale = (float(lora[alpha]) if alpha in lora else rank) / rank
-        u, d = lora[up].flatten(1).float(), lora[down].flatten(1).float()
-        deltas[module] = scale * (u @ d)
+        delta = scale * (lora[up].flatten(1).float() @ lora[down].flatten(1).float())
+        if isinstance(target, tuple):
+            module, offset, function = target
+            deltas[module if offset is None else (module, offset)] = function(delta) if function else delta
+        else:
+            deltas[target] = delta
         loaded |= {up, down, alpha} & lora.keys()
     return deltas, sorted(lora.keys() - loaded)
+
+
+# -- FLUX and SD3: comfy/utils.py flux_to_diffusers / mmdit_to_diffusers, comfy/lora.py model_lora_keys_unet --
+# Transcribed from Comfy-Org/ComfyUI comfy/utils.py and comfy/lora.py (read at commits 09708ea / 17358c8).
+# ComfyUI's map values are "diffusion_model.<original>.weight", ((that, (dim, start, length))) for a
+# slice of a fused weight, or (that, None, swap_scale_shift); here the module path is kept instead.
+def swap_scale_shift(weight: torch.Tensor) -> torch.Tensor:
+    shift, scale = weight.chunk(2, dim=0)
+    return torch.cat([scale, shift], dim=0)
+
+
+def flux_to_diffusers(config) -> dict[str, tuple]:
+    """diffusers module -> (BFL module, offset, function): ``flux_to_diffusers`` for ``.weight`` keys,
+    its unet_config (depth, depth_single_blocks, hidden_size) read off diffusers' transformer config."""
+    depth, single, hidden = config["num_layers"], config["num_single_layers"], config["num_attention_heads"] * config["attention_head_dim"]
+    out = {}
+    for i in range(depth):
+        src, dst = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        for j, x in enumerate("qkv"):
+            out[f"{src}.attn.to_{x}"] = (f"{dst}.img_attn.qkv", (0, hidden * j, hidden), None)
+            out[f"{src}.attn.add_{x}_proj"] = (f"{dst}.txt_attn.qkv", (0, hidden * j, hidden), None)
+        for ours, bfl in (("attn.to_out.0", "img_attn.proj"), ("norm1.linear", "img_mod.lin"), ("norm1_context.linear", "txt_mod.lin"),
+                          ("attn.to_add_out", "txt_attn.proj"), ("ff.net.0.proj", "img_mlp.0"), ("ff.net.2", "img_mlp.2"),
+                          ("ff_context.net.0.proj", "txt_mlp.0"), ("ff_context.net.2", "txt_mlp.2")):
+            out[f"{src}.{ours}"] = (f"{dst}.{bfl}", None, None)
+    for i in range(single):
+        src, dst = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        for j, x in enumerate("qkv"):
+            out[f"{src}.attn.to_{x}"] = (f"{dst}.linear1", (0, hidden * j, hidden), None)
+        out[f"{src}.proj_mlp"] = (f"{dst}.linear1", (0, hidden * 3, hidden * 4), None)
+        out[f"{src}.norm.linear"] = (f"{dst}.modulation.lin", None, None)
+        out[f"{src}.proj_out"] = (f"{dst}.linear2", None, None)
+    for ours, bfl in (("proj_out", "final_layer.linear"), ("x_embedder", "img_in"), ("context_embedder", "txt_in"),
+                      *((f"time_text_embed.{e}_embedder.linear_{n}", f"{b}_in.{layer}_layer")
+                        for e, b in (("timestep", "time"), ("text", "vector"), ("guidance", "guidance"))
+                        for n, layer in ((1, "in"), (2, "out")))):
+        out[ours] = (bfl, None, None)
+    out["norm_out.linear"] = ("final_layer.adaLN_modulation.1", None, swap_scale_shift)
+    return out
+
+
+def mmdit_to_diffusers(config) -> dict[str, tuple]:
+    """The same for SD3 (``mmdit_to_diffusers``): ComfyUI's depth is the width / 64 (it detects it from
+    ``x_embedder.proj.weight``) and sets both the block count and the qkv offsets."""
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    depth, blocks = hidden // 64, config["num_layers"]
+    offset = depth * 64
+    out = {}
+    for i in range(blocks):
+        src, dst = f"transformer_blocks.{i}", f"joint_blocks.{i}"
+        for j, x in enumerate("qkv"):
+            out[f"{src}.attn.to_{x}"] = (f"{dst}.x_block.attn.qkv", (0, offset * j, offset), None)
+            out[f"{src}.attn.add_{x}_proj"] = (f"{dst}.context_block.attn.qkv", (0, offset * j, offset), None)
+            out[f"{src}.attn2.to_{x}"] = (f"{dst}.x_block.attn2.qkv", (0, offset * j, offset), None)
+        for ours, mmdit in (("norm1_context.linear", "context_block.adaLN_modulation.1"), ("attn.to_add_out", "context_block.attn.proj"),
+                            ("ff_context.net.0.proj", "context_block.mlp.fc1"), ("ff_context.net.2", "context_block.mlp.fc2"),
+                            ("norm1.linear", "x_block.adaLN_modulation.1"), ("attn.to_out.0", "x_block.attn.proj"),
+                            ("attn2.to_out.0", "x_block.attn2.proj"), ("ff.net.0.proj", "x_block.mlp.fc1"), ("ff.net.2", "x_block.mlp.fc2")):
+            out[f"{src}.{ours}"] = (f"{dst}.{mmdit}", None, None)
+    for ours, mmdit in (("context_embedder", "context_embedder"), ("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0"),
+                        ("time_text_embed.timestep_embedder.linear_2", "t_embedder.mlp.2"), ("pos_embed.proj", "x_embedder.proj"),
+                        ("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0"),
+                        ("time_text_embed.text_embedder.linear_2", "y_embedder.mlp.2"), ("proj_out", "final_layer.linear")):
+        out[ours] = (mmdit, None, None)
+    out["norm_out.linear"] = ("final_layer.adaLN_modulation.1", None, swap_scale_shift)
+    out[f"transformer_blocks.{depth - 1}.norm1_context.linear"] = (
+        f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1", None, swap_scale_shift)
+    return out
+
+
+def _transformer_key_map(diffusers: dict[str, tuple], prefixes: tuple[str, ...], underscored: tuple[str, ...]) -> dict[str, tuple]:
+    """``model_lora_keys_unet``: ``lora_unet_<original _>`` for every original weight (the generic
+    rule on the state dict), then each diffusers name under ComfyUI's prefixes for that model."""
+    key_map = {_stem(bfl): (bfl, None, None) for bfl, _, _ in diffusers.values()}
+    for ours, target in diffusers.items():
+        key_map.update({f"{p}{ours}": target for p in prefixes})
+        key_map.update({f"{p}{ours.replace('.', '_')}": target for p in underscored})
+    return key_map
+
+
+def flux_key_map(config) -> dict[str, tuple]:
+    """Every stem ComfyUI accepts for a FLUX model -> (BFL module, offset, function)."""
+    return _transformer_key_map(flux_to_diffusers(config), ("transformer.", ""), ("lycoris_", "lora_transformer_"))
+
+
+def mmdit_key_map(config) -> dict[str, tuple]:
+    """Every stem ComfyUI accepts for an SD3 model -> (MMDiT module, offset, function)."""
+    return _transformer_key_map(mmdit_to_diffusers(config), ("transformer.", "base_model.model."), ("lora_transformer_", "lycoris_"))
 
 
 # -- text encoders: comfy/lora.py model_lora_keys_clip -------------------------------------------

@@ -17,6 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
 from sdtune.export import export_lora
+from sdtune.families import get_family
 from sdtune.families.builder import build_parts
 from sdtune.lora.adapters import kind_of
 from sdtune.lora.apply import apply_lora, fuse
@@ -63,7 +64,7 @@ def _save(tmp_path, variant, parts, spec, tensors, fmt="kohya", family=FAMILY):
     from sdtune.lora.adapters import base_weights
 
     return save_lora(tmp_path / f"{variant}_{fmt}.safetensors", tensors, LoraHeader(spec, family), format=fmt,
-                     base_weights=base_weights(parts.unet, tensors), unet_config=parts.unet.config)
+                     base_weights=base_weights(parts.unet, tensors), denoiser_config=parts.unet.config)
 
 
 def _peft_merged(unet) -> dict[str, torch.Tensor]:
@@ -117,10 +118,10 @@ def test_own_file_applies_like_the_live_model(variant, fmt, tmp_path):
         plain = _parts().unet(x, t, **kw).sample
     fresh = _parts()
     fresh.unet.eval()
-    assert apply_lora(fresh, lora, family=FAMILY, path=path, adapter_name="a") == ["unet"]
+    assert apply_lora(fresh, lora, family=FAMILY, path=path, adapter_name="a") == ["denoiser"]
     with torch.no_grad():
         applied = fresh.unet(x, t, **kw).sample
-    fuse(fresh, {"unet": ["a"]})
+    fuse(fresh, {"denoiser": ["a"]})
     with torch.no_grad():
         fused = fresh.unet(x, t, **kw).sample
     assert (live - plain).abs().max() > 1e-2
@@ -212,7 +213,7 @@ def test_resume_refuses_a_checkpoint_of_another_adapter(tmp_path):
 
     cfg = compose_cfg("experiment=quickstart", "lora.type=loha")
     path = tmp_path / "last.ckpt"
-    saved = {"family": "sd15", "rank": 4, "alpha": 4.0, "targets": list(cfg.lora.targets), "adapter": "dora"}
+    saved = {"family": "sd15", "rank": 4, "alpha": 4.0, "targets": sorted(get_family("sd15").default_lora_targets), "adapter": "dora"}
     torch.save({"sdtune": saved, "hyper_parameters": {}, "state_dict": {}}, path)
     with pytest.raises(ConfigError, match="adapter: checkpoint 'dora', config 'loha'"):
         check_resumable(path, cfg)
@@ -232,13 +233,13 @@ def test_weight_and_off_switch_act_on_lycoris_layers(variant, tmp_path):
     fresh = _parts()
     fresh.unet.eval()
     apply_lora(fresh, read_lora(path), family=FAMILY, path=path, adapter_name="a")
-    activate(fresh, {"unet": ["a"]}, {"a": 0.5})
+    activate(fresh, {"denoiser": ["a"]}, {"a": 0.5})
     layers = [n for n, m in fresh.unet.named_modules() if isinstance(m, BaseTunerLayer)]
     assert len(layers) >= 10
     for name in layers:
         want = parts.unet.get_submodule(name).get_delta_weight("default")
         torch.testing.assert_close(fresh.unet.get_submodule(name).get_delta_weight("a"), 0.5 * want, rtol=0, atol=1e-6)
-    set_enabled(fresh, {"unet": ["a"]}, False)
+    set_enabled(fresh, {"denoiser": ["a"]}, False)
     x, t, kw = unet_inputs(FAMILY)
     with torch.no_grad():
         torch.testing.assert_close(fresh.unet(x, t, **kw).sample, _parts().unet(x, t, **kw).sample, rtol=0, atol=0)

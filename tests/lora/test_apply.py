@@ -79,7 +79,7 @@ def _case(family: str, layout: str, tmp_path):
             unet_lora_adapter_metadata={"r": 4, "lora_alpha": 8.0, "target_modules": list(UNET_TARGETS)} if meta else None,
             text_encoder_lora_adapter_metadata={"r": 2, "lora_alpha": 1.0, "target_modules": list(TE_TARGETS)} if meta else None,
         )
-        expected = {"unet": (unet, _alphas(unet, lambda i: 8.0 if meta else 4.0)),
+        expected = {"denoiser": (unet, _alphas(unet, lambda i: 8.0 if meta else 4.0)),
                     0: (tes[0], _alphas(tes[0], lambda i: 1.0 if meta else 2.0))}
         return tmp_path / "pytorch_lora_weights.safetensors", expected
     if layout == "peft":
@@ -90,13 +90,13 @@ def _case(family: str, layout: str, tmp_path):
         loaded = set_peft_model_state_dict(model, {f"base_model.model.{k}": v for k, v in unet.items()})
         assert not loaded.unexpected_keys
         model.save_pretrained(tmp_path / "peft")  # adapter_model.safetensors + adapter_config.json
-        return tmp_path / "peft" / "adapter_model.safetensors", {"unet": (unet, _alphas(unet, lambda i: 6.0))}
+        return tmp_path / "peft" / "adapter_model.safetensors", {"denoiser": (unet, _alphas(unet, lambda i: 6.0))}
     # kohya, with text-encoder layers and a different alpha per module (1, 2 or 3 by position)
     from sdtune.lora.keys import kohya_module_name
 
     raw, expected = {}, {}
     prefixes = ["lora_te_"] if len(tes) == 1 else ["lora_te1_", "lora_te2_"]
-    for component, layers, name_of in [("unet", unet, lambda m: kohya_module_name(m, family, parts.unet.config)),
+    for component, layers, name_of in [("denoiser", unet, lambda m: kohya_module_name(m, family, parts.unet.config)),
                                        *[(i, t, lambda m, p=prefixes[i]: p + m.replace(".", "_")) for i, t in enumerate(tes)]]:
         alphas = _alphas(layers, lambda i: float(1 + i % 3))
         for module, alpha in alphas.items():
@@ -119,9 +119,9 @@ def test_merge_and_generate_apply_foreign_files_like_a_hand_merge(tmp_path, fami
     lora = read_lora(path)
     assert lora.family is None  # another tool's file: no sdtune header, the family comes from model=
     base = _parts(family)
-    models = {c: base.unet if c == "unet" else base.text_encoders[c] for c in expected}
+    models = {c: base.unet if c == "denoiser" else base.text_encoders[c] for c in expected}
     hand = {c: _hand_merged(models[c], layers, alphas) for c, (layers, alphas) in expected.items()}
-    assert set(hand) == ({"unet", 0} if family == "sd15" and layout != "peft" else {"unet"} if layout == "peft" else {"unet", 0, 1})
+    assert set(hand) == ({"denoiser", 0} if family == "sd15" and layout != "peft" else {"denoiser"} if layout == "peft" else {"denoiser", 0, 1})
 
     # merge: the saved model holds exactly the hand-merged weights, text encoders included
     out = tmp_path / "merged"
@@ -129,7 +129,7 @@ def test_merge_and_generate_apply_foreign_files_like_a_hand_merge(tmp_path, fami
                    "single_file=false"))
     merged = build_parts({"family": family, "path": str(out)})[1]
     for component, weights in hand.items():
-        model = merged.unet if component == "unet" else merged.text_encoders[component]
+        model = merged.unet if component == "denoiser" else merged.text_encoders[component]
         for module, weight in weights.items():
             torch.testing.assert_close(model.get_submodule(module).weight, weight, rtol=0, atol=1e-4)
 
@@ -138,7 +138,7 @@ def test_merge_and_generate_apply_foreign_files_like_a_hand_merge(tmp_path, fami
     adapters = apply_loras(live, get_family(family), [LoraRef(str(path), WEIGHT)])
     assert set(adapters) == set(hand)
     for component, weights in hand.items():
-        model = live.unet if component == "unet" else live.text_encoders[component]
+        model = live.unet if component == "denoiser" else live.text_encoders[component]
         for module, weight in weights.items():
             layer = model.get_submodule(module)
             x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
@@ -160,7 +160,7 @@ def test_generate_renders_a_kohya_file_with_text_encoder_layers_as_the_hand_merg
         with torch.no_grad():
             for component in components:
                 layers, alphas = expected[component]
-                model = parts.unet if component == "unet" else parts.text_encoders[component]
+                model = parts.unet if component == "denoiser" else parts.text_encoders[component]
                 for module, weight in _hand_merged(model, layers, alphas).items():
                     model.get_submodule(module).weight.copy_(weight)
         pipe = family.build_pipeline(parts)
@@ -170,7 +170,7 @@ def test_generate_renders_a_kohya_file_with_text_encoder_layers_as_the_hand_merg
         return np.asarray(image, dtype=np.int16)
 
     ours = np.asarray(Image.open(out / "seed5.png"), dtype=np.int16)
-    unet_only = render(["unet"])
+    unet_only = render(["denoiser"])
     assert np.abs(ours - unet_only).max() > 8  # the text-encoder layers change the picture...
     assert np.abs(ours - render([0])).max() <= 1  # ...and with them it is the hand merge (uint8 rounding at most)
 
@@ -226,7 +226,7 @@ def test_export_converts_a_peft_file_with_its_adapter_config(tmp_path):
     out = export_lora(path, tmp_path / "out.safetensors", format="diffusers", family="sd15")
     lora = read_lora(out)
     assert (lora.spec.rank, lora.spec.alpha, lora.family) == (4, 6.0, "sd15")
-    layers, _ = expected["unet"]
+    layers, _ = expected["denoiser"]
     assert lora.tensors.keys() == layers.keys() and all(torch.equal(lora.tensors[k], layers[k]) for k in layers)
 
 

@@ -64,7 +64,7 @@ def test_peft_kohya_peft_is_the_identity(family):
 def test_diffusers_loads_our_kohya_file_like_our_diffusers_file(family, tmp_path):
     parts, tensors = _trained_like(family)
     meta = LoraHeader(SPEC, family=family, base_model="tiny", base_model_version="x", resolution=64)
-    files = {fmt: save_lora(tmp_path / f"{fmt}.safetensors", tensors, meta, format=fmt, unet_config=parts.unet.config)
+    files = {fmt: save_lora(tmp_path / f"{fmt}.safetensors", tensors, meta, format=fmt, denoiser_config=parts.unet.config)
              for fmt in ("diffusers", "kohya")}
     assert read_lora(files["kohya"]).format == "kohya" and read_lora(files["kohya"]).spec.alpha == 2.5
     x, t, kw = unet_inputs(family)
@@ -91,7 +91,7 @@ def test_comfyui_key_rules_load_every_key_of_our_kohya_file(family, tmp_path):
     parts, tensors = _trained_like(family)
     meta = LoraHeader(SPEC, family=family, base_model="tiny", base_model_version="x", resolution=64)
     key_map = unet_key_map(parts.unet)
-    kohya = load_file(str(save_lora(tmp_path / "k.safetensors", tensors, meta, format="kohya", unet_config=parts.unet.config)))
+    kohya = load_file(str(save_lora(tmp_path / "k.safetensors", tensors, meta, format="kohya", denoiser_config=parts.unet.config)))
     deltas, not_loaded = load_like_comfyui(kohya, key_map)
     assert not not_loaded
     modules = {k.rsplit(".lora_", 1)[0] for k in tensors}
@@ -106,7 +106,7 @@ def test_comfyui_key_rules_load_every_key_of_our_kohya_file(family, tmp_path):
 def test_our_apply_reads_kohya_files_too(tmp_path):
     parts, tensors = _trained_like("sdxl")
     meta = LoraHeader(SPEC, family="sdxl", base_model="tiny", base_model_version="x", resolution=64)
-    path = save_lora(tmp_path / "k.safetensors", tensors, meta, format="kohya", unet_config=parts.unet.config)
+    path = save_lora(tmp_path / "k.safetensors", tensors, meta, format="kohya", denoiser_config=parts.unet.config)
     fresh = get_family("sdxl").load(str(tiny_model("sdxl")))
     apply_lora(fresh, read_lora(path), family="sdxl", path=path, adapter_name="k")
     x, t, kw = unet_inputs("sdxl")
