@@ -8,6 +8,7 @@ family is one such file plus :func:`register_family`.
 from __future__ import annotations
 
 from sdtune.families.base import FAMILIES, ModelFamily, ModelParts, register_family
+from sdtune.families.flux import Flux
 from sdtune.families.kolors import Kolors
 from sdtune.families.sd15 import SD15
 from sdtune.families.sd35 import SD35
@@ -15,7 +16,7 @@ from sdtune.families.sdxl import SDXL
 from sdtune.families.source import resolve_model_source
 from sdtune.utils.errors import ConfigError
 
-for _builtin in (SD15, SDXL, Kolors, SD35):
+for _builtin in (SD15, SDXL, Kolors, Flux, SD35):
     register_family(_builtin)
 
 

@@ -47,6 +47,7 @@ def build_parts(model_cfg: Mapping[str, Any], *, dtype: torch.dtype = torch.floa
         revision=model_cfg.get("revision"),
         config=model_cfg.get("config"),
     )
+    family.configure_parts(parts, model_cfg)
     for module in (parts.denoiser, *parts.frozen_modules()):
         module.requires_grad_(False).eval()
     return family, parts
