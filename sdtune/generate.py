@@ -99,6 +99,8 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
                                sampler=type(pipe.scheduler).__name__, image_input=record_fields(spec))
     record["embeddings"] = [{"path": os.path.abspath(r.path), "token": r.token} for r in embedding_refs]
     written = []
+    size = ({"height": pictures.height, "width": pictures.width}
+            if pictures.init is not None and family.img2img_takes_size else {})
     for label in rows:
         if refs:
             set_enabled(parts, adapters, label != "LoRA off")
@@ -110,6 +112,7 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
                 negative_prompt=cfg.negative_prompt,
                 generator=torch.Generator("cpu").manual_seed(seed),
                 **family.pipeline_call_kwargs(guidance, None, parts),
+                **size,
             )
             rows[label].append(image)
             tag = "off_" if label == "LoRA off" else ""

@@ -83,7 +83,8 @@ def merge(cfg: DictConfig) -> tuple[Path, Path | None]:
     model_cfg = base_model_config(cfg.get("model"), refs, loras)
     check_families(refs, loras, model_cfg)  # from the headers just read: mixed families fail before any load
     family = get_family(model_cfg["family"])
-    single = single_file_path(out) if cfg.single_file and family.single_file_pipeline else None
+    # A single file is written where sdtune knows the family's layout (read-only single files, FLUX's: none).
+    single = single_file_path(out) if cfg.single_file and family.single_file_text_encoders else None
     _check_target(out, single)  # before loading anything
     family, parts = build_parts(model_cfg, dtype=torch.float32)  # fuse in fp32, cast when saving
     fuse(parts, apply_loras(parts, family, refs, loras))  # UNet and, where a LoRA has layers for them, text encoders

@@ -82,7 +82,7 @@ def test_kolors_has_img2img_but_no_controlnet_pipeline():
     fam = get_family("kolors")
     assert fam.pipeline_class("img2img") is diffusers.KolorsImg2ImgPipeline
     with pytest.raises(ConfigError, match=r"kolors has no diffusers pipeline for img2img with a ControlNet .*"
-                                          r"Fix: drop controlnet.path .*\['sd15', 'sdxl'\]"):
+                                          r"Fix: drop controlnet.path .*\['flux', 'sd15', 'sdxl'\]"):
         fam.pipeline_class("img2img", controlnet=True)
 
 

@@ -72,6 +72,9 @@ class ModelFamily(ABC):
     default_export_format: ClassVar[str] = "kohya"
     #: Indices of the text encoders that can get LoRA layers (None: all of them).
     lora_text_encoders: ClassVar[tuple[int, ...] | None] = None
+    #: The img2img pipelines draw at their ``height``/``width`` (default: the model's native size), not
+    #: at the init picture's size, so generate passes the picture's (SD's and SDXL's take no size).
+    img2img_takes_size: ClassVar[bool] = False
     #: Why ``sdtune.morph`` cannot work on this family ("": it can).
     morph_refusal: ClassVar[str] = ""
     #: ``speed.*`` settings refused for this family's denoiser, as written on the command line

@@ -35,6 +35,9 @@ class FlowFamily(ModelFamily):
     bake_diffusers_alpha = True  # ComfyUI reads their diffusers layout (transformer.<m>.lora.down.weight)
     #: Side of the latent patches the transformer takes as tokens (FLUX packs 2x2, SD3 patches 2x2).
     latent_patch: ClassVar[int] = 2
+    #: FluxImg2ImgPipeline and StableDiffusion3Img2ImgPipeline resize the init picture to 1024 px
+    #: unless given ``height``/``width``.
+    img2img_takes_size = True
     speed_refusals: ClassVar[dict[str, str]] = {
         "speed.channels_last=true": (
             "the NHWC layout speeds up convolutions, and a transformer denoiser has none (SD3's patch embedding "

@@ -8,7 +8,8 @@ position ids, zero text ids, the timestep as sigma (the pipelines pass ``t / 100
 guidance value; :meth:`Flux.predict` does the packing and unpacks the velocity back to (B, C, h, w),
 so the loss, masks and caches see ordinary latents. Training follows diffusers'
 ``train_dreambooth_lora_flux.py``: its 12 default LoRA targets, the guidance input from
-``train.flow.guidance`` (dev only), T5 never adapted.
+``train.flow.guidance`` (dev only), T5 never adapted. kohya files name layers after BFL's fused
+modules (:mod:`sdtune.families.flux_keys`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from sdtune.families import flux_keys
 from sdtune.families.base import ModelParts
 from sdtune.families.flow import FlowFamily
 from sdtune.families.tiny_flow_parts import build_t5_tokenizer, t5_config, tiny_t5, tiny_vae16
@@ -73,6 +75,16 @@ class Flux(FlowFamily):
         ("text2img", True): "FluxControlNetPipeline",
         ("img2img", True): "FluxControlNetImg2ImgPipeline",
     }
+
+    # -- LoRA files: BFL names in kohya files (flux_keys.py holds the table) -------------------
+    def kohya_modules(self, denoiser_config=None):
+        return flux_keys.kohya_modules(denoiser_config)
+
+    def lora_base_model_version(self, denoiser_config=None) -> str:
+        return flux_keys.base_model_version(denoiser_config)
+
+    def lora_architecture(self, denoiser_config=None) -> str | None:
+        return flux_keys.architecture(denoiser_config)
 
     # -- text ------------------------------------------------------------------------------
     def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None):

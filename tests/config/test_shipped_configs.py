@@ -54,9 +54,9 @@ def _check(cfg) -> None:
 
 
 def test_the_groups_hold_the_configs_the_docs_promise():
-    assert {"sd15_lora", "sdxl_lora", "kolors_lora", "quickstart"} <= set(options("experiment"))
+    assert {"sd15_lora", "sdxl_lora", "kolors_lora", "flux_lora", "sd35_lora", "quickstart"} <= set(options("experiment"))
     assert set(options("debug")) == {"default", "fdr", "overfit", "limit"}
-    assert {"gpu_sd15", "gpu_sdxl", "gpu_kolors", "cpu_tiny"} == set(options("bench/preset"))
+    assert {"gpu_sd15", "gpu_sdxl", "gpu_kolors", "gpu_flux", "gpu_sd35", "cpu_tiny"} == set(options("bench/preset"))
 
 
 @pytest.mark.parametrize("override", CASES)

@@ -1,4 +1,4 @@
-"""The three model families behind one interface, on their tiny real-architecture models."""
+"""The UNet families behind one interface, on their tiny real-architecture models."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ from sdtune.lora.layers import LoraSpec, inject, lora_tensors, trainable_lora_pa
 from sdtune.utils.errors import LoraFileError
 from tests.helpers.models import tiny_model, unet_inputs
 
-FAMILY_NAMES = ["sd15", "sdxl", "kolors"]
+FAMILY_NAMES = ["sd15", "sdxl", "kolors"]  # the UNet families; FLUX has tests/families/test_flux.py
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "kolors": "KolorsPipeline"}
 
 
 def test_registry_and_defaults():
-    assert sorted(FAMILIES) == sorted([*FAMILY_NAMES, "sd35"])  # the UNet families here; sd35: test_sd35.py
+    assert sorted(FAMILIES) == sorted([*FAMILY_NAMES, "flux", "sd35"])  # the UNet families here; test_flux.py, test_sd35.py
     assert {n: get_family(n).default_resolution for n in FAMILIES} == {"sd15": 512, "sdxl": 1024, "kolors": 1024,
-                                                                       "sd35": 1024}
+                                                                       "flux": 1024, "sd35": 1024}
     for n in FAMILY_NAMES:
         assert get_family(n).default_lora_targets == ("to_q", "to_k", "to_v", "to_out.0")
 
