@@ -5,7 +5,8 @@ background`` is pink, ``olq`` cyan) are trained in one run. The probe then reads
 drawn for each trigger's prompts at fixed seeds, with the LoRA off and on. Each trigger must bring
 its own colour (>= 80%) and not the other one (<= 10%), and the base alone must not draw it
 (<= 10%). A text cache that hands a sample another caption's embedding, a wrong latent scale,
-wrong SDXL/Kolors time ids or a wrong noise target each break one of those shares;
+wrong SDXL/Kolors time ids, a wrong noise target or (FLUX, SD3.5) a wrong velocity, sigma or
+latent packing each break one of those shares;
 ``test_the_two_concept_test_fails_when_captions_are_misaligned`` proves the first of them does.
 
 The same check then runs through every path a user takes (resume after a kill, buckets of mixed
@@ -32,7 +33,7 @@ TRIGGER_PAIR = ("sks", "olq")
 # Every learning run: the two-concept data, the probe on both triggers, no sample grid.
 LEARN = ["experiment=quickstart", "callbacks.samples=null", "data.val_images=0", "lora.rank=8", "lora.alpha=8",
          f"callbacks.concept_probe.triggers=[{','.join(TRIGGER_PAIR)}]"]
-TOY_MODELS = {"sd15": "toy", "sdxl": "toy_sdxl", "kolors": "toy_kolors"}
+TOY_MODELS = {"sd15": "toy", "sdxl": "toy_sdxl", "kolors": "toy_kolors", "flux": "toy_flux", "sd35": "toy_sd35"}
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +202,36 @@ def test_generate_compare_shows_the_concept_only_in_the_lora_row(trained, tmp_pa
     assert len(on) == len(off) == 4 and (out / "grid.png").is_file()
     assert concept_shares(on, "olq").share("cyan") >= 0.75
     assert concept_shares(off, "olq").share("cyan") == 0.0
+
+
+@pytest.mark.parametrize(("family", "pipeline"), [("flux", "FluxPipeline"), ("sd35", "StableDiffusion3Pipeline")])
+def test_the_flow_runs_file_teaches_the_concept_through_diffusers(trained, tmp_path, family, pipeline):
+    """A flow family's run file, in diffusers' layout, loaded by the family's own diffusers pipeline
+    (``load_lora_weights``) into the toy base, draws each concept. SD3.5's run writes that layout;
+    FLUX's run writes kohya's fused BFL names, which diffusers converts only at FLUX.1's full width
+    (its converter hard-codes 3072), so the FLUX file goes through ``sdtune.export --format diffusers``
+    first (the full-width kohya read is tests/lora/test_flow_keys.py's)."""
+    import diffusers
+
+    from sdtune.export import export_lora
+    from sdtune.families import get_family
+    from sdtune.inference.sampling import render
+    from sdtune.lora.files import read_lora
+
+    run_file = trained(family) / "lora.safetensors"
+    assert read_lora(run_file).format == get_family(family).default_export_format
+    path = run_file if read_lora(run_file).format == "diffusers" else export_lora(
+        run_file, tmp_path / "diffusers.safetensors", format="diffusers")
+    assert read_lora(path).format == "diffusers"
+    pipe = getattr(diffusers, pipeline).from_pretrained(ROOT / "models" / "toy" / family, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(path))
+    guidance = {"flux": 1.0, "sd35": 2.0}[family]  # conf/model/toy_<family>.yaml's guidance
+    # the family's call arguments: the T5 length the toy was trained with (the pipeline's default is 256/512)
+    call_kwargs = get_family(family).pipeline_call_kwargs(guidance, parts=get_family(family).load(str(ROOT / "models" / "toy" / family)))
+    for trigger in TRIGGER_PAIR:
+        prompts = probe_prompts(trigger)
+        images = render(pipe, [p for p in prompts for _ in (0, 1)], [s for _ in prompts for s in (0, 1)], steps=20,
+                        size=64, call_kwargs=call_kwargs)
+        shares = concept_shares(images, trigger, TRIGGERS).shares
+        assert shares[TRIGGERS[trigger]] >= 0.8, (trigger, shares)
