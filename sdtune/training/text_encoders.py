@@ -135,6 +135,13 @@ def check_text_encoder_targets(encoder: torch.nn.Module, targets: Iterable[str],
         )
 
 
+def adapted(family: ModelFamily, count: int) -> list[int]:
+    """Indices of the text encoders that get LoRA layers: the family's ``lora_text_encoders`` (FLUX:
+    CLIP-L only, T5 never), else all ``count`` of them."""
+    allowed = family.lora_text_encoders
+    return [i for i in range(count) if allowed is None or i in allowed]
+
+
 def check_targets_in_configs(cfg: Mapping[str, Any], family: ModelFamily, arch: Mapping[str, Any]) -> None:
     """:func:`check_text_encoder_targets` before the weights load: on text encoders built on the meta
     device from the base's configs (``arch``, :func:`sdtune.families.arch.architecture`)."""
@@ -143,16 +150,18 @@ def check_targets_in_configs(cfg: Mapping[str, Any], family: ModelFamily, arch: 
         return
     with torch.device("meta"):
         _, encoders = family.random_text_parts(arch, meta=True)
-    for index, encoder in enumerate(encoders):
-        check_text_encoder_targets(encoder, spec.targets, index, family)
+    for index in adapted(family, len(encoders)):
+        check_text_encoder_targets(encoders[index], spec.targets, index, family)
 
 
 def inject_text_encoders(parts: ModelParts, spec: LoraSpec, family: ModelFamily, *, dropout: float = 0.0,
                          init: str | bool = "gaussian", gradient_checkpointing: bool = False) -> None:
-    """Add trainable LoRA layers (fp32) to every text encoder of ``parts``, in train mode."""
+    """Add trainable LoRA layers (fp32) to every adaptable text encoder of ``parts`` (:func:`adapted`),
+    in train mode."""
     from peft import inject_adapter_in_model
 
-    for index, encoder in enumerate(parts.text_encoders):
+    for index in adapted(family, len(parts.text_encoders)):
+        encoder = parts.text_encoders[index]
         check_text_encoder_targets(encoder, spec.targets, index, family)
         # peft's own injection works on any module; transformers' ``add_adapter`` wraps the same call
         # behind a peft version check that newer transformers releases tighten past released peft.
@@ -186,7 +195,8 @@ def text_encoder_state(parts: ModelParts, family: ModelFamily) -> dict[int, dict
     from peft.utils import get_peft_model_state_dict
 
     out = {}
-    for index, (encoder, kind) in enumerate(zip(parts.text_encoders, family.text_encoder_kinds)):
+    for index in adapted(family, len(parts.text_encoders)):
+        encoder, kind = parts.text_encoders[index], family.text_encoder_kinds[index]
         state = get_peft_model_state_dict(encoder, adapter_name=ADAPTER)
         out[index] = {te_file_module(k, kind): v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
     return out
