@@ -95,11 +95,16 @@ def test_buckets_of_two_aspect_ratios_reach_the_transformer(capsys, tmp_path):
     shutil.copytree(QUICKSTART, root)
     for path in sorted((root / "images").glob("*.png"))[::2]:
         Image.open(path).resize((128, 64)).save(path)
-    rec = _train(capsys, tmp_path / "run", "trainer.max_steps=6", "data.batch_size=2", f"data.root={root}",
-                 "data.bucketing=true", "data.bucket_step=16")
+    buckets = ("trainer.max_steps=6", "data.batch_size=2", f"data.root={root}", "data.bucketing=true", "data.bucket_step=16")
+    rec = _train(capsys, tmp_path / "run", *buckets)
     assert {s[-2:] for s in rec.shapes} == {(64, 64), (48, 96)}
     assert len(rec.losses) == 6 and all(math.isfinite(x) for x in rec.losses)
     assert max(v.abs().max().item() for k, v in _lora(tmp_path / "run").items() if ".lora_B." in k) > 0
+    # as the production preset trains them: the latents of each bucket cached
+    cached = _train(capsys, tmp_path / "cached", *buckets, "data.cache_latents=true",
+                    f"data.latent_cache_dir={tmp_path / 'latents'}")
+    assert {s[1:] for s in cached.shapes} == {(32, 8, 8), (32, 6, 12)}
+    torch.testing.assert_close(cached.losses, rec.losses, rtol=1e-5, atol=0)
 
 
 def _masked_data(tmp_path, name: str, box) -> str:
