@@ -30,6 +30,8 @@ from sdtune.families.arch import architecture
 from sdtune.lora.adapters import NAMES, base_weights_from, dora_as_lora, kind_of, module_of
 from sdtune.lora.checks import TEXT_ENCODER_KEYS, check_finite, check_tensors_match, first_line
 from sdtune.lora.files import FORMATS, LoraHeader, default_format, read_lora, run_header, save_lora
+from sdtune.lora.header import kohya_parts_header
+from sdtune.lora.keys import kohya_parts_of
 from sdtune.lora.layers import lora_tensors, spec_from_config
 from sdtune.training.checkpointing import CHECKPOINT_FIX, load_checkpoint
 from sdtune.training.ema import checkpoint_export_tensors, with_ema_facts
@@ -189,7 +191,9 @@ def _check_convertible(lora, source: str) -> None:
         )
     if te:
         check_text_encoder_tensors(lora, source)
-    alphas = {float(v) for k, v in lora.raw.items() if k.endswith(".alpha") and v.numel() == 1 and not k.startswith(TEXT_ENCODER_KEYS)}
+    parts = kohya_parts_header(lora.metadata, source) if lora.format == "kohya" else {}  # fused: k x alpha
+    alphas = {float(v) / kohya_parts_of(k, parts) for k, v in lora.raw.items()
+              if k.endswith(".alpha") and v.numel() == 1 and not k.startswith(TEXT_ENCODER_KEYS)}
     if len(alphas) > 1:
         raise LoraFileError(
             f"{source!r} has a different alpha per module ({sorted(alphas)[:4]}), and the written file would hold one. "

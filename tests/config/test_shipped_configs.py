@@ -80,7 +80,7 @@ def test_every_model_inherits_the_common_keys():
         assert set(_compose("config", f"model={name}").model) == base, name
 
 
-@pytest.mark.parametrize("preset", ["sd15_lora", "sdxl_lora", "kolors_lora"])
+@pytest.mark.parametrize("preset", ["sd15_lora", "sdxl_lora", "kolors_lora", pytest.param("sd35_lora", marks=pytest.mark.slow)])
 def test_production_presets_print_and_fail_fast_without_weights(tmp_path, preset):
     """``--cfg job`` prints the preset; a real run without the weights stops at the load, clearly."""
     printed = run_cli(f"experiment={preset}", "--cfg", "job")
@@ -91,6 +91,19 @@ def test_production_presets_print_and_fail_fast_without_weights(tmp_path, preset
                    "trainer.precision=32", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
     assert proc.returncode == 2
     assert str(missing) in proc.stderr and "Fix:" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("preset", "hub_id"), [("sd35_lora", "stabilityai/stable-diffusion-3.5-large")])
+def test_flow_presets_without_the_hub_stop_at_the_load_naming_the_hub_id_and_the_fix(tmp_path, preset, hub_id):
+    """The preset's own model.path (a hub id) with the hub out of reach (offline, and an empty hub
+    cache, whatever this machine has): exit 2 with the load error, before any training starts."""
+    proc = run_cli(f"experiment={preset}", f"data.root={QUICKSTART}", "trainer.accelerator=cpu", "trainer.precision=32",
+                   f"hydra.run.dir={tmp_path / 'run'}", timeout=120, env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"Could not load the {preset.removesuffix('_lora')} base model from model.path={hub_id!r}" in proc.stderr
+    assert "not in the local hub cache" in proc.stderr and "Fix: set model.path to a local diffusers folder" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.slow
