@@ -80,7 +80,8 @@ def test_every_model_inherits_the_common_keys():
         assert set(_compose("config", f"model={name}").model) == base, name
 
 
-@pytest.mark.parametrize("preset", ["sd15_lora", "sdxl_lora", "kolors_lora", pytest.param("sd35_lora", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("preset", ["sd15_lora", "sdxl_lora", "kolors_lora", pytest.param("flux_lora", marks=pytest.mark.slow),
+                                    pytest.param("sd35_lora", marks=pytest.mark.slow)])
 def test_production_presets_print_and_fail_fast_without_weights(tmp_path, preset):
     """``--cfg job`` prints the preset; a real run without the weights stops at the load, clearly."""
     printed = run_cli(f"experiment={preset}", "--cfg", "job")
@@ -94,7 +95,8 @@ def test_production_presets_print_and_fail_fast_without_weights(tmp_path, preset
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("preset", "hub_id"), [("sd35_lora", "stabilityai/stable-diffusion-3.5-large")])
+@pytest.mark.parametrize(("preset", "hub_id"), [("flux_lora", "black-forest-labs/FLUX.1-dev"),
+                                               ("sd35_lora", "stabilityai/stable-diffusion-3.5-large")])
 def test_flow_presets_without_the_hub_stop_at_the_load_naming_the_hub_id_and_the_fix(tmp_path, preset, hub_id):
     """The preset's own model.path (a hub id) with the hub out of reach (offline, and an empty hub
     cache, whatever this machine has): exit 2 with the load error, before any training starts."""

@@ -48,10 +48,12 @@ def data(tmp_path):
 
 #: Per base: its overrides, and the key prefix of the text encoders' layers in its run's file.
 #: tiny_sd35 is a flow-matching family: no noise offset (refused), two CLIP encoders with LoRA
-#: (T5 gets none), and its run's file is in diffusers' layout.
+#: (T5 gets none), and its run's file is in diffusers' layout; tiny_flux: CLIP-L only, a kohya file of
+#: fused BFL names (its guidance input and 2x2 packing in every step).
 MODELS = {
     "toy": (["train.noise_offset=0.05"], "lora_te_"),
     "tiny_sd35": (["model=tiny_sd35", "lora.targets=null"], "text_encoder_2."),
+    "tiny_flux": (["model=tiny_flux", "lora.targets=null"], "lora_te1_"),
 }
 
 
