@@ -72,6 +72,8 @@ class ModelFamily(ABC):
     default_export_format: ClassVar[str] = "kohya"
     #: Indices of the text encoders that can get LoRA layers (None: all of them).
     lora_text_encoders: ClassVar[tuple[int, ...] | None] = None
+    #: Why the other text encoders take no LoRA layers (said when ``lora.text_encoder.targets`` name their layers).
+    frozen_text_encoder_reason: ClassVar[str] = ""
     #: Why ``sdtune.morph`` cannot work on this family ("": it can).
     morph_refusal: ClassVar[str] = ""
     #: ``speed.*`` settings refused for this family's denoiser, as written on the command line
@@ -280,6 +282,12 @@ class ModelFamily(ABC):
     @abstractmethod
     def text_shapes(self, arch: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
         """Per-sample shapes of what :meth:`encode_prompts` returns, read off ``arch``'s encoder configs."""
+
+    def text_encoders_with_lora(self) -> tuple[int, ...]:
+        """Indices of the text encoders ``lora.text_encoder`` adapts: :attr:`lora_text_encoders`, else all."""
+        if self.lora_text_encoders is not None:
+            return tuple(self.lora_text_encoders)
+        return tuple(range(len(self.text_encoder_kinds)))
 
     def guidance(self, model_cfg: Mapping[str, Any] | None = None) -> float:
         """The guidance scale to sample ``model_cfg``'s base at: its ``guidance``, else the family's."""

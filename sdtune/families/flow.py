@@ -33,6 +33,10 @@ class FlowFamily(ModelFamily):
             "the NHWC layout speeds up convolutions, and a transformer denoiser has none (SD3's patch embedding "
             "aside), so the switch would only change the VAE. Fix: speed.channels_last=false"),
     }
+    frozen_text_encoder_reason = (
+        "T5 takes no LoRA layers: diffusers' FLUX and SD3 LoRA loaders read none for it, and T5-XXL is the 4.8 B-parameter "
+        "encoder that train.cache_text_embeddings frees (a trained T5 would stay on the GPU with its gradients)"
+    )
     morph_refusal = (
         "sdtune.morph inverts an image with DDIM over a DDPM noise schedule; a flow-matching base needs its ODE "
         "run backwards (flow inversion), which sdtune does not have yet. Fix: morph with an sd15, sdxl or kolors base"
