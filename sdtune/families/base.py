@@ -60,6 +60,9 @@ class ModelFamily(ABC):
     objective_class: ClassVar[type[Objective]] = DDPMObjective
     #: diffusers class name of this family's ControlNets.
     controlnet_class: ClassVar[str] = "ControlNetModel"
+    #: The text2img ControlNet pipeline's argument for the control picture (SD's ``image``; SD3's and
+    #: FLUX's ``control_image``); the img2img ones all take ``control_image`` beside ``image``.
+    controlnet_image_argument: ClassVar[str] = "image"
     #: Image sides (``data.resolution``, ``data.bucket_step``) are multiples of this many pixels,
     #: for :attr:`pixel_multiple_reason`. A diffusers UNet takes any latent size (it upsamples to
     #: its skip connections' sizes), so the UNet families need only the VAE's 8; a transformer that

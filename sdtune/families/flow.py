@@ -24,6 +24,7 @@ class FlowFamily(ModelFamily):
     training_scheduler = "FlowMatchEulerDiscreteScheduler"
     objective_class = FlowMatchObjective
     pixel_multiple = 16
+    controlnet_image_argument = "control_image"  # StableDiffusion3ControlNetPipeline, FluxControlNetPipeline
     pixel_multiple_reason = "the VAE downsamples by 8 and the transformer takes 2x2 patches of latents"
     bake_diffusers_alpha = True  # ComfyUI reads their diffusers layout (transformer.<m>.lora.down.weight)
     #: Side of the latent patches the transformer takes as tokens (FLUX packs 2x2, SD3 patches 2x2).

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from sdtune.families import ModelFamily
+from sdtune.families import ModelFamily, ModelParts
 from sdtune.inference.sampling import make_grid, render
 from sdtune.toy.domain import COLOURS, SHAPES
 from sdtune.toy.probe import Reading, read
@@ -44,13 +44,14 @@ def score(images: Sequence[Image.Image], expected: Sequence[tuple[str, str]]) ->
 
 
 def evaluate_pipeline(pipe, family: ModelFamily, seeds: Sequence[int] = (0, 1), *, steps: int = 20,
-                      guidance: float = 2.0, size: int = 64) -> tuple[Score, Image.Image]:
+                      guidance: float = 2.0, size: int = 64, parts: ModelParts | None = None) -> tuple[Score, Image.Image]:
     """Probe accuracy over every palette prompt at ``seeds`` drawn by ``family``'s ``pipe``, and the
-    grid of what was drawn."""
+    grid of what was drawn; ``parts`` (the pipe's) lets the family set its call as training encoded
+    the prompts (e.g. the T5 length)."""
     cases = palette_prompts()
     prompts = [p for p, _, _ in cases for _ in seeds]
     all_seeds = [s for _ in cases for s in seeds]
-    images = render(pipe, prompts, all_seeds, steps=steps, size=size, call_kwargs=family.pipeline_call_kwargs(guidance))
+    images = render(pipe, prompts, all_seeds, steps=steps, size=size, call_kwargs=family.pipeline_call_kwargs(guidance, None, parts))
     result = score(images, [(s, c) for _, s, c in cases for _ in seeds])
     per_row = len(SHAPES) * len(seeds)
     rows = [images[i : i + per_row] for i in range(0, len(images), per_row)]
