@@ -90,6 +90,24 @@ def test_the_file_loads_through_sdtune_and_diffusers_alike(te_run):
     assert get_family("sd35").text_encoders_with_lora() == (0, 1)
 
 
+def test_export_from_the_checkpoint_gives_the_runs_file_and_a_kohya_file_that_applies(te_run, tmp_path):
+    """``sdtune.export`` reads the denoiser's LoRA under the family's attribute (``transformer.``) and the
+    CLIPs' beside it: the family's layout gives the run's own file back; the kohya layout (MMDiT names,
+    ``lora_te1_``/``lora_te2_``) applies to the transformer and both CLIPs."""
+    from safetensors.torch import load_file
+
+    from sdtune.export import export_checkpoint
+
+    run_file = load_file(str(te_run / "lora.safetensors"))
+    again = load_file(str(export_checkpoint(te_run / "checkpoints" / "last.ckpt", tmp_path / "again.safetensors")))
+    assert again.keys() == run_file.keys() and all(torch.equal(again[k], run_file[k]) for k in run_file)
+    kohya = export_checkpoint(te_run / "checkpoints" / "last.ckpt", tmp_path / "kohya.safetensors", format="kohya")
+    names = load_file(str(kohya)).keys()
+    assert {k.split("_")[1] for k in names} == {"unet", "te1", "te2"}
+    assert "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight" in names
+    family, parts = build_parts({"family": "sd35", "path": str(tiny_model("sd35"))})
+    assert set(apply_loras(parts, family, [LoraRef(str(kohya), 1.0)])) == {DENOISER, 0, 1}
+
 def _images(folder: Path) -> dict[str, np.ndarray]:
     return {p.stem: np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in folder.glob("*.png")}
 
