@@ -80,7 +80,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, format: str | N
         cfg = ckpt["hyper_parameters"]["cfg"]
         family = get_family(cfg["model"]["family"])
         spec = spec_from_config(cfg["lora"], family.default_lora_targets)
-        tensors = lora_tensors(ckpt["state_dict"])
+        tensors = lora_tensors(ckpt["state_dict"], prefix=family.denoiser_subfolder + ".")  # the module's attribute
         config = denoiser_config_for(cfg)
         header = run_header(
             cfg,

@@ -48,7 +48,7 @@ from sdtune.inference.loading import (
 from sdtune.inference.sampling import make_grid
 from sdtune.lora.apply import set_enabled
 from sdtune.utils.console import tidy_console
-from sdtune.utils.errors import exit_on_user_error
+from sdtune.utils.errors import ConfigError, exit_on_user_error
 from sdtune.utils.infotext import infotext
 from sdtune.utils.io import file_sha256, save_image_atomic, tensor_sha256, write_text_atomic
 
@@ -69,6 +69,7 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     model_cfg = base_model_config(cfg.get("model"), refs, loras)
     check_families(refs, loras, model_cfg)  # from the headers just read: mixed families fail before any load
     get_family(model_cfg["family"]).pipeline_class(spec.task, controlnet=spec.controlnet is not None)  # refuse early
+    check_size(cfg, model_cfg, spec)
     embeddings = read_embeddings(embedding_refs, get_family(model_cfg["family"]))  # vetted before the base loads
     guidance = cfg.get("guidance")
     guidance = get_family(model_cfg["family"]).guidance(model_cfg) if guidance is None else guidance
@@ -84,7 +85,7 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     load_embeddings(pipe, parts, family, embedding_refs, embeddings)  # textual-inversion words (embeddings=[...])
     pipe.set_progress_bar_config(disable=True)
     size = int(cfg.size or model_cfg.get("resolution") or family.default_resolution)
-    pictures = prepare_pictures(spec, size)  # the init image resized in memory; the file is only read
+    pictures = prepare_pictures(spec, size, family.pixel_multiple)  # the init image resized in memory; the file is only read
     lead = {"input": pictures.init, "control": pictures.control}  # grid columns in front of the outputs
     lead = {name: im for name, im in lead.items() if im is not None}
     extra = []  # files beside the images: the control picture actually used
@@ -99,8 +100,6 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
                                sampler=type(pipe.scheduler).__name__, image_input=record_fields(spec))
     record["embeddings"] = [{"path": os.path.abspath(r.path), "token": r.token} for r in embedding_refs]
     written = []
-    size = ({"height": pictures.height, "width": pictures.width}
-            if pictures.init is not None and family.img2img_takes_size else {})
     for label in rows:
         if refs:
             set_enabled(parts, adapters, label != "LoRA off")
@@ -111,8 +110,8 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
                 prompt=cfg.prompt,
                 negative_prompt=cfg.negative_prompt,
                 generator=torch.Generator("cpu").manual_seed(seed),
+                control_key=family.controlnet_image_argument,
                 **family.pipeline_call_kwargs(guidance, None, parts),
-                **size,
             )
             rows[label].append(image)
             tag = "off_" if label == "LoRA off" else ""
@@ -124,6 +123,17 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     write_text_atomic(out_dir / "generation.json", json.dumps(record, indent=2, ensure_ascii=False, default=str))
     log.info("wrote %d image(s) and grid.png to %s", len(written), out_dir)
     return [*written, *extra, out_dir / "grid.png"]
+
+
+def check_size(cfg: DictConfig, model_cfg: dict, spec) -> None:
+    """A text2img ``size`` (the side drawn; with an input picture, only its area) must be a multiple
+    of the family's ``pixel_multiple`` (16 for the transformers' 2x2 patches); checked before loading."""
+    family = get_family(model_cfg["family"])
+    size, multiple = int(cfg.size or model_cfg.get("resolution") or family.default_resolution), family.pixel_multiple
+    if spec.init_image is None and spec.control_image is None and size % multiple:
+        lower, upper = max(multiple, size - size % multiple), size - size % multiple + multiple
+        raise ConfigError(f"size={size} is not a multiple of {multiple} ({family.pixel_multiple_reason}, model.family="
+                          f"{family.name}). Fix: size={lower} or size={upper}.")
 
 
 def generation_record(cfg: DictConfig, model_cfg: dict, refs, seeds: list[int], *, guidance: float,

@@ -2,8 +2,9 @@
 
     python -m sdtune.merge 'loras=[outputs/runs/<run>/lora.safetensors@0.8]' out=merged/my_model
 
-Writes ``<out>/``, a diffusers folder, and for SD1.5 and SDXL also ``<out>.safetensors``, a single
-file in the original layout that A1111 and ComfyUI load. Both are written to temporary names and
+Writes ``<out>/``, a diffusers folder (the denoiser's LoRA fused with ``fuse_lora``: a UNet or a
+transformer), and for SD1.5 and SDXL also ``<out>.safetensors``, a single file in the original
+layout that A1111 and ComfyUI load (``single_file``: null writes it where the family has one). Both are written to temporary names and
 renamed into place; an existing ``<out>`` is replaced only if an earlier merge wrote it.
 
 The folder's text encoders are stored in the key layout every transformers version reads: a
@@ -53,6 +54,22 @@ def single_file_path(out: Path) -> Path:
     return out.with_name(out.name + ".safetensors")
 
 
+def single_file_target(wanted, family, out: Path) -> Path | None:
+    """Where the single file goes: ``single_file`` null writes one where the family has a single-file
+    layout (SD1.5, SDXL), true demands one (refused, before loading, for a family without), false none."""
+    if wanted is not None and not isinstance(wanted, bool):
+        raise ConfigError(f"single_file must be true, false or null, got {wanted!r}. Fix: single_file=false (folder only).")
+    if not family.single_file_text_encoders:
+        if wanted:
+            raise ConfigError(
+                f"single_file=true: sdtune writes no single-file checkpoint for model.family={family.name} (it has no "
+                f"writer for the original layout of its {family.denoiser_class} and text encoders). Fix: single_file=null "
+                "or false: the merged model is the diffusers folder out=..., which diffusers' from_pretrained (and "
+                "sdtune's model.path) load.")
+        return None
+    return None if wanted is False else single_file_path(out)
+
+
 def _written_by_merge(single: Path) -> bool:
     from safetensors import safe_open
 
@@ -82,9 +99,7 @@ def merge(cfg: DictConfig) -> tuple[Path, Path | None]:
     loras = read_loras(refs)  # every file vetted (readable, finite, consistent) before the base model loads
     model_cfg = base_model_config(cfg.get("model"), refs, loras)
     check_families(refs, loras, model_cfg)  # from the headers just read: mixed families fail before any load
-    family = get_family(model_cfg["family"])
-    # A single file is written where sdtune knows the family's layout (read-only single files, FLUX's: none).
-    single = single_file_path(out) if cfg.single_file and family.single_file_text_encoders else None
+    single = single_file_target(cfg.get("single_file"), get_family(model_cfg["family"]), out)
     _check_target(out, single)  # before loading anything
     family, parts = build_parts(model_cfg, dtype=torch.float32)  # fuse in fp32, cast when saving
     fuse(parts, apply_loras(parts, family, refs, loras))  # UNet and, where a LoRA has layers for them, text encoders

@@ -1,8 +1,8 @@
 """The numbers of an evaluation against reference images: a VAE-latent distance, CLIP and DINO scores.
 
 * ``latent_dist`` (default, no extra model): each rendered image and each reference are encoded by
-  the base model's own VAE (latent mean, times its scaling factor, so latents have about unit
-  variance in every family); an image's distance is the root-mean-square latent difference to its
+  the base model's own VAE (latent mean, less its shift and times its scaling factor, as the
+  denoiser sees it: about zero mean and unit variance in every family); an image's distance is the root-mean-square latent difference to its
   *nearest* reference, averaged over images. The VAE latent is a downscaled (8x) picture that
   keeps colour and layout, so this is a perceptual pixel distance the base model itself defines:
   0 for an image identical to a reference, about 1-2 for unrelated images. Lower is better.
@@ -28,6 +28,7 @@ from PIL import Image, ImageOps
 
 from sdtune.data.images import load_rgb
 from sdtune.families.source import check_weights
+from sdtune.training.diffusion import scale_latents
 from sdtune.utils.errors import ConfigError
 
 
@@ -43,12 +44,12 @@ def load_references(paths: Sequence[Path], size: tuple[int, int]) -> list[Image.
 
 @torch.no_grad()
 def vae_latents(vae, images: Sequence[Image.Image]) -> torch.Tensor:
-    """[N, C*h*w] float32 CPU: the scaled latent means of ``images`` (all the same size)."""
+    """[N, C*h*w] float32 CPU: the scaled latent means of ``images`` (all the same size), :func:`scale_latents`."""
     param = next(vae.parameters())
     pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]))
     pixels = (pixels.permute(0, 3, 1, 2) / 127.5 - 1.0).to(param.device, param.dtype)
-    latents = vae.encode(pixels).latent_dist.mean * float(vae.config.scaling_factor)
-    return latents.float().flatten(1).cpu()
+    latents = scale_latents(vae.encode(pixels).latent_dist.mean, vae.config)  # shift_factor too (SD3, FLUX)
+    return latents.flatten(1).cpu()
 
 
 def nearest_rms(images: torch.Tensor, references: torch.Tensor) -> float:

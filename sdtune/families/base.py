@@ -60,6 +60,9 @@ class ModelFamily(ABC):
     objective_class: ClassVar[type[Objective]] = DDPMObjective
     #: diffusers class name of this family's ControlNets.
     controlnet_class: ClassVar[str] = "ControlNetModel"
+    #: The text2img ControlNet pipeline's argument for the control picture (SD's ``image``; SD3's and
+    #: FLUX's ``control_image``); the img2img ones all take ``control_image`` beside ``image``.
+    controlnet_image_argument: ClassVar[str] = "image"
     #: Image sides (``data.resolution``, ``data.bucket_step``) are multiples of this many pixels,
     #: for :attr:`pixel_multiple_reason`. A diffusers UNet takes any latent size (it upsamples to
     #: its skip connections' sizes), so the UNet families need only the VAE's 8; a transformer that
@@ -72,9 +75,8 @@ class ModelFamily(ABC):
     default_export_format: ClassVar[str] = "kohya"
     #: Indices of the text encoders that can get LoRA layers (None: all of them).
     lora_text_encoders: ClassVar[tuple[int, ...] | None] = None
-    #: The img2img pipelines draw at their ``height``/``width`` (default: the model's native size), not
-    #: at the init picture's size, so generate passes the picture's (SD's and SDXL's take no size).
-    img2img_takes_size: ClassVar[bool] = False
+    #: Why the other text encoders take no LoRA layers (said when ``lora.text_encoder.targets`` name their layers).
+    frozen_text_encoder_reason: ClassVar[str] = ""
     #: Why ``sdtune.morph`` cannot work on this family ("": it can).
     morph_refusal: ClassVar[str] = ""
     #: ``speed.*`` settings refused for this family's denoiser, as written on the command line
@@ -293,6 +295,12 @@ class ModelFamily(ABC):
     @abstractmethod
     def text_shapes(self, arch: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
         """Per-sample shapes of what :meth:`encode_prompts` returns, read off ``arch``'s encoder configs."""
+
+    def text_encoders_with_lora(self) -> tuple[int, ...]:
+        """Indices of the text encoders ``lora.text_encoder`` adapts: :attr:`lora_text_encoders`, else all."""
+        if self.lora_text_encoders is not None:
+            return tuple(self.lora_text_encoders)
+        return tuple(range(len(self.text_encoder_kinds)))
 
     def guidance(self, model_cfg: Mapping[str, Any] | None = None) -> float:
         """The guidance scale to sample ``model_cfg``'s base at: its ``guidance``, else the family's."""

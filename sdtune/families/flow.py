@@ -31,18 +31,20 @@ class FlowFamily(ModelFamily):
     training_scheduler = "FlowMatchEulerDiscreteScheduler"
     objective_class = FlowMatchObjective
     pixel_multiple = 16
+    controlnet_image_argument = "control_image"  # StableDiffusion3ControlNetPipeline, FluxControlNetPipeline
     pixel_multiple_reason = "the VAE downsamples by 8 and the transformer takes 2x2 patches of latents"
     bake_diffusers_alpha = True  # ComfyUI reads their diffusers layout (transformer.<m>.lora.down.weight)
     #: Side of the latent patches the transformer takes as tokens (FLUX packs 2x2, SD3 patches 2x2).
     latent_patch: ClassVar[int] = 2
-    #: FluxImg2ImgPipeline and StableDiffusion3Img2ImgPipeline resize the init picture to 1024 px
-    #: unless given ``height``/``width``.
-    img2img_takes_size = True
     speed_refusals: ClassVar[dict[str, str]] = {
         "speed.channels_last=true": (
             "the NHWC layout speeds up convolutions, and a transformer denoiser has none (SD3's patch embedding "
             "aside), so the switch would only change the VAE. Fix: speed.channels_last=false"),
     }
+    frozen_text_encoder_reason = (
+        "T5 takes no LoRA layers: diffusers' FLUX and SD3 LoRA loaders read none for it, and T5-XXL is the 4.8 B-parameter "
+        "encoder that train.cache_text_embeddings frees (a trained T5 would stay on the GPU with its gradients)"
+    )
     morph_refusal = (
         "sdtune.morph inverts an image with DDIM over a DDPM noise schedule; a flow-matching base needs its ODE "
         "run backwards (flow inversion), which sdtune does not have yet. Fix: morph with an sd15, sdxl or kolors base"

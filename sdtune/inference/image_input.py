@@ -14,6 +14,7 @@ there: :func:`sdtune.utils.infotext.infotext_fields`).
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from PIL import Image
 
 from sdtune.config.values import number
 from sdtune.data.images import load_rgb
-from sdtune.families.base import ModelFamily
+from sdtune.families.base import FAMILIES, ModelFamily
 from sdtune.families.source import _looks_local, check_weights
 from sdtune.utils.errors import ConfigError, ModelLoadError
 from sdtune.utils.io import file_sha256
@@ -102,11 +103,13 @@ def read_picture(path: str, key: str) -> Image.Image:
                           f"Fix: point {key} at a PNG/JPEG/WebP picture.") from None
 
 
-def fit_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """(w, h) with ``width:height``'s aspect, an area of about ``size``², both sides multiples of 8
-    (the VAE's factor), at least 8: a 640x480 input at size 512 becomes 592x440."""
+def fit_size(width: int, height: int, size: int, multiple: int = 8) -> tuple[int, int]:
+    """(w, h) with ``width:height``'s aspect, an area of about ``size``², both sides multiples of
+    ``multiple`` (the family's ``pixel_multiple``: the VAE's 8, or 16 for a transformer's 2x2 patches),
+    at least ``multiple``: a 640x480 input at size 512 becomes 592x440 (with 16: 592x448)."""
     scale = size / math.sqrt(width * height)
-    return max(8, round(width * scale / 8) * 8), max(8, round(height * scale / 8) * 8)
+    return (max(multiple, round(width * scale / multiple) * multiple),
+            max(multiple, round(height * scale / multiple) * multiple))
 
 
 def canny(image: Image.Image, low: int, high: int) -> Image.Image:
@@ -132,13 +135,13 @@ class Pictures:
     control: Image.Image | None = None
 
 
-def prepare_pictures(spec: ImageInput, size: int) -> Pictures:
+def prepare_pictures(spec: ImageInput, size: int, multiple: int = 8) -> Pictures:
     """The init picture resized (see :func:`fit_size`) and the control picture (Canny or as given)."""
     source = spec.init_image or spec.control_image
     if source is None:
         return Pictures(size, size)
     first = read_picture(source, "init_image" if spec.init_image else "controlnet.image")
-    width, height = fit_size(*first.size, size)
+    width, height = fit_size(*first.size, size, multiple)
     pictures = Pictures(width, height)
     if spec.init_image:
         pictures.init = first.resize((width, height), Image.Resampling.LANCZOS)
@@ -152,7 +155,8 @@ def prepare_pictures(spec: ImageInput, size: int) -> Pictures:
 
 
 CONTROLNET_FIX = ("Fix: point controlnet.path at a diffusers ControlNet folder (config.json with _class_name "
-                  "ControlNetModel and its weights) made for this base, or set controlnet.path=null.")
+                  "ControlNetModel, or the family's own class such as SD3ControlNetModel, and its weights) made for "
+                  "this base, or set controlnet.path=null.")
 #: what a folder's ``_class_name`` is, for the message when it is not a ControlNet
 _KINDS = {"UNet2DConditionModel": "a base model's UNet", "AutoencoderKL": "a VAE",
           "CLIPTextModel": "a text encoder", "CLIPTextModelWithProjection": "a text encoder"}
@@ -168,7 +172,7 @@ def _config_class(config: Path) -> str | None:
 
 def _check_controlnet_config(path: str, config: Path) -> None:
     kind = _config_class(config)
-    if kind != "ControlNetModel":
+    if kind not in {cls.controlnet_class for cls in FAMILIES.values()}:
         what = f"a {kind}" if kind else "an unreadable config.json"
         also = f" ({_KINDS[kind]}; a ControlNet is a separate model made for a base)" if kind in _KINDS else ""
         raise ModelLoadError(f"controlnet.path={path!r} holds {what}, not a ControlNetModel{also}. {CONTROLNET_FIX}")
@@ -241,6 +245,10 @@ def load_controlnet(path: str, *, dtype: torch.dtype, family: ModelFamily, denoi
     fix = CONTROLNET_FIX
     check_controlnet(path)
     check_weights(path, key="controlnet.path", allow_pickle=allow_pickle)
+    kind = _config_class(Path(path) / "config.json") if Path(path).is_dir() else None
+    if kind is not None and kind != family.controlnet_class:
+        raise ModelLoadError(f"controlnet.path={path!r} holds a {kind}, but a {family.name} base takes a "
+                             f"{family.controlnet_class} (its ControlNet was made for another family). {fix}")
     try:
         model = getattr(diffusers, family.controlnet_class).from_pretrained(path, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as err:
@@ -253,12 +261,13 @@ def load_controlnet(path: str, *, dtype: torch.dtype, family: ModelFamily, denoi
     return model.requires_grad_(False).eval()
 
 
-def pipeline_inputs(spec: ImageInput, pictures: Pictures) -> dict[str, Any]:
-    """The picture arguments of the diffusers pipeline call (names shared by SD1.5, SDXL and Kolors)."""
+def pipeline_inputs(spec: ImageInput, pictures: Pictures, control_key: str = "image") -> dict[str, Any]:
+    """The picture arguments of the diffusers pipeline call; ``control_key`` names the control picture
+    of a text2img ControlNet pipeline (the family's ``controlnet_image_argument``)."""
     if pictures.init is None:
         kwargs: dict[str, Any] = {"height": pictures.height, "width": pictures.width}
         if pictures.control is not None:  # text2img steered by controlnet.image
-            kwargs |= {"image": pictures.control, "controlnet_conditioning_scale": spec.conditioning_scale}
+            kwargs |= {control_key: pictures.control, "controlnet_conditioning_scale": spec.conditioning_scale}
         return kwargs
     kwargs = {"image": pictures.init, "strength": spec.strength}
     if pictures.control is not None:
@@ -287,11 +296,15 @@ def vae_round_trip(pipe, image: Image.Image) -> Image.Image:
     return pipe.image_processor.postprocess(decoded, output_type="pil")[0]
 
 
-def draw(pipe, spec: ImageInput, pictures: Pictures, *, steps: int, **call) -> Image.Image:
+def draw(pipe, spec: ImageInput, pictures: Pictures, *, steps: int, control_key: str = "image", **call) -> Image.Image:
     """One image: the pipeline with the picture arguments, or the VAE round trip when no step runs."""
     if not denoises(spec, steps):
         return vae_round_trip(pipe, pictures.init)
-    return pipe(**call, num_inference_steps=steps, **pipeline_inputs(spec, pictures)).images[0]
+    inputs = pipeline_inputs(spec, pictures, control_key)
+    if "height" not in inputs and {"height", "width"} <= set(inspect.signature(pipe.__call__).parameters):
+        # SD3's, FLUX's and Kolors' img2img pipelines resize the input to their default size unless told
+        inputs |= {"height": pictures.height, "width": pictures.width}
+    return pipe(**call, num_inference_steps=steps, **inputs).images[0]
 
 
 def record_fields(spec: ImageInput) -> dict[str, Any]:

@@ -189,8 +189,7 @@ class LoraHeader:
             if spec.use_dora:
                 adapters[f"{prefix}use_dora"] = True
             family = get_family(self.family)  # the encoders that take LoRA layers (never a T5)
-            indices = family.lora_text_encoders if family.lora_text_encoders is not None else range(len(family.text_encoder_kinds))
-            for index in indices if te is not None else ():
+            for index in family.text_encoders_with_lora() if te is not None else ():
                 prefix = te_diffusers_prefix(index)  # what load_lora_weights reads per text encoder
                 adapters.update({f"{prefix}r": te.rank, f"{prefix}lora_alpha": te.alpha, f"{prefix}target_modules": list(te.targets)})
             meta[DIFFUSERS_METADATA_KEY] = json.dumps(adapters, sort_keys=True)

@@ -82,9 +82,48 @@ def check_config(cfg: DictConfig) -> None:
     ):
         raise ConfigError(f"lora.targets must be a non-empty list of module names like [to_q,to_k], got {targets!r}.")
     export_format = s.get("callbacks.lora_export.format")
-    if export_format is None and s.get("callbacks.lora_export") is not None and s.get("model.family") in FAMILIES:
-        export_format = FAMILIES[s.get("model.family")].default_export_format  # null: the family's layout
-    check_adapter_config(OmegaConf.to_container(cfg.lora, resolve=True), export_format)
+    family = FAMILIES.get(s.get("model.family"))
+    if export_format is None and s.get("callbacks.lora_export") is not None and family is not None:
+        export_format = family.default_export_format  # null: the family's layout
+    lora_cfg = OmegaConf.to_container(cfg.lora, resolve=True)
+    if family is not None:
+        check_fused_layout(lora_cfg, family(), export_format)
+    check_adapter_config(lora_cfg, export_format)
+
+
+def check_fused_layout(lora_cfg: Mapping[str, Any], family: ModelFamily, export_format: str | None) -> None:
+    """Refuse LoHa/LoKr, and DoRA in the kohya layout, on targets that the family's kohya layout fuses
+    into one weight (the flow transformers' q/k/v) or stores with swapped halves: only a plain LoRA
+    can be written that way (:mod:`sdtune.lora.fused`), and the file is written after training."""
+    kind = str(lora_cfg.get("type") or "lora")
+    kind = "dora" if kind == "lora" and lora_cfg.get("use_dora") is True else kind
+    if kind not in ("dora", "loha", "lokr") or (kind == "dora" and export_format != "kohya"):
+        return  # DoRA in the diffusers layout keeps every module apart
+    targets = tuple(lora_cfg.get("targets") or family.default_lora_targets)
+    joined = [(m, km) for m, km in family.kohya_modules(None).items() if km.fused or km.swap_halves]
+
+    def reached(target: str) -> list:
+        return [km for m, km in joined if m == target or m.endswith("." + target)]
+
+    hit = [t for t in targets if reached(t)]
+    if not hit:
+        return
+    km = reached(hit[0])[0]
+    what = f"fuses {list(km.parts)} into one weight" if km.fused else "stores with its output halves swapped"
+    where = f"the kohya layout of model.family={family.name} {what} ({km.name}), which lora.targets {hit} reach"
+    if kind == "dora":
+        raise ConfigError(
+            f"lora.use_dora=true with callbacks.lora_export.format=kohya: {where}, and a DoRA scale is a norm of the "
+            "whole fused weight, so the file could not hold it. Fix: callbacks.lora_export.format=diffusers (its layout "
+            "keeps every module apart, and diffusers' load_lora_weights reads DoRA), or lora.use_dora=false."
+        )
+    apart = [t for t in targets if t not in hit]
+    keep = f", or lora.targets=[{','.join(apart)}] (modules the kohya layout keeps apart)" if apart else ""
+    raise ConfigError(
+        f"lora.type={kind}: {where}, and {kind} factors cannot be stacked into one weight (the diffusers layout holds "
+        f"LoRA and DoRA only). Fix: lora.type=lora (or DoRA: lora.use_dora=true callbacks.lora_export.format=diffusers)"
+        f"{keep}."
+    )
 
 
 def check_base(cfg: Mapping[str, Any], unet: torch.nn.Module, default_targets: tuple[str, ...]) -> None:

@@ -23,7 +23,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from sdtune.data.records import dataset_root
 from sdtune.families import get_family
 from sdtune.lora.checks import check_finite, file_kind, first_line
-from sdtune.lora.layers import LoraSpec, is_lora_key, lora_tensors, spec_from_config, text_encoder_spec
+from sdtune.lora.layers import LoraSpec, is_lora_key, spec_from_config, text_encoder_spec
 from sdtune.training.text_encoders import spec_dict
 from sdtune.utils.errors import ConfigError, LoraFileError
 from sdtune.utils.io import atomic_path
@@ -198,8 +198,9 @@ def check_resumable(path: Path, cfg: Mapping[str, Any], manifest: Mapping[str, s
 
 
 def _resume_tensors(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The LoRA weights, every optimizer-state tensor (a NaN moment poisons the next step too) and the EMA's."""
-    tensors = dict(lora_tensors(ckpt.get("state_dict", {})))
+    """The LoRA weights (the denoiser's, under any family's attribute, and the text encoders'), every
+    optimizer-state tensor (a NaN moment poisons the next step too) and the EMA's."""
+    tensors = {k: v for k, v in ckpt.get("state_dict", {}).items() if is_lora_key(k)}
     for i, opt in enumerate(ckpt.get("optimizer_states", [])):
         for pid, state in (opt.get("state") or {}).items():
             for name, value in state.items():

@@ -107,7 +107,7 @@ class LoRATrainingModule(L.LightningModule):
             inject_text_encoders(parts, self.te_spec, self.family, dropout=float(self.cfg["lora"].get("dropout", 0.0)),
                                  init=self.cfg["lora"].get("init", "gaussian"),
                                  gradient_checkpointing=bool(self.cfg["train"].get("gradient_checkpointing")))
-            attach_text_encoders(self, parts)
+            attach_text_encoders(self, parts, self.family)
         self.embeddings = token_embeddings.install(self.cfg, self.family, parts)
         # The denoiser and the VAE are submodules, so Lightning moves them to the device. The text
         # encoders are not (unless they train, above): on_fit_start places them, and takes them off
@@ -244,7 +244,7 @@ class LoRATrainingModule(L.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
-        extra = [text_encoder_param_group(self.cfg, self.parts)] if self.te_spec is not None else []
+        extra = [text_encoder_param_group(self.cfg, self.parts, self.family)] if self.te_spec is not None else []
         if self.embeddings is not None:
             extra.append(token_embeddings.param_group(self.embeddings))
         return build_optimization(self.cfg["optim"], self.cfg["trainer"], named_trainable_lora_parameters(self.parts.denoiser),

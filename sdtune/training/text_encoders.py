@@ -1,12 +1,14 @@
 """Text encoders that train: LoRA layers on every text encoder (``lora.text_encoder``).
 
-Off by default. When on, each text encoder of the family (SD1.5's CLIP, SDXL's two CLIPs, Kolors'
-ChatGLM) gets peft LoRA layers on ``lora.text_encoder.targets`` (the family's default when null),
-and the encoders change the training run in four places, all kept here:
+Off by default. When on, each text encoder the family adapts (SD1.5's CLIP, SDXL's two CLIPs, Kolors'
+ChatGLM, SD3.5's CLIP-L and CLIP-G: :meth:`~sdtune.families.base.ModelFamily.text_encoders_with_lora`;
+a T5 never, for the family's ``frozen_text_encoder_reason``) gets peft LoRA layers on
+``lora.text_encoder.targets`` (the family's default when null), and the encoders change the training
+run in four places, all kept here:
 
 * they stay on the device and run with gradients in every step, so the text-embedding cache
   (``train.cache_text_embeddings``) cannot apply: :func:`text_cache_blocker` says why, once;
-* they become submodules of the LightningModule (:func:`attach_text_encoders`): Lightning moves
+* the adapted ones become submodules of the LightningModule (:func:`attach_text_encoders`): Lightning moves
   them, DDP reduces their gradients, and checkpoints keep their LoRA tensors (``keep_lora_only``
   drops every frozen weight) and restore them on resume;
 * their LoRA parameters are their own optimizer param group, at ``lora.text_encoder.lr``
@@ -122,24 +124,28 @@ def text_encoder_lr(cfg: Mapping[str, Any]) -> float:
     return float(cfg["optim"]["optimizer"]["lr"] if lr is None else lr)
 
 
-def check_text_encoder_targets(encoder: torch.nn.Module, targets: Iterable[str], index: int, family: ModelFamily) -> None:
-    """Refuse targets that match no linear layer of ``encoder`` (peft would skip them silently)."""
+def _unmatched(encoder: torch.nn.Module, targets: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(targets that match no linear layer of ``encoder``, the encoder's linear layer names)."""
     names = [n for n, m in encoder.named_modules() if isinstance(m, torch.nn.Linear)]
-    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)], names
+
+
+def check_text_encoder_targets(encoder: torch.nn.Module, targets: Iterable[str], index: int, family: ModelFamily,
+                               frozen: Mapping[int, torch.nn.Module] | None = None) -> None:
+    """Refuse targets that match no linear layer of ``encoder`` (peft would skip them silently);
+    ``frozen``: the family's encoders that take no LoRA, named when the targets are theirs."""
+    unmatched, names = _unmatched(encoder, targets)
     if unmatched:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
+        theirs = [f"text encoder {i + 1} ({type(m).__name__})" for i, m in (frozen or {}).items()
+                  if len(_unmatched(m, unmatched)[0]) < len(unmatched)]
+        why = (f" They name layers of {', '.join(theirs)}, which this family does not adapt: "
+               f"{family.frozen_text_encoder_reason}." if theirs else "")
         raise ConfigError(
             f"lora.text_encoder.targets: {unmatched} match no linear layer of the {family.name} text encoder {index + 1} "
-            f"({type(encoder).__name__}). Fix: use names such as {list(family.default_text_encoder_lora_targets)} "
+            f"({type(encoder).__name__}).{why} Fix: use names such as {list(family.default_text_encoder_lora_targets)} "
             f"(null: that default); its layers: {', '.join(leaves)[:300]}."
         )
-
-
-def adapted(family: ModelFamily, count: int) -> list[int]:
-    """Indices of the text encoders that get LoRA layers: the family's ``lora_text_encoders`` (FLUX:
-    CLIP-L only, T5 never), else all ``count`` of them."""
-    allowed = family.lora_text_encoders
-    return [i for i in range(count) if allowed is None or i in allowed]
 
 
 def check_targets_in_configs(cfg: Mapping[str, Any], family: ModelFamily, arch: Mapping[str, Any]) -> None:
@@ -150,19 +156,23 @@ def check_targets_in_configs(cfg: Mapping[str, Any], family: ModelFamily, arch: 
         return
     with torch.device("meta"):
         _, encoders = family.random_text_parts(arch, meta=True)
-    for index in adapted(family, len(encoders)):
-        check_text_encoder_targets(encoders[index], spec.targets, index, family)
+    adapted = family.text_encoders_with_lora()
+    frozen = {i: m for i, m in enumerate(encoders) if i not in adapted}
+    for index in adapted:
+        check_text_encoder_targets(encoders[index], spec.targets, index, family, frozen)
 
 
 def inject_text_encoders(parts: ModelParts, spec: LoraSpec, family: ModelFamily, *, dropout: float = 0.0,
                          init: str | bool = "gaussian", gradient_checkpointing: bool = False) -> None:
-    """Add trainable LoRA layers (fp32) to every adaptable text encoder of ``parts`` (:func:`adapted`),
-    in train mode."""
+    """Add trainable LoRA layers (fp32) to the text encoders of ``parts`` that ``family`` adapts, in
+    train mode; the others (a T5) stay frozen and in eval mode."""
     from peft import inject_adapter_in_model
 
-    for index in adapted(family, len(parts.text_encoders)):
+    adapted = family.text_encoders_with_lora()
+    frozen = {i: m for i, m in enumerate(parts.text_encoders) if i not in adapted}
+    for index in adapted:
         encoder = parts.text_encoders[index]
-        check_text_encoder_targets(encoder, spec.targets, index, family)
+        check_text_encoder_targets(encoder, spec.targets, index, family, frozen)
         # peft's own injection works on any module; transformers' ``add_adapter`` wraps the same call
         # behind a peft version check that newer transformers releases tighten past released peft.
         inject_adapter_in_model(peft_config(spec, dropout=dropout, init=init), encoder, adapter_name=ADAPTER)
@@ -177,15 +187,17 @@ def inject_text_encoders(parts: ModelParts, spec: LoraSpec, family: ModelFamily,
         encoder.train()  # LoRA dropout acts in train mode only
 
 
-def attach_text_encoders(module: torch.nn.Module, parts: ModelParts) -> None:
-    """Make the text encoders submodules of ``module`` (device placement, DDP, checkpoints)."""
-    setattr(module, ATTRIBUTE, torch.nn.ModuleList(parts.text_encoders))
+def attach_text_encoders(module: torch.nn.Module, parts: ModelParts, family: ModelFamily) -> None:
+    """Make the adapted text encoders submodules of ``module`` (device placement, DDP, checkpoints),
+    under their encoder index (``text_encoders.<index>.``). A frozen one (a T5) stays out: Lightning's
+    ``train()`` would switch its dropout on, and :func:`sdtune.training.fit_caches.prepare_fit` places it like the others."""
+    setattr(module, ATTRIBUTE, torch.nn.ModuleDict({str(i): parts.text_encoders[i] for i in family.text_encoders_with_lora()}))
 
 
-def text_encoder_param_group(cfg: Mapping[str, Any], parts: ModelParts) -> dict[str, Any]:
+def text_encoder_param_group(cfg: Mapping[str, Any], parts: ModelParts, family: ModelFamily) -> dict[str, Any]:
     """The optimizer param group of the text encoders' LoRA parameters, at their own lr (the UNet's
     groups come first, see :func:`sdtune.training.optimization.build_optimization`)."""
-    te_params = [p for encoder in parts.text_encoders for p in trainable_lora_parameters(encoder)]
+    te_params = [p for i in family.text_encoders_with_lora() for p in trainable_lora_parameters(parts.text_encoders[i])]
     return {"params": te_params, "lr": text_encoder_lr(cfg), "name": "text_encoder"}
 
 
@@ -195,9 +207,9 @@ def text_encoder_state(parts: ModelParts, family: ModelFamily) -> dict[int, dict
     from peft.utils import get_peft_model_state_dict
 
     out = {}
-    for index in adapted(family, len(parts.text_encoders)):
-        encoder, kind = parts.text_encoders[index], family.text_encoder_kinds[index]
-        state = get_peft_model_state_dict(encoder, adapter_name=ADAPTER)
+    for index in family.text_encoders_with_lora():
+        state = get_peft_model_state_dict(parts.text_encoders[index], adapter_name=ADAPTER)
+        kind = family.text_encoder_kinds[index]
         out[index] = {te_file_module(k, kind): v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
     return out
 

@@ -167,7 +167,7 @@ def test_a_gpu_preset_on_a_cpu_ends_with_one_line(tmp_path):
 @pytest.mark.parametrize(("script", "first", "keys"), [
     ("sdtune", "python -m sdtune [key=value ...]: train a LoRA", ["lora.rank", "data.root", "experiment: "]),
     ("sdtune-generate", "python -m sdtune.generate loras=[FILE@WEIGHT,...]", ["loras=[a.safetensors@0.7", "num_images: 4"]),
-    ("sdtune-merge", "python -m sdtune.merge loras=[FILE@WEIGHT,...]", ["save_dtype: fp16", "single_file: true"]),
+    ("sdtune-merge", "python -m sdtune.merge loras=[FILE@WEIGHT,...]", ["save_dtype: fp16", "single_file: null"]),
     ("sdtune-morph", "python -m sdtune.morph 'images=[a.png,b.png]'", ["inversion_steps: 50", "train_overrides: []"]),
     pytest.param("sdtune-export", "usage: python -m sdtune.export", ["--format {diffusers,kohya}", "--dora-as-lora"], marks=pytest.mark.slow),
     pytest.param("sdtune-report", "usage: python -m sdtune.report", ["--sort METRIC", "sweep"], marks=pytest.mark.slow),

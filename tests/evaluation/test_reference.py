@@ -87,6 +87,23 @@ def test_identical_images_score_one_and_distance_zero_and_a_different_image_less
     assert nearest_rms(torch.cat([z_same, z_other]), z_same) == pytest.approx(nearest_rms(z_other, z_same) / 2)
 
 
+def test_latent_distance_uses_the_vaes_shift_as_the_denoiser_sees_latents():
+    """SD3's and FLUX's VAEs shift their latents before scaling (shift_factor): the metric encodes as
+    training does, (mean - shift) * scale, not mean * scale."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_model("sd35") / "vae").eval()
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    assert (shift, scale) == (0.0609, 1.5305)
+    image = render(RED_CIRCLE)
+    pixels = torch.from_numpy(__import__("numpy").asarray(image, dtype="float32")).permute(2, 0, 1)[None] / 127.5 - 1
+    with torch.no_grad():
+        mean = vae.encode(pixels).latent_dist.mean
+    ours = vae_latents(vae, [image])
+    torch.testing.assert_close(ours, ((mean - shift) * scale).flatten(1), rtol=0, atol=1e-4)  # conv rounding
+    assert (ours - (mean * scale).flatten(1)).abs().min() > 0.09  # shift * scale = 0.093 apart everywhere
+
+
 def test_clip_t_is_the_cosine_clip_itself_computes(scorers):
     """Catches CLIP-T read from the wrong features (unprojected, unnormalised, another prompt): it must be
     CLIPModel's own image-text logit divided by its logit scale."""
