@@ -52,9 +52,9 @@ def test_the_preset_row_is_replaced_and_nothing_else_changes():
 
 def test_a_new_preset_is_appended_to_the_table_and_missing_markers_are_named(tmp_path):
     text = read_text(DOCS)
-    new = update_rows(text, {**bench_row("gpu_sd15", *_result()), "preset": "gpu_flux"})
+    new = update_rows(text, {**bench_row("gpu_sd15", *_result()), "preset": "gpu_next"})
     block = new[new.index(BEGIN):new.index(END)].rstrip("\n").splitlines()
-    assert block[-1].startswith("| gpu_flux |") and block[-2].startswith("| gpu_kolors |")
+    assert block[-1].startswith("| gpu_next |") and block[-2].startswith("| gpu_sd35 |")
     with pytest.raises(ConfigError, match="bench:gpu-rows:begin.*Fix"):
         update_rows("# no table here\n", bench_row("gpu_sd15", *_result()))
     empty = f"intro\r\n{BEGIN}\r\n{END}\r\nafter\r\n"  # an empty block gets a header; \r\n files keep \r\n
