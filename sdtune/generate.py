@@ -11,6 +11,7 @@ rendered with the LoRAs off and on, one row each. ``init_image=`` (img2img) and 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -56,6 +57,17 @@ register_resolvers()
 log = logging.getLogger(__name__)
 
 
+
+def check_negative_prompt(negative_prompt: str | None, pipeline_cls: type) -> None:
+    """Refuse a negative prompt the family's pipeline has no parameter for (FLUX's ControlNet img2img),
+    rather than fail with a TypeError after the model has loaded."""
+    if negative_prompt is not None and "negative_prompt" not in inspect.signature(pipeline_cls.__call__).parameters:
+        raise ConfigError(
+            f"negative_prompt={negative_prompt!r}: {pipeline_cls.__name__} takes no negative prompt (diffusers draws "
+            "this task without classifier-free guidance). Fix: drop negative_prompt, or drop init_image or "
+            "controlnet.path for a pipeline that takes one."
+        )
+
 def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     tidy_console()
     refs = parse_loras(cfg.loras)
@@ -68,14 +80,16 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     loras = read_loras(refs)  # every file vetted (readable, finite, consistent) before the base model loads
     model_cfg = base_model_config(cfg.get("model"), refs, loras)
     check_families(refs, loras, model_cfg)  # from the headers just read: mixed families fail before any load
-    get_family(model_cfg["family"]).pipeline_class(spec.task, controlnet=spec.controlnet is not None)  # refuse early
+    pipeline_cls = get_family(model_cfg["family"]).pipeline_class(spec.task, controlnet=spec.controlnet is not None)
+    check_negative_prompt(cfg.negative_prompt, pipeline_cls)  # both refuse before anything loads
     check_size(cfg, model_cfg, spec)
     embeddings = read_embeddings(embedding_refs, get_family(model_cfg["family"]))  # vetted before the base loads
     guidance = cfg.get("guidance")
     guidance = get_family(model_cfg["family"]).guidance(model_cfg) if guidance is None else guidance
     guidance = check_guidance("guidance", guidance, fix="e.g. guidance=5 (1 turns guidance off).")
     device = pick_device(cfg.device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    # on a GPU, the half precision the family runs in (bf16 for FLUX/SD3.5: their activations overflow fp16)
+    dtype = getattr(torch, get_family(model_cfg["family"]).inference_dtype) if device.type == "cuda" else torch.float32
     family, parts = build_parts(model_cfg, dtype=dtype)
     adapters = apply_loras(parts, family, refs, loras)
     controlnet = (load_controlnet(spec.controlnet, dtype=dtype, family=family, denoiser=parts.denoiser,
@@ -108,7 +122,8 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
                 pipe, spec, pictures,
                 steps=int(cfg.steps),
                 prompt=cfg.prompt,
-                negative_prompt=cfg.negative_prompt,
+                # only when set: FLUX's ControlNet img2img pipeline takes no negative prompt at all
+                **({} if cfg.negative_prompt is None else {"negative_prompt": cfg.negative_prompt}),
                 generator=torch.Generator("cpu").manual_seed(seed),
                 control_key=family.controlnet_image_argument,
                 **family.pipeline_call_kwargs(guidance, None, parts),

@@ -247,3 +247,31 @@ def test_the_toy_controlnet_is_reproducible_and_loads_like_a_real_one(tmp_path):
     model = diffusers.ControlNetModel.from_pretrained(a)
     assert model.controlnet_mid_block.weight.abs().min() > 0  # the zero convs are live
     assert list(model.config.conditioning_embedding_out_channels) == [16, 32, 96, 256]  # 8x down, the VAE's factor
+
+
+def test_a_negative_prompt_the_flux_controlnet_img2img_pipeline_cannot_take_is_refused_before_loading(tmp_path, pictures):
+    """FluxControlNetImg2ImgPipeline has no negative_prompt parameter: set, it is refused up front
+    (naming the pipeline and the fix) instead of a TypeError after the base has loaded."""
+    folder = tmp_path / "cn"  # a FLUX ControlNet folder as far as the checks before loading read it
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "FluxControlNetModel"}))
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")  # never read: refused before loading
+    with pytest.raises(ConfigError, match=r"negative_prompt='blurry': FluxControlNetImg2ImgPipeline takes no negative "
+                                          r"prompt .* Fix: drop negative_prompt"):
+        _run(tmp_path / "out", "model=tiny_flux", f"init_image={pictures / 'square.png'}", f"controlnet.path={folder}",
+             "negative_prompt=blurry")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # builds a FLUX ControlNet from the tiny transformer and draws through it (~5 s)
+def test_flux_controlnet_img2img_draws_without_a_negative_prompt(tmp_path, pictures):
+    """The default (no negative prompt) reaches FluxControlNetImg2ImgPipeline without the keyword it lacks."""
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_model("flux"), subfolder="transformer")
+    FluxControlNetModel.from_transformer(
+        transformer, num_layers=1, num_single_layers=1, attention_head_dim=transformer.config.attention_head_dim,
+        num_attention_heads=transformer.config.num_attention_heads).save_pretrained(tmp_path / "cn")
+    images = _run(tmp_path / "out", "model=tiny_flux", "steps=2", f"init_image={pictures / 'square.png'}",
+                  f"controlnet.path={tmp_path / 'cn'}", "strength=0.5")
+    assert images["seed0"].shape == (64, 64, 3) and images["control"].max() == 255

@@ -77,6 +77,8 @@ class ModelFamily(ABC):
     lora_text_encoders: ClassVar[tuple[int, ...] | None] = None
     #: Why the other text encoders take no LoRA layers (said when ``lora.text_encoder.targets`` name their layers).
     frozen_text_encoder_reason: ClassVar[str] = ""
+    #: torch dtype name generate draws in on a GPU.
+    inference_dtype: ClassVar[str] = "float16"
     #: Why ``sdtune.morph`` cannot work on this family ("": it can).
     morph_refusal: ClassVar[str] = ""
     #: ``speed.*`` settings refused for this family's denoiser, as written on the command line

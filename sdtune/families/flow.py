@@ -34,6 +34,7 @@ class FlowFamily(ModelFamily):
     controlnet_image_argument = "control_image"  # StableDiffusion3ControlNetPipeline, FluxControlNetPipeline
     pixel_multiple_reason = "the VAE downsamples by 8 and the transformer takes 2x2 patches of latents"
     bake_diffusers_alpha = True  # ComfyUI reads their diffusers layout (transformer.<m>.lora.down.weight)
+    inference_dtype = "bfloat16"  # both were trained in bf16; SD3's transformer has no fp16 clipping
     #: Side of the latent patches the transformer takes as tokens (FLUX packs 2x2, SD3 patches 2x2).
     latent_patch: ClassVar[int] = 2
     speed_refusals: ClassVar[dict[str, str]] = {

@@ -11,6 +11,7 @@ building an objective draws nothing.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -197,7 +198,8 @@ class FlowMatchObjective(Objective):
         s.choice("train.flow.timestep_sampling", TIMESTEP_SAMPLING)
         s.number("train.flow.logit_mean")
         s.number("train.flow.logit_std", gt=0)
-        s.number("train.flow.mode_scale")
+        # the SD3 paper's range: outside it "mode" maps some draws to sigmas outside [0, 1]
+        s.number("train.flow.mode_scale", ge=-1, le=round(2 / (math.pi - 2), 4))
         s.number("train.flow.shift", gt=0, optional=True)
         s.choice("train.flow.loss_weighting", LOSS_WEIGHTING)
         s.number("train.flow.guidance", ge=0)
