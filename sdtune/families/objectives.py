@@ -198,7 +198,8 @@ class FlowMatchObjective(Objective):
         s.choice("train.flow.timestep_sampling", TIMESTEP_SAMPLING)
         s.number("train.flow.logit_mean")
         s.number("train.flow.logit_std", gt=0)
-        # the SD3 paper's range: outside it "mode" maps some draws to sigmas outside [0, 1]
+        # the SD3 paper's range: below -1 "mode" maps draws outside [0, 1]; above 2/(pi-2) the map folds back
+        # on itself, so it is no longer the density the paper describes
         s.number("train.flow.mode_scale", ge=-1, le=round(2 / (math.pi - 2), 4))
         s.number("train.flow.shift", gt=0, optional=True)
         s.choice("train.flow.loss_weighting", LOSS_WEIGHTING)

@@ -216,7 +216,7 @@ FLOW_REFUSALS = [
     ("train.flow.logit_std", 0, r"train.flow.logit_std must be > 0"),
     ("train.flow.shift", -1, r"train.flow.shift must be > 0"),
     ("train.flow.loss_weighting", "snr", r"train.flow.loss_weighting"),
-    ("train.flow.mode_scale", 2.5, r"train.flow.mode_scale .*1.7519"),  # past 2/(pi-2) some sigmas leave [0, 1]
+    ("train.flow.mode_scale", 2.5, r"train.flow.mode_scale .*1.7519"),  # past 2/(pi-2) the mode map folds back on itself
 ]
 
 
