@@ -66,7 +66,7 @@ def colour_share(pipe) -> float:
 
     prompts = [f"a {c} {s} on a {TRIGGER} background" for s in SHAPES for c in FOREGROUNDS[:2]]
     images = draw(pipe, [p for p in prompts for _ in (0, 1)], [s for _ in prompts for s in (0, 1)],
-                  steps=20, guidance=2.0, size=64)  # conf/model/toy.yaml's guidance
+                  steps=20, size=64, call_kwargs={"guidance_scale": 2.0})  # conf/model/toy.yaml's guidance
     return sum(read(im).background == COLOUR for im in images) / len(images)
 
 

@@ -73,5 +73,6 @@ def test_rescore_remeasures_one_family_and_keeps_the_others(tmp_path):
     assert new["probe"]["sd15"] == {"shape": score.shape, "colour": score.colour, "both": score.both}
     assert new["probe"]["kolors"] == old["probe"]["kolors"] and new["seconds"] == old["seconds"]
     assert new["guidance_sweep"]["sd15"][f"{GUIDANCE:g}"] == new["probe"]["sd15"]
-    assert f"| sd15 | {score.shape:.0%} | {score.colour:.0%} | {score.both:.0%} |" in (out / "REPORT.md").read_text()
+    row = f"| sd15 | {GUIDANCE:g} | {score.shape:.0%} | {score.colour:.0%} | {score.both:.0%} |"  # the headline guidance column
+    assert row in (out / "REPORT.md").read_text()
     assert (out / "sd15.png").is_file()
