@@ -27,6 +27,18 @@ from diffusers.training_utils import EMAModel
 from sdtune.families import ModelFamily, ModelParts
 from sdtune.training.diffusion import denoising_loss
 
+
+def optimizer_step(loss: torch.Tensor, params: list[torch.nn.Parameter], opt, sched, ema: EMAModel) -> float:
+    """One update of a toy pretraining loop (UNet and flow recipes alike): gradients clipped to norm 1,
+    the schedule stepped and the EMA updated; the step's loss as a float."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    ema.step(params)
+    return loss.item()
+
 log = logging.getLogger(__name__)
 
 #: ``train.flow`` settings of the toy pretraining (the rest are the config defaults).
@@ -64,13 +76,7 @@ def train_denoiser(family: ModelFamily, parts: ModelParts, latents: torch.Tensor
         noise = torch.randn(x0.shape, generator=g)
         t = torch.cat([objective.draw_timestep(g, shape) for _ in range(batch_size)])
         loss = denoising_loss(family, denoiser, objective, x0, cond, noise, t, dtype=torch.float32)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema.step(params)
-        losses.append(loss.item())
+        losses.append(optimizer_step(loss, params, opt, sched, ema))
         if step % 100 == 0 or step == steps - 1:
             recent = sum(losses[-100:]) / len(losses[-100:])
             progress(f"{family.name} denoiser step {step}/{steps} loss {recent:.4f} ({time.perf_counter() - start:.0f}s)")

@@ -43,7 +43,7 @@ from sdtune.data.images import to_tensor
 from sdtune.families import ModelParts, get_family
 from sdtune.families.objectives import DDPMObjective
 from sdtune.toy.domain import random_colour_image, random_scene, render
-from sdtune.toy.objective_train import train_denoiser
+from sdtune.toy.objective_train import optimizer_step, train_denoiser
 
 log = logging.getLogger(__name__)
 
@@ -213,13 +213,7 @@ def train_unet(family, parts: ModelParts, latents: torch.Tensor, captions: list[
         # Plain v-MSE, no min-SNR weights: those scale the noisiest steps by ~SNR (near 0 here),
         # and those are the steps where a sample's shape and colour are decided.
         loss = F.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema.step(params)
-        losses.append(loss.item())
+        losses.append(optimizer_step(loss, params, opt, sched, ema))
         if step % 100 == 0 or step == recipe.unet_steps - 1:
             recent = sum(losses[-100:]) / len(losses[-100:])
             progress(f"{family.name} unet step {step}/{recipe.unet_steps} loss {recent:.4f} ({time.perf_counter() - start:.0f}s)")
