@@ -1,0 +1,109 @@
+"""The frozen base held in 8 bits or less (``model.quantize``): the modes, what each stores, and
+which layers it replaces.
+
+A mode quantizes every ``nn.Linear`` weight of a part (the denoiser, a large text encoder) when
+the part is loaded, through the library's own quantization config: torchao for ``int8`` and
+``fp8`` (weight-only: the weight is stored in 8 bits and dequantized inside the matmul, so peft's
+``TorchaoLoraLinear`` trains a LoRA on top in full precision), bitsandbytes for ``nf4`` (QLoRA's
+4-bit NormalFloat, peft's ``Linear4bit``). Convolutions, norms, embeddings and the modules a model
+class keeps in fp32 (``_keep_in_fp32_modules``) stay in the run's weight dtype.
+
+:meth:`QuantMode.weight_bytes` is the bytes one quantized ``Linear`` weight takes as the backend
+stores it; :func:`part_bytes` applies it to a model built on the meta device, so the memory
+planner counts a quantized base before any weight is read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantMode:
+    """One ``model.quantize`` value."""
+
+    name: str
+    #: The quantization library ("torchao" or "bitsandbytes").
+    backend: str
+    #: What the mode needs of the device, for the refusal on machines without it.
+    needs: str
+    #: The smallest CUDA compute capability that runs it; None: the CPU runs it too.
+    min_capability: tuple[int, int] | None
+    #: Bits per weight, for the planner's table.
+    bits: int
+
+    def weight_bytes(self, out_features: int, in_features: int) -> int:
+        """Bytes of one quantized ``Linear`` weight of shape (out, in), as the backend stores it."""
+        n = out_features * in_features
+        if self.name == "int8":
+            # torchao Int8Tensor: int8 qdata (out, in), fp32 scale and int8 zero point per row.
+            return n + out_features * (4 + 1)
+        if self.name == "fp8":
+            # torchao Float8Tensor: float8_e4m3fn qdata (out, in), fp32 scale per row.
+            return n + out_features * 4
+        # bitsandbytes nf4 with double quantization (QLoRA): two weights a byte, a uint8 absmax per
+        # 64-weight block, the absmaxes' own fp32 absmax per 256 blocks, and the two code books
+        # (16 and 256 fp32) with the fp32 offset.
+        blocks = math.ceil(n / 64)
+        return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * (16 + 256 + 1)
+
+
+MODES: dict[str, QuantMode] = {
+    "int8": QuantMode("int8", "torchao", "any device (weight-only int8 runs on the CPU too)", None, 8),
+    "fp8": QuantMode("fp8", "torchao", "a CUDA GPU with float8 support (compute capability 8.9+: Ada, Hopper or newer)",
+                     (8, 9), 8),
+    "nf4": QuantMode("nf4", "bitsandbytes", "a CUDA GPU (bitsandbytes' 4-bit kernels)", (7, 0), 4),
+}
+
+
+def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The ``nn.Linear`` modules a mode replaces in ``model``: all but those under the model class's
+    ``_keep_in_fp32_modules`` (diffusers' and transformers' quantizers skip them too)."""
+    keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if any(name == k or name.endswith("." + k) or f".{k}." in f".{name}." for k in keep):
+            continue
+        out[name] = module
+    return out
+
+
+def part_bytes(model: torch.nn.Module, mode: str | None, dtype: torch.dtype) -> int:
+    """Bytes of ``model``'s parameters and buffers once loaded in ``dtype`` (floating-point tensors;
+    others keep theirs) with ``mode`` (None: unquantized). ``model`` may be on the meta device."""
+    quantized = {id(m.weight): m for m in quantized_linears(model).values()} if mode else {}
+    total = 0
+    seen: set[int] = set()
+    for tensor in (*model.parameters(), *model.buffers()):
+        if id(tensor) in seen:  # tied weights are stored once
+            continue
+        seen.add(id(tensor))
+        linear = quantized.get(id(tensor))
+        if linear is not None:
+            total += MODES[mode].weight_bytes(linear.out_features, linear.in_features)
+        else:
+            total += tensor.numel() * (dtype.itemsize if tensor.is_floating_point() else tensor.element_size())
+    return total
+
+
+def stored_bytes(model: torch.nn.Module) -> int:
+    """Bytes a loaded ``model``'s parameters and buffers really take, quantized tensors included
+    (torchao's tensor subclasses are counted by their inner tensors): what :func:`part_bytes`
+    predicts, for the tests."""
+    total = 0
+    seen: set[int] = set()
+    for tensor in (*model.parameters(), *model.buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if hasattr(tensor, "__tensor_flatten__"):
+            names, _ = tensor.__tensor_flatten__()
+            total += sum(getattr(tensor, n).nbytes for n in names)
+        else:
+            total += tensor.nbytes
+    return total
