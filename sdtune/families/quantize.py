@@ -16,9 +16,14 @@ planner counts a quantized base before any weight is read.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from sdtune.families.base import ModelFamily
 
 
 @dataclass(frozen=True)
@@ -107,3 +112,23 @@ def stored_bytes(model: torch.nn.Module) -> int:
         else:
             total += tensor.nbytes
     return total
+
+
+#: Text encoders large enough to quantize (T5-XXL 4.8 B, ChatGLM3-6B); the CLIPs stay in the
+#: run's dtype (0.1-0.7 B: a few hundred MB saved, and their pooled output steers every step).
+LARGE_TEXT_ENCODER_KINDS = ("t5", "chatglm")
+
+
+def quantized_text_encoders(family: ModelFamily) -> tuple[int, ...]:
+    """Indices of ``family``'s text encoders that ``model.quantize``'s text-encoder choice applies to."""
+    return tuple(i for i, kind in enumerate(family.text_encoder_kinds) if kind in LARGE_TEXT_ENCODER_KINDS)
+
+
+def choice(model_cfg: Mapping[str, Any]) -> dict[str, str | None]:
+    """``model.quantize`` as {"denoiser": mode, "text_encoder": mode}: a plain mode applies to both
+    (the text encoder's only where the family has a large one), a mapping sets each; null: none.
+    Values are checked by the config check, not here."""
+    value = model_cfg.get("quantize")
+    if value is None or isinstance(value, str):
+        return {"denoiser": value, "text_encoder": value}
+    return {"denoiser": value.get("denoiser"), "text_encoder": value.get("text_encoder")}
