@@ -2,13 +2,14 @@
 
 The layers, low to high (a module may import its own package or a lower one, never a higher one):
 
-    utils < config < families < lora < data < inference < training < evaluation < run < morph < toy
-          < commands (__main__, generate, merge, export, report) < bench
+    utils < config < families < lora < data < inference < training < planning < evaluation < run < morph
+          < toy < commands (__main__, generate, merge, export, report, plan) < bench
 
 Why this order: each layer is what the next one is built from. ``utils`` knows no model; ``config``
 holds paths, resolvers and the value checks every tool shares; ``families`` is everything that
 differs by model; ``lora`` the adapters and their files; ``data`` the datasets; ``inference`` draws
-with a base and LoRAs; ``training`` is one training step and what it needs; ``evaluation`` scores a
+with a base and LoRAs; ``training`` is one training step and what it needs; ``planning`` sizes a run's GPU memory from
+that step played on the meta device; ``evaluation`` scores a
 LoRA while it trains; ``run`` wires one training run (folders, resume, callbacks); ``morph`` and
 ``toy`` are tools made of all of those; the commands sit on top, and the benchmark above them
 measures the commands. With the order kept, a change low down cannot be broken by a module it
@@ -41,11 +42,11 @@ from sdtune.families import FAMILIES
 from tests.helpers.paths import ROOT
 
 PACKAGES = ("sdtune", "data_pipeline")
-LAYERS = ("utils", "config", "families", "lora", "data", "inference", "training", "evaluation", "run", "morph",
-          "toy", "commands", "bench")
+LAYERS = ("utils", "config", "families", "lora", "data", "inference", "training", "planning", "evaluation", "run",
+          "morph", "toy", "commands", "bench")
 #: The commands users run; ``__main__`` modules are entry points too.
 COMMANDS = frozenset({"sdtune.__main__", "sdtune.generate", "sdtune.merge", "sdtune.export", "sdtune.report",
-                      "sdtune.morph.command"})
+                      "sdtune.plan", "sdtune.morph.command"})
 DEFERRED = "# deferred:"
 
 
