@@ -60,14 +60,14 @@ def compose_run(overrides: list[str]) -> DictConfig:
 
 def run(argv: list[str]) -> int:
     """Print the plan for ``argv``; the exit status (0 fits or no size given, 1 does not fit)."""
-    # deferred: torch, diffusers and the training stack, after the arguments are read (--help answers at once)
-    from sdtune.planning import plan_memory
-    from sdtune.run.checks import validate  # deferred: as above (torch, the section checks)
-
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
     gib, overrides = split_gb(argv)
+    # deferred: torch, diffusers and the training stack, after the arguments are read (--help answers at once)
+    from sdtune.planning import plan_memory
+    from sdtune.run.checks import validate  # deferred: as above (torch, the section checks)
+
     cfg = compose_run(overrides)
     root = cfg.data.get("root")
     if not root:  # a plan needs no dataset (the caches are then counted for an assumed one)

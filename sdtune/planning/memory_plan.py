@@ -116,7 +116,7 @@ def plan_memory(cfg: Any, gib: float | None = None) -> MemoryPlan:
         optim_bytes = 2 * 4 * sum(p.numel() for p in lora)
         notes.append(f"optimizer state counted as AdamW's (2 x fp32): its package does not import here ({err})")
     ratio = optim_bytes / (4 * max(1, sum(p.numel() for p in lora)))
-    optimizer_row = f"optimizer state ({optimizer_name(cfg['optim'])}: {ratio:.3g} x fp32)"
+    optimizer_row = f"optimizer state ({optimizer_name(cfg['optim'])}: {ratio:.2g} x fp32)"
 
     latents_cached = bool(data.get("cache_latents"))
     text_cached = bool(train.get("cache_text_embeddings", True)) and not text_cache_blocker(cfg) \

@@ -125,6 +125,7 @@ def _fit(cfg: DictConfig, output_dir: Path, records: list) -> dict[str, Any]:
     module = LoRATrainingModule(resolved, model_source=source, num_train_images=len(datamodule.dataset),
                                 data_manifest=manifest)
     check_device(cfg)
+    warn_if_over_free_memory(resolved)
     trainer, stop = _build_trainer(cfg, resolved, output_dir)
     log.info("training a rank-%d %s LoRA on %d images (%d with repeats) into %s", module.spec.rank, cfg.model.family,
              len(records), len(datamodule.dataset), output_dir)
@@ -140,6 +141,35 @@ def _fit(cfg: DictConfig, output_dir: Path, records: list) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("done: %s", {k: round(v, 5) for k, v in metrics.items()})
     return metrics
+
+
+def warn_if_over_free_memory(cfg: dict[str, Any]) -> None:
+    """On a CUDA device, plan the run's GPU memory (:func:`sdtune.planning.plan_memory`, a few
+    seconds) and warn, naming the largest components, when the planned peak exceeds the device's
+    free memory (``torch.cuda.mem_get_info``). Nothing on the CPU, where no plan is made."""
+    import torch
+
+    accelerator = str(cfg["trainer"].get("accelerator") or "auto")
+    if accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
+        return
+    # deferred: the planner (a meta-device step under torch's memory tracker) is for GPU runs only
+    from sdtune.planning import plan_memory
+
+    free, total = torch.cuda.mem_get_info()
+    try:
+        plan = plan_memory(cfg, total / 2**30)
+    except Exception as err:  # the plan is advice: a model it cannot build must not stop the run
+        log.warning("memory plan skipped (%s: %s)", type(err).__name__, err)
+        return
+    if plan.peak_bytes <= free:
+        log.info("memory plan: %.2f GiB peak (%s), %.2f GiB free on the GPU", plan.peak_bytes / 2**30, plan.peak_phase,
+                 free / 2**30)
+        return
+    largest = sorted(plan.components.items(), key=lambda item: -item[1])[:4]
+    log.warning("memory plan: this run needs about %.2f GiB of GPU memory at its peak (%s), more than the %.2f GiB "
+                "free: %s. It may run out of memory; python -m sdtune.plan with the same overrides lists the switches "
+                "that lower it.", plan.peak_bytes / 2**30, plan.peak_phase, free / 2**30,
+                ", ".join(f"{name} {size / 2**30:.2f} GiB" for name, size in largest))
 
 
 def _write(action: Callable[[], Any]) -> Any:
