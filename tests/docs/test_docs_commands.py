@@ -63,6 +63,7 @@ COMMANDS = {
     "sdtune.morph": ("sdtune-morph", "morph"),
     "sdtune.export": ("sdtune-export", None),
     "sdtune.report": ("sdtune-report", None),
+    "sdtune.plan": ("sdtune-plan", "config"),  # the training overrides, plus its own --gb
     "sdtune.bench": (None, "bench"),
 }
 SCRIPTS = {script: module for module, (script, _) in COMMANDS.items() if script}
