@@ -167,6 +167,7 @@ def test_activations_within_20_percent_of_a_real_step(family, checkpointing, bat
     assert plan.activations[True] < plan.activations[False]
 
 
+@pytest.mark.slow  # importing bitsandbytes takes a second or two
 def test_bitsandbytes_layout_equals_a_real_8bit_adamw_step():
     bnb = pytest.importorskip("bitsandbytes")
     shapes = [(16, 320), (320, 16), (8, 8), (4, 4096)]
@@ -183,5 +184,6 @@ def test_bitsandbytes_layout_equals_a_real_8bit_adamw_step():
 
 def test_adamw_state_is_two_fp32_moments_and_a_step_count_per_parameter():
     params = [torch.zeros(16, 320, device="meta"), torch.zeros(320, 16, device="meta"), torch.zeros(16, 320, device="meta")]
-    optim = planned.plain(compose_cfg())["optim"]
+    optim = {"optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4, "fused": None},
+             "scheduler": {"name": "constant", "warmup_steps": 0}}  # conf/optim/adamw.yaml's optimizer
     assert state_bytes(optim, {"precision": "32"}, params) == 3 * (2 * 4 * 16 * 320 + 4)
