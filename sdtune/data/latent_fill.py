@@ -20,6 +20,16 @@ from sdtune.data.latents import LatentCache, LatentStore, check_cacheable
 from sdtune.data.masks import mask_digest, to_latent_grid
 from sdtune.utils.io import file_sha256
 
+#: Pixels one VAE call encodes at most while the latent cache fills: the encoder's activations grow
+#: with them (about 1.3 GiB per 1024² picture in bf16), so 8 pictures a call up to 362², 4 at
+#: 512², 1 from 725² up (:func:`encode_batch_size`; the memory planner counts the same call).
+ENCODE_PIXELS = 4 * 512 * 512
+
+
+def encode_batch_size(height: int, width: int, cap: int = 8) -> int:
+    """Pictures of ``height`` x ``width`` per VAE call when caching latents: at most ``cap``, at least 1."""
+    return max(1, min(cap, ENCODE_PIXELS // (height * width)))
+
 
 @torch.no_grad()
 def prepare_latents(ds, encode: Callable[[torch.Tensor], torch.Tensor], cache: LatentCache, *,
@@ -43,9 +53,10 @@ def prepare_latents(ds, encode: Callable[[torch.Tensor], torch.Tensor], cache: L
             todo[ds.targets[r]].append((r, f))
     total = sum(len(v) for v in todo.values())
     with tqdm(total=total, desc="caching latents", unit="img", disable=total == 0) as bar:
-        for _size, items in sorted(todo.items()):
-            for start in range(0, len(items), batch_size):
-                chunk = items[start : start + batch_size]
+        for size, items in sorted(todo.items()):
+            per_call = encode_batch_size(*size, cap=batch_size)
+            for start in range(0, len(items), per_call):
+                chunk = items[start : start + per_call]
                 crops = [ds.pixels(r, f) for r, f in chunk]  # center crop: no randomness
                 for (r, f), (_, info), params in zip(chunk, crops, encode(torch.stack([c[0] for c in crops]))):
                     mask = None

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from sdtune.data.latent_fill import encode_batch_size
 from sdtune.families.quantize import choice, part_bytes, quantized_linears, quantized_text_encoders
 from sdtune.planning import model as planned
 from sdtune.planning import suggest
@@ -159,18 +160,29 @@ def plan_memory(cfg: Any, gib: float | None = None) -> MemoryPlan:
                         OVERHEAD_ROW: CUDA_OVERHEAD})
     phases = {}
     if latents_cached or text_cached:
-        encode = max(planned.vae_encode(key, resolution, None).activations * planned.CACHE_BATCH if latents_cached else 0,
+        per_call = encode_batch_size(resolution, resolution)
+        encode = max(planned.vae_encode(key, resolution, None).activations * per_call if latents_cached else 0,
                      planned.text_encode(key)[0].activations * planned.CACHE_BATCH if text_cached else 0)
-        phases[CACHING] = {weights["denoiser"][0]: weights["denoiser"][1],
+        # One device: the denoiser waits in CPU memory while the caches fill (training.fit_caches.denoiser_parked).
+        parked = single_device(cfg["trainer"])
+        phases[CACHING] = {weights["denoiser"][0]: 0 if parked else weights["denoiser"][1],
                            weights["text_encoders"][0]: weights["text_encoders"][1],
                            weights["vae"][0]: weights["vae"][1],
-                           f"LoRA weights ({lora_dtypes})": lora_bytes,
-                           f"encoding for the caches ({planned.CACHE_BATCH} at a time)": encode,
+                           f"LoRA weights ({lora_dtypes})": 0 if parked else lora_bytes,
+                           f"encoding for the caches ({per_call} picture(s) / {planned.CACHE_BATCH} captions a call)": encode,
                            "latent cache on device": latent_cache if text_cached else 0,
                            OVERHEAD_ROW: CUDA_OVERHEAD}
     phases[TRAINING] = train_phase
     phases = {name: {k: v for k, v in comps.items() if v} for name, comps in phases.items()}
     return MemoryPlan(cfg=cfg, phases=phases, activations=activations, notes=notes)
+
+
+def single_device(trainer: Mapping[str, Any]) -> bool:
+    """Whether the run trains on one device with Lightning's single-device strategy (the default):
+    the case where the denoiser leaves the GPU while the caches fill."""
+    strategy = str(trainer.get("strategy") or "auto")
+    return strategy in ("auto", "single_device") and str(trainer.get("devices", 1)) in ("1", "auto") \
+        and int(trainer.get("num_nodes") or 1) == 1
 
 
 def frozen_weights(run: planned.RunModel, modes: Mapping[str, str | None]) -> dict[str, tuple[str, int]]:

@@ -33,8 +33,8 @@ from sdtune.training.diffusion import denoising_loss
 from sdtune.training.text_encoders import inject_text_encoders
 from sdtune.training.trainable import prepare_for_training, weight_dtype
 
-#: Pictures the latent cache encodes per VAE call, and captions per text-encoder call
-#: (:meth:`sdtune.data.datamodule.ImageCaptionDataModule.prepare_latents`, ``TextEmbeddingCache.fill``).
+#: Captions per text-encoder call while the text cache fills (pictures per VAE call:
+#: :func:`sdtune.data.latent_fill.encode_batch_size`; ``TextEmbeddingCache.fill``).
 CACHE_BATCH = 8
 
 

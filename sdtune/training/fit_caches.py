@@ -26,19 +26,43 @@ log = logging.getLogger(__name__)
 
 def prepare_fit(module, datamodule) -> None:
     """Place the text encoders, warn about truncated captions, and fill the caches the config asks for."""
-    for encoder in module.parts.text_encoders:
-        encoder.to(module.device)
-    if datamodule is None:
-        return
-    warn_overlong(module, [c for r in datamodule.dataset.records for c in r.captions])
-    memory = CacheMemory.from_config(module.cfg["data"], module.device)  # one device budget for both caches
-    if module.cfg["data"].get("cache_latents"):
-        fill_latent_cache(module, datamodule, memory)
     blocker = text_cache_blocker(module.cfg)
-    if blocker and module.cfg["train"].get("cache_text_embeddings", True):
-        log.info(blocker)
-    elif module.cfg["train"].get("cache_text_embeddings", True):
-        module.text_cache = fill_text_cache(module, datamodule, memory)
+    cache_text = module.cfg["train"].get("cache_text_embeddings", True) and not blocker
+    cache_latents = bool(module.cfg["data"].get("cache_latents"))
+    with denoiser_parked(module, datamodule is not None and (cache_text or cache_latents)):
+        for encoder in module.parts.text_encoders:
+            encoder.to(module.device)
+        if datamodule is None:
+            return
+        warn_overlong(module, [c for r in datamodule.dataset.records for c in r.captions])
+        memory = CacheMemory.from_config(module.cfg["data"], module.device)  # one device budget for both caches
+        if cache_latents:
+            fill_latent_cache(module, datamodule, memory)
+        if blocker and module.cfg["train"].get("cache_text_embeddings", True):
+            log.info(blocker)
+        elif cache_text:
+            module.text_cache = fill_text_cache(module, datamodule, memory)
+
+
+@contextlib.contextmanager
+def denoiser_parked(module, caching: bool) -> Iterator[None]:
+    """While the caches fill on a single GPU, the denoiser (with its LoRA) waits in CPU memory, so
+    the text encoders and the VAE have the card to themselves: the frozen parts are then on the GPU
+    one after the other, never together (FLUX.1's T5-XXL and transformer, 9 and 22 GiB in bf16). Its
+    parameters stay the same objects (the optimizer holds them; its state is still empty). Sharded
+    and multi-process strategies keep their placement."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    device = module.device
+    park = caching and device.type != "cpu" and isinstance(module.trainer.strategy, SingleDeviceStrategy)
+    if park:
+        module.parts.denoiser.to("cpu")
+        _free_memory(device)
+    try:
+        yield
+    finally:
+        if park:
+            module.parts.denoiser.to(device)
 
 
 def warn_overlong(module, captions: list[str]) -> None:
