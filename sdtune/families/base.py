@@ -17,8 +17,7 @@ import torch
 
 from sdtune.families.kohya import STANDARD_XL_UNET, KohyaModule, PerModuleNames
 from sdtune.families.objectives import DDPMObjective, Objective
-from sdtune.families.quantize import quantized_text_encoders
-from sdtune.families.quantize_load import load_kwargs, quantize_in_place
+from sdtune.families.quantize_load import load_kwargs, quantize_parts
 from sdtune.utils.errors import ConfigError, ModelLoadError
 
 #: What a pipeline is asked to do: draw from noise, or redraw an input picture (SDEdit).
@@ -149,7 +148,7 @@ class ModelFamily(ABC):
         quantize = dict(quantize or {})
         if Path(path).is_file():
             parts = self._load_single_file(path, config=config, dtype=dtype, vae_path=vae_path)
-            self._quantize_loaded(parts, quantize, dtype)
+            quantize_parts(self, parts, quantize, dtype)  # diffusers' single-file loader would not
             return parts
         vae = self._load_vae(vae_path, dtype) if vae_path else None
         try:
@@ -180,14 +179,6 @@ class ModelFamily(ABC):
         """(tokenizers, text encoders) from a diffusers folder or hub id; the large encoders
         (:func:`~sdtune.families.quantize.quantized_text_encoders`) quantized in ``quantize``'s mode
         (``quantize_load.text_encoder_kwargs``)."""
-
-    def _quantize_loaded(self, parts: ModelParts, quantize: Mapping[str, str | None], dtype: torch.dtype) -> None:
-        """Quantize parts loaded unquantized (a single file) as loading them quantized would."""
-        if quantize.get("denoiser"):
-            quantize_in_place(parts.denoiser, quantize["denoiser"], dtype)
-        if quantize.get("text_encoder"):
-            for index in quantized_text_encoders(self):
-                quantize_in_place(parts.text_encoders[index], quantize["text_encoder"], dtype)
 
     def text_max_length(self, parts: ModelParts) -> int:
         """Prompt length in tokens; longer captions are truncated (and the cache key includes it)."""

@@ -12,6 +12,7 @@ names: the result is what the loader gives (same tensors, same bytes).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,7 +20,7 @@ import torch
 from sdtune.families.quantize import MODES, quantized_linears, quantized_text_encoders
 
 if TYPE_CHECKING:
-    from sdtune.families.base import ModelFamily
+    from sdtune.families.base import ModelFamily, ModelParts
 
 def torchao_config(mode: str) -> Any:
     """torchao's weight-only config of ``mode`` (int8 or fp8)."""
@@ -77,6 +78,17 @@ def quantize_in_place(module: torch.nn.Module, mode: str, dtype: torch.dtype) ->
         device = old.weight.device
         setattr(owner, child, new.to(device) if device.type == "cuda" else new)
     return module
+
+
+def quantize_parts(family: ModelFamily, parts: ModelParts, quantize: Mapping[str, str | None],
+                   dtype: torch.dtype) -> None:
+    """Quantize ``parts`` built or loaded unquantized as loading them in ``quantize``'s modes
+    ({"denoiser": mode, "text_encoder": mode}) would: the denoiser and ``family``'s large text encoders."""
+    if quantize.get("denoiser"):
+        quantize_in_place(parts.denoiser, quantize["denoiser"], dtype)
+    if quantize.get("text_encoder"):
+        for index in quantized_text_encoders(family):
+            quantize_in_place(parts.text_encoders[index], quantize["text_encoder"], dtype)
 
 
 def is_quantized(module: torch.nn.Module) -> bool:
