@@ -99,6 +99,10 @@ def merge(cfg: DictConfig) -> tuple[Path, Path | None]:
     loras = read_loras(refs)  # every file vetted (readable, finite, consistent) before the base model loads
     model_cfg = base_model_config(cfg.get("model"), refs, loras)
     check_families(refs, loras, model_cfg)  # from the headers just read: mixed families fail before any load
+    if model_cfg.get("quantize"):
+        raise ConfigError(f"model.quantize={model_cfg['quantize']}: merge fuses the LoRA into the base's full-precision "
+                          "weights and saves them, which a quantized base does not hold. Fix: model.quantize=null "
+                          "(the LoRA of a quantized run merges into the unquantized base like any other).")
     single = single_file_target(cfg.get("single_file"), get_family(model_cfg["family"]), out)
     _check_target(out, single)  # before loading anything
     family, parts = build_parts(model_cfg, dtype=torch.float32)  # fuse in fp32, cast when saving

@@ -22,9 +22,11 @@ from sdtune.bench.cases import REFERENCE, Case
 from sdtune.bench.measure import MemoryMeter, StepClock, batch_size_of, release_memory
 from sdtune.bench.reference import run_reference
 from sdtune.data.datamodule import ImageCaptionDataModule
-from sdtune.families import ModelParts
+from sdtune.families import ModelParts, get_family
 from sdtune.families.arch import build_random_parts
 from sdtune.families.builder import build_parts, model_source
+from sdtune.families.quantize import choice
+from sdtune.families.quantize_load import quantize_parts
 from sdtune.training.module import LoRATrainingModule
 from sdtune.training.trainable import WEIGHT_DTYPES
 from sdtune.utils.io import write_text_atomic
@@ -68,7 +70,10 @@ def trainer_kwargs(trainer_cfg: dict[str, Any], max_steps: int) -> dict[str, Any
 
 
 def random_parts(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) -> ModelParts:
-    return build_random_parts(cfg["model"]["family"], device=device, dtype=dtype, seed=int(cfg.get("seed", 0)))
+    """The full-size architecture with random weights, quantized as ``model.quantize`` says."""
+    parts = build_random_parts(cfg["model"]["family"], device=device, dtype=dtype, seed=int(cfg.get("seed", 0)))
+    quantize_parts(get_family(cfg["model"]["family"]), parts, choice(cfg["model"]), dtype)
+    return parts
 
 
 def run_sdtune(cfg: dict[str, Any], records, *, device: torch.device, steps: int, clock: StepClock,

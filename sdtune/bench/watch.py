@@ -41,8 +41,12 @@ PICKS = 3
 
 
 def digest(tensor: torch.Tensor) -> str:
-    """SHA-256 of a tensor's bytes (any dtype, any device; bf16 has no numpy view, uint8 does)."""
-    data = tensor.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy()
+    """SHA-256 of a tensor's bytes (any dtype, any device; bf16 has no numpy view, uint8 does); a
+    quantized weight by its stored tensors (torchao's inner tensors, bitsandbytes' packed data)."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return hashlib.sha256("".join(digest(getattr(tensor, n)) for n in names).encode()).hexdigest()
+    data = tensor.data.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy()
     return hashlib.sha256(data.tobytes()).hexdigest()
 
 
@@ -72,6 +76,7 @@ class Report:
     frozen_end: dict[str, str] = field(default_factory=dict)
     frozen_dtypes: set[str] = field(default_factory=set)  # UNet base and VAE
     lora_dtypes: set[str] = field(default_factory=set)
+    quantized: list[str] = field(default_factory=list)  # the denoiser's quantized weight types (model.quantize)
     unet_device: str = ""
     encoder_devices: list[str] = field(default_factory=list)  # at train start, after the caches were filled
     optimizer: str = ""
@@ -115,7 +120,10 @@ class Watch(L.Callback):
         r.lora_start = {n: p.detach().float().cpu().clone() for n, p in named_trainable_lora_parameters(parts.denoiser)}
         r.lora_dtypes = {str(p.dtype) for _, p in named_trainable_lora_parameters(parts.denoiser)}
         r.frozen_start = frozen_digests(parts)
-        r.frozen_dtypes = {str(p.dtype) for m in (parts.denoiser, parts.vae) for p in m.parameters() if not p.requires_grad}
+        r.frozen_dtypes = {str(p.dtype) for m in (parts.denoiser, parts.vae) for p in m.parameters()
+                           if not p.requires_grad and not hasattr(p, "quant_state")}  # bitsandbytes packs into uint8
+        r.quantized = sorted({type(p).__name__ for p in parts.denoiser.parameters()
+                              if hasattr(p, "__tensor_flatten__") or hasattr(p, "quant_state")})
         r.unet_device = str(next(parts.denoiser.parameters()).device.type)
         r.encoder_devices = [str(next(m.parameters()).device.type) for m in parts.text_encoders]
         optimizer = trainer.optimizers[0]

@@ -16,13 +16,20 @@ import os
 from omegaconf import DictConfig, open_dict
 
 from sdtune.config.paths import CONF_DIR, yaml_file
-from sdtune.config.schema import CLOSED_SECTIONS, TEXT_ENCODER_KEYS, nested_keys, schema_keys, unknown_key_error
+from sdtune.config.schema import (
+    CLOSED_SECTIONS,
+    QUANTIZE_KEYS,
+    TEXT_ENCODER_KEYS,
+    nested_keys,
+    schema_keys,
+    unknown_key_error,
+)
 from sdtune.config.values import setting
 
 #: Mappings that default to null (off) but whose keys are documented one by one: each key is a plain
 #: dotted override (``lora.text_encoder.rank=4``, ``embedding.tokens=[olq]``), and setting one turns
 #: the mapping on (:func:`normalize_overrides`). The embedding group's full mapping is conf/embedding/ti.yaml.
-OPTIONAL_MAPPINGS = ("lora.text_encoder", "embedding")
+OPTIONAL_MAPPINGS = ("lora.text_encoder", "embedding", "model.quantize")
 
 
 def check_override_key(key: str) -> None:
@@ -68,13 +75,19 @@ def normalize_overrides(argv: list[str]) -> list[str]:
 def complete_optional_mappings(cfg: DictConfig) -> None:
     """Fill in the keys a mapping of :data:`OPTIONAL_MAPPINGS` that was switched on by one of its keys
     left out: ``embedding`` takes conf/embedding/ti.yaml's values (textual inversion unless
-    ``embedding.with_lora=true``); ``lora.text_encoder``'s alpha, targets and lr default to null."""
+    ``embedding.with_lora=true``); ``lora.text_encoder``'s alpha, targets and lr default to null, and ``model.quantize``'s parts to null."""
     te = setting(cfg, "lora.text_encoder")
     if isinstance(te, DictConfig):
         with open_dict(te):
             for key in TEXT_ENCODER_KEYS:
                 if key != "rank" and key not in te:
                     te[key] = None
+    quantize = setting(cfg, "model.quantize")
+    if isinstance(quantize, DictConfig):  # model.quantize.denoiser=int8 alone leaves the text encoder unquantized
+        with open_dict(quantize):
+            for key in QUANTIZE_KEYS:
+                if key not in quantize:
+                    quantize[key] = None
     emb = cfg.get("embedding")
     if isinstance(emb, DictConfig):
         defaults = yaml_file(CONF_DIR / "embedding" / "ti.yaml")

@@ -26,7 +26,9 @@ CLOSED_SECTIONS = {"model": "model", "lora": "lora", "data": "data", "train": No
 #: What lora.text_encoder takes (sdtune.training.text_encoders).
 TEXT_ENCODER_KEYS = ("rank", "alpha", "targets", "lr")
 #: Nested mappings whose keys are closed too (see :func:`nested_keys`).
-NESTED_SECTIONS = ("lora.text_encoder", "train.ema")
+NESTED_SECTIONS = ("lora.text_encoder", "train.ema", "model.quantize")
+#: The parts model.quantize takes one by one (sdtune.families.quantize.choice).
+QUANTIZE_KEYS = ("denoiser", "text_encoder")
 
 
 @functools.cache
@@ -47,6 +49,8 @@ def nested_keys(path: str) -> frozenset[str] | None:
     reads itself; None where ``path`` is not one of them (its keys are then not checked)."""
     if path == "lora.text_encoder":
         return frozenset(TEXT_ENCODER_KEYS)
+    if path == "model.quantize":
+        return frozenset(QUANTIZE_KEYS)
     if path == "train.ema":
         return frozenset(yaml_file(CONF_DIR / "config.yaml")["train"]["ema"])
     return None

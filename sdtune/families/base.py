@@ -17,6 +17,7 @@ import torch
 
 from sdtune.families.kohya import STANDARD_XL_UNET, KohyaModule, PerModuleNames
 from sdtune.families.objectives import DDPMObjective, Objective
+from sdtune.families.quantize_load import load_kwargs, quantize_parts
 from sdtune.utils.errors import ConfigError, ModelLoadError
 
 #: What a pipeline is asked to do: draw from noise, or redraw an input picture (SDEdit).
@@ -132,24 +133,32 @@ class ModelFamily(ABC):
         vae_path: str | None = None,
         revision: str | None = None,
         config: str | None = None,
+        quantize: Mapping[str, str | None] | None = None,
     ) -> ModelParts:
-        """Load the parts from a diffusers folder, a hub id or (SD1.5, SDXL) a single file.
+        """Load the parts from a diffusers folder, a hub id or (SD1.5, SDXL, FLUX.1) a single file.
 
         ``config`` names a diffusers folder or hub id whose configs describe a single-file
-        checkpoint; diffusers guesses one from the hub when it is left out.
+        checkpoint; diffusers guesses one from the hub when it is left out. ``quantize`` is
+        :func:`sdtune.families.quantize.choice`'s {"denoiser": mode, "text_encoder": mode} (None:
+        nothing quantized): those parts load quantized (:mod:`sdtune.families.quantize_load`).
         """
         import diffusers
         from diffusers import AutoencoderKL
 
+        quantize = dict(quantize or {})
         if Path(path).is_file():
-            return self._load_single_file(path, config=config, dtype=dtype, vae_path=vae_path)
+            parts = self._load_single_file(path, config=config, dtype=dtype, vae_path=vae_path)
+            quantize_parts(self, parts, quantize, dtype)  # diffusers' single-file loader would not
+            return parts
         vae = self._load_vae(vae_path, dtype) if vae_path else None
         try:
-            tokenizers, text_encoders = self.load_text_parts(path, dtype=dtype, revision=revision)
+            tokenizers, text_encoders = self.load_text_parts(path, dtype=dtype, revision=revision,
+                                                             quantize=quantize.get("text_encoder"))
             if vae is None:
                 vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, torch_dtype=dtype)
             denoiser = getattr(diffusers, self.denoiser_class).from_pretrained(
-                path, subfolder=self.denoiser_subfolder, revision=revision, torch_dtype=dtype)
+                path, subfolder=self.denoiser_subfolder, revision=revision, torch_dtype=dtype,
+                **load_kwargs(quantize.get("denoiser"), dtype))
             scheduler = getattr(diffusers, self.training_scheduler).from_pretrained(
                 path, subfolder="scheduler", revision=revision)
         except (OSError, ValueError) as err:
@@ -165,8 +174,11 @@ class ModelFamily(ABC):
         return None
 
     @abstractmethod
-    def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None) -> tuple[list[Any], list[torch.nn.Module]]:
-        """(tokenizers, text encoders) from a diffusers folder or hub id."""
+    def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None,
+                        quantize: str | None = None) -> tuple[list[Any], list[torch.nn.Module]]:
+        """(tokenizers, text encoders) from a diffusers folder or hub id; the large encoders
+        (:func:`~sdtune.families.quantize.quantized_text_encoders`) quantized in ``quantize``'s mode
+        (``quantize_load.text_encoder_kwargs``)."""
 
     def text_max_length(self, parts: ModelParts) -> int:
         """Prompt length in tokens; longer captions are truncated (and the cache key includes it)."""

@@ -15,6 +15,7 @@ import torch
 
 from sdtune.families import get_family
 from sdtune.families.base import ModelFamily, ModelParts
+from sdtune.families.quantize import choice
 from sdtune.families.source import check_weights, resolve_model_source
 from sdtune.families.tiny import prepare_tiny
 
@@ -35,7 +36,8 @@ def model_source(model_cfg: Mapping[str, Any]) -> str:
 
 def build_parts(model_cfg: Mapping[str, Any], *, dtype: torch.dtype = torch.float32,
                 source: str | None = None) -> tuple[ModelFamily, ModelParts]:
-    """Load ``model_cfg``'s base model in ``dtype`` with every part frozen and in eval mode.
+    """Load ``model_cfg``'s base model in ``dtype`` with every part frozen and in eval mode, the parts
+    ``model.quantize`` names quantized.
 
     ``source`` is a :func:`model_source` result the caller already has (it is not resolved again).
     """
@@ -46,6 +48,7 @@ def build_parts(model_cfg: Mapping[str, Any], *, dtype: torch.dtype = torch.floa
         vae_path=model_cfg.get("vae_path"),
         revision=model_cfg.get("revision"),
         config=model_cfg.get("config"),
+        quantize=choice(model_cfg),
     )
     family.configure_parts(parts, model_cfg)
     for module in (parts.denoiser, *parts.frozen_modules()):

@@ -23,6 +23,7 @@ import torch
 from sdtune.families import flux_keys
 from sdtune.families.base import ModelParts
 from sdtune.families.flow import FlowFamily
+from sdtune.families.quantize_load import text_encoder_kwargs
 from sdtune.families.tiny_flow_parts import build_t5_tokenizer, t5_config, tiny_t5, tiny_vae16
 from sdtune.families.tiny_parts import build_clip_tokenizer, clip_config, tiny_clip_text_encoder
 from sdtune.utils.errors import ConfigError
@@ -87,7 +88,7 @@ class Flux(FlowFamily):
         return flux_keys.architecture(denoiser_config)
 
     # -- text ------------------------------------------------------------------------------
-    def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None):
+    def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None, quantize: str | None = None):
         # transformers 5 has one T5 tokenizer class (T5TokenizerFast is T5Tokenizer); it reads
         # tokenizer.json or spiece.model, whichever the folder holds.
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
@@ -95,7 +96,8 @@ class Flux(FlowFamily):
         tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
                       T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2", revision=revision)]
         encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, dtype=dtype),
-                    T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", revision=revision, dtype=dtype)]
+                    T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", revision=revision, dtype=dtype,
+                                                   **text_encoder_kwargs(self, 1, quantize, dtype))]
         return tokenizers, encoders
 
     def configure_parts(self, parts: ModelParts, model_cfg: Mapping[str, Any]) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from sdtune.families.base import ModelFamily, ModelParts
+from sdtune.families.quantize_load import text_encoder_kwargs
 from sdtune.families.sdxl import micro_conditioning
 from sdtune.families.tiny_parts import CORPUS, hf_config, sdxl_noise_scheduler, tiny_vae, tiny_xl_unet
 
@@ -77,11 +78,12 @@ class Kolors(ModelFamily):
         "expand or load (it has no load_textual_inversion), so an embedding file would load nowhere."
     )
 
-    def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None):
+    def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None, quantize: str | None = None):
         from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
 
         tokenizer = ChatGLMTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
-        text_encoder = ChatGLMModel.from_pretrained(path, subfolder="text_encoder", revision=revision, dtype=dtype)
+        text_encoder = ChatGLMModel.from_pretrained(path, subfolder="text_encoder", revision=revision, dtype=dtype,
+                                                    **text_encoder_kwargs(self, 0, quantize, dtype))
         return [tokenizer], [text_encoder]
 
     def text_max_length(self, parts: ModelParts) -> int:

@@ -64,36 +64,72 @@ MODES: dict[str, QuantMode] = {
 }
 
 
-def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """The ``nn.Linear`` modules a mode replaces in ``model``: all but those under the model class's
-    ``_keep_in_fp32_modules`` (diffusers' and transformers' quantizers skip them too)."""
-    keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    out = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        if any(name == k or name.endswith("." + k) or f".{k}." in f".{name}." for k in keep):
-            continue
-        out[name] = module
-    return out
+def quantized_linears(model: torch.nn.Module, mode: str = "int8") -> dict[str, torch.nn.Linear]:
+    """The ``nn.Linear`` modules ``mode`` replaces in ``model``, by the rule of the library that loads
+    it (each skips the modules it keeps in full precision, and the libraries match those names
+    differently, so the rule is theirs, called where it is public):
+
+    * diffusers (``ModelMixin``): ``_keep_in_fp32_modules``, matched as ``name + "."`` inside the
+      weight's name (torchao) or the module's (bitsandbytes, which also skips a child so named);
+    * transformers (``PreTrainedModel``): ``_keep_in_fp32_modules`` plus its default skips (tied
+      weights, the last parameter's module, the output embeddings), matched by
+      ``should_convert_module`` against the *weight's* name for torchao and the *module's* for
+      bitsandbytes. So torchao quantizes T5's ``wo`` (``...wo.weight`` neither starts nor ends with
+      ``wo``) and bitsandbytes keeps it; both keep ChatGLM's ``output_layer`` (the last parameter).
+    """
+    backend = MODES[mode].backend
+    if hasattr(model, "all_tied_weights_keys"):  # a transformers model
+        from transformers.quantizers.base import HfQuantizer
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
+
+        def converts(name: str, module: torch.nn.Module) -> bool:
+            if backend == "bitsandbytes":
+                return type(module) is torch.nn.Linear and should_convert_module(name, skip)
+            return isinstance(module, torch.nn.Linear) and should_convert_module(f"{name}.weight", skip)
+    else:
+        keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+
+        def converts(name: str, module: torch.nn.Module) -> bool:
+            if not isinstance(module, torch.nn.Linear):
+                return False
+            key = name if backend == "bitsandbytes" else f"{name}.weight"
+            child = name.rsplit(".", 1)[-1]
+            return not any(k + "." in key or k == key or (backend == "bitsandbytes" and k == child) for k in keep)
+    return {name: module for name, module in model.named_modules() if converts(name, module)}
 
 
 def part_bytes(model: torch.nn.Module, mode: str | None, dtype: torch.dtype) -> int:
     """Bytes of ``model``'s parameters and buffers once loaded in ``dtype`` (floating-point tensors;
-    others keep theirs) with ``mode`` (None: unquantized). ``model`` may be on the meta device."""
-    quantized = {id(m.weight): m for m in quantized_linears(model).values()} if mode else {}
+    others keep theirs) with ``mode`` (None: unquantized). ``model`` may be on the meta device.
+    A transformers model keeps the modules of its dtype plan in fp32 (T5's ``wo`` in fp16)."""
+    quantized = {id(m.weight): m for m in quantized_linears(model, mode).values()} if mode else {}
+    fp32 = _fp32_names(model, dtype)
     total = 0
     seen: set[int] = set()
-    for tensor in (*model.parameters(), *model.buffers()):
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
         if id(tensor) in seen:  # tied weights are stored once
             continue
         seen.add(id(tensor))
         linear = quantized.get(id(tensor))
         if linear is not None:
             total += MODES[mode].weight_bytes(linear.out_features, linear.in_features)
+        elif not tensor.is_floating_point():
+            total += tensor.numel() * tensor.element_size()
         else:
-            total += tensor.numel() * (dtype.itemsize if tensor.is_floating_point() else tensor.element_size())
+            total += tensor.numel() * (4 if fp32 is not None and fp32.search(name) else dtype.itemsize)
     return total
+
+
+def _fp32_names(model: torch.nn.Module, dtype: torch.dtype):
+    """transformers' pattern of the tensors it loads in fp32 whatever ``dtype`` (None: none)."""
+    if not hasattr(model, "_get_dtype_plan"):
+        return None
+    from transformers.core_model_loading import build_glob_alternation
+
+    plan = model._get_dtype_plan(dtype)
+    return build_glob_alternation(list(plan))[0] if plan else None
 
 
 def stored_bytes(model: torch.nn.Module) -> int:

@@ -26,7 +26,7 @@ class SD15(ModelFamily):
     single_file_text_encoders = (("cond_stage_model.transformer.", "clip"),)
     embedding_keys = ("emb_params",)  # A1111's safetensors embedding: {"emb_params": [n_vectors, 768]}
 
-    def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None):
+    def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None, quantize: str | None = None):
         from transformers import CLIPTextModel, CLIPTokenizer
 
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)

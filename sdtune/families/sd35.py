@@ -20,6 +20,7 @@ import torch
 from sdtune.families import sd35_keys
 from sdtune.families.base import ModelParts
 from sdtune.families.flow import FlowFamily
+from sdtune.families.quantize_load import text_encoder_kwargs
 from sdtune.families.tiny_flow_parts import build_t5_tokenizer, t5_config, tiny_t5, tiny_vae16
 from sdtune.families.tiny_parts import build_clip_tokenizer, clip_config, tiny_clip_text_encoder
 
@@ -75,14 +76,15 @@ class SD35(FlowFamily):
     def lora_architecture(self, denoiser_config=None) -> str | None:
         return sd35_keys.architecture(denoiser_config)
 
-    def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None):
+    def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None, quantize: str | None = None):
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
         tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=s, revision=revision) for s in ("tokenizer", "tokenizer_2")]
         tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_3", revision=revision))
         encoders = [CLIPTextModelWithProjection.from_pretrained(path, subfolder=s, revision=revision, dtype=dtype)
                     for s in ("text_encoder", "text_encoder_2")]
-        encoders.append(T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", revision=revision, dtype=dtype))
+        encoders.append(T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", revision=revision, dtype=dtype,
+                                                       **text_encoder_kwargs(self, 2, quantize, dtype)))
         return tokenizers, encoders
 
     @staticmethod

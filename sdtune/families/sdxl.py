@@ -46,7 +46,7 @@ class SDXL(ModelFamily):
     embedding_keys = ("clip_l", "clip_g")  # A1111/ComfyUI SDXL embeddings: one vector set per encoder
     # The stock SDXL VAE overflows in fp16; model.vae_path lets users load the fp16-fix VAE.
 
-    def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None):
+    def load_text_parts(self, path: str, *, dtype: torch.dtype, revision: str | None, quantize: str | None = None):
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=s, revision=revision) for s in ("tokenizer", "tokenizer_2")]

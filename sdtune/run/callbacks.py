@@ -71,21 +71,27 @@ class LoRAExport(L.Callback):
         if not lora_trains(pl_module.cfg):
             log.info("embedding.with_lora=false (textual inversion alone): no LoRA trained, %s not written", self.path.name)
             return
-        denoiser = pl_module.parts.denoiser
-        header = run_header(
-            pl_module.cfg,
-            pl_module.spec,
-            steps=trainer.global_step,
-            num_train_images=pl_module.num_train_images,
-            output_name=self.path.stem,
-            denoiser_config=denoiser.config,
-        )
-        header = with_ema_facts(header, pl_module.cfg)  # lora_state() gives the EMA weights then
-        tensors = pl_module.lora_state()
-        format = self.format or default_format(pl_module.cfg["model"]["family"])
-        save_lora(self.path, tensors, header, format=format, denoiser_config=denoiser.config,
-                  text_encoders=pl_module.text_encoder_lora_state(), base_weights=base_weights(denoiser, tensors))
+        write_run_lora(self.path, pl_module, steps=trainer.global_step, format=self.format)
         log.info("wrote %s", self.path)
+
+
+def write_run_lora(path: Path, pl_module, *, steps: int, format: str | None = None) -> Path:
+    """Write ``pl_module``'s LoRA (the EMA weights where the run exports them) with the run's header to
+    ``path``, in ``format`` (None: the family's): what a run leaves as ``lora.safetensors``."""
+    denoiser = pl_module.parts.denoiser
+    header = run_header(
+        pl_module.cfg,
+        pl_module.spec,
+        steps=steps,
+        num_train_images=pl_module.num_train_images,
+        output_name=Path(path).stem,
+        denoiser_config=denoiser.config,
+    )
+    header = with_ema_facts(header, pl_module.cfg)  # lora_state() gives the EMA weights then
+    tensors = pl_module.lora_state()
+    format = format or default_format(pl_module.cfg["model"]["family"])
+    return save_lora(path, tensors, header, format=format, denoiser_config=denoiser.config,
+                     text_encoders=pl_module.text_encoder_lora_state(), base_weights=base_weights(denoiser, tensors))
 
 
 class RunSummary(L.Callback):

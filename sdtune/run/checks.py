@@ -25,7 +25,7 @@ from sdtune.config.values import Settings
 from sdtune.data import config as data_config
 from sdtune.evaluation import config as eval_config
 from sdtune.families import checks as model_checks
-from sdtune.families import get_family
+from sdtune.families import get_family, quantize_checks
 from sdtune.lora import layers
 from sdtune.lora.checks import first_line
 from sdtune.training import diffusion, ema, embeddings, optimization, speed, text_encoders
@@ -132,6 +132,7 @@ def hardware_presets() -> dict[str, float]:
 SECTION_CHECKS: tuple[Callable[[DictConfig], None], ...] = (
     check_known_keys,  # a typo in a key first: its value would be ignored
     model_checks.check_config,  # model.*
+    quantize_checks.check_config,  # model.quantize, and the LoRA variants a quantized base refuses
     check_hardware,  # hardware=<N>gb against the base's weights
     layers.check_config,  # lora.*
     text_encoders.check_config,  # lora.text_encoder
@@ -218,6 +219,7 @@ def check_device(cfg: DictConfig) -> None:
             + (cpu_fix or " Fix: trainer.precision=32 (or bf16-mixed) on the CPU, e.g. with trainer=cpu.")
         )
     check_optimizer_importable(cfg)
+    quantize_checks.check_device(cfg)  # fp8/nf4 need a CUDA GPU that runs them
 
 
 def check_optimizer_importable(cfg: DictConfig) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from sdtune.families import ModelFamily, ModelParts
+from sdtune.families.quantize_load import is_quantized
 from sdtune.lora.layers import LoraSpec, inject
 from sdtune.training.speed import apply_speed
 
@@ -34,14 +35,17 @@ def weight_dtype(trainer_cfg: Mapping[str, Any]) -> torch.dtype:
 def prepare_for_training(parts: ModelParts, cfg: Mapping[str, Any], spec: LoraSpec, dtype: torch.dtype,
                          family: ModelFamily) -> None:
     """Freeze ``parts`` in ``dtype``, add ``spec``'s LoRA layers to ``family``'s denoiser (kept in
-    fp32), and apply the run's gradient checkpointing and speed switches."""
+    fp32, also on a quantized denoiser: peft's quantized LoRA layers compute the frozen path in the
+    base's dtype), and apply the run's gradient checkpointing and speed switches."""
     from diffusers.training_utils import cast_training_params
 
     train_cfg = cfg["train"]
     denoiser = parts.denoiser
     for module in (denoiser, *parts.frozen_modules()):
         module.requires_grad_(False)
-        if module.dtype != dtype:  # parts loaded elsewhere (tests, bench)
+        # parts loaded elsewhere (tests, bench) are cast; a quantized part loaded in its dtype stays as
+        # it is (diffusers refuses to cast one, and a cast would undo the quantization)
+        if module.dtype != dtype and not is_quantized(module):
             module.to(dtype=dtype)
     for module in parts.frozen_modules():
         module.eval()

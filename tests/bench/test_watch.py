@@ -14,8 +14,11 @@ import torch
 from sdtune.bench.watch import Report, compose, digest, frozen_digests, target, watched_run
 from tests.helpers.gpu_scenarios import BY_NAME, SCENARIOS, TWIN_PEAK_MIB, check, isolated_distributed
 
-#: Every scenario that needs no CUDA; about 1–2.5 s each on an idle 2-core machine.
-TWINS = [pytest.param(s, id=s.name) for s in SCENARIOS if s.twin is not None]
+#: Every scenario that needs no CUDA; about 1–2.5 s each on an idle 2-core machine. The int8 base's
+#: twin is slow-only (the fast suite's budget; tests/families/test_quantize.py covers int8 there).
+SLOW_TWINS = {"int8_base"}
+TWINS = [pytest.param(s, id=s.name, marks=[pytest.mark.slow] if s.name in SLOW_TWINS else [])
+         for s in SCENARIOS if s.twin is not None]
 
 
 @pytest.mark.parametrize("scenario", TWINS)

@@ -43,11 +43,14 @@ class Scenario:
     peak_mib: float | None = None      # None: the preset's own bench target (peak_mem_mib)
     needs: tuple[str, ...] = ()        # packages; the test skips naming the one missing
     expect: dict[str, Any] = field(default_factory=dict)
+    capability: tuple[int, int] | None = None  # the CUDA compute capability it needs (fp8: 8.9)
 
     def missing(self) -> str | None:
         for package in self.needs:
             if importlib.util.find_spec(package) is None:
                 return f"needs the {package} package (pip install {package})"
+        if self.capability and torch.cuda.is_available() and torch.cuda.get_device_capability() < self.capability:
+            return f"needs CUDA compute capability {self.capability[0]}.{self.capability[1]}+"
         return None
 
 
@@ -76,6 +79,14 @@ SCENARIOS = [
              expect={"compiled": True}),
     Scenario("xformers", (*SD15, "speed.attention=xformers"), None, peak_mib=SD15_PEAK_MIB, needs=("xformers",),
              expect={"attention": {"XFormersAttnProcessor"}}),
+    # model.quantize: the frozen UNet in 8 or 4 bits under fp32 LoRA layers (peft's TorchaoLoraLinear,
+    # Linear4bit); every LoRA tensor must move and the quantized weights stay bit-identical.
+    Scenario("int8_base", (*SD15, "model.quantize=int8"), ("model=tiny", "model.quantize=int8", "data.cache_latents=true"),
+             peak_mib=SD15_PEAK_MIB, expect={"quantized": ["Int8Tensor"]}),
+    Scenario("fp8_base", (*SD15, "model.quantize=fp8"), None, peak_mib=SD15_PEAK_MIB, capability=(8, 9),
+             expect={"quantized": ["Float8Tensor"]}),
+    Scenario("nf4_base", (*SD15, "model.quantize=nf4"), None, peak_mib=SD15_PEAK_MIB, needs=("bitsandbytes",),
+             expect={"quantized": ["Params4bit"]}),
     Scenario("ddp_one_gpu", (*SD15, "trainer=ddp", "trainer.devices=1", "trainer.accelerator=gpu"),
              ("model=tiny", "trainer=ddp", "trainer.devices=1", "trainer.accelerator=cpu", "trainer.precision=32"),
              peak_mib=SD15_PEAK_MIB, expect={"strategy": "DDPStrategy"}),
@@ -115,6 +126,8 @@ def check(report: Report, scenario: Scenario, cfg: dict[str, Any], *, peak_mib: 
         assert report.compiled is expect["compiled"], why
     if "attention" in expect:
         assert report.attention == expect["attention"], why
+    if "quantized" in expect:
+        assert report.quantized == expect["quantized"], why
     if "strategy" in expect:
         assert report.strategy == expect["strategy"] and report.world_size == 1, why
 
