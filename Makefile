@@ -63,7 +63,10 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m "slow and not gpu"
 
+# bitsandbytes (model.quantize=nf4, optim=adamw8bit) is CUDA-only and not in the lock's default install.
+BNB_PIN = bitsandbytes==0.50.2
 test-gpu: $(STAMP)
+	$(PY) -m pip install -q "$(BNB_PIN)"
 	$(PY) -m pytest -q -m gpu
 
 test-all: $(STAMP)

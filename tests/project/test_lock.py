@@ -45,3 +45,14 @@ def test_torch_is_the_cpu_wheel_and_no_cuda_package_is_locked():
     assert str(pins["torch"]).endswith("+cpu")
     assert not [name for name in pins if name.startswith("nvidia-")]
 
+
+
+def test_the_gpu_only_pin_is_inside_the_nf4_extra():
+    """bitsandbytes is left out of the lock (CUDA only, and it slows every import of peft); the
+    Makefile's pin that `make test-gpu` installs must stay inside the range pyproject.toml gives."""
+    pin = re.search(r"^BNB_PIN = bitsandbytes==(\S+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert pin, "Makefile lost BNB_PIN"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (req,) = [Requirement(r) for r in project["optional-dependencies"]["nf4"]]
+    assert req.name == "bitsandbytes" and req.specifier.contains(Version(pin[1]))
+    assert "bitsandbytes" not in lock_pins()
