@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 def check_config(cfg: DictConfig) -> None:
     """``model.family`` is registered and the hardware preset lists it (else the preset's
     ``refusals`` say why); ``model.path`` is set; ``model.allow_pickle`` is a switch;
-    ``model.guidance`` (null: the family's) is > 0. The weights against the preset's card:
-    :func:`sdtune.run.checks.check_hardware` with :func:`frozen_weight_bytes`."""
+    ``model.guidance`` (null: the family's) is > 0. The whole run against the preset's card:
+    :func:`sdtune.run.checks.check_hardware` (the memory planner)."""
     s = Settings(cfg)
     family = s.get("model.family")
     if family not in FAMILIES:

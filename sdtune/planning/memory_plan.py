@@ -72,13 +72,13 @@ class MemoryPlan:
         return self.peak_bytes <= gib * 2**30
 
     def suggestions(self, gib: float | None = None) -> list[tuple[str, int]]:
-        """(override, planned peak with it) for each switch that lowers the peak, applied alone
+        """(override, planned peak with it) for each switch that lowers the peak by 1% or more, applied alone
         (:func:`sdtune.planning.suggest.candidates`); when ``gib`` is given and none fits alone,
         also all of them together."""
         out = []
         for override, _ in suggest.candidates(self.cfg):
             peak = plan_memory(suggest.apply_all(self.cfg, [override]), gib).peak_bytes
-            if peak < self.peak_bytes:
+            if peak < 0.99 * self.peak_bytes:  # a switch that saves under 1% is no advice
                 out.append((override, peak))
         if gib is not None and len(out) > 1 and not any(peak <= gib * 2**30 for _, peak in out):
             overrides = suggest.combined([o for o, _ in out])
