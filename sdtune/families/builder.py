@@ -8,6 +8,7 @@ generate and merge load LoRA files onto the frozen parts.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,9 +16,11 @@ import torch
 
 from sdtune.families import get_family
 from sdtune.families.base import ModelFamily, ModelParts
-from sdtune.families.quantize import choice
+from sdtune.families.quantize import choice, quantized_text_encoders, stored_bytes
 from sdtune.families.source import check_weights, resolve_model_source
 from sdtune.families.tiny import prepare_tiny
+
+log = logging.getLogger(__name__)
 
 
 def model_source(model_cfg: Mapping[str, Any]) -> str:
@@ -53,4 +56,17 @@ def build_parts(model_cfg: Mapping[str, Any], *, dtype: torch.dtype = torch.floa
     family.configure_parts(parts, model_cfg)
     for module in (parts.denoiser, *parts.frozen_modules()):
         module.requires_grad_(False).eval()
+    log_quantized(family, parts, choice(model_cfg))
     return family, parts
+
+
+def log_quantized(family: ModelFamily, parts: ModelParts, modes: Mapping[str, str | None]) -> None:
+    """One line per quantized part: its mode and the bytes its weights hold now, so a run's log
+    shows what ``model.quantize`` did (and that it did)."""
+    quantized = [("the denoiser", parts.denoiser, modes.get("denoiser"))]
+    quantized += [(f"text encoder {i} ({family.text_encoder_kinds[i]})", parts.text_encoders[i], modes.get("text_encoder"))
+                  for i in quantized_text_encoders(family)]
+    for what, module, mode in quantized:
+        if mode:
+            log.info("model.quantize: %s holds its Linear weights in %s (%.1f MiB of weights; LoRA layers train in fp32)",
+                     what, mode, stored_bytes(module) / 2**20)

@@ -100,16 +100,18 @@ def quantized_linears(model: torch.nn.Module, mode: str = "int8") -> dict[str, t
     return {name: module for name, module in model.named_modules() if converts(name, module)}
 
 
-def part_bytes(model: torch.nn.Module, mode: str | None, dtype: torch.dtype) -> int:
+def part_bytes(model: torch.nn.Module, mode: str | None, dtype: torch.dtype, *, frozen_only: bool = False) -> int:
     """Bytes of ``model``'s parameters and buffers once loaded in ``dtype`` (floating-point tensors;
     others keep theirs) with ``mode`` (None: unquantized). ``model`` may be on the meta device.
-    A transformers model keeps the modules of its dtype plan in fp32 (T5's ``wo`` in fp16)."""
+    A transformers model keeps the modules of its dtype plan in fp32 (T5's ``wo`` in fp16).
+    ``frozen_only``: leave out the parameters that train (a LoRA injected into a frozen base: the
+    planner counts those apart, in their own dtype)."""
     quantized = {id(m.weight): m for m in quantized_linears(model, mode).values()} if mode else {}
     fp32 = _fp32_names(model, dtype)
     total = 0
     seen: set[int] = set()
     for name, tensor in (*model.named_parameters(), *model.named_buffers()):
-        if id(tensor) in seen:  # tied weights are stored once
+        if id(tensor) in seen or (frozen_only and tensor.requires_grad):  # tied weights are stored once
             continue
         seen.add(id(tensor))
         linear = quantized.get(id(tensor))

@@ -191,41 +191,15 @@ def frozen_weights(run: planned.RunModel, modes: Mapping[str, str | None]) -> di
     name = DTYPE_NAMES.get(dtype, str(dtype))
     denoiser_mode = modes["denoiser"]
     out = {"denoiser": (f"denoiser weights ({denoiser_mode or name})",
-                        part_bytes(_without_lora(run.parts.denoiser), denoiser_mode, dtype)),
+                        part_bytes(run.parts.denoiser, denoiser_mode, dtype, frozen_only=True)),
            "vae": (f"VAE weights ({name})", part_bytes(run.parts.vae, None, dtype))}
     quantized = set(quantized_text_encoders(run.family)) if modes["text_encoder"] else set()
     total, labels = 0, []
     for index, encoder in enumerate(run.parts.text_encoders):
         mode = modes["text_encoder"] if index in quantized else None
-        total += part_bytes(_without_lora(encoder), mode, dtype)
+        total += part_bytes(encoder, mode, dtype, frozen_only=True)
         if mode:
             labels.append(f"{run.family.text_encoder_kinds[index].upper()} {mode}")
     label = name + (f"; {', '.join(labels)}" if labels else "")
     out["text_encoders"] = (f"text encoders weights ({label})", total)
     return out
-
-
-def _without_lora(encoder: torch.nn.Module) -> torch.nn.Module:
-    """``encoder``, whose LoRA tensors (if it trains) :func:`part_bytes` must not count as frozen
-    weights: a view that hides trainable parameters."""
-    trainable = [p for p in encoder.parameters() if p.requires_grad]
-    if not trainable:
-        return encoder
-    return _Frozen(encoder)
-
-
-class _Frozen(torch.nn.Module):
-    """The frozen parameters and buffers of a module, for counting."""
-
-    def __init__(self, module: torch.nn.Module):
-        super().__init__()
-        self.__dict__["_inner"] = module
-
-    def parameters(self, recurse: bool = True):
-        return (p for p in self._inner.parameters() if not p.requires_grad)
-
-    def buffers(self, recurse: bool = True):
-        return self._inner.buffers()
-
-    def named_modules(self, *args, **kwargs):
-        return self._inner.named_modules(*args, **kwargs)

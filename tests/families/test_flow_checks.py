@@ -89,5 +89,5 @@ def test_presets_list_every_family_or_refuse_it_with_a_fix_that_lists_it():
     flux = compose_cfg("experiment=quickstart", "hardware=8gb", "model.family=flux")
     with pytest.raises(ConfigError, match=r"hardware=8gb does not fit a flux LoRA \(it covers \['sd15', 'sdxl', "
                                           r"'kolors'\]\): FLUX.1 does not fit an 8 GB card even with its transformer "
-                                          r"and T5 in nf4: planned peak `data.resolution=1024`: 9.53 GiB.*Fix: hardware=12gb"):
+                                          r"and T5 in nf4: planned peak `data.resolution=1024`: 9.52 GiB.*Fix: hardware=12gb"):
         validate(flux)
