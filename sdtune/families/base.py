@@ -17,7 +17,7 @@ import torch
 
 from sdtune.families.kohya import STANDARD_XL_UNET, KohyaModule, PerModuleNames
 from sdtune.families.objectives import DDPMObjective, Objective
-from sdtune.families.quantize_load import load_kwargs, quantize_parts
+from sdtune.families.quantize_load import dequantize_in_matmul, load_kwargs, quantize_parts
 from sdtune.utils.errors import ConfigError, ModelLoadError
 
 #: What a pipeline is asked to do: draw from noise, or redraw an input picture (SDEdit).
@@ -163,6 +163,8 @@ class ModelFamily(ABC):
                 path, subfolder="scheduler", revision=revision)
         except (OSError, ValueError) as err:
             raise self._load_error(path, err) from err
+        for module in (denoiser, *text_encoders):  # no full-precision weight copies kept for the backward
+            dequantize_in_matmul(module)
         return ModelParts(
             denoiser=denoiser, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers, noise_scheduler=scheduler,
             source=path,

@@ -22,6 +22,47 @@ from sdtune.families.quantize import MODES, quantized_linears, quantized_text_en
 if TYPE_CHECKING:
     from sdtune.families.base import ModelFamily, ModelParts
 
+
+class _DequantizedMatmul(torch.autograd.Function):
+    """``x @ W.T + b`` with the 8-bit ``W`` dequantized for this one matmul, in the forward and again
+    in the backward, so autograd keeps no full-precision copy of it (torchao's own int8/fp8 linear
+    saves the dequantized weight for the backward: a bf16 copy of every Linear of the base, which
+    undoes the saving). Dequantizing first also keeps the product in range: torchao's int8 path
+    multiplies by the raw int8 values and scales after, which overflows fp16 (65504) for outputs
+    above ~36 at typical scales. Only ``x`` gets a gradient: the base is frozen."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.weight = weight  # the quantized parameter itself: no new memory
+        w = weight.dequantize().to(x.dtype)
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.matmul(ctx.weight.dequantize().to(grad.dtype)), None, None
+
+
+class WeightOnlyLinear(torch.nn.Linear):
+    """An ``nn.Linear`` whose weight is a torchao 8-bit tensor (``model.quantize=int8|fp8``), computed
+    through :class:`_DequantizedMatmul`. Swapped in by class (:func:`dequantize_in_matmul`), so the
+    module keeps its name, state dict and peft's torchao LoRA wrapper."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _DequantizedMatmul.apply(x, self.weight, self.bias)
+
+
+def dequantize_in_matmul(module: torch.nn.Module) -> int:
+    """Make every ``nn.Linear`` of ``module`` whose weight torchao quantized a :class:`WeightOnlyLinear`;
+    returns how many."""
+    count = 0
+    for layer in module.modules():
+        if type(layer) is torch.nn.Linear and hasattr(layer.weight, "__tensor_flatten__") \
+                and hasattr(layer.weight, "dequantize"):
+            layer.__class__ = WeightOnlyLinear
+            count += 1
+    return count
+
+
 def torchao_config(mode: str) -> Any:
     """torchao's weight-only config of ``mode`` (int8 or fp8)."""
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
@@ -89,6 +130,8 @@ def quantize_parts(family: ModelFamily, parts: ModelParts, quantize: Mapping[str
     if quantize.get("text_encoder"):
         for index in quantized_text_encoders(family):
             quantize_in_place(parts.text_encoders[index], quantize["text_encoder"], dtype)
+    for module in (parts.denoiser, *parts.text_encoders):
+        dequantize_in_matmul(module)
 
 
 def is_quantized(module: torch.nn.Module) -> bool:

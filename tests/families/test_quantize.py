@@ -14,7 +14,13 @@ from safetensors import safe_open
 from sdtune.families import get_family
 from sdtune.families.arch import architecture
 from sdtune.families.quantize import part_bytes, quantized_text_encoders, stored_bytes
-from sdtune.families.quantize_load import is_quantized, load_kwargs, quantize_in_place, text_encoder_kwargs
+from sdtune.families.quantize_load import (
+    WeightOnlyLinear,
+    is_quantized,
+    load_kwargs,
+    quantize_in_place,
+    text_encoder_kwargs,
+)
 from sdtune.run.callbacks import write_run_lora
 from sdtune.run.checks import check_device, validate
 from sdtune.training.module import LoRATrainingModule
@@ -69,6 +75,41 @@ def test_in_place_quantization_stores_what_the_loader_stores():
     t5 = type(meta_encoders[1]).from_pretrained(folder, subfolder="text_encoder_2", dtype=torch.float16)
     assert t5.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
     assert stored_bytes(t5) == part_bytes(meta_encoders[1], None, torch.float16)
+
+
+def test_quantized_linears_keep_no_full_precision_weight_for_the_backward():
+    """Loaded int8 by the family, every quantized Linear computes through ``WeightOnlyLinear``: its forward
+    saves nothing for the backward (torchao's own linear saves a dequantized copy of the weight, the
+    memory int8 was to save), its input gradient is grad @ the dequantized weight, and fp16 inputs whose
+    output torchao's int8 matmul (int8 values times x, scaled after) would overflow stay finite."""
+    fam = get_family("sd15")
+    parts = fam.load(str(tiny_model("sd15")), dtype=torch.float32, quantize={"denoiser": "int8"})
+    layers = [m for m in parts.denoiser.modules() if isinstance(m, torch.nn.Linear)]
+    quantized = [m for m in layers if hasattr(m.weight, "__tensor_flatten__")]
+    assert quantized and all(type(m) is WeightOnlyLinear for m in quantized)
+    layer = quantized[0]
+    weight = layer.weight.dequantize().float()
+    torchao_linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    torchao_linear.weight, torchao_linear.bias = layer.weight, layer.bias  # the same int8 tensor, torchao's forward
+
+    def saved(module, x):
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            out = module(x)
+        return out, shapes
+
+    x = torch.randn(3, layer.in_features, requires_grad=True)
+    out, ours = saved(layer, x)
+    assert ours == [] and saved(torchao_linear, x)[1]  # torchao's keeps a weight-sized tensor (the fault)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    assert torch.allclose(x.grad, grad @ weight, atol=1e-6)
+    # an input aligned with row 0 whose true output is 100: the int8-first product is 100 / scale, past fp16
+    row = layer.weight.qdata[0].float()
+    big = (torch.sign(row) * 100.0 / weight[0].abs().sum())[None]
+    assert float(big[0] @ row) > 65504
+    half = layer.half()
+    assert torch.isclose(half(big.half())[0, 0].float(), torch.tensor(100.0 + float(layer.bias[0])), rtol=1e-2)
 
 
 def _cfg(*overrides):
