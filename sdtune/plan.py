@@ -72,7 +72,7 @@ def run(argv: list[str]) -> int:
     root = cfg.data.get("root")
     if not root:  # a plan needs no dataset (the caches are then counted for an assumed one)
         cfg.data.root = "(no dataset: planning)"
-    validate(cfg)
+    validate(cfg, planned_fit=False)  # the run's checks; the verdict is this command's, exit 1 not 2
     cfg.data.root = root
     preset = cfg.get("hardware_preset")
     if gib is None and preset and preset.get("memory_gib") is not None:

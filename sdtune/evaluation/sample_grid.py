@@ -18,7 +18,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from sdtune.inference.sampling import make_grid, render
+from sdtune.inference.sampling import make_grid, render, sample_batch_size
 from sdtune.training.ema import exported_weights
 from sdtune.training.fit_caches import frozen_modules_on_device
 from sdtune.training.stopping import final_render, writes_outputs
@@ -72,7 +72,7 @@ def render_at_scales(pl_module, samples: Sequence[Sample], scales: Sequence[floa
     negatives = [s.negative_prompt for s in samples]
     try:
         with frozen_modules_on_device(pl_module), exported_weights(pl_module):  # draw what the run exports
-            return [render(pipe, prompts, seeds, steps=steps, size=size,
+            return [render(pipe, prompts, seeds, steps=steps, size=size, batch_size=sample_batch_size(size),
                            call_kwargs=pl_module.family.pipeline_call_kwargs(guidance, scale, pl_module.parts),
                            negative_prompt=negatives if any(negatives) else None) for scale in scales]
     finally:

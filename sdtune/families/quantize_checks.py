@@ -68,7 +68,23 @@ def check_config(cfg: DictConfig) -> None:
             f"model.quantize.text_encoder={parts['text_encoder']}: {family.name}'s text encoders are CLIPs (0.1-0.7 B "
             "parameters), which stay in the run's dtype; only the large ones are quantized (T5 in FLUX.1 and SD3.5, "
             "ChatGLM in Kolors). Fix: model.quantize.text_encoder=null.")
+    _check_one_device(cfg, value)
     _check_with_lora(cfg, value, parts["denoiser"])
+
+
+def _check_one_device(cfg: DictConfig, value: Any) -> None:
+    """A quantized base trains on one device: DDP syncs every parameter and buffer at start-up, which
+    torchao's 8-bit tensors do not implement (``aten.view``), and FSDP and DeepSpeed shard and cast
+    every parameter."""
+    s = Settings(cfg)
+    strategy, devices = str(s.get("trainer.strategy") or "auto"), str(s.get("trainer.devices") or 1)
+    nodes = s.get("trainer.num_nodes") or 1
+    if strategy in ("auto", "single_device") and devices == "1" and str(nodes) == "1":
+        return
+    raise ConfigError(
+        f"model.quantize={value!r} with trainer.strategy={strategy}, trainer.devices={devices}: a quantized base "
+        "trains on one GPU only (DDP cannot synchronise torchao's 8-bit tensors, FSDP and DeepSpeed shard and cast "
+        "every weight). Fix: trainer=gpu trainer.devices=1, or model.quantize=null for a multi-GPU run.")
 
 
 def _check_with_lora(cfg: DictConfig, value: Any, mode: str | None) -> None:

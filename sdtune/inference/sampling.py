@@ -10,11 +10,20 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from sdtune.data.latent_fill import encode_batch_size
+
 log = logging.getLogger(__name__)
 #: Noto Sans CJK SC (SIL Open Font License), installed with sdtune through the mplfonts package:
 #: Pillow's built-in font has no CJK glyphs, so Chinese prompts would be drawn as empty boxes.
 CJK_FONT = ("mplfonts", "fonts/NotoSansCJKsc-Regular.otf")
 LABEL_SIZE = 12
+
+
+def sample_batch_size(size: int) -> int:
+    """Pictures per pipeline call when a training run draws its samples at ``size``²: at most 1 megapixel
+    (8 at 256², 4 at 512², 1 from 725²), so the VAE's decode of the batch stays small beside the
+    weights, LoRA and optimizer state still on the card (the memory planner counts the same call)."""
+    return encode_batch_size(size, size)
 
 
 @torch.no_grad()

@@ -26,11 +26,13 @@ import torch
 
 from sdtune.data.latent_fill import encode_batch_size
 from sdtune.families.quantize import choice, part_bytes, quantized_linears, quantized_text_encoders
+from sdtune.inference.sampling import sample_batch_size
 from sdtune.planning import model as planned
 from sdtune.planning import suggest
 from sdtune.planning.data_size import cache_sizes
 from sdtune.planning.optimizer_state import optimizer_name, state_bytes
 from sdtune.planning.render import render
+from sdtune.training.class_images import prior_enabled
 from sdtune.training.text_encoders import text_cache_blocker
 
 #: The CUDA context (the driver's and PyTorch's kernels, cuBLAS and cuDNN handles and workspaces,
@@ -40,7 +42,7 @@ from sdtune.training.text_encoders import text_cache_blocker
 #: measured peaks where a GPU is lent (docs/memory.md).
 CUDA_OVERHEAD = 768 * 2**20
 OVERHEAD_ROW = "CUDA context + allocator (constant)"
-CACHING, TRAINING = "caching", "training step"
+CACHING, TRAINING, SAMPLING = "caching", "training step", "sampling"
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -103,6 +105,9 @@ def plan_memory(cfg: Any, gib: float | None = None) -> MemoryPlan:
     dtype, notes = run.dtype, []
     train, data = cfg["train"], cfg["data"]
     resolution, batch = int(data["resolution"]), int(data["batch_size"])
+    if prior_enabled(data):  # DreamBooth prior preservation: every batch carries as many class images
+        batch *= 2
+        notes.append("prior preservation doubles each batch (class images); their caches are not counted")
     autocast = planned.autocast_dtype(cfg["trainer"])
     auto = None if autocast is None else str(autocast)
 
@@ -173,6 +178,22 @@ def plan_memory(cfg: Any, gib: float | None = None) -> MemoryPlan:
                            "latent cache on device": latent_cache if text_cached else 0,
                            OVERHEAD_ROW: CUDA_OVERHEAD}
     phases[TRAINING] = train_phase
+    samples = (cfg.get("callbacks") or {}).get("samples")
+    if samples:
+        size = int(samples.get("size") or resolution)
+        per_call = sample_batch_size(size)  # what SampleGrid draws per pipeline call
+        # classifier-free guidance runs the denoiser on twice the pictures (FLUX.1-dev's embedded guidance does not)
+        draw = max(planned.denoiser_inference(key, size, auto).activations * 2 * per_call,
+                   planned.vae_decode(key, size, auto).activations * per_call)
+        phases[SAMPLING] = {weights["denoiser"][0]: weights["denoiser"][1],
+                            weights["text_encoders"][0]: weights["text_encoders"][1],
+                            weights["vae"][0]: weights["vae"][1],
+                            f"LoRA weights ({lora_dtypes})": lora_bytes,
+                            "LoRA gradients": lora_bytes,
+                            optimizer_row: optim_bytes,
+                            f"drawing samples ({per_call} a call, {size}²)": draw,
+                            "latent cache on device": latent_cache, "text cache on device": text_cache,
+                            OVERHEAD_ROW: CUDA_OVERHEAD}
     phases = {name: {k: v for k, v in comps.items() if v} for name, comps in phases.items()}
     return MemoryPlan(cfg=cfg, phases=phases, activations=activations, notes=notes)
 

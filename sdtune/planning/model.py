@@ -29,7 +29,7 @@ from sdtune.families import ModelFamily, ModelParts, get_family
 from sdtune.families.arch import architecture, build_random_parts
 from sdtune.lora.layers import spec_from_config, text_encoder_spec, trainable_lora_parameters
 from sdtune.planning.tracker import StepPeak, track_step
-from sdtune.training.diffusion import denoising_loss
+from sdtune.training.diffusion import cast_floats, denoising_loss
 from sdtune.training.text_encoders import inject_text_encoders
 from sdtune.training.trainable import prepare_for_training, weight_dtype
 
@@ -138,6 +138,42 @@ def denoiser_step(key: str, resolution: int, autocast: str | None, checkpointing
         return track_step(step, [run.parts.denoiser], _dtype(autocast))
     finally:
         _set_checkpointing(run, False)
+
+
+@functools.lru_cache(maxsize=32)
+def denoiser_inference(key: str, resolution: int, autocast: str | None) -> StepPeak:
+    """One sample's denoiser forward without gradients at ``resolution``² (a sampling step)."""
+    run = _built(key)
+    family, dtype = run.family, run.dtype
+    objective = family.objective(run.parts, {})
+    side = resolution // run.vae_factor()
+
+    def step() -> None:
+        with torch.device("meta"):
+            latents = torch.zeros(1, run.arch["vae"]["latent_channels"], side, side, dtype=dtype)
+            text = {k: torch.zeros(1, *shape, dtype=dtype) for k, shape in family.text_shapes(run.arch).items()}
+            sizes = torch.tensor([[float(resolution), float(resolution)]])
+            batch = {"original_size": sizes, "target_size": sizes, "crop_top_left": torch.zeros(1, 2)}
+            timesteps = objective.dummy_timesteps(1, "meta")
+        with torch.no_grad():
+            kwargs = cast_floats(objective.conditioning(family.conditioning(text, batch), 1), dtype)
+            family.predict(run.parts.denoiser, latents, objective.model_timestep(timesteps), kwargs)
+
+    return track_step(step, [], _dtype(autocast))
+
+
+@functools.lru_cache(maxsize=32)
+def vae_decode(key: str, resolution: int, autocast: str | None) -> StepPeak:
+    """One picture's VAE decoding (no gradients) at ``resolution``²: the end of every sample."""
+    run = _built(key)
+    side = resolution // run.vae_factor()
+
+    def step() -> None:
+        latents = torch.zeros(1, run.arch["vae"]["latent_channels"], side, side, dtype=run.dtype, device="meta")
+        with torch.no_grad():
+            run.parts.vae.decode(latents).sample  # noqa: B018 (the picture)
+
+    return track_step(step, [], _dtype(autocast))
 
 
 @functools.lru_cache(maxsize=32)

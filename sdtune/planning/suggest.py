@@ -3,7 +3,8 @@
 Each suggestion is an override of the run's command line applied alone to the plan's config and
 planned again (the model and its step measurements are cached, so this costs no new step):
 gradient checkpointing, a quantized base (int8, then nf4), batch 1, the text and latent caches
-(and no latent cache, whose encoding can be the caching phase's peak), 8-bit AdamW. Only those
+(and no latent cache, whose encoding can be the caching phase's peak), 8-bit AdamW, no sample
+images (the sampling phase). Only those
 that lower the peak are kept (:meth:`sdtune.planning.memory_plan.MemoryPlan.suggestions`).
 When a budget is given and none fits alone, all of them together is the last suggestion.
 """
@@ -51,10 +52,12 @@ def candidates(cfg: dict[str, Any]) -> list[tuple[str, Callable[[dict[str, Any]]
         out.append(("train.cache_text_embeddings=true", _set("train.cache_text_embeddings", True)))
     if not cfg["data"].get("cache_latents"):
         out.append(("data.cache_latents=true", _set("data.cache_latents", True)))
-    else:  # the cache encodes 8 pictures at a time beside the denoiser and text encoders (the caching phase)
+    else:  # the cache's VAE encoding can be the caching phase's peak
         out.append(("data.cache_latents=false", _set("data.cache_latents", False)))
     if not str(cfg["optim"]["optimizer"].get("_target_", "")).startswith("bitsandbytes."):
         out.append(("optim=adamw8bit", _adamw8bit))
+    if (cfg.get("callbacks") or {}).get("samples"):  # the sample grid brings every frozen part back to the card
+        out.append(("callbacks.samples=null", _set("callbacks.samples", None)))
     return out
 
 

@@ -134,7 +134,6 @@ SECTION_CHECKS: tuple[Callable[[DictConfig], None], ...] = (
     check_known_keys,  # a typo in a key first: its value would be ignored
     model_checks.check_config,  # model.*
     quantize_checks.check_config,  # model.quantize, and the LoRA variants a quantized base refuses
-    check_hardware,  # hardware=<N>gb: the run's planned GPU peak against the card (CUDA machines)
     layers.check_config,  # lora.*
     text_encoders.check_config,  # lora.text_encoder
     data_config.check_config,  # data.*
@@ -147,15 +146,18 @@ SECTION_CHECKS: tuple[Callable[[DictConfig], None], ...] = (
     eval_config.check_config,  # eval
     embeddings.check_config,  # embedding
     speed.check_config,  # speed.*
+    check_hardware,  # last: it plans the whole run (hardware=<N>gb against the card, CUDA machines only)
 )
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, *, planned_fit: bool = True) -> None:
     """Raise :class:`ConfigError` for the first invalid training setting (the keys a dotted override
-    left out of an optional mapping are filled in first)."""
+    left out of an optional mapping are filled in first). ``planned_fit=False`` leaves out
+    :func:`check_hardware` (``sdtune.plan`` prints the plan it would refuse on)."""
     complete_optional_mappings(cfg)
     for check in SECTION_CHECKS:
-        check(cfg)
+        if planned_fit or check is not check_hardware:
+            check(cfg)
 
 
 def check_against_base(cfg: Any, source: str, captions: list[str]) -> None:

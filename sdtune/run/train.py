@@ -154,6 +154,10 @@ def warn_if_over_free_memory(cfg: dict[str, Any]) -> None:
         return
     # deferred: the planner (a meta-device step under torch's memory tracker) is for GPU runs only
     from sdtune.planning import plan_memory
+    from sdtune.planning.memory_plan import single_device  # deferred: as above
+
+    if not single_device(cfg["trainer"]):  # each rank would open a CUDA context on GPU 0 before its own device
+        return
 
     free, total = torch.cuda.mem_get_info()
     try:

@@ -74,7 +74,7 @@ def test_speed_refusals_are_read_from_the_family(base_cfg):
 
 def test_presets_list_every_family_or_refuse_it_with_a_fix_that_lists_it():
     """Every preset gives each family it leaves out a reason whose fix names a preset that lists it; the
-    check prints that reason. FLUX.1 fits from 12 GB on (an nf4 base), as planned (tests/planning/test_presets.py)."""
+    check prints that reason. FLUX.1 fits from 16 GB on (an nf4 base), as planned (tests/planning/test_presets.py)."""
     presets = {f.stem: yaml_file(f)["hardware_preset"] for f in (ROOT / "conf" / "hardware").glob("*.yaml")}
     assert set(presets) == {"8gb", "12gb", "16gb", "24gb", "48gb"}
     for name, preset in presets.items():
@@ -85,9 +85,9 @@ def test_presets_list_every_family_or_refuse_it_with_a_fix_that_lists_it():
             fix = re.search(r"Fix: hardware=(\d+gb)", why).group(1)
             assert family in presets[fix]["families"], (name, family, fix)
     assert [n for n, p in sorted(presets.items(), key=lambda x: x[1]["memory_gib"]) if "flux" in p["families"]] == \
-        ["12gb", "16gb", "24gb", "48gb"]
+        ["16gb", "24gb", "48gb"]
     flux = compose_cfg("experiment=quickstart", "hardware=8gb", "model.family=flux")
-    with pytest.raises(ConfigError, match=r"hardware=8gb does not fit a flux LoRA \(it covers \['sd15', 'sdxl', "
-                                          r"'kolors'\]\): FLUX.1 does not fit an 8 GB card even with its transformer "
-                                          r"and T5 in nf4: planned peak `data.resolution=1024`: 9.52 GiB.*Fix: hardware=12gb"):
+    with pytest.raises(ConfigError, match=r"hardware=8gb does not fit a flux LoRA \(it covers \['sd15', 'sdxl'\]\): "
+                                          r"FLUX.1 does not fit an 8 GB card even in nf4: its sample images need .*"
+                                          r"Planned peak `model.quantize=nf4`: 13.81 GiB \(sampling\).*Fix: hardware=16gb"):
         validate(flux)

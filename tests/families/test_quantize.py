@@ -124,6 +124,8 @@ def _cfg(*overrides):
     (("model.quantize=int8", "lora.use_dora=true"), "Fix: lora.use_dora=false"),
     (("model.quantize=nf4", "lora.type=loha"), "bitsandbytes packs to (out*in/2, 1)"),
     (("model.quantize.denoiser=nf4", "lora.type=lokr"), "model.quantize.denoiser=nf4 with lora.type=lokr"),
+    (("model.quantize=int8", "trainer=ddp"), "trainer.strategy=ddp, trainer.devices=2: a quantized base trains on one GPU"),
+    (("model.quantize=int8", "trainer.devices=2"), "Fix: trainer=gpu trainer.devices=1, or model.quantize=null"),
 ])
 def test_quantize_settings_refused_with_key_value_and_fix(overrides, expected):
     with pytest.raises(ConfigError) as err:
