@@ -51,6 +51,10 @@ def test_tiny_plan_table_verdict_and_suggestions(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "verdict: does NOT fit a 0.5 GiB card" in out
     assert "train.gradient_checkpointing=true" in out and "data.batch_size=1" in out
+    # the sample grid: the text encoders and the VAE back beside the denoiser, 8 pictures a call at 64²
+    assert "sampling" in out and "drawing samples (8 a call, 64²)" in out
+    assert exit_code(monkeypatch, [*TINY, "callbacks.samples=null", "--gb", "8"]) == 0
+    assert "drawing samples" not in capsys.readouterr().out
 
 
 @pytest.mark.slow
