@@ -75,13 +75,16 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sdtune data_pipeline tests
 
-# Regenerate requirements.lock from pyproject.toml's ranges (newest versions they allow, today).
+# Regenerate requirements.lock from pyproject.toml's ranges.
 # Upgrading is on purpose: `make lock`, `make test`, read `git diff requirements.lock`, commit both.
 UV := $(VENV)-tools/bin/uv
 $(UV):
 	$(PYTHON) -m venv $(VENV)-tools
 	$(VENV)-tools/bin/pip install -q "uv>=0.9,<1"
+# The current lock is uv's starting point (its pins are kept unless a changed range needs another version);
+# `make lock UPGRADE=1` starts from nothing and takes the newest versions the ranges admit.
 lock: $(UV)
+	$(if $(UPGRADE),rm -f requirements.lock.tmp,sed 1d requirements.lock > requirements.lock.tmp)
 	$(UV) pip compile pyproject.toml --extra dev --find-links /opt/wheels --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 --no-header --annotation-style line -o requirements.lock.tmp
 	{ echo "# The exact set CI tests. Regenerate with 'make lock' (uv pip compile pyproject.toml --extra dev)."; \
