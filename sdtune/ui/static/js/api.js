@@ -36,7 +36,12 @@ export async function api(path, { method = "GET", body } = {}) {
   }
   const text = await res.text();
   let data;
-  try { data = text ? JSON.parse(text) : {}; } catch { data = { error: text || `${res.status} ${res.statusText}` }; }
+  try {
+    data = text ? JSON.parse(text) : {};
+  } catch {
+    const plain = text && !text.trimStart().startsWith("<") ? text : `${res.status} ${res.statusText}`;
+    data = { error: plain };
+  }
   return { status: res.status, ok: res.ok, data };
 }
 
