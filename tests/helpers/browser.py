@@ -115,7 +115,7 @@ def kill_processes_under(folder: Path) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if str(folder) in cmdline:
+        if f"{folder}/" in cmdline or f"{folder} " in cmdline:
             try:
                 os.kill(int(entry.name), signal.SIGKILL)
                 killed.append(int(entry.name))

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import pytest
 import torch
@@ -75,8 +75,9 @@ def assert_same_lora(a: Path, b: Path) -> None:
     assert not different, f"{len(different)} of {len(first)} tensors differ between {a} and {b}, e.g. {different[:3]}"
 
 
-def fill_form(app: App, overrides: str) -> str:
-    """/new with the quickstart preset and ``overrides`` typed in; the command the page shows once checked."""
+def fill_form(app: App, overrides: str, checked: bool = True) -> str:
+    """/new with the quickstart preset and ``overrides`` typed in; the command the page shows once
+    checked (``checked``: wait until it holds the overrides)."""
     from selenium.webdriver.support.ui import Select
 
     app.go("/new")
@@ -87,6 +88,8 @@ def fill_form(app: App, overrides: str) -> str:
     box.clear()
     box.send_keys(overrides)
     last = overrides.split()[-1]
+    if not checked:
+        return ""
     return wait_for(lambda: last in app.text("#command") and app.text("#command"), 60, what="the checked command")
 
 
@@ -134,6 +137,8 @@ def test_form_run_shows_command_live_loss_and_samples(app):
     assert final >= 10 and live and live[0] < final, f"the chart did not grow while running: {seen}"
     assert app.text("#step") == "24 / 24"
     assert any(state == "running" and step.endswith("/ 24") for state, _, step in seen), seen
+    wrong = [step for state, _, step in seen if state == "running" and "/" in step and not step.endswith("/ 24")]
+    assert not wrong, f"the page showed another progress bar's count as the run's step: {wrong[:3]}"
     # the samples: one grid per 8 steps and the final samples.png, the slider steps through them
     slider, image = app.find("#samples-slider"), app.find("#sample-image")
     wait_for(lambda: app.loaded(image), 30, what="the newest sample grid")
@@ -167,18 +172,23 @@ def test_page_run_equals_shell_run_bit_for_bit(app):
 
 def test_stop_and_resume_from_the_page(app):
     run, _ = start_run(app, TOY.replace("max_steps=24", "max_steps=40"))
-    wait_for(lambda: (app.text("#step").split(" / ")[0] or "0").isdigit() and int(app.text("#step").split(" / ")[0]) >= 2,
-             180, every=0.1, what="training to pass step 2")
+    def step_shown() -> int:  # "N / 40" as the page shows it, else -1
+        done, _, total = app.text("#step").partition(" / ")
+        return int(done) if total == "40" and done.isdigit() else -1
+
+    points = lambda: int(app.find("#loss-chart").get_attribute("data-points") or 0)  # noqa: E731
+    wait_for(lambda: points() >= 2, 180, every=0.1, what="two logged losses (training past step 2)")
+    assert app.text("#state") == "running" and step_shown() < 40
     app.find("#stop").click()
     app.wait_state("stopped", 120)
     assert app.find("#resume").is_displayed() and not app.find("#stop").is_displayed()
     resume_command = app.text("#resume-command")
     assert f"ckpt_path={app.outputs / run}" in resume_command or "ckpt_path=" in resume_command, resume_command
-    stopped_at = int(app.text("#step").split(" / ")[0])
-    assert 2 <= stopped_at < 40, app.text("#step")
+    assert 2 <= step_shown() < 40, app.text("#step")
     assert json.loads((app.outputs / run / "summary.json").read_text())["training_finished"] is False
     screenshot(app.driver, "stopped")
     app.find("#resume").click()
+    wait_for(lambda: app.text("#state") in ("queued", "running"), 30, what="the resume job")
     app.wait_state("finished", 180)
     assert app.text("#step") == "40 / 40"
     assert json.loads((app.outputs / run / "summary.json").read_text())["training_finished"] is True
@@ -206,10 +216,12 @@ def test_queue_survives_a_crash_and_the_interrupted_run_resumes_bit_identical(ap
     wait_for(lambda: row(first) and "interrupted" in row(first).text, 30, what="the first job shown interrupted")
     assert row(first).find_elements("css selector", "button.resume")
     assert any(s in row(second).text for s in ("queued", "running")), row(second).text
+    wait_for(lambda: app.finds(f'tr[data-run="{first}"]'), 60, what="the runs table")
     screenshot(app.driver, "queue")
     app.go("/run/" + first.replace("/", "%2F"))
     app.wait_state("interrupted", 30)
     app.find("#resume").click()
+    wait_for(lambda: app.text("#state") in ("queued", "running"), 30, what="the resume job")
     app.wait_state("finished", 300)
     app.go("/run/" + second.replace("/", "%2F"))
     app.wait_state("finished", 120)
@@ -244,20 +256,26 @@ def test_dataset_caption_edit_writes_the_caption_file_only(app):
     shutil.copytree(QUICKSTART, root)
     images = {p: p.read_bytes() for p in root.rglob("*.png")}
     app.go("/dataset")
+    from selenium.webdriver.support.ui import Select
+
+    wait_for(lambda: app.finds('#dataset-model option[value="toy"]'), 30, what="the models")
+    Select(app.find("#dataset-model")).select_by_value("toy")  # its resolution gives each image a bucket
     app.find("#dataset-root").send_keys(str(root))
     app.find("#dataset-open").click()
     cards = wait_for(lambda: len(app.finds("[data-file]")) == len(images) and app.finds("[data-file]"), 60,
                      what="a card per image")
     card = cards[0]
     file = card.get_attribute("data-file")
-    assert card.find_element("css selector", ".verdict").text == "ok"
+    assert card.find_element("css selector", ".verdict").text == "ok" and "bucket" in card.text, card.text
     wait_for(lambda: app.loaded(card.find_element("css selector", "img")), 30, what="the card's image")
     caption = card.find_element("css selector", ".caption")
     caption.clear()
     caption.send_keys("a sks square drawn in the browser test")
     card.find_element("css selector", ".save").click()
-    wait_for(lambda: "saved" in card.find_element("css selector", ".status").text, 30, what="the saved message")
-    status, listing = app.api(f"/api/dataset?root={root}")
+    wait_for(lambda: card.find_element("css selector", ".status").text.startswith("saved to metadata.csv"), 30,
+             what="the saved message")
+    status, listing = app.api(f"/api/dataset?root={quote(str(root))}")
+    assert status == 200, listing
     entry = next(i for i in listing["images"] if i["file"] == file)
     assert entry["caption"] == "a sks square drawn in the browser test" and entry["caption_file"]
     assert "a sks square drawn in the browser test" in (root / entry["caption_file"]).read_text()
@@ -277,8 +295,9 @@ def test_traversal_and_bad_overrides_are_refused_on_the_page(app):
         shown = app.find("body").text
         assert message.strip()[:60] in shown and "root:" not in shown, shown
     _, before = app.api("/api/jobs")
-    fill_form(app, "model._target_=os.system")
+    fill_form(app, "model._target_=os.system", checked=False)
     wait_for(lambda: "_target_" in app.text('[data-error-for="overrides"]'), 60, what="the _target_ refusal")
+    app.find("#overrides").clear()
     rank = app.find('[data-key="lora.rank"]')
     rank.clear()
     rank.send_keys("-1")
@@ -287,7 +306,7 @@ def test_traversal_and_bad_overrides_are_refused_on_the_page(app):
     wait_for(lambda: app.text("#submit-error"), 30, what="the refused submit")
     assert "/new" in app.driver.current_url
     assert app.api("/api/jobs")[1]["jobs"] == before["jobs"], "something was queued"
-    screenshot(app.driver, "errors", height=1000)
+    screenshot(app.driver, "errors")
 
 
 def test_generate_panel_draws_with_the_lora(app):

@@ -12,7 +12,7 @@ function card(image) {
   caption.value = image.caption ?? "";
   const status = el("span", { class: "status" });
   const save = el("button", { class: "save", type: "button", text: "Save caption" });
-  caption.addEventListener("input", () => { status.textContent = "edited, not saved"; status.className = "status bad"; });
+  caption.addEventListener("input", () => { status.textContent = "edited: press Save to write it"; status.className = "status bad"; });
   save.addEventListener("click", async () => {
     save.disabled = true;
     const res = await api("/api/dataset/caption", { method: "PUT", body: { root, file: image.file, caption: caption.value } });
@@ -63,12 +63,12 @@ async function open() {
 }
 
 async function init() {
+  $("#dataset-form").addEventListener("submit", (e) => { e.preventDefault(); open(); });
+  const params = new URLSearchParams(location.search);
   const res = await api("/api/presets");
   const models = res.ok ? res.data.models || [] : [];
   $("#dataset-model").replaceChildren(el("option", { value: "", text: "(default)" }),
     ...models.map((m) => el("option", { value: m, text: m })));
-  $("#dataset-form").addEventListener("submit", (e) => { e.preventDefault(); open(); });
-  const params = new URLSearchParams(location.search);
   if (params.get("model")) $("#dataset-model").value = params.get("model");
   if (params.get("resolution")) $("#dataset-resolution").value = params.get("resolution");
   if (params.get("root")) { $("#dataset-root").value = params.get("root"); open(); }

@@ -56,6 +56,7 @@ function renderRuns() {
       onchange: (e) => { e.target.checked ? chosen.add(run.run) : chosen.delete(run.run); updateCompareButton(); },
     })),
     ...cols.map(([key]) => cell(key, run)))));
+  $("#runs-empty").textContent = "No runs yet under the outputs folder. Start one from New run.";
   $("#runs-empty").classList.toggle("hidden", runs.length > 0);
   $("#runs-count").textContent = `${runs.length} run${runs.length === 1 ? "" : "s"}`;
 }
@@ -81,11 +82,11 @@ async function jobAction(job, action) {
   await loadJobs();
 }
 
-function renderJob(job) {
+function renderJob(job, latest) {
   const actions = el("div", { class: "row" });
   if (job.state === "running") actions.append(el("button", { class: "danger stop", text: "Stop", onclick: () => jobAction(job, "stop") }));
   if (job.state === "queued") actions.append(el("button", { class: "cancel", text: "Cancel", onclick: () => jobAction(job, "stop") }));
-  if (job.resumable) actions.append(el("button", { class: "resume", text: "Resume", onclick: () => jobAction(job, "resume") }));
+  if (job.resumable && latest) actions.append(el("button", { class: "resume", text: "Resume", onclick: () => jobAction(job, "resume") }));
   return el("li", { dataset: { job: job.id, state: job.state } },
     el("div", {}, badge(job.state), " ", el("strong", { text: job.kind }), " ",
       job.run ? el("a", { href: runHref(job.run), text: job.run }) : null),
@@ -99,7 +100,9 @@ async function loadJobs() {
   $("#queue-error").textContent = res.ok ? "" : errorText(res);
   if (!res.ok) return;
   const jobs = res.data.jobs || [];
-  $("#queue").replaceChildren(...jobs.map(renderJob));
+  const newest = new Map();  // run -> its latest job (jobs come newest first): only that one offers Resume
+  for (const job of jobs) if (job.run && !newest.has(job.run)) newest.set(job.run, job.id);
+  $("#queue").replaceChildren(...jobs.map((job) => renderJob(job, !job.run || newest.get(job.run) === job.id)));
   $("#queue-empty").classList.toggle("hidden", jobs.length > 0);
   const key = jobs.map((j) => `${j.id}:${j.state}`).join(",");
   if (key !== lastJobsKey) { lastJobsKey = key; loadRuns(); }  // a job changed: its run's row did too
@@ -114,6 +117,7 @@ $("#compare-button").addEventListener("click", async () => {
   updateCompareButton();
   $("#compare-error").textContent = res.ok ? "" : errorText(res);
   if (!res.ok) return;
+  $("#compare-result").classList.remove("hidden");
   for (const [id, url] of [["#compare-loss", res.data.loss_curves], ["#compare-samples", res.data.samples_grid]]) {
     const img = $(id);
     img.classList.toggle("hidden", !url);

@@ -56,7 +56,7 @@ function renderState() {
   resume.disabled = false;
   const lora = $("#lora-download");
   lora.classList.toggle("hidden", !info.lora_url);
-  if (info.lora_url) lora.href = fileUrl(info.lora_url);
+  if (info.lora_url) lora.href = withToken(info.lora_url);
 }
 
 function showSample() {
@@ -80,6 +80,19 @@ function renderSamples() {
   showSample();
 }
 
+/** summary.json's concept probe in words: per trigger, the share of samples showing the concept, LoRA off and on. */
+function probeText(probe) {
+  if (!probe || typeof probe !== "object") return "";
+  const pct = (x) => (typeof x === "number" ? `${Math.round(x * 100)}%` : "–");
+  const parts = Object.entries(probe).map(([trigger, p]) => {
+    if (!p || typeof p !== "object" || !p.concept) return `${trigger}: ${JSON.stringify(p)}`;
+    const off = p.lora_off && p.lora_off[p.concept], on = p.lora_on && p.lora_on[p.concept];
+    return `'${trigger}' prompts read as ${p.concept}: ${pct(off)} with the LoRA off, ${pct(on)} on` +
+      (p.samples ? ` (${p.samples} samples)` : "");
+  });
+  return parts.length ? `Concept probe: ${parts.join("; ")}.` : "";
+}
+
 function renderFigures() {
   const figures = info.figures || [];
   const key = version + JSON.stringify(figures);
@@ -88,8 +101,7 @@ function renderFigures() {
   $("#figures").replaceChildren(...(figures.length ? figures.map((f) => el("figure", {},
     el("a", { href: fileUrl(f.url), target: "_blank" }, el("img", { src: fileUrl(f.url), alt: f.name, dataset: { name: f.name } })),
     el("figcaption", { text: f.name }))) : [el("p", { class: "empty", text: "No figures yet: they are written when the run ends." })]));
-  const probe = info.probe;
-  $("#probe").textContent = probe ? `concept probe: ${JSON.stringify(probe)}` : "";
+  $("#probe").textContent = probeText(info.probe);
 }
 
 function renderText() {
@@ -142,7 +154,8 @@ async function watchGenerate(id) {
     $("#gen-state").replaceChildren(badge(job.state));
     if (!ACTIVE.has(job.state)) {
       const images = job.images || [];
-      $("#gen-images").replaceChildren(...images.map((url) => el("img", { src: withToken(url), alt: "generated image" })));
+      $("#gen-images").replaceChildren(...images.map((url) => el("img", {
+        src: withToken(url), alt: "generated image", class: /grid\.png(\?|$)/.test(url) ? "grid" : "single" })));
       if (job.state !== "finished") $("#gen-error").textContent = `generation ${job.state}` +
         (job.exit_code !== null && job.exit_code !== undefined ? ` (exit ${job.exit_code})` : "") +
         (job.log_tail ? `:\n${[].concat(job.log_tail).join("\n").slice(-1500)}` : "");
