@@ -14,6 +14,7 @@ web app checks forms from several threads).
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from pathlib import Path
@@ -86,6 +87,7 @@ def check_command(argv: list[str], output_dir: str | os.PathLike = UNWRITTEN_OUT
     return cfg, preflight(cfg)
 
 
+@functools.lru_cache(maxsize=4)
 def conf_targets(conf_dir: Path = CONF_DIR) -> frozenset[str]:
     """Every ``_target_`` value written in the shipped ``conf/**/*.yaml``: the only callables a
     config composed from presets and plain values can name."""

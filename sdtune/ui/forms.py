@@ -40,6 +40,7 @@ FIELDS = (
 )
 FIELD_KEYS = tuple(f[0] for f in FIELDS)
 _INSTANTIATE = re.compile(r"_(target|args|partial|recursive|convert)_")
+_DOTTED = re.compile(r"(?<![\w./-])[a-z_]+(?:\.[a-z_0-9]+)+(?![\w.])|(?<![\w./-])seed(?![\w.])")
 _RESOLVER = re.compile(r"\$\{\s*([A-Za-z_][\w.\-]*)\s*:")
 
 
@@ -147,20 +148,6 @@ def form_argv(body: dict[str, Any]) -> list[str]:
         value = body.get(name) or None
         if value is not None and value not in known:
             raise FormError(name, f"{name}={value!r} is not a preset of sdtune's conf/{name}/. Fix: one of {known}.")
-    argv = preset_argv(experiment, model)
-    given = body.get("fields") or {}
-    if not isinstance(given, dict):
-        raise FormError("overrides", "fields must be an object {key: value}.")
-    base = defaults(experiment, model)
-    for key, value in given.items():
-        if key not in FIELD_KEYS:
-            raise FormError("overrides", f"{key!r} is not a field of the form ({', '.join(FIELD_KEYS)}). Fix: set it "
-                            "in the overrides text instead.")
-        if value is None or _text(value).strip() == "" or _same(value, base[key]):
-            continue
-        arg = f"{key}={hydra_quote(_text(value).strip())}"
-        refuse_unsafe(arg, key)
-        argv.append(arg)
     try:
         extra = shlex.split(str(body.get("overrides") or ""))
     except ValueError as err:
@@ -171,6 +158,20 @@ def form_argv(body: dict[str, Any]) -> list[str]:
         if "=" not in arg:
             raise FormError("overrides", f"{arg!r} is not an override. Fix: write key=value (e.g. lora.rank=8) or "
                             "group=option (e.g. optim=prodigy).")
+    argv = preset_argv(experiment, model)
+    given = body.get("fields") or {}
+    if not isinstance(given, dict):
+        raise FormError("overrides", "fields must be an object {key: value}.")
+    for key, value in given.items():
+        if key not in FIELD_KEYS:
+            raise FormError("overrides", f"{key!r} is not a field of the form ({', '.join(FIELD_KEYS)}). Fix: set it "
+                            "in the overrides text instead.")
+        if value is None or _text(value).strip() == "":
+            continue
+        arg = f"{key}={hydra_quote(_text(value).strip())}"
+        refuse_unsafe(arg, key)
+        if not _same(value, defaults(experiment, model)[key]):  # composed once per preset (cached)
+            argv.append(arg)
     return argv + extra
 
 
@@ -180,16 +181,14 @@ def command_text(argv: list[str], module: str = "sdtune") -> str:
 
 
 def field_of(message: str, fields: tuple[str, ...] = FIELD_KEYS) -> str:
-    """The form key a message names first (``data.root`` for a dataset problem), else ``overrides``."""
-    best: tuple[int, str] | None = None
-    for key in sorted(fields, key=len, reverse=True):
-        hit = re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message)
-        if hit and (best is None or hit.start() < best[0]):
-            best = (hit.start(), key)
-    if best:
-        return best[1]
+    """The form key a message is about: the first dotted key it names (sdtune's messages start with the
+    setting, ``lora.rank must be >= 1``), when that is a field; a Hydra group error names its group
+    (``experiment``, ``model``); anything else belongs to the overrides text."""
+    first = _DOTTED.search(message)
+    if first and first.group(0) in fields:
+        return first.group(0)
     for group in ("experiment", "model"):
-        if re.search(rf"'{group}/|{group}=|options in '{group}'", message):
+        if re.search(rf"'{group}/|^{group}=|options in '{group}'", message):
             return group
     return "overrides"
 

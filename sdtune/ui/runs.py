@@ -80,7 +80,7 @@ def log_tail(log: Path, lines: int = 40, chunk: int = 65536) -> str:
             text = fh.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
-    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:])
+    return "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")[-lines:])
 
 
 def max_steps(folder: Path) -> int | None:
