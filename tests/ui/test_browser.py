@@ -137,8 +137,10 @@ def test_form_run_shows_command_live_loss_and_samples(app):
     assert final >= 10 and live and live[0] < final, f"the chart did not grow while running: {seen}"
     assert app.text("#step") == "24 / 24"
     assert any(state == "running" and step.endswith("/ 24") for state, _, step in seen), seen
-    wrong = [step for state, _, step in seen if state == "running" and "/" in step and not step.endswith("/ 24")]
+    shown = [tuple(map(int, step.split(" / "))) for state, _, step in seen if state == "running" and " / " in step]
+    wrong = [f"{a} / {b}" for a, b in shown if b != 24 or a > 24]
     assert not wrong, f"the page showed another progress bar's count as the run's step: {wrong[:3]}"
+    assert [a for a, _ in shown] == sorted(a for a, _ in shown), f"the step went back: {shown}"
     # the samples: one grid per 8 steps and the final samples.png, the slider steps through them
     slider, image = app.find("#samples-slider"), app.find("#sample-image")
     wait_for(lambda: app.loaded(image), 30, what="the newest sample grid")
