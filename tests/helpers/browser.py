@@ -50,10 +50,10 @@ def child_env() -> dict[str, str]:
 class UiServer:
     """``python -m sdtune.ui --outputs OUTPUTS --port 0``; ``url`` is what it printed on start."""
 
-    def __init__(self, outputs: Path, log: Path):
-        self.outputs, self.log = Path(outputs), Path(log)
+    def __init__(self, outputs: Path, log: Path, args: tuple[str, ...] = ()):
+        self.outputs, self.log, self.args = Path(outputs), Path(log), tuple(args)
         self.proc: subprocess.Popen | None = None
-        self.url = ""
+        self.url = ""  # http://127.0.0.1:PORT, without the ?token= the server prints when it has one
 
     def start(self, timeout: float = 60) -> str:
         self.url = ""
@@ -61,7 +61,7 @@ class UiServer:
         out.write(f"\n--- start {time.strftime('%H:%M:%S')}\n")
         out.flush()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sdtune.ui", "--outputs", str(self.outputs), "--port", "0"],
+            [sys.executable, "-m", "sdtune.ui", "--outputs", str(self.outputs), "--port", "0", *self.args],
             cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=out, text=True, start_new_session=True)
         found = threading.Event()
 
@@ -71,7 +71,7 @@ class UiServer:
                 sink.flush()
                 match = URL_LINE.search(line)
                 if match and not found.is_set():
-                    self.url = match.group(1).rstrip("/")
+                    self.url = match.group(1).split("?")[0].rstrip("/")
                     found.set()
             sink.close()
 
@@ -157,16 +157,17 @@ def wait_for(check, timeout: float = 60, every: float = 0.2, what: str = "the pa
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f" (last error: {last_error!r})" if last_error else ""))
 
 
-def screenshot(driver, name: str, height: int | None = None) -> Path:
+def screenshot(driver, name: str, height: int | None = None, element: str | None = None) -> Path:
     """The page as docs/images/ui_<name>.png: the full page height (up to 2400 px, or ``height``),
-    reduced to a 256-colour palette so the committed file stays small."""
+    or one ``element`` (CSS), reduced to a 256-colour palette so the committed file stays small."""
     from PIL import Image
 
     full = driver.execute_script("return Math.ceil(document.documentElement.scrollHeight)")
     size = driver.get_window_size()
     driver.set_window_size(size["width"], min(height or full + 140, 2400))
     try:
-        png = driver.get_screenshot_as_png()
+        png = (driver.find_element("css selector", element).screenshot_as_png if element
+               else driver.get_screenshot_as_png())
     finally:
         driver.set_window_size(size["width"], size["height"])
     image = Image.open(io.BytesIO(png)).convert("RGB")

@@ -26,6 +26,7 @@ from tests.helpers.browser import (
     App,
     UiServer,
     child_env,
+    http,
     kill_processes_under,
     require_browser,
     screenshot,
@@ -188,7 +189,7 @@ def test_stop_and_resume_from_the_page(app):
     assert f"ckpt_path={app.outputs / run}" in resume_command or "ckpt_path=" in resume_command, resume_command
     assert 2 <= step_shown() < 40, app.text("#step")
     assert json.loads((app.outputs / run / "summary.json").read_text())["training_finished"] is False
-    screenshot(app.driver, "stopped")
+    screenshot(app.driver, "stopped", height=1100)
     app.find("#resume").click()
     wait_for(lambda: app.text("#state") in ("queued", "running"), 30, what="the resume job")
     app.wait_state("finished", 180)
@@ -324,4 +325,27 @@ def test_generate_panel_draws_with_the_lora(app):
     images = wait_for(lambda: app.finds("#gen-images img") or (app.text("#gen-error") and
                       pytest.fail(app.text("#gen-error"))), 180, what="the generated images")
     wait_for(lambda: all(app.loaded(i) for i in images), 30, what="the generated images to load")
-    screenshot(app.driver, "generate")
+    screenshot(app.driver, "generate", element="#generate")
+
+
+def test_pages_keep_the_token_and_send_it(app, tmp_path):
+    """With --token, a page opened with ?token= keeps it (sessionStorage), sends it as X-Sdtune-Token
+    (no cookie needed) and puts it in its links and file URLs."""
+    (tmp_path / "outputs").mkdir()
+    server = UiServer(tmp_path / "outputs", tmp_path / "server.log", ("--token", "s3cret-token"))
+    try:
+        server.start()
+        assert http(server.url + "/api/runs")[0] == 401
+        app.driver.get(server.url + "/?token=s3cret-token")
+        wait_for(lambda: "No runs yet" in app.text("#runs-empty"), 30, what="the empty runs table")
+        assert app.text("#runs-error") == "" and app.text("#queue-error") == ""
+        app.driver.delete_all_cookies()
+        answer = app.driver.execute_async_script("""const done = arguments[arguments.length - 1];
+            import("/static/js/api.js").then(async (m) => done([(await m.api("/api/presets")).status,
+                                                                  m.withToken("/files/runs/x/lora.safetensors")]));""")
+        assert answer == [200, "/files/runs/x/lora.safetensors?token=s3cret-token"], answer
+        app.finds("header nav a")[1].click()  # New run: the link carries the token
+        wait_for(lambda: app.finds('#experiment option[value="quickstart"]'), 30, what="the form's presets")
+        assert app.driver.current_url.endswith("/new?token=s3cret-token")
+    finally:
+        server.stop()
