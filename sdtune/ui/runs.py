@@ -23,7 +23,8 @@ import yaml
 from sdtune.run.resume import OVERRIDES
 
 UI_DIR = ".sdtune-ui"
-_PROGRESS = re.compile(r"(\d+)/(\d+) \[([\d:]+)<([\d:?]+)")
+# the run's own bar (sdtune.run.progress), not the other bars of its log (weights loading, the text cache)
+_PROGRESS = re.compile(r"training:[^\r\n]*?(\d+)/(\d+) \[([\d:]+)<([\d:?]+)")
 _SAMPLE = re.compile(r"step(\d+)\.png$")
 
 

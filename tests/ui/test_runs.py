@@ -36,3 +36,13 @@ def test_a_run_folder_reads_as_its_steps_samples_and_figures(tmp_path):
     assert [s["step"] for s in detail["samples"]] == [8, 16]
     assert detail["samples"][0]["url"] == "/files/runs/r1/samples/step000008.png"
     assert [f["name"] for f in detail["figures"]] == ["loss.png"] and detail["lora_url"] is None
+
+
+def test_progress_is_the_training_bar_only(tmp_path):
+    """The other bars of a job log (weights loading, the text-embedding cache) are not the run's step."""
+    log = tmp_path / "2.log"
+    log.write_text("Loading weights: 100%|##| 36/36 [00:00<00:00, 15225.87it/s]\n"
+                   "caching text embeddings: 100%|##| 2/2 [00:00<00:00, 56.59batch/s]\n")
+    assert log_progress(log) is None
+    log.write_text(log.read_text() + "training:   4%|#  | 1/24 [00:00<00:12,  1.78step/s]\n")
+    assert log_progress(log)["step"] == 1
