@@ -189,7 +189,7 @@ def test_stop_and_resume_from_the_page(app):
     assert f"ckpt_path={app.outputs / run}" in resume_command or "ckpt_path=" in resume_command, resume_command
     assert 2 <= step_shown() < 40, app.text("#step")
     assert json.loads((app.outputs / run / "summary.json").read_text())["training_finished"] is False
-    screenshot(app.driver, "stopped", height=1100)
+    screenshot(app.driver, "stopped", height=1250)
     app.find("#resume").click()
     wait_for(lambda: app.text("#state") in ("queued", "running"), 30, what="the resume job")
     app.wait_state("finished", 180)
