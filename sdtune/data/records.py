@@ -81,7 +81,7 @@ def _link_problem(path: Path) -> str | None:
     return None
 
 
-def _verify_image(path: Path) -> str | None:
+def image_problem(path: Path) -> str | None:
     """Why ``path`` cannot be trained on, or None.
 
     Checks the checksums (``verify``, which catches a PNG missing its end) and decodes every pixel
@@ -308,8 +308,8 @@ def _check_images(records: list[Record], meta: Path, bad_images: str) -> list[Re
             ThreadPoolExecutor(max_workers=CHECK_THREADS, thread_name_prefix="sdtune-check") as pool,
             tqdm(total=len(records), desc="checking images", unit="img", disable=len(records) <= _PROGRESS_OVER) as bar,
         ):
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # _verify_image refuses those itself
-            for why in pool.map(_verify_image, [r.path for r in records]):
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # image_problem refuses those itself
+            for why in pool.map(image_problem, [r.path for r in records]):
                 reasons.append(why)
                 bar.update()
     finally:

@@ -19,14 +19,14 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from sdtune.data.datamodule import ImageCaptionDataModule, folder_repeats
+from sdtune.data.datamodule import ImageCaptionDataModule
 from sdtune.data.masks import find_masks, mask_manifest
-from sdtune.data.records import load_records
 from sdtune.evaluation.reference import evaluation_callbacks
 from sdtune.families.builder import model_source
-from sdtune.run.checks import check_against_base, check_device, validate
+from sdtune.run.checks import check_against_base, check_device
 from sdtune.run.folder import check_fresh, check_writable, is_secondary_rank, run_folder_lock
 from sdtune.run.loggers import drop_rows_after
+from sdtune.run.preflight import preflight
 from sdtune.run.progress import RunProgress
 from sdtune.run.resume import changed_settings
 from sdtune.training.checkpointing import AtomicCheckpointIO, check_resumable, data_manifest, resolve_ckpt_path
@@ -54,17 +54,7 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 def train(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
     """Train a LoRA as ``cfg`` says; returns the final metrics (for sweeps and tests)."""
     tidy_console()
-    validate(cfg)
-    # every data problem surfaces before a model is loaded
-    records = load_records(
-        cfg.data.root,
-        verify=cfg.data.get("verify_images", True),
-        bad_images=cfg.data.get("bad_images", "error"),
-        allow_outside_root=bool(cfg.data.get("allow_outside_root", False)),
-        caption_extension=cfg.data.get("caption_extension"),
-        skip_folders=(str(cfg.data.mask_folder),) if cfg.train.get("masked_loss") else (),  # masks are not images
-    )
-    folder_repeats(records, cfg.data.root, cfg.data.get("repeats"))  # repeat counts within bounds, before any list
+    records = preflight(cfg)  # every setting's check, then the data: all before a model is loaded
     output_dir = Path(output_dir)
     if is_secondary_rank():  # DDP's extra processes: rank 0 owns the folder and its checks
         return _fit(cfg, output_dir, records)

@@ -3,7 +3,7 @@
 The layers, low to high (a module may import its own package or a lower one, never a higher one):
 
     utils < config < families < lora < data < inference < training < planning < evaluation < run < morph
-          < toy < commands (__main__, generate, merge, export, report, plan) < bench
+          < toy < commands (__main__, generate, merge, export, report, plan) < ui < bench
 
 Why this order: each layer is what the next one is built from. ``utils`` knows no model; ``config``
 holds paths, resolvers and the value checks every tool shares; ``families`` is everything that
@@ -11,8 +11,9 @@ differs by model; ``lora`` the adapters and their files; ``data`` the datasets; 
 with a base and LoRAs; ``training`` is one training step and what it needs; ``planning`` sizes a run's GPU memory from
 that step played on the meta device; ``evaluation`` scores a
 LoRA while it trains; ``run`` wires one training run (folders, resume, callbacks); ``morph`` and
-``toy`` are tools made of all of those; the commands sit on top, and the benchmark above them
-measures the commands. With the order kept, a change low down cannot be broken by a module it
+``toy`` are tools made of all of those; the commands sit on top; the web app (``ui``) drives the
+commands (it runs them as processes and reads what they write, with the report's own loaders), and
+the benchmark above them measures the commands. With the order kept, a change low down cannot be broken by a module it
 never sees, a reader can learn the package bottom-up, and the start-up of a command pays only for
 the layers it uses. ``data_pipeline`` is a separate program: it may use sdtune's lower layers,
 and sdtune never imports it.
@@ -20,7 +21,8 @@ and sdtune never imports it.
 The rules, each a test below:
 (a) no import circle between modules (function-level imports count; ``if TYPE_CHECKING:`` does not);
 (b) no import against the layer order;
-(c) library code imports neither ``sdtune.bench`` nor a command module;
+(c) library code imports neither ``sdtune.bench`` nor a command module (``ui``, above the commands,
+    may import them), and nothing outside ``sdtune.ui`` imports the web app;
 (d) no string equal to a registered family name outside ``sdtune/families/`` (the fact goes into
     the family's file, as an attribute or method of its ``ModelFamily``);
 (e) a function-level import of our own code says why it is not at the top: a ``# deferred: <what
@@ -43,7 +45,7 @@ from tests.helpers.paths import ROOT
 
 PACKAGES = ("sdtune", "data_pipeline")
 LAYERS = ("utils", "config", "families", "lora", "data", "inference", "training", "planning", "evaluation", "run",
-          "morph", "toy", "commands", "bench")
+          "morph", "toy", "commands", "ui", "bench")
 #: The commands users run; ``__main__`` modules are entry points too.
 COMMANDS = frozenset({"sdtune.__main__", "sdtune.generate", "sdtune.merge", "sdtune.export", "sdtune.report",
                       "sdtune.plan", "sdtune.morph.command"})
@@ -249,10 +251,15 @@ def is_entry_point(module: str) -> bool:
 
 
 def seam_violations(graph: Graph) -> list[str]:
-    """(c) Library code (no command, no ``__main__``, not the bench) importing the bench or a command."""
+    """(c) Library code (no command, no ``__main__``, not the web app or the bench) importing the bench or a
+    command; any module outside ``sdtune.ui`` importing the web app."""
     found = []
     for imp in graph.imports:
-        if is_entry_point(imp.importer) or imp.importer.startswith("sdtune.bench"):
+        if (imp.target == "sdtune.ui" or imp.target.startswith("sdtune.ui.")) and not imp.importer.startswith("sdtune.ui"):
+            found.append(f"rule (c) seams: {_where(imp)} imports the web app; nothing imports sdtune.ui (it drives "
+                         "the commands from above). Fix: move what it needs into the layer that owns it.")
+            continue
+        if is_entry_point(imp.importer) or imp.importer.startswith(("sdtune.bench", "sdtune.ui")):
             continue
         if imp.target == "sdtune.bench" or imp.target.startswith("sdtune.bench."):
             found.append(f"rule (c) seams: {_where(imp)} imports the benchmark from library code. Fix: move what it "
@@ -370,10 +377,14 @@ def test_checker_reports_library_code_importing_the_bench_or_a_command():
                        "sdtune.toy.controlnet": "from sdtune.generate import generate\n",
                        "sdtune.bench.runner": "from sdtune.bench.arch import build\nfrom sdtune.generate import generate\n",
                        "sdtune.morph.__main__": "from sdtune.morph.command import main\n",
-                       "sdtune.bench.arch": "", "sdtune.generate": "", "sdtune.morph.command": ""})
+                       "sdtune.ui.runs": "from sdtune.report import load_runs\n",
+                       "sdtune.bench.ui": "from sdtune.ui.runs import run_row\n",
+                       "sdtune.bench.arch": "", "sdtune.generate": "", "sdtune.morph.command": "", "sdtune.report": ""})
     found = seam_violations(graph)
-    assert len(found) == 2 and all("rule (c)" in f for f in found)
-    bench, command = sorted(found, key=lambda f: "command module" in f)
+    assert len(found) == 3 and all("rule (c)" in f for f in found)
+    (web,) = [f for f in found if "imports the web app" in f]
+    assert "sdtune/bench/ui.py:1" in web
+    bench, command = sorted([f for f in found if f != web], key=lambda f: "command module" in f)
     assert "sdtune/training/text.py:2" in bench and "imports the benchmark" in bench
     assert "sdtune/toy/controlnet.py:1" in command and "command module sdtune.generate" in command
 
