@@ -74,8 +74,10 @@ def job_json(ctx, job: dict[str, Any]) -> dict[str, Any]:
     folder = Path(job["out_dir"]) if job.get("out_dir") else None
     out = {k: job[k] for k in ("id", "kind", "state", "run", "device", "created", "started", "ended", "exit_code")}
     out["command"] = shlex.join(["python", *job["argv"]])
+    # only the run's latest training job: once resumed, the older stopped job has nothing left to resume
+    latest = next((j["id"] for j in ctx.store.jobs(run=job["run"]) if j["kind"] != "generate"), None) if job["run"] else None
     out["resumable"] = bool(job["kind"] != "generate" and job["state"] in ("stopped", "interrupted")
-                            and folder is not None and has_checkpoint(folder))
+                            and job["id"] == latest and folder is not None and has_checkpoint(folder))
     if job["kind"] == "generate":
         found = sorted(folder.glob("*.png"), key=lambda p: (p.name == "grid.png", p.name)) if folder else []
         out["images"] = [runs.file_url(ctx.outputs, p) for p in found]

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -24,7 +25,11 @@ from .paths import ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-SCREENSHOTS = ROOT / "docs" / "images"
+# The screenshots of the key pages go to a scratch folder, so a test run leaves the checkout as it was;
+# `SDTUNE_SCREENSHOTS=docs/images pytest tests/ui/test_browser.py` refreshes the committed ones.
+SCREENSHOTS = Path(os.environ.get("SDTUNE_SCREENSHOTS") or Path(tempfile.gettempdir()) / "sdtune-screenshots")
+if not SCREENSHOTS.is_absolute():
+    SCREENSHOTS = ROOT / SCREENSHOTS
 URL_LINE = re.compile(r"sdtune ui: (http://\S+)")
 
 
@@ -158,7 +163,7 @@ def wait_for(check, timeout: float = 60, every: float = 0.2, what: str = "the pa
 
 
 def screenshot(driver, name: str, height: int | None = None, element: str | None = None) -> Path:
-    """The page as docs/images/ui_<name>.png: the full page height (up to 2400 px, or ``height``),
+    """The page as ``SCREENSHOTS/ui_<name>.png``: the full page height (up to 2400 px, or ``height``),
     or one ``element`` (CSS), reduced to a 256-colour palette so the committed file stays small."""
     from PIL import Image
 

@@ -135,6 +135,9 @@ def test_stop_sends_sigint_and_gives_stopped_and_the_command_shown_is_the_one_ru
         runner.shutdown()
     job = runner.store.job(running["id"])
     assert job["exit_code"] == 130 and [e[1] for e in events(tmp_path)] == ["start", "SIGINT"]
-    assert job_json(Context(tmp_path, runner.store, runner, ["cpu"]), job)["resumable"] is True
+    ctx = Context(tmp_path, runner.store, runner, ["cpu"])
+    assert job_json(ctx, job)["resumable"] is True
+    runner.store.add_job("resume", lambda _id: (["-c", "pass"], job["out_dir"], job["run"]), device="cpu")
+    assert job_json(ctx, job)["resumable"] is False  # resumed: only the run's latest job offers Resume
     assert runner.store.job(queued["id"])["started"] is None and not (tmp_path / "runs" / "next").exists()
     assert os.path.getsize(runner.log_path(running["id"])) == 0  # the script prints nothing; the log exists
