@@ -6,6 +6,12 @@
 * **Token** (``--token`` / ``SDTUNE_UI_TOKEN``, required to bind another host): every request,
   pages, API and files alike, carries it as the ``X-Sdtune-Token`` header, a ``?token=`` query, or
   the ``sdtune_token`` cookie the server sets when a page is loaded with the right ``?token=``.
+* **Cross-site writes** (CSRF): a page on another site can make the browser POST a "simple" form or
+  ``text/plain`` body to this server without reading the answer. Every write (POST, PUT, DELETE,
+  PATCH) must be ``Content-Type: application/json`` (which no cross-site form can send without a
+  CORS preflight, which this server never grants), and a request whose ``Origin`` is not this
+  server's own or whose ``Sec-Fetch-Site`` is ``cross-site`` is refused (403) for writes and for
+  the API.
 * **Path jail** (:func:`confined`): a file is served only when its real path (symbolic links and
   ``..`` resolved) lies inside the folder it is served from.
 
@@ -23,6 +29,7 @@ from urllib.parse import parse_qs
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 TOKEN_HEADER = "x-sdtune-token"
 TOKEN_COOKIE = "sdtune_token"
+WRITES = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 
 
 class Forbidden(Exception):
@@ -39,6 +46,35 @@ def host_name(header: str) -> str:
     if header.startswith("["):
         return header[1:].split("]", 1)[0]
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def _origin(url: str, scheme: str) -> str:
+    default = {"http": ":80", "https": ":443"}.get(scheme, "")
+    url = url.strip().lower().rstrip("/")
+    return url.removesuffix(default) if default else url
+
+
+def cross_site(method: str, path: str, headers: dict[str, str], scheme: str) -> tuple[int, str] | None:
+    """Why a request is refused as cross-site (403) or not JSON (415); None when it may go on. Writes
+    and API requests must come from this server's own pages (``Origin`` absent or this server's,
+    never ``Sec-Fetch-Site: cross-site``), and writes must be JSON."""
+    write = method.upper() in WRITES
+    if not write and not path.startswith("/api/"):
+        return None  # pages and files may be linked to from anywhere (a navigation reads nothing back)
+    origin, site = headers.get("origin"), headers.get("sec-fetch-site", "").lower()
+    own = _origin(f"{scheme}://{headers.get('host', '')}", scheme)
+    if origin is not None and _origin(origin, scheme) != own:
+        return 403, (f"sdtune ui: refused a {method} from Origin {origin!r}: only this server's own pages ({own}) "
+                     "may call its API (a guard against cross-site requests). Fix: use the pages this server serves.")
+    if site == "cross-site":
+        return 403, (f"sdtune ui: refused a cross-site {method} (Sec-Fetch-Site: cross-site): only this server's "
+                     "own pages may call its API. Fix: use the pages this server serves.")
+    kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if write and kind != "application/json":
+        return 415, (f"sdtune ui: refused a {method} with Content-Type {kind or 'none'!r}: writes take a JSON body "
+                     "(Content-Type: application/json), a guard against cross-site forms. Fix: send the body as "
+                     "JSON with that header.")
+    return None
 
 
 def confined(base: Path, rel: str, what: str) -> Path:
@@ -70,6 +106,10 @@ class Guard:
                                  "refused: the server is bound to localhost and answers only Host: localhost, "
                                  "127.0.0.1 or [::1] (a guard against DNS rebinding). Fix: open "
                                  "http://127.0.0.1:<port>/ , or start it with --host and --token to serve other hosts.")
+        if scope["type"] == "http":
+            why = cross_site(scope.get("method", "GET"), path, headers, scope.get("scheme", "http"))
+            if why:
+                return await _refuse(send, path, *why)
         if self.token is None:
             return await self.app(scope, receive, send)
         query = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
@@ -98,7 +138,7 @@ def _with_cookie(send, token: str):
 
 
 async def _refuse(send, path: str, status: int, message: str) -> None:
-    """A 401/403 answer before any route runs: JSON under /api, plain text elsewhere."""
+    """A 401/403/415 answer before any route runs: JSON under /api, plain text elsewhere."""
     if path.startswith("/api/"):
         body, kind = json.dumps({"error": message}).encode(), b"application/json"
     else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from sdtune.ui import api
+from sdtune.ui import api, datasets
 from sdtune.ui.jobs import Runner, default_command
 from sdtune.ui.security import Forbidden, Guard, confined
 from sdtune.ui.store import Store
@@ -62,10 +63,16 @@ def page(name: str):
 
 
 def serve_output(request: Request) -> Response:
-    """``GET /files/<path>``: a file under outputs; a LoRA comes as a download."""
+    """``GET /files/<path>``: a file under outputs (of the app's own folder, only the compare and
+    generate images: the queue and the job logs are read through /api); a LoRA comes as a download."""
     ctx: Context = request.app.state.ctx
     try:
         path = confined(ctx.outputs, request.path_params["path"], "the outputs folder")
+        parts = path.relative_to(ctx.outputs).parts
+        if parts[:1] == (".sdtune-ui",) and parts[1:2] not in (("compare",), ("generate",)):
+            raise Forbidden(f"refused {request.path_params['path']!r}: the web app's own state ({ctx.ui_dir}: the "
+                            "queue, the job logs) is not served as files; only its compare/ and generate/ images are. "
+                            "Fix: read jobs and logs through /api/jobs.")
     except Forbidden as err:
         return PlainTextResponse(str(err), status_code=403)
     if not path.is_file():
@@ -75,14 +82,29 @@ def serve_output(request: Request) -> Response:
     return FileResponse(path, headers={"Cache-Control": "no-cache"})
 
 
+def dataset_image(ctx: Context, folder: Path, path: Path) -> bool:
+    """Whether ``path`` (resolved) is an image of the dataset ``folder``: its list is read once and kept
+    for 10 s (a page asks for every image at once), read again when it does not hold ``path``."""
+    cache = ctx.extra.setdefault("dataset_images", {})
+    when, images = cache.get(str(folder), (0.0, set()))
+    if time.monotonic() - when > 10 or path not in images:
+        images = datasets.image_files(folder)
+        cache[str(folder)] = (time.monotonic(), images)
+    return path in images
+
+
 def serve_dataset_file(request: Request) -> Response:
-    """``GET /dataset-files?root=<abs>&file=<rel>``: a file inside a dataset folder the user opened."""
+    """``GET /dataset-files?root=<abs>&file=<rel>``: an image of a dataset folder the user opened (the
+    images the run would train on; no other file of the folder)."""
     ctx: Context = request.app.state.ctx
     root, rel = request.query_params.get("root", ""), request.query_params.get("file", "")
     opened = {str(p) for p in ctx.store.roots()}
     try:
-        folder = api.opened_root(root, opened)
+        folder = datasets.opened_root(root, opened)
         path = confined(folder, rel, f"the dataset folder {folder}")
+        if path.is_file() and not dataset_image(ctx, folder, path):
+            raise Forbidden(f"refused {rel!r}: only the images of the dataset {folder} are served (the images its "
+                            "metadata or folder lists), not its other files.")
     except Forbidden as err:
         return PlainTextResponse(str(err), status_code=403)
     if not path.is_file():

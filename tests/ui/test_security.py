@@ -33,7 +33,7 @@ def test_dataset_files_only_inside_an_opened_root(tmp_path):
     web = client(tmp_path / "outputs")
     refused = web.get("/dataset-files", params={"root": str(root), "file": "img0.png"})
     assert refused.status_code == 403 and "open it there first" in refused.text  # not opened yet
-    assert web.get("/api/dataset", params={"root": str(root)}).status_code == 200
+    assert web.post("/api/dataset", json={"root": str(root)}).status_code == 200
     assert web.get("/dataset-files", params={"root": str(root), "file": "img0.png"}).content == (root / "img0.png").read_bytes()
     for rel in ("../secret.txt", "link.txt", str(tmp_path / "secret.txt")):
         answer = web.get("/dataset-files", params={"root": str(root), "file": rel})
@@ -75,3 +75,45 @@ def test_another_host_needs_a_token(argv, monkeypatch):
     assert "--host" in why and "--token" in why and "SDTUNE_UI_TOKEN" in why
     assert problem(parse([*argv, "--token", "x"])) is None
     assert problem(parse([])) is None
+
+
+def test_cross_site_and_non_json_writes_are_refused_and_opening_a_folder_is_a_post(tmp_path):
+    root = kohya_set(tmp_path / "set")
+    web = client(tmp_path / "outputs")
+    simple = web.post("/api/jobs/1/stop", content=b'{"a": 1}', headers={"Content-Type": "text/plain"})
+    assert simple.status_code == 415 and "application/json" in simple.json()["error"]
+    assert web.post("/api/jobs/1/stop").status_code == 415  # no body, no type: a form could send that too
+    evil = web.post("/api/jobs/1/stop", json={}, headers={"Origin": "http://evil.example"})
+    assert evil.status_code == 403 and "'http://evil.example'" in evil.json()["error"]
+    fetch = web.put("/api/dataset/caption", json={}, headers={"Sec-Fetch-Site": "cross-site"})
+    assert fetch.status_code == 403 and "cross-site" in fetch.json()["error"]
+    assert web.get("/api/jobs", headers={"Origin": "http://127.0.0.1:9"}).status_code == 403  # another port
+    own = web.post("/api/jobs/1/stop", json={}, headers={"Origin": "http://127.0.0.1", "Sec-Fetch-Site": "same-origin"})
+    assert own.status_code == 404 and own.json() == {"error": "no job 1."}  # the guard let it through
+    unopened = web.get("/api/dataset", params={"root": str(root)})
+    assert unopened.status_code == 403 and "POST /api/dataset" in unopened.json()["error"]
+    assert web.get("/dataset-files", params={"root": str(root), "file": "img0.png"}).status_code == 403  # still closed
+    assert web.post("/api/dataset", json={"root": str(root)}, headers={"Origin": "http://evil.example"}).status_code == 403
+    assert web.post("/api/dataset", json={"root": str(root)}).status_code == 200
+    assert web.get("/api/dataset", params={"root": str(root)}).json()["root"] == str(root)
+
+
+def test_only_the_sets_images_and_the_apps_image_folders_are_served(tmp_path):
+    root = kohya_set(tmp_path / "set")
+    (root / "notes.md").write_text("private")
+    outputs = tmp_path / "outputs"
+    web = client(outputs)
+    web.post("/api/dataset", json={"root": str(root)})
+    image = web.get("/dataset-files", params={"root": str(root), "file": "img1.png"})
+    assert image.content == (root / "img1.png").read_bytes()
+    for rel in ("img0.txt", "notes.md"):
+        answer = web.get("/dataset-files", params={"root": str(root), "file": rel})
+        assert answer.status_code == 403 and "only the images of the dataset" in answer.text, rel
+    for rel in ("compare/k/loss.png", "generate/3/grid.png", "jobs/1.log"):
+        (outputs / ".sdtune-ui" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (outputs / ".sdtune-ui" / rel).write_bytes(b"x")
+    assert web.get("/files/.sdtune-ui/compare/k/loss.png").content == b"x"
+    assert web.get("/files/.sdtune-ui/generate/3/grid.png").content == b"x"
+    for path in ("/files/.sdtune-ui/queue.sqlite3", "/files/.sdtune-ui/jobs/1.log", "/files/runs/%2E%2E/.sdtune-ui/jobs/1.log"):
+        answer = web.get(path)
+        assert answer.status_code == 403 and "not served as files" in answer.text, path

@@ -22,11 +22,13 @@ export function withToken(url) {
   return u.pathname + u.search + u.hash;
 }
 
-/** fetch + JSON both ways: {status, ok, data}; a body that is not JSON becomes {error: text}. */
+/** fetch + JSON both ways: {status, ok, data}; a body that is not JSON becomes {error: text}. Every
+ * write is sent as JSON (the server refuses other writes: a guard against cross-site forms). */
 export async function api(path, { method = "GET", body } = {}) {
   const headers = { Accept: "application/json" };
   const t = token();
   if (t) headers["X-Sdtune-Token"] = t;
+  if (method !== "GET" && method !== "HEAD" && body === undefined) body = {};
   if (body !== undefined) headers["Content-Type"] = "application/json";
   let res;
   try {

@@ -1,4 +1,4 @@
-// dataset.js: the dataset view. GET /api/dataset?root=...&model=...&resolution=... lists the images
+// dataset.js: the dataset view. POST /api/dataset {root, model, resolution} opens a folder and lists the images
 // with caption, size, bucket and verdict (the run's own pre-flight checks); each card's Save button
 // sends PUT /api/dataset/caption (the server writes that one caption file atomically, never an image).
 import { $, api, badge, el, errorText, header, withToken } from "./api.js";
@@ -36,11 +36,11 @@ async function open() {
   const wanted = $("#dataset-root").value.trim();
   $("#dataset-error").textContent = "";
   if (!wanted) { $("#dataset-error").textContent = "Type the dataset folder's absolute path first."; return; }
-  const q = new URLSearchParams({ root: wanted });
-  if ($("#dataset-model").value) q.set("model", $("#dataset-model").value);
-  if ($("#dataset-resolution").value) q.set("resolution", $("#dataset-resolution").value);
+  const q = { root: wanted };
+  if ($("#dataset-model").value) q.model = $("#dataset-model").value;
+  if ($("#dataset-resolution").value) q.resolution = $("#dataset-resolution").value;
   $("#dataset-open").disabled = true;
-  const res = await api(`/api/dataset?${q}`);
+  const res = await api("/api/dataset", { method: "POST", body: q });
   $("#dataset-open").disabled = false;
   const url = new URL(location.href);
   url.searchParams.set("root", wanted);
