@@ -37,16 +37,18 @@ UNWRITTEN_OUTPUT_DIR = "/nonexistent-output"
 
 
 def compose_training(argv: list[str], output_dir: str | os.PathLike = UNWRITTEN_OUTPUT_DIR,
-                     config_name: str = "config") -> DictConfig:
+                     config_name: str = "config", *, return_hydra_config: bool = False) -> DictConfig:
     """The config ``python -m sdtune ARGV`` composes (``~`` expanded, overrides normalised as the
-    command line does), with ``paths.output_dir`` set to ``output_dir`` instead of Hydra's run folder.
+    command line does), with ``paths.output_dir`` set to ``output_dir`` instead of Hydra's run folder;
+    with ``return_hydra_config``, Hydra's own ``hydra`` section too (what the run's Hydra would use).
 
     A composition error (an unknown group option, an override Hydra cannot parse) becomes a
     :class:`ConfigError` carrying Hydra's own message."""
     overrides = normalize_overrides(expand_home(list(argv)))
     try:
         with _COMPOSE_LOCK, initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            return compose(config_name, overrides=[*overrides, f"paths.output_dir={output_dir}"])
+            return compose(config_name, overrides=[*overrides, f"paths.output_dir={output_dir}"],
+                           return_hydra_config=return_hydra_config)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(str(err).strip()) from None
 

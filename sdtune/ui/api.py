@@ -48,7 +48,8 @@ def handler(fn):
         except NotFound as err:
             return JSONResponse({"error": str(err)}, status_code=404)
         except (SdtuneError, ValueError, TypeError, KeyError) as err:
-            return JSONResponse({"error": str(err).strip("'\"")}, status_code=400)
+            message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)  # KeyError's str is a repr
+            return JSONResponse({"error": message}, status_code=400)
         except Exception as err:  # a bug: said, logged, the server goes on
             log.exception("sdtune ui: %s failed", fn.__name__)
             return JSONResponse({"error": f"internal error ({type(err).__name__}: {err})"}, status_code=500)
@@ -95,18 +96,6 @@ def _job(ctx, job_id: str) -> dict[str, Any]:
 def _run_folder(ctx, rel: str) -> tuple[str, Path]:
     folder = confined(ctx.outputs, rel, "the outputs folder")
     return folder.relative_to(ctx.outputs).as_posix(), folder
-
-
-def opened_root(root: str, opened: set[str]) -> Path:
-    """A dataset folder the user opened (GET /api/dataset), else Forbidden."""
-    try:
-        folder = datasets.absolute_root(root)
-    except SdtuneError as err:
-        raise Forbidden(str(err)) from None
-    if str(folder) not in opened:
-        raise Forbidden(f"refused root={root!r}: only dataset folders opened in the dataset view are served. Fix: "
-                        "open it there first (GET /api/dataset?root=...).")
-    return folder
 
 
 # -- forms and jobs ----------------------------------------------------------------------------------
@@ -168,12 +157,18 @@ def resume_job(ctx, request, body):
     if job["kind"] == "generate" or not has_checkpoint(folder):
         raise ValueError(f"job {job['id']} ({job['kind']}, {job['state']}) left no checkpoint in {folder}: nothing "
                          "to resume. Fix: start a new run.")
-    live = [j for j in ctx.store.jobs(states=("queued", "running", "stopping"), run=job["run"])]
-    if live:
-        raise ValueError(f"the run {job['run']} already has job {live[0]['id']} ({live[0]['state']}).")
+
+    def still_resumable(conn) -> None:  # inside the insert's transaction: two clicks queue one resume
+        latest = conn.execute("SELECT id, state FROM jobs WHERE run = ? AND kind != 'generate' ORDER BY id DESC "
+                              "LIMIT 1", (job["run"],)).fetchone()
+        if latest is None or latest["id"] != job["id"] or latest["state"] not in ("stopped", "interrupted"):
+            raise ValueError(f"job {job['id']} cannot be resumed: only the latest job of a run ({job['run']}), once "
+                             f"stopped or interrupted, is resumed (the latest is job {latest and latest['id']}, "
+                             f"{latest and latest['state']}).")
+
     device = job["device"] if job["device"] in ctx.devices else None
     new = ctx.runner.submit("resume", lambda _id: (["-m", "sdtune", f"ckpt_path={hydra_quote(str(folder))}"],
-                                                   str(folder), job["run"]), device=device)
+                                                   str(folder), job["run"]), device=device, check=still_resumable)
     return 201, {"job": job_json(ctx, new)}
 
 
@@ -254,21 +249,32 @@ def post_compare(ctx, request, body):
 
 
 # -- datasets ---------------------------------------------------------------------------------------
-@handler
-def get_dataset(ctx, request, body):
-    q = request.query_params
+def _dataset(ctx, q, *, opening: bool) -> dict[str, Any]:
     model = q.get("model") or None
     if model and model not in forms.models():
         raise ValueError(f"model={model!r} is not a preset of sdtune's conf/model/. Fix: one of {forms.models()}.")
+    if not opening:
+        datasets.opened_root(str(q.get("root") or ""), {str(p) for p in ctx.store.roots()})
     resolution = int(q["resolution"]) if q.get("resolution") else datasets.model_resolution(model)
-    result = datasets.view(q.get("root", ""), resolution, q.get("caption_extension") or None)
-    ctx.store.add_root(result["root"])
+    result = datasets.view(str(q.get("root") or ""), resolution, q.get("caption_extension") or None)
+    if opening:
+        ctx.store.add_root(result["root"])
     return result
 
 
 @handler
+def get_dataset(ctx, request, body):  # a folder opened before: a GET changes nothing
+    return _dataset(ctx, request.query_params, opening=False)
+
+
+@handler
+def open_dataset(ctx, request, body):  # its images may then be served and its captions written
+    return _dataset(ctx, body, opening=True)
+
+
+@handler
 def put_caption(ctx, request, body):
-    folder = opened_root(str(body.get("root") or ""), {str(p) for p in ctx.store.roots()})
+    folder = datasets.opened_root(str(body.get("root") or ""), {str(p) for p in ctx.store.roots()})
     target = datasets.write_caption(folder, str(body.get("file") or ""), body.get("caption"),
                                     body.get("caption_extension") or None)
     return {"ok": True, "caption_file": target.relative_to(folder).as_posix()}
@@ -277,10 +283,10 @@ def put_caption(ctx, request, body):
 def routes() -> list[Route]:
     return [
         Route("/api/presets", get_presets), Route("/api/check", post_check, methods=["POST"]),
-        Route("/api/jobs", get_jobs), Route("/api/jobs", post_job, methods=["POST"]),
-        Route("/api/jobs/{id}", get_job), Route("/api/jobs/{id}/stop", stop_job, methods=["POST"]),
-        Route("/api/jobs/{id}/resume", resume_job, methods=["POST"]),
+        Route("/api/jobs", get_jobs), Route("/api/jobs", post_job, methods=["POST"]), Route("/api/jobs/{id}", get_job),
+        Route("/api/jobs/{id}/stop", stop_job, methods=["POST"]), Route("/api/jobs/{id}/resume", resume_job, methods=["POST"]),
         Route("/api/runs", get_runs), Route("/api/runs/{run:path}", get_run),
         Route("/api/compare", post_compare, methods=["POST"]), Route("/api/generate", post_generate, methods=["POST"]),
-        Route("/api/dataset", get_dataset), Route("/api/dataset/caption", put_caption, methods=["PUT"]),
+        Route("/api/dataset", get_dataset), Route("/api/dataset", open_dataset, methods=["POST"]),
+        Route("/api/dataset/caption", put_caption, methods=["PUT"]),
     ]

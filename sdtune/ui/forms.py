@@ -3,10 +3,12 @@
 A form becomes the arguments of ``python -m sdtune`` (:func:`form_argv`), and is checked by the
 command line's own path (:func:`sdtune.run.preflight.compose_training` and
 :func:`~sdtune.run.preflight.preflight`), so the message beside a field is the one the CLI prints.
-Three refusals come first, because a form may come from anyone who can reach the page: no
-``_target_`` (or Hydra's other instantiation keys) in an override, no ``hydra.*`` key (Hydra's own
-settings run callbacks and choose the config search path), no resolver that builds config nodes;
-after composing, every ``_target_`` must be one the shipped ``conf/`` names.
+Refusals come first, because a form may come from anyone who can reach the page: no ``_target_``
+(or Hydra's other instantiation keys) in an override, no ``hydra.*`` key and no ``@package`` key
+(Hydra's own settings run callbacks and choose the config search path), no resolver that builds
+config nodes, and a config group's value must be a plain option of that group's folder in ``conf/``
+(a path such as ``../../x`` would load any YAML on disk). After composing (Hydra's own section
+included), every ``_target_`` must be one the shipped ``conf/`` or Hydra's defaults name.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import shlex
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdtune.config.overrides import hydra_quote
 from sdtune.config.paths import CONF_DIR
@@ -41,6 +43,7 @@ FIELDS = (
 FIELD_KEYS = tuple(f[0] for f in FIELDS)
 _INSTANTIATE = re.compile(r"_(target|args|partial|recursive|convert)_")
 _DOTTED = re.compile(r"(?<![\w./-])[a-z_]+(?:\.[a-z_0-9]+)+(?![\w.])|(?<![\w./-])seed(?![\w.])")
+_OPTION = re.compile(r"[A-Za-z0-9_][\w.-]*")
 _RESOLVER = re.compile(r"\$\{\s*([A-Za-z_][\w.\-]*)\s*:")
 
 
@@ -117,9 +120,27 @@ def _same(value: Any, default: Any) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
+def groups() -> frozenset[str]:
+    """The config groups: every folder under conf/ (``model``, ``bench/preset``)."""
+    return frozenset(p.relative_to(CONF_DIR).as_posix() for p in CONF_DIR.rglob("*") if p.is_dir())
+
+
+def refuse_group_value(key: str, value: str, field: str) -> None:
+    """``group=value``: the value must be an option file of that group's folder (or null)."""
+    options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+    if value != "null" and (not _OPTION.fullmatch(value) or value not in options):
+        raise FormError(field, f"{key}={value!r} is not an option of sdtune's conf/{key}/ (a group's value is the "
+                        f"name of one of its files, not a path). Fix: one of {options}.")
+
+
 def refuse_unsafe(arg: str, field: str) -> None:
     """The form's own refusals, before anything is composed (see the module docstring)."""
-    key = arg.split("=", 1)[0].lstrip("+~")
+    key, _, value = arg.partition("=")
+    key = key.lstrip("+~")
+    if "@" in key:
+        raise FormError(field, f"{arg!r}: a package override (key@package) is refused: it can move a preset into "
+                        "Hydra's own settings. Fix: write group=option or key=value.")
     if arg.startswith("-"):
         raise FormError(field, f"{arg!r}: command-line flags are not taken by the form (only key=value overrides). "
                         "Fix: run flags such as -m or --cfg from a shell.")
@@ -135,6 +156,10 @@ def refuse_unsafe(arg: str, field: str) -> None:
     if unsafe:
         raise FormError(field, f"{arg!r}: the resolver {unsafe[0]} can build config nodes, so it is refused here. "
                         "Fix: write the plain value.")
+    if "/" in key and key not in groups():
+        raise FormError(field, f"{arg!r}: {key} is not a config group of sdtune's conf/. Fix: one of {sorted(groups())}.")
+    if key in groups() and "=" in arg:
+        refuse_group_value(key, value.strip(), field)
     if key == "ckpt_path":
         raise FormError(field, f"{arg!r}: a new run starts fresh; resume a run with its Resume button (which runs "
                         "python -m sdtune ckpt_path=<run folder>).")
@@ -220,12 +245,15 @@ def check_form(body: dict[str, Any]) -> dict[str, Any]:
         return {"ok": False, "command": "", "argv": [], "errors": [{"field": err.field, "message": err.message}]}
     result: dict[str, Any] = {"command": command_text(argv), "argv": argv}
     try:
-        cfg = compose_training(argv)
-        bad = unknown_targets(cfg, conf_targets())
+        cfg = compose_training(argv, return_hydra_config=True)
+        bad = unknown_targets(cfg, conf_targets() | hydra_targets())
         if bad:
             raise FormError("overrides", f"the composed config names {bad[0]}, a _target_ that no preset of sdtune's "
                             "conf/ names; only the presets' own targets run. Fix: pick presets instead.")
+        with open_dict(cfg):
+            del cfg["hydra"]  # the run's own config has no hydra section (Hydra keeps it apart)
         preflight(cfg)
+        check_device(cfg)
     except FormError as err:
         return {**result, "ok": False, "errors": [{"field": err.field, "message": err.message}]}
     except SdtuneError as err:
@@ -233,6 +261,24 @@ def check_form(body: dict[str, Any]) -> dict[str, Any]:
     except Exception as err:  # a bug or an unforeseen input: shown, never a crashed server
         return {**result, "ok": False, "errors": [{"field": "overrides", "message": f"{type(err).__name__}: {err}"}]}
     return {**result, "ok": True}
+
+
+@functools.lru_cache(maxsize=1)
+def hydra_targets() -> frozenset[str]:
+    """The ``_target_`` values of Hydra's own section as the shipped config composes it (its launcher
+    and sweeper): all a hydra section may name."""
+    cfg = compose_training([], return_hydra_config=True)
+    return frozenset(t.rpartition("=")[2] for t in unknown_targets(cfg.hydra, frozenset()))
+
+
+def check_device(cfg: DictConfig) -> None:
+    """The command line's hardware check (:func:`sdtune.run.checks.check_device`: a GPU trainer or
+    16-mixed precision without CUDA, an optimizer or quantization whose package is missing), which
+    ``train()`` runs once the model is found; the form runs it after :func:`preflight`."""
+    # deferred: the checks import torch (seconds), which the server's start does not need
+    from sdtune.run.checks import check_device as cli_check_device
+
+    cli_check_device(cfg)
 
 
 def _error_field(err: SdtuneError) -> str:

@@ -72,16 +72,27 @@ def lost_state(job: dict[str, Any], folder: Path | None) -> str:
     return "failed"
 
 
-def process_holds(pid: int, needle: str) -> bool:
-    """Whether ``pid`` is a live (not zombie) process whose command line contains ``needle``."""
+def job_marker(job: dict[str, Any]) -> str:
+    """The argument of a job's command line that names its folder: ``hydra.run.dir=<folder>`` (a run,
+    a generate job's output), ``ckpt_path=<folder>`` (a resume), or the folder itself (tests' scripts)."""
+    out = job.get("out_dir") or ""
+    for arg in job["argv"]:
+        if out and (arg == out or arg.startswith(("hydra.run.dir=", "ckpt_path="))):
+            return arg
+    return ""
+
+
+def process_holds(pid: int, arg: str) -> bool:
+    """Whether ``pid`` is a live (not zombie) process that has ``arg`` as one of its arguments (the
+    whole argument: ``generate/1`` is not ``generate/12``), so a reused pid is never taken for a job."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
             return False
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, IndexError):
         return False
-    return bool(needle) and needle in cmdline
+    return bool(arg) and arg.encode(errors="surrogateescape") in args
 
 
 class Runner:
@@ -149,7 +160,7 @@ class Runner:
                     continue
                 del self.procs[job["id"]]
                 self.store.mark_ended(job["id"], end_state(job, code, self.folder(job)), code)
-            elif not (job["pid"] and process_holds(job["pid"], job.get("out_dir") or "")):
+            elif not (job["pid"] and process_holds(job["pid"], job_marker(job))):
                 self.store.mark_ended(job["id"], lost_state(job, self.folder(job)), None)
 
     def _spawn(self, job: dict[str, Any]) -> None:
@@ -177,29 +188,35 @@ class Runner:
         return self.logs / f"{job_id}.log"
 
     def stop(self, job_id: int) -> dict[str, Any] | None:
-        """Running: SIGINT to its process (graceful stop), state stopping. Queued: cancelled."""
+        """Running: SIGINT to its process (graceful stop), state stopping. Queued: cancelled. A job
+        already stopping gets no second SIGINT (a second one stops at once, saving nothing), and a pid
+        is signalled only while its command line is still the job's (never a reused pid)."""
         with self._lock:
             job = self.store.job(job_id)
             if job is None:
                 return None
             if job["state"] == "queued":
                 self.store.cancel(job_id)
-            elif job["state"] in ("running", "stopping") and job["pid"]:
+            elif job["state"] == "running" and not job["stop_requested"] and job["pid"]:
                 self.store.mark_stopping(job_id)
+                proc = self.procs.get(job_id)
+                ours = proc.poll() is None if proc is not None else process_holds(job["pid"], job_marker(job))
                 try:
-                    os.kill(job["pid"], signal.SIGINT)
+                    if ours:
+                        os.kill(job["pid"], signal.SIGINT)
                 except ProcessLookupError:  # ended meanwhile: the next tick reaps it
                     pass
         self.wake.set()
         return self.store.job(job_id)
 
     def submit(self, kind: str, argv_of: Callable[[int], tuple[list[str], str | None, str | None]], *,
-               device: str | None, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Queue a job (``argv_of(id) -> (argv, out_dir, run)``, see :meth:`Store.add_job`) on ``device``
-        (the first served device when None); ValueError for a device this server does not serve."""
+               device: str | None, params: dict[str, Any] | None = None,
+               check: Callable[[Any], None] | None = None) -> dict[str, Any]:
+        """Queue a job (``argv_of(id) -> (argv, out_dir, run)``, ``check``: see :meth:`Store.add_job`) on
+        ``device`` (the first served device when None); ValueError for a device this server does not serve."""
         device = device or self.devices[0]
         if device not in self.devices:
             raise ValueError(f"device {device!r} is not served; this server runs jobs on {self.devices} (--devices).")
-        job = self.store.add_job(kind, argv_of, device=device, params=params)
+        job = self.store.add_job(kind, argv_of, device=device, params=params, check=check)
         self.wake.set()
         return job

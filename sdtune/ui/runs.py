@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import yaml
 
+from sdtune.config.overrides import hydra_quote
 from sdtune.run.resume import OVERRIDES
 
 UI_DIR = ".sdtune-ui"
@@ -173,7 +175,7 @@ def run_detail(outputs: Path, rel: str, job: dict[str, Any] | None, log: Path | 
         "lora_url": file_url(outputs, lora) if lora.is_file() else None,
         "command": command,
         "resume_command": note.split("resume to finish: ", 1)[1] if "resume to finish: " in note
-        else (f"python -m sdtune ckpt_path={folder}" if resumable else None),
+        else (shlex.join(["python", "-m", "sdtune", f"ckpt_path={hydra_quote(str(folder))}"]) if resumable else None),
         "log_tail": log_tail(log) if log is not None else "",
     }
 

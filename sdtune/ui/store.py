@@ -98,15 +98,20 @@ class Store:
 
     # -- jobs ---------------------------------------------------------------------------------------
     def add_job(self, kind: str, argv_of: Callable[[int], tuple[list[str], str | None, str | None]], *,
-                device: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+                device: str, params: dict[str, Any] | None = None,
+                check: Callable[[sqlite3.Connection], None] | None = None) -> dict[str, Any]:
         """Queue a job whose arguments, folder and run name depend on its id
-        (``argv_of(id) -> (argv, out_dir, run)``), in one transaction: the runner never sees it half made."""
+        (``argv_of(id) -> (argv, out_dir, run)``), in one transaction: the runner never sees it half made.
+        ``check(conn)`` runs first in that transaction and raises to queue nothing (a condition on the
+        other jobs that no other request can change between the check and the insert)."""
         if kind not in KINDS:
             raise ValueError(f"job kind {kind!r}: one of {KINDS}")
         with self._write:
             conn = self.conn
             conn.execute("BEGIN IMMEDIATE")
             try:
+                if check is not None:
+                    check(conn)
                 cur = conn.execute("INSERT INTO jobs (kind, state, argv, device, params, created) "
                                    "VALUES (?, 'queued', '[]', ?, ?, ?)",
                                    (kind, device, json.dumps(params or {}), time.time()))

@@ -108,7 +108,7 @@ def test_a_bad_dataset_is_a_400_with_the_runs_message_never_a_crash(tmp_path):
     empty = web.post("/api/jobs", json={**QUICK, "fields": {"data.root": str(tmp_path / "empty")}}).json()
     assert empty["errors"][0]["field"] == "data.root" and "holds no images" in empty["errors"][0]["message"]
     assert web.get("/api/jobs").json() == {"jobs": []}
-    assert web.post("/api/check", content=b"{not json").status_code == 400
+    assert web.post("/api/check", content=b"{not json", headers={"Content-Type": "application/json"}).status_code == 400
 
 
 @pytest.mark.slow
@@ -118,3 +118,37 @@ def test_the_message_is_what_python_m_sdtune_prints(tmp_path):
     printed = run_cli(*argv)
     assert printed.returncode == 2
     assert f"error: {body['errors'][0]['message']}" in printed.stderr
+
+
+def test_group_values_must_be_options_of_conf_and_package_overrides_are_refused(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "a.yaml").write_text("# @package _global_\nhydra:\n  callbacks:\n    x:\n      _target_: os.system\n")
+    web = client(tmp_path / "outputs")
+    cases = [(f"experiment=../../../../..{tmp_path}/x/a", "is not an option of sdtune's conf/experiment/"),
+             ("+callbacks@hydra.callbacks=default", "package override"), ("model=/etc/x", "conf/model/"),
+             ("optim=adamw/../../x", "conf/optim/"), ("+debug=..", "conf/debug/"),
+             ("bench/preset=../../x", "conf/bench/preset/"), ("experiment/../x=y", "not a config group")]
+    for overrides, said in cases:
+        body = web.post("/api/check", json={"experiment": None, "model": None, "overrides": overrides}).json()
+        assert body["ok"] is False and body["errors"][0]["field"] == "overrides", overrides
+        assert said in body["errors"][0]["message"], (overrides, body)
+    preset = web.post("/api/check", json={"experiment": "../x/a", "model": None}).json()
+    assert preset["errors"][0]["field"] == "experiment" and "not a preset" in preset["errors"][0]["message"]
+    assert web.post("/api/jobs", json={"overrides": cases[0][0]}).status_code == 400
+    assert web.get("/api/jobs").json() == {"jobs": []}
+
+
+@pytest.mark.slow  # composes configs (0.3 s each) and runs the checks
+def test_hydras_own_section_is_checked_for_targets_and_the_device_check_is_the_clis(tmp_path):
+    from sdtune.run.checks import check_device
+    from sdtune.ui.forms import hydra_targets
+
+    cfg = compose_training(["experiment=quickstart"], return_hydra_config=True)
+    assert unknown_targets(cfg, conf_targets() | hydra_targets()) == []
+    with open_dict(cfg):
+        cfg.hydra.callbacks.x = OmegaConf.create({"_target_": "os.system"})
+    assert unknown_targets(cfg, conf_targets() | hydra_targets()) == ["hydra.callbacks.x._target_=os.system"]
+    body = client(tmp_path).post("/api/check", json={**QUICK, "fields": {"trainer.precision": "16-mixed"}}).json()
+    with pytest.raises(ConfigError) as err:
+        check_device(compose_cfg("experiment=quickstart", "trainer.precision=16-mixed"))
+    assert body["ok"] is False and body["errors"] == [{"field": "trainer.precision", "message": str(err.value)}]

@@ -7,16 +7,19 @@ import json
 import os
 import shlex
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from sdtune.ui.api import job_json
-from sdtune.ui.jobs import Runner
+from sdtune.ui.jobs import Runner, process_holds
+from sdtune.ui.runs import run_detail
 from sdtune.ui.server import Context
 from sdtune.ui.store import SCHEMA_VERSION, Store
-from tests.helpers.ui import wait_for
+from tests.helpers.ui import client, wait_for
 
 # argv: folder, seconds, checkpoint (0/1), the shared log of starts and ends
 SCRIPT = """
@@ -141,3 +144,67 @@ def test_stop_sends_sigint_and_gives_stopped_and_the_command_shown_is_the_one_ru
     assert job_json(ctx, job)["resumable"] is False  # resumed: only the run's latest job offers Resume
     assert runner.store.job(queued["id"])["started"] is None and not (tmp_path / "runs" / "next").exists()
     assert os.path.getsize(runner.log_path(running["id"])) == 0  # the script prints nothing; the log exists
+
+
+LISTENER = """
+import os, signal, sys, time
+out = sys.argv[1]
+signal.signal(signal.SIGINT, lambda *_: open(out, "a").write("SIGINT\\n"))
+open(out, "a").write("ready\\n")
+time.sleep(30)
+"""
+
+
+def test_a_second_stop_sends_no_second_sigint_and_a_reused_pid_is_never_signalled(tmp_path):
+    runner = Runner(Store(tmp_path / "queue.sqlite3"), tmp_path, ["cpu"])
+    out = tmp_path / "signals.txt"
+    job = runner.submit("train", lambda _id: (["-c", LISTENER, str(out)], str(out), "runs/a"), device=None)
+    stranger = subprocess.Popen([sys.executable, "-c", LISTENER, str(tmp_path / "stranger.txt")])
+    try:
+        runner.tick()
+        wait_for(lambda: out.is_file() and stranger_ready(tmp_path), 10, 0.01, "both processes ready")
+        assert runner.stop(job["id"])["state"] == "stopping"
+        wait_for(lambda: out.read_text() == "ready\nSIGINT\n", 5, 0.01, "the first SIGINT")
+        assert runner.stop(job["id"])["state"] == "stopping"  # a second click
+        other = runner.store.add_job("train", lambda _id: (["-c", "x", str(tmp_path / "b")], str(tmp_path / "b"),
+                                                           "runs/b"), device="cpu")
+        runner.store.mark_started(other["id"], stranger.pid)  # its pid now belongs to another process
+        assert runner.stop(other["id"])["state"] == "stopping"
+        time.sleep(0.1)
+        assert out.read_text() == "ready\nSIGINT\n" and (tmp_path / "stranger.txt").read_text() == "ready\n"
+        assert process_holds(stranger.pid, str(tmp_path / "stranger.txt"))
+        assert not process_holds(stranger.pid, str(tmp_path / "stranger.tx"))  # the whole argument only
+    finally:
+        stranger.kill()
+        stranger.wait()
+        for proc in runner.procs.values():
+            proc.kill()
+            proc.wait()
+
+
+def stranger_ready(folder: Path) -> bool:
+    return (folder / "stranger.txt").is_file()
+
+
+def test_resume_only_the_latest_stopped_or_interrupted_job_once(tmp_path):
+    web = client(tmp_path)
+    store = web.app.state.ctx.store
+    folder = tmp_path / "runs" / "r"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"")
+    first = store.add_job("train", lambda _id: (["-m", "sdtune"], str(folder), "runs/r"), device="auto")
+    store.mark_ended(first["id"], "finished", 0)
+    finished = web.post(f"/api/jobs/{first['id']}/resume", json={})
+    assert finished.status_code == 400 and "only the latest job of a run" in finished.json()["error"]
+    second = store.add_job("train", lambda _id: (["-m", "sdtune"], str(folder), "runs/r"), device="auto")
+    store.mark_ended(second["id"], "stopped", 130)
+    assert web.post(f"/api/jobs/{first['id']}/resume", json={}).status_code == 400  # not the run's latest
+    resumed = web.post(f"/api/jobs/{second['id']}/resume", json={})
+    assert resumed.status_code == 201 and resumed.json()["job"]["kind"] == "resume"
+    again = web.post(f"/api/jobs/{second['id']}/resume", json={})
+    assert again.status_code == 400 and f"the latest is job {resumed.json()['job']['id']}, queued" in again.json()["error"]
+    assert len(store.jobs(states=("queued",))) == 1
+    spaced = tmp_path / "my runs" / "r 1"
+    (spaced / "checkpoints").mkdir(parents=True)
+    line = run_detail(tmp_path, "my runs/r 1", {"state": "stopped", "resumable": True}, None, "cmd")["resume_command"]
+    assert shlex.split(line) == ["python", "-m", "sdtune", f"ckpt_path='{spaced}'"]
