@@ -183,7 +183,10 @@ def screenshot(driver, name: str, height: int | None = None, element: str | None
 
 
 def http(url: str, method: str = "GET", body: dict | None = None) -> tuple[int, dict | str]:
-    """An HTTP request outside the browser: (status, JSON answer or text)."""
+    """An HTTP request outside the browser: (status, JSON answer or text). A write always sends a JSON
+    body (the server refuses writes that are not JSON)."""
+    if body is None and method not in ("GET", "HEAD"):
+        body = {}
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
