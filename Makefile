@@ -60,8 +60,10 @@ bench-startup: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
+# Two workers (pytest-xdist), each test file on one of them: most slow tests are one process's start-up
+# and small tensors, which leave the second core idle.
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m "slow and not gpu"
+	$(PY) -m pytest -q -m "slow and not gpu" -n 2 --dist loadfile
 
 # bitsandbytes (model.quantize=nf4, optim=adamw8bit) is CUDA-only and not in the lock's default install.
 BNB_PIN = bitsandbytes==0.50.2

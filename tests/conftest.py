@@ -22,7 +22,13 @@ from tests.helpers.models import tiny_model
 from tests.helpers.paths import QUICKSTART
 
 register_resolvers()  # configs composed anywhere in the session resolve ${sdtune_root:} and friends
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test-slow` runs two pytest-xdist workers on the two cores: one thread each, for the worker and
+    # (through the environment) for the commands it starts, instead of 2 x 2 threads fighting over 2 cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(autouse=True)
