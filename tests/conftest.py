@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,11 @@ from tests.helpers.models import tiny_model
 from tests.helpers.paths import QUICKSTART
 
 register_resolvers()  # configs composed anywhere in the session resolve ${sdtune_root:} and friends
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    # Started in the background by a non-interactive shell (`pytest ... &`), this process ignores SIGINT, and so
+    # would every command it starts (an ignored signal stays ignored across exec; sdtune's graceful stop leaves it
+    # ignored): the tests that Ctrl-C a run would see it train on. A handled signal is reset in the children.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test-slow` runs two pytest-xdist workers on the two cores: one thread each, for the worker and
     # (through the environment) for the commands it starts, instead of 2 x 2 threads fighting over 2 cores.

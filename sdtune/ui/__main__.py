@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -101,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     shown = f"[{args.host.strip('[]')}]" if ":" in args.host.strip("[]") else args.host
     url = f"http://{shown}:{port}/" + (f"?token={quote(args.token)}" if args.token else "")
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Started with `nohup ... &`, the server ignores SIGINT, and so would its jobs (an ignored signal stays
+        # ignored across exec, and a run keeps a signal its caller ignores ignored): Stop would do nothing. A
+        # handled signal is reset to the default in a child; terminal Ctrl-C never reaches a background server.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     app = create_app(outputs, token=args.token, local_only=is_local_host(args.host), devices=devices)
 
     class Server(uvicorn.Server):

@@ -327,7 +327,7 @@ def _phase(stderr_text: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal and /proc are Linux-only")
-def test_sigkill_at_random_moments(tmp_path):
+def test_sigkill_at_random_moments(tmp_path, request):
     """SIGKILL a real ``python -m data_pipeline --np 2`` run at seeded random moments, N times.
 
     After every kill (bounded wait): no process whose parent was the stage or whose command line
@@ -338,13 +338,16 @@ def test_sigkill_at_random_moments(tmp_path):
     """
     rounds = int(os.environ.get("SDTUNE_KILL_ROUNDS", "6"))
     rng = random.Random(1010)
-    raw, base, temp = tmp_path / "raw", tmp_path / "out dir", tmp_path / "tmp"
+    raw, base = tmp_path / "raw", tmp_path / "out dir"
+    # data-juicer's pool manager binds a Unix socket under TMPDIR, whose path may not pass 107 bytes: a short
+    # folder of its own, not one under tmp_path (which pytest-xdist makes longer still)
+    temp = Path(tempfile.mkdtemp(prefix="sdk-"))
+    request.addfinalizer(lambda: shutil.rmtree(temp, ignore_errors=True))
     for i in range(64):
         add(raw, f"img{i:02d}.png", textured(i, 40 + i % 24, 40), f"picture number {i}")
     recipes = [
         recipe(tmp_path, f"min{w}.yaml", f"process:\n  - image_shape_filter:\n      min_width: {w}\n") for w in (40, 52)
     ]
-    temp.mkdir()
     base.mkdir()
     env = {**os.environ, "TMPDIR": str(temp), "PYTHONUNBUFFERED": "1"}
     raw_before = snapshot(raw)
