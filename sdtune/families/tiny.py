@@ -74,6 +74,8 @@ def ensure_tiny_model(family: str, folder: str | os.PathLike) -> Path:
     try:
         builder(tmp)
         (tmp / _MARKER).write_text(json.dumps(expected))
+        if read_marker(folder) == expected:  # another process (a test worker) built it meanwhile: keep theirs
+            return folder
         if folder.exists():  # empty, or our own stale build from an older version: replace it
             stale = folder.with_name(f".{folder.name}.stale-{os.getpid()}")
             os.replace(folder, stale)
