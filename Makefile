@@ -54,14 +54,14 @@ bench-gpu: $(STAMP)
 bench-startup: $(STAMP)
 	$(PY) -m sdtune.bench.startup --runs 5
 
-# `make test` (under 10 minutes on 2 cores) leaves out the tests marked slow;
+# `make test` (about 2.5 minutes on 2 cores) leaves out the tests marked slow;
 # `make test-slow` runs the long end-to-end runs; CI runs both (.ci/run). Neither runs the tests
 # marked gpu: `make test-gpu` runs those on a CUDA machine (they skip, with the reason, without one).
+# Both run two pytest-xdist workers, each test file on one of them (its fixtures shared within the file):
+# most tests are one process's start-up and small tensors, which leave the second core idle.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not gpu"
+	$(PY) -m pytest -q -m "not slow and not gpu" -n 2 --dist loadfile
 
-# Two workers (pytest-xdist), each test file on one of them: most slow tests are one process's start-up
-# and small tensors, which leave the second core idle.
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m "slow and not gpu" -n 2 --dist loadfile
 

@@ -64,6 +64,7 @@ COMMANDS = {
     "sdtune.export": ("sdtune-export", None),
     "sdtune.report": ("sdtune-report", None),
     "sdtune.plan": ("sdtune-plan", "config"),  # the training overrides, plus its own --gb
+    "sdtune.ui": ("sdtune-ui", None),
     "sdtune.bench": (None, "bench"),
 }
 SCRIPTS = {script: module for module, (script, _) in COMMANDS.items() if script}

@@ -100,7 +100,7 @@ def test_latent_distance_uses_the_vaes_shift_as_the_denoiser_sees_latents():
     with torch.no_grad():
         mean = vae.encode(pixels).latent_dist.mean
     ours = vae_latents(vae, [image])
-    torch.testing.assert_close(ours, ((mean - shift) * scale).flatten(1), rtol=0, atol=1e-4)  # conv rounding
+    torch.testing.assert_close(ours, ((mean - shift) * scale).flatten(1), rtol=0, atol=5e-4)  # conv rounding (thread count)
     assert (ours - (mean * scale).flatten(1)).abs().min() > 0.09  # shift * scale = 0.093 apart everywhere
 
 
