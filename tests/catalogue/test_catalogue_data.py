@@ -170,7 +170,7 @@ BAD_METADATA = {
     "dotdot-outside": (lambda r: _outside(r, False),
                        r"names 1 file\(s\) outside the dataset folder .*/data: row 6: '../elsewhere/x.png' is /.*/elsewhere/x.png\. "
                        r"Fix: move those images into the dataset folder.*data.allow_outside_root=true"),
-    "absolute-outside": (lambda r: _outside(r, True), r"outside the dataset folder .*row 6: '/.*' is /.*/elsewhere/x\.png\..*allow_outside_root"),
+    "absolute-outside": (lambda r: _outside(r, True), r"outside the dataset folder .*row 6: '/.* is /.*/elsewhere/x\.png\..*allow_outside_root"),
     # odd metadata (7)
     "file-name-is-a-folder": (lambda r: _add_csv_row(r, "images,a folder"),
                               r"names 1 folder\(s\) where an image file belongs: row 6: 'images'\. Fix: give each row the path of one image file"),
