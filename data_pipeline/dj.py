@@ -7,6 +7,8 @@ need this; it sits below both so that neither imports the other.
 
 from __future__ import annotations
 
+from data_pipeline.models import forbid_runtime_installs
+
 
 def load_data_juicer() -> None:
     """Import data-juicer and register sdtune's ops, undoing the import's global Pillow change.
@@ -22,4 +24,5 @@ def load_data_juicer() -> None:
     # deferred: data-juicer itself (seconds), imported only when a recipe is checked or run
     from data_pipeline import ops  # noqa: F401
 
+    forbid_runtime_installs()  # an op's missing package is an error, never a pip install into this venv
     ImageFile.LOAD_TRUNCATED_IMAGES = before

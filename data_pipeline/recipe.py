@@ -18,6 +18,7 @@ import yaml
 
 from data_pipeline.dj import load_data_juicer
 from data_pipeline.errors import PipelineError
+from data_pipeline.models import check_recipe_models
 from data_pipeline.reasons import effective_params
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
@@ -85,6 +86,7 @@ def validate_recipe(recipe: dict, path: str | os.PathLike) -> None:
         lines = "\n".join(f"  - {e}" for e in err.errors)
         raise PipelineError(f"recipe {path} is not valid:\n{lines}") from None
     check_min_max(recipe, path)
+    check_recipe_models(op_list(recipe), path)  # a missing or broken model fails here, before any image is read
     executor = recipe.get("executor_type", "default")
     if executor not in ("default", "local", "ray", "ray_partitioned"):
         raise PipelineError(f"recipe {path}: executor_type {executor!r} is not one of default, ray, ray_partitioned.")

@@ -1,0 +1,137 @@
+"""The models a recipe's operators load, checked before any image is read.
+
+Captioners, taggers and model-based filters name a model in one parameter (``hf_img2seq``,
+``hf_nsfw_model``, ...). :data:`MODEL_PARAMS` lists, per operator, that parameter and the kind of
+folder it needs; sdtune's own operators add themselves with :func:`register_model_param` when they are
+imported. :func:`check_recipe_models` runs inside ``validate_recipe``, so a missing or broken model is
+a :class:`PipelineError` naming the op, the key, the value and the fix before the pre-checks open a
+single image (data-juicer itself would only fail on the first sample, after the cheap filters ran).
+
+* A local folder must hold what its kind needs (``transformers``: a ``config.json`` that
+  transformers parses, and weights; ``wd14``: ``model.onnx`` and ``selected_tags.csv``).
+* A Hugging Face Hub id (``org/name``, not on disk) must be fetchable now: its ``config.json`` is
+  fetched (from the local cache when there) so that an offline machine or a typo fails here.
+
+The stage also never installs packages at run time: data-juicer's ``LazyLoader`` would ``pip install``
+a missing dependency of an operator (simple-aesthetics-predictor, for one, pins transformers < 5 and
+would break this install). :func:`forbid_runtime_installs` turns that into an ``ImportError`` that
+names the package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from data_pipeline.errors import PipelineError
+from data_pipeline.reasons import effective_params
+
+TRANSFORMERS = "transformers"
+WD14 = "wd14"
+KINDS = {
+    TRANSFORMERS: "a transformers model folder (config.json and .safetensors weights, as save_pretrained writes it)",
+    WD14: "a WD14 tagger folder (model.onnx and selected_tags.csv, as SmilingWolf's taggers ship)",
+}
+
+#: op name -> (parameter holding the model, folder kind); data-juicer's model ops that sdtune supports.
+MODEL_PARAMS: dict[str, tuple[str, str]] = {
+    "image_nsfw_filter": ("hf_nsfw_model", TRANSFORMERS),
+    "image_watermark_filter": ("hf_watermark_model", TRANSFORMERS),
+    "image_captioning_mapper": ("hf_img2seq", TRANSFORMERS),
+    "image_text_matching_filter": ("hf_blip", TRANSFORMERS),
+    "image_aesthetics_filter": ("hf_scorer_model", TRANSFORMERS),
+    "mllm_mapper": ("hf_model", TRANSFORMERS),
+}
+
+
+def register_model_param(op_name: str, param: str, kind: str = TRANSFORMERS) -> None:
+    """Declare that ``op_name`` loads the model named by its ``param`` (called by sdtune's ops)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; one of {sorted(KINDS)}")
+    MODEL_PARAMS[op_name] = (param, kind)
+
+
+def _local_problem(folder: Path, kind: str) -> str | None:
+    """What is wrong with a local model folder of ``kind``, or None."""
+    if not folder.is_dir():
+        return "is a file, not a model folder"
+    if kind == WD14:
+        missing = [n for n in ("model.onnx", "selected_tags.csv") if not (folder / n).is_file()]
+        return f"has no {' and no '.join(missing)}" if missing else None
+    config = folder / "config.json"
+    if not config.is_file():
+        return "has no config.json"
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        return f"has a config.json that is not valid JSON ({err})"
+    from transformers import AutoConfig  # deferred: transformers (seconds), only when a recipe names a model
+
+    try:
+        AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        return f"has a config.json transformers cannot read ({type(err).__name__}: {str(err).splitlines()[0]})"
+    weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".safetensors.index.json")]
+    if not weights:
+        return "has no weights (*.safetensors or *.bin)"
+    return None
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("/", ".", "~")) or value.count("/") != 1 or os.sep != "/" and os.sep in value
+
+
+def _hub_problem(repo: str, kind: str) -> str | None:
+    """Fetch the hub repo's small index file now (cache first) so that a typo or no network fails here."""
+    from huggingface_hub import hf_hub_download  # deferred: only for a Hub id
+
+    filename = "selected_tags.csv" if kind == WD14 else "config.json"
+    try:
+        hf_hub_download(repo, filename)
+    except Exception as err:  # offline, unknown repo, gated repo: all mean "cannot load it"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"is not a local folder, and the Hugging Face Hub did not give its {filename} ({first[:200]})"
+    return None
+
+
+def check_model(op_name: str, param: str, value, kind: str, recipe_path) -> None:
+    """Refuse a model value that cannot load; the message names the recipe, op, key, value and fix."""
+    where = f"recipe {recipe_path}: {op_name}.{param}"
+    if not isinstance(value, str) or not value.strip():
+        raise PipelineError(f"{where} is {value!r}; it must name a model: {KINDS[kind]}, or a Hugging Face Hub id.")
+    local = Path(value).expanduser()
+    if local.exists():
+        problem = _local_problem(local, kind)
+    elif _looks_like_path(value):
+        problem = "does not exist"
+    else:
+        problem = _hub_problem(value, kind)
+    if problem:
+        raise PipelineError(
+            f"{where}={value!r} {problem}. Fix: give {KINDS[kind]}; a Hub model can be downloaded first with "
+            f"`huggingface-cli download <id> --local-dir <folder>` and the folder named instead."
+        )
+
+
+def check_recipe_models(ops: list[tuple[str, dict]], recipe_path) -> None:
+    """:func:`check_model` for every op in ``ops`` (``[(name, params)]``) that loads a model."""
+    for name, params in ops:
+        if name not in MODEL_PARAMS:
+            continue
+        param, kind = MODEL_PARAMS[name]
+        check_model(name, param, effective_params(name, params).get(param), kind, recipe_path)
+
+
+def forbid_runtime_installs() -> None:
+    """Make data-juicer's LazyLoader raise ImportError instead of running ``pip install``."""
+    from data_juicer.utils.lazy_loader import LazyLoader  # deferred: data-juicer (seconds), as in dj.py
+
+    def _refuse(cls, package_spec, pip_args=None):
+        raise ImportError(
+            f"data-juicer asked to install {package_spec!r}; the data stage never installs packages while it runs "
+            "(the install is requirements.lock). Fix: use an operator whose dependencies are installed, or install "
+            f"{package_spec!r} yourself if it fits the lock."
+        )
+
+    LazyLoader._install_package = classmethod(_refuse)
