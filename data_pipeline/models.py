@@ -29,9 +29,22 @@ from data_pipeline.reasons import effective_params
 
 TRANSFORMERS = "transformers"
 WD14 = "wd14"
+AESTHETICS = "aesthetics"
 KINDS = {
     TRANSFORMERS: "a transformers model folder (config.json and .safetensors weights, as save_pretrained writes it)",
     WD14: "a WD14 tagger folder (model.onnx and selected_tags.csv, as SmilingWolf's taggers ship)",
+    AESTHETICS: "a local LAION aesthetic predictor folder (simple-aesthetics-predictor's layout, e.g. "
+    "shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE downloaded)",
+}
+
+#: data-juicer ops that cannot work in this stage -> why, and what to use instead.
+REFUSED_OPS: dict[str, str] = {
+    "image_aesthetics_filter": "it needs the simple-aesthetics-predictor package, which pins transformers < 5 and "
+    "torchvision and so cannot be installed next to sdtune. Fix: use sdtune_aesthetics_filter (the same LAION "
+    "predictor and folders; param model, min_score/max_score on the 0-10 scale)",
+    "image_text_matching_filter": "it scores only caption chunks holding the <__dj__image> token, which sdtune's "
+    "captions never hold, so it would keep every image unscored. Fix: use sdtune_image_text_matching_filter (the "
+    "same BLIP model and params, the whole caption against the image)",
 }
 
 #: op name -> (parameter holding the model, folder kind); data-juicer's model ops that sdtune supports.
@@ -56,6 +69,10 @@ def _local_problem(folder: Path, kind: str) -> str | None:
     """What is wrong with a local model folder of ``kind``, or None."""
     if not folder.is_dir():
         return "is a file, not a model folder"
+    if kind == AESTHETICS:
+        from sdtune.evaluation.aesthetics import predictor_problem  # deferred: transformers (seconds)
+
+        return predictor_problem(folder)[1]
     if kind == WD14:
         missing = [n for n in ("model.onnx", "selected_tags.csv") if not (folder / n).is_file()]
         return f"has no {' and no '.join(missing)}" if missing else None
@@ -105,6 +122,8 @@ def check_model(op_name: str, param: str, value, kind: str, recipe_path) -> None
         problem = _local_problem(local, kind)
     elif _looks_like_path(value):
         problem = "does not exist"
+    elif kind == AESTHETICS:
+        problem = "is not a local folder (the aesthetic predictor loads from disk only)"
     else:
         problem = _hub_problem(value, kind)
     if problem:
@@ -116,7 +135,10 @@ def check_model(op_name: str, param: str, value, kind: str, recipe_path) -> None
 
 def check_recipe_models(ops: list[tuple[str, dict]], recipe_path) -> None:
     """:func:`check_model` for every op in ``ops`` (``[(name, params)]``) that loads a model."""
-    for name, params in ops:
+    for n, (name, params) in enumerate(ops, 1):
+        if name in REFUSED_OPS:
+            raise PipelineError(f"recipe {recipe_path}: process entry {n} is data-juicer's {name}, which this stage "
+                                f"refuses: {REFUSED_OPS[name]}.")
         if name not in MODEL_PARAMS:
             continue
         param, kind = MODEL_PARAMS[name]

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 
 from data_pipeline.candidates import Drop
+from data_pipeline.model_reasons import MODEL_EXPLAIN
 
 STATS = "__dj__stats__"
 NO_TRACE = "data-juicer"
@@ -82,6 +83,7 @@ EXPLAIN: dict[str, Callable] = {
     "image_aspect_ratio_filter": _aspect,
     "image_size_filter": _file_size,
     "text_length_filter": _text_len,
+    **MODEL_EXPLAIN,
 }
 
 
