@@ -39,7 +39,7 @@ def model_recipe(model: str) -> Path:
     """The shipped recipe for a model family (``recipes/<model>.yaml``: its training size)."""
     path = RECIPES / f"{model}.yaml"
     if not path.is_file():
-        shipped = sorted(p.stem for p in RECIPES.glob("*.yaml") if p.stem not in ("full", "ray"))
+        shipped = sorted(p.stem for p in RECIPES.glob("*.yaml") if p.stem not in ("full", "ray", "models"))
         raise PipelineError(f"no recipe for MODEL={model!r}; shipped: {', '.join(shipped)}. "
                             f"Fix: MODEL={'|'.join(shipped)}, or name a recipe with RECIPE=<file>.")
     return path

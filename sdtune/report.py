@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep", help="a run folder (outputs/runs/<time>) or a sweep (outputs/multirun/<time>)")
     parser.add_argument("--out", help="where to write the report (default: the sweep folder)")
     parser.add_argument("--sort", metavar="METRIC", help="rank runs by a column, e.g. eval/latent_dist (lower is better) "
-                        "or eval/clip_i (higher is better); similarities sort descending, losses and distances ascending")
+                        "or eval/clip_i or eval/aesthetic (higher is better); similarities and aesthetic scores "
+                        "sort descending, losses and distances ascending")
     args = parser.parse_args(argv)
     rows = report(args.sweep, args.out, args.sort)
     print((Path(args.out or args.sweep) / "report.md").read_text())

@@ -18,6 +18,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sdtune.config.values import guidance, integer, setting
+from sdtune.evaluation.aesthetics import FIX as PREDICTOR_FIX
+from sdtune.evaluation.aesthetics import predictor_problem
 from sdtune.families.source import check_weights
 from sdtune.utils.errors import ConfigError
 from sdtune.utils.formats import IMAGE_SUFFIXES
@@ -44,6 +46,7 @@ class EvalSpec:
     every_n_steps: int | None
     clip_model: Path | None
     dino_model: Path | None
+    aesthetic_model: Path | None = None  # the LAION predictor (sdtune.evaluation.aesthetics): eval/aesthetic
 
     def metrics(self) -> set[str]:
         """The averaged metric names (``eval/...``) a run with this spec logs."""
@@ -53,6 +56,8 @@ class EvalSpec:
             names |= {"clip_t", "clip_i"} if refs else {"clip_t"}
         if self.dino_model and refs:
             names.add("dino")
+        if self.aesthetic_model:
+            names.add("aesthetic")
         return {f"eval/{n}" for n in names}
 
 
@@ -146,12 +151,14 @@ def parse_eval(section: Mapping[str, Any] | None) -> EvalSpec | None:
     every = integer("eval.every_n_steps", section.get("every_n_steps"), ge=1, optional="evaluate at each validation")
     scale = guidance("eval.guidance", section.get("guidance"), optional="the base model's own scale")
     spec = EvalSpec(tuple(entries), tuple(int(s) for s in seeds), steps, scale, every, _model_folder(section.get("clip_model"), "eval.clip_model", "CLIP model"),
-                    _model_folder(section.get("dino_model"), "eval.dino_model", "DINO model"))
+                    _model_folder(section.get("dino_model"), "eval.dino_model", "DINO model"),
+                    _model_folder(section.get("aesthetic_model"), "eval.aesthetic_model", "aesthetic predictor"))
     for i, p in enumerate(entries):
-        if not p.references and not spec.clip_model:
-            raise ConfigError(f"eval.prompts[{i}] ({p.prompt!r}) has no references and eval.clip_model is null: nothing "
-                              "would be measured for it. Fix: {prompt: ..., references: [image files or a folder]}, or "
-                              "set eval.clip_model for the prompt-image score (CLIP-T).")
+        if not p.references and not spec.clip_model and not spec.aesthetic_model:
+            raise ConfigError(f"eval.prompts[{i}] ({p.prompt!r}) has no references and eval.clip_model and "
+                              "eval.aesthetic_model are null: nothing would be measured for it. Fix: {prompt: ..., "
+                              "references: [image files or a folder]}, or set eval.clip_model for the prompt-image "
+                              "score (CLIP-T) or eval.aesthetic_model for the aesthetic score.")
     return spec
 
 
@@ -163,10 +170,11 @@ def check_optimized_metric(metric: str, spec: EvalSpec | None) -> None:
         raise ConfigError(f"optimized_metric={metric}, but eval.prompts is empty, so nothing logs it. Fix: set "
                           "eval.prompts with references (docs/training_methods.md: Evaluation against reference images).")
     names = spec.metrics() | {f"eval/{p.name}/{m.split('/')[-1]}" for p in spec.prompts for m in spec.metrics()
-                              if p.references or m == "eval/clip_t"}
+                              if p.references or m in ("eval/clip_t", "eval/aesthetic")}
     if metric not in names:
         raise ConfigError(f"optimized_metric={metric} is not logged by this evaluation; it logs {sorted(names)}. "
-                          "Fix: choose one of those (clip_* needs eval.clip_model, dino eval.dino_model).")
+                          "Fix: choose one of those (clip_* needs eval.clip_model, dino eval.dino_model, "
+                          "aesthetic eval.aesthetic_model).")
 
 
 def check_config(cfg: Any) -> None:
@@ -174,10 +182,15 @@ def check_config(cfg: Any) -> None:
     gate, and an ``optimized_metric=eval/...`` is one this evaluation logs."""
     node = setting(cfg, "eval")
     spec = parse_eval(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node)
-    if spec and (spec.clip_model or spec.dino_model):  # the loading gate, before any model loads
+    if spec and (spec.clip_model or spec.dino_model or spec.aesthetic_model):  # the loading gate, before any model loads
         allow_pickle = setting(cfg, "model.allow_pickle") is True
         check_weights(spec.clip_model, key="eval.clip_model", allow_pickle=allow_pickle)
         check_weights(spec.dino_model, key="eval.dino_model", allow_pickle=allow_pickle)
+        check_weights(spec.aesthetic_model, key="eval.aesthetic_model", allow_pickle=allow_pickle)
+        problem = predictor_problem(spec.aesthetic_model)[1] if spec.aesthetic_model else None
+        if problem:
+            raise ConfigError(f"eval.aesthetic_model={spec.aesthetic_model}: the folder {problem}. {PREDICTOR_FIX}, "
+                              "or eval.aesthetic_model=null.")
     metric = setting(cfg, "optimized_metric")
     if isinstance(metric, str):
         check_optimized_metric(metric, spec)

@@ -2,7 +2,8 @@
 
 Each evaluation renders every ``eval.prompts`` entry at the fixed ``eval.seeds`` with the current
 LoRA (the sample grid's renderer, so the same seeds give the same starting noise at every step)
-and computes the metrics of :mod:`sdtune.evaluation.metrics`. Evaluations run at step 0 (the base
+and computes the metrics of :mod:`sdtune.evaluation.metrics` (and, with ``eval.aesthetic_model``, the
+mean LAION aesthetic score of :mod:`sdtune.evaluation.aesthetics`). Evaluations run at step 0 (the base
 model: the LoRA starts as a no-op), every ``eval.every_n_steps`` steps, or, when that is null, at
 each validation (``data.val_images`` > 0), and at the end of training. Each is logged to every
 logger (TensorBoard, CSV) under ``eval/<metric>`` (averaged over prompts) and
@@ -21,6 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from sdtune.evaluation.aesthetics import AestheticScorer
 from sdtune.evaluation.config import EvalSpec, parse_eval
 from sdtune.evaluation.metrics import ClipScorer, DinoScorer, load_references, mean_cosine, nearest_rms, vae_latents
 from sdtune.evaluation.sample_grid import Sample, render_at_scales
@@ -43,7 +45,7 @@ class ReferenceEval(L.Callback):
         self.dirpath = Path(dirpath)
         self.history: list[dict[str, float]] = []  # {"step": n, "eval/...": value, ...} per evaluation
         self._refs: dict[str, dict[str, torch.Tensor]] | None = None  # per prompt: reference latents/embeddings
-        self._clip = self._dino = None
+        self._clip = self._dino = self._aesthetic = None
 
     # -- when -----------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
@@ -116,6 +118,8 @@ class ReferenceEval(L.Callback):
                     out[f"{key}/clip_i"] = mean_cosine(embeds, ref["clip"])
             if self._dino is not None and p.references:
                 out[f"{key}/dino"] = mean_cosine(self._dino.images(ims, device), ref["dino"])
+            if self._aesthetic is not None:  # the mean LAION score (0-10) of this prompt's images
+                out[f"{key}/aesthetic"] = float(self._aesthetic.scores(ims, device).mean())
         for metric in sorted({k.rsplit("/", 1)[1] for k in out}):
             values = [v for k, v in out.items() if k.endswith("/" + metric)]
             out[f"eval/{metric}"] = sum(values) / len(values)
@@ -129,6 +133,7 @@ class ReferenceEval(L.Callback):
         allow_pickle = (pl_module.cfg.get("model") or {}).get("allow_pickle", False) is True
         self._clip = ClipScorer(spec.clip_model, allow_pickle=allow_pickle) if spec.clip_model else None
         self._dino = DinoScorer(spec.dino_model, allow_pickle=allow_pickle) if spec.dino_model else None
+        self._aesthetic = AestheticScorer(spec.aesthetic_model, allow_pickle=allow_pickle) if spec.aesthetic_model else None
         refs: dict[str, dict[str, torch.Tensor]] = {}
         for p in spec.prompts:
             refs[p.name] = {}

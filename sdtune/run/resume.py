@@ -155,8 +155,8 @@ def _strings(value: Any) -> list[str]:
 
 
 #: Leaf keys whose value is a model that gets loaded (model.path, model.vae_path, controlnet.path,
-#: eval.clip_model, eval.dino_model), wherever a saved override puts them (a dotted key or a mapping).
-MODEL_PATH_LEAVES = ("path", "vae_path", "clip_model", "dino_model")
+#: eval.clip_model, eval.dino_model, eval.aesthetic_model), wherever a saved override puts them (a dotted key or a mapping).
+MODEL_PATH_LEAVES = ("path", "vae_path", "clip_model", "dino_model", "aesthetic_model")
 
 
 def _leaves(key: str, value: Any) -> list[tuple[str, Any]]:

@@ -8,16 +8,18 @@ config layer does not import the evaluation code.
 
 from __future__ import annotations
 
-#: Metrics where larger is better (cosine similarities); every other metric (losses, distances) is
-#: better when smaller.
+#: Metrics where larger is better (cosine similarities, and the LAION aesthetic score); every other
+#: metric (losses, distances) is better when smaller.
 SIMILARITIES = ("clip_t", "clip_i", "dino")
+HIGHER_IS_BETTER = (*SIMILARITIES, "aesthetic")
 
 
 def higher_is_better(metric: str) -> bool:
-    """True for similarities (``eval/clip_t``, ``eval/<name>/dino``), False for losses and distances."""
-    return str(metric).rsplit("/", 1)[-1] in SIMILARITIES
+    """True for similarities (``eval/clip_t``, ``eval/<name>/dino``) and ``eval/aesthetic``, False for
+    losses and distances."""
+    return str(metric).rsplit("/", 1)[-1] in HIGHER_IS_BETTER
 
 
 def sweep_direction(metric: str | None) -> str:
-    """The Optuna direction for ``optimized_metric``: maximize similarities, minimize the rest."""
+    """The Optuna direction for ``optimized_metric``: maximize similarities and aesthetics, minimize the rest."""
     return "maximize" if metric and higher_is_better(metric) else "minimize"

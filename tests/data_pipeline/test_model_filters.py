@@ -134,3 +134,21 @@ def test_a_bad_predictor_folder_is_refused_before_any_image_is_read(models, tmp_
             validate_recipe(load_recipe(path), path)
         assert f"sdtune_aesthetics_filter.model='{value}' {what}" in str(err.value)
         assert "Fix: give a local LAION aesthetic predictor folder" in str(err.value)
+
+
+def test_the_shipped_examples_name_real_ops_and_params(models, tmp_path):
+    """Catches a commented example in recipes/models.yaml with a wrong op or parameter name: uncommented,
+    with the tiny models as its folders, it passes the stage's recipe check."""
+    shipped = Path(__file__).resolve().parents[2] / "data_pipeline" / "recipes" / "models.yaml"
+    validate_recipe(load_recipe(shipped), shipped)
+    lines = [line.replace("  # ", "  ", 1) if line.startswith(("  # - ", "  #     ")) else line
+             for line in shipped.read_text(encoding="utf-8").splitlines()]
+    text = "\n".join(lines)
+    for placeholder, key in [("models/aesthetic", "aes"), ("models/nsfw_image_detection", "nsfw"),
+                             ("models/watermark_detector", "wm"), ("models/blip-itm-base-coco", "itm")]:
+        text = text.replace(f": {placeholder}\n", f": {models[key]}\n")
+    path = recipe(tmp_path, "uncommented.yaml", text + "\n")
+    ops = [next(iter(item)) for item in load_recipe(path)["process"]]
+    assert ops == ["image_shape_filter", "sdtune_aesthetics_filter", "image_nsfw_filter", "image_watermark_filter",
+                   "sdtune_image_text_matching_filter"]
+    validate_recipe(load_recipe(path), path)
