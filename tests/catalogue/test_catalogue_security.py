@@ -239,7 +239,7 @@ def test_base_model_and_vae_folders_of_pickles_are_refused(tmp_path, capsys, tin
     assert snapshot(folder) == before
 
 
-@pytest.mark.parametrize("key", ["eval.clip_model", "eval.dino_model"])
+@pytest.mark.parametrize("key", ["eval.clip_model", "eval.dino_model", "eval.aesthetic_model"])
 def test_evaluator_folders_of_pickles_are_refused_before_any_model_loads(tmp_path, capsys, key):
     marker = tmp_path / "code-ran"
     folder = pickle_model_folder(tmp_path / "clip", marker, part=".", name="pytorch_model.bin",

@@ -128,7 +128,7 @@ def _cfg(*overrides: str):
     (["+eval.promts=[a]"], "eval.promts is not a setting of sdtune"),
     (["eval.prompts=[{prompt: a, references: [/nonexistent/ref.png]}]"], "eval.prompts[0].references: reference image /nonexistent/ref.png does not exist"),
     (["eval.prompts=[{prompt: a, refs: [x.png]}]"], "has unknown key(s) ['refs']"),
-    (["eval.prompts=[a red circle]"], "eval.prompts[0] ('a red circle') has no references and eval.clip_model is null"),
+    (["eval.prompts=[a red circle]"], "eval.prompts[0] ('a red circle') has no references and eval.clip_model and eval.aesthetic_model are null"),
     (["eval.prompts=[{prompt: a, references: REFS, name: 'a b'}]"], "eval.prompts[0].name = 'a b'"),
     (["eval.prompts=[{prompt: a, references: REFS}]", "eval.clip_model=/nonexistent"], "eval.clip_model=/nonexistent: /nonexistent is no local CLIP model folder"),
     (["eval.prompts=[{prompt: a, references: REFS}]", "eval.seeds=[]"], "eval.seeds must be a non-empty list"),
