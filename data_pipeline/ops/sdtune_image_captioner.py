@@ -35,8 +35,7 @@ from data_juicer.ops.base_op import OPERATORS, Mapper
 from data_juicer.utils.mm_utils import load_image
 from data_juicer.utils.model_utils import get_model, prepare_model
 
-from data_pipeline.models import TRANSFORMERS, register_model_param
-from data_pipeline.ops.captioning import (
+from data_pipeline.captioning import (
     advance,
     apply_captions,
     check_mode,
@@ -44,6 +43,7 @@ from data_pipeline.ops.captioning import (
     start_progress,
     stop_progress,
 )
+from data_pipeline.models import TRANSFORMERS, register_model_param
 
 OP_NAME = "sdtune_image_captioner"
 VLM_PROMPT = "Describe this image in one detailed sentence for a text-to-image training caption."
@@ -128,10 +128,13 @@ class SdtuneImageCaptioner(Mapper):
 
     def run(self, dataset, *, exporter=None, tracer=None):
         start_progress(self, dataset[self.text_key], self.mode)
+        done = False
         try:
-            return super().run(dataset, exporter=exporter, tracer=tracer)
+            dataset = super().run(dataset, exporter=exporter, tracer=tracer)
+            done = True
+            return dataset
         finally:
-            stop_progress(self)
+            stop_progress(self, done)
 
     def process_batched(self, samples, rank=None):
         texts = samples[self.text_key]

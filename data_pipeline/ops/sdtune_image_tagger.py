@@ -25,8 +25,7 @@ from data_juicer.ops.base_op import OPERATORS, Mapper
 from data_juicer.utils.mm_utils import load_image
 from PIL import Image
 
-from data_pipeline.models import WD14, register_model_param
-from data_pipeline.ops.captioning import (
+from data_pipeline.captioning import (
     advance,
     apply_captions,
     check_mode,
@@ -34,6 +33,7 @@ from data_pipeline.ops.captioning import (
     start_progress,
     stop_progress,
 )
+from data_pipeline.models import WD14, register_model_param
 
 OP_NAME = "sdtune_image_tagger"
 RATING, GENERAL, CHARACTER = 9, 0, 4
@@ -144,10 +144,13 @@ class SdtuneImageTagger(Mapper):
 
     def run(self, dataset, *, exporter=None, tracer=None):
         start_progress(self, dataset[self.text_key], self.mode)
+        done = False
         try:
-            return super().run(dataset, exporter=exporter, tracer=tracer)
+            dataset = super().run(dataset, exporter=exporter, tracer=tracer)
+            done = True
+            return dataset
         finally:
-            stop_progress(self)
+            stop_progress(self, done)
 
     def process_batched(self, samples, rank=None):
         texts = samples[self.text_key]

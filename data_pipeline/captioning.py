@@ -1,4 +1,4 @@
-"""What sdtune's captioning operators share: the modes, the trigger word, the progress bar.
+"""What sdtune's captioning operators (data_pipeline/ops) and the stage share: the modes, the trigger word, the progress bar.
 
 * ``missing`` (default): only samples whose caption is empty (or only whitespace) are captioned; the
   others are never sent to the model and their text is returned untouched, byte for byte.
@@ -25,7 +25,8 @@ from tqdm import tqdm
 MODES = ("missing", "replace", "prefix")
 CAPTION_BY = "sdtune_caption_by"
 
-_bars: dict[int, tqdm] = {}  # id(op) -> its bar while it runs (kept off the op: datasets hashes the op)
+_bars: dict[str, tqdm] = {}  # op name -> its bar while it runs (kept off the op: datasets hashes and copies it)
+_quiet: list[tuple] = []  # what to turn back on when the op ends
 
 
 def check_mode(op_name: str, mode: str, trigger) -> None:
@@ -56,21 +57,41 @@ def model_label(model: str) -> str:
 
 
 def start_progress(op, texts, mode: str) -> None:
+    """Show "captioning (<model>)" over the images the op will send to its model, instead of
+    datasets' "<op>_process" bar and transformers' "Loading weights" bar (turned back on by
+    :func:`stop_progress`)."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
     todo = sum(1 for t in texts if needs_caption(t, mode))
-    if todo and multiprocessing.current_process().name == "MainProcess":
-        _bars[id(op)] = tqdm(total=todo, desc=f"captioning ({model_label(op.model)})", unit="img", file=sys.stderr)
+    if not todo or multiprocessing.current_process().name != "MainProcess":
+        return
+    _bars[op._name] = tqdm(total=todo, desc=f"captioning ({model_label(op.model)})", unit="img", file=sys.stderr)
+    if datasets.is_progress_bar_enabled():
+        datasets.disable_progress_bars()
+        _quiet.append((op._name, datasets.enable_progress_bars))
+    if hf_logging.is_progress_bar_enabled():
+        hf_logging.disable_progress_bar()
+        _quiet.append((op._name, hf_logging.enable_progress_bar))
 
 
 def advance(op, n: int) -> None:
-    bar = _bars.get(id(op))
+    bar = _bars.get(op._name)
     if bar is not None:
         bar.update(n)
 
 
-def stop_progress(op) -> None:
-    bar = _bars.pop(id(op), None)
+def stop_progress(op, done: bool) -> None:
+    """Close the bar; datasets may have run the batches in a forked worker that moved its own copy
+    of the bar, so a finished op's bar is set to its total here."""
+    bar = _bars.pop(op._name, None)
     if bar is not None:
+        if done:
+            bar.n = bar.total
         bar.close()
+    for name, turn_on in [q for q in _quiet if q[0] == op._name]:
+        turn_on()
+        _quiet.remove((name, turn_on))
 
 
 def apply_captions(samples: dict, text_key: str, todo: list[int], generated: list[str], op) -> dict:
