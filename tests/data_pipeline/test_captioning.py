@@ -17,7 +17,7 @@ from PIL import Image
 from data_pipeline.__main__ import main as cli_main
 from data_pipeline.captioning import combine
 from data_pipeline.errors import USAGE_EXIT
-from tests.helpers.captioners import TAGS, build_blip, build_wd14, wd14_probs
+from tests.helpers.captioners import TAGS, build_blip, build_llava, build_wd14, wd14_probs
 from tests.helpers.files import SMALL_OK, listing, read_csv, recipe
 from tests.helpers.images import add, textured
 from tests.helpers.paths import ROOT
@@ -123,6 +123,36 @@ def test_replace_and_prefix_modes_in_the_stage(models, tmp_path, mode):
     tags = {n: expected_tags(Image.new("RGB", (40, 36), COLOURS[i])) for i, n in enumerate("ab")}
     own = "my own caption, " if mode == "prefix" else ""
     assert rows == {"images/a.png": own + tags["a"], "images/b.png": tags["b"]}
+
+
+def vlm_reference(folder: Path, path: Path, prompt: str, max_new_tokens: int) -> tuple[str, str]:
+    """(new tokens only, whole sequence) as transformers decodes them for one image and one chat turn."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(folder)
+    model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    with Image.open(path) as image:
+        inputs = processor(images=[image.convert("RGB")], text=[text], return_tensors="pt")
+    ids = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=3, do_sample=False)
+    new = processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return new, processor.decode(ids[0], skip_special_tokens=True).strip()
+
+
+@pytest.mark.slow
+def test_chat_vlm_writes_only_the_new_tokens(tmp_path):
+    model = build_llava(tmp_path / "llava")
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    for i in range(3):
+        add(raw, f"v{i}.png", textured(10 + i, 48, 40 + 4 * i), None)
+    prompt = "describe this image in one detailed sentence"
+    args = ("--caption", str(model), "--caption-prompt", prompt, "--caption-max-tokens", "8", "--caption-batch", "2")
+    assert run_stage(raw, out, tmp_path, *args) == 0
+    rows = {r["file_name"]: r["text"] for r in read_csv(out / "metadata.csv")}
+    for i in range(3):
+        new, whole = vlm_reference(model, raw / f"v{i}.png", prompt, 8)
+        assert rows[f"images/v{i}.png"] == new and whole.startswith(prompt) and not new.startswith(prompt)
 
 
 @pytest.mark.parametrize("broken", ["missing", "no weights", "bad config", "tagger without csv"])

@@ -110,3 +110,50 @@ def wd14_probs(image, size: int = 16) -> dict[str, float]:
 
 def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data), encoding="utf-8")
+
+
+LLAVA_TEMPLATE = (
+    "{% for m in messages %}<|user|> {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+    "{% else %}{{ c['text'] }} {% endif %}{% endfor %}<|end|> {% endfor %}{% if add_generation_prompt %}<|bot|> {% endif %}"
+)
+
+
+def build_llava(folder: Path) -> Path:
+    """Save a tiny random chat VLM (LlavaForConditionalGeneration: CLIP vision tower, Llama text model,
+    a word-level tokenizer and a chat template) to ``folder``."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    special = ["<pad>", "<|end|>", "<image>", "<|user|>", "<|bot|>", "<unk>"]
+    words = dict.fromkeys([*WORDS, *"describe this image in one detailed sentence for text-to-image training caption."
+                           .split()])  # fmt: skip
+    vocab = {w: i for i, w in enumerate([*special, *words])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece(prefix="##")
+    backend.add_special_tokens(special)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|end|>", pad_token="<pad>",
+                                        unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})  # fmt: skip
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,
+                               num_additional_image_tokens=1)  # fmt: skip
+    config = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=28, patch_size=14, projection_dim=32),
+        text_config=dict(model_type="llama", vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5,
+                         max_position_embeddings=256, pad_token_id=0, bos_token_id=3, eos_token_id=vocab["<|end|>"]),
+        image_token_index=vocab["<image>"], vision_feature_select_strategy="default", vision_feature_layer=-1,
+        projector_hidden_act="gelu", pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
