@@ -35,16 +35,19 @@ def run_stage(raw: Path, out: Path, tmp_path: Path, *args: str) -> int:
     return cli_main([str(raw), str(out), "--recipe", str(recipe(tmp_path, "ok.yaml", SMALL_OK)), "--np", "1", *args])
 
 
-def blip_reference(folder: Path, path: Path, max_new_tokens: int, num_beams: int = 3) -> str:
-    """What transformers itself generates for one image: beam search, no sampling."""
+def blip_reference(folder: Path, paths: list[Path], max_new_tokens: int, num_beams: int = 3) -> list[str]:
+    """What transformers itself generates for each image alone: beam search, no sampling."""
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
     processor = BlipProcessor.from_pretrained(folder)
     model = BlipForConditionalGeneration.from_pretrained(folder).eval()
-    with Image.open(path) as image:
-        inputs = processor(images=image.convert("RGB"), return_tensors="pt")
-    ids = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
-    return processor.decode(ids[0], skip_special_tokens=True).strip()
+    captions = []
+    for path in paths:
+        with Image.open(path) as image:
+            inputs = processor(images=image.convert("RGB"), return_tensors="pt")
+        ids = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+        captions.append(processor.decode(ids[0], skip_special_tokens=True).strip())
+    return captions
 
 
 def expected_tags(image: Image.Image, general=0.35, character=0.85) -> str:
@@ -65,7 +68,8 @@ def test_acceptance_five_uncaptioned_images_get_the_models_captions(models, tmp_
 
     assert listing(raw, with_mtime=True) == before  # bytes, mtimes, and no new file under RAW
     rows = {r["file_name"]: r["text"] for r in read_csv(out / "metadata.csv")}
-    expected = {f"images/img{i}.png": blip_reference(models["blip"], raw / f"img{i}.png", 10) for i in range(5)}
+    refs = blip_reference(models["blip"], [raw / f"img{i}.png" for i in range(5)], 10)
+    expected = {f"images/img{i}.png": caption for i, caption in enumerate(refs)}
     assert rows == expected
     assert len(set(expected.values())) > 1  # the images get different captions: rows cannot be swapped unseen
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
