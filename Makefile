@@ -31,12 +31,14 @@ demo: $(STAMP)
 
 # Clean a raw image+caption folder with a data-juicer recipe into a training-ready folder.
 # MODEL picks the shipped recipe for that family's size (data_pipeline/recipes/<MODEL>.yaml);
-# RECIPE=<file> uses your own. RAW, OUT and RECIPE are single-quoted for the shell (paths with
+# RECIPE=<file> uses your own. CAPTION=<model folder or Hub id> captions the kept images (BLIP,
+# a chat VLM, or a WD14 tagger) as the recipe's last op: CAPTION_MODE=missing|replace|prefix,
+# CAPTION_PROMPT=..., TRIGGER=<word>. Every value is single-quoted for the shell (paths with
 # spaces, quotes, $ or ;).
 shq = '$(subst ','\'',$(1))'
 data: $(STAMP)
-	@test -n $(call shq,$(RAW)) || { echo "usage: make data RAW=<raw image folder> [OUT=data/clean] [MODEL=sd15|sdxl|kolors] [RECIPE=<recipe.yaml>] [NP=2]"; exit 2; }
-	$(PY) -m data_pipeline $(call shq,$(RAW)) $(call shq,$(OUT)) --model $(call shq,$(MODEL)) $(if $(RECIPE),--recipe $(call shq,$(RECIPE))) --np $(NP)
+	@test -n $(call shq,$(RAW)) || { echo "usage: make data RAW=<raw image folder> [OUT=data/clean] [MODEL=sd15|sdxl|kolors] [RECIPE=<recipe.yaml>] [NP=2] [CAPTION=<model> [CAPTION_MODE=missing|replace|prefix] [CAPTION_PROMPT=<text>] [TRIGGER=<word>]]"; exit 2; }
+	$(PY) -m data_pipeline $(call shq,$(RAW)) $(call shq,$(OUT)) --model $(call shq,$(MODEL)) $(if $(RECIPE),--recipe $(call shq,$(RECIPE))) --np $(NP) $(if $(CAPTION),--caption $(call shq,$(CAPTION))) $(if $(CAPTION_MODE),--caption-mode $(call shq,$(CAPTION_MODE))) $(if $(CAPTION_PROMPT),--caption-prompt $(call shq,$(CAPTION_PROMPT))) $(if $(TRIGGER),--trigger $(call shq,$(TRIGGER)))
 
 # Speed and memory of the real training step against a plain PyTorch loop (tiny models on the CPU).
 bench: $(STAMP)

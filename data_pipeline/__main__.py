@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from data_pipeline.captions import caption_op
 from data_pipeline.errors import PipelineError
 from data_pipeline.lifeline import Lifeline
 from data_pipeline.recipe import DEFAULT_MODEL, model_recipe
@@ -32,7 +33,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--link", choices=("copy", "hardlink"), default="copy", help="how kept images reach OUT")
     parser.add_argument("--keep-work", action="store_true", help="keep data-juicer's work folder (traces, log)")
     parser.add_argument("--verbose", action="store_true", help="show data-juicer's log on stderr")
+    cap = parser.add_argument_group("captioning (appended as the recipe's last op, after every filter)")
+    cap.add_argument("--caption", metavar="MODEL", default=None,
+                     help="caption with this model: a transformers captioner (BLIP, BLIP-2, a chat VLM such as "
+                          "Qwen2.5-VL) or a WD14 tagger (folder with model.onnx + selected_tags.csv); folder or Hub id")
+    cap.add_argument("--caption-mode", default="missing", choices=("missing", "replace", "prefix"),
+                     help="missing: only images without a caption (default); replace; prefix: existing, then new")
+    cap.add_argument("--caption-prompt", default=None, help="BLIP: the caption's start; chat VLMs: the instruction")
+    cap.add_argument("--trigger", default=None, help="put in front of every caption the model writes: 'T, caption'")
+    cap.add_argument("--caption-max-tokens", type=int, default=None, help="longest caption in tokens (default 75)")
+    cap.add_argument("--caption-batch", type=int, default=None, help="images per forward pass (default 8)")
     return parser.parse_args(argv)
+
+
+def _caption(args: argparse.Namespace) -> dict | None:
+    """The captioning op for ``--caption`` (None without it); its knobs alone are an error."""
+    if args.caption is None:
+        given = [f for f, v in (("--caption-prompt", args.caption_prompt), ("--trigger", args.trigger),
+                                ("--caption-max-tokens", args.caption_max_tokens),
+                                ("--caption-batch", args.caption_batch)) if v is not None]  # fmt: skip
+        if given:
+            raise PipelineError(f"{', '.join(given)} given without --caption. Fix: name the captioner with "
+                                "--caption <model folder or Hub id> (make data ... CAPTION=<model>).")
+        return None
+    return caption_op(args.caption, args.caption_mode, args.caption_prompt, args.trigger,
+                      args.caption_max_tokens, args.caption_batch)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with Lifeline(args.out) as lifeline:
         try:
-            summary = run(args.raw, args.out, args.recipe, args.np, args.link, args.keep_work, args.verbose, lifeline)
+            caption = _caption(args)
+            summary = run(args.raw, args.out, args.recipe, args.np, args.link, args.keep_work, args.verbose, lifeline,
+                          caption=caption)
         except NothingKept as err:
             print(format_table(err.summary, args.link))
             print(f"error: {err}", file=sys.stderr)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from data_pipeline.captioning import CAPTION_BY
 from data_pipeline.dj import load_data_juicer
 from data_pipeline.errors import RUN_EXIT, PipelineError
 from data_pipeline.recipe import build_config
@@ -40,6 +41,7 @@ class JuicerResult:
     kept: dict[int, tuple[str, str]]  # sdtune_id -> (caption, image path)
     filtered: dict[str, list[dict]] = field(default_factory=dict)  # op -> dropped samples
     duplicates: dict[str, list[dict]] = field(default_factory=dict)  # op -> {dup1, dup2} pairs
+    caption_by: dict[int, str] = field(default_factory=dict)  # sdtune_id -> model that wrote its caption
 
 
 @contextlib.contextmanager
@@ -92,6 +94,20 @@ def _env(name: str, value: str):
             os.environ.pop(name, None)
         else:
             os.environ[name] = old
+
+
+def _plain_text(text) -> str:
+    """The caption without data-juicer's special tokens (``<__dj__image>``, ``<|__dj__eoc|>``), which
+    an op may have left in it; text without them comes back byte for byte."""
+    from data_juicer.utils.mm_utils import SpecialTokens  # data-juicer is imported by now
+
+    text = str(text or "")
+    tokens = [v for k, v in vars(SpecialTokens).items() if not k.startswith("_") and isinstance(v, str)]
+    if not any(t in text for t in tokens):
+        return text
+    for token in tokens:
+        text = text.replace(token, " ")
+    return " ".join(text.split())
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -148,6 +164,8 @@ def run_recipe(
         images = row.get("images") or []
         sid = row.get("sdtune_id")
         if isinstance(sid, int) and images and sid not in result.kept:
-            result.kept[sid] = (str(row.get("text", "")), str(images[0]))
+            result.kept[sid] = (_plain_text(row.get("text", "")), str(images[0]))
+            if row.get(CAPTION_BY):
+                result.caption_by[sid] = str(row[CAPTION_BY])
     _collect_traces(work, result)
     return result

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_pipeline.candidates import Drop
+from data_pipeline.captions import caption_lines, caption_report, with_caption
 from data_pipeline.errors import RUN_EXIT, PipelineError
 from data_pipeline.juicer import JuicerResult, run_recipe
 from data_pipeline.lifeline import KEPT, Lifeline, new_work_dir, recover_stale, remove_path
@@ -44,7 +45,8 @@ class Summary:
     kept: int
     drops: list[Drop]
     seconds: dict[str, float] = field(default_factory=dict)
-    uncaptioned: int = 0  # kept images with the empty caption
+    uncaptioned: int = 0  # kept images with the empty caption (counted after captioning)
+    captions: dict | None = None  # report.json's "captions" when a captioning op ran
 
     def warnings(self) -> list[str]:
         """What the user should look at before training: many drops, images without captions."""
@@ -140,10 +142,12 @@ def _report(summary: Summary, raw: Path) -> dict:
         "operators": summary.ops,
         "counts": {"in": summary.n_in, "kept": summary.kept, "dropped": len(summary.drops), "uncaptioned": summary.uncaptioned},
         "dropped_by": summary.dropped_by(),
+        **({"captions": summary.captions} if summary.captions else {}),
     }
 
 
 def _kept_files(passed, result: JuicerResult) -> list[KeptFile]:
+    """The files to write, with their captions (a model's caption replaces a jsonl's alternatives)."""
     kept = []
     for sid, (cand, _info) in enumerate(passed):
         if sid not in result.kept:
@@ -152,7 +156,8 @@ def _kept_files(passed, result: JuicerResult) -> list[KeptFile]:
         source, dest = Path(image), cand.dest
         if source.suffix.lower() != cand.path.suffix.lower():  # an op wrote a new file in another format
             dest = str(Path(dest).with_suffix(source.suffix))
-        kept.append(KeptFile(dest, source, caption.strip() or cand.caption, cand.alternatives))
+        alternatives = () if result.caption_by.get(sid) else cand.alternatives
+        kept.append(KeptFile(dest, source, caption.strip() or cand.caption, alternatives))
     return kept
 
 
@@ -165,13 +170,15 @@ def run(
     keep_work: bool = False,
     verbose: bool = False,
     lifeline: Lifeline | None = None,
+    caption: dict | None = None,
 ) -> Summary:
     """Clean ``raw`` into ``out`` with ``recipe``; raises :class:`PipelineError` on user errors
     (:class:`NothingKept` when no image survives). ``lifeline`` (see :mod:`.lifeline`) is told
-    about the work folder, so it is removed even if this process is killed."""
+    about the work folder, so it is removed even if this process is killed. ``caption`` (a recipe entry,
+    :func:`data_pipeline.captions.caption_op`) is appended as the recipe's last op."""
     clock = time.perf_counter()
     recipe_path = Path(os.path.abspath(recipe))
-    recipe_cfg = load_recipe(recipe_path)
+    recipe_cfg = with_caption(load_recipe(recipe_path), caption)
     np_workers = resolve_np(np_workers, recipe_cfg)
     raw_input = read_raw(raw)
     raw_root = Path(os.path.abspath(os.path.expanduser(raw)))
@@ -200,14 +207,21 @@ def run(
 
         clock = time.perf_counter()
         kept = _kept_files(passed, result)
+        by_dest = {k.dest: result.caption_by.get(sid, "") for sid, k in _kept_ids(passed, result, kept)}
         names = [name for name, _ in ops]
         summary = Summary(out, raw_input.form, recipe_path, names, len(raw_input.candidates), len(kept), drops, seconds,
-                          uncaptioned=sum(1 for k in kept if not k.caption))
+                          uncaptioned=sum(1 for k in kept if not k.caption),
+                          captions=caption_report(ops, kept, by_dest))
         if not kept:
             raise _nothing_kept(summary, raw_root)
         write_dataset(out, kept, drops, _report(summary, raw_root), link)
         seconds["write"] = time.perf_counter() - clock
     return summary
+
+
+def _kept_ids(passed, result: JuicerResult, kept: list[KeptFile]):
+    """(sdtune_id, KeptFile) pairs: ``kept`` follows the order of the ids data-juicer kept."""
+    return zip([sid for sid in range(len(passed)) if sid in result.kept], kept)
 
 
 class _WorkFolder:
@@ -273,4 +287,5 @@ def format_table(summary: Summary, link: str) -> str:
     ]
     width = max(len(str(r[0])) for r in rows) + 2
     lines = [f"{r[0]:<{width}}{r[1]!s:>6}{r[2]!s:>9}{r[3]!s:>7}{r[4]!s:>9}" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + caption_lines(summary.captions))
+

@@ -1,0 +1,148 @@
+"""``sdtune_image_captioner``: a data-juicer Mapper that writes captions with a BLIP-family captioner
+or a chat VLM (Qwen2.5-VL, Qwen2-VL, SmolVLM, ...), deterministically.
+
+It is a small op of its own, not a subclass of data-juicer's ``image_captioning_mapper``, because
+that op's behaviour is hard-coded in the very method a subclass would reuse
+(``_process_single_sample``): it always samples (``do_sample=True``, so two runs disagree), always
+generates 128 new tokens, sets ``model.config.image_token_index = 50265`` (BLIP-2's OPT vocabulary;
+wrong for any other model), only captions images whose text holds ``<__dj__image>`` and adds new
+samples instead of editing the caption. ``mllm_mapper`` returns the chat echo as a list. What this
+op does reuse is data-juicer's model loading (``prepare_model(model_type="huggingface")`` +
+``get_model``: AutoProcessor and the class in ``config.architectures``, cached per process, on the
+GPU when there is one) and its ``load_image``.
+
+Decoding is beam search (``num_beams`` > 1) or greedy, never sampling, so a run is reproducible.
+
+* BLIP (no chat template): ``processor(images, text=prompt)``; ``prompt`` is the start of the
+  caption (BLIP's conditional captioning) and stays in it.
+* Chat VLMs (the processor has a chat template): one user turn with the image and ``prompt`` (default
+  :data:`VLM_PROMPT`), the processor's chat template, left padding; only the new tokens are decoded.
+
+A recipe uses it like any built-in op (``make data CAPTION=...`` appends it as the last op)::
+
+    - sdtune_image_captioner:
+        model: /models/blip-base      # folder or Hub id, checked before any image is read
+        mode: missing                 # missing | replace | prefix (see ops/captioning.py)
+        trigger: ohwx                 # "ohwx, <caption>"
+        max_new_tokens: 75
+        num_beams: 3
+        batch_size: 8                 # images per forward pass
+"""
+
+from __future__ import annotations
+
+from data_juicer.ops.base_op import OPERATORS, Mapper
+from data_juicer.utils.mm_utils import load_image
+from data_juicer.utils.model_utils import get_model, prepare_model
+
+from data_pipeline.captioning import (
+    advance,
+    apply_captions,
+    check_mode,
+    needs_caption,
+    start_progress,
+    stop_progress,
+)
+from data_pipeline.models import TRANSFORMERS, register_model_param
+
+OP_NAME = "sdtune_image_captioner"
+VLM_PROMPT = "Describe this image in one detailed sentence for a text-to-image training caption."
+
+register_model_param(OP_NAME, "model", TRANSFORMERS)
+
+
+def is_chat_processor(processor) -> bool:
+    """A chat VLM's processor carries a chat template; BLIP's does not."""
+    return bool(getattr(processor, "chat_template", None)) and hasattr(processor, "apply_chat_template")
+
+
+def generate_captions(model, processor, images, prompt, max_new_tokens: int, num_beams: int) -> list[str]:
+    """Captions for ``images`` in one forward pass, deterministic (beam search or greedy)."""
+    settings = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+    if not is_chat_processor(processor):
+        text = [prompt] * len(images) if prompt else None
+        inputs = processor(images=images, text=text, return_tensors="pt").to(model.device)
+        out = model.generate(**inputs, **settings)
+        return [t.strip() for t in processor.batch_decode(out, skip_special_tokens=True)]
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt or VLM_PROMPT}]}]
+    text = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues every row's end
+    try:
+        inputs = processor(images=[[im] for im in images], text=[text] * len(images), padding=True,
+                           return_tensors="pt").to(model.device)
+    finally:
+        tokenizer.padding_side = side
+    out = model.generate(**inputs, **settings)
+    new = out[:, inputs["input_ids"].shape[1]:]  # the prompt is echoed in front: keep only what was generated
+    return [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]
+
+
+@OPERATORS.register_module(module_name=OP_NAME, force=True)
+class SdtuneImageCaptioner(Mapper):
+    """Caption images with a transformers captioner (BLIP family or chat VLM), deterministically."""
+
+    _accelerator = "cuda"
+    _batched_op = True
+
+    def __init__(
+        self,
+        model: str = "Salesforce/blip-image-captioning-large",
+        mode: str = "missing",
+        prompt: str | None = None,
+        trigger: str | None = None,
+        max_new_tokens: int = 75,
+        num_beams: int = 3,
+        batch_size: int = 8,
+        trust_remote_code: bool = False,
+        *args,
+        **kwargs,
+    ):
+        """
+        Initialization method.
+
+        :param model: a transformers model folder or Hugging Face Hub id (BLIP, BLIP-2 or a chat VLM).
+        :param mode: 'missing' (caption only empty captions), 'replace', or 'prefix' (existing, generated).
+        :param prompt: BLIP: the start of the caption; chat VLMs: the instruction.
+        :param trigger: a word put in front of every caption the model writes.
+        :param max_new_tokens: the longest caption, in tokens.
+        :param num_beams: beam search width; 1 is greedy. Never sampling.
+        :param batch_size: images per forward pass.
+        :param trust_remote_code: let transformers run the model repo's own code.
+        :param args: extra args
+        :param kwargs: extra args
+        """
+        kwargs["batch_size"] = batch_size
+        super().__init__(*args, **kwargs)
+        check_mode(OP_NAME, mode, trigger)
+        if max_new_tokens < 1 or num_beams < 1 or batch_size < 1:
+            raise ValueError(f"{OP_NAME}: max_new_tokens, num_beams and batch_size must be at least 1.")
+        self.model, self.mode, self.prompt, self.trigger = model, mode, prompt, trigger
+        self.max_new_tokens, self.num_beams = int(max_new_tokens), int(num_beams)
+        self.model_key = prepare_model(
+            model_type="huggingface", pretrained_model_name_or_path=model, trust_remote_code=trust_remote_code
+        )
+
+    def runtime_np(self):
+        return 1  # one model in memory; batch_size sets the throughput
+
+    def run(self, dataset, *, exporter=None, tracer=None):
+        start_progress(self, dataset[self.text_key], self.mode)
+        done = False
+        try:
+            dataset = super().run(dataset, exporter=exporter, tracer=tracer)
+            done = True
+            return dataset
+        finally:
+            stop_progress(self, done)
+
+    def process_batched(self, samples, rank=None):
+        texts = samples[self.text_key]
+        todo = [i for i, t in enumerate(texts) if needs_caption(t, self.mode) and samples[self.image_key][i]]
+        generated = []
+        if todo:
+            model, processor = get_model(self.model_key, rank, self.use_cuda())
+            images = [load_image(samples[self.image_key][i][0]) for i in todo]
+            generated = generate_captions(model, processor, images, self.prompt, self.max_new_tokens, self.num_beams)
+            advance(self, len(todo))
+        return apply_captions(samples, self.text_key, todo, generated, self)

@@ -1,0 +1,166 @@
+"""``sdtune_image_tagger``: booru tags as captions with a WD14-family tagger, on onnxruntime.
+
+SmilingWolf's taggers (``SmilingWolf/wd-vit-tagger-v3``, ``wd-swinv2-tagger-v3``, ...) ship
+``model.onnx`` and ``selected_tags.csv`` (``tag_id,name,category,count``; category 9 rating, 0
+general, 4 character). data-juicer has no operator for them (its ``image_tagging_mapper`` runs the
+RAM model), so this is a small Mapper of its own, written like ``sdtune_image_deduplicator``.
+
+Preprocessing is the reference taggers': the image on a white square canvas, resized (bicubic) to
+the ONNX input's side, RGB -> BGR, float32 0-255, NHWC. Tags are general ones with probability above
+``general_threshold`` and character ones above ``character_threshold`` (ratings are never written),
+highest probability first, minus ``exclude_tags``, at most ``max_tags`` (0: all); underscores
+become spaces except in kaomoji (``^_^``). They are joined with ", " (kohya's format) and written
+with the same ``mode``/``trigger`` rules and ``sdtune_caption_by`` column as the captioner
+(:mod:`data_pipeline.ops.captioning`).
+"""
+
+from __future__ import annotations
+
+import csv
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from data_juicer.ops.base_op import OPERATORS, Mapper
+from data_juicer.utils.mm_utils import load_image
+from PIL import Image
+
+from data_pipeline.captioning import (
+    advance,
+    apply_captions,
+    check_mode,
+    needs_caption,
+    start_progress,
+    stop_progress,
+)
+from data_pipeline.models import WD14, register_model_param
+
+OP_NAME = "sdtune_image_tagger"
+RATING, GENERAL, CHARACTER = 9, 0, 4
+KAOMOJI = {"0_0", "(o)_(o)", "+_+", "+_-", "._.", "<o>_<o>", "<|>_<|>", "=_=", ">_<", "3_3", "6_9", ">_o", "@_@",
+           "^_^", "o_o", "u_u", "x_x", "|_|", "||_||"}  # fmt: skip
+
+register_model_param(OP_NAME, "model", WD14)
+
+
+def model_folder(model: str) -> Path:
+    """A local tagger folder, or the Hub repo's two files fetched (from the cache when there)."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import hf_hub_download  # deferred: only for a Hub id
+
+    hf_hub_download(model, "selected_tags.csv")
+    return Path(hf_hub_download(model, "model.onnx")).parent
+
+
+@lru_cache(maxsize=4)
+def load_tagger(model: str):
+    """(onnxruntime session, input side, [(name, category)]); cached per process."""
+    import onnxruntime
+
+    folder = model_folder(model)
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=onnxruntime.get_available_providers())
+    side = session.get_inputs()[0].shape[1]
+    with open(folder / "selected_tags.csv", newline="", encoding="utf-8") as fh:
+        tags = [(row["name"], int(row["category"])) for row in csv.DictReader(fh)]
+    return session, int(side), tags
+
+
+def preprocess(image: Image.Image, side: int) -> np.ndarray:
+    """HWC float32 BGR 0-255 of ``image`` padded to a white square and resized to ``side``."""
+    image = image.convert("RGB")
+    square = max(image.size)
+    canvas = Image.new("RGB", (square, square), (255, 255, 255))
+    canvas.paste(image, ((square - image.width) // 2, (square - image.height) // 2))
+    if square != side:
+        canvas = canvas.resize((side, side), Image.Resampling.BICUBIC)
+    return np.asarray(canvas, dtype=np.float32)[:, :, ::-1]
+
+
+def tag_line(probs, tags, general: float, character: float, max_tags: int, exclude: set[str], underscores: bool) -> str:
+    """The caption for one image's probabilities."""
+    chosen = [
+        (float(p), name)
+        for p, (name, cat) in zip(probs, tags)
+        if (cat == GENERAL and p > general) or (cat == CHARACTER and p > character)
+    ]
+    chosen.sort(key=lambda pn: -pn[0])
+    names = [n if not underscores or n in KAOMOJI else n.replace("_", " ") for _, n in chosen]
+    names = [n for n in names if n not in exclude]
+    return ", ".join(names[:max_tags] if max_tags > 0 else names)
+
+
+@OPERATORS.register_module(module_name=OP_NAME, force=True)
+class SdtuneImageTagger(Mapper):
+    """Write booru tags (WD14 tagger, onnxruntime) as captions."""
+
+    _batched_op = True
+
+    def __init__(
+        self,
+        model: str = "SmilingWolf/wd-vit-tagger-v3",
+        general_threshold: float = 0.35,
+        character_threshold: float = 0.85,
+        max_tags: int = 0,
+        exclude_tags: list[str] | str | None = None,
+        replace_underscores: bool = True,
+        mode: str = "missing",
+        trigger: str | None = None,
+        batch_size: int = 16,
+        *args,
+        **kwargs,
+    ):
+        """
+        Initialization method.
+
+        :param model: a WD14 tagger folder (model.onnx, selected_tags.csv) or its Hugging Face Hub id.
+        :param general_threshold: general tags above this probability are written.
+        :param character_threshold: character tags above this probability are written.
+        :param max_tags: at most this many tags, highest probability first; 0 writes all.
+        :param exclude_tags: tags never written (a list, or one comma-separated string).
+        :param replace_underscores: write "long hair" for long_hair (kaomoji keep theirs).
+        :param mode: 'missing' (tag only empty captions), 'replace', or 'prefix' (existing, tags).
+        :param trigger: a word put in front of every caption the tagger writes.
+        :param batch_size: images per onnxruntime run.
+        :param args: extra args
+        :param kwargs: extra args
+        """
+        kwargs["batch_size"] = batch_size
+        super().__init__(*args, **kwargs)
+        check_mode(OP_NAME, mode, trigger)
+        if not (0 <= general_threshold <= 1 and 0 <= character_threshold <= 1) or max_tags < 0 or batch_size < 1:
+            raise ValueError(f"{OP_NAME}: thresholds must lie in [0, 1], max_tags >= 0, batch_size >= 1.")
+        if isinstance(exclude_tags, str):
+            exclude_tags = exclude_tags.split(",")
+        self.exclude = {t.strip() for t in exclude_tags or () if t.strip()}
+        self.exclude |= {t.replace("_", " ") for t in self.exclude} if replace_underscores else set()
+        self.model, self.mode, self.trigger = model, mode, trigger
+        self.general, self.character, self.max_tags = float(general_threshold), float(character_threshold), int(max_tags)
+        self.underscores = bool(replace_underscores)
+
+    def runtime_np(self):
+        return 1  # one session in memory; onnxruntime uses the cores itself
+
+    def run(self, dataset, *, exporter=None, tracer=None):
+        start_progress(self, dataset[self.text_key], self.mode)
+        done = False
+        try:
+            dataset = super().run(dataset, exporter=exporter, tracer=tracer)
+            done = True
+            return dataset
+        finally:
+            stop_progress(self, done)
+
+    def process_batched(self, samples, rank=None):
+        texts = samples[self.text_key]
+        todo = [i for i, t in enumerate(texts) if needs_caption(t, self.mode) and samples[self.image_key][i]]
+        lines = []
+        if todo:
+            session, side, tags = load_tagger(self.model)
+            batch = np.stack([preprocess(load_image(samples[self.image_key][i][0]), side) for i in todo])
+            probs = session.run(None, {session.get_inputs()[0].name: batch})[0]
+            lines = [tag_line(p, tags, self.general, self.character, self.max_tags, self.exclude, self.underscores)
+                     for p in probs]  # fmt: skip
+            advance(self, len(todo))
+        return apply_captions(samples, self.text_key, todo, lines, self)
