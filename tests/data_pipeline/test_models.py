@@ -64,4 +64,4 @@ def test_the_stage_never_pip_installs_a_missing_operator_package():
     forbid_runtime_installs()
     lazy = LazyLoader("sdtune_no_such_module_xyz", "sdtune-no-such-package")
     with pytest.raises(ImportError, match="never installs packages while it runs"):
-        lazy.anything
+        _ = lazy.anything
