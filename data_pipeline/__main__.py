@@ -35,11 +35,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--verbose", action="store_true", help="show data-juicer's log on stderr")
     cap = parser.add_argument_group("captioning (appended as the recipe's last op, after every filter)")
     cap.add_argument("--caption", metavar="MODEL", default=None,
-                     help="caption with this model: a transformers captioner (BLIP, BLIP-2, a chat VLM such as "
-                          "Qwen2.5-VL) or a WD14 tagger (folder with model.onnx + selected_tags.csv); folder or Hub id")
+                     help="caption with this model: a transformers captioner (BLIP, BLIP-2, Florence-2, a chat VLM "
+                          "such as Qwen2.5-VL) or a WD14 tagger (folder with model.onnx + selected_tags.csv); folder or Hub id")
     cap.add_argument("--caption-mode", default="missing", choices=("missing", "replace", "prefix"),
                      help="missing: only images without a caption (default); replace; prefix: existing, then new")
-    cap.add_argument("--caption-prompt", default=None, help="BLIP: the caption's start; chat VLMs: the instruction")
+    cap.add_argument("--caption-prompt", default=None,
+                     help="BLIP: the caption's start; Florence-2: <CAPTION>, <DETAILED_CAPTION> (default) or "
+                          "<MORE_DETAILED_CAPTION>; chat VLMs: the instruction")
     cap.add_argument("--trigger", default=None, help="put in front of every caption the model writes: 'T, caption'")
     cap.add_argument("--caption-max-tokens", type=int, default=None, help="longest caption in tokens (default 75)")
     cap.add_argument("--caption-batch", type=int, default=None, help="images per forward pass (default 8)")

@@ -1,5 +1,5 @@
-"""``sdtune_image_captioner``: a data-juicer Mapper that writes captions with a BLIP-family captioner
-or a chat VLM (Qwen2.5-VL, Qwen2-VL, SmolVLM, ...), deterministically.
+"""``sdtune_image_captioner``: a data-juicer Mapper that writes captions with a BLIP-family captioner,
+Florence-2 or a chat VLM (Qwen2.5-VL, Qwen2-VL, SmolVLM, ...), deterministically.
 
 It is a small op of its own, not a subclass of data-juicer's ``image_captioning_mapper``, because
 that op's behaviour is hard-coded in the very method a subclass would reuse
@@ -15,6 +15,11 @@ Decoding is beam search (``num_beams`` > 1) or greedy, never sampling, so a run 
 
 * BLIP (no chat template): ``processor(images, text=prompt)``; ``prompt`` is the start of the
   caption (BLIP's conditional captioning) and stays in it.
+* Florence-2 (``config.model_type == "florence2"``, native or remote code): ``prompt`` is one of the
+  caption task tokens in :data:`FLORENCE_TASKS` (default :data:`FLORENCE_PROMPT`); the processor turns
+  it into its text prompt for the encoder. The decoder writes only the caption, decoded with
+  ``skip_special_tokens`` (what ``post_process_generation`` does for these "pure_text" tasks, minus
+  ``<pad>`` in a batch, and without needing the processor's ``post_processor_config``).
 * Chat VLMs (the processor has a chat template): one user turn with the image and ``prompt`` (default
   :data:`VLM_PROMPT`), the processor's chat template, left padding; only the new tokens are decoded.
 
@@ -34,6 +39,7 @@ from __future__ import annotations
 from data_juicer.ops.base_op import OPERATORS, Mapper
 from data_juicer.utils.mm_utils import load_image
 from data_juicer.utils.model_utils import get_model, prepare_model
+from transformers import PretrainedConfig
 
 from data_pipeline.captioning import (
     advance,
@@ -51,6 +57,32 @@ VLM_PROMPT = "Describe this image in one detailed sentence for a text-to-image t
 register_model_param(OP_NAME, "model", TRANSFORMERS)
 
 
+FLORENCE_TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
+FLORENCE_PROMPT = "<DETAILED_CAPTION>"
+
+
+def is_florence(model) -> bool:
+    """Florence-2, from the model's config (never its folder name)."""
+    return getattr(getattr(model, "config", None), "model_type", None) == "florence2"
+
+
+def config_model_type(model: str) -> str | None:
+    """``model_type`` from the model's config.json (None when it cannot be read: the run then fails
+    where :mod:`data_pipeline.models` says why)."""
+    try:
+        return PretrainedConfig.get_config_dict(str(model))[0].get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def florence_task(prompt) -> str:
+    task = prompt or FLORENCE_PROMPT
+    if task not in FLORENCE_TASKS:
+        raise ValueError(f"{OP_NAME}: prompt={prompt!r} is not a Florence-2 caption task. Fix: use one of "
+                         f"{list(FLORENCE_TASKS)} (--caption-prompt / prompt), or leave it out for {FLORENCE_PROMPT}.")
+    return task
+
+
 def is_chat_processor(processor) -> bool:
     """A chat VLM's processor carries a chat template; BLIP's does not."""
     return bool(getattr(processor, "chat_template", None)) and hasattr(processor, "apply_chat_template")
@@ -59,6 +91,10 @@ def is_chat_processor(processor) -> bool:
 def generate_captions(model, processor, images, prompt, max_new_tokens: int, num_beams: int) -> list[str]:
     """Captions for ``images`` in one forward pass, deterministic (beam search or greedy)."""
     settings = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+    if is_florence(model):  # encoder-decoder: the output holds only the caption, never the task prompt
+        inputs = processor(images=images, text=[florence_task(prompt)] * len(images), return_tensors="pt")
+        out = model.generate(**inputs.to(model.device), **settings)
+        return [t.strip() for t in processor.batch_decode(out, skip_special_tokens=True)]
     if not is_chat_processor(processor):
         text = [prompt] * len(images) if prompt else None
         inputs = processor(images=images, text=text, return_tensors="pt").to(model.device)
@@ -80,7 +116,7 @@ def generate_captions(model, processor, images, prompt, max_new_tokens: int, num
 
 @OPERATORS.register_module(module_name=OP_NAME, force=True)
 class SdtuneImageCaptioner(Mapper):
-    """Caption images with a transformers captioner (BLIP family or chat VLM), deterministically."""
+    """Caption images with a transformers captioner (BLIP family, Florence-2 or chat VLM), deterministically."""
 
     _accelerator = "cuda"
     _batched_op = True
@@ -101,9 +137,9 @@ class SdtuneImageCaptioner(Mapper):
         """
         Initialization method.
 
-        :param model: a transformers model folder or Hugging Face Hub id (BLIP, BLIP-2 or a chat VLM).
+        :param model: a transformers model folder or Hugging Face Hub id (BLIP, BLIP-2, Florence-2, chat VLM).
         :param mode: 'missing' (caption only empty captions), 'replace', or 'prefix' (existing, generated).
-        :param prompt: BLIP: the start of the caption; chat VLMs: the instruction.
+        :param prompt: BLIP: the start of the caption; Florence-2: a caption task token; chat VLMs: the instruction.
         :param trigger: a word put in front of every caption the model writes.
         :param max_new_tokens: the longest caption, in tokens.
         :param num_beams: beam search width; 1 is greedy. Never sampling.
@@ -117,6 +153,8 @@ class SdtuneImageCaptioner(Mapper):
         check_mode(OP_NAME, mode, trigger)
         if max_new_tokens < 1 or num_beams < 1 or batch_size < 1:
             raise ValueError(f"{OP_NAME}: max_new_tokens, num_beams and batch_size must be at least 1.")
+        if config_model_type(model) == "florence2":
+            florence_task(prompt)  # refused here, clearly: an error inside a batch reaches the user garbled
         self.model, self.mode, self.prompt, self.trigger = model, mode, prompt, trigger
         self.max_new_tokens, self.num_beams = int(max_new_tokens), int(num_beams)
         self.model_key = prepare_model(

@@ -17,7 +17,8 @@ from PIL import Image
 from data_pipeline.__main__ import main as cli_main
 from data_pipeline.captioning import combine
 from data_pipeline.errors import USAGE_EXIT
-from tests.helpers.captioners import TAGS, build_blip, build_llava, build_wd14, wd14_probs
+from data_pipeline.ops.sdtune_image_captioner import FLORENCE_TASKS, florence_task
+from tests.helpers.captioners import TAGS, build_blip, build_florence, build_llava, build_wd14, wd14_probs
 from tests.helpers.files import SMALL_OK, listing, read_csv, recipe
 from tests.helpers.images import add, textured
 from tests.helpers.paths import ROOT
@@ -157,6 +158,45 @@ def test_chat_vlm_writes_only_the_new_tokens(tmp_path):
     for i in range(3):
         new, whole = vlm_reference(model, raw / f"v{i}.png", prompt, 8)
         assert rows[f"images/v{i}.png"] == new and whole.startswith(prompt) and not new.startswith(prompt)
+
+
+def florence_reference(folder: Path, paths: list[Path], task: str, max_new_tokens: int) -> list[str]:
+    """What transformers' Florence-2 writes for each image alone, the task token as the prompt."""
+    from transformers import AutoProcessor, Florence2ForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(folder)
+    model = Florence2ForConditionalGeneration.from_pretrained(folder).eval()
+    captions = []
+    for path in paths:
+        with Image.open(path) as image:
+            inputs = processor(images=image.convert("RGB"), text=task, return_tensors="pt")
+        ids = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=3, do_sample=False)
+        captions.append(processor.decode(ids[0], skip_special_tokens=True).strip())
+    return captions
+
+
+@pytest.mark.slow
+def test_florence2_writes_its_detailed_caption_without_the_task_prompt(tmp_path):
+    model = build_florence(tmp_path / "florence")
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    paths = [add(raw, f"f{i}.png", textured(20 + i, 48, 40 + 4 * i), None) for i in range(4)]
+    args = ("--caption", str(model), "--caption-max-tokens", "12", "--caption-batch", "3")  # 2 batches, 1 partial
+    assert run_stage(raw, out, tmp_path, *args) == 0
+    rows = {r["file_name"]: r["text"] for r in read_csv(out / "metadata.csv")}
+    refs = florence_reference(model, paths, "<DETAILED_CAPTION>", 12)  # the default task
+    assert rows == {f"images/f{i}.png": ref for i, ref in enumerate(refs)}
+    assert all(refs) and len(set(refs)) > 1  # written, and different per image: rows cannot be swapped unseen
+    assert florence_reference(model, paths, "<CAPTION>", 12) != refs  # the task token reaches the model
+    assert not any("Describe" in r or "<" in r for r in rows.values())  # no prompt, no task token
+    files = json.loads((out / "report.json").read_text(encoding="utf-8"))["captions"]["files"]
+    assert files == dict.fromkeys(rows, str(model))
+
+
+def test_florence_prompt_must_be_a_caption_task():
+    assert florence_task(None) == "<DETAILED_CAPTION>" and florence_task("<CAPTION>") == "<CAPTION>"
+    with pytest.raises(ValueError, match=r"prompt='<OD>' is not a Florence-2 caption task. Fix: use one of") as err:
+        florence_task("<OD>")
+    assert all(task in str(err.value) for task in FLORENCE_TASKS)
 
 
 @pytest.mark.parametrize("broken", ["missing", "no weights", "bad config", "tagger without csv"])

@@ -157,3 +157,51 @@ def build_llava(folder: Path) -> Path:
     LlavaForConditionalGeneration(config).eval().save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+FLORENCE_POST_PROCESSING = {  # as the Hub's Florence-2 processors ship it; post_process_generation needs the keys
+    "ocr": {"pattern": r"(.+?)<loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)>",
+            "area_threshold": 0.0},
+    "phrase_grounding": {"banned_grounding_tokens": ["the image"]}, "pure_text": {}, "description_with_bboxes": {},
+    "description_with_polygons": {}, "polygons": {}, "bboxes": {}, "description_with_bboxes_or_polygons": {},
+}  # fmt: skip
+
+
+def build_florence(folder: Path) -> Path:
+    """Save a tiny random Florence-2 (Florence2ForConditionalGeneration: a 2-stage DaViT vision tower, a
+    1+1-layer BART; Florence2Processor with the PIL CLIP image processor and a byte-level BPE tokenizer over
+    printable ASCII plus :data:`WORDS`, with ``<image>`` as its image token) to ``folder``."""
+    import torch
+    from transformers import BartTokenizer, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    byte_chars = bytes_to_unicode()
+    tokens, merges = ["<pad>", "<s>", "</s>", "<unk>", "<mask>", "<image>"], []
+    tokens += [byte_chars[b] for b in range(32, 127)]  # printable ASCII; " " is "Ġ"
+    for word in dict.fromkeys(WORDS):  # "Ġcat" from "Ġ"+"c", "Ġc"+"a", "Ġca"+"t"
+        piece = byte_chars[32]
+        for ch in word:
+            merges.append((piece, ch))
+            piece += ch
+            tokens.append(piece)
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    tokenizer = BartTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)),
+                              extra_special_tokens={"image_token": "<image>"})  # fmt: skip
+    # 32 px through strides 4 and 2: 4 x 4 visual tokens, plus the one pooled over them
+    image_processor = CLIPImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False,
+                                            image_seq_length=17)  # fmt: skip
+    vision = dict(depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1],
+                  patch_prenorm=[False, True], embed_dim=[16, 32], num_heads=[2, 4], num_groups=[2, 4], window_size=2,
+                  projection_dim=32, max_position_embeddings=8, drop_path_rate=0.0)  # fmt: skip
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id)  # fmt: skip
+    text = dict(model_type="bart", vocab_size=len(vocab), d_model=32, encoder_layers=1, decoder_layers=1,
+                encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                max_position_embeddings=128, init_std=0.5, forced_eos_token_id=tokenizer.eos_token_id, **ids)  # fmt: skip
+    torch.manual_seed(0)
+    config = Florence2Config(vision_config=vision, text_config=text, image_token_id=tokenizer.image_token_id)
+    Florence2ForConditionalGeneration(config).eval().save_pretrained(folder)
+    Florence2Processor(image_processor=image_processor, tokenizer=tokenizer,
+                       post_processor_config=FLORENCE_POST_PROCESSING).save_pretrained(folder)  # fmt: skip
+    return folder
