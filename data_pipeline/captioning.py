@@ -10,13 +10,14 @@
 already starts with it. Both operators write :data:`CAPTION_BY`: the model value for a caption they
 wrote, ``""`` otherwise; :mod:`data_pipeline.juicer` reads it back for ``report.json``.
 
-Captioning runs in one process (the model is loaded once; ``batch_size`` sets the throughput), so a
-plain tqdm bar on stderr, "captioning (<model>)", counts the images sent to the model with an ETA.
+Captioning runs in the stage's own process, whatever ``np`` is (:class:`data_pipeline.models.InStageProcess`:
+the model loads once, and no worker pool can die under data-juicer's forkserver start method on a GPU
+machine); ``batch_size`` sets the throughput. So a plain tqdm bar on stderr, "captioning (<model>)",
+counts the images as each batch leaves the model, with an ETA.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import sys
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def start_progress(op, texts, mode: str) -> None:
     from transformers.utils import logging as hf_logging
 
     todo = sum(1 for t in texts if needs_caption(t, mode))
-    if not todo or multiprocessing.current_process().name != "MainProcess":
+    if not todo:
         return
     _bars[op._name] = tqdm(total=todo, desc=f"captioning ({model_label(op.model)})", unit="img", file=sys.stderr)
     if datasets.is_progress_bar_enabled():
@@ -81,13 +82,10 @@ def advance(op, n: int) -> None:
         bar.update(n)
 
 
-def stop_progress(op, done: bool) -> None:
-    """Close the bar; datasets may have run the batches in a forked worker that moved its own copy
-    of the bar, so a finished op's bar is set to its total here."""
+def stop_progress(op) -> None:
+    """Close the bar and turn datasets' and transformers' bars back on."""
     bar = _bars.pop(op._name, None)
     if bar is not None:
-        if done:
-            bar.n = bar.total
         bar.close()
     for name, turn_on in [q for q in _quiet if q[0] == op._name]:
         turn_on()

@@ -1,7 +1,8 @@
 """``--caption MODEL``: the captioning op the stage appends to a recipe, and what report.json says.
 
 ``caption_op`` turns the command-line knobs into one recipe entry: ``sdtune_image_tagger`` when
-MODEL is a WD14 tagger (a folder holding ``model.onnx`` and ``selected_tags.csv``, or a Hub id
+MODEL is a WD14 tagger (a folder holding ``model.onnx`` or ``selected_tags.csv``: the model check
+then names the one missing; or a Hub id
 whose name holds "tagger", as SmilingWolf's do), ``sdtune_image_captioner`` otherwise.
 ``with_caption`` appends it as the LAST op, after every filter and the deduplicator, so that no
 image that gets dropped costs a forward pass. A recipe may also name either op itself.
@@ -26,7 +27,7 @@ CAPTION_OPS = (CAPTIONER, TAGGER)
 def is_tagger(model: str) -> bool:
     local = Path(model).expanduser()
     if local.is_dir():
-        return (local / "model.onnx").is_file() and (local / "selected_tags.csv").is_file()
+        return (local / "model.onnx").is_file() or (local / "selected_tags.csv").is_file()  # the check names a missing one
     return not local.exists() and "tagger" in model.rsplit("/", 1)[-1].lower()
 
 

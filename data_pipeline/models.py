@@ -8,9 +8,20 @@ a :class:`PipelineError` naming the op, the key, the value and the fix before th
 single image (data-juicer itself would only fail on the first sample, after the cheap filters ran).
 
 * A local folder must hold what its kind needs (``transformers``: a ``config.json`` that
-  transformers parses, and weights; ``wd14``: ``model.onnx`` and ``selected_tags.csv``).
-* A Hugging Face Hub id (``org/name``, not on disk) must be fetchable now: its ``config.json`` is
-  fetched (from the local cache when there) so that an offline machine or a typo fails here.
+  transformers parses, weights, and a processor that ``AutoProcessor`` loads, as data-juicer does;
+  ``wd14``: ``model.onnx`` and ``selected_tags.csv``; ``aesthetics``: the predictor's files, and no
+  pickle-only weights unless the op's ``allow_pickle`` is true).
+* A Hugging Face Hub id (``org/name``, not on disk) must be fetchable now: its ``config.json`` (a
+  tagger's ``selected_tags.csv`` and ``model.onnx``) is fetched (from the local cache when there) so that an offline machine or a typo fails here.
+
+sdtune's model operators (:data:`IN_PROCESS_OPS`) run in the stage's own process
+(:class:`InStageProcess`): datasets would map them in a pool of ``np`` workers (one worker even for
+``num_proc=1``), and data-juicer switches the start method to forkserver/spawn for every op that uses
+CUDA, where such a worker dies (``AuthenticationError: digest sent was rejected``: a multiprocessing
+manager proxy unpickled in a ``multiprocess`` worker). In-process the model loads once and the
+captioning bar counts for real. They also fail loudly: ``skip_op_error`` defaults to false for them
+(:func:`data_pipeline.recipe.build_config`), so an error inside a batch reaches the user as itself
+instead of silently dropping the batch.
 
 The stage also never installs packages at run time: data-juicer's ``LazyLoader`` would ``pip install``
 a missing dependency of an operator (simple-aesthetics-predictor, for one, pins transformers < 5 and
@@ -31,7 +42,8 @@ TRANSFORMERS = "transformers"
 WD14 = "wd14"
 AESTHETICS = "aesthetics"
 KINDS = {
-    TRANSFORMERS: "a transformers model folder (config.json and .safetensors weights, as save_pretrained writes it)",
+    TRANSFORMERS: "a transformers model folder (config.json, .safetensors weights and the processor's files such as "
+    "preprocessor_config.json and the tokenizer's, as the model's and its processor's save_pretrained write them)",
     WD14: "a WD14 tagger folder (model.onnx and selected_tags.csv, as SmilingWolf's taggers ship)",
     AESTHETICS: "a local LAION aesthetic predictor folder (simple-aesthetics-predictor's layout, e.g. "
     "shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE downloaded)",
@@ -56,6 +68,19 @@ MODEL_PARAMS: dict[str, tuple[str, str]] = {
     "image_aesthetics_filter": ("hf_scorer_model", TRANSFORMERS),
     "mllm_mapper": ("hf_model", TRANSFORMERS),
 }
+
+#: sdtune's model ops: run in the stage's process (:class:`InStageProcess`), ``skip_op_error`` false by default.
+IN_PROCESS_OPS = frozenset({
+    "sdtune_image_captioner", "sdtune_image_tagger", "sdtune_aesthetics_filter", "sdtune_image_text_matching_filter",
+    "image_nsfw_filter", "image_watermark_filter",
+})  # fmt: skip
+
+
+class InStageProcess:
+    """Mixin (first base) for an op in :data:`IN_PROCESS_OPS`: no worker pool, whatever ``np`` is."""
+
+    def runtime_np(self):
+        return None  # datasets then maps in this process: the model loads once, here, on any start method
 
 
 def register_model_param(op_name: str, param: str, kind: str = TRANSFORMERS) -> None:
@@ -92,6 +117,13 @@ def _local_problem(folder: Path, kind: str) -> str | None:
     weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".safetensors.index.json")]
     if not weights:
         return "has no weights (*.safetensors or *.bin)"
+    from transformers import AutoProcessor  # deferred: as above
+
+    try:  # what data-juicer's prepare_model loads next to the model; a failure mid-run would be garbled
+        AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:  # processors raise OSError, ValueError, TypeError, ...: all mean "cannot load"
+        first = (str(err).strip().split(". ")[0] or type(err).__name__)[:300]
+        return f"has no processor transformers can load (AutoProcessor: {type(err).__name__}: {first})"
     return None
 
 
@@ -103,21 +135,40 @@ def _hub_problem(repo: str, kind: str) -> str | None:
     """Fetch the hub repo's small index file now (cache first) so that a typo or no network fails here."""
     from huggingface_hub import hf_hub_download  # deferred: only for a Hub id
 
-    filename = "selected_tags.csv" if kind == WD14 else "config.json"
-    try:
-        hf_hub_download(repo, filename)
-    except Exception as err:  # offline, unknown repo, gated repo: all mean "cannot load it"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return f"is not a local folder, and the Hugging Face Hub did not give its {filename} ({first[:200]})"
+    for filename in ("selected_tags.csv", "model.onnx") if kind == WD14 else ("config.json",):
+        try:
+            hf_hub_download(repo, filename)
+        except Exception as err:  # offline, unknown repo, gated repo: all mean "cannot load it"
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return f"is not a local folder, and the Hugging Face Hub did not give its {filename} ({first[:200]})"
     return None
 
 
-def check_model(op_name: str, param: str, value, kind: str, recipe_path) -> None:
+def _pickle_gate(op_name: str, value: str, where: str, allow_pickle: bool) -> None:
+    """The project's loading gate (:func:`sdtune.families.source.check_weights`) for a folder the op
+    loads with ``allow_pickle`` (its recipe parameter; ``model.allow_pickle`` is training's, not the stage's)."""
+    from sdtune.families.source import check_weights  # deferred: sdtune.families (torch), only for a model op
+    from sdtune.utils.errors import ModelLoadError
+
+    try:
+        check_weights(value, key=where, allow_pickle=allow_pickle)
+    except ModelLoadError as err:
+        what = str(err).split("; loading one can run arbitrary code")[0]
+        raise PipelineError(
+            f"recipe {what}; loading a pickle can run arbitrary code. Fix: set `allow_pickle: true` on {op_name} in "
+            "the recipe if you trust the file, or convert the weights to safetensors (load the folder with "
+            "transformers and save_pretrained it again; published predictor folders may hold only pytorch_model.bin)."
+        ) from None
+
+
+def check_model(op_name: str, param: str, value, kind: str, recipe_path, allow_pickle: bool = False) -> None:
     """Refuse a model value that cannot load; the message names the recipe, op, key, value and fix."""
     where = f"recipe {recipe_path}: {op_name}.{param}"
     if not isinstance(value, str) or not value.strip():
         raise PipelineError(f"{where} is {value!r}; it must name a model: {KINDS[kind]}, or a Hugging Face Hub id.")
     local = Path(value).expanduser()
+    if local.is_dir() and kind == AESTHETICS:
+        _pickle_gate(op_name, value, f"{recipe_path}: {op_name}.{param}", bool(allow_pickle))
     if local.exists():
         problem = _local_problem(local, kind)
     elif _looks_like_path(value):
@@ -142,7 +193,8 @@ def check_recipe_models(ops: list[tuple[str, dict]], recipe_path) -> None:
         if name not in MODEL_PARAMS:
             continue
         param, kind = MODEL_PARAMS[name]
-        check_model(name, param, effective_params(name, params).get(param), kind, recipe_path)
+        values = effective_params(name, params)
+        check_model(name, param, values.get(param), kind, recipe_path, allow_pickle=values.get("allow_pickle") is True)
 
 
 def forbid_runtime_installs() -> None:

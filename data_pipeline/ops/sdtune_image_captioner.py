@@ -49,7 +49,7 @@ from data_pipeline.captioning import (
     start_progress,
     stop_progress,
 )
-from data_pipeline.models import TRANSFORMERS, register_model_param
+from data_pipeline.models import TRANSFORMERS, InStageProcess, register_model_param
 
 OP_NAME = "sdtune_image_captioner"
 VLM_PROMPT = "Describe this image in one detailed sentence for a text-to-image training caption."
@@ -115,7 +115,7 @@ def generate_captions(model, processor, images, prompt, max_new_tokens: int, num
 
 
 @OPERATORS.register_module(module_name=OP_NAME, force=True)
-class SdtuneImageCaptioner(Mapper):
+class SdtuneImageCaptioner(InStageProcess, Mapper):
     """Caption images with a transformers captioner (BLIP family, Florence-2 or chat VLM), deterministically."""
 
     _accelerator = "cuda"
@@ -161,18 +161,12 @@ class SdtuneImageCaptioner(Mapper):
             model_type="huggingface", pretrained_model_name_or_path=model, trust_remote_code=trust_remote_code
         )
 
-    def runtime_np(self):
-        return 1  # one model in memory; batch_size sets the throughput
-
     def run(self, dataset, *, exporter=None, tracer=None):
         start_progress(self, dataset[self.text_key], self.mode)
-        done = False
         try:
-            dataset = super().run(dataset, exporter=exporter, tracer=tracer)
-            done = True
-            return dataset
+            return super().run(dataset, exporter=exporter, tracer=tracer)
         finally:
-            stop_progress(self, done)
+            stop_progress(self)
 
     def process_batched(self, samples, rank=None):
         texts = samples[self.text_key]

@@ -5,7 +5,8 @@ SmilingWolf's taggers (``SmilingWolf/wd-vit-tagger-v3``, ``wd-swinv2-tagger-v3``
 general, 4 character). data-juicer has no operator for them (its ``image_tagging_mapper`` runs the
 RAM model), so this is a small Mapper of its own, written like ``sdtune_image_deduplicator``.
 
-Preprocessing is the reference taggers': the image on a white square canvas, resized (bicubic) to
+Preprocessing is the reference taggers': transparency composited onto white (as training sees
+the image, :func:`sdtune.data.images.to_rgb`), the image on a white square canvas, resized (bicubic) to
 the ONNX input's side, RGB -> BGR, float32 0-255, NHWC. Tags are general ones with probability above
 ``general_threshold`` and character ones above ``character_threshold`` (ratings are never written),
 highest probability first, minus ``exclude_tags``, at most ``max_tags`` (0: all); underscores
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 from data_juicer.ops.base_op import OPERATORS, Mapper
-from data_juicer.utils.mm_utils import load_image
 from PIL import Image
 
 from data_pipeline.captioning import (
@@ -33,7 +33,8 @@ from data_pipeline.captioning import (
     start_progress,
     stop_progress,
 )
-from data_pipeline.models import WD14, register_model_param
+from data_pipeline.models import WD14, InStageProcess, register_model_param
+from sdtune.data.images import to_rgb
 
 OP_NAME = "sdtune_image_tagger"
 RATING, GENERAL, CHARACTER = 9, 0, 4
@@ -67,6 +68,13 @@ def load_tagger(model: str):
     return session, int(side), tags
 
 
+def open_rgb(path: str) -> Image.Image:
+    """The image as training sees it (:func:`sdtune.data.images.to_rgb`: transparency on white, EXIF
+    orientation applied); data-juicer's ``load_image`` would turn transparent pixels black."""
+    with Image.open(path) as image:
+        return to_rgb(image)
+
+
 def preprocess(image: Image.Image, side: int) -> np.ndarray:
     """HWC float32 BGR 0-255 of ``image`` padded to a white square and resized to ``side``."""
     image = image.convert("RGB")
@@ -92,7 +100,7 @@ def tag_line(probs, tags, general: float, character: float, max_tags: int, exclu
 
 
 @OPERATORS.register_module(module_name=OP_NAME, force=True)
-class SdtuneImageTagger(Mapper):
+class SdtuneImageTagger(InStageProcess, Mapper):
     """Write booru tags (WD14 tagger, onnxruntime) as captions."""
 
     _batched_op = True
@@ -139,18 +147,12 @@ class SdtuneImageTagger(Mapper):
         self.general, self.character, self.max_tags = float(general_threshold), float(character_threshold), int(max_tags)
         self.underscores = bool(replace_underscores)
 
-    def runtime_np(self):
-        return 1  # one session in memory; onnxruntime uses the cores itself
-
     def run(self, dataset, *, exporter=None, tracer=None):
         start_progress(self, dataset[self.text_key], self.mode)
-        done = False
         try:
-            dataset = super().run(dataset, exporter=exporter, tracer=tracer)
-            done = True
-            return dataset
+            return super().run(dataset, exporter=exporter, tracer=tracer)
         finally:
-            stop_progress(self, done)
+            stop_progress(self)
 
     def process_batched(self, samples, rank=None):
         texts = samples[self.text_key]
@@ -158,7 +160,7 @@ class SdtuneImageTagger(Mapper):
         lines = []
         if todo:
             session, side, tags = load_tagger(self.model)
-            batch = np.stack([preprocess(load_image(samples[self.image_key][i][0]), side) for i in todo])
+            batch = np.stack([preprocess(open_rgb(samples[self.image_key][i][0]), side) for i in todo])
             probs = session.run(None, {session.get_inputs()[0].name: batch})[0]
             lines = [tag_line(p, tags, self.general, self.character, self.max_tags, self.exclude, self.underscores)
                      for p in probs]  # fmt: skip

@@ -9,6 +9,7 @@
       - sdtune_aesthetics_filter:
           model: /models/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE
           min_score: 5.0
+          # allow_pickle: true   # only for a trusted folder holding just pytorch_model.bin
 
 * ``sdtune_image_text_matching_filter`` is data-juicer's ``ImageTextMatchingFilter`` (BLIP ITM,
   stats key ``image_text_matching_score``, ``min_score``/``max_score`` on the match probability
@@ -23,7 +24,8 @@
   which it reads as "kept", so no drop would reach dropped.csv. Batched ops are traced correctly;
   sdtune's two filters above are batched for the same reason.
 
-Both load their model through a module-level function, so the op pickles for ``np > 1``.
+All four run in the stage's own process whatever ``np`` is, and fail loudly (``skip_op_error``
+false unless the recipe sets it): see :data:`data_pipeline.models.IN_PROCESS_OPS`.
 """
 
 from __future__ import annotations
@@ -42,26 +44,26 @@ from data_juicer.utils.mm_utils import load_data_with_context, load_image, remov
 from data_juicer.utils.model_utils import get_model
 from PIL import ImageOps
 
-from data_pipeline.models import AESTHETICS, TRANSFORMERS, register_model_param
+from data_pipeline.models import AESTHETICS, TRANSFORMERS, InStageProcess, register_model_param
 from sdtune.evaluation.aesthetics import load_predictor
 
 AESTHETICS_OP = "sdtune_aesthetics_filter"
 ITM_OP = "sdtune_image_text_matching_filter"
 
 
-def _load_predictor(path: str, device: str = "cpu"):
+def _load_predictor(path: str, allow_pickle: bool = False, device: str = "cpu"):
     """``(model, image processor)`` for data-juicer's ``get_model`` (called once per process)."""
-    return load_predictor(path, key=f"{AESTHETICS_OP}.model", device=device)
+    return load_predictor(path, key=f"{AESTHETICS_OP}.model", allow_pickle=allow_pickle, device=device)
 
 
 @OPERATORS.register_module(module_name=AESTHETICS_OP, force=True)
-class SdtuneAestheticsFilter(ImageAestheticsFilter):
+class SdtuneAestheticsFilter(InStageProcess, ImageAestheticsFilter):
     """Keep samples whose LAION aesthetic score (0-10) lies in [min_score, max_score]."""
 
     _batched_op = True  # traced (see the module's docstring)
 
     def __init__(self, model: str = "", min_score: float = 5.0, max_score: float = 10.0, any_or_all: str = "any",
-                 *args, **kwargs):
+                 allow_pickle: bool = False, *args, **kwargs):
         """
         Initialization method.
 
@@ -70,6 +72,8 @@ class SdtuneAestheticsFilter(ImageAestheticsFilter):
         :param min_score: lowest score kept, on LAION's 0-10 scale.
         :param max_score: highest score kept, on LAION's 0-10 scale.
         :param any_or_all: with several images per sample: keep when 'any' or 'all' of them pass.
+        :param allow_pickle: load a folder whose weights are only pickles (pytorch_model.bin), which can
+            run arbitrary code: only for a file you trust. Refused (before any image is read) otherwise.
         :param args: extra args
         :param kwargs: extra args
         """
@@ -79,11 +83,11 @@ class SdtuneAestheticsFilter(ImageAestheticsFilter):
             raise ValueError(f"{AESTHETICS_OP}: any_or_all={any_or_all!r}; one of 'any', 'all'.")
         self.min_score, self.max_score, self.any = min_score, max_score, any_or_all == "any"
         self.need_normalized_by_ten = False  # the score stays on LAION's 0-10 scale
-        self.model_key = partial(_load_predictor, model)
+        self.model_key = partial(_load_predictor, model, allow_pickle is True)
 
 
 @OPERATORS.register_module(module_name=ITM_OP, force=True)
-class SdtuneImageTextMatchingFilter(ImageTextMatchingFilter):
+class SdtuneImageTextMatchingFilter(InStageProcess, ImageTextMatchingFilter):
     """Keep samples whose BLIP image-text match probability for the whole caption is in range."""
 
     _batched_op = True
@@ -114,14 +118,14 @@ class SdtuneImageTextMatchingFilter(ImageTextMatchingFilter):
 
 
 @OPERATORS.register_module(module_name="image_nsfw_filter", force=True)
-class TracedNSFWFilter(ImageNSFWFilter):
+class TracedNSFWFilter(InStageProcess, ImageNSFWFilter):
     """data-juicer's ``image_nsfw_filter`` (label 1's probability in [min_score, max_score]), traced."""
 
     _batched_op = True
 
 
 @OPERATORS.register_module(module_name="image_watermark_filter", force=True)
-class TracedWatermarkFilter(ImageWatermarkFilter):
+class TracedWatermarkFilter(InStageProcess, ImageWatermarkFilter):
     """data-juicer's ``image_watermark_filter`` (label 1's probability at most prob_threshold), traced."""
 
     _batched_op = True

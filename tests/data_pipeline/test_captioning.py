@@ -5,6 +5,7 @@ RAW never changes, a broken model is refused before any image is read, a killed 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -15,9 +16,10 @@ import pytest
 from PIL import Image
 
 from data_pipeline.__main__ import main as cli_main
-from data_pipeline.captioning import combine
+from data_pipeline.captioning import CAPTION_BY, combine
 from data_pipeline.errors import USAGE_EXIT
 from data_pipeline.ops.sdtune_image_captioner import FLORENCE_TASKS, florence_task
+from data_pipeline.ops.sdtune_image_tagger import SdtuneImageTagger, open_rgb, preprocess
 from tests.helpers.captioners import TAGS, build_blip, build_florence, build_llava, build_wd14, wd14_probs
 from tests.helpers.files import SMALL_OK, listing, read_csv, recipe
 from tests.helpers.images import add, textured
@@ -107,6 +109,21 @@ def test_missing_mode_keeps_existing_captions_and_tags_only_the_empty(models, tm
     caps = json.loads((out / "report.json").read_text(encoding="utf-8"))["captions"]
     assert caps["files"] == {"images/e0.png": str(models["wd14"]), "images/e1.png": str(models["wd14"])}
     assert (caps["written"], caps["kept"]) == (2, 3)
+
+
+def test_the_tagger_sees_transparency_on_white_as_training_does(models, tmp_path):
+    """Catches data-juicer's load_image (RGB convert: transparent pixels black) feeding the tagger."""
+    path = tmp_path / "cutout.png"
+    cutout = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    cutout.paste(Image.new("RGBA", (20, 20), (200, 30, 30, 255)), (10, 10))
+    cutout.save(path)
+    fed = preprocess(open_rgb(str(path)), 16)
+    assert fed.shape == (16, 16, 3) and (fed[0, 0] == 255).all()  # the corner the model sees is white
+    on_white = Image.alpha_composite(Image.new("RGBA", (40, 40), (255, 255, 255, 255)), cutout).convert("RGB")
+    assert expected_tags(on_white) != expected_tags(cutout.convert("RGB"))  # black corners would tag otherwise
+    op = SdtuneImageTagger(model=str(models["wd14"]))
+    out = op.process_batched({"text": [""], "images": [[str(path)]]})
+    assert out["text"] == [expected_tags(on_white)] and out[CAPTION_BY] == [str(models["wd14"])]
 
 
 def test_modes_and_trigger_as_documented():
@@ -199,7 +216,7 @@ def test_florence_prompt_must_be_a_caption_task():
     assert all(task in str(err.value) for task in FLORENCE_TASKS)
 
 
-@pytest.mark.parametrize("broken", ["missing", "no weights", "bad config", "tagger without csv"])
+@pytest.mark.parametrize("broken", ["missing", "no weights", "bad config", "tagger without csv", "tagger without onnx"])
 def test_broken_model_is_refused_before_any_image_is_read(models, tmp_path, capsys, broken):
     raw, out = tmp_path / "raw", tmp_path / "out"
     add(raw, "a.png", textured(1, 40, 40), None)
@@ -210,12 +227,17 @@ def test_broken_model_is_refused_before_any_image_is_read(models, tmp_path, caps
     elif broken == "bad config":
         model.mkdir()
         (model / "config.json").write_text("{not json")
-    elif broken == "tagger without csv":
+    elif broken.startswith("tagger"):  # one of its two files is enough to be taken for a tagger
         model.mkdir()
-        (model / "model.onnx").write_bytes((models["wd14"] / "model.onnx").read_bytes())
+        keep = "model.onnx" if broken == "tagger without csv" else "selected_tags.csv"
+        (model / keep).write_bytes((models["wd14"] / keep).read_bytes())
     assert run_stage(raw, out, tmp_path, "--caption", str(model)) == USAGE_EXIT
     err = capsys.readouterr().err
-    assert f".model={str(model)!r}" in err and "sdtune_image_captioner" in err and "Fix:" in err
+    op = "sdtune_image_tagger" if broken.startswith("tagger") else "sdtune_image_captioner"
+    assert f"{op}.model={str(model)!r}" in err and "Fix:" in err
+    if broken.startswith("tagger"):
+        missing = "selected_tags.csv" if broken == "tagger without csv" else "model.onnx"
+        assert f"has no {missing}. Fix: give a WD14 tagger folder" in err
     assert "pre-check" not in err and not out.exists()  # no image was opened, OUT was not created
 
 
@@ -241,7 +263,7 @@ def test_run_killed_while_captioning_leaves_out_as_it_was(models, tmp_path):
     proc = subprocess.Popen([*args, "--caption-mode", "replace", "--caption-max-tokens", "60", "--caption-batch", "1"],
                             cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)  # fmt: skip
     seen = b""
-    while b"captioning (blip):" not in seen or b"/40 [" not in seen.split(b"captioning (blip):")[-1]:
+    while not re.search(rb"captioning \(blip\):[^\r\n]*\b[1-9]\d*/40 \[", seen):  # an image done, not 0/40
         chunk = proc.stderr.read1(4096)
         assert chunk, seen.decode(errors="replace")[-2000:]
         seen += chunk

@@ -152,3 +152,34 @@ def test_the_shipped_examples_name_real_ops_and_params(models, tmp_path):
     assert ops == ["image_shape_filter", "sdtune_aesthetics_filter", "image_nsfw_filter", "image_watermark_filter",
                    "sdtune_image_text_matching_filter"]
     validate_recipe(load_recipe(path), path)
+
+
+def test_a_pickle_only_predictor_needs_the_recipes_allow_pickle(models, tmp_path):
+    """Catches a predictor folder holding only pytorch_model.bin passing the check (data-juicer then
+    dropped every image with a wrong fix), and an allow_pickle that does not reach the loader."""
+    from data_juicer.utils.model_utils import get_model
+
+    from data_pipeline.ops import SdtuneAestheticsFilter
+    from sdtune.evaluation.aesthetics import HEADS
+
+    folder = tmp_path / "aes_bin"
+    model = HEADS["AestheticsPredictorV2Linear"].from_pretrained(models["aes"])
+    model.save_pretrained(folder)  # then as the published predictor folders: pytorch_model.bin only
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    (folder / "preprocessor_config.json").write_bytes((models["aes"] / "preprocessor_config.json").read_bytes())
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "preprocessor_config.json", "pytorch_model.bin"]
+    path = recipe(tmp_path, "r.yaml", f"process:\n  - sdtune_aesthetics_filter:\n      model: {folder}\n")
+    with pytest.raises(PipelineError) as err:
+        validate_recipe(load_recipe(path), path)
+    assert (f"recipe {path}: sdtune_aesthetics_filter.model='{folder}' is a model folder whose weights are only "
+            "pickles (pytorch_model.bin)") in str(err.value)
+    assert "Fix: set `allow_pickle: true` on sdtune_aesthetics_filter in the recipe if you trust the file, or " \
+           "convert the weights to safetensors" in str(err.value)
+    assert "model.allow_pickle" not in str(err.value)  # training's switch, not the stage's
+    path.write_text(path.read_text() + "      allow_pickle: true\n")
+    validate_recipe(load_recipe(path), path)
+    loaded, _ = get_model(SdtuneAestheticsFilter(model=str(folder), allow_pickle=True).model_key)
+    pixels = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(pixel_values=pixels).logits, model.eval()(pixel_values=pixels).logits, atol=1e-5)

@@ -36,6 +36,13 @@ def test_missing_and_broken_folders_are_refused_with_op_key_value_and_fix(tmp_pa
     with pytest.raises(PipelineError, match=r"has no weights \(\*\.safetensors or \*\.bin\)"):
         _check(str(noweights))
     (noweights / "model.safetensors").write_bytes(b"")
+    # data-juicer loads AutoProcessor next to the model: without one, the run failed mid-batch, garbled
+    with pytest.raises(PipelineError, match=r"has no processor transformers can load \(AutoProcessor: "
+                                            r"ValueError: Unrecognized processing class in .*noweights\)\. Fix: give a "
+                                            r"transformers model folder \(config.json, \.safetensors weights and "
+                                            r"the processor's files"):
+        _check(str(noweights))
+    (noweights / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "ViTImageProcessor"}))
     _check(str(noweights))  # complete enough: the op's own load reports a corrupt file with data-juicer's log
 
 
@@ -56,6 +63,25 @@ def test_a_hub_id_that_cannot_be_fetched_is_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     with pytest.raises(PipelineError, match=r"'Falconsai/nsfw_image_detection' is not a local folder, and the Hugging Face Hub did not give its config.json"):
         check_recipe_models([("image_nsfw_filter", {})], "r.yaml")  # the op's default model, a Hub id
+
+
+def test_a_hub_tagger_needs_its_onnx_model_too(monkeypatch):
+    """Catches a Hub tagger whose tag list is fetched but whose model.onnx is not (the run would fail late)."""
+    import huggingface_hub
+
+    asked = []
+
+    def download(repo, filename, **kwargs):
+        asked.append(filename)
+        if filename == "model.onnx":
+            raise OSError(f"{repo} has no file {filename}")
+        return "/cache/selected_tags.csv"
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    with pytest.raises(PipelineError, match=r"sdtune_image_tagger\.model='org/wd-tagger' is not a local folder, and "
+                                            r"the Hugging Face Hub did not give its model\.onnx \(org/wd-tagger has"):
+        check_model("sdtune_image_tagger", "model", "org/wd-tagger", WD14, "r.yaml")
+    assert asked == ["selected_tags.csv", "model.onnx"]
 
 
 def test_the_stage_never_pip_installs_a_missing_operator_package():
