@@ -37,6 +37,7 @@ from pathlib import Path
 
 from data_pipeline.errors import PipelineError
 from data_pipeline.reasons import effective_params
+from sdtune.utils.errors import ModelLoadError
 
 TRANSFORMERS = "transformers"
 WD14 = "wd14"
@@ -148,7 +149,6 @@ def _pickle_gate(op_name: str, value: str, where: str, allow_pickle: bool) -> No
     """The project's loading gate (:func:`sdtune.families.source.check_weights`) for a folder the op
     loads with ``allow_pickle`` (its recipe parameter; ``model.allow_pickle`` is training's, not the stage's)."""
     from sdtune.families.source import check_weights  # deferred: sdtune.families (torch), only for a model op
-    from sdtune.utils.errors import ModelLoadError
 
     try:
         check_weights(value, key=where, allow_pickle=allow_pickle)
