@@ -10,6 +10,10 @@ OUT ?= data/clean
 MODEL ?= sd15
 RECIPE ?=
 NP ?= 2
+CAPTION ?=
+CAPTION_MODE ?=
+CAPTION_PROMPT ?=
+TRIGGER ?=
 
 .PHONY: install lock test-latest demo data bench bench-gpu bench-startup test test-slow test-gpu test-all lint clean
 
