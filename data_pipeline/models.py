@@ -96,7 +96,7 @@ def _local_problem(folder: Path, kind: str) -> str | None:
     if not folder.is_dir():
         return "is a file, not a model folder"
     if kind == AESTHETICS:
-        from sdtune.evaluation.aesthetics import predictor_problem  # deferred: transformers (seconds)
+        from sdtune.evaluation.aesthetic_folders import predictor_problem  # deferred: safetensors, only for this kind
 
         return predictor_problem(folder)[1]
     if kind == WD14:

@@ -21,7 +21,6 @@ data-juicer's own operator does. Folders load from disk only, through the loadin
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
 
+from sdtune.evaluation.aesthetic_folders import FIX, predictor_problem
 from sdtune.families.source import check_weights
 from sdtune.utils.errors import ConfigError
 
@@ -88,53 +88,6 @@ class AestheticsPredictorV2ReLU(AestheticsPredictorV2Linear):
 
 
 HEADS = {cls.__name__: cls for cls in (AestheticsPredictorV1, AestheticsPredictorV2Linear, AestheticsPredictorV2ReLU)}
-#: the head's Linear layers' weight names, by which a folder without ``architectures`` is recognised
-HEAD_KEYS = {
-    "AestheticsPredictorV1": {"predictor.weight"},
-    "AestheticsPredictorV2Linear": {f"layers.{i}.weight" for i in (0, 2, 4, 6, 7)},
-    "AestheticsPredictorV2ReLU": {f"layers.{i}.weight" for i in (0, 3, 6, 9, 11)},
-}
-FIX = ("Fix: a folder of simple-aesthetics-predictor's layout (e.g. shunk031/aesthetics-predictor-v2-sac-logos-ava1-"
-       "l14-linearMSE, downloaded with `huggingface-cli download <id> --local-dir <folder>`): config.json, "
-       "preprocessor_config.json and .safetensors weights")
-
-
-def _weight_names(folder: Path) -> set[str]:
-    """The tensor names in the folder's safetensors files (headers only; nothing is loaded)."""
-    from safetensors import safe_open
-
-    names: set[str] = set()
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as fh:
-            names |= set(fh.keys())
-    return names
-
-
-def predictor_problem(folder: Path) -> tuple[str | None, str | None]:
-    """``(architecture, None)`` for a predictor folder, else ``(None, what is wrong)``. Reads only
-    config.json and the weights' headers, so the stage and the config checks can call it early."""
-    folder = Path(folder)
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        return None, f"has no readable config.json ({type(err).__name__})"
-    if config.get("model_type") != "clip_vision_model":
-        return None, f"is no CLIP vision predictor (config.json model_type {config.get('model_type')!r}, not 'clip_vision_model')"
-    names = _weight_names(folder)
-    archs = [a for a in config.get("architectures") or [] if a in HEADS]
-    if not archs:
-        archs = [a for a, keys in HEAD_KEYS.items() if names and keys <= names]
-        if not archs:
-            return None, (f"names no aesthetic head (config.json architectures {config.get('architectures')!r}, not one "
-                          f"of {sorted(HEADS)}, and its .safetensors weights hold no head)")
-    arch = archs[-1]  # V2ReLU's keys are no subset of V2Linear's, nor the reverse
-    if names and not HEAD_KEYS[arch] <= names:
-        return None, f"says {arch} in config.json, but its weights lack {sorted(HEAD_KEYS[arch] - names)}"
-    if not (folder / "preprocessor_config.json").is_file():
-        return None, "has no preprocessor_config.json (the CLIP image processor's settings)"
-    return arch, None
-
-
 def load_predictor(path: str | Path, *, key: str, allow_pickle: bool = False, device: str | torch.device = "cpu"):
     """``(model, image processor)`` from a local predictor folder; a :class:`ConfigError` names ``key``."""
     folder = Path(str(path)).expanduser()

@@ -18,8 +18,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sdtune.config.values import guidance, integer, setting
-from sdtune.evaluation.aesthetics import FIX as PREDICTOR_FIX
-from sdtune.evaluation.aesthetics import predictor_problem
+from sdtune.evaluation.aesthetic_folders import FIX as PREDICTOR_FIX
+from sdtune.evaluation.aesthetic_folders import predictor_problem
 from sdtune.families.source import check_weights
 from sdtune.utils.errors import ConfigError
 from sdtune.utils.formats import IMAGE_SUFFIXES
