@@ -92,6 +92,29 @@ def stop_progress(op) -> None:
         _quiet.remove((name, turn_on))
 
 
+class CaptionWriter:
+    """The part sdtune's captioning ops share (a base before data-juicer's ``Mapper``): which samples go
+    to the model, the progress bar, and writing the captions back. A subclass only says how a list
+    of image paths becomes captions (:meth:`caption`); it has ``model``, ``mode`` and ``trigger``."""
+
+    def caption(self, paths: list[str], rank=None) -> list[str]:
+        raise NotImplementedError
+
+    def run(self, dataset, *, exporter=None, tracer=None):
+        start_progress(self, dataset[self.text_key], self.mode)
+        try:
+            return super().run(dataset, exporter=exporter, tracer=tracer)
+        finally:
+            stop_progress(self)
+
+    def process_batched(self, samples, rank=None):
+        texts = samples[self.text_key]
+        todo = [i for i, t in enumerate(texts) if needs_caption(t, self.mode) and samples[self.image_key][i]]
+        generated = self.caption([samples[self.image_key][i][0] for i in todo], rank) if todo else []
+        advance(self, len(todo))
+        return apply_captions(samples, self.text_key, todo, generated, self)
+
+
 def apply_captions(samples: dict, text_key: str, todo: list[int], generated: list[str], op) -> dict:
     """Write the generated captions (for the indices in ``todo``) into a batch of ``samples``."""
     n = len(samples[text_key])

@@ -41,14 +41,7 @@ from data_juicer.utils.mm_utils import load_image
 from data_juicer.utils.model_utils import get_model, prepare_model
 from transformers import PretrainedConfig
 
-from data_pipeline.captioning import (
-    advance,
-    apply_captions,
-    check_mode,
-    needs_caption,
-    start_progress,
-    stop_progress,
-)
+from data_pipeline.captioning import CaptionWriter, check_mode
 from data_pipeline.models import TRANSFORMERS, InStageProcess, register_model_param
 
 OP_NAME = "sdtune_image_captioner"
@@ -115,7 +108,7 @@ def generate_captions(model, processor, images, prompt, max_new_tokens: int, num
 
 
 @OPERATORS.register_module(module_name=OP_NAME, force=True)
-class SdtuneImageCaptioner(InStageProcess, Mapper):
+class SdtuneImageCaptioner(InStageProcess, CaptionWriter, Mapper):
     """Caption images with a transformers captioner (BLIP family, Florence-2 or chat VLM), deterministically."""
 
     _accelerator = "cuda"
@@ -161,20 +154,7 @@ class SdtuneImageCaptioner(InStageProcess, Mapper):
             model_type="huggingface", pretrained_model_name_or_path=model, trust_remote_code=trust_remote_code
         )
 
-    def run(self, dataset, *, exporter=None, tracer=None):
-        start_progress(self, dataset[self.text_key], self.mode)
-        try:
-            return super().run(dataset, exporter=exporter, tracer=tracer)
-        finally:
-            stop_progress(self)
-
-    def process_batched(self, samples, rank=None):
-        texts = samples[self.text_key]
-        todo = [i for i, t in enumerate(texts) if needs_caption(t, self.mode) and samples[self.image_key][i]]
-        generated = []
-        if todo:
-            model, processor = get_model(self.model_key, rank, self.use_cuda())
-            images = [load_image(samples[self.image_key][i][0]) for i in todo]
-            generated = generate_captions(model, processor, images, self.prompt, self.max_new_tokens, self.num_beams)
-            advance(self, len(todo))
-        return apply_captions(samples, self.text_key, todo, generated, self)
+    def caption(self, paths: list[str], rank=None) -> list[str]:
+        model, processor = get_model(self.model_key, rank, self.use_cuda())
+        images = [load_image(p) for p in paths]
+        return generate_captions(model, processor, images, self.prompt, self.max_new_tokens, self.num_beams)

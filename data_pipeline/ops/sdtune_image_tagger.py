@@ -25,14 +25,7 @@ import numpy as np
 from data_juicer.ops.base_op import OPERATORS, Mapper
 from PIL import Image
 
-from data_pipeline.captioning import (
-    advance,
-    apply_captions,
-    check_mode,
-    needs_caption,
-    start_progress,
-    stop_progress,
-)
+from data_pipeline.captioning import CaptionWriter, check_mode
 from data_pipeline.models import WD14, InStageProcess, register_model_param
 from sdtune.data.images import to_rgb
 
@@ -100,7 +93,7 @@ def tag_line(probs, tags, general: float, character: float, max_tags: int, exclu
 
 
 @OPERATORS.register_module(module_name=OP_NAME, force=True)
-class SdtuneImageTagger(InStageProcess, Mapper):
+class SdtuneImageTagger(InStageProcess, CaptionWriter, Mapper):
     """Write booru tags (WD14 tagger, onnxruntime) as captions."""
 
     _batched_op = True
@@ -147,22 +140,9 @@ class SdtuneImageTagger(InStageProcess, Mapper):
         self.general, self.character, self.max_tags = float(general_threshold), float(character_threshold), int(max_tags)
         self.underscores = bool(replace_underscores)
 
-    def run(self, dataset, *, exporter=None, tracer=None):
-        start_progress(self, dataset[self.text_key], self.mode)
-        try:
-            return super().run(dataset, exporter=exporter, tracer=tracer)
-        finally:
-            stop_progress(self)
-
-    def process_batched(self, samples, rank=None):
-        texts = samples[self.text_key]
-        todo = [i for i, t in enumerate(texts) if needs_caption(t, self.mode) and samples[self.image_key][i]]
-        lines = []
-        if todo:
-            session, side, tags = load_tagger(self.model)
-            batch = np.stack([preprocess(open_rgb(samples[self.image_key][i][0]), side) for i in todo])
-            probs = session.run(None, {session.get_inputs()[0].name: batch})[0]
-            lines = [tag_line(p, tags, self.general, self.character, self.max_tags, self.exclude, self.underscores)
-                     for p in probs]  # fmt: skip
-            advance(self, len(todo))
-        return apply_captions(samples, self.text_key, todo, lines, self)
+    def caption(self, paths: list[str], rank=None) -> list[str]:
+        session, side, tags = load_tagger(self.model)
+        batch = np.stack([preprocess(open_rgb(p), side) for p in paths])
+        probs = session.run(None, {session.get_inputs()[0].name: batch})[0]
+        return [tag_line(p, tags, self.general, self.character, self.max_tags, self.exclude, self.underscores)
+                for p in probs]  # fmt: skip
