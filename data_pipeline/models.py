@@ -58,16 +58,20 @@ REFUSED_OPS: dict[str, str] = {
     "image_text_matching_filter": "it scores only caption chunks holding the <__dj__image> token, which sdtune's "
     "captions never hold, so it would keep every image unscored. Fix: use sdtune_image_text_matching_filter (the "
     "same BLIP model and params, the whole caption against the image)",
+    "image_captioning_mapper": "it captions only images whose caption holds the <__dj__image> token (sdtune's never "
+    "do), samples instead of decoding deterministically, and adds new samples rather than writing the caption, so "
+    "no caption would reach OUT. Fix: use sdtune_image_captioner (param model; or make data CAPTION=<model>)",
+    "mllm_mapper": "it replaces the caption with a list of replies that repeat the chat prompt, which would be "
+    "written to OUT as the caption. Fix: use sdtune_image_captioner (param model, prompt: the instruction; or "
+    "make data CAPTION=<model> CAPTION_PROMPT=<instruction>)",
 }
 
 #: op name -> (parameter holding the model, folder kind); data-juicer's model ops that sdtune supports.
 MODEL_PARAMS: dict[str, tuple[str, str]] = {
     "image_nsfw_filter": ("hf_nsfw_model", TRANSFORMERS),
     "image_watermark_filter": ("hf_watermark_model", TRANSFORMERS),
-    "image_captioning_mapper": ("hf_img2seq", TRANSFORMERS),
     "image_text_matching_filter": ("hf_blip", TRANSFORMERS),
     "image_aesthetics_filter": ("hf_scorer_model", TRANSFORMERS),
-    "mllm_mapper": ("hf_model", TRANSFORMERS),
 }
 
 #: sdtune's model ops: run in the stage's process (:class:`InStageProcess`), ``skip_op_error`` false by default.

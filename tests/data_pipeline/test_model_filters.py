@@ -114,9 +114,12 @@ def test_each_filter_drops_exactly_the_images_past_its_threshold_with_the_value(
 
 
 @pytest.mark.parametrize("op, param, ours", [("image_aesthetics_filter", "hf_scorer_model", "sdtune_aesthetics_filter"),
-                                             ("image_text_matching_filter", "hf_blip", "sdtune_image_text_matching_filter")])
-def test_data_juicers_own_aesthetics_and_matching_ops_are_refused_naming_ours(models, tmp_path, op, param, ours):
-    """Catches a recipe that would pip-install simple-aesthetics-predictor, or a match filter that scores nothing."""
+                                             ("image_text_matching_filter", "hf_blip", "sdtune_image_text_matching_filter"),
+                                             ("image_captioning_mapper", "hf_img2seq", "sdtune_image_captioner"),
+                                             ("mllm_mapper", "hf_model", "sdtune_image_captioner")])
+def test_data_juicers_own_aesthetics_matching_and_captioning_ops_are_refused_naming_ours(models, tmp_path, op, param, ours):
+    """Catches a recipe that would pip-install simple-aesthetics-predictor, a match filter that scores nothing,
+    or a data-juicer captioner whose captions never reach OUT (or reach it as an echoed chat transcript)."""
     path = recipe(tmp_path, "r.yaml", f"process:\n  - {op}:\n      {param}: {models['itm']}\n")
     with pytest.raises(PipelineError) as err:
         validate_recipe(load_recipe(path), path)
