@@ -67,7 +67,8 @@ def start_progress(op, texts, mode: str) -> None:
     todo = sum(1 for t in texts if needs_caption(t, mode))
     if not todo:
         return
-    _bars[op._name] = tqdm(total=todo, desc=f"captioning ({model_label(op.model)})", unit="img", file=sys.stderr)
+    _bars[op._name] = tqdm(total=todo, desc=f"captioning ({model_label(op.model)})", unit="img", file=sys.stderr,
+                           mininterval=0, miniters=1)  # a line per batch: a batch takes far longer than a print
     if datasets.is_progress_bar_enabled():
         datasets.disable_progress_bars()
         _quiet.append((op._name, datasets.enable_progress_bars))
