@@ -1,6 +1,6 @@
 """The models a recipe's operators load, checked before any image is read.
 
-Captioners, taggers and model-based filters name a model in one parameter (``hf_img2seq``,
+Captioners, taggers and model-based filters name a model in one parameter (``model``,
 ``hf_nsfw_model``, ...). :data:`MODEL_PARAMS` lists, per operator, that parameter and the kind of
 folder it needs; sdtune's own operators add themselves with :func:`register_model_param` when they are
 imported. :func:`check_recipe_models` runs inside ``validate_recipe``, so a missing or broken model is
@@ -66,12 +66,11 @@ REFUSED_OPS: dict[str, str] = {
     "make data CAPTION=<model> CAPTION_PROMPT=<instruction>)",
 }
 
-#: op name -> (parameter holding the model, folder kind); data-juicer's model ops that sdtune supports.
+#: op name -> (parameter holding the model, folder kind): data-juicer's model ops that run here as they are;
+#: sdtune's own ops add theirs with :func:`register_model_param`.
 MODEL_PARAMS: dict[str, tuple[str, str]] = {
     "image_nsfw_filter": ("hf_nsfw_model", TRANSFORMERS),
     "image_watermark_filter": ("hf_watermark_model", TRANSFORMERS),
-    "image_text_matching_filter": ("hf_blip", TRANSFORMERS),
-    "image_aesthetics_filter": ("hf_scorer_model", TRANSFORMERS),
 }
 
 #: sdtune's model ops: run in the stage's process (:class:`InStageProcess`), ``skip_op_error`` false by default.
