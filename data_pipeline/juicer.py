@@ -44,6 +44,11 @@ class JuicerResult:
     caption_by: dict[int, str] = field(default_factory=dict)  # sdtune_id -> model that wrote its caption
 
 
+def _one_line(record) -> str:
+    """loguru format for the terminal: level and message, never the exception's traceback."""
+    return "data-juicer {level}: {message}\n"
+
+
 @contextlib.contextmanager
 def _data_juicer_logging(log_file: Path, verbose: bool):
     """Send loguru to a file (and errors to stderr) instead of data-juicer's own set-up."""
@@ -55,7 +60,9 @@ def _data_juicer_logging(log_file: Path, verbose: bool):
     logger.remove()
     handlers = [
         logger.add(log_file, level="INFO"),
-        logger.add(sys.stderr, level="INFO" if verbose else "ERROR", format="data-juicer {level}: {message}"),
+        # one line per record on the terminal: the traceback (with every local's value) stays in the log file;
+        # the stage's own "data-juicer failed ..." message names the error and the log
+        logger.add(sys.stderr, level="INFO" if verbose else "ERROR", format=_one_line, backtrace=False, diagnose=False),
     ]
     ds_level = datasets.logging.get_verbosity()
     if not verbose:

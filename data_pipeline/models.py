@@ -94,7 +94,7 @@ def register_model_param(op_name: str, param: str, kind: str = TRANSFORMERS) -> 
     MODEL_PARAMS[op_name] = (param, kind)
 
 
-def _local_problem(folder: Path, kind: str) -> str | None:
+def _local_problem(folder: Path, kind: str, trust_remote_code: bool = False) -> str | None:
     """What is wrong with a local model folder of ``kind``, or None."""
     if not folder.is_dir():
         return "is a file, not a model folder"
@@ -115,16 +115,19 @@ def _local_problem(folder: Path, kind: str) -> str | None:
     from transformers import AutoConfig  # deferred: transformers (seconds), only when a recipe names a model
 
     try:
-        AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        # an explicit bool: None would ask "run the custom code? [y/N]" on a terminal
+        AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
-        return f"has a config.json transformers cannot read ({type(err).__name__}: {str(err).splitlines()[0]})"
+        hint = "" if trust_remote_code or "custom code" not in str(err) else (
+            "; it needs its own code: set trust_remote_code: true on the op if you trust it")
+        return f"has a config.json transformers cannot read ({type(err).__name__}: {str(err).splitlines()[0]}){hint}"
     weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".safetensors.index.json")]
     if not weights:
         return "has no weights (*.safetensors or *.bin)"
     from transformers import AutoProcessor  # deferred: as above
 
     try:  # what data-juicer's prepare_model loads next to the model; a failure mid-run would be garbled
-        AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+        AutoProcessor.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as err:  # processors raise OSError, ValueError, TypeError, ...: all mean "cannot load"
         first = (str(err).strip().split(". ")[0] or type(err).__name__)[:300]
         return f"has no processor transformers can load (AutoProcessor: {type(err).__name__}: {first})"
@@ -164,7 +167,8 @@ def _pickle_gate(op_name: str, value: str, where: str, allow_pickle: bool) -> No
         ) from None
 
 
-def check_model(op_name: str, param: str, value, kind: str, recipe_path, allow_pickle: bool = False) -> None:
+def check_model(op_name: str, param: str, value, kind: str, recipe_path, allow_pickle: bool = False,
+                trust_remote_code: bool = False) -> None:
     """Refuse a model value that cannot load; the message names the recipe, op, key, value and fix."""
     where = f"recipe {recipe_path}: {op_name}.{param}"
     if not isinstance(value, str) or not value.strip():
@@ -173,7 +177,7 @@ def check_model(op_name: str, param: str, value, kind: str, recipe_path, allow_p
     if local.is_dir() and kind == AESTHETICS:
         _pickle_gate(op_name, value, f"{recipe_path}: {op_name}.{param}", bool(allow_pickle))
     if local.exists():
-        problem = _local_problem(local, kind)
+        problem = _local_problem(local, kind, trust_remote_code)
     elif _looks_like_path(value):
         problem = "does not exist"
     elif kind == AESTHETICS:
@@ -197,7 +201,8 @@ def check_recipe_models(ops: list[tuple[str, dict]], recipe_path) -> None:
             continue
         param, kind = MODEL_PARAMS[name]
         values = effective_params(name, params)
-        check_model(name, param, values.get(param), kind, recipe_path, allow_pickle=values.get("allow_pickle") is True)
+        check_model(name, param, values.get(param), kind, recipe_path, allow_pickle=values.get("allow_pickle") is True,
+                    trust_remote_code=values.get("trust_remote_code") is True)
 
 
 def forbid_runtime_installs() -> None:

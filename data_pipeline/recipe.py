@@ -18,7 +18,7 @@ import yaml
 
 from data_pipeline.dj import load_data_juicer
 from data_pipeline.errors import PipelineError
-from data_pipeline.models import IN_PROCESS_OPS, check_recipe_models
+from data_pipeline.models import IN_PROCESS_OPS, MODEL_PARAMS, check_recipe_models
 from data_pipeline.reasons import effective_params
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
@@ -144,18 +144,28 @@ def resolve_np(cli_np: int | None, recipe: dict) -> int:
     return value
 
 
-def _loud(name: str, params: dict | None) -> dict | None:
-    """An sdtune model op's params with ``skip_op_error: false`` unless the recipe set it: data-juicer's
-    default (true) drops a whole batch silently when one sample raises; the stage reports the error."""
-    if name not in IN_PROCESS_OPS or "skip_op_error" in (params or {}):
-        return params
-    return {**(params or {}), "skip_op_error": False}
+def _op_params(name: str, params: dict | None, recipe: dict) -> dict | None:
+    """An op's params as data-juicer gets them.
+
+    * A model op's model path has ``~`` expanded (the model check expands it; data-juicer's loader would
+      take ``~/models/x`` for a Hub id and fail after the cheap filters ran).
+    * An sdtune model op gets ``skip_op_error: false`` unless the op or the recipe's top level set it:
+      data-juicer's default (true) drops a whole batch silently when one sample raises; the stage
+      reports the error instead.
+    """
+    params = dict(params or {})
+    param = MODEL_PARAMS.get(name, (None,))[0]
+    if isinstance(params.get(param), str) and params[param].startswith("~"):
+        params[param] = os.path.expanduser(params[param])
+    if name in IN_PROCESS_OPS and "skip_op_error" not in params and "skip_op_error" not in recipe:
+        params["skip_op_error"] = False
+    return params or None
 
 
 def build_config(recipe: dict, *, work: Path, dataset: Path, export: Path, np_workers: int, n_samples: int) -> dict:
     """The full data-juicer config for one run: the recipe plus the ``FORCED`` keys."""
     cfg = {k: v for k, v in recipe.items() if k not in FORCED}
-    cfg["process"] = [{name: _loud(name, params)} for item in recipe["process"] for name, params in item.items()]
+    cfg["process"] = [{name: _op_params(name, params, recipe)} for item in recipe["process"] for name, params in item.items()]
     cfg.setdefault("project_name", "sdtune-data")
     cfg.setdefault("open_monitor", False)
     cfg.update(

@@ -9,7 +9,8 @@ wrong for any other model), only captions images whose text holds ``<__dj__image
 samples instead of editing the caption. ``mllm_mapper`` returns the chat echo as a list. What this
 op does reuse is data-juicer's model loading (``prepare_model(model_type="huggingface")`` +
 ``get_model``: AutoProcessor and the class in ``config.architectures``, cached per process, on the
-GPU when there is one) and its ``load_image``.
+GPU when there is one). Images are decoded as training decodes them (``sdtune.data.images.load_rgb``:
+transparency on white, where data-juicer's ``load_image`` makes it black).
 
 Decoding is beam search (``num_beams`` > 1) or greedy, never sampling, so a run is reproducible.
 
@@ -37,12 +38,12 @@ A recipe uses it like any built-in op (``make data CAPTION=...`` appends it as t
 from __future__ import annotations
 
 from data_juicer.ops.base_op import OPERATORS, Mapper
-from data_juicer.utils.mm_utils import load_image
 from data_juicer.utils.model_utils import get_model, prepare_model
 from transformers import PretrainedConfig
 
 from data_pipeline.captioning import CaptionWriter, check_mode
 from data_pipeline.models import TRANSFORMERS, InStageProcess, register_model_param
+from sdtune.data.images import load_rgb
 
 OP_NAME = "sdtune_image_captioner"
 VLM_PROMPT = "Describe this image in one detailed sentence for a text-to-image training caption."
@@ -156,5 +157,5 @@ class SdtuneImageCaptioner(InStageProcess, CaptionWriter, Mapper):
 
     def caption(self, paths: list[str], rank=None) -> list[str]:
         model, processor = get_model(self.model_key, rank, self.use_cuda())
-        images = [load_image(p) for p in paths]
+        images = [load_rgb(p) for p in paths]  # as training sees them: transparency on white, not black
         return generate_captions(model, processor, images, self.prompt, self.max_new_tokens, self.num_beams)

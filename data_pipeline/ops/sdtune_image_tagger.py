@@ -27,7 +27,7 @@ from PIL import Image
 
 from data_pipeline.captioning import CaptionWriter, check_mode
 from data_pipeline.models import WD14, InStageProcess, register_model_param
-from sdtune.data.images import to_rgb
+from sdtune.data.images import load_rgb
 
 OP_NAME = "sdtune_image_tagger"
 RATING, GENERAL, CHARACTER = 9, 0, 4
@@ -59,13 +59,6 @@ def load_tagger(model: str):
     with open(folder / "selected_tags.csv", newline="", encoding="utf-8") as fh:
         tags = [(row["name"], int(row["category"])) for row in csv.DictReader(fh)]
     return session, int(side), tags
-
-
-def open_rgb(path: str) -> Image.Image:
-    """The image as training sees it (:func:`sdtune.data.images.to_rgb`: transparency on white, EXIF
-    orientation applied); data-juicer's ``load_image`` would turn transparent pixels black."""
-    with Image.open(path) as image:
-        return to_rgb(image)
 
 
 def preprocess(image: Image.Image, side: int) -> np.ndarray:
@@ -142,7 +135,7 @@ class SdtuneImageTagger(InStageProcess, CaptionWriter, Mapper):
 
     def caption(self, paths: list[str], rank=None) -> list[str]:
         session, side, tags = load_tagger(self.model)
-        batch = np.stack([preprocess(open_rgb(p), side) for p in paths])
+        batch = np.stack([preprocess(load_rgb(p), side) for p in paths])
         probs = session.run(None, {session.get_inputs()[0].name: batch})[0]
         return [tag_line(p, tags, self.general, self.character, self.max_tags, self.exclude, self.underscores)
                 for p in probs]  # fmt: skip

@@ -40,11 +40,12 @@ from data_juicer.ops.filter.image_nsfw_filter import ImageNSFWFilter
 from data_juicer.ops.filter.image_text_matching_filter import ImageTextMatchingFilter
 from data_juicer.ops.filter.image_watermark_filter import ImageWatermarkFilter
 from data_juicer.utils.constant import Fields, StatsKeys
-from data_juicer.utils.mm_utils import load_data_with_context, load_image, remove_special_tokens
+from data_juicer.utils.mm_utils import load_data_with_context, remove_special_tokens
 from data_juicer.utils.model_utils import get_model
 from PIL import ImageOps
 
 from data_pipeline.models import AESTHETICS, TRANSFORMERS, InStageProcess, register_model_param
+from sdtune.data.images import load_rgb
 from sdtune.evaluation.aesthetics import load_predictor
 
 AESTHETICS_OP = "sdtune_aesthetics_filter"
@@ -101,7 +102,8 @@ class SdtuneImageTextMatchingFilter(InStageProcess, ImageTextMatchingFilter):
             stats[StatsKeys.image_text_matching_score] = np.array([], dtype=np.float64)
             return sample
         keys = sample[self.image_key]
-        sample, images = load_data_with_context(sample, context, keys, load_image, mm_bytes_key=self.image_bytes_key)
+        # load_rgb: the picture training sees (transparency on white; data-juicer's load_image makes it black)
+        sample, images = load_data_with_context(sample, context, keys, load_rgb, mm_bytes_key=self.image_bytes_key)
         model, processor = get_model(self.model_key, rank, self.use_cuda())
         scores = []
         for key in keys:

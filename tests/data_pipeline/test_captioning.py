@@ -18,8 +18,9 @@ from PIL import Image
 from data_pipeline.__main__ import main as cli_main
 from data_pipeline.captioning import CAPTION_BY, combine
 from data_pipeline.errors import USAGE_EXIT
-from data_pipeline.ops.sdtune_image_captioner import FLORENCE_TASKS, florence_task
-from data_pipeline.ops.sdtune_image_tagger import SdtuneImageTagger, open_rgb, preprocess
+from data_pipeline.ops.sdtune_image_captioner import FLORENCE_TASKS, SdtuneImageCaptioner, florence_task
+from data_pipeline.ops.sdtune_image_tagger import SdtuneImageTagger, preprocess
+from sdtune.data.images import load_rgb
 from tests.helpers.captioners import TAGS, build_blip, build_florence, build_llava, build_wd14, wd14_probs
 from tests.helpers.files import SMALL_OK, listing, read_csv, recipe
 from tests.helpers.images import add, textured
@@ -117,13 +118,29 @@ def test_the_tagger_sees_transparency_on_white_as_training_does(models, tmp_path
     cutout = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
     cutout.paste(Image.new("RGBA", (20, 20), (200, 30, 30, 255)), (10, 10))
     cutout.save(path)
-    fed = preprocess(open_rgb(str(path)), 16)
+    fed = preprocess(load_rgb(str(path)), 16)
     assert fed.shape == (16, 16, 3) and (fed[0, 0] == 255).all()  # the corner the model sees is white
     on_white = Image.alpha_composite(Image.new("RGBA", (40, 40), (255, 255, 255, 255)), cutout).convert("RGB")
     assert expected_tags(on_white) != expected_tags(cutout.convert("RGB"))  # black corners would tag otherwise
     op = SdtuneImageTagger(model=str(models["wd14"]))
     out = op.process_batched({"text": [""], "images": [[str(path)]]})
     assert out["text"] == [expected_tags(on_white)] and out[CAPTION_BY] == [str(models["wd14"])]
+
+
+def test_the_captioner_sees_transparency_on_white_as_training_does(models, tmp_path):
+    """Catches data-juicer's load_image (transparent pixels black) feeding the captioner: the caption of a
+    cut-out is the caption of the same picture on white."""
+    cutout = Image.new("RGBA", (48, 40), (0, 0, 0, 0))
+    cutout.paste(Image.new("RGBA", (24, 20), (200, 30, 30, 255)), (12, 10))
+    cutout.save(tmp_path / "cutout.png")
+    white = Image.alpha_composite(Image.new("RGBA", cutout.size, (255, 255, 255, 255)), cutout).convert("RGB")
+    white.save(tmp_path / "white.png")
+    cutout.convert("RGB").save(tmp_path / "black.png")
+    on_white, on_black = blip_reference(models["blip"], [tmp_path / "white.png", tmp_path / "black.png"], 8)
+    assert on_white != on_black  # the tiny model tells the two apart, so the check below means something
+    op = SdtuneImageCaptioner(model=str(models["blip"]), max_new_tokens=8)
+    out = op.process_batched({"text": [""], "images": [[str(tmp_path / "cutout.png")]]})
+    assert out["text"] == [on_white]
 
 
 def test_modes_and_trigger_as_documented():

@@ -57,6 +57,21 @@ def test_model_ops_never_get_a_worker_pool_and_fail_loudly(tmp_path):
     assert process[0] == {"sdtune_aesthetics_filter": {"model": "m"}}  # the recipe itself is untouched
 
 
+def test_model_paths_expand_home_and_a_recipe_wide_skip_op_error_is_kept(tmp_path, monkeypatch):
+    """Catches ``~/models/x`` reaching data-juicer's loader as a Hub id after the check expanded it, and the
+    per-op default hiding a recipe's top-level ``skip_op_error: true``."""
+    load_data_juicer()  # registers sdtune's ops and their model parameters
+    monkeypatch.setenv("HOME", str(tmp_path))
+    process = [{"sdtune_image_captioner": {"model": "~/models/blip"}}, {"image_nsfw_filter": {"hf_nsfw_model": "~/n"}},
+               {"sdtune_image_tagger": {"model": "/abs/wd14"}}]
+    cfg = build_config({"process": process, "skip_op_error": True}, work=tmp_path, dataset=tmp_path / "d.jsonl",
+                       export=tmp_path / "e.jsonl", np_workers=1, n_samples=1)  # fmt: skip
+    assert cfg["skip_op_error"] is True
+    assert cfg["process"] == [{"sdtune_image_captioner": {"model": f"{tmp_path}/models/blip"}},
+                              {"image_nsfw_filter": {"hf_nsfw_model": f"{tmp_path}/n"}},
+                              {"sdtune_image_tagger": {"model": "/abs/wd14"}}]  # fmt: skip
+
+
 @pytest.fixture
 def gpu_start_method(monkeypatch):
     """use_cuda() true for the captioner and two model filters, as on a GPU machine; the start
@@ -116,4 +131,5 @@ def test_an_error_inside_a_model_batch_reaches_the_user_as_itself(models, tmp_pa
     assert cli_main([str(raw), str(out), "--recipe", str(ok), "--caption", str(models["blip"])]) == RUN_EXIT
     err = capsys.readouterr().err
     assert f"data-juicer failed running recipe {ok}: RuntimeError: CUDA out of memory (simulated)" in err
+    assert "Traceback" not in err and len(err.splitlines()) < 40, err[-3000:]  # the traceback stays in the log
     assert not out.exists()

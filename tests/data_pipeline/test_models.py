@@ -91,3 +91,14 @@ def test_the_stage_never_pip_installs_a_missing_operator_package():
     lazy = LazyLoader("sdtune_no_such_module_xyz", "sdtune-no-such-package")
     with pytest.raises(ImportError, match="never installs packages while it runs"):
         _ = lazy.anything
+
+
+def test_a_model_that_needs_its_own_code_is_refused_with_the_switch_and_never_prompts(tmp_path):
+    """Catches the check loading a remote-code model without ``trust_remote_code`` (transformers would ask
+    "run the custom code? [y/N]" on a terminal) and a message that does not name the op's switch."""
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "sdtune-custom", "auto_map": {
+        "AutoConfig": "configuration_custom.CustomConfig"}}), encoding="utf-8")
+    with pytest.raises(PipelineError, match="needs its own code: set trust_remote_code: true on the op if you trust it"):
+        _check(str(folder))
