@@ -146,9 +146,10 @@ def _report(summary: Summary, raw: Path) -> dict:
     }
 
 
-def _kept_files(passed, result: JuicerResult) -> list[KeptFile]:
-    """The files to write, with their captions (a model's caption replaces a jsonl's alternatives)."""
-    kept = []
+def _kept_files(passed, result: JuicerResult) -> tuple[list[KeptFile], dict[str, str]]:
+    """The files to write, with their captions (a model's caption replaces a jsonl's alternatives), and
+    for each file's ``dest`` the model that wrote its caption ("" when none did)."""
+    kept, caption_by = [], {}
     for sid, (cand, _info) in enumerate(passed):
         if sid not in result.kept:
             continue
@@ -156,9 +157,10 @@ def _kept_files(passed, result: JuicerResult) -> list[KeptFile]:
         source, dest = Path(image), cand.dest
         if source.suffix.lower() != cand.path.suffix.lower():  # an op wrote a new file in another format
             dest = str(Path(dest).with_suffix(source.suffix))
-        alternatives = () if result.caption_by.get(sid) else cand.alternatives
+        caption_by[dest] = result.caption_by.get(sid, "")
+        alternatives = () if caption_by[dest] else cand.alternatives
         kept.append(KeptFile(dest, source, caption.strip() or cand.caption, alternatives))
-    return kept
+    return kept, caption_by
 
 
 def run(
@@ -206,22 +208,16 @@ def run(
         seconds["data-juicer"] += time.perf_counter() - clock
 
         clock = time.perf_counter()
-        kept = _kept_files(passed, result)
-        by_dest = {k.dest: result.caption_by.get(sid, "") for sid, k in _kept_ids(passed, result, kept)}
+        kept, caption_by = _kept_files(passed, result)
         names = [name for name, _ in ops]
         summary = Summary(out, raw_input.form, recipe_path, names, len(raw_input.candidates), len(kept), drops, seconds,
                           uncaptioned=sum(1 for k in kept if not k.caption),
-                          captions=caption_report(ops, kept, by_dest))
+                          captions=caption_report(ops, kept, caption_by))
         if not kept:
             raise _nothing_kept(summary, raw_root)
         write_dataset(out, kept, drops, _report(summary, raw_root), link)
         seconds["write"] = time.perf_counter() - clock
     return summary
-
-
-def _kept_ids(passed, result: JuicerResult, kept: list[KeptFile]):
-    """(sdtune_id, KeptFile) pairs: ``kept`` follows the order of the ids data-juicer kept."""
-    return zip([sid for sid in range(len(passed)) if sid in result.kept], kept)
 
 
 class _WorkFolder:
@@ -288,4 +284,3 @@ def format_table(summary: Summary, link: str) -> str:
     width = max(len(str(r[0])) for r in rows) + 2
     lines = [f"{r[0]:<{width}}{r[1]!s:>6}{r[2]!s:>9}{r[3]!s:>7}{r[4]!s:>9}" for r in rows]
     return "\n".join(lines + caption_lines(summary.captions))
-

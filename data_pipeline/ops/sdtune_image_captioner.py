@@ -85,12 +85,11 @@ def is_chat_processor(processor) -> bool:
 def generate_captions(model, processor, images, prompt, max_new_tokens: int, num_beams: int) -> list[str]:
     """Captions for ``images`` in one forward pass, deterministic (beam search or greedy)."""
     settings = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
-    if is_florence(model):  # encoder-decoder: the output holds only the caption, never the task prompt
-        inputs = processor(images=images, text=[florence_task(prompt)] * len(images), return_tensors="pt")
-        out = model.generate(**inputs.to(model.device), **settings)
-        return [t.strip() for t in processor.batch_decode(out, skip_special_tokens=True)]
-    if not is_chat_processor(processor):
-        text = [prompt] * len(images) if prompt else None
+    if is_florence(model) or not is_chat_processor(processor):
+        # BLIP: the prompt starts the caption and stays in it. Florence-2 (encoder-decoder): the task token goes
+        # to the encoder, so the output holds only the caption
+        task = florence_task(prompt) if is_florence(model) else prompt
+        text = [task] * len(images) if task else None
         inputs = processor(images=images, text=text, return_tensors="pt").to(model.device)
         out = model.generate(**inputs, **settings)
         return [t.strip() for t in processor.batch_decode(out, skip_special_tokens=True)]
